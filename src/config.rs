@@ -1,0 +1,636 @@
+//! The run configuration: a TOML file, `--set key=value` overrides, validation.
+//!
+//! Every field has a default (see `configs/reference.toml`, which documents each one).
+//! Unknown keys, wrong types and out-of-range values are errors that name the key and
+//! what is allowed, so a typo never silently falls back to a default.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Training method (`train.method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Plain fine-tuning of all layers.
+    Erm,
+    /// Head only for `train.lp_steps`, then all layers.
+    LpFt,
+    /// Dual branch with a `names` partition: backbone stable, head unstable.
+    Deft,
+    /// The dual branch of the paper (PM and AM, DPU, composite).
+    Ldt,
+    /// One live network alternating phases P and A, counterparts in the host buffer.
+    LdtS,
+}
+
+impl Method {
+    /// The name used in configs, tables and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Erm => "erm",
+            Method::LpFt => "lp-ft",
+            Method::Deft => "deft",
+            Method::Ldt => "ldt",
+            Method::LdtS => "ldt-s",
+        }
+    }
+
+    /// Parses a method name as written in configs and on the command line.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "erm" => Method::Erm,
+            "lp-ft" => Method::LpFt,
+            "deft" => Method::Deft,
+            "ldt" => Method::Ldt,
+            "ldt-s" => Method::LdtS,
+            _ => bail!("unknown method `{s}`; allowed: erm, lp-ft, deft, ldt, ldt-s"),
+        })
+    }
+}
+
+/// Whole run configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Seed for initialization, data order, splits and the `random` criterion.
+    pub seed: u64,
+    /// Compute device: `cpu` (or `cuda:N` with the `cuda` feature).
+    pub device: String,
+    /// CPU threads for compute; 0 = all cores.
+    pub threads: usize,
+    /// Network.
+    pub model: ModelConfig,
+    /// Data.
+    pub data: DataConfig,
+    /// Training loop.
+    pub train: TrainConfig,
+    /// Optimizer of the training stage.
+    pub optim: OptimConfig,
+    /// Stage 1: warm-up, statistics, partition, DPU coefficients.
+    pub stage1: Stage1Config,
+    /// Dual-branch settings shared by `ldt`, `deft` and `ldt-s`.
+    pub ldt: LdtConfig,
+    /// Single-branch (`ldt-s`) phase lengths.
+    pub ldt_s: LdtSConfig,
+    /// Counterpart buffer and copy engine.
+    pub offload: OffloadSettings,
+    /// Evaluation.
+    pub eval: EvalConfig,
+    /// Weight snapshots at given steps.
+    pub snapshots: SnapshotConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            seed: 0,
+            device: "cpu".into(),
+            threads: 0,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            optim: OptimConfig::default(),
+            stage1: Stage1Config::default(),
+            ldt: LdtConfig::default(),
+            ldt_s: LdtSConfig::default(),
+            offload: OffloadSettings::default(),
+            eval: EvalConfig::default(),
+            snapshots: SnapshotConfig::default(),
+        }
+    }
+}
+
+/// `[model]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Architecture: `mlp`, `cnn`, `cnn_bn`.
+    pub arch: String,
+    /// Safetensors file with PyTorch names to start from (otherwise PyTorch-style random init).
+    pub init: Option<PathBuf>,
+    /// Hidden widths of `mlp`.
+    pub hidden: Vec<usize>,
+    /// Convolution channels of `cnn` / `cnn_bn`.
+    pub channels: Vec<usize>,
+    /// Width of the hidden fully connected layer of `cnn` / `cnn_bn`.
+    pub fc_hidden: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            arch: "cnn".into(),
+            init: None,
+            hidden: vec![128, 64],
+            channels: vec![16, 32],
+            fc_hidden: 64,
+        }
+    }
+}
+
+/// `[data]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// The benchmark's `manifest.json` (format `dg-benchmark/v1`).
+    pub manifest: PathBuf,
+    /// Optional batch schedule (safetensors of i64 index tensors into the concatenated
+    /// source train splits); when set, batches come from it instead of the shuffler.
+    pub schedule: Option<PathBuf>,
+    /// Tensor of `schedule` that holds the training batches.
+    pub schedule_key: String,
+    /// Batches prepared ahead by the loader thread.
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            manifest: PathBuf::from("data/rotmnist5k/manifest.json"),
+            schedule: None,
+            schedule_key: "train_batches".into(),
+            prefetch: 2,
+        }
+    }
+}
+
+/// `[train]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// `erm`, `lp-ft`, `deft`, `ldt` or `ldt-s`.
+    pub method: Method,
+    /// Optimizer steps of the training stage.
+    pub steps: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// `erm`/`lp-ft`: head-only warm-up steps before training (0 = none).
+    pub head_warmup_steps: usize,
+    /// `lp-ft`: steps that train the head only, then all layers.
+    pub lp_steps: usize,
+    /// Print a progress line every N steps when stdout is not a terminal.
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            method: Method::Erm,
+            steps: 600,
+            batch_size: 32,
+            head_warmup_steps: 0,
+            lp_steps: 100,
+            log_every: 50,
+        }
+    }
+}
+
+/// Optimizer kind (`optim.name`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimName {
+    /// Adam (L2 weight decay added to the gradient, as `torch.optim.Adam`).
+    Adam,
+    /// AdamW (decoupled weight decay, as `torch.optim.AdamW`).
+    Adamw,
+    /// SGD with optional momentum (as `torch.optim.SGD`).
+    Sgd,
+}
+
+/// Learning-rate schedule (`optim.schedule`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Constant after the linear warm-up.
+    Constant,
+    /// Cosine decay to zero after the linear warm-up.
+    Cosine,
+}
+
+/// A learning rate for the layers whose name starts with `prefix`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LrGroup {
+    /// Name prefix, e.g. `fc.` or `layer4.`.
+    pub prefix: String,
+    /// Learning rate of the group (the schedule scales it like the base rate).
+    pub lr: f64,
+}
+
+/// `[optim]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// `adam`, `adamw` or `sgd`.
+    pub name: OptimName,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Adam betas; beta1 = 0 keeps no first-moment buffer (the authors' setting).
+    pub betas: [f64; 2],
+    /// Adam epsilon.
+    pub eps: f64,
+    /// Weight decay (L2 for adam/sgd, decoupled for adamw).
+    pub weight_decay: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// `constant` or `cosine`.
+    pub schedule: Schedule,
+    /// Linear learning-rate warm-up steps.
+    pub lr_warmup_steps: usize,
+    /// Per-group learning rates; the first matching prefix wins.
+    pub groups: Vec<LrGroup>,
+}
+
+/// The authors' beta2: 0.99^0.8 (computed in f64, as their script does).
+pub fn authors_beta2() -> f64 {
+    0.99f64.powf(0.8)
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            name: OptimName::Adam,
+            lr: 1e-4,
+            betas: [0.0, authors_beta2()],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            schedule: Schedule::Constant,
+            lr_warmup_steps: 0,
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// Partition criterion (`stage1.criterion`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Criterion {
+    /// Unbiased variance of all entries of the stacked gradients (authors' script).
+    Var,
+    /// Per-element variance across batches, averaged over the layer (paper's wording).
+    VarCross,
+    /// Mean of all entries of the stacked gradients.
+    Mean,
+    /// `var / |mean|`.
+    VarOverMean,
+    /// Seeded random order.
+    Random,
+    /// Explicit name patterns (`stage1.stable_names` / `stage1.unstable_names`).
+    Names,
+}
+
+/// Which layers the stage-1 warm-up trains (`stage1.warmup_layers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmupLayers {
+    /// The head only (the paper's warm-up).
+    Head,
+    /// Every layer (how the fixtures' `init` was made from `random_init`).
+    All,
+}
+
+/// `[stage1]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stage1Config {
+    /// Warm-up steps on D1 before the statistics (0 = none).
+    pub warmup_steps: usize,
+    /// `head` or `all`.
+    pub warmup_layers: WarmupLayers,
+    /// Warm-up Adam learning rate.
+    pub warmup_lr: f64,
+    /// Warm-up Adam betas.
+    pub warmup_betas: [f64; 2],
+    /// Fraction of the source training data that goes to D1 (warm-up); the rest is D2.
+    pub split_fraction: f64,
+    /// Statistics mini-batches (at least 2).
+    pub stat_batches: usize,
+    /// Examples per statistics batch.
+    pub stat_batch_size: usize,
+    /// `var`, `var_cross`, `mean`, `var_over_mean`, `random` or `names`.
+    pub criterion: Criterion,
+    /// Fraction of layers that go to the unstable set, in [0, 1].
+    pub unstable_ratio: f64,
+    /// `names` criterion: name prefixes of the stable set.
+    pub stable_names: Vec<String>,
+    /// `names` criterion: name prefixes of the unstable set (default: the model's head).
+    pub unstable_names: Vec<String>,
+    /// A `partition.json` to use instead of running stage 1.
+    pub partition: Option<PathBuf>,
+}
+
+impl Default for Stage1Config {
+    fn default() -> Self {
+        Stage1Config {
+            warmup_steps: 0,
+            warmup_layers: WarmupLayers::Head,
+            warmup_lr: 1e-3,
+            warmup_betas: [0.9, 0.999],
+            split_fraction: 0.5,
+            stat_batches: 300,
+            stat_batch_size: 4,
+            criterion: Criterion::Var,
+            unstable_ratio: 0.5,
+            stable_names: Vec::new(),
+            unstable_names: Vec::new(),
+            partition: None,
+        }
+    }
+}
+
+/// DPU coefficient rule (`ldt.dpu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dpu {
+    /// `w = base + slope * i / n` by rank inside each set.
+    Rank,
+    /// One coefficient `ldt.fixed_w` for every layer.
+    Fixed,
+}
+
+/// Where the dual branch keeps its two networks (`ldt.placement`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Both branches live (fastest).
+    Resident,
+    /// One live network; each step is a P and an A half-step through the buffer.
+    Swap,
+}
+
+/// `[ldt]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LdtConfig {
+    /// DPU exchange every N optimizer steps of a branch.
+    pub ema_every: usize,
+    /// `rank` or `fixed`.
+    pub dpu: Dpu,
+    /// Coefficient of the fixed rule.
+    pub fixed_w: f64,
+    /// Stable set: base coefficient.
+    pub stable_base: f64,
+    /// Stable set: slope over the rank.
+    pub stable_slope: f64,
+    /// Unstable set: base coefficient.
+    pub unstable_base: f64,
+    /// Unstable set: slope over the rank.
+    pub unstable_slope: f64,
+    /// `resident` or `swap` (dual branch only).
+    pub placement: Placement,
+}
+
+impl Default for LdtConfig {
+    fn default() -> Self {
+        LdtConfig {
+            ema_every: 10,
+            dpu: Dpu::Rank,
+            fixed_w: 0.999,
+            stable_base: 0.99,
+            stable_slope: 0.01,
+            unstable_base: 0.999,
+            unstable_slope: 0.001,
+            placement: Placement::Resident,
+        }
+    }
+}
+
+/// `[ldt_s]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LdtSConfig {
+    /// Optimizer steps of phase P before swapping to A.
+    pub p_steps: usize,
+    /// Optimizer steps of phase A before swapping to P.
+    pub a_steps: usize,
+    /// Feed each batch to P and then to A (the equivalence mode of SPEC.md).
+    pub repeat_batch: bool,
+}
+
+impl Default for LdtSConfig {
+    fn default() -> Self {
+        LdtSConfig {
+            p_steps: 50,
+            a_steps: 50,
+            repeat_batch: false,
+        }
+    }
+}
+
+/// `[offload]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadSettings {
+    /// Host RAM budget of the counterpart buffer, in bytes.
+    pub host_bytes: u64,
+    /// File for counterparts beyond `host_bytes` (memory-mapped); none = error instead.
+    pub path: Option<PathBuf>,
+    /// Bounded staging area for chunked swaps, in bytes.
+    pub staging_bytes: u64,
+    /// Copy-engine worker threads (streams).
+    pub threads: usize,
+}
+
+impl Default for OffloadSettings {
+    fn default() -> Self {
+        OffloadSettings {
+            host_bytes: 8 << 30,
+            path: None,
+            staging_bytes: 64 << 20,
+            threads: 2,
+        }
+    }
+}
+
+/// `[eval]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate every N steps (0 = only at the end).
+    pub every: usize,
+    /// Examples per evaluation forward.
+    pub batch_size: usize,
+    /// LDT: also evaluate each branch (PM and AM), not only the composite.
+    pub branches: bool,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            every: 0,
+            batch_size: 256,
+            branches: false,
+        }
+    }
+}
+
+/// `[snapshots]`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// Steps after which `step{N}_pm/am.safetensors` (or `step{N}.safetensors`) are written.
+    pub at_steps: Vec<usize>,
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare
+    /// string), validates, and resolves relative paths against the working directory.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses TOML text (named `origin` in errors) with overrides, then validates.
+    pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
+        let _: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let merged = toml::to_string(&table).context("re-serializing the config")?;
+        let cfg: Config = toml::from_str(&merged).map_err(|e| {
+            anyhow::anyhow!(
+                "config {origin} with --set {}: {e}",
+                overrides.join(" --set ")
+            )
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range checks that types alone cannot express.
+    pub fn validate(&self) -> Result<()> {
+        fn check(ok: bool, key: &str, msg: &str) -> Result<()> {
+            if !ok {
+                bail!("config key `{key}`: {msg}");
+            }
+            Ok(())
+        }
+        let c = self;
+        check(c.train.steps >= 1, "train.steps", "must be at least 1")?;
+        check(c.train.batch_size >= 1, "train.batch_size", "must be at least 1")?;
+        check(c.train.log_every >= 1, "train.log_every", "must be at least 1")?;
+        check(c.optim.lr > 0.0 && c.optim.lr.is_finite(), "optim.lr", "must be a positive number")?;
+        for (i, b) in c.optim.betas.iter().enumerate() {
+            check((0.0..1.0).contains(b), &format!("optim.betas[{i}]"), "must be in [0, 1)")?;
+        }
+        check(c.optim.eps > 0.0, "optim.eps", "must be positive")?;
+        check(c.optim.weight_decay >= 0.0, "optim.weight_decay", "must be >= 0")?;
+        check((0.0..1.0).contains(&c.optim.momentum), "optim.momentum", "must be in [0, 1)")?;
+        for g in &c.optim.groups {
+            check(g.lr > 0.0, "optim.groups.lr", "must be positive")?;
+        }
+        check(c.stage1.warmup_lr > 0.0, "stage1.warmup_lr", "must be positive")?;
+        for (i, b) in c.stage1.warmup_betas.iter().enumerate() {
+            check((0.0..1.0).contains(b), &format!("stage1.warmup_betas[{i}]"), "must be in [0, 1)")?;
+        }
+        check(
+            c.stage1.split_fraction > 0.0 && c.stage1.split_fraction < 1.0,
+            "stage1.split_fraction",
+            "must be in (0, 1): both D1 (warm-up) and D2 (statistics) need data",
+        )?;
+        check(
+            c.stage1.stat_batches >= 2,
+            "stage1.stat_batches",
+            "must be at least 2: a variance needs two batches",
+        )?;
+        check(c.stage1.stat_batch_size >= 1, "stage1.stat_batch_size", "must be at least 1")?;
+        check(
+            (0.0..=1.0).contains(&c.stage1.unstable_ratio),
+            "stage1.unstable_ratio",
+            "must be in [0, 1]",
+        )?;
+        check(c.ldt.ema_every >= 1, "ldt.ema_every", "must be at least 1")?;
+        for (k, v) in [
+            ("ldt.fixed_w", c.ldt.fixed_w),
+            ("ldt.stable_base", c.ldt.stable_base),
+            ("ldt.unstable_base", c.ldt.unstable_base),
+            ("ldt.stable_base + ldt.stable_slope", c.ldt.stable_base + c.ldt.stable_slope),
+            (
+                "ldt.unstable_base + ldt.unstable_slope",
+                c.ldt.unstable_base + c.ldt.unstable_slope,
+            ),
+        ] {
+            check((0.0..=1.0).contains(&v), k, "EMA coefficients must lie in [0, 1]")?;
+        }
+        check(c.ldt_s.p_steps >= 1, "ldt_s.p_steps", "must be at least 1")?;
+        check(c.ldt_s.a_steps >= 1, "ldt_s.a_steps", "must be at least 1")?;
+        check(c.offload.threads >= 1, "offload.threads", "must be at least 1")?;
+        check(c.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")?;
+        check(c.data.prefetch >= 1, "data.prefetch", "must be at least 1")?;
+        check(
+            c.device == "cpu" || c.device.starts_with("cuda"),
+            "device",
+            "must be `cpu` or `cuda:N`",
+        )?;
+        Ok(())
+    }
+
+    /// The resolved configuration as TOML (written into every run directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serializes")
+    }
+}
+
+/// Applies one `a.b.c=value` override to a TOML table.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
+    let Some((key, raw)) = spec.split_once('=') else {
+        bail!("--set `{spec}`: expected key=value, e.g. --set train.steps=100");
+    };
+    let key = key.trim();
+    let raw = raw.trim();
+    if key.is_empty() {
+        bail!("--set `{spec}`: empty key");
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed a table with key v"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("--set `{spec}`: `{p}` is a value, not a section"),
+        };
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_authors_settings() {
+        let c = Config::default();
+        assert_eq!(c.optim.betas[0], 0.0);
+        assert_eq!(c.optim.betas[1], 0.99f64.powf(0.8));
+        assert_eq!(c.optim.lr, 1e-4);
+        assert_eq!(c.ldt.ema_every, 10);
+        assert_eq!(c.stage1.unstable_ratio, 0.5);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_fail() {
+        let c = Config::from_toml("", "t", &["train.steps=7".into(), "train.method=ldt".into()])
+            .unwrap();
+        assert_eq!(c.train.steps, 7);
+        assert_eq!(c.train.method, Method::Ldt);
+        let e = Config::from_toml("", "t", &["train.stepz=7".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("stepz"), "{e:#}");
+        let e = Config::from_toml("[train]\nsteps = \"x\"\n", "t", &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("steps"), "{e:#}");
+        let e = Config::from_toml("", "t", &["stage1.unstable_ratio=1.5".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("stage1.unstable_ratio"), "{e:#}");
+    }
+}

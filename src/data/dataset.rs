@@ -1,0 +1,220 @@
+//! Memory-mapped splits. Images (`f32` or `u8` scaled by 1/255) stay in the mapped file
+//! and are copied only into the batches that need them; labels are read once.
+
+use super::manifest::{Manifest, Role};
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Pixel storage of a split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pixels {
+    F32,
+    U8,
+}
+
+/// One split: mapped images and checked labels.
+pub struct Split {
+    path: PathBuf,
+    mmap: Mmap,
+    offset: usize,
+    pixels: Pixels,
+    image_len: usize,
+    labels: Vec<i64>,
+}
+
+impl Split {
+    /// Opens and checks a split file: tensors `images` [N,C,H,W] (f32 or u8) and
+    /// `labels` i64 [N]; shapes as the manifest says, labels in range, pixels finite.
+    pub fn open(path: &Path, expect_n: usize, shape: [usize; 3], classes: usize) -> Result<Split> {
+        let p = path.display();
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open data file {p}"))?;
+        // SAFETY: the file is opened read-only and not modified while mapped.
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map data file {p}"))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| anyhow::anyhow!("data file {p} is not a valid safetensors file ({e}); truncated or corrupt?"))?;
+        let images = st
+            .tensor("images")
+            .map_err(|_| anyhow::anyhow!("data file {p} has no tensor `images`"))?;
+        let labels = st
+            .tensor("labels")
+            .map_err(|_| anyhow::anyhow!("data file {p} has no tensor `labels`"))?;
+        let want = [expect_n, shape[0], shape[1], shape[2]];
+        if images.shape() != want {
+            bail!("data file {p}: tensor `images` has shape {:?}, the manifest says {want:?}", images.shape());
+        }
+        let pixels = match images.dtype() {
+            Dtype::F32 => Pixels::F32,
+            Dtype::U8 => Pixels::U8,
+            d => bail!("data file {p}: tensor `images` has dtype {d:?}; use f32 in [0,1] or u8"),
+        };
+        if labels.dtype() != Dtype::I64 || labels.shape() != [expect_n] {
+            bail!(
+                "data file {p}: tensor `labels` is {:?} {:?}; expected i64 [{expect_n}]",
+                labels.dtype(),
+                labels.shape()
+            );
+        }
+        let labels: Vec<i64> = labels
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l as usize >= classes) {
+            bail!("data file {p}: label {l} at index {i} is outside 0..{classes} (manifest `num_classes`)");
+        }
+        let offset = images.data().as_ptr() as usize - mmap.as_ptr() as usize;
+        let image_len = shape.iter().product();
+        if pixels == Pixels::F32 {
+            let bad = images
+                .data()
+                .chunks_exact(4)
+                .position(|b| !f32::from_le_bytes(b.try_into().expect("4 bytes")).is_finite());
+            if let Some(i) = bad {
+                bail!(
+                    "data file {p}: tensor `images` holds a non-finite value (NaN or Inf) in example {}",
+                    i / image_len
+                );
+            }
+        }
+        Ok(Split { path: path.to_path_buf(), mmap, offset, pixels, image_len, labels })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the split is empty (never, once opened).
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Label of example `i`.
+    pub fn label(&self, i: usize) -> i64 {
+        self.labels[i]
+    }
+
+    /// Appends example `i`'s pixels (as f32) to `out`.
+    pub fn push_image(&self, i: usize, out: &mut Vec<f32>) {
+        match self.pixels {
+            Pixels::F32 => {
+                let a = self.offset + i * self.image_len * 4;
+                let bytes = &self.mmap[a..a + self.image_len * 4];
+                out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))));
+            }
+            Pixels::U8 => {
+                let a = self.offset + i * self.image_len;
+                out.extend(self.mmap[a..a + self.image_len].iter().map(|&b| b as f32 / 255.0));
+            }
+        }
+    }
+}
+
+/// A domain with its opened splits.
+pub struct Domain {
+    /// Name from the manifest.
+    pub name: String,
+    /// Source or target.
+    pub role: Role,
+    /// Training split.
+    pub train: Arc<Split>,
+    /// Test split.
+    pub test: Arc<Split>,
+}
+
+/// The whole benchmark, opened.
+pub struct Benchmark {
+    /// The manifest it came from.
+    pub manifest: Manifest,
+    /// Domains in manifest order.
+    pub domains: Vec<Domain>,
+}
+
+impl Benchmark {
+    /// Opens every split named by the manifest at `path`.
+    pub fn open(path: &Path) -> Result<Benchmark> {
+        let manifest = Manifest::load(path)?;
+        let mut domains = Vec::new();
+        for d in &manifest.domains {
+            let open = |e: &super::manifest::SplitEntry| -> Result<Arc<Split>> {
+                let f = manifest.dir.join(&e.file);
+                Ok(Arc::new(Split::open(&f, e.n, manifest.image_shape, manifest.num_classes).with_context(
+                    || format!("domain `{}` of manifest {}", d.name, manifest.path.display()),
+                )?))
+            };
+            domains.push(Domain {
+                name: d.name.clone(),
+                role: d.role,
+                train: open(&d.splits.train)?,
+                test: open(&d.splits.test)?,
+            });
+        }
+        Ok(Benchmark { manifest, domains })
+    }
+
+    /// The concatenated source training splits, in manifest order.
+    pub fn source_pool(&self) -> Pool {
+        Pool::new(
+            self.domains
+                .iter()
+                .filter(|d| d.role == Role::Source)
+                .map(|d| d.train.clone())
+                .collect(),
+        )
+    }
+}
+
+/// Several splits indexed as one (global index = position in the concatenation).
+#[derive(Clone)]
+pub struct Pool {
+    splits: Vec<Arc<Split>>,
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl Pool {
+    /// Concatenates `splits` in order.
+    pub fn new(splits: Vec<Arc<Split>>) -> Pool {
+        let mut starts = Vec::with_capacity(splits.len());
+        let mut len = 0;
+        for s in &splits {
+            starts.push(len);
+            len += s.len();
+        }
+        Pool { splits, starts, len }
+    }
+
+    /// Total examples.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the pool has no examples.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the examples at `indices` into a host batch.
+    pub fn gather(&self, indices: &[usize], image_len: usize) -> Result<super::HostBatch> {
+        let mut images = Vec::with_capacity(indices.len() * image_len);
+        let mut labels = Vec::with_capacity(indices.len());
+        for &g in indices {
+            if g >= self.len {
+                bail!("example index {g} is outside the {} source training examples", self.len);
+            }
+            let k = self.starts.partition_point(|&s| s <= g) - 1;
+            let local = g - self.starts[k];
+            self.splits[k].push_image(local, &mut images);
+            labels.push(self.splits[k].label(local));
+        }
+        Ok(super::HostBatch { images, labels })
+    }
+}

@@ -1,0 +1,219 @@
+//! Batch order (seeded shuffles or a fixed schedule) and a prefetch thread that gathers
+//! the next batch while the current step computes.
+
+use super::dataset::Pool;
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use crossbeam::channel::{bounded, Receiver};
+use safetensors::{Dtype, SafeTensors};
+use std::path::Path;
+
+/// A batch in host memory.
+pub struct HostBatch {
+    /// Pixels, `N*C*H*W` f32.
+    pub images: Vec<f32>,
+    /// Labels, `N`.
+    pub labels: Vec<i64>,
+}
+
+impl HostBatch {
+    /// Examples in the batch.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The batch as `(images [N,C,H,W] f32, labels [N] i64)` on `device`.
+    pub fn to_tensors(&self, shape: [usize; 3], device: &Device) -> Result<(Tensor, Tensor)> {
+        let n = self.len();
+        let x = Tensor::from_slice(&self.images, (n, shape[0], shape[1], shape[2]), device)?;
+        let y = Tensor::from_slice(&self.labels, n, device)?;
+        Ok((x, y))
+    }
+}
+
+/// Where the next batch's indices come from.
+#[derive(Clone)]
+pub enum BatchOrder {
+    /// Seeded epoch-wise shuffles of `indices`; batches run across epoch ends.
+    Shuffle {
+        /// Candidate global indices.
+        indices: Vec<usize>,
+        /// Examples per batch.
+        batch: usize,
+        /// Generator of the permutations.
+        rng: Rng,
+        /// Current permutation of `indices` positions.
+        perm: Vec<usize>,
+        /// Next position in `perm`.
+        pos: usize,
+    },
+    /// A fixed list of batches, used in order.
+    Fixed(std::collections::VecDeque<Vec<usize>>),
+}
+
+impl BatchOrder {
+    /// Seeded shuffling over `indices`.
+    pub fn shuffle(indices: Vec<usize>, batch: usize, rng: Rng) -> Self {
+        BatchOrder::Shuffle { indices, batch, rng, perm: Vec::new(), pos: 0 }
+    }
+
+    /// A fixed schedule.
+    pub fn fixed(batches: Vec<Vec<usize>>) -> Self {
+        BatchOrder::Fixed(batches.into())
+    }
+
+    /// Batches a fixed schedule still holds (`None` for shuffles: unlimited).
+    pub fn remaining(&self) -> Option<usize> {
+        match self {
+            BatchOrder::Fixed(b) => Some(b.len()),
+            BatchOrder::Shuffle { .. } => None,
+        }
+    }
+
+    /// Indices of the next batch.
+    pub fn next_batch(&mut self) -> Option<Vec<usize>> {
+        match self {
+            BatchOrder::Fixed(b) => b.pop_front(),
+            BatchOrder::Shuffle { indices, batch, rng, perm, pos } => {
+                if indices.is_empty() {
+                    return None;
+                }
+                let mut out = Vec::with_capacity(*batch);
+                while out.len() < *batch {
+                    if *pos >= perm.len() {
+                        *perm = rng.permutation(indices.len());
+                        *pos = 0;
+                    }
+                    out.push(indices[perm[*pos]]);
+                    *pos += 1;
+                }
+                Some(out)
+            }
+        }
+    }
+}
+
+/// Produces `count` batches on a background thread, `depth` ahead of the consumer.
+pub struct Loader {
+    rx: Receiver<Result<HostBatch>>,
+    left: usize,
+}
+
+impl Loader {
+    /// Starts the prefetch thread. A fixed order with fewer than `count` batches is an
+    /// error here, before any training.
+    pub fn spawn(pool: Pool, mut order: BatchOrder, count: usize, image_len: usize, depth: usize) -> Result<Loader> {
+        if let Some(r) = order.remaining() {
+            if r < count {
+                bail!("the batch schedule holds {r} batches but the run needs {count}; lower the step count or use a longer schedule");
+            }
+        }
+        let (tx, rx) = bounded(depth.max(1));
+        std::thread::Builder::new()
+            .name("ldt-loader".into())
+            .spawn(move || {
+                for _ in 0..count {
+                    let b = match order.next_batch() {
+                        Some(ix) => pool.gather(&ix, image_len),
+                        None => Err(anyhow::anyhow!("the batch order ran out of examples")),
+                    };
+                    if tx.send(b).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("cannot start the loader thread")?;
+        Ok(Loader { rx, left: count })
+    }
+
+    /// The next batch (blocks only if the loader is behind).
+    pub fn next_batch(&mut self) -> Result<HostBatch> {
+        if self.left == 0 {
+            bail!("loader: all planned batches were consumed");
+        }
+        self.left -= 1;
+        self.rx.recv().context("the loader thread stopped")?
+    }
+}
+
+/// Reads an i64 tensor of a schedule file and checks its rank.
+fn read_i64(st: &SafeTensors<'_>, path: &Path, key: &str, rank: usize) -> Result<(Vec<usize>, Vec<i64>)> {
+    let t = st.tensor(key).map_err(|_| {
+        anyhow::anyhow!("schedule file {} has no tensor `{key}` (set `data.schedule_key`)", path.display())
+    })?;
+    if t.dtype() != Dtype::I64 || t.shape().len() != rank {
+        bail!(
+            "schedule file {}: tensor `{key}` is {:?} {:?}; expected i64 of rank {rank}",
+            path.display(),
+            t.dtype(),
+            t.shape()
+        );
+    }
+    let v = t
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    Ok((t.shape().to_vec(), v))
+}
+
+fn to_index(path: &Path, key: &str, v: i64) -> Result<usize> {
+    if v < 0 {
+        bail!("schedule file {}: tensor `{key}` holds a negative index {v}", path.display());
+    }
+    Ok(v as usize)
+}
+
+fn open_schedule(path: &Path) -> Result<memmap2::Mmap> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open schedule file {} (`data.schedule`)", path.display()))?;
+    // SAFETY: read-only mapping of a file nobody modifies during the run.
+    unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))
+}
+
+fn parse<'a>(path: &Path, m: &'a memmap2::Mmap) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(m)
+        .map_err(|e| anyhow::anyhow!("schedule file {} is not a valid safetensors file ({e})", path.display()))
+}
+
+/// Batches `[S, B]` from tensor `key` of a schedule file.
+pub fn read_batches(path: &Path, key: &str) -> Result<Vec<Vec<usize>>> {
+    let m = open_schedule(path)?;
+    let st = parse(path, &m)?;
+    let (shape, v) = read_i64(&st, path, key, 2)?;
+    v.chunks(shape[1].max(1))
+        .map(|row| row.iter().map(|&x| to_index(path, key, x)).collect())
+        .collect()
+}
+
+/// Ragged batches: a flat index tensor cut into consecutive batches of the given sizes
+/// (the fixtures' `var_indices` / `var_batch_sizes`).
+pub fn read_ragged(path: &Path, indices_key: &str, sizes_key: &str) -> Result<Vec<Vec<usize>>> {
+    let m = open_schedule(path)?;
+    let st = parse(path, &m)?;
+    let (_, idx) = read_i64(&st, path, indices_key, 1)?;
+    let (_, sizes) = read_i64(&st, path, sizes_key, 1)?;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    for &s in &sizes {
+        let s = to_index(path, sizes_key, s)?;
+        if pos + s > idx.len() {
+            bail!("schedule file {}: `{sizes_key}` sums past the length of `{indices_key}`", path.display());
+        }
+        out.push(idx[pos..pos + s].iter().map(|&x| to_index(path, indices_key, x)).collect::<Result<_>>()?);
+        pos += s;
+    }
+    Ok(out)
+}
+
+/// Whether a schedule file has a tensor named `key`.
+pub fn schedule_has(path: &Path, key: &str) -> Result<bool> {
+    let m = open_schedule(path)?;
+    let st = parse(path, &m)?;
+    Ok(st.names().iter().any(|n| *n == key))
+}

@@ -1,0 +1,111 @@
+//! The `dg-benchmark/v1` manifest: domains with a role (source/target) and train/test
+//! splits stored as safetensors files next to it.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// Whether a domain is seen in training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Training domain.
+    Source,
+    /// Held-out domain (only evaluated).
+    Target,
+}
+
+/// One split file of a domain.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SplitEntry {
+    /// File name relative to the manifest.
+    pub file: String,
+    /// Number of examples.
+    pub n: usize,
+}
+
+/// Train and test splits.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Splits {
+    /// Training split.
+    pub train: SplitEntry,
+    /// Test split.
+    pub test: SplitEntry,
+}
+
+/// One domain.
+#[derive(Clone, Debug, Deserialize)]
+pub struct DomainEntry {
+    /// Unique name, e.g. `rot30`.
+    pub name: String,
+    /// Source or target.
+    pub role: Role,
+    /// Its splits.
+    pub splits: Splits,
+}
+
+/// A parsed and checked manifest.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Manifest {
+    /// Must be `dg-benchmark/v1`.
+    pub format: String,
+    /// Benchmark name.
+    pub name: String,
+    /// Classes; labels lie in `0..num_classes`.
+    pub num_classes: usize,
+    /// `[C, H, W]`.
+    pub image_shape: [usize; 3],
+    /// Domains in order (the source train splits concatenate in this order).
+    pub domains: Vec<DomainEntry>,
+    /// Directory of the manifest (files are relative to it).
+    #[serde(skip)]
+    pub dir: PathBuf,
+    /// Path of the manifest file (for messages).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl Manifest {
+    /// Reads and checks a manifest: format, at least one source, unique names,
+    /// non-empty splits, positive classes and image shape.
+    pub fn load(path: &Path) -> Result<Manifest> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read manifest {} (set `data.manifest`)", path.display())
+        })?;
+        let mut m: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("manifest {} is not a valid dg-benchmark/v1 JSON", path.display()))?;
+        m.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        m.path = path.to_path_buf();
+        let p = path.display();
+        if m.format != "dg-benchmark/v1" {
+            bail!("manifest {p}: field `format` is `{}`, expected `dg-benchmark/v1`", m.format);
+        }
+        if m.num_classes < 2 {
+            bail!("manifest {p}: field `num_classes` must be at least 2");
+        }
+        if m.image_shape.contains(&0) {
+            bail!("manifest {p}: field `image_shape` {:?} has a zero dimension", m.image_shape);
+        }
+        let mut seen = HashSet::new();
+        for d in &m.domains {
+            if !seen.insert(d.name.as_str()) {
+                bail!("manifest {p}: domain name `{}` appears twice; names must be unique", d.name);
+            }
+            for (s, e) in [("train", &d.splits.train), ("test", &d.splits.test)] {
+                if e.n == 0 {
+                    bail!("manifest {p}: domain `{}` has an empty {s} split (n = 0)", d.name);
+                }
+            }
+        }
+        if !m.domains.iter().any(|d| d.role == Role::Source) {
+            bail!("manifest {p}: no domain has role `source`; training needs at least one");
+        }
+        Ok(m)
+    }
+
+    /// Source domains in manifest order.
+    pub fn sources(&self) -> impl Iterator<Item = &DomainEntry> {
+        self.domains.iter().filter(|d| d.role == Role::Source)
+    }
+}

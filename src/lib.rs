@@ -1,0 +1,41 @@
+//! `ldt`: Layer-Decomposition Training (LDT, ICLR 2026) for one machine.
+//!
+//! The pipeline, one module per stage: [`data`] (manifest, memory-mapped splits, loader)
+//! -> [`model`] (networks with exact gradients) -> [`ldt::stats`] (stage-1 gradient
+//! statistics) -> [`ldt::partition`] (stable / unstable sets, DPU coefficients) ->
+//! [`train`] (ERM, the dual branch and LDT-S over the [`offload`] counterpart buffer)
+//! -> [`ldt::composite`] (the one network that is kept).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+pub mod config;
+pub mod data;
+pub mod ldt;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod train;
+
+use anyhow::{bail, Result};
+
+/// The compute device named by `device` (`cpu`; `cuda:N` needs the `cuda` feature).
+pub fn device(cfg: &config::Config) -> Result<candle_core::Device> {
+    if cfg.device == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    bail!(
+        "config key `device` = `{}`: this build has no CUDA support; use `cpu` or rebuild with `--features cuda`",
+        cfg.device
+    )
+}
+
+/// Fixes the CPU thread count for candle and rayon (`threads`, 0 = all cores). Must run
+/// before the first tensor operation.
+pub fn init_threads(threads: usize) {
+    if threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    }
+}

@@ -1,0 +1,125 @@
+//! Weights in and out through safetensors with PyTorch names, checked against the
+//! network's specs; files are written atomically (temporary file, fsync, rename).
+
+use super::{NetState, Network};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Reads every tensor of a safetensors file (memory-mapped).
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        bail!("weights file {} does not exist", path.display());
+    }
+    candle_core::safetensors::load(path, device).with_context(|| {
+        format!(
+            "{} is not a readable safetensors file (truncated or corrupt?); re-export it with safetensors.torch.save_file",
+            path.display()
+        )
+    })
+}
+
+/// Loads `path` into a network state: every parameter and buffer must be present with
+/// the right shape; missing, unexpected and mis-shaped keys are listed together.
+/// Floating dtypes are converted to f32; values must be finite.
+pub fn load_state(net: &dyn Network, path: &Path, device: &Device) -> Result<NetState> {
+    let mut map = read_safetensors(path, device)?;
+    let mut problems = Vec::new();
+    let mut take = |name: &str, shape: &[usize], dtype: DType| -> Option<Tensor> {
+        match map.remove(name) {
+            None => {
+                problems.push(format!("missing `{name}` {shape:?}"));
+                None
+            }
+            Some(t) if t.dims() != shape => {
+                problems.push(format!("`{name}` has shape {:?}, the model needs {shape:?}", t.dims()));
+                None
+            }
+            Some(t) => match t.to_dtype(dtype) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    problems.push(format!("`{name}`: cannot convert {:?} to {dtype:?}: {e}", t.dtype()));
+                    None
+                }
+            },
+        }
+    };
+    let params: Vec<Option<Tensor>> = net
+        .params()
+        .iter()
+        .map(|s| take(&s.name, &s.shape, DType::F32))
+        .collect();
+    let buffers: Vec<Option<Tensor>> = net
+        .buffers()
+        .iter()
+        .map(|s| take(&s.name, &s.shape, s.dtype))
+        .collect();
+    let mut unexpected: Vec<_> = map.keys().cloned().collect();
+    unexpected.sort();
+    for k in unexpected {
+        problems.push(format!("unexpected `{k}`"));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "weights file {} does not fit model `{}`:\n  {}",
+            path.display(),
+            net.arch(),
+            problems.join("\n  ")
+        );
+    }
+    let mut state = NetState {
+        params: Vec::new(),
+        buffers: buffers.into_iter().map(|b| b.expect("checked")).collect(),
+    };
+    for (spec, t) in net.params().iter().zip(params) {
+        let t = t.expect("checked");
+        let bad = t.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite());
+        if let Some(i) = bad {
+            bail!(
+                "weights file {}: tensor `{}` holds a non-finite value at flat index {i}",
+                path.display(),
+                spec.name
+            );
+        }
+        state.params.push(Var::from_tensor(&t)?);
+    }
+    Ok(state)
+}
+
+/// Named tensors of a network state (parameters then buffers), PyTorch names.
+pub fn named_tensors(net: &dyn Network, state: &NetState) -> Vec<(String, Tensor)> {
+    net.params()
+        .iter()
+        .zip(&state.params)
+        .map(|(s, v)| (s.name.clone(), v.as_tensor().detach()))
+        .chain(
+            net.buffers()
+                .iter()
+                .zip(&state.buffers)
+                .map(|(s, t)| (s.name.clone(), t.clone())),
+        )
+        .collect()
+}
+
+/// Writes a network state to `path` atomically.
+pub fn save_state(net: &dyn Network, state: &NetState, path: &Path) -> Result<()> {
+    save_tensors(&named_tensors(net, state), path)
+}
+
+/// Writes named tensors to `path` atomically: a temporary file in the same directory,
+/// fsync, then rename, so a reader never sees a half-written file.
+pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    candle_core::safetensors::save(&map, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}

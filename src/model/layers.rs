@@ -1,0 +1,211 @@
+//! Layer functions with exact gradients, composed of candle ops that record backward.
+//!
+//! candle-nn's fused norms and softmax record no backward and its max-pool backward needs
+//! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
+
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// 2-D convolution, weight `[O, I, kh, kw]`, symmetric zero padding.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+        None => y,
+    })
+}
+
+/// Rectified linear unit.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.relu()?)
+}
+
+/// Max pooling with PyTorch semantics: `-inf` padding, the first maximum of a window
+/// takes the whole gradient. Any kernel, stride and padding.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(MaxPool2d {
+        kernel,
+        stride,
+        padding,
+    })?)
+}
+
+struct MaxPool2d {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl MaxPool2d {
+    fn out_dim(&self, n: usize) -> usize {
+        (n + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    /// Index (within one `H*W` plane) of the first maximum of output cell `(oy, ox)`.
+    fn argmax(&self, plane: &[f32], h: usize, w: usize, oy: usize, ox: usize) -> usize {
+        let mut best = f32::NEG_INFINITY;
+        let mut idx = usize::MAX;
+        for ky in 0..self.kernel {
+            let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            for kx in 0..self.kernel {
+                let ix = (ox * self.stride + kx) as isize - self.padding as isize;
+                if ix < 0 || ix >= w as isize {
+                    continue;
+                }
+                let i = iy as usize * w + ix as usize;
+                let v = plane[i];
+                if idx == usize::MAX || v > best || v.is_nan() {
+                    best = v;
+                    idx = i;
+                    if v.is_nan() {
+                        return idx;
+                    }
+                }
+            }
+        }
+        idx
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "ldt-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("max_pool2d expects a contiguous input")
+        };
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let (oh, ow) = (self.out_dim(h), self.out_dim(w));
+        let mut out = vec![0f32; n * c * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        o[oy * ow + ox] = plane[self.argmax(plane, h, w, oy, ox)];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (_n, _c, h, w) = arg.dims4()?;
+        let (oh, ow) = (self.out_dim(h), self.out_dim(w));
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut gx = vec![0f32; x.len()];
+        gx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w))
+            .zip(g.par_chunks(oh * ow))
+            .for_each(|((gp, plane), go)| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        gp[self.argmax(plane, h, w, oy, ox)] += go[oy * ow + ox];
+                    }
+                }
+            });
+        Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
+    }
+}
+
+/// BatchNorm2d buffers `(running_mean, running_var, num_batches_tracked)`.
+pub struct BnBuffers<'a> {
+    /// Running mean `[C]`.
+    pub mean: &'a mut Tensor,
+    /// Running (unbiased) variance `[C]`.
+    pub var: &'a mut Tensor,
+    /// Batches seen, i64 scalar.
+    pub count: &'a mut Tensor,
+}
+
+/// PyTorch's BatchNorm2d momentum and epsilon defaults.
+pub const BN_MOMENTUM: f64 = 0.1;
+/// BatchNorm epsilon.
+pub const BN_EPS: f64 = 1e-5;
+
+/// BatchNorm2d: batch statistics in `Train`/`Stats` (running statistics updated with
+/// momentum 0.1 and the unbiased variance only in `Train`), running statistics in `Eval`.
+pub fn batch_norm2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    buf: BnBuffers<'_>,
+    mode: super::Mode,
+) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let y = if mode == super::Mode::Eval {
+        let mean = buf.mean.reshape((1, c, 1, 1))?;
+        let inv = (buf.var.reshape((1, c, 1, 1))? + BN_EPS)?.sqrt()?.recip()?;
+        x.broadcast_sub(&mean)?.broadcast_mul(&inv)?
+    } else {
+        let m = n * h * wd;
+        let xt = x.transpose(0, 1)?.reshape((c, m))?;
+        let mean = xt.mean_keepdim(1)?;
+        let centered = xt.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(1)?;
+        if mode == super::Mode::Train {
+            let mean_d = mean.detach().flatten_all()?;
+            let var_unbiased = (var.detach().flatten_all()? * (m as f64 / (m as f64 - 1.0).max(1.0)))?;
+            *buf.mean = ((&*buf.mean * (1.0 - BN_MOMENTUM))? + (mean_d * BN_MOMENTUM)?)?;
+            *buf.var = ((&*buf.var * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?;
+            *buf.count = (&*buf.count + 1.0)?;
+        }
+        let inv = (var + BN_EPS)?.sqrt()?.recip()?;
+        centered
+            .broadcast_mul(&inv)?
+            .reshape((c, n, h, wd))?
+            .transpose(0, 1)?
+    };
+    Ok(y
+        .broadcast_mul(&w.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+}
+
+/// Log-softmax over the last dimension; the max is detached (it only shifts the
+/// logits), so the gradient is exactly `softmax - onehot` without a cancelling term.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let diff = x.broadcast_sub(&max)?;
+    let lse = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(diff.broadcast_sub(&lse)?)
+}
+
+/// Mean cross-entropy of logits `[N, K]` against i64 labels `[N]`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let lsm = log_softmax(logits)?;
+    let picked = lsm.gather(&labels.unsqueeze(1)?, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}
+
+/// Number of correct argmax predictions and the summed cross-entropy of a batch.
+pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, f64)> {
+    let pred = logits.argmax(D::Minus1)?.to_dtype(DType::I64)?;
+    let correct = pred.eq(labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    let lsm = log_softmax(logits)?;
+    let picked = lsm.gather(&labels.unsqueeze(1)?, 1)?;
+    let loss_sum = -(picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?);
+    Ok((correct, loss_sum))
+}

@@ -1,0 +1,200 @@
+//! Networks with PyTorch names and layouts, written over candle tensors.
+//!
+//! A network is a pure function of its parameter tensors (in PyTorch's
+//! `named_parameters()` order) and its buffers. The trainer decides per call which
+//! parameters are trainable (candle `Var`s, gradients recorded) and which are frozen
+//! (detached tensors, no gradient computed) — the mechanism behind LDT's cross-freezing.
+
+pub mod cnn;
+pub mod io;
+pub mod layers;
+pub mod mlp;
+
+use crate::config::ModelConfig;
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+/// How the forward treats BatchNorm and similar layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics; running statistics updated (PyTorch `train()`).
+    Train,
+    /// Running statistics (PyTorch `eval()`).
+    Eval,
+    /// Batch statistics, buffers left as they are (stage-1 statistics pass).
+    Stats,
+}
+
+/// PyTorch's default initializers, by parameter kind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`: kaiming_uniform(a=sqrt(5)) weights and biases
+    /// of Linear and Conv.
+    FanIn(usize),
+    /// All ones (norm weights).
+    Ones,
+    /// All zeros (norm biases, buffers).
+    Zeros,
+    /// Truncated-normal-like small values (ViT tokens): uniform in [-s, s].
+    Uniform(f32),
+}
+
+/// One named parameter tensor: an LDT "layer".
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    /// PyTorch name, e.g. `layer1.0.conv1.weight`.
+    pub name: String,
+    /// Shape in PyTorch layout.
+    pub shape: Vec<usize>,
+    /// Default initializer.
+    pub init: Init,
+}
+
+impl TensorSpec {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One named buffer (not a layer: never trained, never ranked).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufferSpec {
+    /// PyTorch name, e.g. `bn1.running_mean`.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// `F32` or `I64` (`num_batches_tracked`).
+    pub dtype: DType,
+    /// Initial value.
+    pub init: Init,
+}
+
+/// A network architecture: names, shapes, head, and the forward function.
+pub trait Network: Send + Sync {
+    /// Architecture name (`mlp`, `cnn`, ...).
+    fn arch(&self) -> &str;
+    /// Parameters in PyTorch `named_parameters()` order.
+    fn params(&self) -> &[TensorSpec];
+    /// Buffers in PyTorch `named_buffers()` order.
+    fn buffers(&self) -> &[BufferSpec];
+    /// Name prefixes of the head (the layers a head warm-up trains).
+    fn head_prefixes(&self) -> Vec<String>;
+    /// Input shape `[C, H, W]`.
+    fn input_shape(&self) -> [usize; 3];
+    /// Number of classes.
+    fn num_classes(&self) -> usize;
+    /// Logits `[N, classes]` from `x` `[N, C, H, W]`. `params` follow `params()`;
+    /// `buffers` follow `buffers()` and are replaced in `Mode::Train`.
+    fn forward(
+        &self,
+        params: &[Tensor],
+        buffers: &mut [Tensor],
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor>;
+
+    /// Whether parameter `i` belongs to the head.
+    fn is_head(&self, i: usize) -> bool {
+        let name = &self.params()[i].name;
+        self.head_prefixes().iter().any(|p| name.starts_with(p))
+    }
+
+    /// Total number of parameter elements.
+    fn numel(&self) -> usize {
+        self.params().iter().map(|s| s.numel()).sum()
+    }
+}
+
+/// Builds the network named by `cfg.arch` for the given input shape and class count.
+pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box<dyn Network>> {
+    Ok(match cfg.arch.as_str() {
+        "mlp" => Box::new(mlp::Mlp::new(input, &cfg.hidden, classes)?),
+        "cnn" => Box::new(cnn::Cnn::new(input, &cfg.channels, cfg.fc_hidden, classes, false)?),
+        "cnn_bn" => Box::new(cnn::Cnn::new(input, &cfg.channels, cfg.fc_hidden, classes, true)?),
+        other => bail!("config key `model.arch`: unknown architecture `{other}`; allowed: mlp, cnn, cnn_bn"),
+    })
+}
+
+/// The values of one network: parameters (as `Var`s) and buffers.
+pub struct NetState {
+    /// Parameters in `Network::params()` order.
+    pub params: Vec<Var>,
+    /// Buffers in `Network::buffers()` order.
+    pub buffers: Vec<Tensor>,
+}
+
+impl NetState {
+    /// PyTorch-style random initialization from `rng`.
+    pub fn init(net: &dyn Network, rng: &mut Rng, device: &Device) -> Result<Self> {
+        let params = net
+            .params()
+            .iter()
+            .map(|s| Ok(Var::from_tensor(&init_tensor(s.init, &s.shape, DType::F32, rng, device)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        let buffers = net
+            .buffers()
+            .iter()
+            .map(|b| init_tensor(b.init, &b.shape, b.dtype, rng, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(NetState { params, buffers })
+    }
+
+    /// A deep copy (new storage for every tensor).
+    pub fn deep_clone(&self) -> Result<Self> {
+        Ok(NetState {
+            params: self
+                .params
+                .iter()
+                .map(|v| Ok(Var::from_tensor(&v.as_tensor().copy()?)?))
+                .collect::<Result<Vec<_>>>()?,
+            buffers: self
+                .buffers
+                .iter()
+                .map(|t| Ok(t.copy()?))
+                .collect::<Result<Vec<_>>>()?,
+        })
+    }
+
+    /// The parameter tensors for a forward where `trainable[i]` selects which layers
+    /// record gradients; the others are detached (frozen, no gradient computed).
+    pub fn view(&self, trainable: &[bool]) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .zip(trainable)
+            .map(|(v, &t)| {
+                if t {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_tensor().detach()
+                }
+            })
+            .collect()
+    }
+
+    /// All parameters detached (evaluation).
+    pub fn frozen_view(&self) -> Vec<Tensor> {
+        self.params.iter().map(|v| v.as_tensor().detach()).collect()
+    }
+}
+
+fn init_tensor(
+    init: Init,
+    shape: &[usize],
+    dtype: DType,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let t = match init {
+        Init::Zeros => Tensor::zeros(shape, dtype, device)?,
+        Init::Ones => Tensor::ones(shape, dtype, device)?,
+        Init::FanIn(fan_in) => {
+            let b = 1.0 / (fan_in as f32).sqrt();
+            Tensor::from_vec(rng.uniform_vec(n, -b, b), shape, device)?
+        }
+        Init::Uniform(s) => Tensor::from_vec(rng.uniform_vec(n, -s, s), shape, device)?,
+    };
+    Ok(t)
+}

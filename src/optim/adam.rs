@@ -1,0 +1,143 @@
+//! Adam / AdamW with PyTorch's single-tensor arithmetic, operation by operation:
+//! `m = lerp(m, g, 1-b1)`, `v = v*b2 + (1-b2)*g*g`, `denom = sqrt(v)/sqrt(bc2) + eps`,
+//! `p = p + (-lr/bc1 * m) / denom`; bias corrections in f64, scalars rounded to f32.
+//! With beta1 = 0 there is no first-moment buffer: `m` is the gradient itself.
+
+use super::{f32_slice, f32_slice_mut, LayerState, OptimSettings};
+use crate::config::OptimName;
+use anyhow::Result;
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+
+/// `m <- lerp(m, g, w)` with PyTorch's two-branch lerp formula.
+struct Lerp {
+    w: f32,
+}
+
+impl InplaceOp2 for Lerp {
+    fn name(&self) -> &'static str {
+        "ldt-adam-lerp"
+    }
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+        let m = f32_slice_mut(dst, dl)?;
+        let g = f32_slice(g, gl)?;
+        let w = self.w;
+        if w.abs() < 0.5 {
+            m.iter_mut().zip(g).for_each(|(m, &g)| *m += w * (g - *m));
+        } else {
+            let u = 1.0 - w;
+            m.iter_mut().zip(g).for_each(|(m, &g)| *m = g - (g - *m) * u);
+        }
+        Ok(())
+    }
+}
+
+/// `v <- v*b2 + c*g*g`.
+struct SecondMoment {
+    b2: f32,
+    c: f32,
+}
+
+impl InplaceOp2 for SecondMoment {
+    fn name(&self) -> &'static str {
+        "ldt-adam-v"
+    }
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+        let v = f32_slice_mut(dst, dl)?;
+        let g = f32_slice(g, gl)?;
+        let (b2, c) = (self.b2, self.c);
+        v.iter_mut().zip(g).for_each(|(v, &g)| *v = *v * b2 + c * g * g);
+        Ok(())
+    }
+}
+
+/// `p <- p + (neg_step * m) / (sqrt(v)/bc2 + eps)`.
+struct Update {
+    neg_step: f32,
+    bc2: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "ldt-adam-update"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        let p = f32_slice_mut(dst, dl)?;
+        let m = f32_slice(m, ml)?;
+        let v = f32_slice(v, vl)?;
+        let (s, bc2, eps) = (self.neg_step, self.bc2, self.eps);
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            *p += (s * m) / (v.sqrt() / bc2 + eps);
+        }
+        Ok(())
+    }
+}
+
+/// `p <- p * f` (AdamW's decoupled weight decay).
+struct Scale {
+    f: f32,
+}
+
+impl candle_core::InplaceOp1 for Scale {
+    fn name(&self) -> &'static str {
+        "ldt-scale"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let f = self.f;
+        f32_slice_mut(s, l)?.iter_mut().for_each(|p| *p *= f);
+        Ok(())
+    }
+}
+
+/// One Adam/AdamW step of one layer.
+pub(super) fn step(s: &OptimSettings, st: &mut LayerState, p: &Var, g: &Tensor, lr: f64) -> Result<()> {
+    let [b1, b2] = s.betas;
+    let t = st.step as i32;
+    let mut g = g.clone();
+    if s.weight_decay > 0.0 {
+        if s.name == OptimName::Adamw {
+            p.as_tensor().inplace_op1(&Scale { f: (1.0 - lr * s.weight_decay) as f32 })?;
+        } else {
+            g = (&g + (p.as_tensor().detach() * s.weight_decay)?)?;
+        }
+    }
+    let v = match &st.v {
+        Some(v) => v.clone(),
+        None => {
+            let v = g.zeros_like()?;
+            st.v = Some(v.clone());
+            v
+        }
+    };
+    let m = if b1 > 0.0 {
+        let m = match &st.m {
+            Some(m) => m.clone(),
+            None => {
+                let m = g.zeros_like()?;
+                st.m = Some(m.clone());
+                m
+            }
+        };
+        m.inplace_op2(&g, &Lerp { w: (1.0 - b1) as f32 })?;
+        m
+    } else {
+        g.clone()
+    };
+    v.inplace_op2(&g, &SecondMoment { b2: b2 as f32, c: (1.0 - b2) as f32 })?;
+    let bc1 = 1.0 - b1.powi(t);
+    let bc2 = (1.0 - b2.powi(t)).sqrt();
+    p.as_tensor().inplace_op3(
+        &m,
+        &v,
+        &Update { neg_step: (-(lr / bc1)) as f32, bc2: bc2 as f32, eps: s.eps as f32 },
+    )?;
+    Ok(())
+}

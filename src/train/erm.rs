@@ -1,0 +1,146 @@
+//! `erm` (all layers) and `lp-ft` (head only for `lp_steps`, then all layers), plus the
+//! generic layer-subset fitting loop that warm-ups reuse.
+
+use super::step::{apply, gradients, StepStats};
+use super::RunContext;
+use crate::config::Method;
+use crate::data::Loader;
+use crate::metrics::Progress;
+use crate::model::{io, Mode, NetState};
+use crate::optim::{schedule, OptimSettings, Optimizer};
+use anyhow::Result;
+use serde_json::json;
+use std::time::Instant;
+
+/// Running loss/accuracy and throughput for progress messages.
+#[derive(Default)]
+pub struct Meter {
+    loss: f64,
+    correct: usize,
+    n: usize,
+    steps: usize,
+    examples: usize,
+    since: Option<Instant>,
+}
+
+impl Meter {
+    /// Adds one step.
+    pub fn add(&mut self, s: &StepStats) {
+        self.since.get_or_insert_with(Instant::now);
+        self.loss += s.loss as f64;
+        self.correct += s.correct;
+        self.n += s.n;
+        self.steps += 1;
+        self.examples += s.n;
+    }
+
+    /// `loss ... acc ... ex/s`, then resets the window.
+    pub fn take(&mut self) -> (String, f64) {
+        let secs = self.since.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(1e-9);
+        let eps = self.examples as f64 / secs;
+        let msg = format!(
+            "loss {:.4} acc {:.3} {:.0} ex/s",
+            self.loss / self.steps.max(1) as f64,
+            self.correct as f64 / self.n.max(1) as f64,
+            eps
+        );
+        *self = Meter::default();
+        (msg, eps)
+    }
+}
+
+/// Trains the layers selected by `mask(step)` for `steps` steps with a constant rate
+/// `lr` (used by warm-ups: head-only or all layers), logging under `stage`.
+pub fn fit_layers(
+    ctx: &mut RunContext,
+    state: &mut NetState,
+    mask: &[bool],
+    loader: &mut Loader,
+    steps: usize,
+    settings: OptimSettings,
+    lr: f64,
+    stage: &str,
+) -> Result<()> {
+    let n = ctx.net.params().len();
+    let mut opt = Optimizer::new(settings, n);
+    let lrs = vec![lr; n];
+    let progress = Progress::new(stage, steps, ctx.cfg.train.log_every);
+    let mut meter = Meter::default();
+    for step in 1..=steps {
+        let hb = loader.next_batch()?;
+        let (x, y) = ctx.tensors(&hb)?;
+        let (stats, grads) = gradients(ctx.net.as_ref(), state, mask, &x, &y, Mode::Train)?;
+        apply(&mut opt, state, &grads, &lrs)?;
+        meter.add(&stats);
+        ctx.metrics.write(json!({"kind": "train", "stage": stage, "step": step, "loss": stats.loss,
+            "acc": stats.correct as f64 / stats.n as f64, "lr": lr}))?;
+        if step % ctx.cfg.train.log_every == 0 || step == steps {
+            let (msg, _) = meter.take();
+            progress.update(step, &msg);
+        }
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// Runs `erm` or `lp-ft` and writes `model.safetensors`.
+pub fn train(ctx: &mut RunContext) -> Result<()> {
+    let cfg = ctx.cfg.clone();
+    let net_n = ctx.net.params().len();
+    let head: Vec<bool> = (0..net_n).map(|i| ctx.net.is_head(i)).collect();
+    let all = vec![true; net_n];
+    let mut state = ctx.initial_state()?;
+    if cfg.train.head_warmup_steps > 0 {
+        let order = ctx.train_order()?;
+        let mut l = ctx.loader(order, cfg.train.head_warmup_steps)?;
+        let s = OptimSettings { betas: cfg.stage1.warmup_betas, ..OptimSettings::from(&cfg.optim) };
+        fit_layers(ctx, &mut state, &head, &mut l, cfg.train.head_warmup_steps, s, cfg.stage1.warmup_lr, "warmup")?;
+    }
+    super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
+    let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
+    let base = schedule::layer_lrs(&cfg.optim, &names);
+    let mut opt = Optimizer::new(OptimSettings::from(&cfg.optim), net_n);
+    let order = ctx.train_order()?;
+    let mut loader = ctx.loader(order, cfg.train.steps)?;
+    let progress = Progress::new(cfg.train.method.name(), cfg.train.steps, cfg.train.log_every);
+    let mut meter = Meter::default();
+    let t0 = Instant::now();
+    for step in 1..=cfg.train.steps {
+        let lp = cfg.train.method == Method::LpFt && step <= cfg.train.lp_steps;
+        let mask = if lp { &head } else { &all };
+        let hb = loader.next_batch()?;
+        let (x, y) = ctx.tensors(&hb)?;
+        let (stats, grads) = gradients(ctx.net.as_ref(), &mut state, mask, &x, &y, Mode::Train)?;
+        let lrs: Vec<f64> = base
+            .iter()
+            .map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps))
+            .collect();
+        apply(&mut opt, &state, &grads, &lrs)?;
+        meter.add(&stats);
+        ctx.metrics.write(json!({"kind": "train", "stage": "train", "step": step, "loss": stats.loss,
+            "acc": stats.correct as f64 / stats.n as f64, "lr": schedule::lr_at(&cfg.optim, cfg.optim.lr, step, cfg.train.steps)}))?;
+        if step % cfg.train.log_every == 0 || step == cfg.train.steps {
+            let (msg, _) = meter.take();
+            progress.update(step, &msg);
+        }
+        if cfg.snapshots.at_steps.contains(&step) {
+            io::save_state(ctx.net.as_ref(), &state, &ctx.dir.join(format!("step{step}.safetensors")))?;
+        }
+        if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
+            let r = ctx.evaluate(&state.frozen_view(), &state.buffers)?;
+            progress.println(&format!("eval @{step}: {}", r.line()));
+            ctx.log_eval(step, "model", &r)?;
+        }
+    }
+    progress.finish();
+    let train_secs = t0.elapsed().as_secs_f64();
+    io::save_state(ctx.net.as_ref(), &state, &ctx.dir.join("model.safetensors"))?;
+    let r = ctx.evaluate(&state.frozen_view(), &state.buffers)?;
+    ctx.log_eval(cfg.train.steps, "model", &r)?;
+    ctx.summary.eval.insert("model".into(), r);
+    ctx.summary.extra.insert("train_seconds".into(), json!(train_secs));
+    ctx.summary
+        .extra
+        .insert("ms_per_step".into(), json!(1e3 * train_secs / cfg.train.steps as f64));
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Training loops: ERM and LP-FT, the dual branch (`ldt`, `deft`) and the single
+//! branch (`ldt-s`), over one shared run context.
+
+pub mod erm;
+pub mod eval;
+pub mod run;
+pub mod step;
+
+pub use run::{RunContext, Summary};
+
+use crate::config::Method;
+use anyhow::Result;
+
+/// Runs the configured method in `ctx` and writes the summary.
+pub fn run_method(ctx: &mut RunContext) -> Result<()> {
+    match ctx.cfg.train.method {
+        Method::Erm | Method::LpFt => erm::train(ctx)?,
+        m => anyhow::bail!("method `{}` is not available yet", m.name()),
+    }
+    ctx.write_summary()
+}

@@ -1,0 +1,175 @@
+//! The run context shared by every method: configuration, run directory, device,
+//! benchmark, network, metrics log, and the common pieces (initial weights, batch
+//! orders, evaluation, summary).
+
+use crate::config::Config;
+use crate::data::dataset::Pool;
+use crate::data::loader::{self, BatchOrder};
+use crate::data::{Benchmark, Loader};
+use crate::metrics::MetricsLog;
+use crate::model::{self, io, NetState, Network};
+use crate::rng::Rng;
+use crate::train::eval::{evaluate, EvalReport};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Random streams of a run, so that each consumer is independent of the others.
+pub mod streams {
+    /// Weight initialization.
+    pub const INIT: u64 = 1;
+    /// Training batch order.
+    pub const TRAIN: u64 = 2;
+    /// Stage-1 D1/D2 split.
+    pub const SPLIT: u64 = 3;
+    /// Stage-1 warm-up order.
+    pub const WARMUP: u64 = 4;
+    /// Stage-1 statistics order.
+    pub const STATS: u64 = 5;
+    /// The `random` criterion.
+    pub const CRITERION: u64 = 6;
+}
+
+/// Everything a training method needs.
+pub struct RunContext {
+    /// Resolved configuration.
+    pub cfg: Config,
+    /// Run directory.
+    pub dir: PathBuf,
+    /// Compute device.
+    pub device: Device,
+    /// The opened benchmark.
+    pub bench: Benchmark,
+    /// The network.
+    pub net: Box<dyn Network>,
+    /// `metrics.jsonl`.
+    pub metrics: MetricsLog,
+    /// Concatenated source training splits.
+    pub pool: Pool,
+    /// Final and intermediate results that go into `summary.json`.
+    pub summary: Summary,
+    started: Instant,
+}
+
+/// The content of `summary.json`.
+#[derive(Default)]
+pub struct Summary {
+    /// Final evaluation per exported network (`model`, `composite`, `pm`, `am`).
+    pub eval: BTreeMap<String, EvalReport>,
+    /// Other fields (timings, memory, partition summary, ...).
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl RunContext {
+    /// Creates the run directory, writes the resolved config, opens data and model.
+    pub fn open(cfg: Config, dir: &Path) -> Result<RunContext> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the run directory {} (choose another with --out)", dir.display()))?;
+        let probe = dir.join(".ldt-write-test");
+        std::fs::write(&probe, b"ok")
+            .with_context(|| format!("the run directory {} is not writable (choose another with --out)", dir.display()))?;
+        std::fs::remove_file(&probe).ok();
+        std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
+        let device = crate::device(&cfg)?;
+        let bench = Benchmark::open(&cfg.data.manifest)?;
+        let net = model::build(&cfg.model, bench.manifest.image_shape, bench.manifest.num_classes)?;
+        let metrics = MetricsLog::create(&dir.join("metrics.jsonl"))?;
+        let pool = bench.source_pool();
+        Ok(RunContext {
+            cfg,
+            dir: dir.to_path_buf(),
+            device,
+            bench,
+            net,
+            metrics,
+            pool,
+            summary: Summary::default(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Elements of one input image.
+    pub fn image_len(&self) -> usize {
+        self.net.input_shape().iter().product()
+    }
+
+    /// Starting weights: `model.init` if set, else seeded PyTorch-style init.
+    pub fn initial_state(&self) -> Result<NetState> {
+        match &self.cfg.model.init {
+            Some(p) => io::load_state(self.net.as_ref(), p, &self.device).context("config key `model.init`"),
+            None => NetState::init(self.net.as_ref(), &mut Rng::new(self.cfg.seed, streams::INIT), &self.device),
+        }
+    }
+
+    /// Batch order of the training stage: the schedule (`data.schedule`) or seeded
+    /// shuffles of all source training examples.
+    pub fn train_order(&self) -> Result<BatchOrder> {
+        match &self.cfg.data.schedule {
+            Some(p) => Ok(BatchOrder::fixed(loader::read_batches(p, &self.cfg.data.schedule_key)?)),
+            None => Ok(BatchOrder::shuffle(
+                (0..self.pool.len()).collect(),
+                self.cfg.train.batch_size,
+                Rng::new(self.cfg.seed, streams::TRAIN),
+            )),
+        }
+    }
+
+    /// A prefetching loader of `count` batches in `order`.
+    pub fn loader(&self, order: BatchOrder, count: usize) -> Result<Loader> {
+        Loader::spawn(self.pool.clone(), order, count, self.image_len(), self.cfg.data.prefetch)
+    }
+
+    /// A host batch as device tensors.
+    pub fn tensors(&self, b: &crate::data::HostBatch) -> Result<(Tensor, Tensor)> {
+        b.to_tensors(self.net.input_shape(), &self.device)
+    }
+
+    /// Evaluates parameters and buffers on every domain.
+    pub fn evaluate(&self, params: &[Tensor], buffers: &[Tensor]) -> Result<EvalReport> {
+        evaluate(self.net.as_ref(), params, buffers, &self.bench, self.cfg.eval.batch_size, &self.device)
+    }
+
+    /// Logs an evaluation record (`kind: eval`) for network `name` at `step`.
+    pub fn log_eval(&mut self, step: usize, name: &str, r: &EvalReport) -> Result<()> {
+        let domains: serde_json::Map<String, Value> = r
+            .domains
+            .iter()
+            .map(|d| (d.name.clone(), json!({"acc": d.acc, "loss": d.loss, "role": d.role})))
+            .collect();
+        self.metrics.write(json!({
+            "kind": "eval", "step": step, "model": name,
+            "source_acc": r.source_acc, "target_acc": r.target_acc, "domains": domains,
+        }))
+    }
+
+    /// Seconds since the run started.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Writes `summary.json`.
+    pub fn write_summary(&mut self) -> Result<()> {
+        let mut m = self.summary.extra.clone();
+        m.insert("method".into(), json!(self.cfg.train.method.name()));
+        m.insert("arch".into(), json!(self.net.arch()));
+        m.insert("parameters".into(), json!(self.net.numel()));
+        m.insert("seconds".into(), json!(self.elapsed()));
+        m.insert("eval".into(), serde_json::to_value(&self.summary.eval)?);
+        let text = serde_json::to_string_pretty(&Value::Object(m))?;
+        let tmp = self.dir.join("summary.json.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.dir.join("summary.json"))?;
+        Ok(())
+    }
+}
+
+/// Checks that a step list names steps inside the run.
+pub fn check_snapshot_steps(at: &[usize], steps: usize) -> Result<()> {
+    if let Some(s) = at.iter().find(|&&s| s == 0 || s > steps) {
+        bail!("config key `snapshots.at_steps`: step {s} is outside 1..={steps}");
+    }
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! One optimizer step of a live network: forward, loss, backward over the trainable
+//! layers only (frozen layers are detached: no gradient is computed for them), update.
+
+use crate::model::{layers, Mode, NetState, Network};
+use crate::optim::Optimizer;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// Loss and accuracy of one step's batch (before the update).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    /// Mean cross-entropy.
+    pub loss: f32,
+    /// Correct predictions.
+    pub correct: usize,
+    /// Examples.
+    pub n: usize,
+}
+
+/// Forward and backward of `state` on `(x, y)` with gradients for `trainable` layers.
+/// Returns the stats and each trainable layer's gradient (`None` for frozen layers).
+pub fn gradients(
+    net: &dyn Network,
+    state: &mut NetState,
+    trainable: &[bool],
+    x: &Tensor,
+    y: &Tensor,
+    mode: Mode,
+) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+    let view = state.view(trainable);
+    let logits = net.forward(&view, &mut state.buffers, x, mode)?;
+    let loss = layers::cross_entropy(&logits, y)?;
+    let loss_v = loss.to_scalar::<f32>()?;
+    let correct = logits
+        .detach()
+        .argmax(candle_core::D::Minus1)?
+        .to_dtype(candle_core::DType::I64)?
+        .eq(y)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize;
+    let stats = StepStats { loss: loss_v, correct, n: y.dim(0)? };
+    if !loss_v.is_finite() {
+        bail!("the loss is {loss_v} (non-finite); lower the learning rate or check the data");
+    }
+    let mut grads = if trainable.iter().any(|&t| t) { Some(loss.backward()?) } else { None };
+    let out = state
+        .params
+        .iter()
+        .zip(trainable)
+        .map(|(v, &t)| if t { grads.as_mut().and_then(|g| g.remove(v.as_tensor())) } else { None })
+        .collect();
+    Ok((stats, out))
+}
+
+/// Applies the optimizer to every layer that has a gradient, with per-layer rates.
+pub fn apply(opt: &mut Optimizer, state: &NetState, grads: &[Option<Tensor>], lrs: &[f64]) -> Result<()> {
+    for (i, g) in grads.iter().enumerate() {
+        if let Some(g) = g {
+            opt.step(i, &state.params[i], g, lrs[i])?;
+        }
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@ pub mod ldt;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod rng;
 pub mod train;
 

@@ -1,5 +1,5 @@
-//! Evaluation on every domain's test split: accuracy and mean loss per domain, with the
-//! source and target means (the numbers of DomainBed-style tables).
+//! Evaluation: accuracy and mean loss per domain (source domains on their test split,
+//! target domains on all their examples), with the source and target means.
 
 use crate::data::{Benchmark, Role};
 use crate::model::{layers, Mode, Network};
@@ -18,7 +18,7 @@ pub struct DomainScore {
     pub acc: f64,
     /// Mean cross-entropy.
     pub loss: f64,
-    /// Test examples.
+    /// Examples scored.
     pub n: usize,
 }
 
@@ -57,7 +57,13 @@ pub fn evaluate(
     let image_len: usize = shape.iter().product();
     let mut domains = Vec::new();
     for d in &bench.domains {
-        let pool = crate::data::dataset::Pool::new(vec![d.test.clone()]);
+        // Target domains are never trained on: all their examples are scored (train and
+        // test splits, as DomainBed and the authors' script do); sources use their test split.
+        let splits = match d.role {
+            Role::Source => vec![d.test.clone()],
+            Role::Target => vec![d.train.clone(), d.test.clone()],
+        };
+        let pool = crate::data::dataset::Pool::new(splits);
         let (mut correct, mut loss) = (0usize, 0f64);
         let idx: Vec<usize> = (0..pool.len()).collect();
         for chunk in idx.chunks(batch) {

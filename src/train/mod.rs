@@ -1,6 +1,7 @@
 //! Training loops: ERM and LP-FT, the dual branch (`ldt`, `deft`) and the single
 //! branch (`ldt-s`), over one shared run context.
 
+pub mod dual;
 pub mod erm;
 pub mod eval;
 pub mod run;
@@ -15,6 +16,7 @@ use anyhow::Result;
 pub fn run_method(ctx: &mut RunContext) -> Result<()> {
     match ctx.cfg.train.method {
         Method::Erm | Method::LpFt => erm::train(ctx)?,
+        Method::Ldt | Method::Deft => dual::train(ctx)?,
         m => anyhow::bail!("method `{}` is not available yet", m.name()),
     }
     ctx.write_summary()

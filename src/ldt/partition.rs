@@ -1,0 +1,255 @@
+//! The partition of all layers into the stable set S and the unstable set U, with the
+//! DPU coefficient of each layer, and the partition report (`partition.json`).
+
+use super::stats::LayerStats;
+use crate::config::{Criterion, Dpu, LdtConfig};
+use crate::model::Network;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Which set a layer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Set {
+    /// Trained by PM (phase P); its frozen copy lives in AM.
+    Stable,
+    /// Trained by AM (phase A); its frozen copy lives in PM.
+    Unstable,
+}
+
+/// One row of the partition report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerReport {
+    /// Parameter name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub numel: usize,
+    /// Gradient statistics (absent for the `names` criterion without statistics).
+    pub stats: Option<LayerStats>,
+    /// The value sorted by the criterion.
+    pub score: f64,
+    /// Set.
+    pub set: Set,
+    /// Position in the ascending order over all layers.
+    pub rank: usize,
+    /// Position in the ascending order inside its set.
+    pub index_in_set: usize,
+    /// Size of its set.
+    pub set_size: usize,
+    /// DPU EMA coefficient `w` of this layer.
+    pub coefficient: f64,
+}
+
+/// The result of stage 1.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Partition {
+    /// Criterion used.
+    pub criterion: Criterion,
+    /// Requested unstable fraction.
+    pub unstable_ratio: f64,
+    /// Statistics batches used (0 when none were needed).
+    pub stat_batches: usize,
+    /// Per layer, in model order.
+    pub layers: Vec<LayerReport>,
+    /// Stable layer names, ascending by score.
+    pub stable: Vec<String>,
+    /// Unstable layer names, ascending by score.
+    pub unstable: Vec<String>,
+}
+
+/// Size of the stable set: `floor(N * (1 - ratio) + 1e-9)` (the small term keeps e.g.
+/// N = 10, ratio 0.3 at 7 despite binary rounding).
+pub fn stable_count(n: usize, unstable_ratio: f64) -> usize {
+    ((n as f64 * (1.0 - unstable_ratio) + 1e-9).floor() as usize).min(n)
+}
+
+/// Indices sorted by score ascending, ties by model order.
+pub fn ascending(scores: &[f64]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    idx
+}
+
+/// DPU coefficient of position `i` in a set of `n`: `base + slope * i / n` (f64).
+pub fn dpu_coefficient(base: f64, slope: f64, i: usize, n: usize) -> f64 {
+    base + slope * i as f64 / n as f64
+}
+
+impl Partition {
+    /// Builds the partition from per-layer scores (ascending = more stable) given the
+    /// sets as ascending index lists, and assigns the DPU coefficients.
+    pub fn from_sets(
+        net: &dyn Network,
+        criterion: Criterion,
+        unstable_ratio: f64,
+        stats: Option<&[LayerStats]>,
+        scores: &[f64],
+        stable: Vec<usize>,
+        unstable: Vec<usize>,
+        ldt: &LdtConfig,
+        stat_batches: usize,
+    ) -> Partition {
+        let order = ascending(scores);
+        let mut rank = vec![0; scores.len()];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i] = r;
+        }
+        let mut layers: Vec<Option<LayerReport>> = vec![None; scores.len()];
+        for (set, members, base, slope) in [
+            (Set::Stable, &stable, ldt.stable_base, ldt.stable_slope),
+            (Set::Unstable, &unstable, ldt.unstable_base, ldt.unstable_slope),
+        ] {
+            for (k, &i) in members.iter().enumerate() {
+                let spec = &net.params()[i];
+                let coefficient = match ldt.dpu {
+                    Dpu::Rank => dpu_coefficient(base, slope, k, members.len()),
+                    Dpu::Fixed => ldt.fixed_w,
+                };
+                layers[i] = Some(LayerReport {
+                    name: spec.name.clone(),
+                    shape: spec.shape.clone(),
+                    numel: spec.numel(),
+                    stats: stats.map(|s| s[i]),
+                    score: scores[i],
+                    set,
+                    rank: rank[i],
+                    index_in_set: k,
+                    set_size: members.len(),
+                    coefficient,
+                });
+            }
+        }
+        let name = |i: &usize| net.params()[*i].name.clone();
+        Partition {
+            criterion,
+            unstable_ratio,
+            stat_batches,
+            layers: layers.into_iter().map(|l| l.expect("every layer is in one set")).collect(),
+            stable: stable.iter().map(name).collect(),
+            unstable: unstable.iter().map(name).collect(),
+        }
+    }
+
+    /// Splits by score: the lowest `stable_count` layers are stable.
+    pub fn by_score(
+        net: &dyn Network,
+        criterion: Criterion,
+        unstable_ratio: f64,
+        stats: Option<&[LayerStats]>,
+        scores: &[f64],
+        ldt: &LdtConfig,
+        stat_batches: usize,
+    ) -> Result<Partition> {
+        if let Some(i) = scores.iter().position(|s| s.is_nan()) {
+            bail!(
+                "stage 1: criterion `{criterion:?}` of layer `{}` is NaN (its gradient was non-finite or constant); check the data and the warm-up",
+                net.params()[i].name
+            );
+        }
+        let order = ascending(scores);
+        let ns = stable_count(order.len(), unstable_ratio);
+        let (s, u) = order.split_at(ns);
+        Ok(Self::from_sets(net, criterion, unstable_ratio, stats, scores, s.to_vec(), u.to_vec(), ldt, stat_batches))
+    }
+
+    /// The `names` criterion: U = layers matching `unstable` prefixes (default: the
+    /// head), S = those matching `stable` prefixes (default: every other layer). Inside
+    /// a set, layers keep model order.
+    pub fn by_names(net: &dyn Network, stable: &[String], unstable: &[String], ldt: &LdtConfig) -> Result<Partition> {
+        let head = net.head_prefixes();
+        let unstable = if unstable.is_empty() { &head } else { unstable };
+        let (mut s, mut u) = (Vec::new(), Vec::new());
+        for (i, p) in net.params().iter().enumerate() {
+            let in_u = unstable.iter().any(|x| p.name.starts_with(x));
+            let in_s = stable.is_empty() || stable.iter().any(|x| p.name.starts_with(x));
+            match (in_s && !in_u, in_u) {
+                (_, true) if !stable.is_empty() && stable.iter().any(|x| p.name.starts_with(x)) => bail!(
+                    "config keys `stage1.stable_names` and `stage1.unstable_names` both match layer `{}`",
+                    p.name
+                ),
+                (_, true) => u.push(i),
+                (true, false) => s.push(i),
+                (false, false) => bail!(
+                    "config key `stage1.stable_names`: layer `{}` matches neither stable nor unstable names",
+                    p.name
+                ),
+            }
+        }
+        let scores: Vec<f64> = (0..net.params().len()).map(|i| i as f64).collect();
+        let ratio = u.len() as f64 / scores.len().max(1) as f64;
+        Ok(Self::from_sets(net, Criterion::Names, ratio, None, &scores, s, u, ldt, 0))
+    }
+
+    /// Layer `i` is in the stable set.
+    pub fn is_stable(&self, i: usize) -> bool {
+        self.layers[i].set == Set::Stable
+    }
+
+    /// Mask of the stable set (the layers PM trains).
+    pub fn stable_mask(&self) -> Vec<bool> {
+        self.layers.iter().map(|l| l.set == Set::Stable).collect()
+    }
+
+    /// Mask of the unstable set (the layers AM trains).
+    pub fn unstable_mask(&self) -> Vec<bool> {
+        self.layers.iter().map(|l| l.set == Set::Unstable).collect()
+    }
+
+    /// Writes the report as JSON.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    /// Reads a report and checks that it names exactly the model's layers.
+    pub fn load(path: &Path, net: &dyn Network) -> Result<Partition> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read partition file {} (`stage1.partition`)", path.display()))?;
+        let p: Partition = serde_json::from_str(&text)
+            .with_context(|| format!("partition file {} is not a partition report", path.display()))?;
+        let names: Vec<&str> = net.params().iter().map(|s| s.name.as_str()).collect();
+        let got: Vec<&str> = p.layers.iter().map(|l| l.name.as_str()).collect();
+        if names != got {
+            bail!(
+                "partition file {} was made for other layers than model `{}` has (first difference: {:?} vs {:?}); rerun `ldt stats` for this model",
+                path.display(),
+                net.arch(),
+                got.iter().zip(&names).find(|(a, b)| a != b).map(|(a, _)| *a).or(got.get(names.len()).copied()),
+                names.iter().zip(&got).find(|(a, b)| a != b).map(|(a, _)| *a).or(names.get(got.len()).copied())
+            );
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_count_edges() {
+        assert_eq!(stable_count(10, 0.3), 7);
+        assert_eq!(stable_count(6, 0.5), 3);
+        assert_eq!(stable_count(5, 0.0), 5);
+        assert_eq!(stable_count(5, 1.0), 0);
+        assert_eq!(stable_count(1, 0.5), 0);
+        assert_eq!(stable_count(1, 0.4), 0);
+        assert_eq!(stable_count(1, 0.0), 1);
+    }
+
+    #[test]
+    fn ties_keep_model_order() {
+        assert_eq!(ascending(&[1.0, 0.5, 1.0, 0.5]), vec![1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn coefficients_follow_rank() {
+        assert_eq!(dpu_coefficient(0.99, 0.01, 0, 3), 0.99);
+        assert_eq!(dpu_coefficient(0.999, 0.001, 2, 4), 0.999 + 0.001 * 2.0 / 4.0);
+    }
+}

@@ -1,0 +1,118 @@
+//! Stage 1: warm-up on D1, the statistics pass on D2 (forward and backward with every
+//! layer trainable, no parameter or buffer change), and the partition.
+
+use super::partition::Partition;
+use super::stats::{LayerAccumulator, LayerStats};
+use crate::config::{Criterion, WarmupLayers};
+use crate::data::loader::{read_batches, read_ragged, BatchOrder};
+use crate::metrics::Progress;
+use crate::model::{Mode, NetState};
+use crate::optim::OptimSettings;
+use crate::rng::Rng;
+use crate::train::erm::fit_layers;
+use crate::train::run::streams;
+use crate::train::step::gradients;
+use crate::train::RunContext;
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use serde_json::json;
+
+/// D1 (warm-up) and D2 (statistics): a seeded split of the source training examples.
+fn split(ctx: &RunContext) -> (Vec<usize>, Vec<usize>) {
+    let perm = Rng::new(ctx.cfg.seed, streams::SPLIT).permutation(ctx.pool.len());
+    let n1 = ((ctx.pool.len() as f64) * ctx.cfg.stage1.split_fraction).round() as usize;
+    let (a, b) = perm.split_at(n1.min(perm.len()));
+    (a.to_vec(), b.to_vec())
+}
+
+/// Warm-up: trains the head (or all layers) on D1 for `stage1.warmup_steps`.
+pub fn warmup(ctx: &mut RunContext, state: &mut NetState) -> Result<()> {
+    let c = ctx.cfg.stage1.clone();
+    if c.warmup_steps == 0 {
+        return Ok(());
+    }
+    let order = match &ctx.cfg.data.schedule {
+        Some(p) => BatchOrder::fixed(read_batches(p, "warmup_batches")?),
+        None => BatchOrder::shuffle(split(ctx).0, ctx.cfg.train.batch_size, Rng::new(ctx.cfg.seed, streams::WARMUP)),
+    };
+    let n = ctx.net.params().len();
+    let mask: Vec<bool> = match c.warmup_layers {
+        WarmupLayers::Head => (0..n).map(|i| ctx.net.is_head(i)).collect(),
+        WarmupLayers::All => vec![true; n],
+    };
+    let mut loader = ctx.loader(order, c.warmup_steps)?;
+    let settings = OptimSettings { betas: c.warmup_betas, ..OptimSettings::from(&ctx.cfg.optim) };
+    fit_layers(ctx, state, &mask, &mut loader, c.warmup_steps, settings, c.warmup_lr, "warmup")
+}
+
+/// The statistics pass: per-layer streaming statistics of the gradients on D2.
+pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<LayerStats>> {
+    let c = ctx.cfg.stage1.clone();
+    let order = match &ctx.cfg.data.schedule {
+        Some(p) => {
+            let b = read_ragged(p, "var_indices", "var_batch_sizes")?;
+            if b.len() < c.stat_batches {
+                bail!("schedule file {} holds {} statistics batches; `stage1.stat_batches` asks for {}", p.display(), b.len(), c.stat_batches);
+            }
+            BatchOrder::fixed(b)
+        }
+        None => BatchOrder::shuffle(split(ctx).1, c.stat_batch_size, Rng::new(ctx.cfg.seed, streams::STATS)),
+    };
+    let mut loader = ctx.loader(order, c.stat_batches)?;
+    let n = ctx.net.params().len();
+    let mut acc: Vec<LayerAccumulator> = ctx.net.params().iter().map(|s| LayerAccumulator::new(s.numel())).collect();
+    let all = vec![true; n];
+    let progress = Progress::new("stats", c.stat_batches, ctx.cfg.train.log_every);
+    for b in 1..=c.stat_batches {
+        let hb = loader.next_batch()?;
+        let (x, y) = ctx.tensors(&hb)?;
+        let (st, grads) = gradients(ctx.net.as_ref(), state, &all, &x, &y, Mode::Stats)?;
+        let host: Vec<Vec<f32>> = grads
+            .iter()
+            .map(|g| Ok(g.as_ref().expect("all layers trainable").flatten_all()?.to_vec1::<f32>()?))
+            .collect::<Result<_>>()?;
+        acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
+        progress.update(b, &format!("loss {:.4}", st.loss));
+        ctx.metrics.write(json!({"kind": "stats", "step": b, "loss": st.loss}))?;
+    }
+    progress.finish();
+    Ok(acc.iter().map(|a| a.finish()).collect())
+}
+
+/// Runs stage 1 on `state` (warm-up changes it; the statistics pass does not) and
+/// returns the partition, also written to `DIR/partition.json`.
+pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
+    let c = ctx.cfg.stage1.clone();
+    let ldt = ctx.cfg.ldt.clone();
+    warmup(ctx, state)?;
+    let net = ctx.net.as_ref();
+    let partition = if let Some(p) = &c.partition {
+        Partition::load(p, net)?
+    } else if c.criterion == Criterion::Names {
+        Partition::by_names(net, &c.stable_names, &c.unstable_names, &ldt)?
+    } else if c.criterion == Criterion::Random {
+        let mut r = Rng::new(ctx.cfg.seed, streams::CRITERION);
+        let scores: Vec<f64> = (0..net.params().len()).map(|_| r.next_f64()).collect();
+        Partition::by_score(net, c.criterion, c.unstable_ratio, None, &scores, &ldt, 0)?
+    } else {
+        let stats = statistics(ctx, state)?;
+        let scores: Vec<f64> = stats
+            .iter()
+            .map(|s| match c.criterion {
+                // The authors sort the f32 value of torch.var.
+                Criterion::Var => s.var as f32 as f64,
+                Criterion::VarCross => s.var_cross,
+                Criterion::Mean => s.mean,
+                Criterion::VarOverMean => s.var_over_mean,
+                Criterion::Random | Criterion::Names => unreachable!("handled above"),
+            })
+            .collect();
+        Partition::by_score(ctx.net.as_ref(), c.criterion, c.unstable_ratio, Some(&stats), &scores, &ldt, c.stat_batches)?
+    };
+    partition.save(&ctx.dir.join("partition.json"))?;
+    ctx.summary.extra.insert(
+        "partition".into(),
+        json!({"criterion": partition.criterion, "stable": partition.stable, "unstable": partition.unstable}),
+    );
+    Ok(partition)
+}

@@ -1,0 +1,136 @@
+//! Streaming per-layer gradient statistics in f64 (stage 1). Nothing per batch is kept:
+//! each layer holds a running (count, mean, M2) over all its gradient entries (Chan's
+//! parallel merge of per-batch two-pass moments) and per-element Welford moments across
+//! batches, so memory is O(model) whatever the number of statistics batches.
+
+use serde::{Deserialize, Serialize};
+
+/// Running statistics of one layer's gradients over the statistics batches.
+#[derive(Clone, Debug)]
+pub struct LayerAccumulator {
+    batches: u64,
+    entries: u64,
+    mean: f64,
+    m2: f64,
+    elem_mean: Vec<f64>,
+    elem_m2: Vec<f64>,
+}
+
+/// Final statistics of one layer (the SPEC's criteria).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// Unbiased variance of all entries of the stacked gradients (`torch.var(torch.stack(g))`).
+    pub var: f64,
+    /// Per-element unbiased variance across batches, averaged over the layer.
+    pub var_cross: f64,
+    /// Mean of all entries of the stacked gradients.
+    pub mean: f64,
+    /// `var / |mean|`.
+    pub var_over_mean: f64,
+}
+
+impl LayerAccumulator {
+    /// An empty accumulator for a layer of `numel` elements.
+    pub fn new(numel: usize) -> Self {
+        LayerAccumulator {
+            batches: 0,
+            entries: 0,
+            mean: 0.0,
+            m2: 0.0,
+            elem_mean: vec![0.0; numel],
+            elem_m2: vec![0.0; numel],
+        }
+    }
+
+    /// Adds one batch's gradient of this layer.
+    pub fn add(&mut self, g: &[f32]) {
+        assert_eq!(g.len(), self.elem_mean.len(), "gradient size differs from the layer size");
+        let nb = g.len() as f64;
+        let mean_b = g.iter().map(|&x| x as f64).sum::<f64>() / nb;
+        let m2_b: f64 = g.iter().map(|&x| (x as f64 - mean_b).powi(2)).sum();
+        let na = self.entries as f64;
+        let n = na + nb;
+        let delta = mean_b - self.mean;
+        self.mean += delta * nb / n;
+        self.m2 += m2_b + delta * delta * na * nb / n;
+        self.entries += g.len() as u64;
+        self.batches += 1;
+        let k = self.batches as f64;
+        for ((m, s), &x) in self.elem_mean.iter_mut().zip(&mut self.elem_m2).zip(g) {
+            let x = x as f64;
+            let d = x - *m;
+            *m += d / k;
+            *s += d * (x - *m);
+        }
+    }
+
+    /// Batches seen.
+    pub fn batches(&self) -> u64 {
+        self.batches
+    }
+
+    /// The statistics; needs at least two batches (checked by the caller).
+    pub fn finish(&self) -> LayerStats {
+        let var = if self.entries > 1 { self.m2 / (self.entries - 1) as f64 } else { f64::NAN };
+        let k = self.batches as f64;
+        let var_cross = if self.batches > 1 && !self.elem_m2.is_empty() {
+            self.elem_m2.iter().map(|s| s / (k - 1.0)).sum::<f64>() / self.elem_m2.len() as f64
+        } else {
+            f64::NAN
+        };
+        LayerStats { var, var_cross, mean: self.mean, var_over_mean: var / self.mean.abs() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// Two-pass f64 reference over the explicitly stacked batches.
+    fn reference(batches: &[Vec<f32>]) -> LayerStats {
+        let all: Vec<f64> = batches.iter().flatten().map(|&x| x as f64).collect();
+        let n = all.len() as f64;
+        let mean = all.iter().sum::<f64>() / n;
+        let var = all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        let k = batches.len() as f64;
+        let numel = batches[0].len();
+        let mut vc = 0.0;
+        for e in 0..numel {
+            let m = batches.iter().map(|b| b[e] as f64).sum::<f64>() / k;
+            vc += batches.iter().map(|b| (b[e] as f64 - m).powi(2)).sum::<f64>() / (k - 1.0);
+        }
+        LayerStats { var, var_cross: vc / numel as f64, mean, var_over_mean: var / mean.abs() }
+    }
+
+    fn check(batches: &[Vec<f32>]) {
+        let mut acc = LayerAccumulator::new(batches[0].len());
+        for b in batches {
+            acc.add(b);
+        }
+        let (got, want) = (acc.finish(), reference(batches));
+        // Streaming vs two-pass f64: relative 1e-12 (both are f64; only the order differs).
+        for (g, w, what) in [
+            (got.var, want.var, "var"),
+            (got.var_cross, want.var_cross, "var_cross"),
+            (got.mean, want.mean, "mean"),
+            (got.var_over_mean, want.var_over_mean, "var_over_mean"),
+        ] {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1e-300), "{what}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn streaming_matches_two_pass_on_random_data() {
+        let mut r = Rng::new(3, 0);
+        let batches: Vec<Vec<f32>> = (0..37).map(|_| r.uniform_vec(101, -1.0, 1.0)).collect();
+        check(&batches);
+    }
+
+    #[test]
+    fn one_element_layer_many_batches_large_magnitude() {
+        let mut r = Rng::new(4, 0);
+        let batches: Vec<Vec<f32>> = (0..5000).map(|_| vec![1e6 + r.uniform_vec(1, -1.0, 1.0)[0]]).collect();
+        check(&batches);
+    }
+}

@@ -1,0 +1,116 @@
+//! The dual branch (`ldt`, `deft`): PM trains the stable set with the unstable set
+//! frozen, AM trains the unstable set with the stable set frozen, both on the same
+//! batch; every `ldt.ema_every` steps the DPU folds `~A^S <- P^S` and `~P^U <- A^U`.
+
+use super::erm::Meter;
+use super::step::{apply, gradients};
+use super::RunContext;
+use crate::ldt::partition::Partition;
+use crate::ldt::{composite, dpu, stage1};
+use crate::metrics::Progress;
+use crate::model::{io, Mode, NetState};
+use crate::optim::{schedule, OptimSettings, Optimizer};
+use anyhow::Result;
+use serde_json::json;
+use std::time::Instant;
+
+/// One branch: its network, its optimizer over its trained set, and that set's mask.
+pub struct Branch {
+    /// Weights and buffers.
+    pub state: NetState,
+    /// Optimizer (state only for the trained set).
+    pub opt: Optimizer,
+    /// Layers this branch trains.
+    pub mask: Vec<bool>,
+}
+
+/// Applies the DPU exchange between two live branches.
+pub fn exchange(partition: &Partition, pm: &NetState, am: &NetState) -> Result<()> {
+    for (i, l) in partition.layers.iter().enumerate() {
+        if partition.is_stable(i) {
+            dpu::fold(am.params[i].as_tensor(), pm.params[i].as_tensor(), l.coefficient)?;
+        } else {
+            dpu::fold(pm.params[i].as_tensor(), am.params[i].as_tensor(), l.coefficient)?;
+        }
+    }
+    Ok(())
+}
+
+/// Evaluates the composite (and each branch with `eval.branches`) and logs it.
+fn evaluate(ctx: &mut RunContext, step: usize, partition: &Partition, pm: &NetState, am: &NetState, last: bool) -> Result<String> {
+    let r = ctx.evaluate(&composite::params(partition, pm, am), &pm.buffers)?;
+    ctx.log_eval(step, "composite", &r)?;
+    let line = r.line();
+    if last {
+        ctx.summary.eval.insert("composite".into(), r);
+    }
+    if ctx.cfg.eval.branches || last {
+        for (name, s) in [("pm", pm), ("am", am)] {
+            let r = ctx.evaluate(&s.frozen_view(), &s.buffers)?;
+            ctx.log_eval(step, name, &r)?;
+            if last {
+                ctx.summary.eval.insert(name.into(), r);
+            }
+        }
+    }
+    Ok(line)
+}
+
+/// Runs stage 1 and the resident dual branch, writing the snapshots, `pm`, `am` and
+/// `composite` safetensors.
+pub fn train(ctx: &mut RunContext) -> Result<()> {
+    let cfg = ctx.cfg.clone();
+    let mut start = ctx.initial_state()?;
+    let partition = stage1::run(ctx, &mut start)?;
+    super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
+    let n = ctx.net.params().len();
+    let settings = OptimSettings::from(&cfg.optim);
+    let mut pm = Branch { state: start.deep_clone()?, opt: Optimizer::new(settings.clone(), n), mask: partition.stable_mask() };
+    let mut am = Branch { state: start, opt: Optimizer::new(settings, n), mask: partition.unstable_mask() };
+    let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
+    let base = schedule::layer_lrs(&cfg.optim, &names);
+    let mut loader = ctx.loader(ctx.train_order()?, cfg.train.steps)?;
+    let progress = Progress::new(cfg.train.method.name(), cfg.train.steps, cfg.train.log_every);
+    let mut meter = Meter::default();
+    let t0 = Instant::now();
+    for step in 1..=cfg.train.steps {
+        let hb = loader.next_batch()?;
+        let (x, y) = ctx.tensors(&hb)?;
+        let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps)).collect();
+        let mut losses = [0f32; 2];
+        for (k, br) in [&mut pm, &mut am].into_iter().enumerate() {
+            let (stats, grads) = gradients(ctx.net.as_ref(), &mut br.state, &br.mask, &x, &y, Mode::Train)?;
+            apply(&mut br.opt, &br.state, &grads, &lrs)?;
+            losses[k] = stats.loss;
+            if k == 0 {
+                meter.add(&stats);
+            }
+        }
+        if step % cfg.ldt.ema_every == 0 {
+            exchange(&partition, &pm.state, &am.state)?;
+        }
+        ctx.metrics.write(json!({"kind": "train", "stage": "train", "step": step, "loss_pm": losses[0], "loss_am": losses[1],
+            "lr": schedule::lr_at(&cfg.optim, cfg.optim.lr, step, cfg.train.steps)}))?;
+        if step % cfg.train.log_every == 0 || step == cfg.train.steps {
+            progress.update(step, &meter.take().0);
+        }
+        if cfg.snapshots.at_steps.contains(&step) {
+            io::save_state(ctx.net.as_ref(), &pm.state, &ctx.dir.join(format!("step{step}_pm.safetensors")))?;
+            io::save_state(ctx.net.as_ref(), &am.state, &ctx.dir.join(format!("step{step}_am.safetensors")))?;
+        }
+        if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
+            let line = evaluate(ctx, step, &partition, &pm.state, &am.state, false)?;
+            progress.println(&format!("eval @{step}: composite {line}"));
+        }
+    }
+    progress.finish();
+    let train_secs = t0.elapsed().as_secs_f64();
+    let net = ctx.net.as_ref();
+    io::save_state(net, &pm.state, &ctx.dir.join("pm.safetensors"))?;
+    io::save_state(net, &am.state, &ctx.dir.join("am.safetensors"))?;
+    io::save_tensors(&composite::named(net, &partition, &pm.state, &am.state), &ctx.dir.join("composite.safetensors"))?;
+    evaluate(ctx, cfg.train.steps, &partition, &pm.state, &am.state, true)?;
+    ctx.summary.extra.insert("train_seconds".into(), json!(train_secs));
+    ctx.summary.extra.insert("ms_per_step".into(), json!(1e3 * train_secs / cfg.train.steps as f64));
+    Ok(())
+}

@@ -16,7 +16,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// 2-D convolution, weight `[O, I, kh, kw]`, symmetric zero padding.
+/// 2-D convolution, weight `[O, I, kh, kw]`, symmetric zero padding (im2col + GEMM).
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -24,11 +24,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = x.conv2d(w, padding, stride, 1, 1)?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-        None => y,
-    })
+    super::conv::conv2d(x, w, b, stride, padding)
 }
 
 /// Rectified linear unit.

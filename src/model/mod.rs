@@ -6,6 +6,7 @@
 //! (detached tensors, no gradient computed) — the mechanism behind LDT's cross-freezing.
 
 pub mod cnn;
+mod conv;
 pub mod io;
 pub mod layers;
 pub mod mlp;

@@ -1,0 +1,583 @@
+//! The counterpart buffer: named slots in one aligned host arena, spilling to a mapped file.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::MmapMut;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::{HostSlice, HostSliceMut, OffloadConfig, OffloadError, StorageDtype};
+
+/// Alignment of the arena and of every slot: a cache line, and enough for any SIMD load.
+const ALIGN: usize = 64;
+
+/// One tensor the buffer holds (e.g. `~A^S` of one layer, or one Adam moment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotSpec {
+    /// The tensor's name, used in error messages.
+    pub name: String,
+    /// Number of elements.
+    pub numel: usize,
+    /// Element type on the host.
+    pub dtype: StorageDtype,
+}
+
+/// Where a slot's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    Ram,
+    File,
+}
+
+/// A slot's placement: `bytes` bytes at `ptr` (null when `bytes == 0`).
+struct Slot {
+    spec: SlotSpec,
+    tier: Tier,
+    bytes: usize,
+    ptr: *mut u8,
+}
+
+/// The RAM tier: one zeroed allocation of `layout`, absent when nothing lives in RAM.
+struct Arena {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl Arena {
+    /// Allocates `bytes` zeroed bytes aligned to [`ALIGN`]; a refusal is an error, not an abort.
+    fn new(bytes: usize) -> Result<Option<Arena>, OffloadError> {
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let err = || OffloadError::HostAlloc {
+            bytes: bytes as u64,
+        };
+        let layout = Layout::from_size_align(bytes, ALIGN).map_err(|_| err())?;
+        // SAFETY: `layout` has a non-zero size (checked above).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or_else(err)?;
+        Ok(Some(Arena { ptr, layout }))
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed only here.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// The file tier: a mapping of a file this buffer created, removed when the buffer goes.
+struct SpillFile {
+    map: Option<MmapMut>,
+    path: PathBuf,
+}
+
+impl SpillFile {
+    /// Creates a new file of exactly `bytes` bytes at `path` and maps it; the file is removed
+    /// again if sizing or mapping fails.
+    fn create(path: PathBuf, bytes: u64) -> Result<SpillFile, OffloadError> {
+        let err = |path: &PathBuf, source| OffloadError::File {
+            path: path.clone(),
+            bytes,
+            source,
+        };
+        // `create_new`: never clobber a file the user did not mean to give us.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| err(&path, e))?;
+        // From here on `spill` owns the path, so any early return removes the file.
+        let mut spill = SpillFile { map: None, path };
+        file.set_len(bytes).map_err(|e| err(&spill.path, e))?;
+        // SAFETY: the file was just created by us with `create_new` and is private to this
+        // buffer; nothing else in the process maps or truncates it, and modification by
+        // another process is outside the contract of `offload.path`.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| err(&spill.path, e))?;
+        spill.map = Some(map);
+        Ok(spill)
+    }
+}
+
+impl Drop for SpillFile {
+    fn drop(&mut self) {
+        // Unmap before removing, so removal also works where mapped files cannot be deleted.
+        self.map = None;
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// The host side of LDT-S: every off-phase tensor in a named slot, in one 64-byte-aligned
+/// RAM arena up to a budget and in a memory-mapped file beyond it.
+///
+/// Slots are placed in order: each goes to RAM if it still fits in `host_budget_bytes`
+/// (offsets aligned to 64 bytes), otherwise to the file at `file_path`. Access follows the
+/// borrow rules (`&self` reads, `&mut self` writes); [`SharedCounterpartBuffer`] adds
+/// per-slot locks for concurrent copy jobs.
+pub struct CounterpartBuffer {
+    slots: Vec<Slot>,
+    arena: Option<Arena>,
+    file: Option<SpillFile>,
+    file_bytes: u64,
+}
+
+// SAFETY: the buffer owns its arena and its mapping exclusively, like a `Vec<u8>`; the raw
+// slot pointers point only into them. Sending it to another thread moves that ownership.
+unsafe impl Send for CounterpartBuffer {}
+// SAFETY: through `&CounterpartBuffer` only shared slices are handed out (`slot`,
+// `read_*`), and all writing needs `&mut self` or the per-slot write lock of
+// `SharedCounterpartBuffer`, so shared access from several threads never races.
+unsafe impl Sync for CounterpartBuffer {}
+
+impl fmt::Debug for CounterpartBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CounterpartBuffer")
+            .field("slots", &self.slots.len())
+            .field("bytes_in_ram", &self.bytes_in_ram())
+            .field("bytes_in_file", &self.bytes_in_file())
+            .field("file", &self.file.as_ref().map(|s| &s.path))
+            .finish()
+    }
+}
+
+impl CounterpartBuffer {
+    /// Lays out `specs` and allocates their memory (zeroed), RAM first and the rest in the
+    /// spill file.
+    ///
+    /// # Errors
+    /// [`OffloadError::HostBudget`] if the slots do not fit in `host_budget_bytes` and no
+    /// `file_path` is set; [`OffloadError::HostAlloc`] if the arena cannot be allocated;
+    /// [`OffloadError::File`] if the spill file cannot be created (it must not exist yet);
+    /// [`OffloadError::SlotTooLarge`] if a slot's size overflows.
+    pub fn allocate(specs: &[SlotSpec], cfg: &OffloadConfig) -> Result<Self, OffloadError> {
+        // Offsets: (tier, offset, bytes) per slot; and the size if everything were in RAM.
+        let mut placed = Vec::with_capacity(specs.len());
+        let (mut ram_end, mut file_end, mut all_ram) = (0u64, 0u64, 0u64);
+        for spec in specs {
+            let bytes = spec
+                .numel
+                .checked_mul(spec.dtype.size_of())
+                .filter(|&b| b <= isize::MAX as usize)
+                .ok_or_else(|| OffloadError::SlotTooLarge {
+                    name: spec.name.clone(),
+                })?;
+            let b = bytes as u64;
+            let align = |end: u64| end.next_multiple_of(ALIGN as u64);
+            all_ram = align(all_ram) + b;
+            if bytes == 0 {
+                placed.push((Tier::Ram, 0, 0));
+            } else if align(ram_end) + b <= cfg.host_budget_bytes {
+                placed.push((Tier::Ram, align(ram_end), bytes));
+                ram_end = align(ram_end) + b;
+            } else {
+                placed.push((Tier::File, align(file_end), bytes));
+                file_end = align(file_end) + b;
+            }
+        }
+        let file_path = match (&cfg.file_path, file_end) {
+            (_, 0) => None,
+            (Some(path), _) => Some(path.clone()),
+            (None, _) => {
+                return Err(OffloadError::HostBudget {
+                    needed: all_ram,
+                    budget: cfg.host_budget_bytes,
+                })
+            }
+        };
+        let ram_bytes =
+            usize::try_from(ram_end).map_err(|_| OffloadError::HostAlloc { bytes: ram_end })?;
+        let arena = Arena::new(ram_bytes)?;
+        let mut file = match file_path {
+            Some(path) => Some(SpillFile::create(path, file_end)?),
+            None => None,
+        };
+        let ram_base = arena.as_ref().map(|a| a.ptr.as_ptr());
+        let file_base = file
+            .as_mut()
+            .and_then(|f| f.map.as_mut())
+            .map(|m| m.as_mut_ptr());
+        let slots = specs
+            .iter()
+            .zip(placed)
+            .map(|(spec, (tier, offset, bytes))| {
+                let base = match tier {
+                    Tier::Ram => ram_base,
+                    Tier::File => file_base,
+                };
+                let ptr = match base {
+                    // SAFETY: `offset + bytes` is within the arena / file of that tier by
+                    // the layout above (its size is the end of the last slot placed there).
+                    Some(base) if bytes > 0 => unsafe { base.add(offset as usize) },
+                    _ => std::ptr::null_mut(),
+                };
+                Slot {
+                    spec: spec.clone(),
+                    tier,
+                    bytes,
+                    ptr,
+                }
+            })
+            .collect();
+        Ok(CounterpartBuffer {
+            slots,
+            arena,
+            file,
+            file_bytes: file_end,
+        })
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the buffer has no slots.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The spec slot `i` was allocated with.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn spec(&self, i: usize) -> &SlotSpec {
+        &self.slots[i].spec
+    }
+
+    /// Whether slot `i` lives in the spill file (slower to reach than RAM).
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn is_in_file(&self, i: usize) -> bool {
+        self.slots[i].tier == Tier::File
+    }
+
+    /// Bytes of the RAM arena, alignment padding included (for the memory report).
+    pub fn bytes_in_ram(&self) -> u64 {
+        self.arena.as_ref().map_or(0, |a| a.layout.size() as u64)
+    }
+
+    /// Bytes of the spill file, alignment padding included (for the memory report).
+    pub fn bytes_in_file(&self) -> u64 {
+        self.file_bytes
+    }
+
+    /// RAM plus file bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes_in_ram() + self.bytes_in_file()
+    }
+
+    /// Start and length in bytes of the RAM arena (null and 0 when it is empty), so the
+    /// device layer can page-lock it (e.g. `cudaHostRegister`) for asynchronous copies.
+    /// Writing through the pointer is subject to the same exclusivity as `slot_mut`.
+    pub fn host_arena(&self) -> (*mut u8, usize) {
+        self.arena.as_ref().map_or((std::ptr::null_mut(), 0), |a| {
+            (a.ptr.as_ptr(), a.layout.size())
+        })
+    }
+
+    /// Read-only typed view of slot `i`.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn slot(&self, i: usize) -> HostSlice<'_> {
+        let s = &self.slots[i];
+        let n = s.spec.numel;
+        if s.bytes == 0 {
+            return match s.spec.dtype {
+                StorageDtype::F32 => HostSlice::F32(&[]),
+                StorageDtype::BF16 => HostSlice::BF16(&[]),
+                StorageDtype::F16 => HostSlice::F16(&[]),
+            };
+        }
+        // SAFETY: `ptr` points at `bytes = n * size_of(dtype)` initialized (zeroed, then
+        // only written with whole elements) bytes owned by `self`, aligned to 64; any bit
+        // pattern is a valid f32/bf16/f16. No writer exists while the view lives:
+        // `slot_mut`/`slots_mut` need `&mut self`, and `SharedCounterpartBuffer` writes
+        // slot `i` only under its write lock and calls this only under its read lock.
+        unsafe {
+            match s.spec.dtype {
+                StorageDtype::F32 => HostSlice::F32(std::slice::from_raw_parts(s.ptr.cast(), n)),
+                StorageDtype::BF16 => {
+                    HostSlice::BF16(std::slice::from_raw_parts(s.ptr.cast::<bf16>(), n))
+                }
+                StorageDtype::F16 => {
+                    HostSlice::F16(std::slice::from_raw_parts(s.ptr.cast::<f16>(), n))
+                }
+            }
+        }
+    }
+
+    /// Writable typed view of slot `i`.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn slot_mut(&mut self, i: usize) -> HostSliceMut<'_> {
+        // SAFETY: `&mut self` makes this the only view of any slot for its lifetime.
+        unsafe { self.view_mut(i) }
+    }
+
+    /// Writable views of several distinct slots at once (e.g. all destinations of one
+    /// fused EMA), in the order of `idx`.
+    ///
+    /// # Errors
+    /// [`OffloadError::SlotIndex`] for an index out of range, [`OffloadError::SlotRepeated`]
+    /// if an index appears twice.
+    pub fn slots_mut(&mut self, idx: &[usize]) -> Result<Vec<HostSliceMut<'_>>, OffloadError> {
+        self.check_distinct(idx)?;
+        // SAFETY: the indices are distinct and in range (checked above), slots occupy
+        // disjoint byte ranges (the layout in `allocate` places each slot after the end of
+        // the previous one in its tier), and `&mut self` excludes every other view.
+        Ok(idx.iter().map(|&i| unsafe { self.view_mut(i) }).collect())
+    }
+
+    /// Stores `src` into slot `i`, converting to the slot's dtype (round to nearest even).
+    ///
+    /// # Errors
+    /// [`OffloadError::SlotIndex`] or [`OffloadError::SizeMismatch`].
+    pub fn write_from_f32(&mut self, i: usize, src: &[f32]) -> Result<(), OffloadError> {
+        self.check_len(i, src.len(), "elements")?;
+        self.slot_mut(i).copy_from_f32(src);
+        Ok(())
+    }
+
+    /// Widens slot `i` into `out` as f32 (exact).
+    ///
+    /// # Errors
+    /// [`OffloadError::SlotIndex`] or [`OffloadError::SizeMismatch`].
+    pub fn read_into_f32(&self, i: usize, out: &mut [f32]) -> Result<(), OffloadError> {
+        self.check_len(i, out.len(), "elements")?;
+        self.slot(i).to_f32_into(out);
+        Ok(())
+    }
+
+    /// Copies raw bytes (native endianness, already in the slot's dtype) into slot `i`.
+    ///
+    /// # Errors
+    /// [`OffloadError::SlotIndex`] or [`OffloadError::SizeMismatch`].
+    pub fn write_bytes(&mut self, i: usize, src: &[u8]) -> Result<(), OffloadError> {
+        self.check_len(i, src.len(), "bytes")?;
+        self.slot_mut(i).as_bytes_mut().copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Copies slot `i`'s raw bytes into `out`.
+    ///
+    /// # Errors
+    /// [`OffloadError::SlotIndex`] or [`OffloadError::SizeMismatch`].
+    pub fn read_bytes(&self, i: usize, out: &mut [u8]) -> Result<(), OffloadError> {
+        self.check_len(i, out.len(), "bytes")?;
+        out.copy_from_slice(self.slot(i).as_bytes());
+        Ok(())
+    }
+
+    /// Checks that `i` exists and that a copy of `got` `unit`s matches it.
+    fn check_len(&self, i: usize, got: usize, unit: &'static str) -> Result<(), OffloadError> {
+        let s = self.slots.get(i).ok_or(OffloadError::SlotIndex {
+            index: i,
+            len: self.slots.len(),
+        })?;
+        let expected = if unit == "bytes" {
+            s.bytes
+        } else {
+            s.spec.numel
+        };
+        if got == expected {
+            Ok(())
+        } else {
+            Err(OffloadError::SizeMismatch {
+                slot: s.spec.name.clone(),
+                expected,
+                got,
+                unit,
+            })
+        }
+    }
+
+    /// Checks that every index is in range and none repeats.
+    fn check_distinct(&self, idx: &[usize]) -> Result<(), OffloadError> {
+        let mut seen = vec![false; self.slots.len()];
+        for &i in idx {
+            let flag = seen.get_mut(i).ok_or(OffloadError::SlotIndex {
+                index: i,
+                len: self.slots.len(),
+            })?;
+            if std::mem::replace(flag, true) {
+                return Err(OffloadError::SlotRepeated { index: i });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writable view of slot `i` from a shared reference.
+    ///
+    /// # Safety
+    /// For the lifetime of the result no other view (shared or writable) of slot `i` may
+    /// exist. Views of other slots may: slots never overlap.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    unsafe fn view_mut(&self, i: usize) -> HostSliceMut<'_> {
+        let s = &self.slots[i];
+        let n = s.spec.numel;
+        if s.bytes == 0 {
+            return match s.spec.dtype {
+                StorageDtype::F32 => HostSliceMut::F32(&mut []),
+                StorageDtype::BF16 => HostSliceMut::BF16(&mut []),
+                StorageDtype::F16 => HostSliceMut::F16(&mut []),
+            };
+        }
+        // SAFETY: as in `slot` for validity and alignment; exclusivity is the caller's
+        // obligation. The memory is owned by the arena / mapping, not by `self.slots`, so
+        // writing through the pointer does not alias the `&self` borrow of the slot table.
+        unsafe {
+            match s.spec.dtype {
+                StorageDtype::F32 => {
+                    HostSliceMut::F32(std::slice::from_raw_parts_mut(s.ptr.cast(), n))
+                }
+                StorageDtype::BF16 => {
+                    HostSliceMut::BF16(std::slice::from_raw_parts_mut(s.ptr.cast::<bf16>(), n))
+                }
+                StorageDtype::F16 => {
+                    HostSliceMut::F16(std::slice::from_raw_parts_mut(s.ptr.cast::<f16>(), n))
+                }
+            }
+        }
+    }
+}
+
+/// A [`CounterpartBuffer`] shared between threads (cheap to clone), with one reader-writer
+/// lock per slot: copy jobs on different streams work on different slots at the same time,
+/// and a slot is never read while it is written.
+#[derive(Clone)]
+pub struct SharedCounterpartBuffer {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    buf: CounterpartBuffer,
+    locks: Vec<RwLock<()>>,
+}
+
+/// Shared access to one slot; the slot cannot be written while this lives.
+pub struct SlotReadGuard<'a> {
+    _lock: RwLockReadGuard<'a, ()>,
+    slice: HostSlice<'a>,
+}
+
+/// Exclusive access to one slot; nothing else reads or writes it while this lives.
+pub struct SlotWriteGuard<'a> {
+    _lock: RwLockWriteGuard<'a, ()>,
+    slice: HostSliceMut<'a>,
+}
+
+impl SlotReadGuard<'_> {
+    /// The slot's contents.
+    pub fn slice(&self) -> HostSlice<'_> {
+        self.slice
+    }
+}
+
+impl SlotWriteGuard<'_> {
+    /// The slot's contents, read-only.
+    pub fn slice(&self) -> HostSlice<'_> {
+        self.slice.as_slice()
+    }
+
+    /// The slot's contents, writable.
+    pub fn slice_mut(&mut self) -> HostSliceMut<'_> {
+        self.slice.reborrow()
+    }
+}
+
+impl fmt::Debug for SharedCounterpartBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SharedCounterpartBuffer")
+            .field(&self.inner.buf)
+            .finish()
+    }
+}
+
+impl SharedCounterpartBuffer {
+    /// Puts `buf` behind per-slot locks.
+    pub fn new(buf: CounterpartBuffer) -> Self {
+        let locks = (0..buf.len()).map(|_| RwLock::new(())).collect();
+        SharedCounterpartBuffer {
+            inner: Arc::new(Shared { buf, locks }),
+        }
+    }
+
+    /// Gives the buffer back when this is the last handle, else returns the handle.
+    pub fn try_unwrap(self) -> Result<CounterpartBuffer, Self> {
+        Arc::try_unwrap(self.inner)
+            .map(|s| s.buf)
+            .map_err(|inner| SharedCounterpartBuffer { inner })
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.inner.buf.len()
+    }
+
+    /// Whether the buffer has no slots.
+    pub fn is_empty(&self) -> bool {
+        self.inner.buf.is_empty()
+    }
+
+    /// The spec slot `i` was allocated with.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn spec(&self, i: usize) -> &SlotSpec {
+        self.inner.buf.spec(i)
+    }
+
+    /// Locks slot `i` for reading (blocks while it is being written).
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn read(&self, i: usize) -> SlotReadGuard<'_> {
+        let lock = self.inner.locks[i].read();
+        SlotReadGuard {
+            _lock: lock,
+            slice: self.inner.buf.slot(i),
+        }
+    }
+
+    /// Locks slot `i` for writing (blocks while it is read or written elsewhere).
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn write(&self, i: usize) -> SlotWriteGuard<'_> {
+        let lock = self.inner.locks[i].write();
+        // SAFETY: the write lock of slot `i` is held for as long as the view lives (both are
+        // in the guard), and every view of slot `i` made through this type holds that lock;
+        // `inner.buf` itself is never handed out, so no unlocked view exists.
+        let slice = unsafe { self.inner.buf.view_mut(i) };
+        SlotWriteGuard { _lock: lock, slice }
+    }
+
+    /// Locks several distinct slots for writing, in ascending index order (so two callers
+    /// never deadlock on each other), and returns the guards in the order of `idx`.
+    /// Do not call it while holding a guard of this buffer.
+    ///
+    /// # Errors
+    /// [`OffloadError::SlotIndex`] or [`OffloadError::SlotRepeated`].
+    pub fn write_many(&self, idx: &[usize]) -> Result<Vec<SlotWriteGuard<'_>>, OffloadError> {
+        self.inner.buf.check_distinct(idx)?;
+        let mut order: Vec<usize> = (0..idx.len()).collect();
+        order.sort_unstable_by_key(|&k| idx[k]);
+        let mut guards: Vec<Option<SlotWriteGuard<'_>>> = idx.iter().map(|_| None).collect();
+        for k in order {
+            guards[k] = Some(self.write(idx[k]));
+        }
+        Ok(guards.into_iter().flatten().collect())
+    }
+}

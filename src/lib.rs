@@ -14,6 +14,7 @@ pub mod data;
 pub mod ldt;
 pub mod metrics;
 pub mod model;
+pub mod offload;
 pub mod optim;
 pub mod plot;
 pub mod rng;

@@ -12,6 +12,7 @@
 //! - [`CopyEngine`]: ordered copy streams with fences (the host analogue of CUDA streams and
 //!   events), and [`StagingArea`], a bounded byte budget that makes large swaps go in chunks.
 
+pub mod backend;
 mod buffer;
 mod convert;
 mod ema;

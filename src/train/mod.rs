@@ -5,19 +5,20 @@ pub mod dual;
 pub mod erm;
 pub mod eval;
 pub mod run;
+pub mod single;
 pub mod step;
 
 pub use run::{RunContext, Summary};
 
-use crate::config::Method;
+use crate::config::{Method, Placement};
 use anyhow::Result;
 
 /// Runs the configured method in `ctx` and writes the summary.
 pub fn run_method(ctx: &mut RunContext) -> Result<()> {
     match ctx.cfg.train.method {
         Method::Erm | Method::LpFt => erm::train(ctx)?,
-        Method::Ldt | Method::Deft => dual::train(ctx)?,
-        m => anyhow::bail!("method `{}` is not available yet", m.name()),
+        Method::Ldt | Method::Deft if ctx.cfg.ldt.placement == Placement::Resident => dual::train(ctx)?,
+        Method::Ldt | Method::Deft | Method::LdtS => single::train(ctx)?,
     }
     ctx.write_summary()
 }

@@ -1,0 +1,461 @@
+//! One live network over the counterpart buffer: `ldt-s` (phases P and A alternate over
+//! time) and the dual branch in `swap` placement (a P and an A half-step every step).
+//!
+//! Per layer the buffer holds one weight slot (the copy that is not live: in phase P the
+//! AM copy, `A^U` or `~A^S`; in phase A the PM copy) and the optimizer-state slots of
+//! that layer's trained copy while its branch is parked. A phase change swaps every
+//! layer's live tensor with its slot in place and moves optimizer state out and in.
+//! Folds into parked counterparts run asynchronously on the backend and are fenced
+//! before the live source changes (the next optimizer step) and before any swap.
+
+use super::erm::Meter;
+use super::step::{apply, gradients};
+use super::RunContext;
+use crate::config::{Method, Placement};
+use crate::data::HostBatch;
+use crate::ldt::partition::Partition;
+use crate::ldt::stage1;
+use crate::metrics::Progress;
+use crate::model::{io, Mode, NetState};
+use crate::offload::backend::{Backend, CpuBackend};
+use crate::offload::{CounterpartBuffer, Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StorageDtype};
+use crate::optim::{schedule, LayerState, OptimSettings, Optimizer};
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Which branch is live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// PM: trains the stable set, unstable set frozen.
+    P,
+    /// AM: trains the unstable set, stable set frozen.
+    A,
+}
+
+/// Bytes by category, for the memory report.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct MemoryReport {
+    /// Live weights.
+    pub live_weights: u64,
+    /// Gradients of the trained set (peak over phases).
+    pub gradients: u64,
+    /// Live optimizer state (peak over phases).
+    pub optimizer: u64,
+    /// Counterpart buffer in host RAM.
+    pub counterparts_ram: u64,
+    /// Counterpart buffer in the file tier.
+    pub counterparts_file: u64,
+    /// Staging area (0 on the CPU backend: swaps exchange each layer in place).
+    pub staging: u64,
+    /// Peak of live weights + gradients + optimizer state + staging.
+    pub live_peak: u64,
+}
+
+/// The single live network and everything parked.
+pub struct SingleLive {
+    /// The live network's weights (and, for `ldt-s`, the one set of buffers).
+    pub live: NetState,
+    /// Which branch is live.
+    pub phase: Phase,
+    /// Optimizer of PM (state live only in phase P).
+    pub opt_p: Optimizer,
+    /// Optimizer of AM (state live only in phase A).
+    pub opt_a: Optimizer,
+    /// Per-branch buffers of the parked branch (dual swap only; `ldt-s` shares one set).
+    parked_buffers: Option<Vec<Tensor>>,
+    partition: Partition,
+    buf: Arc<SharedCounterpartBuffer>,
+    buf_tiers: (u64, u64),
+    backend: Box<dyn Backend>,
+    pending: Vec<Fence>,
+    parked_state: Vec<Option<(u64, bool, bool)>>,
+    weight_slot: Vec<usize>,
+    m_slot: Vec<usize>,
+    v_slot: Vec<usize>,
+}
+
+impl SingleLive {
+    /// Starts in phase P from `start` (both branches begin equal, so the parked AM copy
+    /// is a copy of `start`).
+    pub fn new(
+        start: NetState,
+        partition: Partition,
+        settings: OptimSettings,
+        offload: &OffloadConfig,
+        per_branch_buffers: bool,
+        names: &[String],
+    ) -> Result<Self> {
+        let n = start.params.len();
+        let mut specs = Vec::new();
+        let (mut weight_slot, mut m_slot, mut v_slot) = (Vec::new(), Vec::new(), Vec::new());
+        let with_m = settings.betas[0] > 0.0 || settings.momentum > 0.0;
+        for (i, p) in start.params.iter().enumerate() {
+            let numel = p.as_tensor().elem_count();
+            weight_slot.push(specs.len());
+            specs.push(SlotSpec { name: format!("{}:weight", names[i]), numel, dtype: StorageDtype::F32 });
+            m_slot.push(specs.len());
+            if with_m {
+                specs.push(SlotSpec { name: format!("{}:m", names[i]), numel, dtype: StorageDtype::F32 });
+            }
+            v_slot.push(specs.len());
+            specs.push(SlotSpec { name: format!("{}:v", names[i]), numel, dtype: StorageDtype::F32 });
+        }
+        let buf = CounterpartBuffer::allocate(&specs, offload).map_err(|e| anyhow::anyhow!("counterpart buffer: {e}"))?;
+        let buf_tiers = (buf.bytes_in_ram(), buf.bytes_in_file());
+        let buf = Arc::new(SharedCounterpartBuffer::new(buf));
+        let backend: Box<dyn Backend> = Box::new(CpuBackend::new(offload.threads));
+        for (i, p) in start.params.iter().enumerate() {
+            backend.store(p.as_tensor(), &buf, weight_slot[i])?;
+        }
+        let parked_buffers = if per_branch_buffers {
+            Some(start.buffers.iter().map(|t| t.copy()).collect::<candle_core::Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        Ok(SingleLive {
+            live: start,
+            phase: Phase::P,
+            opt_p: Optimizer::new(settings.clone(), n),
+            opt_a: Optimizer::new(settings, n),
+            parked_buffers,
+            partition,
+            buf,
+            buf_tiers,
+            backend,
+            pending: Vec::new(),
+            parked_state: vec![None; n],
+            weight_slot,
+            m_slot,
+            v_slot,
+        })
+    }
+
+    /// Trainable mask of the live branch.
+    fn mask(&self) -> Vec<bool> {
+        match self.phase {
+            Phase::P => self.partition.stable_mask(),
+            Phase::A => self.partition.unstable_mask(),
+        }
+    }
+
+    /// Waits for every fold in flight.
+    pub fn sync(&mut self) -> Result<()> {
+        for f in self.pending.drain(..) {
+            f.wait().map_err(|e| anyhow::anyhow!("counterpart fold failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step of the live branch on `(x, y)`.
+    pub fn half_step(&mut self, ctx: &RunContext, x: &Tensor, y: &Tensor, lrs: &[f64]) -> Result<super::step::StepStats> {
+        let mask = self.mask();
+        let (stats, grads) = gradients(ctx.net.as_ref(), &mut self.live, &mask, x, y, Mode::Train)?;
+        // A fold still reading the live trained set must finish before the update.
+        self.sync()?;
+        let opt = match self.phase {
+            Phase::P => &mut self.opt_p,
+            Phase::A => &mut self.opt_a,
+        };
+        apply(opt, &self.live, &grads, lrs)?;
+        Ok(stats)
+    }
+
+    /// The DPU fold of `branch`'s trained set into the other branch's frozen copy.
+    pub fn fold(&mut self, branch: Phase) -> Result<()> {
+        let trains = |i: usize| self.partition.is_stable(i) == (branch == Phase::P);
+        let mut jobs = Vec::new();
+        for (i, l) in self.partition.layers.iter().enumerate() {
+            if !trains(i) {
+                continue;
+            }
+            let live = self.live.params[i].as_tensor();
+            if branch == self.phase {
+                // Source live, destination (the other branch's frozen copy) parked.
+                jobs.push((self.weight_slot[i], live.clone(), l.coefficient));
+            } else {
+                // Source parked, destination (the live branch's frozen copy) live.
+                self.backend.fold_into_live(live, &self.buf, self.weight_slot[i], l.coefficient)?;
+            }
+        }
+        if !jobs.is_empty() {
+            self.pending.push(self.backend.fold_into_slots(&self.buf, jobs));
+        }
+        Ok(())
+    }
+
+    /// Makes `phase` live: swaps every layer with its slot, parks the outgoing branch's
+    /// optimizer state and brings the incoming one's back.
+    pub fn switch_to(&mut self, phase: Phase) -> Result<()> {
+        if phase == self.phase {
+            return Ok(());
+        }
+        self.sync()?;
+        for (i, p) in self.live.params.iter().enumerate() {
+            self.backend.swap(p.as_tensor(), &self.buf, self.weight_slot[i])?;
+        }
+        let (out_opt, in_opt) = match self.phase {
+            Phase::P => (&mut self.opt_p, &mut self.opt_a),
+            Phase::A => (&mut self.opt_a, &mut self.opt_p),
+        };
+        for i in 0..self.live.params.len() {
+            if let Some(st) = out_opt.take_state(i) {
+                if let Some(m) = &st.m {
+                    self.backend.store(m, &self.buf, self.m_slot[i])?;
+                }
+                if let Some(v) = &st.v {
+                    self.backend.store(v, &self.buf, self.v_slot[i])?;
+                }
+                self.parked_state[i] = Some((st.step, st.m.is_some(), st.v.is_some()));
+            } else if let Some((step, has_m, has_v)) = self.parked_state[i].take() {
+                let shape = self.live.params[i].as_tensor().dims().to_vec();
+                let m = if has_m { Some(self.backend.load(&self.buf, self.m_slot[i], &shape)?) } else { None };
+                let v = if has_v { Some(self.backend.load(&self.buf, self.v_slot[i], &shape)?) } else { None };
+                in_opt.put_state(i, Some(LayerState { step, m, v }));
+            }
+        }
+        if let Some(pb) = &mut self.parked_buffers {
+            std::mem::swap(pb, &mut self.live.buffers);
+        }
+        self.phase = phase;
+        Ok(())
+    }
+
+    /// Weights of `branch` (PM or AM) as detached tensors, wherever they live.
+    pub fn branch_params(&mut self, branch: Phase) -> Result<Vec<Tensor>> {
+        self.sync()?;
+        self.live
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if branch == self.phase {
+                    Ok(p.as_tensor().copy()?)
+                } else {
+                    self.backend.load(&self.buf, self.weight_slot[i], p.as_tensor().dims())
+                }
+            })
+            .collect()
+    }
+
+    /// Buffers of `branch`.
+    pub fn branch_buffers(&self, branch: Phase) -> Vec<Tensor> {
+        match &self.parked_buffers {
+            Some(pb) if branch != self.phase => pb.clone(),
+            _ => self.live.buffers.clone(),
+        }
+    }
+
+    /// The composite: stable layers from AM's copy, unstable from PM's, buffers from PM.
+    pub fn composite(&mut self) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let pm = self.branch_params(Phase::P)?;
+        let am = self.branch_params(Phase::A)?;
+        let params = (0..pm.len())
+            .map(|i| if self.partition.is_stable(i) { am[i].clone() } else { pm[i].clone() })
+            .collect();
+        Ok((params, self.branch_buffers(Phase::P)))
+    }
+
+    /// The memory report: live bytes at the peak phase (the larger trained set holds
+    /// gradients and optimizer state), counterpart bytes by tier.
+    pub fn memory(&self) -> MemoryReport {
+        let bytes = |mask: Vec<bool>| -> u64 {
+            self.live.params.iter().zip(mask).filter(|(_, m)| *m).map(|(p, _)| 4 * p.as_tensor().elem_count() as u64).sum()
+        };
+        let w: u64 = self.live.params.iter().map(|p| 4 * p.as_tensor().elem_count() as u64).sum();
+        let (s, u) = (bytes(self.partition.stable_mask()), bytes(self.partition.unstable_mask()));
+        let per_elem_state = if self.opt_p.settings().betas[0] > 0.0 || self.opt_p.settings().momentum > 0.0 { 2 } else { 1 };
+        let trained = s.max(u);
+        let g = trained;
+        let o = per_elem_state * trained;
+        MemoryReport {
+            live_weights: w,
+            gradients: g,
+            optimizer: o,
+            counterparts_ram: self.buf_tiers.0,
+            counterparts_file: self.buf_tiers.1,
+            staging: 0,
+            live_peak: w + g + o,
+        }
+    }
+}
+
+/// Offload settings from the config.
+pub fn offload_config(ctx: &RunContext) -> OffloadConfig {
+    let o = &ctx.cfg.offload;
+    OffloadConfig { host_budget_bytes: o.host_bytes, file_path: o.path.clone(), staging_bytes: o.staging_bytes, threads: o.threads }
+}
+
+/// Runs `ldt-s`, or the dual branch in swap placement.
+pub fn train(ctx: &mut RunContext) -> Result<()> {
+    let cfg = ctx.cfg.clone();
+    let dual = cfg.train.method != Method::LdtS;
+    if dual && cfg.ldt.placement != Placement::Swap {
+        bail!("internal: resident placement runs in train::dual");
+    }
+    let repeat = dual || cfg.ldt_s.repeat_batch;
+    if !dual && repeat && cfg.ldt_s.p_steps != cfg.ldt_s.a_steps {
+        bail!("config key `ldt_s.repeat_batch`: phase A replays phase P's batches, so `ldt_s.p_steps` must equal `ldt_s.a_steps`");
+    }
+    let mut start = ctx.initial_state()?;
+    let partition = stage1::run(ctx, &mut start)?;
+    super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
+    let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
+    let base = schedule::layer_lrs(&cfg.optim, &names);
+    let mut m = SingleLive::new(start, partition, OptimSettings::from(&cfg.optim), &offload_config(ctx), dual, &names)
+        .context("setting up the counterpart buffer")?;
+    let mem = m.memory();
+    let (p_len, a_len) = if dual { (1, 1) } else { (cfg.ldt_s.p_steps, cfg.ldt_s.a_steps) };
+    // Batches: one per step; in repeat mode one per P step, replayed by A.
+    let mut loader = ctx.loader(ctx.train_order()?, cfg.train.steps)?;
+    let progress = Progress::new(cfg.train.method.name(), cfg.train.steps, cfg.train.log_every);
+    let mut meter = Meter::default();
+    let (mut n_p, mut n_a) = (0usize, 0usize);
+    let mut replay: Vec<HostBatch> = Vec::new();
+    let t0 = Instant::now();
+    let mut step = 0usize;
+    let ema = cfg.ldt.ema_every;
+    while step < cfg.train.steps {
+        if repeat {
+            // P phase of `p_len` batches, then A replays them; a "step" is one batch.
+            let k = p_len.min(cfg.train.steps - step);
+            replay.clear();
+            if dual && m.phase == Phase::A {
+                // Swap placement alternates the order of the half-steps to swap once per step.
+                let hb = loader.next_batch()?;
+                let (x, y) = ctx.tensors(&hb)?;
+                let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps)).collect();
+                let sa = m.half_step(ctx, &x, &y, &lrs)?;
+                m.switch_to(Phase::P)?;
+                let sp = m.half_step(ctx, &x, &y, &lrs)?;
+                meter.add(&sp);
+                step += 1;
+                n_p += 1;
+                n_a += 1;
+                if n_p % ema == 0 {
+                    m.fold(Phase::P)?;
+                    m.fold(Phase::A)?;
+                }
+                after_step(ctx, &mut m, step, &cfg, &progress, &mut meter, sp.loss, sa.loss)?;
+                continue;
+            }
+            m.switch_to(Phase::P)?;
+            let mut p_losses = Vec::new();
+            for j in 0..k {
+                let hb = loader.next_batch()?;
+                let (x, y) = ctx.tensors(&hb)?;
+                let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step + j + 1, cfg.train.steps)).collect();
+                let s = m.half_step(ctx, &x, &y, &lrs)?;
+                meter.add(&s);
+                p_losses.push(s.loss);
+                replay.push(hb);
+            }
+            m.switch_to(Phase::A)?;
+            for (j, hb) in replay.iter().enumerate() {
+                let (x, y) = ctx.tensors(hb)?;
+                let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps)).collect();
+                let sa = m.half_step(ctx, &x, &y, &lrs)?;
+                step += 1;
+                n_p += 1;
+                n_a += 1;
+                // Both folds of a step after its A half-step, as the dual branch does.
+                if n_p % ema == 0 {
+                    m.fold(Phase::P)?;
+                    m.fold(Phase::A)?;
+                }
+                after_step(ctx, &mut m, step, &cfg, &progress, &mut meter, p_losses[j], sa.loss)?;
+            }
+        } else {
+            for (phase, len) in [(Phase::P, p_len), (Phase::A, a_len)] {
+                m.switch_to(phase)?;
+                for _ in 0..len.min(cfg.train.steps - step) {
+                    let hb = loader.next_batch()?;
+                    let (x, y) = ctx.tensors(&hb)?;
+                    let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps)).collect();
+                    let s = m.half_step(ctx, &x, &y, &lrs)?;
+                    meter.add(&s);
+                    step += 1;
+                    let n = match phase {
+                        Phase::P => {
+                            n_p += 1;
+                            n_p
+                        }
+                        Phase::A => {
+                            n_a += 1;
+                            n_a
+                        }
+                    };
+                    if n % ema == 0 {
+                        m.fold(phase)?;
+                    }
+                    let (lp, la) = if phase == Phase::P { (s.loss, f32::NAN) } else { (f32::NAN, s.loss) };
+                    after_step(ctx, &mut m, step, &cfg, &progress, &mut meter, lp, la)?;
+                }
+            }
+        }
+    }
+    progress.finish();
+    m.sync()?;
+    let train_secs = t0.elapsed().as_secs_f64();
+    let net = ctx.net.as_ref();
+    let (pm, am) = (m.branch_params(Phase::P)?, m.branch_params(Phase::A)?);
+    let named = |p: &[Tensor], b: &[Tensor]| -> Vec<(String, Tensor)> {
+        net.params().iter().map(|s| s.name.clone()).zip(p.iter().cloned())
+            .chain(net.buffers().iter().map(|s| s.name.clone()).zip(b.iter().cloned()))
+            .collect()
+    };
+    io::save_tensors(&named(&pm, &m.branch_buffers(Phase::P)), &ctx.dir.join("pm.safetensors"))?;
+    io::save_tensors(&named(&am, &m.branch_buffers(Phase::A)), &ctx.dir.join("am.safetensors"))?;
+    let (cp, cb) = m.composite()?;
+    io::save_tensors(&named(&cp, &cb), &ctx.dir.join("composite.safetensors"))?;
+    let r = ctx.evaluate(&cp, &cb)?;
+    ctx.log_eval(cfg.train.steps, "composite", &r)?;
+    ctx.summary.eval.insert("composite".into(), r);
+    for (name, p, b) in [("pm", &pm, m.branch_buffers(Phase::P)), ("am", &am, m.branch_buffers(Phase::A))] {
+        let r = ctx.evaluate(p, &b)?;
+        ctx.log_eval(cfg.train.steps, name, &r)?;
+        ctx.summary.eval.insert(name.into(), r);
+    }
+    ctx.summary.extra.insert("train_seconds".into(), json!(train_secs));
+    ctx.summary.extra.insert("ms_per_step".into(), json!(1e3 * train_secs / cfg.train.steps as f64));
+    ctx.summary.extra.insert("memory".into(), serde_json::to_value(mem)?);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn after_step(
+    ctx: &mut RunContext,
+    m: &mut SingleLive,
+    step: usize,
+    cfg: &crate::config::Config,
+    progress: &Progress,
+    meter: &mut Meter,
+    loss_p: f32,
+    loss_a: f32,
+) -> Result<()> {
+    let f = |x: f32| if x.is_finite() { json!(x) } else { json!(null) };
+    ctx.metrics.write(json!({"kind": "train", "stage": "train", "step": step, "phase": format!("{:?}", m.phase),
+        "loss_pm": f(loss_p), "loss_am": f(loss_a)}))?;
+    if step % cfg.train.log_every == 0 || step == cfg.train.steps {
+        progress.update(step, &meter.take().0);
+    }
+    if cfg.snapshots.at_steps.contains(&step) {
+        let net = ctx.net.as_ref();
+        for (tag, ph) in [("pm", Phase::P), ("am", Phase::A)] {
+            let p = m.branch_params(ph)?;
+            let b = m.branch_buffers(ph);
+            let named: Vec<(String, Tensor)> = net.params().iter().map(|s| s.name.clone()).zip(p)
+                .chain(net.buffers().iter().map(|s| s.name.clone()).zip(b)).collect();
+            io::save_tensors(&named, &ctx.dir.join(format!("step{step}_{tag}.safetensors")))?;
+        }
+    }
+    if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
+        let (cp, cb) = m.composite()?;
+        let r = ctx.evaluate(&cp, &cb)?;
+        progress.println(&format!("eval @{step}: composite {}", r.line()));
+        ctx.log_eval(step, "composite", &r)?;
+    }
+    Ok(())
+}

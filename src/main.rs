@@ -41,6 +41,52 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Stage 1 alone: warm-up, statistics, partition report (partition.json, .svg, .png).
+    Stats {
+        /// TOML config.
+        config: PathBuf,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Run directory (default: runs/<config name>-stats).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run several methods over several seeds and print one comparison table.
+    Compare {
+        /// TOML config shared by every run.
+        config: PathBuf,
+        /// Comma-separated methods: erm, lp-ft, deft, ldt, ldt-s.
+        #[arg(long, default_value = "erm,lp-ft,deft,ldt")]
+        methods: String,
+        /// Comma-separated seeds.
+        #[arg(long, default_value = "0,1,2")]
+        seeds: String,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Directory for the runs and the table (default: runs/<config name>-compare).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Redraw partition.svg / partition.png of a run directory.
+    Plot {
+        /// Run directory.
+        dir: PathBuf,
+    },
+    /// Side-by-side step time and memory of erm / ldt resident / ldt swap / ldt-s, and
+    /// EMA throughput against memcpy.
+    Bench {
+        /// Steps per cnn run (the 11.6M-parameter mlp runs a fifth of it).
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// CPU threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Directory for the benchmark runs.
+        #[arg(long, default_value = "runs/bench")]
+        out: PathBuf,
+    },
     /// Print version, device, threads and allocator.
     Info,
 }
@@ -74,6 +120,9 @@ fn train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
     for (name, r) in &ctx.summary.eval {
         println!("{name:>10}: {}", r.line());
     }
+    if let Some(m) = ctx.summary.extra.get("memory") {
+        println!("memory (bytes): {m}");
+    }
     println!("outputs in {}", dir.display());
     Ok(())
 }
@@ -88,6 +137,38 @@ fn eval(config: &Path, weights: &Path, set: &[String]) -> Result<()> {
     let r = ldt::train::eval::evaluate(net.as_ref(), &state.frozen_view(), &state.buffers, &bench, cfg.eval.batch_size, &device)?;
     println!("{}", r.line());
     println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
+fn stats(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
+    let cfg = load(config, set).map_err(|e| e.0)?;
+    ldt::init_threads(cfg.threads);
+    let dir = out.unwrap_or_else(|| PathBuf::from(format!("{}-stats", default_out(config).display())));
+    let mut ctx = RunContext::open(cfg, &dir)?;
+    let mut state = ctx.initial_state()?;
+    let p = ldt::ldt::stage1::run(&mut ctx, &mut state)?;
+    println!("{:<40} {:>10} {:>12} {:>9} {:>10}", "layer", "numel", "score", "set", "w");
+    for l in &p.layers {
+        println!("{:<40} {:>10} {:>12.4e} {:>9} {:>10.6}", l.name, l.numel, l.score, format!("{:?}", l.set).to_lowercase(), l.coefficient);
+    }
+    ldt::train::report::draw(&dir)?;
+    println!("partition report in {}", dir.join("partition.json").display());
+    Ok(())
+}
+
+fn compare(config: &Path, methods: &str, seeds: &str, set: &[String], out: Option<PathBuf>) -> Result<()> {
+    let cfg = load(config, set).map_err(|e| e.0)?;
+    ldt::init_threads(cfg.threads);
+    let methods = methods.split(',').map(|m| ldt::config::Method::parse(m.trim())).collect::<Result<Vec<_>>>()?;
+    let seeds = seeds
+        .split(',')
+        .map(|s| s.trim().parse::<u64>().with_context(|| format!("--seeds: `{s}` is not a number")))
+        .collect::<Result<Vec<_>>>()?;
+    let dir = out.unwrap_or_else(|| PathBuf::from(format!("{}-compare", default_out(config).display())));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let md = ldt::train::compare::compare(&cfg, &methods, &seeds, &dir)?;
+    println!("{md}");
+    println!("table in {} and {}", dir.join("compare.md").display(), dir.join("compare.csv").display());
     Ok(())
 }
 
@@ -112,6 +193,23 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
             Ok(_) => Ok(eval(&config, &weights, &set)),
         },
+        Cmd::Stats { config, set, out } => match load(&config, &set) {
+            Err(e) => Err(e),
+            Ok(_) => Ok(stats(&config, &set, out)),
+        },
+        Cmd::Compare { config, methods, seeds, set, out } => match load(&config, &set) {
+            Err(e) => Err(e),
+            Ok(_) => Ok(compare(&config, &methods, &seeds, &set, out)),
+        },
+        Cmd::Plot { dir } => Ok(ldt::train::report::draw(&dir)),
+        Cmd::Bench { steps, threads, out } => Ok((|| -> Result<()> {
+            ldt::init_threads(threads);
+            let t = if threads == 0 { candle_core::utils::get_num_threads() } else { threads };
+            let md = ldt::bench::run(&out, steps, t)?;
+            println!("{md}");
+            std::fs::write(out.join("bench.md"), &md)?;
+            Ok(())
+        })()),
         Cmd::Info => {
             info();
             Ok(Ok(()))

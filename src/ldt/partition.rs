@@ -30,6 +30,7 @@ pub struct LayerReport {
     /// Gradient statistics (absent for the `names` criterion without statistics).
     pub stats: Option<LayerStats>,
     /// The value sorted by the criterion.
+    #[serde(with = "super::stats::non_finite")]
     pub score: f64,
     /// Set.
     pub set: Set,

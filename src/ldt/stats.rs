@@ -20,13 +20,55 @@ pub struct LayerAccumulator {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerStats {
     /// Unbiased variance of all entries of the stacked gradients (`torch.var(torch.stack(g))`).
+    #[serde(with = "non_finite")]
     pub var: f64,
     /// Per-element unbiased variance across batches, averaged over the layer.
+    #[serde(with = "non_finite")]
     pub var_cross: f64,
     /// Mean of all entries of the stacked gradients.
+    #[serde(with = "non_finite")]
     pub mean: f64,
-    /// `var / |mean|`.
+    /// `var / |mean|` (infinite when the mean is exactly 0).
+    #[serde(with = "non_finite")]
     pub var_over_mean: f64,
+}
+
+/// JSON has no NaN or infinity: they are written as the strings "NaN", "inf", "-inf"
+/// and read back, so a partition report always round-trips.
+pub mod non_finite {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes finite values as numbers, others as strings.
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if x.is_finite() {
+            s.serialize_f64(*x)
+        } else if x.is_nan() {
+            s.serialize_str("NaN")
+        } else if *x > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+
+    /// Reads a number or one of the strings.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum V {
+            N(f64),
+            S(String),
+        }
+        match V::deserialize(d)? {
+            V::N(x) => Ok(x),
+            V::S(s) => match s.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!("expected a number, got `{other}`"))),
+            },
+        }
+    }
 }
 
 impl LayerAccumulator {

@@ -110,6 +110,10 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     io::save_state(net, &am.state, &ctx.dir.join("am.safetensors"))?;
     io::save_tensors(&composite::named(net, &partition, &pm.state, &am.state), &ctx.dir.join("composite.safetensors"))?;
     evaluate(ctx, cfg.train.steps, &partition, &pm.state, &am.state, true)?;
+    let numel = |m: &[bool]| -> u64 { ctx.net.params().iter().zip(m).filter(|(_, t)| **t).map(|(s, _)| s.numel() as u64).sum() };
+    let (s, u) = (numel(&pm.mask), numel(&am.mask));
+    let mem = super::memory::report(super::memory::Layout::Resident, s + u, s, u, super::memory::state_tensors(pm.opt.settings()), (0, 0));
+    ctx.summary.extra.insert("memory".into(), serde_json::to_value(mem)?);
     ctx.summary.extra.insert("train_seconds".into(), json!(train_secs));
     ctx.summary.extra.insert("ms_per_step".into(), json!(1e3 * train_secs / cfg.train.steps as f64));
     Ok(())

@@ -138,6 +138,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let r = ctx.evaluate(&state.frozen_view(), &state.buffers)?;
     ctx.log_eval(cfg.train.steps, "model", &r)?;
     ctx.summary.eval.insert("model".into(), r);
+    let total = ctx.net.numel() as u64;
+    let mem = super::memory::report(super::memory::Layout::Full, total, total, 0, super::memory::state_tensors(opt.settings()), (0, 0));
+    ctx.summary.extra.insert("memory".into(), serde_json::to_value(mem)?);
     ctx.summary.extra.insert("train_seconds".into(), json!(train_secs));
     ctx.summary
         .extra

@@ -1,9 +1,12 @@
 //! Training loops: ERM and LP-FT, the dual branch (`ldt`, `deft`) and the single
 //! branch (`ldt-s`), over one shared run context.
 
+pub mod compare;
 pub mod dual;
 pub mod erm;
 pub mod eval;
+pub mod memory;
+pub mod report;
 pub mod run;
 pub mod single;
 pub mod step;
@@ -19,6 +22,9 @@ pub fn run_method(ctx: &mut RunContext) -> Result<()> {
         Method::Erm | Method::LpFt => erm::train(ctx)?,
         Method::Ldt | Method::Deft if ctx.cfg.ldt.placement == Placement::Resident => dual::train(ctx)?,
         Method::Ldt | Method::Deft | Method::LdtS => single::train(ctx)?,
+    }
+    if ctx.dir.join("partition.json").exists() {
+        report::draw(&ctx.dir)?;
     }
     ctx.write_summary()
 }

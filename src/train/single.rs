@@ -9,6 +9,7 @@
 //! before the live source changes (the next optimizer step) and before any swap.
 
 use super::erm::Meter;
+use super::memory::{Layout, MemoryReport};
 use super::step::{apply, gradients};
 use super::RunContext;
 use crate::config::{Method, Placement};
@@ -33,25 +34,6 @@ pub enum Phase {
     P,
     /// AM: trains the unstable set, stable set frozen.
     A,
-}
-
-/// Bytes by category, for the memory report.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct MemoryReport {
-    /// Live weights.
-    pub live_weights: u64,
-    /// Gradients of the trained set (peak over phases).
-    pub gradients: u64,
-    /// Live optimizer state (peak over phases).
-    pub optimizer: u64,
-    /// Counterpart buffer in host RAM.
-    pub counterparts_ram: u64,
-    /// Counterpart buffer in the file tier.
-    pub counterparts_file: u64,
-    /// Staging area (0 on the CPU backend: swaps exchange each layer in place).
-    pub staging: u64,
-    /// Peak of live weights + gradients + optimizer state + staging.
-    pub live_peak: u64,
 }
 
 /// The single live network and everything parked.
@@ -258,27 +240,14 @@ impl SingleLive {
         Ok((params, self.branch_buffers(Phase::P)))
     }
 
-    /// The memory report: live bytes at the peak phase (the larger trained set holds
-    /// gradients and optimizer state), counterpart bytes by tier.
+    /// The memory report of this placement.
     pub fn memory(&self) -> MemoryReport {
-        let bytes = |mask: Vec<bool>| -> u64 {
-            self.live.params.iter().zip(mask).filter(|(_, m)| *m).map(|(p, _)| 4 * p.as_tensor().elem_count() as u64).sum()
+        let numel = |mask: Vec<bool>| -> u64 {
+            self.live.params.iter().zip(mask).filter(|(_, m)| *m).map(|(p, _)| p.as_tensor().elem_count() as u64).sum()
         };
-        let w: u64 = self.live.params.iter().map(|p| 4 * p.as_tensor().elem_count() as u64).sum();
-        let (s, u) = (bytes(self.partition.stable_mask()), bytes(self.partition.unstable_mask()));
-        let per_elem_state = if self.opt_p.settings().betas[0] > 0.0 || self.opt_p.settings().momentum > 0.0 { 2 } else { 1 };
-        let trained = s.max(u);
-        let g = trained;
-        let o = per_elem_state * trained;
-        MemoryReport {
-            live_weights: w,
-            gradients: g,
-            optimizer: o,
-            counterparts_ram: self.buf_tiers.0,
-            counterparts_file: self.buf_tiers.1,
-            staging: 0,
-            live_peak: w + g + o,
-        }
+        let (s, u) = (numel(self.partition.stable_mask()), numel(self.partition.unstable_mask()));
+        let k = super::memory::state_tensors(self.opt_p.settings());
+        super::memory::report(Layout::Single, s + u, s, u, k, self.buf_tiers)
     }
 }
 

@@ -1,0 +1,93 @@
+//! `ldt bench`: side-by-side step time and live memory of erm, ldt (resident and swap)
+//! and ldt-s on the bundled data, for the small `cnn` and a >10M-parameter `mlp`, plus
+//! the host EMA throughput against a plain memcpy of the same bytes. Ratios come from
+//! runs made one after the other in the same process, on the same data.
+
+use crate::config::{Config, Method, Placement};
+use crate::offload::{fused_ema, EmaTask, HostSlice, HostSliceMut};
+use crate::train::{run_method, RunContext};
+use anyhow::Result;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+fn variant(base: &Config, method: Method, placement: Placement) -> Config {
+    let mut c = base.clone();
+    c.train.method = method;
+    c.ldt.placement = placement;
+    c
+}
+
+/// Runs the benchmark in `dir` and returns the markdown tables.
+pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
+    let mut out = String::new();
+    let mut base = Config::default();
+    base.threads = threads;
+    base.optim.lr = 1e-3;
+    base.stage1.stat_batches = 4;
+    base.train.log_every = steps.max(1);
+    base.ldt_s.p_steps = 50;
+    base.ldt_s.a_steps = 50;
+    let models: [(&str, Vec<usize>, usize); 2] = [("cnn", vec![], steps), ("mlp", vec![4096, 2048], (steps / 5).max(10))];
+    writeln!(out, "| model | params | method | ms/step | x erm | live peak MiB | x erm |\n|---|---|---|---|---|---|---|")?;
+    for (arch, hidden, n) in models {
+        let mut b = base.clone();
+        b.model.arch = arch.into();
+        if !hidden.is_empty() {
+            b.model.hidden = hidden;
+        }
+        b.train.steps = n;
+        let mut erm = (0.0, 0.0);
+        for (label, m, p) in [
+            ("erm", Method::Erm, Placement::Resident),
+            ("ldt resident", Method::Ldt, Placement::Resident),
+            ("ldt swap", Method::Ldt, Placement::Swap),
+            ("ldt-s 50/50", Method::LdtS, Placement::Resident),
+        ] {
+            let cfg = variant(&b, m, p);
+            let mut ctx = RunContext::open(cfg, &dir.join(format!("{arch}-{}", label.replace([' ', '/'], "-"))))?;
+            run_method(&mut ctx)?;
+            let ms = ctx.summary.extra["ms_per_step"].as_f64().unwrap_or(f64::NAN);
+            let peak = ctx.summary.extra["memory"]["live_peak"].as_f64().unwrap_or(f64::NAN);
+            if m == Method::Erm {
+                erm = (ms, peak);
+            }
+            writeln!(
+                out,
+                "| {arch} | {:.2}M | {label} | {ms:.2} | {:.2} | {:.1} | {:.2} |",
+                ctx.net.numel() as f64 / 1e6,
+                ms / erm.0,
+                peak / (1 << 20) as f64,
+                peak / erm.1
+            )?;
+        }
+    }
+    writeln!(out, "\n(ldt steps are a PM and an AM step on the same batch: compare ldt with 2x erm; ldt-s steps are one phase step each)\n")?;
+    writeln!(out, "| host EMA, f32 | GB/s (read+write) | memcpy GB/s | EMA / memcpy |\n|---|---|---|---|")?;
+    let n = 16 << 20;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.5f32; n];
+    let best = |f: &mut dyn FnMut()| {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let bytes = (3 * 4 * n) as f64;
+    let ema_t = best(&mut || fused_ema(&mut [EmaTask { dst: HostSliceMut::F32(&mut dst), src: HostSlice::F32(&src), w: 0.99 }], threads.max(1)));
+    let copy_t = best(&mut || dst.copy_from_slice(&src));
+    let copy_bytes = (2 * 4 * n) as f64;
+    writeln!(
+        out,
+        "| {} MiB, {} threads | {:.1} | {:.1} | {:.2} |",
+        4 * n >> 20,
+        threads.max(1),
+        bytes / ema_t / 1e9,
+        copy_bytes / copy_t / 1e9,
+        (bytes / ema_t) / (copy_bytes / copy_t)
+    )?;
+    Ok(out)
+}

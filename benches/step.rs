@@ -11,16 +11,25 @@ use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    println!("{:<8} {:>10} {:>12} {:>12}", "model", "ms/step", "ms forward", "ms fwd+bwd");
+    println!(
+        "{:<8} {:>10} {:>12} {:>12}",
+        "model", "ms/step", "ms forward", "ms fwd+bwd"
+    );
     for arch in ["mlp", "cnn", "cnn_bn"] {
-        let cfg = ModelConfig { arch: arch.into(), ..Default::default() };
+        let cfg = ModelConfig {
+            arch: arch.into(),
+            ..Default::default()
+        };
         let net = build(&cfg, [1, 28, 28], 10)?;
         let mut rng = Rng::new(0, 0);
         let mut state = NetState::init(net.as_ref(), &mut rng, &dev)?;
         let x = Tensor::from_vec(rng.uniform_vec(32 * 784, 0.0, 1.0), (32, 1, 28, 28), &dev)?;
         let y = Tensor::from_vec((0..32).map(|i| i % 10).collect::<Vec<i64>>(), 32, &dev)?;
         let all = vec![true; net.params().len()];
-        let mut opt = Optimizer::new(OptimSettings::from(&ldt::config::OptimConfig::default()), all.len());
+        let mut opt = Optimizer::new(
+            OptimSettings::from(&ldt::config::OptimConfig::default()),
+            all.len(),
+        );
         let lrs = vec![1e-4; all.len()];
         let iters = 30;
         let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {

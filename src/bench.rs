@@ -21,14 +21,19 @@ fn variant(base: &Config, method: Method, placement: Placement) -> Config {
 /// Runs the benchmark in `dir` and returns the markdown tables.
 pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
     let mut out = String::new();
-    let mut base = Config::default();
-    base.threads = threads;
+    let mut base = Config {
+        threads,
+        ..Default::default()
+    };
     base.optim.lr = 1e-3;
     base.stage1.stat_batches = 4;
     base.train.log_every = steps.max(1);
     base.ldt_s.p_steps = 50;
     base.ldt_s.a_steps = 50;
-    let models: [(&str, Vec<usize>, usize); 2] = [("cnn", vec![], steps), ("mlp", vec![4096, 2048], (steps / 5).max(10))];
+    let models: [(&str, Vec<usize>, usize); 2] = [
+        ("cnn", vec![], steps),
+        ("mlp", vec![4096, 2048], (steps / 5).max(10)),
+    ];
     writeln!(out, "| model | params | method | ms/step | x erm | live peak MiB | x erm |\n|---|---|---|---|---|---|---|")?;
     for (arch, hidden, n) in models {
         let mut b = base.clone();
@@ -45,10 +50,17 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
             ("ldt-s 50/50", Method::LdtS, Placement::Resident),
         ] {
             let cfg = variant(&b, m, p);
-            let mut ctx = RunContext::open(cfg, &dir.join(format!("{arch}-{}", label.replace([' ', '/'], "-"))))?;
+            let mut ctx = RunContext::open(
+                cfg,
+                &dir.join(format!("{arch}-{}", label.replace([' ', '/'], "-"))),
+            )?;
             run_method(&mut ctx)?;
-            let ms = ctx.summary.extra["ms_per_step"].as_f64().unwrap_or(f64::NAN);
-            let peak = ctx.summary.extra["memory"]["live_peak"].as_f64().unwrap_or(f64::NAN);
+            let ms = ctx.summary.extra["ms_per_step"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
+            let peak = ctx.summary.extra["memory"]["live_peak"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
             if m == Method::Erm {
                 erm = (ms, peak);
             }
@@ -63,7 +75,10 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
         }
     }
     writeln!(out, "\n(ldt steps are a PM and an AM step on the same batch: compare ldt with 2x erm; ldt-s steps are one phase step each)\n")?;
-    writeln!(out, "| host EMA, f32 | GB/s (read+write) | memcpy GB/s | EMA / memcpy |\n|---|---|---|---|")?;
+    writeln!(
+        out,
+        "| host EMA, f32 | GB/s (read+write) | memcpy GB/s | EMA / memcpy |\n|---|---|---|---|"
+    )?;
     let n = 16 << 20;
     let src = vec![1.0f32; n];
     let mut dst = vec![0.5f32; n];
@@ -77,13 +92,22 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
             .fold(f64::MAX, f64::min)
     };
     let bytes = (3 * 4 * n) as f64;
-    let ema_t = best(&mut || fused_ema(&mut [EmaTask { dst: HostSliceMut::F32(&mut dst), src: HostSlice::F32(&src), w: 0.99 }], threads.max(1)));
+    let ema_t = best(&mut || {
+        fused_ema(
+            &mut [EmaTask {
+                dst: HostSliceMut::F32(&mut dst),
+                src: HostSlice::F32(&src),
+                w: 0.99,
+            }],
+            threads.max(1),
+        )
+    });
     let copy_t = best(&mut || dst.copy_from_slice(&src));
     let copy_bytes = (2 * 4 * n) as f64;
     writeln!(
         out,
         "| {} MiB, {} threads | {:.1} | {:.1} | {:.2} |",
-        4 * n >> 20,
+        (4 * n) >> 20,
         threads.max(1),
         bytes / ema_t / 1e9,
         copy_bytes / copy_t / 1e9,

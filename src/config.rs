@@ -487,7 +487,8 @@ impl Config {
     pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
-        let _: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
+        let _: Config =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
@@ -512,21 +513,53 @@ impl Config {
         }
         let c = self;
         check(c.train.steps >= 1, "train.steps", "must be at least 1")?;
-        check(c.train.batch_size >= 1, "train.batch_size", "must be at least 1")?;
-        check(c.train.log_every >= 1, "train.log_every", "must be at least 1")?;
-        check(c.optim.lr > 0.0 && c.optim.lr.is_finite(), "optim.lr", "must be a positive number")?;
+        check(
+            c.train.batch_size >= 1,
+            "train.batch_size",
+            "must be at least 1",
+        )?;
+        check(
+            c.train.log_every >= 1,
+            "train.log_every",
+            "must be at least 1",
+        )?;
+        check(
+            c.optim.lr > 0.0 && c.optim.lr.is_finite(),
+            "optim.lr",
+            "must be a positive number",
+        )?;
         for (i, b) in c.optim.betas.iter().enumerate() {
-            check((0.0..1.0).contains(b), &format!("optim.betas[{i}]"), "must be in [0, 1)")?;
+            check(
+                (0.0..1.0).contains(b),
+                &format!("optim.betas[{i}]"),
+                "must be in [0, 1)",
+            )?;
         }
         check(c.optim.eps > 0.0, "optim.eps", "must be positive")?;
-        check(c.optim.weight_decay >= 0.0, "optim.weight_decay", "must be >= 0")?;
-        check((0.0..1.0).contains(&c.optim.momentum), "optim.momentum", "must be in [0, 1)")?;
+        check(
+            c.optim.weight_decay >= 0.0,
+            "optim.weight_decay",
+            "must be >= 0",
+        )?;
+        check(
+            (0.0..1.0).contains(&c.optim.momentum),
+            "optim.momentum",
+            "must be in [0, 1)",
+        )?;
         for g in &c.optim.groups {
             check(g.lr > 0.0, "optim.groups.lr", "must be positive")?;
         }
-        check(c.stage1.warmup_lr > 0.0, "stage1.warmup_lr", "must be positive")?;
+        check(
+            c.stage1.warmup_lr > 0.0,
+            "stage1.warmup_lr",
+            "must be positive",
+        )?;
         for (i, b) in c.stage1.warmup_betas.iter().enumerate() {
-            check((0.0..1.0).contains(b), &format!("stage1.warmup_betas[{i}]"), "must be in [0, 1)")?;
+            check(
+                (0.0..1.0).contains(b),
+                &format!("stage1.warmup_betas[{i}]"),
+                "must be in [0, 1)",
+            )?;
         }
         check(
             c.stage1.split_fraction > 0.0 && c.stage1.split_fraction < 1.0,
@@ -538,7 +571,11 @@ impl Config {
             "stage1.stat_batches",
             "must be at least 2: a variance needs two batches",
         )?;
-        check(c.stage1.stat_batch_size >= 1, "stage1.stat_batch_size", "must be at least 1")?;
+        check(
+            c.stage1.stat_batch_size >= 1,
+            "stage1.stat_batch_size",
+            "must be at least 1",
+        )?;
         check(
             (0.0..=1.0).contains(&c.stage1.unstable_ratio),
             "stage1.unstable_ratio",
@@ -549,18 +586,33 @@ impl Config {
             ("ldt.fixed_w", c.ldt.fixed_w),
             ("ldt.stable_base", c.ldt.stable_base),
             ("ldt.unstable_base", c.ldt.unstable_base),
-            ("ldt.stable_base + ldt.stable_slope", c.ldt.stable_base + c.ldt.stable_slope),
+            (
+                "ldt.stable_base + ldt.stable_slope",
+                c.ldt.stable_base + c.ldt.stable_slope,
+            ),
             (
                 "ldt.unstable_base + ldt.unstable_slope",
                 c.ldt.unstable_base + c.ldt.unstable_slope,
             ),
         ] {
-            check((0.0..=1.0).contains(&v), k, "EMA coefficients must lie in [0, 1]")?;
+            check(
+                (0.0..=1.0).contains(&v),
+                k,
+                "EMA coefficients must lie in [0, 1]",
+            )?;
         }
         check(c.ldt_s.p_steps >= 1, "ldt_s.p_steps", "must be at least 1")?;
         check(c.ldt_s.a_steps >= 1, "ldt_s.a_steps", "must be at least 1")?;
-        check(c.offload.threads >= 1, "offload.threads", "must be at least 1")?;
-        check(c.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")?;
+        check(
+            c.offload.threads >= 1,
+            "offload.threads",
+            "must be at least 1",
+        )?;
+        check(
+            c.eval.batch_size >= 1,
+            "eval.batch_size",
+            "must be at least 1",
+        )?;
         check(c.data.prefetch >= 1, "data.prefetch", "must be at least 1")?;
         check(
             c.device == "cpu" || c.device.starts_with("cuda"),
@@ -622,8 +674,12 @@ mod tests {
 
     #[test]
     fn overrides_apply_and_unknown_keys_fail() {
-        let c = Config::from_toml("", "t", &["train.steps=7".into(), "train.method=ldt".into()])
-            .unwrap();
+        let c = Config::from_toml(
+            "",
+            "t",
+            &["train.steps=7".into(), "train.method=ldt".into()],
+        )
+        .unwrap();
         assert_eq!(c.train.steps, 7);
         assert_eq!(c.train.method, Method::Ldt);
         let e = Config::from_toml("", "t", &["train.stepz=7".into()]).unwrap_err();

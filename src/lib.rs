@@ -39,6 +39,9 @@ pub fn device(cfg: &config::Config) -> Result<candle_core::Device> {
 pub fn init_threads(threads: usize) {
     if threads > 0 {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .ok();
     }
 }

@@ -132,9 +132,20 @@ fn eval(config: &Path, weights: &Path, set: &[String]) -> Result<()> {
     ldt::init_threads(cfg.threads);
     let device = ldt::device(&cfg)?;
     let bench = ldt::data::Benchmark::open(&cfg.data.manifest)?;
-    let net = ldt::model::build(&cfg.model, bench.manifest.image_shape, bench.manifest.num_classes)?;
+    let net = ldt::model::build(
+        &cfg.model,
+        bench.manifest.image_shape,
+        bench.manifest.num_classes,
+    )?;
     let state = ldt::model::io::load_state(net.as_ref(), weights, &device).context("--weights")?;
-    let r = ldt::train::eval::evaluate(net.as_ref(), &state.frozen_view(), &state.buffers, &bench, cfg.eval.batch_size, &device)?;
+    let r = ldt::train::eval::evaluate(
+        net.as_ref(),
+        &state.frozen_view(),
+        &state.buffers,
+        &bench,
+        cfg.eval.batch_size,
+        &device,
+    )?;
     println!("{}", r.line());
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
@@ -143,32 +154,64 @@ fn eval(config: &Path, weights: &Path, set: &[String]) -> Result<()> {
 fn stats(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
     let cfg = load(config, set).map_err(|e| e.0)?;
     ldt::init_threads(cfg.threads);
-    let dir = out.unwrap_or_else(|| PathBuf::from(format!("{}-stats", default_out(config).display())));
+    let dir =
+        out.unwrap_or_else(|| PathBuf::from(format!("{}-stats", default_out(config).display())));
     let mut ctx = RunContext::open(cfg, &dir)?;
     let mut state = ctx.initial_state()?;
     let p = ldt::ldt::stage1::run(&mut ctx, &mut state)?;
-    println!("{:<40} {:>10} {:>12} {:>9} {:>10}", "layer", "numel", "score", "set", "w");
+    println!(
+        "{:<40} {:>10} {:>12} {:>9} {:>10}",
+        "layer", "numel", "score", "set", "w"
+    );
     for l in &p.layers {
-        println!("{:<40} {:>10} {:>12.4e} {:>9} {:>10.6}", l.name, l.numel, l.score, format!("{:?}", l.set).to_lowercase(), l.coefficient);
+        println!(
+            "{:<40} {:>10} {:>12.4e} {:>9} {:>10.6}",
+            l.name,
+            l.numel,
+            l.score,
+            format!("{:?}", l.set).to_lowercase(),
+            l.coefficient
+        );
     }
     ldt::train::report::draw(&dir)?;
-    println!("partition report in {}", dir.join("partition.json").display());
+    println!(
+        "partition report in {}",
+        dir.join("partition.json").display()
+    );
     Ok(())
 }
 
-fn compare(config: &Path, methods: &str, seeds: &str, set: &[String], out: Option<PathBuf>) -> Result<()> {
+fn compare(
+    config: &Path,
+    methods: &str,
+    seeds: &str,
+    set: &[String],
+    out: Option<PathBuf>,
+) -> Result<()> {
     let cfg = load(config, set).map_err(|e| e.0)?;
     ldt::init_threads(cfg.threads);
-    let methods = methods.split(',').map(|m| ldt::config::Method::parse(m.trim())).collect::<Result<Vec<_>>>()?;
+    let methods = methods
+        .split(',')
+        .map(|m| ldt::config::Method::parse(m.trim()))
+        .collect::<Result<Vec<_>>>()?;
     let seeds = seeds
         .split(',')
-        .map(|s| s.trim().parse::<u64>().with_context(|| format!("--seeds: `{s}` is not a number")))
+        .map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .with_context(|| format!("--seeds: `{s}` is not a number"))
+        })
         .collect::<Result<Vec<_>>>()?;
-    let dir = out.unwrap_or_else(|| PathBuf::from(format!("{}-compare", default_out(config).display())));
+    let dir =
+        out.unwrap_or_else(|| PathBuf::from(format!("{}-compare", default_out(config).display())));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let md = ldt::train::compare::compare(&cfg, &methods, &seeds, &dir)?;
     println!("{md}");
-    println!("table in {} and {}", dir.join("compare.md").display(), dir.join("compare.csv").display());
+    println!(
+        "table in {} and {}",
+        dir.join("compare.md").display(),
+        dir.join("compare.csv").display()
+    );
     Ok(())
 }
 
@@ -177,19 +220,26 @@ fn info() {
     println!("device: cpu (build without the `cuda` feature)");
     println!("threads: {}", candle_core::utils::get_num_threads());
     println!("allocator: mimalloc");
-    println!("simd: avx {} neon {} f16c {}", candle_core::utils::with_avx(), candle_core::utils::with_neon(), candle_core::utils::with_f16c());
+    println!(
+        "simd: avx {} neon {} f16c {}",
+        candle_core::utils::with_avx(),
+        candle_core::utils::with_neon(),
+        candle_core::utils::with_f16c()
+    );
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Train { config, set, out } => {
-            match load(&config, &set) {
-                Err(e) => Err(e),
-                Ok(_) => Ok(train(&config, &set, out)),
-            }
-        }
-        Cmd::Eval { config, weights, set } => match load(&config, &set) {
+        Cmd::Train { config, set, out } => match load(&config, &set) {
+            Err(e) => Err(e),
+            Ok(_) => Ok(train(&config, &set, out)),
+        },
+        Cmd::Eval {
+            config,
+            weights,
+            set,
+        } => match load(&config, &set) {
             Err(e) => Err(e),
             Ok(_) => Ok(eval(&config, &weights, &set)),
         },
@@ -197,14 +247,28 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
             Ok(_) => Ok(stats(&config, &set, out)),
         },
-        Cmd::Compare { config, methods, seeds, set, out } => match load(&config, &set) {
+        Cmd::Compare {
+            config,
+            methods,
+            seeds,
+            set,
+            out,
+        } => match load(&config, &set) {
             Err(e) => Err(e),
             Ok(_) => Ok(compare(&config, &methods, &seeds, &set, out)),
         },
         Cmd::Plot { dir } => Ok(ldt::train::report::draw(&dir)),
-        Cmd::Bench { steps, threads, out } => Ok((|| -> Result<()> {
+        Cmd::Bench {
+            steps,
+            threads,
+            out,
+        } => Ok((|| -> Result<()> {
             ldt::init_threads(threads);
-            let t = if threads == 0 { candle_core::utils::get_num_threads() } else { threads };
+            let t = if threads == 0 {
+                candle_core::utils::get_num_threads()
+            } else {
+                threads
+            };
             let md = ldt::bench::run(&out, steps, t)?;
             println!("{md}");
             std::fs::write(out.join("bench.md"), &md)?;

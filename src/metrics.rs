@@ -17,7 +17,9 @@ impl MetricsLog {
     /// Creates (truncates) `path`.
     pub fn create(path: &Path) -> Result<Self> {
         let f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(MetricsLog { out: BufWriter::new(f) })
+        Ok(MetricsLog {
+            out: BufWriter::new(f),
+        })
     }
 
     /// Writes one record and flushes, so a killed run keeps every line it wrote.
@@ -44,14 +46,21 @@ impl Progress {
         let bar = std::io::stdout().is_terminal().then(|| {
             let b = ProgressBar::new(total as u64);
             b.set_style(
-                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             );
             b.set_prefix(label.to_string());
             b
         });
-        Progress { bar, label: label.to_string(), total, log_every }
+        Progress {
+            bar,
+            label: label.to_string(),
+            total,
+            log_every,
+        }
     }
 
     /// Reports step `step` (1-based) with a status message.
@@ -62,7 +71,7 @@ impl Progress {
                 b.set_message(msg.to_string());
             }
             None => {
-                if step % self.log_every == 0 || step == self.total {
+                if step.is_multiple_of(self.log_every) || step == self.total {
                     println!("{} {step}/{} {msg}", self.label, self.total);
                 }
             }

@@ -29,27 +29,68 @@ at_steps = [7]
 
 fn outputs(arch: &str, extra: &[&str]) -> tempfile::TempDir {
     let toml = BASE.replace("ARCH", arch);
-    let man = format!("data.manifest=\"{}\"", root().join("data/rotmnist5k/manifest.json").display());
+    let man = format!(
+        "data.manifest=\"{}\"",
+        root().join("data/rotmnist5k/manifest.json").display()
+    );
     let mut ov = vec![man.as_str()];
     ov.extend_from_slice(extra);
     run(&toml, &ov).0
 }
 
 fn same(a: &tempfile::TempDir, b: &tempfile::TempDir, what: &str) {
-    for f in ["pm.safetensors", "am.safetensors", "composite.safetensors", "step7_pm.safetensors", "step7_am.safetensors"] {
-        assert!(identical(&a.path().join(f), &b.path().join(f)), "{what}: {f} differs");
+    for f in [
+        "pm.safetensors",
+        "am.safetensors",
+        "composite.safetensors",
+        "step7_pm.safetensors",
+        "step7_am.safetensors",
+    ] {
+        assert!(
+            identical(&a.path().join(f), &b.path().join(f)),
+            "{what}: {f} differs"
+        );
     }
 }
 
 fn check(arch: &str) {
     let resident = outputs(arch, &[]);
     let swap = outputs(arch, &["ldt.placement=\"swap\""]);
-    same(&resident, &swap, &format!("{arch}: swap placement vs resident"));
-    let single = outputs(arch, &["train.method=\"ldt-s\"", "ldt_s.p_steps=1", "ldt_s.a_steps=1", "ldt_s.repeat_batch=true"]);
-    same(&resident, &single, &format!("{arch}: ldt-s (1/1, repeat) vs resident dual"));
+    same(
+        &resident,
+        &swap,
+        &format!("{arch}: swap placement vs resident"),
+    );
+    let single = outputs(
+        arch,
+        &[
+            "train.method=\"ldt-s\"",
+            "ldt_s.p_steps=1",
+            "ldt_s.a_steps=1",
+            "ldt_s.repeat_batch=true",
+        ],
+    );
+    same(
+        &resident,
+        &single,
+        &format!("{arch}: ldt-s (1/1, repeat) vs resident dual"),
+    );
     let dir = tempfile::tempdir().unwrap();
-    let spill = format!("offload.path=\"{}\"", dir.path().join("counterparts.bin").display());
-    let file = outputs(arch, &["train.method=\"ldt-s\"", "ldt_s.p_steps=1", "ldt_s.a_steps=1", "ldt_s.repeat_batch=true", "offload.host_bytes=1024", &spill]);
+    let spill = format!(
+        "offload.path=\"{}\"",
+        dir.path().join("counterparts.bin").display()
+    );
+    let file = outputs(
+        arch,
+        &[
+            "train.method=\"ldt-s\"",
+            "ldt_s.p_steps=1",
+            "ldt_s.a_steps=1",
+            "ldt_s.repeat_batch=true",
+            "offload.host_bytes=1024",
+            &spill,
+        ],
+    );
     same(&single, &file, &format!("{arch}: file-backed tier vs RAM"));
 }
 

@@ -30,11 +30,16 @@ impl Split {
     /// `labels` i64 [N]; shapes as the manifest says, labels in range, pixels finite.
     pub fn open(path: &Path, expect_n: usize, shape: [usize; 3], classes: usize) -> Result<Split> {
         let p = path.display();
-        let file = std::fs::File::open(path).with_context(|| format!("cannot open data file {p}"))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open data file {p}"))?;
         // SAFETY: the file is opened read-only and not modified while mapped.
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map data file {p}"))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| anyhow::anyhow!("data file {p} is not a valid safetensors file ({e}); truncated or corrupt?"))?;
+        let mmap =
+            unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map data file {p}"))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+            anyhow::anyhow!(
+                "data file {p} is not a valid safetensors file ({e}); truncated or corrupt?"
+            )
+        })?;
         let images = st
             .tensor("images")
             .map_err(|_| anyhow::anyhow!("data file {p} has no tensor `images`"))?;
@@ -43,7 +48,10 @@ impl Split {
             .map_err(|_| anyhow::anyhow!("data file {p} has no tensor `labels`"))?;
         let want = [expect_n, shape[0], shape[1], shape[2]];
         if images.shape() != want {
-            bail!("data file {p}: tensor `images` has shape {:?}, the manifest says {want:?}", images.shape());
+            bail!(
+                "data file {p}: tensor `images` has shape {:?}, the manifest says {want:?}",
+                images.shape()
+            );
         }
         let pixels = match images.dtype() {
             Dtype::F32 => Pixels::F32,
@@ -62,7 +70,11 @@ impl Split {
             .chunks_exact(8)
             .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
             .collect();
-        if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l as usize >= classes) {
+        if let Some((i, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l < 0 || l as usize >= classes)
+        {
             bail!("data file {p}: label {l} at index {i} is outside 0..{classes} (manifest `num_classes`)");
         }
         let offset = images.data().as_ptr() as usize - mmap.as_ptr() as usize;
@@ -79,7 +91,14 @@ impl Split {
                 );
             }
         }
-        Ok(Split { path: path.to_path_buf(), mmap, offset, pixels, image_len, labels })
+        Ok(Split {
+            path: path.to_path_buf(),
+            mmap,
+            offset,
+            pixels,
+            image_len,
+            labels,
+        })
     }
 
     /// Number of examples.
@@ -108,11 +127,19 @@ impl Split {
             Pixels::F32 => {
                 let a = self.offset + i * self.image_len * 4;
                 let bytes = &self.mmap[a..a + self.image_len * 4];
-                out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))));
+                out.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+                );
             }
             Pixels::U8 => {
                 let a = self.offset + i * self.image_len;
-                out.extend(self.mmap[a..a + self.image_len].iter().map(|&b| b as f32 / 255.0));
+                out.extend(
+                    self.mmap[a..a + self.image_len]
+                        .iter()
+                        .map(|&b| b as f32 / 255.0),
+                );
             }
         }
     }
@@ -146,9 +173,17 @@ impl Benchmark {
         for d in &manifest.domains {
             let open = |e: &super::manifest::SplitEntry| -> Result<Arc<Split>> {
                 let f = manifest.dir.join(&e.file);
-                Ok(Arc::new(Split::open(&f, e.n, manifest.image_shape, manifest.num_classes).with_context(
-                    || format!("domain `{}` of manifest {}", d.name, manifest.path.display()),
-                )?))
+                Ok(Arc::new(
+                    Split::open(&f, e.n, manifest.image_shape, manifest.num_classes).with_context(
+                        || {
+                            format!(
+                                "domain `{}` of manifest {}",
+                                d.name,
+                                manifest.path.display()
+                            )
+                        },
+                    )?,
+                ))
             };
             domains.push(Domain {
                 name: d.name.clone(),
@@ -189,7 +224,11 @@ impl Pool {
             starts.push(len);
             len += s.len();
         }
-        Pool { splits, starts, len }
+        Pool {
+            splits,
+            starts,
+            len,
+        }
     }
 
     /// Total examples.
@@ -208,7 +247,10 @@ impl Pool {
         let mut labels = Vec::with_capacity(indices.len());
         for &g in indices {
             if g >= self.len {
-                bail!("example index {g} is outside the {} source training examples", self.len);
+                bail!(
+                    "example index {g} is outside the {} source training examples",
+                    self.len
+                );
             }
             let k = self.starts.partition_point(|&s| s <= g) - 1;
             let local = g - self.starts[k];

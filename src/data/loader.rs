@@ -60,7 +60,13 @@ pub enum BatchOrder {
 impl BatchOrder {
     /// Seeded shuffling over `indices`.
     pub fn shuffle(indices: Vec<usize>, batch: usize, rng: Rng) -> Self {
-        BatchOrder::Shuffle { indices, batch, rng, perm: Vec::new(), pos: 0 }
+        BatchOrder::Shuffle {
+            indices,
+            batch,
+            rng,
+            perm: Vec::new(),
+            pos: 0,
+        }
     }
 
     /// A fixed schedule.
@@ -80,7 +86,13 @@ impl BatchOrder {
     pub fn next_batch(&mut self) -> Option<Vec<usize>> {
         match self {
             BatchOrder::Fixed(b) => b.pop_front(),
-            BatchOrder::Shuffle { indices, batch, rng, perm, pos } => {
+            BatchOrder::Shuffle {
+                indices,
+                batch,
+                rng,
+                perm,
+                pos,
+            } => {
                 if indices.is_empty() {
                     return None;
                 }
@@ -108,7 +120,13 @@ pub struct Loader {
 impl Loader {
     /// Starts the prefetch thread. A fixed order with fewer than `count` batches is an
     /// error here, before any training.
-    pub fn spawn(pool: Pool, mut order: BatchOrder, count: usize, image_len: usize, depth: usize) -> Result<Loader> {
+    pub fn spawn(
+        pool: Pool,
+        mut order: BatchOrder,
+        count: usize,
+        image_len: usize,
+        depth: usize,
+    ) -> Result<Loader> {
         if let Some(r) = order.remaining() {
             if r < count {
                 bail!("the batch schedule holds {r} batches but the run needs {count}; lower the step count or use a longer schedule");
@@ -143,9 +161,17 @@ impl Loader {
 }
 
 /// Reads an i64 tensor of a schedule file and checks its rank.
-fn read_i64(st: &SafeTensors<'_>, path: &Path, key: &str, rank: usize) -> Result<(Vec<usize>, Vec<i64>)> {
+fn read_i64(
+    st: &SafeTensors<'_>,
+    path: &Path,
+    key: &str,
+    rank: usize,
+) -> Result<(Vec<usize>, Vec<i64>)> {
     let t = st.tensor(key).map_err(|_| {
-        anyhow::anyhow!("schedule file {} has no tensor `{key}` (set `data.schedule_key`)", path.display())
+        anyhow::anyhow!(
+            "schedule file {} has no tensor `{key}` (set `data.schedule_key`)",
+            path.display()
+        )
     })?;
     if t.dtype() != Dtype::I64 || t.shape().len() != rank {
         bail!(
@@ -165,20 +191,32 @@ fn read_i64(st: &SafeTensors<'_>, path: &Path, key: &str, rank: usize) -> Result
 
 fn to_index(path: &Path, key: &str, v: i64) -> Result<usize> {
     if v < 0 {
-        bail!("schedule file {}: tensor `{key}` holds a negative index {v}", path.display());
+        bail!(
+            "schedule file {}: tensor `{key}` holds a negative index {v}",
+            path.display()
+        );
     }
     Ok(v as usize)
 }
 
 fn open_schedule(path: &Path) -> Result<memmap2::Mmap> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open schedule file {} (`data.schedule`)", path.display()))?;
+    let f = std::fs::File::open(path).with_context(|| {
+        format!(
+            "cannot open schedule file {} (`data.schedule`)",
+            path.display()
+        )
+    })?;
     // SAFETY: read-only mapping of a file nobody modifies during the run.
     unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))
 }
 
 fn parse<'a>(path: &Path, m: &'a memmap2::Mmap) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(m)
-        .map_err(|e| anyhow::anyhow!("schedule file {} is not a valid safetensors file ({e})", path.display()))
+    SafeTensors::deserialize(m).map_err(|e| {
+        anyhow::anyhow!(
+            "schedule file {} is not a valid safetensors file ({e})",
+            path.display()
+        )
+    })
 }
 
 /// Batches `[S, B]` from tensor `key` of a schedule file.
@@ -203,9 +241,17 @@ pub fn read_ragged(path: &Path, indices_key: &str, sizes_key: &str) -> Result<Ve
     for &s in &sizes {
         let s = to_index(path, sizes_key, s)?;
         if pos + s > idx.len() {
-            bail!("schedule file {}: `{sizes_key}` sums past the length of `{indices_key}`", path.display());
+            bail!(
+                "schedule file {}: `{sizes_key}` sums past the length of `{indices_key}`",
+                path.display()
+            );
         }
-        out.push(idx[pos..pos + s].iter().map(|&x| to_index(path, indices_key, x)).collect::<Result<_>>()?);
+        out.push(
+            idx[pos..pos + s]
+                .iter()
+                .map(|&x| to_index(path, indices_key, x))
+                .collect::<Result<_>>()?,
+        );
         pos += s;
     }
     Ok(out)

@@ -71,30 +71,49 @@ impl Manifest {
     /// non-empty splits, positive classes and image shape.
     pub fn load(path: &Path) -> Result<Manifest> {
         let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read manifest {} (set `data.manifest`)", path.display())
+            format!(
+                "cannot read manifest {} (set `data.manifest`)",
+                path.display()
+            )
         })?;
-        let mut m: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("manifest {} is not a valid dg-benchmark/v1 JSON", path.display()))?;
+        let mut m: Manifest = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "manifest {} is not a valid dg-benchmark/v1 JSON",
+                path.display()
+            )
+        })?;
         m.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         m.path = path.to_path_buf();
         let p = path.display();
         if m.format != "dg-benchmark/v1" {
-            bail!("manifest {p}: field `format` is `{}`, expected `dg-benchmark/v1`", m.format);
+            bail!(
+                "manifest {p}: field `format` is `{}`, expected `dg-benchmark/v1`",
+                m.format
+            );
         }
         if m.num_classes < 2 {
             bail!("manifest {p}: field `num_classes` must be at least 2");
         }
         if m.image_shape.contains(&0) {
-            bail!("manifest {p}: field `image_shape` {:?} has a zero dimension", m.image_shape);
+            bail!(
+                "manifest {p}: field `image_shape` {:?} has a zero dimension",
+                m.image_shape
+            );
         }
         let mut seen = HashSet::new();
         for d in &m.domains {
             if !seen.insert(d.name.as_str()) {
-                bail!("manifest {p}: domain name `{}` appears twice; names must be unique", d.name);
+                bail!(
+                    "manifest {p}: domain name `{}` appears twice; names must be unique",
+                    d.name
+                );
             }
             for (s, e) in [("train", &d.splits.train), ("test", &d.splits.test)] {
                 if e.n == 0 {
-                    bail!("manifest {p}: domain `{}` has an empty {s} split (n = 0)", d.name);
+                    bail!(
+                        "manifest {p}: domain `{}` has an empty {s} split (n = 0)",
+                        d.name
+                    );
                 }
             }
         }

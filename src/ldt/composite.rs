@@ -10,19 +10,33 @@ use candle_core::Tensor;
 pub fn params(partition: &Partition, pm: &NetState, am: &NetState) -> Vec<Tensor> {
     (0..pm.params.len())
         .map(|i| {
-            let src = if partition.is_stable(i) { &am.params[i] } else { &pm.params[i] };
+            let src = if partition.is_stable(i) {
+                &am.params[i]
+            } else {
+                &pm.params[i]
+            };
             src.as_tensor().detach()
         })
         .collect()
 }
 
 /// The composite as named tensors (parameters then PM's buffers), for saving.
-pub fn named(net: &dyn Network, partition: &Partition, pm: &NetState, am: &NetState) -> Vec<(String, Tensor)> {
+pub fn named(
+    net: &dyn Network,
+    partition: &Partition,
+    pm: &NetState,
+    am: &NetState,
+) -> Vec<(String, Tensor)> {
     let p = params(partition, pm, am);
     net.params()
         .iter()
         .map(|s| s.name.clone())
         .zip(p)
-        .chain(net.buffers().iter().map(|b| b.name.clone()).zip(pm.buffers.iter().cloned()))
+        .chain(
+            net.buffers()
+                .iter()
+                .map(|b| b.name.clone())
+                .zip(pm.buffers.iter().cloned()),
+        )
         .collect()
 }

@@ -10,6 +10,15 @@ use candle_core::Tensor;
 /// Folds live tensor `src` into live tensor `dst` with coefficient `w`.
 pub fn fold(dst: &Tensor, src: &Tensor, w: f64) -> Result<()> {
     with_slice(src, |s| {
-        with_slice_mut(dst, |d| fused_ema(&mut [EmaTask { dst: HostSliceMut::F32(d), src: HostSlice::F32(s), w }], 1))
+        with_slice_mut(dst, |d| {
+            fused_ema(
+                &mut [EmaTask {
+                    dst: HostSliceMut::F32(d),
+                    src: HostSlice::F32(s),
+                    w,
+                }],
+                1,
+            )
+        })
     })?
 }

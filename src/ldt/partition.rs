@@ -44,6 +44,22 @@ pub struct LayerReport {
     pub coefficient: f64,
 }
 
+/// What a partition is ranked by: the criterion's per-layer scores (ascending = more
+/// stable) and where they came from.
+#[derive(Clone, Copy, Debug)]
+pub struct Ranking<'a> {
+    /// Criterion.
+    pub criterion: Criterion,
+    /// Requested unstable fraction.
+    pub unstable_ratio: f64,
+    /// Per-layer statistics, when a statistics pass ran.
+    pub stats: Option<&'a [LayerStats]>,
+    /// Per-layer scores in model order.
+    pub scores: &'a [f64],
+    /// Statistics batches used.
+    pub stat_batches: usize,
+}
+
 /// The result of stage 1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Partition {
@@ -84,15 +100,18 @@ impl Partition {
     /// sets as ascending index lists, and assigns the DPU coefficients.
     pub fn from_sets(
         net: &dyn Network,
-        criterion: Criterion,
-        unstable_ratio: f64,
-        stats: Option<&[LayerStats]>,
-        scores: &[f64],
+        src: &Ranking<'_>,
         stable: Vec<usize>,
         unstable: Vec<usize>,
         ldt: &LdtConfig,
-        stat_batches: usize,
     ) -> Partition {
+        let Ranking {
+            criterion,
+            unstable_ratio,
+            stats,
+            scores,
+            stat_batches,
+        } = *src;
         let order = ascending(scores);
         let mut rank = vec![0; scores.len()];
         for (r, &i) in order.iter().enumerate() {
@@ -101,7 +120,12 @@ impl Partition {
         let mut layers: Vec<Option<LayerReport>> = vec![None; scores.len()];
         for (set, members, base, slope) in [
             (Set::Stable, &stable, ldt.stable_base, ldt.stable_slope),
-            (Set::Unstable, &unstable, ldt.unstable_base, ldt.unstable_slope),
+            (
+                Set::Unstable,
+                &unstable,
+                ldt.unstable_base,
+                ldt.unstable_slope,
+            ),
         ] {
             for (k, &i) in members.iter().enumerate() {
                 let spec = &net.params()[i];
@@ -128,22 +152,18 @@ impl Partition {
             criterion,
             unstable_ratio,
             stat_batches,
-            layers: layers.into_iter().map(|l| l.expect("every layer is in one set")).collect(),
+            layers: layers
+                .into_iter()
+                .map(|l| l.expect("every layer is in one set"))
+                .collect(),
             stable: stable.iter().map(name).collect(),
             unstable: unstable.iter().map(name).collect(),
         }
     }
 
     /// Splits by score: the lowest `stable_count` layers are stable.
-    pub fn by_score(
-        net: &dyn Network,
-        criterion: Criterion,
-        unstable_ratio: f64,
-        stats: Option<&[LayerStats]>,
-        scores: &[f64],
-        ldt: &LdtConfig,
-        stat_batches: usize,
-    ) -> Result<Partition> {
+    pub fn by_score(net: &dyn Network, src: &Ranking<'_>, ldt: &LdtConfig) -> Result<Partition> {
+        let (criterion, scores) = (src.criterion, src.scores);
         if let Some(i) = scores.iter().position(|s| s.is_nan()) {
             bail!(
                 "stage 1: criterion `{criterion:?}` of layer `{}` is NaN (its gradient was non-finite or constant); check the data and the warm-up",
@@ -151,15 +171,20 @@ impl Partition {
             );
         }
         let order = ascending(scores);
-        let ns = stable_count(order.len(), unstable_ratio);
+        let ns = stable_count(order.len(), src.unstable_ratio);
         let (s, u) = order.split_at(ns);
-        Ok(Self::from_sets(net, criterion, unstable_ratio, stats, scores, s.to_vec(), u.to_vec(), ldt, stat_batches))
+        Ok(Self::from_sets(net, src, s.to_vec(), u.to_vec(), ldt))
     }
 
     /// The `names` criterion: U = layers matching `unstable` prefixes (default: the
     /// head), S = those matching `stable` prefixes (default: every other layer). Inside
     /// a set, layers keep model order.
-    pub fn by_names(net: &dyn Network, stable: &[String], unstable: &[String], ldt: &LdtConfig) -> Result<Partition> {
+    pub fn by_names(
+        net: &dyn Network,
+        stable: &[String],
+        unstable: &[String],
+        ldt: &LdtConfig,
+    ) -> Result<Partition> {
         let head = net.head_prefixes();
         let unstable = if unstable.is_empty() { &head } else { unstable };
         let (mut s, mut u) = (Vec::new(), Vec::new());
@@ -181,7 +206,14 @@ impl Partition {
         }
         let scores: Vec<f64> = (0..net.params().len()).map(|i| i as f64).collect();
         let ratio = u.len() as f64 / scores.len().max(1) as f64;
-        Ok(Self::from_sets(net, Criterion::Names, ratio, None, &scores, s, u, ldt, 0))
+        let src = Ranking {
+            criterion: Criterion::Names,
+            unstable_ratio: ratio,
+            stats: None,
+            scores: &scores,
+            stat_batches: 0,
+        };
+        Ok(Self::from_sets(net, &src, s, u, ldt))
     }
 
     /// Layer `i` is in the stable set.
@@ -209,10 +241,18 @@ impl Partition {
 
     /// Reads a report and checks that it names exactly the model's layers.
     pub fn load(path: &Path, net: &dyn Network) -> Result<Partition> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read partition file {} (`stage1.partition`)", path.display()))?;
-        let p: Partition = serde_json::from_str(&text)
-            .with_context(|| format!("partition file {} is not a partition report", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read partition file {} (`stage1.partition`)",
+                path.display()
+            )
+        })?;
+        let p: Partition = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "partition file {} is not a partition report",
+                path.display()
+            )
+        })?;
         let names: Vec<&str> = net.params().iter().map(|s| s.name.as_str()).collect();
         let got: Vec<&str> = p.layers.iter().map(|l| l.name.as_str()).collect();
         if names != got {
@@ -251,6 +291,9 @@ mod tests {
     #[test]
     fn coefficients_follow_rank() {
         assert_eq!(dpu_coefficient(0.99, 0.01, 0, 3), 0.99);
-        assert_eq!(dpu_coefficient(0.999, 0.001, 2, 4), 0.999 + 0.001 * 2.0 / 4.0);
+        assert_eq!(
+            dpu_coefficient(0.999, 0.001, 2, 4),
+            0.999 + 0.001 * 2.0 / 4.0
+        );
     }
 }

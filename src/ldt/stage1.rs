@@ -1,7 +1,7 @@
 //! Stage 1: warm-up on D1, the statistics pass on D2 (forward and backward with every
 //! layer trainable, no parameter or buffer change), and the partition.
 
-use super::partition::Partition;
+use super::partition::{Partition, Ranking};
 use super::stats::{LayerAccumulator, LayerStats};
 use crate::config::{Criterion, WarmupLayers};
 use crate::data::loader::{read_batches, read_ragged, BatchOrder};
@@ -9,7 +9,7 @@ use crate::metrics::Progress;
 use crate::model::{Mode, NetState};
 use crate::optim::OptimSettings;
 use crate::rng::Rng;
-use crate::train::erm::fit_layers;
+use crate::train::erm::{fit_layers, Fit};
 use crate::train::run::streams;
 use crate::train::step::gradients;
 use crate::train::RunContext;
@@ -33,7 +33,11 @@ pub fn warmup(ctx: &mut RunContext, state: &mut NetState) -> Result<()> {
     }
     let order = match &ctx.cfg.data.schedule {
         Some(p) => BatchOrder::fixed(read_batches(p, "warmup_batches")?),
-        None => BatchOrder::shuffle(split(ctx).0, ctx.cfg.train.batch_size, Rng::new(ctx.cfg.seed, streams::WARMUP)),
+        None => BatchOrder::shuffle(
+            split(ctx).0,
+            ctx.cfg.train.batch_size,
+            Rng::new(ctx.cfg.seed, streams::WARMUP),
+        ),
     };
     let n = ctx.net.params().len();
     let mask: Vec<bool> = match c.warmup_layers {
@@ -41,8 +45,18 @@ pub fn warmup(ctx: &mut RunContext, state: &mut NetState) -> Result<()> {
         WarmupLayers::All => vec![true; n],
     };
     let mut loader = ctx.loader(order, c.warmup_steps)?;
-    let settings = OptimSettings { betas: c.warmup_betas, ..OptimSettings::from(&ctx.cfg.optim) };
-    fit_layers(ctx, state, &mask, &mut loader, c.warmup_steps, settings, c.warmup_lr, "warmup")
+    let settings = OptimSettings {
+        betas: c.warmup_betas,
+        ..OptimSettings::from(&ctx.cfg.optim)
+    };
+    let fit = Fit {
+        mask: &mask,
+        steps: c.warmup_steps,
+        settings,
+        lr: c.warmup_lr,
+        stage: "warmup",
+    };
+    fit_layers(ctx, state, &mut loader, fit)
 }
 
 /// The statistics pass: per-layer streaming statistics of the gradients on D2.
@@ -56,11 +70,20 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
             }
             BatchOrder::fixed(b)
         }
-        None => BatchOrder::shuffle(split(ctx).1, c.stat_batch_size, Rng::new(ctx.cfg.seed, streams::STATS)),
+        None => BatchOrder::shuffle(
+            split(ctx).1,
+            c.stat_batch_size,
+            Rng::new(ctx.cfg.seed, streams::STATS),
+        ),
     };
     let mut loader = ctx.loader(order, c.stat_batches)?;
     let n = ctx.net.params().len();
-    let mut acc: Vec<LayerAccumulator> = ctx.net.params().iter().map(|s| LayerAccumulator::new(s.numel())).collect();
+    let mut acc: Vec<LayerAccumulator> = ctx
+        .net
+        .params()
+        .iter()
+        .map(|s| LayerAccumulator::new(s.numel()))
+        .collect();
     let all = vec![true; n];
     let progress = Progress::new("stats", c.stat_batches, ctx.cfg.train.log_every);
     for b in 1..=c.stat_batches {
@@ -69,11 +92,17 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
         let (st, grads) = gradients(ctx.net.as_ref(), state, &all, &x, &y, Mode::Stats)?;
         let host: Vec<Vec<f32>> = grads
             .iter()
-            .map(|g| Ok(g.as_ref().expect("all layers trainable").flatten_all()?.to_vec1::<f32>()?))
+            .map(|g| {
+                Ok(g.as_ref()
+                    .expect("all layers trainable")
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            })
             .collect::<Result<_>>()?;
         acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
         progress.update(b, &format!("loss {:.4}", st.loss));
-        ctx.metrics.write(json!({"kind": "stats", "step": b, "loss": st.loss}))?;
+        ctx.metrics
+            .write(json!({"kind": "stats", "step": b, "loss": st.loss}))?;
     }
     progress.finish();
     Ok(acc.iter().map(|a| a.finish()).collect())
@@ -93,7 +122,14 @@ pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
     } else if c.criterion == Criterion::Random {
         let mut r = Rng::new(ctx.cfg.seed, streams::CRITERION);
         let scores: Vec<f64> = (0..net.params().len()).map(|_| r.next_f64()).collect();
-        Partition::by_score(net, c.criterion, c.unstable_ratio, None, &scores, &ldt, 0)?
+        let src = Ranking {
+            criterion: c.criterion,
+            unstable_ratio: c.unstable_ratio,
+            stats: None,
+            scores: &scores,
+            stat_batches: 0,
+        };
+        Partition::by_score(net, &src, &ldt)?
     } else {
         let stats = statistics(ctx, state)?;
         let scores: Vec<f64> = stats
@@ -107,7 +143,17 @@ pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
                 Criterion::Random | Criterion::Names => unreachable!("handled above"),
             })
             .collect();
-        Partition::by_score(ctx.net.as_ref(), c.criterion, c.unstable_ratio, Some(&stats), &scores, &ldt, c.stat_batches)?
+        Partition::by_score(
+            ctx.net.as_ref(),
+            &Ranking {
+                criterion: c.criterion,
+                unstable_ratio: c.unstable_ratio,
+                stats: Some(&stats),
+                scores: &scores,
+                stat_batches: c.stat_batches,
+            },
+            &ldt,
+        )?
     };
     partition.save(&ctx.dir.join("partition.json"))?;
     ctx.summary.extra.insert(

@@ -65,7 +65,9 @@ pub mod non_finite {
                 "NaN" => Ok(f64::NAN),
                 "inf" => Ok(f64::INFINITY),
                 "-inf" => Ok(f64::NEG_INFINITY),
-                other => Err(serde::de::Error::custom(format!("expected a number, got `{other}`"))),
+                other => Err(serde::de::Error::custom(format!(
+                    "expected a number, got `{other}`"
+                ))),
             },
         }
     }
@@ -86,7 +88,11 @@ impl LayerAccumulator {
 
     /// Adds one batch's gradient of this layer.
     pub fn add(&mut self, g: &[f32]) {
-        assert_eq!(g.len(), self.elem_mean.len(), "gradient size differs from the layer size");
+        assert_eq!(
+            g.len(),
+            self.elem_mean.len(),
+            "gradient size differs from the layer size"
+        );
         let nb = g.len() as f64;
         let mean_b = g.iter().map(|&x| x as f64).sum::<f64>() / nb;
         let m2_b: f64 = g.iter().map(|&x| (x as f64 - mean_b).powi(2)).sum();
@@ -113,14 +119,23 @@ impl LayerAccumulator {
 
     /// The statistics; needs at least two batches (checked by the caller).
     pub fn finish(&self) -> LayerStats {
-        let var = if self.entries > 1 { self.m2 / (self.entries - 1) as f64 } else { f64::NAN };
+        let var = if self.entries > 1 {
+            self.m2 / (self.entries - 1) as f64
+        } else {
+            f64::NAN
+        };
         let k = self.batches as f64;
         let var_cross = if self.batches > 1 && !self.elem_m2.is_empty() {
             self.elem_m2.iter().map(|s| s / (k - 1.0)).sum::<f64>() / self.elem_m2.len() as f64
         } else {
             f64::NAN
         };
-        LayerStats { var, var_cross, mean: self.mean, var_over_mean: var / self.mean.abs() }
+        LayerStats {
+            var,
+            var_cross,
+            mean: self.mean,
+            var_over_mean: var / self.mean.abs(),
+        }
     }
 }
 
@@ -140,9 +155,18 @@ mod tests {
         let mut vc = 0.0;
         for e in 0..numel {
             let m = batches.iter().map(|b| b[e] as f64).sum::<f64>() / k;
-            vc += batches.iter().map(|b| (b[e] as f64 - m).powi(2)).sum::<f64>() / (k - 1.0);
+            vc += batches
+                .iter()
+                .map(|b| (b[e] as f64 - m).powi(2))
+                .sum::<f64>()
+                / (k - 1.0);
         }
-        LayerStats { var, var_cross: vc / numel as f64, mean, var_over_mean: var / mean.abs() }
+        LayerStats {
+            var,
+            var_cross: vc / numel as f64,
+            mean,
+            var_over_mean: var / mean.abs(),
+        }
     }
 
     fn check(batches: &[Vec<f32>]) {
@@ -158,7 +182,10 @@ mod tests {
             (got.mean, want.mean, "mean"),
             (got.var_over_mean, want.var_over_mean, "var_over_mean"),
         ] {
-            assert!((g - w).abs() <= 1e-12 * w.abs().max(1e-300), "{what}: {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs().max(1e-300),
+                "{what}: {g} vs {w}"
+            );
         }
     }
 
@@ -172,7 +199,9 @@ mod tests {
     #[test]
     fn one_element_layer_many_batches_large_magnitude() {
         let mut r = Rng::new(4, 0);
-        let batches: Vec<Vec<f32>> = (0..5000).map(|_| vec![1e6 + r.uniform_vec(1, -1.0, 1.0)[0]]).collect();
+        let batches: Vec<Vec<f32>> = (0..5000)
+            .map(|_| vec![1e6 + r.uniform_vec(1, -1.0, 1.0)[0]])
+            .collect();
         check(&batches);
     }
 }

@@ -45,10 +45,23 @@ impl Cnn {
                     init: Init::FanIn(fan_in),
                 });
             } else {
-                params.push(TensorSpec { name: format!("bn{k}.weight"), shape: vec![o], init: Init::Ones });
-                params.push(TensorSpec { name: format!("bn{k}.bias"), shape: vec![o], init: Init::Zeros });
+                params.push(TensorSpec {
+                    name: format!("bn{k}.weight"),
+                    shape: vec![o],
+                    init: Init::Ones,
+                });
+                params.push(TensorSpec {
+                    name: format!("bn{k}.bias"),
+                    shape: vec![o],
+                    init: Init::Zeros,
+                });
                 for (n, init) in [("running_mean", Init::Zeros), ("running_var", Init::Ones)] {
-                    buffers.push(BufferSpec { name: format!("bn{k}.{n}"), shape: vec![o], dtype: DType::F32, init });
+                    buffers.push(BufferSpec {
+                        name: format!("bn{k}.{n}"),
+                        shape: vec![o],
+                        dtype: DType::F32,
+                        init,
+                    });
                 }
                 buffers.push(BufferSpec {
                     name: format!("bn{k}.num_batches_tracked"),
@@ -66,10 +79,25 @@ impl Cnn {
         }
         let flat = c * h * w;
         for (name, fan_in, out) in [("fc1", flat, fc_hidden), ("fc2", fc_hidden, classes)] {
-            params.push(TensorSpec { name: format!("{name}.weight"), shape: vec![out, fan_in], init: Init::FanIn(fan_in) });
-            params.push(TensorSpec { name: format!("{name}.bias"), shape: vec![out], init: Init::FanIn(fan_in) });
+            params.push(TensorSpec {
+                name: format!("{name}.weight"),
+                shape: vec![out, fan_in],
+                init: Init::FanIn(fan_in),
+            });
+            params.push(TensorSpec {
+                name: format!("{name}.bias"),
+                shape: vec![out],
+                init: Init::FanIn(fan_in),
+            });
         }
-        Ok(Cnn { input, classes, convs: channels.len(), bn, params, buffers })
+        Ok(Cnn {
+            input,
+            classes,
+            convs: channels.len(),
+            bn,
+            params,
+            buffers,
+        })
     }
 }
 
@@ -108,7 +136,11 @@ impl Network for Cnn {
                     &h,
                     &p[pi + 1],
                     &p[pi + 2],
-                    layers::BnBuffers { mean: &mut mean[0], var: &mut var[0], count: &mut count[0] },
+                    layers::BnBuffers {
+                        mean: &mut mean[0],
+                        var: &mut var[0],
+                        count: &mut count[0],
+                    },
                     mode,
                 )?;
                 pi += 3;

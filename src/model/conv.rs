@@ -26,7 +26,16 @@ impl Geometry {
     fn new(c: usize, h: usize, w: usize, k: (usize, usize), stride: usize, pad: usize) -> Self {
         let oh = (h + 2 * pad - k.0) / stride + 1;
         let ow = (w + 2 * pad - k.1) / stride + 1;
-        Geometry { c, h, w, k, stride, pad, oh, ow }
+        Geometry {
+            c,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+            oh,
+            ow,
+        }
     }
 
     fn row_len(&self) -> usize {
@@ -55,15 +64,17 @@ impl Geometry {
     fn im2col<T: WithDType>(&self, x: &[T], n: usize) -> Vec<T> {
         let (rl, img) = (self.row_len(), self.c * self.h * self.w);
         let mut out = vec![T::zero(); n * self.oh * self.ow * rl];
-        out.par_chunks_mut(self.oh * self.ow * rl).enumerate().for_each(|(b, o)| {
-            let x = &x[b * img..(b + 1) * img];
-            for oy in 0..self.oh {
-                for ox in 0..self.ow {
-                    let row = &mut o[(oy * self.ow + ox) * rl..][..rl];
-                    self.for_patch(oy, ox, |col, p| row[col] = x[p]);
+        out.par_chunks_mut(self.oh * self.ow * rl)
+            .enumerate()
+            .for_each(|(b, o)| {
+                let x = &x[b * img..(b + 1) * img];
+                for oy in 0..self.oh {
+                    for ox in 0..self.ow {
+                        let row = &mut o[(oy * self.ow + ox) * rl..][..rl];
+                        self.for_patch(oy, ox, |col, p| row[col] = x[p]);
+                    }
                 }
-            }
-        });
+            });
         out
     }
 
@@ -110,27 +121,52 @@ impl CustomOp1 for Im2col {
         })
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (n, c, h, w) = arg.dims4()?;
         let g = Geometry::new(c, h, w, self.k, self.stride, self.pad);
         let grad = grad.contiguous()?.flatten_all()?;
         let out = match arg.dtype() {
-            candle_core::DType::F64 => Tensor::from_vec(g.col2im(&grad.to_vec1::<f64>()?, n), arg.shape(), arg.device())?,
-            _ => Tensor::from_vec(g.col2im(&grad.to_vec1::<f32>()?, n), arg.shape(), arg.device())?,
+            candle_core::DType::F64 => Tensor::from_vec(
+                g.col2im(&grad.to_vec1::<f64>()?, n),
+                arg.shape(),
+                arg.device(),
+            )?,
+            _ => Tensor::from_vec(
+                g.col2im(&grad.to_vec1::<f32>()?, n),
+                arg.shape(),
+                arg.device(),
+            )?,
         };
         Ok(Some(out))
     }
 }
 
 /// 2-D convolution (groups 1, dilation 1), weight `[O, C, kh, kw]`, optional bias `[O]`.
-pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (o, _, kh, kw) = w.dims4()?;
     let g = Geometry::new(c, h, wd, (kh, kw), stride, pad);
-    let cols = x.contiguous()?.apply_op1(Im2col { k: (kh, kw), stride, pad })?;
+    let cols = x.contiguous()?.apply_op1(Im2col {
+        k: (kh, kw),
+        stride,
+        pad,
+    })?;
     let mut y = cols.matmul(&w.reshape((o, c * kh * kw))?.t()?)?;
     if let Some(b) = b {
         y = y.broadcast_add(b)?;
     }
-    Ok(y.reshape((n, g.oh, g.ow, o))?.permute((0, 3, 1, 2))?.contiguous()?)
+    Ok(y.reshape((n, g.oh, g.ow, o))?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
 }

@@ -33,13 +33,19 @@ pub fn load_state(net: &dyn Network, path: &Path, device: &Device) -> Result<Net
                 None
             }
             Some(t) if t.dims() != shape => {
-                problems.push(format!("`{name}` has shape {:?}, the model needs {shape:?}", t.dims()));
+                problems.push(format!(
+                    "`{name}` has shape {:?}, the model needs {shape:?}",
+                    t.dims()
+                ));
                 None
             }
             Some(t) => match t.to_dtype(dtype) {
                 Ok(t) => Some(t),
                 Err(e) => {
-                    problems.push(format!("`{name}`: cannot convert {:?} to {dtype:?}: {e}", t.dtype()));
+                    problems.push(format!(
+                        "`{name}`: cannot convert {:?} to {dtype:?}: {e}",
+                        t.dtype()
+                    ));
                     None
                 }
             },
@@ -74,7 +80,11 @@ pub fn load_state(net: &dyn Network, path: &Path, device: &Device) -> Result<Net
     };
     for (spec, t) in net.params().iter().zip(params) {
         let t = t.expect("checked");
-        let bad = t.flatten_all()?.to_vec1::<f32>()?.iter().position(|v| !v.is_finite());
+        let bad = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .position(|v| !v.is_finite());
         if let Some(i) = bad {
             bail!(
                 "weights file {}: tensor `{}` holds a non-finite value at flat index {i}",

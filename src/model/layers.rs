@@ -87,7 +87,11 @@ impl CustomOp1 for MaxPool2d {
         "ldt-max-pool2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = layout.shape().dims4()?;
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("max_pool2d expects a contiguous input")
@@ -107,7 +111,12 @@ impl CustomOp1 for MaxPool2d {
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (_n, _c, h, w) = arg.dims4()?;
         let (oh, ow) = (self.out_dim(h), self.out_dim(w));
         let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -164,7 +173,8 @@ pub fn batch_norm2d(
         let var = centered.sqr()?.mean_keepdim(1)?;
         if mode == super::Mode::Train {
             let mean_d = mean.detach().flatten_all()?;
-            let var_unbiased = (var.detach().flatten_all()? * (m as f64 / (m as f64 - 1.0).max(1.0)))?;
+            let var_unbiased =
+                (var.detach().flatten_all()? * (m as f64 / (m as f64 - 1.0).max(1.0)))?;
             *buf.mean = ((&*buf.mean * (1.0 - BN_MOMENTUM))? + (mean_d * BN_MOMENTUM)?)?;
             *buf.var = ((&*buf.var * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?;
             *buf.count = (&*buf.count + 1.0)?;
@@ -175,8 +185,7 @@ pub fn batch_norm2d(
             .reshape((c, n, h, wd))?
             .transpose(0, 1)?
     };
-    Ok(y
-        .broadcast_mul(&w.reshape((1, c, 1, 1))?)?
+    Ok(y.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
         .broadcast_add(&b.reshape((1, c, 1, 1))?)?)
 }
 
@@ -199,7 +208,11 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// Number of correct argmax predictions and the summed cross-entropy of a batch.
 pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, f64)> {
     let pred = logits.argmax(D::Minus1)?.to_dtype(DType::I64)?;
-    let correct = pred.eq(labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    let correct = pred
+        .eq(labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize;
     let lsm = log_softmax(logits)?;
     let picked = lsm.gather(&labels.unsqueeze(1)?, 1)?;
     let loss_sum = -(picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?);

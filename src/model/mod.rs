@@ -112,9 +112,23 @@ pub trait Network: Send + Sync {
 pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box<dyn Network>> {
     Ok(match cfg.arch.as_str() {
         "mlp" => Box::new(mlp::Mlp::new(input, &cfg.hidden, classes)?),
-        "cnn" => Box::new(cnn::Cnn::new(input, &cfg.channels, cfg.fc_hidden, classes, false)?),
-        "cnn_bn" => Box::new(cnn::Cnn::new(input, &cfg.channels, cfg.fc_hidden, classes, true)?),
-        other => bail!("config key `model.arch`: unknown architecture `{other}`; allowed: mlp, cnn, cnn_bn"),
+        "cnn" => Box::new(cnn::Cnn::new(
+            input,
+            &cfg.channels,
+            cfg.fc_hidden,
+            classes,
+            false,
+        )?),
+        "cnn_bn" => Box::new(cnn::Cnn::new(
+            input,
+            &cfg.channels,
+            cfg.fc_hidden,
+            classes,
+            true,
+        )?),
+        other => bail!(
+            "config key `model.arch`: unknown architecture `{other}`; allowed: mlp, cnn, cnn_bn"
+        ),
     })
 }
 
@@ -132,7 +146,15 @@ impl NetState {
         let params = net
             .params()
             .iter()
-            .map(|s| Ok(Var::from_tensor(&init_tensor(s.init, &s.shape, DType::F32, rng, device)?)?))
+            .map(|s| {
+                Ok(Var::from_tensor(&init_tensor(
+                    s.init,
+                    &s.shape,
+                    DType::F32,
+                    rng,
+                    device,
+                )?)?)
+            })
             .collect::<Result<Vec<_>>>()?;
         let buffers = net
             .buffers()

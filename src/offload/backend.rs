@@ -4,7 +4,9 @@
 //! implementation (the live network is itself in host memory), a CUDA backend implements
 //! the same calls with pinned memory, copy streams and PTX kernels.
 
-use super::{fused_ema, CopyEngine, EmaTask, Fence, HostSlice, HostSliceMut, SharedCounterpartBuffer};
+use super::{
+    fused_ema, CopyEngine, EmaTask, Fence, HostSlice, HostSliceMut, SharedCounterpartBuffer,
+};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
 use parking_lot::Mutex;
@@ -21,9 +23,19 @@ pub trait Backend: Send + Sync {
     /// Starts `slot = w*slot + (1-w)*src` for each `(slot, src, w)`; the returned fence
     /// completes when every fold has read `src` and written its slot. `src` must not be
     /// modified before the fence completes.
-    fn fold_into_slots(&self, buf: &Arc<SharedCounterpartBuffer>, jobs: Vec<(usize, Tensor, f64)>) -> Fence;
+    fn fold_into_slots(
+        &self,
+        buf: &Arc<SharedCounterpartBuffer>,
+        jobs: Vec<(usize, Tensor, f64)>,
+    ) -> Fence;
     /// `dst = w*dst + (1-w)*slot` for a live `dst`, synchronously.
-    fn fold_into_live(&self, dst: &Tensor, buf: &SharedCounterpartBuffer, slot: usize, w: f64) -> Result<()>;
+    fn fold_into_live(
+        &self,
+        dst: &Tensor,
+        buf: &SharedCounterpartBuffer,
+        slot: usize,
+        w: f64,
+    ) -> Result<()>;
 }
 
 /// Host backend: copies are memcpy/swap, folds run on the copy engine's worker thread
@@ -36,14 +48,19 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend with one fold stream and `threads` EMA threads.
     pub fn new(threads: usize) -> Self {
-        CpuBackend { engine: CopyEngine::new(1), threads: threads.max(1) }
+        CpuBackend {
+            engine: CopyEngine::new(1),
+            threads: threads.max(1),
+        }
     }
 }
 
 /// Runs `f` on the f32 slice of a contiguous CPU tensor (read access).
 pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (s, l) = t.storage_and_layout();
-    let Some((a, b)) = l.contiguous_offsets() else { bail!("counterpart copies need contiguous tensors") };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("counterpart copies need contiguous tensors")
+    };
     match &*s {
         Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&v[a..b])),
         _ => bail!("the CPU backend needs f32 CPU tensors"),
@@ -59,8 +76,12 @@ impl<F: FnOnce(&mut [f32])> InplaceOp1 for MutSlice<F> {
         "ldt-counterpart"
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("counterpart copies need contiguous tensors") };
-        let CpuStorage::F32(v) = s else { candle_core::bail!("counterpart copies need f32 tensors") };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("counterpart copies need contiguous tensors")
+        };
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("counterpart copies need f32 tensors")
+        };
         if let Some(f) = self.f.lock().take() {
             f(&mut v[a..b]);
         }
@@ -70,7 +91,9 @@ impl<F: FnOnce(&mut [f32])> InplaceOp1 for MutSlice<F> {
 
 /// Runs `f` on the mutable f32 slice of a contiguous CPU tensor, in place.
 pub fn with_slice_mut(t: &Tensor, f: impl FnOnce(&mut [f32])) -> Result<()> {
-    t.inplace_op1(&MutSlice { f: Mutex::new(Some(f)) })?;
+    t.inplace_op1(&MutSlice {
+        f: Mutex::new(Some(f)),
+    })?;
     Ok(())
 }
 
@@ -97,7 +120,11 @@ impl Backend for CpuBackend {
             if live.len() == dst.len() {
                 live.swap_with_slice(dst);
             } else {
-                res = Err(anyhow::anyhow!("slot {slot} holds {} values, the live tensor {}", dst.len(), live.len()));
+                res = Err(anyhow::anyhow!(
+                    "slot {slot} holds {} values, the live tensor {}",
+                    dst.len(),
+                    live.len()
+                ));
             }
         })?;
         res
@@ -105,7 +132,11 @@ impl Backend for CpuBackend {
 
     fn load(&self, buf: &SharedCounterpartBuffer, slot: usize, shape: &[usize]) -> Result<Tensor> {
         let g = buf.read(slot);
-        Ok(Tensor::from_slice(f32_ref(g.slice())?, shape, &Device::Cpu)?)
+        Ok(Tensor::from_slice(
+            f32_ref(g.slice())?,
+            shape,
+            &Device::Cpu,
+        )?)
     }
 
     fn store(&self, t: &Tensor, buf: &SharedCounterpartBuffer, slot: usize) -> Result<()> {
@@ -114,7 +145,11 @@ impl Backend for CpuBackend {
         with_slice(t, |src| dst.copy_from_slice(src))
     }
 
-    fn fold_into_slots(&self, buf: &Arc<SharedCounterpartBuffer>, jobs: Vec<(usize, Tensor, f64)>) -> Fence {
+    fn fold_into_slots(
+        &self,
+        buf: &Arc<SharedCounterpartBuffer>,
+        jobs: Vec<(usize, Tensor, f64)>,
+    ) -> Fence {
         let buf = buf.clone();
         let threads = self.threads;
         self.engine.submit(0, move || {
@@ -124,18 +159,39 @@ impl Backend for CpuBackend {
             let mut tasks = Vec::with_capacity(jobs.len());
             for ((g, (s, l)), j) in guards.iter_mut().zip(&reads).zip(&jobs) {
                 let (a, b) = l.contiguous_offsets().ok_or("fold source not contiguous")?;
-                let Storage::Cpu(CpuStorage::F32(v)) = &**s else { return Err("fold source is not an f32 CPU tensor".into()) };
-                tasks.push(EmaTask { dst: g.slice_mut(), src: HostSlice::F32(&v[a..b]), w: j.2 });
+                let Storage::Cpu(CpuStorage::F32(v)) = &**s else {
+                    return Err("fold source is not an f32 CPU tensor".into());
+                };
+                tasks.push(EmaTask {
+                    dst: g.slice_mut(),
+                    src: HostSlice::F32(&v[a..b]),
+                    w: j.2,
+                });
             }
             fused_ema(&mut tasks, threads);
             Ok(())
         })
     }
 
-    fn fold_into_live(&self, dst: &Tensor, buf: &SharedCounterpartBuffer, slot: usize, w: f64) -> Result<()> {
+    fn fold_into_live(
+        &self,
+        dst: &Tensor,
+        buf: &SharedCounterpartBuffer,
+        slot: usize,
+        w: f64,
+    ) -> Result<()> {
         let g = buf.read(slot);
         let src = g.slice();
         let threads = self.threads;
-        with_slice_mut(dst, |d| fused_ema(&mut [EmaTask { dst: HostSliceMut::F32(d), src, w }], threads))
+        with_slice_mut(dst, |d| {
+            fused_ema(
+                &mut [EmaTask {
+                    dst: HostSliceMut::F32(d),
+                    src,
+                    w,
+                }],
+                threads,
+            )
+        })
     }
 }

@@ -17,7 +17,13 @@ impl InplaceOp2 for Lerp {
     fn name(&self) -> &'static str {
         "ldt-adam-lerp"
     }
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
         let m = f32_slice_mut(dst, dl)?;
         let g = f32_slice(g, gl)?;
         let w = self.w;
@@ -25,7 +31,9 @@ impl InplaceOp2 for Lerp {
             m.iter_mut().zip(g).for_each(|(m, &g)| *m += w * (g - *m));
         } else {
             let u = 1.0 - w;
-            m.iter_mut().zip(g).for_each(|(m, &g)| *m = g - (g - *m) * u);
+            m.iter_mut()
+                .zip(g)
+                .for_each(|(m, &g)| *m = g - (g - *m) * u);
         }
         Ok(())
     }
@@ -41,11 +49,19 @@ impl InplaceOp2 for SecondMoment {
     fn name(&self) -> &'static str {
         "ldt-adam-v"
     }
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, g: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
         let v = f32_slice_mut(dst, dl)?;
         let g = f32_slice(g, gl)?;
         let (b2, c) = (self.b2, self.c);
-        v.iter_mut().zip(g).for_each(|(v, &g)| *v = *v * b2 + c * g * g);
+        v.iter_mut()
+            .zip(g)
+            .for_each(|(v, &g)| *v = *v * b2 + c * g * g);
         Ok(())
     }
 }
@@ -98,13 +114,21 @@ impl candle_core::InplaceOp1 for Scale {
 }
 
 /// One Adam/AdamW step of one layer.
-pub(super) fn step(s: &OptimSettings, st: &mut LayerState, p: &Var, g: &Tensor, lr: f64) -> Result<()> {
+pub(super) fn step(
+    s: &OptimSettings,
+    st: &mut LayerState,
+    p: &Var,
+    g: &Tensor,
+    lr: f64,
+) -> Result<()> {
     let [b1, b2] = s.betas;
     let t = st.step as i32;
     let mut g = g.clone();
     if s.weight_decay > 0.0 {
         if s.name == OptimName::Adamw {
-            p.as_tensor().inplace_op1(&Scale { f: (1.0 - lr * s.weight_decay) as f32 })?;
+            p.as_tensor().inplace_op1(&Scale {
+                f: (1.0 - lr * s.weight_decay) as f32,
+            })?;
         } else {
             g = (&g + (p.as_tensor().detach() * s.weight_decay)?)?;
         }
@@ -126,18 +150,33 @@ pub(super) fn step(s: &OptimSettings, st: &mut LayerState, p: &Var, g: &Tensor, 
                 m
             }
         };
-        m.inplace_op2(&g, &Lerp { w: (1.0 - b1) as f32 })?;
+        m.inplace_op2(
+            &g,
+            &Lerp {
+                w: (1.0 - b1) as f32,
+            },
+        )?;
         m
     } else {
         g.clone()
     };
-    v.inplace_op2(&g, &SecondMoment { b2: b2 as f32, c: (1.0 - b2) as f32 })?;
+    v.inplace_op2(
+        &g,
+        &SecondMoment {
+            b2: b2 as f32,
+            c: (1.0 - b2) as f32,
+        },
+    )?;
     let bc1 = 1.0 - b1.powi(t);
     let bc2 = (1.0 - b2.powi(t)).sqrt();
     p.as_tensor().inplace_op3(
         &m,
         &v,
-        &Update { neg_step: (-(lr / bc1)) as f32, bc2: bc2 as f32, eps: s.eps as f32 },
+        &Update {
+            neg_step: (-(lr / bc1)) as f32,
+            bc2: bc2 as f32,
+            eps: s.eps as f32,
+        },
     )?;
     Ok(())
 }

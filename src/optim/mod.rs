@@ -130,7 +130,10 @@ impl Optimizer {
 }
 
 /// Borrows the f32 slice of a contiguous CPU storage (helper for the update kernels).
-fn f32_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
+fn f32_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("optimizer kernels need contiguous tensors")
     };

@@ -14,7 +14,13 @@ impl InplaceOp2 for Momentum {
     fn name(&self) -> &'static str {
         "ldt-sgd-momentum"
     }
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, d: &CpuStorage, l: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        d: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<()> {
         let mu = self.mu;
         f32_slice_mut(dst, dl)?
             .iter_mut()
@@ -33,7 +39,13 @@ impl InplaceOp2 for Axpy {
     fn name(&self) -> &'static str {
         "ldt-sgd-update"
     }
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, d: &CpuStorage, l: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        d: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<()> {
         let a = self.neg_lr;
         f32_slice_mut(dst, dl)?
             .iter_mut()
@@ -44,7 +56,13 @@ impl InplaceOp2 for Axpy {
 }
 
 /// One SGD step of one layer.
-pub(super) fn step(s: &OptimSettings, st: &mut LayerState, p: &Var, g: &Tensor, lr: f64) -> Result<()> {
+pub(super) fn step(
+    s: &OptimSettings,
+    st: &mut LayerState,
+    p: &Var,
+    g: &Tensor,
+    lr: f64,
+) -> Result<()> {
     let d = if s.weight_decay > 0.0 {
         (g + (p.as_tensor().detach() * s.weight_decay)?)?
     } else {
@@ -58,13 +76,23 @@ pub(super) fn step(s: &OptimSettings, st: &mut LayerState, p: &Var, g: &Tensor, 
                 b
             }
             Some(b) => {
-                b.inplace_op2(&d, &Momentum { mu: s.momentum as f32 })?;
+                b.inplace_op2(
+                    &d,
+                    &Momentum {
+                        mu: s.momentum as f32,
+                    },
+                )?;
                 b.clone()
             }
         }
     } else {
         d
     };
-    p.as_tensor().inplace_op2(&d, &Axpy { neg_lr: (-lr) as f32 })?;
+    p.as_tensor().inplace_op2(
+        &d,
+        &Axpy {
+            neg_lr: (-lr) as f32,
+        },
+    )?;
     Ok(())
 }

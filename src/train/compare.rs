@@ -39,7 +39,10 @@ pub fn compare(base: &Config, methods: &[Method], seeds: &[u64], dir: &Path) -> 
             if cols.len() == 2 {
                 cols.extend(targets.iter().map(|d| d.name.clone()));
             }
-            let vals: Vec<f64> = [r.source_acc, r.target_acc].into_iter().chain(targets.iter().map(|d| d.acc)).collect();
+            let vals: Vec<f64> = [r.source_acc, r.target_acc]
+                .into_iter()
+                .chain(targets.iter().map(|d| d.acc))
+                .collect();
             per_col.resize(vals.len(), Vec::new());
             for (c, v) in per_col.iter_mut().zip(vals) {
                 c.push(v);
@@ -50,13 +53,25 @@ pub fn compare(base: &Config, methods: &[Method], seeds: &[u64], dir: &Path) -> 
     let stat = |v: &[f64]| {
         let n = v.len() as f64;
         let mean = v.iter().sum::<f64>() / n;
-        let sd = if v.len() > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+        let sd = if v.len() > 1 {
+            (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
         (mean, sd)
     };
     let best: Vec<f64> = (0..cols.len())
-        .map(|c| rows.iter().map(|(_, v)| stat(&v[c]).0).fold(f64::MIN, f64::max))
+        .map(|c| {
+            rows.iter()
+                .map(|(_, v)| stat(&v[c]).0)
+                .fold(f64::MIN, f64::max)
+        })
         .collect();
-    let mut md = format!("| method | {} |\n|---|{}\n", cols.join(" | "), "---|".repeat(cols.len()));
+    let mut md = format!(
+        "| method | {} |\n|---|{}\n",
+        cols.join(" | "),
+        "---|".repeat(cols.len())
+    );
     let mut csv = String::from("method");
     for c in &cols {
         write!(csv, ",{c}_mean,{c}_std")?;

@@ -28,16 +28,31 @@ pub struct Branch {
 pub fn exchange(partition: &Partition, pm: &NetState, am: &NetState) -> Result<()> {
     for (i, l) in partition.layers.iter().enumerate() {
         if partition.is_stable(i) {
-            dpu::fold(am.params[i].as_tensor(), pm.params[i].as_tensor(), l.coefficient)?;
+            dpu::fold(
+                am.params[i].as_tensor(),
+                pm.params[i].as_tensor(),
+                l.coefficient,
+            )?;
         } else {
-            dpu::fold(pm.params[i].as_tensor(), am.params[i].as_tensor(), l.coefficient)?;
+            dpu::fold(
+                pm.params[i].as_tensor(),
+                am.params[i].as_tensor(),
+                l.coefficient,
+            )?;
         }
     }
     Ok(())
 }
 
 /// Evaluates the composite (and each branch with `eval.branches`) and logs it.
-fn evaluate(ctx: &mut RunContext, step: usize, partition: &Partition, pm: &NetState, am: &NetState, last: bool) -> Result<String> {
+fn evaluate(
+    ctx: &mut RunContext,
+    step: usize,
+    partition: &Partition,
+    pm: &NetState,
+    am: &NetState,
+    last: bool,
+) -> Result<String> {
     let r = ctx.evaluate(&composite::params(partition, pm, am), &pm.buffers)?;
     ctx.log_eval(step, "composite", &r)?;
     let line = r.line();
@@ -65,21 +80,43 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let n = ctx.net.params().len();
     let settings = OptimSettings::from(&cfg.optim);
-    let mut pm = Branch { state: start.deep_clone()?, opt: Optimizer::new(settings.clone(), n), mask: partition.stable_mask() };
-    let mut am = Branch { state: start, opt: Optimizer::new(settings, n), mask: partition.unstable_mask() };
+    let mut pm = Branch {
+        state: start.deep_clone()?,
+        opt: Optimizer::new(settings.clone(), n),
+        mask: partition.stable_mask(),
+    };
+    let mut am = Branch {
+        state: start,
+        opt: Optimizer::new(settings, n),
+        mask: partition.unstable_mask(),
+    };
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
     let mut loader = ctx.loader(ctx.train_order()?, cfg.train.steps)?;
-    let progress = Progress::new(cfg.train.method.name(), cfg.train.steps, cfg.train.log_every);
+    let progress = Progress::new(
+        cfg.train.method.name(),
+        cfg.train.steps,
+        cfg.train.log_every,
+    );
     let mut meter = Meter::default();
     let t0 = Instant::now();
     for step in 1..=cfg.train.steps {
         let hb = loader.next_batch()?;
         let (x, y) = ctx.tensors(&hb)?;
-        let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps)).collect();
+        let lrs: Vec<f64> = base
+            .iter()
+            .map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps))
+            .collect();
         let mut losses = [0f32; 2];
         for (k, br) in [&mut pm, &mut am].into_iter().enumerate() {
-            let (stats, grads) = gradients(ctx.net.as_ref(), &mut br.state, &br.mask, &x, &y, Mode::Train)?;
+            let (stats, grads) = gradients(
+                ctx.net.as_ref(),
+                &mut br.state,
+                &br.mask,
+                &x,
+                &y,
+                Mode::Train,
+            )?;
             apply(&mut br.opt, &br.state, &grads, &lrs)?;
             losses[k] = stats.loss;
             if k == 0 {
@@ -95,8 +132,16 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             progress.update(step, &meter.take().0);
         }
         if cfg.snapshots.at_steps.contains(&step) {
-            io::save_state(ctx.net.as_ref(), &pm.state, &ctx.dir.join(format!("step{step}_pm.safetensors")))?;
-            io::save_state(ctx.net.as_ref(), &am.state, &ctx.dir.join(format!("step{step}_am.safetensors")))?;
+            io::save_state(
+                ctx.net.as_ref(),
+                &pm.state,
+                &ctx.dir.join(format!("step{step}_pm.safetensors")),
+            )?;
+            io::save_state(
+                ctx.net.as_ref(),
+                &am.state,
+                &ctx.dir.join(format!("step{step}_am.safetensors")),
+            )?;
         }
         if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
             let line = evaluate(ctx, step, &partition, &pm.state, &am.state, false)?;
@@ -108,13 +153,38 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let net = ctx.net.as_ref();
     io::save_state(net, &pm.state, &ctx.dir.join("pm.safetensors"))?;
     io::save_state(net, &am.state, &ctx.dir.join("am.safetensors"))?;
-    io::save_tensors(&composite::named(net, &partition, &pm.state, &am.state), &ctx.dir.join("composite.safetensors"))?;
+    io::save_tensors(
+        &composite::named(net, &partition, &pm.state, &am.state),
+        &ctx.dir.join("composite.safetensors"),
+    )?;
     evaluate(ctx, cfg.train.steps, &partition, &pm.state, &am.state, true)?;
-    let numel = |m: &[bool]| -> u64 { ctx.net.params().iter().zip(m).filter(|(_, t)| **t).map(|(s, _)| s.numel() as u64).sum() };
+    let numel = |m: &[bool]| -> u64 {
+        ctx.net
+            .params()
+            .iter()
+            .zip(m)
+            .filter(|(_, t)| **t)
+            .map(|(s, _)| s.numel() as u64)
+            .sum()
+    };
     let (s, u) = (numel(&pm.mask), numel(&am.mask));
-    let mem = super::memory::report(super::memory::Layout::Resident, s + u, s, u, super::memory::state_tensors(pm.opt.settings()), (0, 0));
-    ctx.summary.extra.insert("memory".into(), serde_json::to_value(mem)?);
-    ctx.summary.extra.insert("train_seconds".into(), json!(train_secs));
-    ctx.summary.extra.insert("ms_per_step".into(), json!(1e3 * train_secs / cfg.train.steps as f64));
+    let mem = super::memory::report(
+        super::memory::Layout::Resident,
+        s + u,
+        s,
+        u,
+        super::memory::state_tensors(pm.opt.settings()),
+        (0, 0),
+    );
+    ctx.summary
+        .extra
+        .insert("memory".into(), serde_json::to_value(mem)?);
+    ctx.summary
+        .extra
+        .insert("train_seconds".into(), json!(train_secs));
+    ctx.summary.extra.insert(
+        "ms_per_step".into(),
+        json!(1e3 * train_secs / cfg.train.steps as f64),
+    );
     Ok(())
 }

@@ -36,7 +36,10 @@ impl Meter {
 
     /// `loss ... acc ... ex/s`, then resets the window.
     pub fn take(&mut self) -> (String, f64) {
-        let secs = self.since.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(1e-9);
+        let secs = self
+            .since
+            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+            .max(1e-9);
         let eps = self.examples as f64 / secs;
         let msg = format!(
             "loss {:.4} acc {:.3} {:.0} ex/s",
@@ -49,18 +52,34 @@ impl Meter {
     }
 }
 
-/// Trains the layers selected by `mask(step)` for `steps` steps with a constant rate
-/// `lr` (used by warm-ups: head-only or all layers), logging under `stage`.
+/// A warm-up: which layers, how long, with which optimizer and constant rate.
+pub struct Fit<'a> {
+    /// Layers trained.
+    pub mask: &'a [bool],
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Optimizer hyper-parameters.
+    pub settings: OptimSettings,
+    /// Constant learning rate.
+    pub lr: f64,
+    /// Stage name in logs.
+    pub stage: &'a str,
+}
+
+/// Trains the layers of `fit.mask` (used by warm-ups: head-only or all layers).
 pub fn fit_layers(
     ctx: &mut RunContext,
     state: &mut NetState,
-    mask: &[bool],
     loader: &mut Loader,
-    steps: usize,
-    settings: OptimSettings,
-    lr: f64,
-    stage: &str,
+    fit: Fit<'_>,
 ) -> Result<()> {
+    let Fit {
+        mask,
+        steps,
+        settings,
+        lr,
+        stage,
+    } = fit;
     let n = ctx.net.params().len();
     let mut opt = Optimizer::new(settings, n);
     let lrs = vec![lr; n];
@@ -72,8 +91,10 @@ pub fn fit_layers(
         let (stats, grads) = gradients(ctx.net.as_ref(), state, mask, &x, &y, Mode::Train)?;
         apply(&mut opt, state, &grads, &lrs)?;
         meter.add(&stats);
-        ctx.metrics.write(json!({"kind": "train", "stage": stage, "step": step, "loss": stats.loss,
-            "acc": stats.correct as f64 / stats.n as f64, "lr": lr}))?;
+        ctx.metrics.write(
+            json!({"kind": "train", "stage": stage, "step": step, "loss": stats.loss,
+            "acc": stats.correct as f64 / stats.n as f64, "lr": lr}),
+        )?;
         if step % ctx.cfg.train.log_every == 0 || step == steps {
             let (msg, _) = meter.take();
             progress.update(step, &msg);
@@ -93,8 +114,18 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     if cfg.train.head_warmup_steps > 0 {
         let order = ctx.train_order()?;
         let mut l = ctx.loader(order, cfg.train.head_warmup_steps)?;
-        let s = OptimSettings { betas: cfg.stage1.warmup_betas, ..OptimSettings::from(&cfg.optim) };
-        fit_layers(ctx, &mut state, &head, &mut l, cfg.train.head_warmup_steps, s, cfg.stage1.warmup_lr, "warmup")?;
+        let s = OptimSettings {
+            betas: cfg.stage1.warmup_betas,
+            ..OptimSettings::from(&cfg.optim)
+        };
+        let fit = Fit {
+            mask: &head,
+            steps: cfg.train.head_warmup_steps,
+            settings: s,
+            lr: cfg.stage1.warmup_lr,
+            stage: "warmup",
+        };
+        fit_layers(ctx, &mut state, &mut l, fit)?;
     }
     super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
@@ -102,7 +133,11 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let mut opt = Optimizer::new(OptimSettings::from(&cfg.optim), net_n);
     let order = ctx.train_order()?;
     let mut loader = ctx.loader(order, cfg.train.steps)?;
-    let progress = Progress::new(cfg.train.method.name(), cfg.train.steps, cfg.train.log_every);
+    let progress = Progress::new(
+        cfg.train.method.name(),
+        cfg.train.steps,
+        cfg.train.log_every,
+    );
     let mut meter = Meter::default();
     let t0 = Instant::now();
     for step in 1..=cfg.train.steps {
@@ -124,7 +159,11 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             progress.update(step, &msg);
         }
         if cfg.snapshots.at_steps.contains(&step) {
-            io::save_state(ctx.net.as_ref(), &state, &ctx.dir.join(format!("step{step}.safetensors")))?;
+            io::save_state(
+                ctx.net.as_ref(),
+                &state,
+                &ctx.dir.join(format!("step{step}.safetensors")),
+            )?;
         }
         if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
             let r = ctx.evaluate(&state.frozen_view(), &state.buffers)?;
@@ -139,11 +178,23 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     ctx.log_eval(cfg.train.steps, "model", &r)?;
     ctx.summary.eval.insert("model".into(), r);
     let total = ctx.net.numel() as u64;
-    let mem = super::memory::report(super::memory::Layout::Full, total, total, 0, super::memory::state_tensors(opt.settings()), (0, 0));
-    ctx.summary.extra.insert("memory".into(), serde_json::to_value(mem)?);
-    ctx.summary.extra.insert("train_seconds".into(), json!(train_secs));
+    let mem = super::memory::report(
+        super::memory::Layout::Full,
+        total,
+        total,
+        0,
+        super::memory::state_tensors(opt.settings()),
+        (0, 0),
+    );
     ctx.summary
         .extra
-        .insert("ms_per_step".into(), json!(1e3 * train_secs / cfg.train.steps as f64));
+        .insert("memory".into(), serde_json::to_value(mem)?);
+    ctx.summary
+        .extra
+        .insert("train_seconds".into(), json!(train_secs));
+    ctx.summary.extra.insert(
+        "ms_per_step".into(),
+        json!(1e3 * train_secs / cfg.train.steps as f64),
+    );
     Ok(())
 }

@@ -36,7 +36,10 @@ pub struct EvalReport {
 impl EvalReport {
     /// One line: source mean, target mean, each domain.
     pub fn line(&self) -> String {
-        let mut s = format!("source {:.4}  target {:.4} |", self.source_acc, self.target_acc);
+        let mut s = format!(
+            "source {:.4}  target {:.4} |",
+            self.source_acc, self.target_acc
+        );
         for d in &self.domains {
             s.push_str(&format!(" {} {:.4}", d.name, d.acc));
         }
@@ -88,12 +91,20 @@ pub fn evaluate(
         });
     }
     let mean = |role: &str| {
-        let v: Vec<f64> = domains.iter().filter(|d| d.role == role).map(|d| d.acc).collect();
+        let v: Vec<f64> = domains
+            .iter()
+            .filter(|d| d.role == role)
+            .map(|d| d.acc)
+            .collect();
         if v.is_empty() {
             f64::NAN
         } else {
             v.iter().sum::<f64>() / v.len() as f64
         }
     };
-    Ok(EvalReport { source_acc: mean("source"), target_acc: mean("target"), domains })
+    Ok(EvalReport {
+        source_acc: mean("source"),
+        target_acc: mean("target"),
+        domains,
+    })
 }

@@ -36,12 +36,27 @@ pub enum Layout {
 
 /// The report for `total` f32 elements split into sets of `stable` / `unstable`
 /// elements, with `state_per_elem` optimizer tensors per trained element.
-pub fn report(layout: Layout, total: u64, stable: u64, unstable: u64, state_per_elem: u64, counterparts: (u64, u64)) -> MemoryReport {
+pub fn report(
+    layout: Layout,
+    total: u64,
+    stable: u64,
+    unstable: u64,
+    state_per_elem: u64,
+    counterparts: (u64, u64),
+) -> MemoryReport {
     let b = 4u64;
     let (w, g, o) = match layout {
         Layout::Full => (total, total, state_per_elem * total),
-        Layout::Resident => (2 * total, stable.max(unstable), state_per_elem * (stable + unstable)),
-        Layout::Single => (total, stable.max(unstable), state_per_elem * stable.max(unstable)),
+        Layout::Resident => (
+            2 * total,
+            stable.max(unstable),
+            state_per_elem * (stable + unstable),
+        ),
+        Layout::Single => (
+            total,
+            stable.max(unstable),
+            state_per_elem * stable.max(unstable),
+        ),
     };
     MemoryReport {
         live_weights: b * w,

@@ -20,7 +20,9 @@ use anyhow::Result;
 pub fn run_method(ctx: &mut RunContext) -> Result<()> {
     match ctx.cfg.train.method {
         Method::Erm | Method::LpFt => erm::train(ctx)?,
-        Method::Ldt | Method::Deft if ctx.cfg.ldt.placement == Placement::Resident => dual::train(ctx)?,
+        Method::Ldt | Method::Deft if ctx.cfg.ldt.placement == Placement::Resident => {
+            dual::train(ctx)?
+        }
         Method::Ldt | Method::Deft | Method::LdtS => single::train(ctx)?,
     }
     if ctx.dir.join("partition.json").exists() {

@@ -15,7 +15,9 @@ fn curves(metrics: &Path) -> Result<Vec<Panel>> {
     let mut loss: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut acc: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         let step = v["step"].as_f64().unwrap_or(0.0);
         match v["kind"].as_str() {
             Some("train") if v["stage"] == "train" => {
@@ -39,18 +41,35 @@ fn curves(metrics: &Path) -> Result<Vec<Panel>> {
     let panel = |title: &str, y: &str, m: BTreeMap<String, Vec<(f64, f64)>>| Panel {
         title: title.into(),
         y_label: y.into(),
-        curves: m.into_iter().map(|(label, points)| Curve { label, points }).collect(),
+        curves: m
+            .into_iter()
+            .map(|(label, points)| Curve { label, points })
+            .collect(),
     };
-    Ok(vec![panel("training loss", "loss", loss), panel("evaluation", "accuracy", acc)])
+    Ok(vec![
+        panel("training loss", "loss", loss),
+        panel("evaluation", "accuracy", acc),
+    ])
 }
 
 /// Draws `DIR/partition.svg` and `DIR/partition.png` from the run's files.
 pub fn draw(dir: &Path) -> Result<()> {
     let p = dir.join("partition.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {} (is {} a run directory of an LDT method?)", p.display(), dir.display()))?;
-    let part: Partition = serde_json::from_str(&text).with_context(|| format!("{} is not a partition report", p.display()))?;
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "cannot read {} (is {} a run directory of an LDT method?)",
+            p.display(),
+            dir.display()
+        )
+    })?;
+    let part: Partition = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a partition report", p.display()))?;
     let fig = Figure {
-        title: format!("LDT partition ({} stable / {} unstable)", part.stable.len(), part.unstable.len()),
+        title: format!(
+            "LDT partition ({} stable / {} unstable)",
+            part.stable.len(),
+            part.unstable.len()
+        ),
         criterion: format!("{:?}", part.criterion).to_lowercase(),
         layers: part
             .layers
@@ -58,7 +77,11 @@ pub fn draw(dir: &Path) -> Result<()> {
             .map(|l| PlotLayer {
                 name: l.name.clone(),
                 statistic: l.score,
-                set: if l.set == Set::Stable { LayerSet::Stable } else { LayerSet::Unstable },
+                set: if l.set == Set::Stable {
+                    LayerSet::Stable
+                } else {
+                    LayerSet::Unstable
+                },
                 coefficient: l.coefficient,
             })
             .collect(),

@@ -66,16 +66,28 @@ pub struct Summary {
 impl RunContext {
     /// Creates the run directory, writes the resolved config, opens data and model.
     pub fn open(cfg: Config, dir: &Path) -> Result<RunContext> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the run directory {} (choose another with --out)", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the run directory {} (choose another with --out)",
+                dir.display()
+            )
+        })?;
         let probe = dir.join(".ldt-write-test");
-        std::fs::write(&probe, b"ok")
-            .with_context(|| format!("the run directory {} is not writable (choose another with --out)", dir.display()))?;
+        std::fs::write(&probe, b"ok").with_context(|| {
+            format!(
+                "the run directory {} is not writable (choose another with --out)",
+                dir.display()
+            )
+        })?;
         std::fs::remove_file(&probe).ok();
         std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
         let device = crate::device(&cfg)?;
         let bench = Benchmark::open(&cfg.data.manifest)?;
-        let net = model::build(&cfg.model, bench.manifest.image_shape, bench.manifest.num_classes)?;
+        let net = model::build(
+            &cfg.model,
+            bench.manifest.image_shape,
+            bench.manifest.num_classes,
+        )?;
         let metrics = MetricsLog::create(&dir.join("metrics.jsonl"))?;
         let pool = bench.source_pool();
         Ok(RunContext {
@@ -99,8 +111,13 @@ impl RunContext {
     /// Starting weights: `model.init` if set, else seeded PyTorch-style init.
     pub fn initial_state(&self) -> Result<NetState> {
         match &self.cfg.model.init {
-            Some(p) => io::load_state(self.net.as_ref(), p, &self.device).context("config key `model.init`"),
-            None => NetState::init(self.net.as_ref(), &mut Rng::new(self.cfg.seed, streams::INIT), &self.device),
+            Some(p) => io::load_state(self.net.as_ref(), p, &self.device)
+                .context("config key `model.init`"),
+            None => NetState::init(
+                self.net.as_ref(),
+                &mut Rng::new(self.cfg.seed, streams::INIT),
+                &self.device,
+            ),
         }
     }
 
@@ -108,7 +125,10 @@ impl RunContext {
     /// shuffles of all source training examples.
     pub fn train_order(&self) -> Result<BatchOrder> {
         match &self.cfg.data.schedule {
-            Some(p) => Ok(BatchOrder::fixed(loader::read_batches(p, &self.cfg.data.schedule_key)?)),
+            Some(p) => Ok(BatchOrder::fixed(loader::read_batches(
+                p,
+                &self.cfg.data.schedule_key,
+            )?)),
             None => Ok(BatchOrder::shuffle(
                 (0..self.pool.len()).collect(),
                 self.cfg.train.batch_size,
@@ -119,7 +139,13 @@ impl RunContext {
 
     /// A prefetching loader of `count` batches in `order`.
     pub fn loader(&self, order: BatchOrder, count: usize) -> Result<Loader> {
-        Loader::spawn(self.pool.clone(), order, count, self.image_len(), self.cfg.data.prefetch)
+        Loader::spawn(
+            self.pool.clone(),
+            order,
+            count,
+            self.image_len(),
+            self.cfg.data.prefetch,
+        )
     }
 
     /// A host batch as device tensors.
@@ -129,7 +155,14 @@ impl RunContext {
 
     /// Evaluates parameters and buffers on every domain.
     pub fn evaluate(&self, params: &[Tensor], buffers: &[Tensor]) -> Result<EvalReport> {
-        evaluate(self.net.as_ref(), params, buffers, &self.bench, self.cfg.eval.batch_size, &self.device)
+        evaluate(
+            self.net.as_ref(),
+            params,
+            buffers,
+            &self.bench,
+            self.cfg.eval.batch_size,
+            &self.device,
+        )
     }
 
     /// Logs an evaluation record (`kind: eval`) for network `name` at `step`.
@@ -137,7 +170,12 @@ impl RunContext {
         let domains: serde_json::Map<String, Value> = r
             .domains
             .iter()
-            .map(|d| (d.name.clone(), json!({"acc": d.acc, "loss": d.loss, "role": d.role})))
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    json!({"acc": d.acc, "loss": d.loss, "role": d.role}),
+                )
+            })
             .collect();
         self.metrics.write(json!({
             "kind": "eval", "step": step, "model": name,

@@ -19,7 +19,9 @@ use crate::ldt::stage1;
 use crate::metrics::Progress;
 use crate::model::{io, Mode, NetState};
 use crate::offload::backend::{Backend, CpuBackend};
-use crate::offload::{CounterpartBuffer, Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StorageDtype};
+use crate::offload::{
+    CounterpartBuffer, Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StorageDtype,
+};
 use crate::optim::{schedule, LayerState, OptimSettings, Optimizer};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -77,15 +79,28 @@ impl SingleLive {
         for (i, p) in start.params.iter().enumerate() {
             let numel = p.as_tensor().elem_count();
             weight_slot.push(specs.len());
-            specs.push(SlotSpec { name: format!("{}:weight", names[i]), numel, dtype: StorageDtype::F32 });
+            specs.push(SlotSpec {
+                name: format!("{}:weight", names[i]),
+                numel,
+                dtype: StorageDtype::F32,
+            });
             m_slot.push(specs.len());
             if with_m {
-                specs.push(SlotSpec { name: format!("{}:m", names[i]), numel, dtype: StorageDtype::F32 });
+                specs.push(SlotSpec {
+                    name: format!("{}:m", names[i]),
+                    numel,
+                    dtype: StorageDtype::F32,
+                });
             }
             v_slot.push(specs.len());
-            specs.push(SlotSpec { name: format!("{}:v", names[i]), numel, dtype: StorageDtype::F32 });
+            specs.push(SlotSpec {
+                name: format!("{}:v", names[i]),
+                numel,
+                dtype: StorageDtype::F32,
+            });
         }
-        let buf = CounterpartBuffer::allocate(&specs, offload).map_err(|e| anyhow::anyhow!("counterpart buffer: {e}"))?;
+        let buf = CounterpartBuffer::allocate(&specs, offload)
+            .map_err(|e| anyhow::anyhow!("counterpart buffer: {e}"))?;
         let buf_tiers = (buf.bytes_in_ram(), buf.bytes_in_file());
         let buf = Arc::new(SharedCounterpartBuffer::new(buf));
         let backend: Box<dyn Backend> = Box::new(CpuBackend::new(offload.threads));
@@ -93,7 +108,13 @@ impl SingleLive {
             backend.store(p.as_tensor(), &buf, weight_slot[i])?;
         }
         let parked_buffers = if per_branch_buffers {
-            Some(start.buffers.iter().map(|t| t.copy()).collect::<candle_core::Result<Vec<_>>>()?)
+            Some(
+                start
+                    .buffers
+                    .iter()
+                    .map(|t| t.copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            )
         } else {
             None
         };
@@ -126,13 +147,20 @@ impl SingleLive {
     /// Waits for every fold in flight.
     pub fn sync(&mut self) -> Result<()> {
         for f in self.pending.drain(..) {
-            f.wait().map_err(|e| anyhow::anyhow!("counterpart fold failed: {e}"))?;
+            f.wait()
+                .map_err(|e| anyhow::anyhow!("counterpart fold failed: {e}"))?;
         }
         Ok(())
     }
 
     /// One optimizer step of the live branch on `(x, y)`.
-    pub fn half_step(&mut self, ctx: &RunContext, x: &Tensor, y: &Tensor, lrs: &[f64]) -> Result<super::step::StepStats> {
+    pub fn half_step(
+        &mut self,
+        ctx: &RunContext,
+        x: &Tensor,
+        y: &Tensor,
+        lrs: &[f64],
+    ) -> Result<super::step::StepStats> {
         let mask = self.mask();
         let (stats, grads) = gradients(ctx.net.as_ref(), &mut self.live, &mask, x, y, Mode::Train)?;
         // A fold still reading the live trained set must finish before the update.
@@ -159,11 +187,13 @@ impl SingleLive {
                 jobs.push((self.weight_slot[i], live.clone(), l.coefficient));
             } else {
                 // Source parked, destination (the live branch's frozen copy) live.
-                self.backend.fold_into_live(live, &self.buf, self.weight_slot[i], l.coefficient)?;
+                self.backend
+                    .fold_into_live(live, &self.buf, self.weight_slot[i], l.coefficient)?;
             }
         }
         if !jobs.is_empty() {
-            self.pending.push(self.backend.fold_into_slots(&self.buf, jobs));
+            self.pending
+                .push(self.backend.fold_into_slots(&self.buf, jobs));
         }
         Ok(())
     }
@@ -176,7 +206,8 @@ impl SingleLive {
         }
         self.sync()?;
         for (i, p) in self.live.params.iter().enumerate() {
-            self.backend.swap(p.as_tensor(), &self.buf, self.weight_slot[i])?;
+            self.backend
+                .swap(p.as_tensor(), &self.buf, self.weight_slot[i])?;
         }
         let (out_opt, in_opt) = match self.phase {
             Phase::P => (&mut self.opt_p, &mut self.opt_a),
@@ -193,8 +224,16 @@ impl SingleLive {
                 self.parked_state[i] = Some((st.step, st.m.is_some(), st.v.is_some()));
             } else if let Some((step, has_m, has_v)) = self.parked_state[i].take() {
                 let shape = self.live.params[i].as_tensor().dims().to_vec();
-                let m = if has_m { Some(self.backend.load(&self.buf, self.m_slot[i], &shape)?) } else { None };
-                let v = if has_v { Some(self.backend.load(&self.buf, self.v_slot[i], &shape)?) } else { None };
+                let m = if has_m {
+                    Some(self.backend.load(&self.buf, self.m_slot[i], &shape)?)
+                } else {
+                    None
+                };
+                let v = if has_v {
+                    Some(self.backend.load(&self.buf, self.v_slot[i], &shape)?)
+                } else {
+                    None
+                };
                 in_opt.put_state(i, Some(LayerState { step, m, v }));
             }
         }
@@ -216,7 +255,8 @@ impl SingleLive {
                 if branch == self.phase {
                     Ok(p.as_tensor().copy()?)
                 } else {
-                    self.backend.load(&self.buf, self.weight_slot[i], p.as_tensor().dims())
+                    self.backend
+                        .load(&self.buf, self.weight_slot[i], p.as_tensor().dims())
                 }
             })
             .collect()
@@ -235,7 +275,13 @@ impl SingleLive {
         let pm = self.branch_params(Phase::P)?;
         let am = self.branch_params(Phase::A)?;
         let params = (0..pm.len())
-            .map(|i| if self.partition.is_stable(i) { am[i].clone() } else { pm[i].clone() })
+            .map(|i| {
+                if self.partition.is_stable(i) {
+                    am[i].clone()
+                } else {
+                    pm[i].clone()
+                }
+            })
             .collect();
         Ok((params, self.branch_buffers(Phase::P)))
     }
@@ -243,9 +289,18 @@ impl SingleLive {
     /// The memory report of this placement.
     pub fn memory(&self) -> MemoryReport {
         let numel = |mask: Vec<bool>| -> u64 {
-            self.live.params.iter().zip(mask).filter(|(_, m)| *m).map(|(p, _)| p.as_tensor().elem_count() as u64).sum()
+            self.live
+                .params
+                .iter()
+                .zip(mask)
+                .filter(|(_, m)| *m)
+                .map(|(p, _)| p.as_tensor().elem_count() as u64)
+                .sum()
         };
-        let (s, u) = (numel(self.partition.stable_mask()), numel(self.partition.unstable_mask()));
+        let (s, u) = (
+            numel(self.partition.stable_mask()),
+            numel(self.partition.unstable_mask()),
+        );
         let k = super::memory::state_tensors(self.opt_p.settings());
         super::memory::report(Layout::Single, s + u, s, u, k, self.buf_tiers)
     }
@@ -254,7 +309,12 @@ impl SingleLive {
 /// Offload settings from the config.
 pub fn offload_config(ctx: &RunContext) -> OffloadConfig {
     let o = &ctx.cfg.offload;
-    OffloadConfig { host_budget_bytes: o.host_bytes, file_path: o.path.clone(), staging_bytes: o.staging_bytes, threads: o.threads }
+    OffloadConfig {
+        host_budget_bytes: o.host_bytes,
+        file_path: o.path.clone(),
+        staging_bytes: o.staging_bytes,
+        threads: o.threads,
+    }
 }
 
 /// Runs `ldt-s`, or the dual branch in swap placement.
@@ -273,13 +333,28 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
-    let mut m = SingleLive::new(start, partition, OptimSettings::from(&cfg.optim), &offload_config(ctx), dual, &names)
-        .context("setting up the counterpart buffer")?;
+    let mut m = SingleLive::new(
+        start,
+        partition,
+        OptimSettings::from(&cfg.optim),
+        &offload_config(ctx),
+        dual,
+        &names,
+    )
+    .context("setting up the counterpart buffer")?;
     let mem = m.memory();
-    let (p_len, a_len) = if dual { (1, 1) } else { (cfg.ldt_s.p_steps, cfg.ldt_s.a_steps) };
+    let (p_len, a_len) = if dual {
+        (1, 1)
+    } else {
+        (cfg.ldt_s.p_steps, cfg.ldt_s.a_steps)
+    };
     // Batches: one per step; in repeat mode one per P step, replayed by A.
     let mut loader = ctx.loader(ctx.train_order()?, cfg.train.steps)?;
-    let progress = Progress::new(cfg.train.method.name(), cfg.train.steps, cfg.train.log_every);
+    let progress = Progress::new(
+        cfg.train.method.name(),
+        cfg.train.steps,
+        cfg.train.log_every,
+    );
     let mut meter = Meter::default();
     let (mut n_p, mut n_a) = (0usize, 0usize);
     let mut replay: Vec<HostBatch> = Vec::new();
@@ -295,7 +370,10 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 // Swap placement alternates the order of the half-steps to swap once per step.
                 let hb = loader.next_batch()?;
                 let (x, y) = ctx.tensors(&hb)?;
-                let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps)).collect();
+                let lrs: Vec<f64> = base
+                    .iter()
+                    .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
+                    .collect();
                 let sa = m.half_step(ctx, &x, &y, &lrs)?;
                 m.switch_to(Phase::P)?;
                 let sp = m.half_step(ctx, &x, &y, &lrs)?;
@@ -307,7 +385,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     m.fold(Phase::P)?;
                     m.fold(Phase::A)?;
                 }
-                after_step(ctx, &mut m, step, &cfg, &progress, &mut meter, sp.loss, sa.loss)?;
+                after_step(
+                    ctx, &mut m, step, &cfg, &progress, &mut meter, sp.loss, sa.loss,
+                )?;
                 continue;
             }
             m.switch_to(Phase::P)?;
@@ -315,7 +395,10 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             for j in 0..k {
                 let hb = loader.next_batch()?;
                 let (x, y) = ctx.tensors(&hb)?;
-                let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step + j + 1, cfg.train.steps)).collect();
+                let lrs: Vec<f64> = base
+                    .iter()
+                    .map(|&b| schedule::lr_at(&cfg.optim, b, step + j + 1, cfg.train.steps))
+                    .collect();
                 let s = m.half_step(ctx, &x, &y, &lrs)?;
                 meter.add(&s);
                 p_losses.push(s.loss);
@@ -324,7 +407,10 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             m.switch_to(Phase::A)?;
             for (j, hb) in replay.iter().enumerate() {
                 let (x, y) = ctx.tensors(hb)?;
-                let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps)).collect();
+                let lrs: Vec<f64> = base
+                    .iter()
+                    .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
+                    .collect();
                 let sa = m.half_step(ctx, &x, &y, &lrs)?;
                 step += 1;
                 n_p += 1;
@@ -334,7 +420,16 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     m.fold(Phase::P)?;
                     m.fold(Phase::A)?;
                 }
-                after_step(ctx, &mut m, step, &cfg, &progress, &mut meter, p_losses[j], sa.loss)?;
+                after_step(
+                    ctx,
+                    &mut m,
+                    step,
+                    &cfg,
+                    &progress,
+                    &mut meter,
+                    p_losses[j],
+                    sa.loss,
+                )?;
             }
         } else {
             for (phase, len) in [(Phase::P, p_len), (Phase::A, a_len)] {
@@ -342,7 +437,10 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 for _ in 0..len.min(cfg.train.steps - step) {
                     let hb = loader.next_batch()?;
                     let (x, y) = ctx.tensors(&hb)?;
-                    let lrs: Vec<f64> = base.iter().map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps)).collect();
+                    let lrs: Vec<f64> = base
+                        .iter()
+                        .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
+                        .collect();
                     let s = m.half_step(ctx, &x, &y, &lrs)?;
                     meter.add(&s);
                     step += 1;
@@ -359,7 +457,11 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     if n % ema == 0 {
                         m.fold(phase)?;
                     }
-                    let (lp, la) = if phase == Phase::P { (s.loss, f32::NAN) } else { (f32::NAN, s.loss) };
+                    let (lp, la) = if phase == Phase::P {
+                        (s.loss, f32::NAN)
+                    } else {
+                        (f32::NAN, s.loss)
+                    };
                     after_step(ctx, &mut m, step, &cfg, &progress, &mut meter, lp, la)?;
                 }
             }
@@ -371,25 +473,49 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let net = ctx.net.as_ref();
     let (pm, am) = (m.branch_params(Phase::P)?, m.branch_params(Phase::A)?);
     let named = |p: &[Tensor], b: &[Tensor]| -> Vec<(String, Tensor)> {
-        net.params().iter().map(|s| s.name.clone()).zip(p.iter().cloned())
-            .chain(net.buffers().iter().map(|s| s.name.clone()).zip(b.iter().cloned()))
+        net.params()
+            .iter()
+            .map(|s| s.name.clone())
+            .zip(p.iter().cloned())
+            .chain(
+                net.buffers()
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .zip(b.iter().cloned()),
+            )
             .collect()
     };
-    io::save_tensors(&named(&pm, &m.branch_buffers(Phase::P)), &ctx.dir.join("pm.safetensors"))?;
-    io::save_tensors(&named(&am, &m.branch_buffers(Phase::A)), &ctx.dir.join("am.safetensors"))?;
+    io::save_tensors(
+        &named(&pm, &m.branch_buffers(Phase::P)),
+        &ctx.dir.join("pm.safetensors"),
+    )?;
+    io::save_tensors(
+        &named(&am, &m.branch_buffers(Phase::A)),
+        &ctx.dir.join("am.safetensors"),
+    )?;
     let (cp, cb) = m.composite()?;
     io::save_tensors(&named(&cp, &cb), &ctx.dir.join("composite.safetensors"))?;
     let r = ctx.evaluate(&cp, &cb)?;
     ctx.log_eval(cfg.train.steps, "composite", &r)?;
     ctx.summary.eval.insert("composite".into(), r);
-    for (name, p, b) in [("pm", &pm, m.branch_buffers(Phase::P)), ("am", &am, m.branch_buffers(Phase::A))] {
+    for (name, p, b) in [
+        ("pm", &pm, m.branch_buffers(Phase::P)),
+        ("am", &am, m.branch_buffers(Phase::A)),
+    ] {
         let r = ctx.evaluate(p, &b)?;
         ctx.log_eval(cfg.train.steps, name, &r)?;
         ctx.summary.eval.insert(name.into(), r);
     }
-    ctx.summary.extra.insert("train_seconds".into(), json!(train_secs));
-    ctx.summary.extra.insert("ms_per_step".into(), json!(1e3 * train_secs / cfg.train.steps as f64));
-    ctx.summary.extra.insert("memory".into(), serde_json::to_value(mem)?);
+    ctx.summary
+        .extra
+        .insert("train_seconds".into(), json!(train_secs));
+    ctx.summary.extra.insert(
+        "ms_per_step".into(),
+        json!(1e3 * train_secs / cfg.train.steps as f64),
+    );
+    ctx.summary
+        .extra
+        .insert("memory".into(), serde_json::to_value(mem)?);
     Ok(())
 }
 
@@ -405,9 +531,11 @@ fn after_step(
     loss_a: f32,
 ) -> Result<()> {
     let f = |x: f32| if x.is_finite() { json!(x) } else { json!(null) };
-    ctx.metrics.write(json!({"kind": "train", "stage": "train", "step": step, "phase": format!("{:?}", m.phase),
-        "loss_pm": f(loss_p), "loss_am": f(loss_a)}))?;
-    if step % cfg.train.log_every == 0 || step == cfg.train.steps {
+    ctx.metrics.write(
+        json!({"kind": "train", "stage": "train", "step": step, "phase": format!("{:?}", m.phase),
+        "loss_pm": f(loss_p), "loss_am": f(loss_a)}),
+    )?;
+    if step.is_multiple_of(cfg.train.log_every) || step == cfg.train.steps {
         progress.update(step, &meter.take().0);
     }
     if cfg.snapshots.at_steps.contains(&step) {
@@ -415,12 +543,20 @@ fn after_step(
         for (tag, ph) in [("pm", Phase::P), ("am", Phase::A)] {
             let p = m.branch_params(ph)?;
             let b = m.branch_buffers(ph);
-            let named: Vec<(String, Tensor)> = net.params().iter().map(|s| s.name.clone()).zip(p)
-                .chain(net.buffers().iter().map(|s| s.name.clone()).zip(b)).collect();
-            io::save_tensors(&named, &ctx.dir.join(format!("step{step}_{tag}.safetensors")))?;
+            let named: Vec<(String, Tensor)> = net
+                .params()
+                .iter()
+                .map(|s| s.name.clone())
+                .zip(p)
+                .chain(net.buffers().iter().map(|s| s.name.clone()).zip(b))
+                .collect();
+            io::save_tensors(
+                &named,
+                &ctx.dir.join(format!("step{step}_{tag}.safetensors")),
+            )?;
         }
     }
-    if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
+    if cfg.eval.every > 0 && step.is_multiple_of(cfg.eval.every) && step < cfg.train.steps {
         let (cp, cb) = m.composite()?;
         let r = ctx.evaluate(&cp, &cb)?;
         progress.println(&format!("eval @{step}: composite {}", r.line()));

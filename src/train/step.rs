@@ -39,22 +39,41 @@ pub fn gradients(
         .to_dtype(candle_core::DType::F32)?
         .sum_all()?
         .to_scalar::<f32>()? as usize;
-    let stats = StepStats { loss: loss_v, correct, n: y.dim(0)? };
+    let stats = StepStats {
+        loss: loss_v,
+        correct,
+        n: y.dim(0)?,
+    };
     if !loss_v.is_finite() {
         bail!("the loss is {loss_v} (non-finite); lower the learning rate or check the data");
     }
-    let mut grads = if trainable.iter().any(|&t| t) { Some(loss.backward()?) } else { None };
+    let mut grads = if trainable.iter().any(|&t| t) {
+        Some(loss.backward()?)
+    } else {
+        None
+    };
     let out = state
         .params
         .iter()
         .zip(trainable)
-        .map(|(v, &t)| if t { grads.as_mut().and_then(|g| g.remove(v.as_tensor())) } else { None })
+        .map(|(v, &t)| {
+            if t {
+                grads.as_mut().and_then(|g| g.remove(v.as_tensor()))
+            } else {
+                None
+            }
+        })
         .collect();
     Ok((stats, out))
 }
 
 /// Applies the optimizer to every layer that has a gradient, with per-layer rates.
-pub fn apply(opt: &mut Optimizer, state: &NetState, grads: &[Option<Tensor>], lrs: &[f64]) -> Result<()> {
+pub fn apply(
+    opt: &mut Optimizer,
+    state: &NetState,
+    grads: &[Option<Tensor>],
+    lrs: &[f64],
+) -> Result<()> {
     for (i, g) in grads.iter().enumerate() {
         if let Some(g) = g {
             opt.step(i, &state.params[i], g, lrs[i])?;

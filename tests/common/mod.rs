@@ -36,19 +36,30 @@ pub fn run(toml: &str, overrides: &[&str]) -> (tempfile::TempDir, RunContext) {
 
 /// All tensors of a safetensors file.
 pub fn load(p: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(p, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    candle_core::safetensors::load(p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// Flattened f64 values.
 pub fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// ||a - b|| / ||b||.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (values(a), values(b));
     assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     num / den.max(1e-30)
 }
@@ -58,7 +69,9 @@ pub fn worst_rel_l2(got: &Path, want: &Path) -> (f64, String) {
     let (g, w) = (load(got), load(want));
     let mut worst = (0.0, String::new());
     for (k, wt) in &w {
-        let gt = g.get(k).unwrap_or_else(|| panic!("{} lacks `{k}`", got.display()));
+        let gt = g
+            .get(k)
+            .unwrap_or_else(|| panic!("{} lacks `{k}`", got.display()));
         let r = rel_l2(gt, wt);
         if r > worst.0 {
             worst = (r, k.clone());
@@ -74,7 +87,10 @@ pub fn identical(a: &Path, b: &Path) -> bool {
         && x.iter().all(|(k, t)| {
             y.get(k).is_some_and(|u| {
                 t.dims() == u.dims()
-                    && values(t).iter().zip(values(u)).all(|(p, q)| p.to_bits() == q.to_bits())
+                    && values(t)
+                        .iter()
+                        .zip(values(u))
+                        .all(|(p, q)| p.to_bits() == q.to_bits())
             })
         })
 }

@@ -4,7 +4,7 @@
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -57,9 +57,10 @@ impl MaxPool2d {
         (n + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
-    /// Index (within one `H*W` plane) of the first maximum of output cell `(oy, ox)`.
-    fn argmax(&self, plane: &[f32], h: usize, w: usize, oy: usize, ox: usize) -> usize {
-        let mut best = f32::NEG_INFINITY;
+    /// Index (within one `H*W` plane) of the first maximum of output cell `(oy, ox)`
+    /// (a NaN wins at once, as in PyTorch). Generic over the float type (f32, f64).
+    fn argmax<T: WithDType>(&self, plane: &[T], h: usize, w: usize, oy: usize, ox: usize) -> usize {
+        let mut best: Option<T> = None;
         let mut idx = usize::MAX;
         for ky in 0..self.kernel {
             let iy = (oy * self.stride + ky) as isize - self.padding as isize;
@@ -73,10 +74,11 @@ impl MaxPool2d {
                 }
                 let i = iy as usize * w + ix as usize;
                 let v = plane[i];
-                if idx == usize::MAX || v > best || v.is_nan() {
-                    best = v;
+                let nan = v.partial_cmp(&v).is_none();
+                if best.is_none_or(|b| v > b) || nan {
+                    best = Some(v);
                     idx = i;
-                    if v.is_nan() {
+                    if nan {
                         return idx;
                     }
                 }
@@ -84,21 +86,19 @@ impl MaxPool2d {
         }
         idx
     }
-}
 
-impl CustomOp1 for MaxPool2d {
-    fn name(&self) -> &'static str {
-        "ldt-max-pool2d"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: WithDType>(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = layout.shape().dims4()?;
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("max_pool2d expects a contiguous input")
         };
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = &storage.as_slice::<T>()?[start..end];
         let (oh, ow) = (self.out_dim(h), self.out_dim(w));
-        let mut out = vec![0f32; n * c * oh * ow];
+        let mut out = vec![T::zero(); n * c * oh * ow];
         out.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
             .for_each(|(o, plane)| {
@@ -108,15 +108,19 @@ impl CustomOp1 for MaxPool2d {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+        Ok((T::to_cpu_storage_owned(out), Shape::from((n, c, oh, ow))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn grad<T: WithDType>(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Tensor> {
         let (_n, _c, h, w) = arg.dims4()?;
         let (oh, ow) = (self.out_dim(h), self.out_dim(w));
-        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut gx = vec![0f32; x.len()];
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<T>()?;
+        let g = grad_res
+            .to_dtype(T::DTYPE)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<T>()?;
+        let mut gx = vec![T::zero(); x.len()];
         gx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w))
             .zip(g.par_chunks(oh * ow))
@@ -127,7 +131,37 @@ impl CustomOp1 for MaxPool2d {
                     }
                 }
             });
-        Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
+        Tensor::from_vec(gx, arg.shape(), arg.device())
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "ldt-max-pool2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match storage {
+            CpuStorage::F32(_) => self.fwd::<f32>(storage, layout),
+            CpuStorage::F64(_) => self.fwd::<f64>(storage, layout),
+            _ => candle_core::bail!("max_pool2d supports f32 and f64 tensors"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(match arg.dtype() {
+            DType::F64 => self.grad::<f64>(arg, grad_res)?,
+            _ => self.grad::<f32>(arg, grad_res)?,
+        }))
     }
 }
 
@@ -168,7 +202,8 @@ pub fn batch_norm2d(
         let var = centered.sqr()?.mean_keepdim(1)?;
         if mode == super::Mode::Train {
             let mean_d = mean.detach().flatten_all()?;
-            let var_unbiased = (var.detach().flatten_all()? * (m as f64 / (m as f64 - 1.0).max(1.0)))?;
+            let var_unbiased =
+                (var.detach().flatten_all()? * (m as f64 / (m as f64 - 1.0).max(1.0)))?;
             *buf.mean = ((&*buf.mean * (1.0 - BN_MOMENTUM))? + (mean_d * BN_MOMENTUM)?)?;
             *buf.var = ((&*buf.var * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?;
             *buf.count = (&*buf.count + 1.0)?;
@@ -179,8 +214,7 @@ pub fn batch_norm2d(
             .reshape((c, n, h, wd))?
             .transpose(0, 1)?
     };
-    Ok(y
-        .broadcast_mul(&w.reshape((1, c, 1, 1))?)?
+    Ok(y.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
         .broadcast_add(&b.reshape((1, c, 1, 1))?)?)
 }
 
@@ -203,7 +237,11 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// Number of correct argmax predictions and the summed cross-entropy of a batch.
 pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, f64)> {
     let pred = logits.argmax(D::Minus1)?.to_dtype(DType::I64)?;
-    let correct = pred.eq(labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    let correct = pred
+        .eq(labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize;
     let lsm = log_softmax(logits)?;
     let picked = lsm.gather(&labels.unsqueeze(1)?, 1)?;
     let loss_sum = -(picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?);

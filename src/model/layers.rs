@@ -4,7 +4,7 @@
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -27,9 +27,41 @@ pub fn conv2d(
     super::conv::conv2d(x, w, b, stride, padding)
 }
 
-/// Rectified linear unit.
+/// Rectified linear unit with PyTorch's gradient: zero where the input is <= 0
+/// (candle's relu passes the gradient at exactly 0).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.relu()?)
+    Ok(x.contiguous()?.apply_op1(Relu)?)
+}
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "ldt-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn go<T: WithDType + PartialOrd>(v: &[T], l: &Layout) -> Vec<T> {
+            let z = T::zero();
+            let (a, b) = l.contiguous_offsets().expect("relu input made contiguous");
+            v[a..b].iter().map(|&x| if x > z { x } else { z }).collect()
+        }
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(go(v, l)),
+            CpuStorage::F64(v) => CpuStorage::F64(go(v, l)),
+            _ => candle_core::bail!("relu supports f32 and f64 tensors"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.mul(&arg.gt(0.0)?.to_dtype(arg.dtype())?)?))
+    }
 }
 
 /// Max pooling with PyTorch semantics: `-inf` padding, the first maximum of a window
@@ -53,9 +85,10 @@ impl MaxPool2d {
         (n + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
-    /// Index (within one `H*W` plane) of the first maximum of output cell `(oy, ox)`.
-    fn argmax(&self, plane: &[f32], h: usize, w: usize, oy: usize, ox: usize) -> usize {
-        let mut best = f32::NEG_INFINITY;
+    /// Index (within one `H*W` plane) of the first maximum of output cell `(oy, ox)`
+    /// (a NaN wins at once, as in PyTorch). Generic over the float type (f32, f64).
+    fn argmax<T: WithDType>(&self, plane: &[T], h: usize, w: usize, oy: usize, ox: usize) -> usize {
+        let mut best: Option<T> = None;
         let mut idx = usize::MAX;
         for ky in 0..self.kernel {
             let iy = (oy * self.stride + ky) as isize - self.padding as isize;
@@ -69,16 +102,64 @@ impl MaxPool2d {
                 }
                 let i = iy as usize * w + ix as usize;
                 let v = plane[i];
-                if idx == usize::MAX || v > best || v.is_nan() {
-                    best = v;
+                let nan = v.partial_cmp(&v).is_none();
+                if best.is_none_or(|b| v > b) || nan {
+                    best = Some(v);
                     idx = i;
-                    if v.is_nan() {
+                    if nan {
                         return idx;
                     }
                 }
             }
         }
         idx
+    }
+
+    fn fwd<T: WithDType>(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("max_pool2d expects a contiguous input")
+        };
+        let x = &storage.as_slice::<T>()?[start..end];
+        let (oh, ow) = (self.out_dim(h), self.out_dim(w));
+        let mut out = vec![T::zero(); n * c * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        o[oy * ow + ox] = plane[self.argmax(plane, h, w, oy, ox)];
+                    }
+                }
+            });
+        Ok((T::to_cpu_storage_owned(out), Shape::from((n, c, oh, ow))))
+    }
+
+    fn grad<T: WithDType>(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Tensor> {
+        let (_n, _c, h, w) = arg.dims4()?;
+        let (oh, ow) = (self.out_dim(h), self.out_dim(w));
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<T>()?;
+        let g = grad_res
+            .to_dtype(T::DTYPE)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<T>()?;
+        let mut gx = vec![T::zero(); x.len()];
+        gx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w))
+            .zip(g.par_chunks(oh * ow))
+            .for_each(|((gp, plane), go)| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        gp[self.argmax(plane, h, w, oy, ox)] += go[oy * ow + ox];
+                    }
+                }
+            });
+        Tensor::from_vec(gx, arg.shape(), arg.device())
     }
 }
 
@@ -92,23 +173,11 @@ impl CustomOp1 for MaxPool2d {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("max_pool2d expects a contiguous input")
-        };
-        let x = &storage.as_slice::<f32>()?[start..end];
-        let (oh, ow) = (self.out_dim(h), self.out_dim(w));
-        let mut out = vec![0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        o[oy * ow + ox] = plane[self.argmax(plane, h, w, oy, ox)];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+        match storage {
+            CpuStorage::F32(_) => self.fwd::<f32>(storage, layout),
+            CpuStorage::F64(_) => self.fwd::<f64>(storage, layout),
+            _ => candle_core::bail!("max_pool2d supports f32 and f64 tensors"),
+        }
     }
 
     fn bwd(
@@ -117,22 +186,10 @@ impl CustomOp1 for MaxPool2d {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let (_n, _c, h, w) = arg.dims4()?;
-        let (oh, ow) = (self.out_dim(h), self.out_dim(w));
-        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut gx = vec![0f32; x.len()];
-        gx.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w))
-            .zip(g.par_chunks(oh * ow))
-            .for_each(|((gp, plane), go)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        gp[self.argmax(plane, h, w, oy, ox)] += go[oy * ow + ox];
-                    }
-                }
-            });
-        Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
+        Ok(Some(match arg.dtype() {
+            DType::F64 => self.grad::<f64>(arg, grad_res)?,
+            _ => self.grad::<f32>(arg, grad_res)?,
+        }))
     }
 }
 

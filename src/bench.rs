@@ -1,6 +1,6 @@
 //! `ldt bench`: side-by-side step time and live memory of erm, ldt (resident and swap)
-//! and ldt-s on the bundled data, for the small `cnn` and a >10M-parameter `mlp`, plus
-//! the host EMA throughput against a plain memcpy of the same bytes. Ratios come from
+//! and ldt-s on the bundled data, for the small `cnn` and a >10M-parameter `mlp`; stage-1
+//! peak RSS against the number of statistics batches; and the host EMA throughput against a plain memcpy of the same bytes. Ratios come from
 //! runs made one after the other in the same process, on the same data.
 
 use crate::config::{Config, Method, Placement};
@@ -18,9 +18,39 @@ fn variant(base: &Config, method: Method, placement: Placement) -> Config {
     c
 }
 
+/// Peak RSS of `ldt stats` on the bundled data with `n` statistics batches, measured
+/// in a child process so that every count starts from a fresh process.
+fn stage1_rss(dir: &Path, n: usize) -> Result<u64> {
+    let cfg = dir.join("stage1-rss.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\narch = \"cnn\"\n[stage1]\nstat_batch_size = 4\n",
+    )?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("stats")
+        .arg(&cfg)
+        .args(["--set", &format!("stage1.stat_batches={n}")])
+        .arg("--out")
+        .arg(dir.join(format!("stage1-rss-{n}")))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("peak RSS ")
+                .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "`ldt stats` printed no peak RSS: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
 /// Runs the benchmark in `dir` and returns the markdown tables.
 pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
     let mut out = String::new();
+    std::fs::create_dir_all(dir)?;
     let mut base = Config {
         threads,
         ..Default::default()
@@ -34,7 +64,7 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
         ("cnn", vec![], steps),
         ("mlp", vec![4096, 2048], (steps / 5).max(10)),
     ];
-    writeln!(out, "| model | params | method | ms/step | x erm | live peak MiB | x erm |\n|---|---|---|---|---|---|---|")?;
+    writeln!(out, "| model | params | method | ms/step | x erm | live peak MiB (measured) | x erm |\n|---|---|---|---|---|---|---|")?;
     for (arch, hidden, n) in models {
         let mut b = base.clone();
         b.model.arch = arch.into();
@@ -58,7 +88,7 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
             let ms = ctx.summary.extra["ms_per_step"]
                 .as_f64()
                 .unwrap_or(f64::NAN);
-            let peak = ctx.summary.extra["memory"]["live_peak"]
+            let peak = ctx.summary.extra["memory"]["measured_live_peak"]
                 .as_f64()
                 .unwrap_or(f64::NAN);
             if m == Method::Erm {
@@ -75,6 +105,22 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
         }
     }
     writeln!(out, "\n(ldt steps are a PM and an AM step on the same batch: compare ldt with 2x erm; ldt-s steps are one phase step each)\n")?;
+    writeln!(
+        out,
+        "| stage 1 on cnn, statistics batches of 4 | peak RSS MiB | x 10 batches |\n|---|---|---|"
+    )?;
+    let mut first = None;
+    for n in [10usize, 100, 1000] {
+        let rss = stage1_rss(dir, n)?;
+        let f = *first.get_or_insert(rss);
+        writeln!(
+            out,
+            "| {n} | {:.1} | {:.2} |",
+            rss as f64 / (1 << 20) as f64,
+            rss as f64 / f as f64
+        )?;
+    }
+    writeln!(out)?;
     writeln!(
         out,
         "| host EMA, f32 | GB/s (read+write) | memcpy GB/s | EMA / memcpy |\n|---|---|---|---|"

@@ -92,6 +92,32 @@ fn check(arch: &str) {
         ],
     );
     same(&single, &file, &format!("{arch}: file-backed tier vs RAM"));
+    // Early staging of the next phase's optimizer state changes no number.
+    let phases = [
+        "train.method=\"ldt-s\"",
+        "ldt_s.p_steps=3",
+        "ldt_s.a_steps=4",
+    ];
+    let staged = outputs(arch, &phases);
+    let unstaged = outputs(
+        arch,
+        &[phases[0], phases[1], phases[2], "offload.staging_bytes=0"],
+    );
+    same(
+        &staged,
+        &unstaged,
+        &format!("{arch}: ldt-s staged vs unstaged phase change"),
+    );
+    let staging = |d: &tempfile::TempDir| -> u64 {
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.path().join("summary.json")).unwrap())
+                .unwrap();
+        s["memory"]["staging"].as_u64().unwrap()
+    };
+    assert!(
+        staging(&staged) > 0 && staging(&unstaged) == 0,
+        "{arch}: staging was not exercised"
+    );
 }
 
 #[test]

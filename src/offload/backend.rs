@@ -28,6 +28,14 @@ pub trait Backend: Send + Sync {
         buf: &Arc<SharedCounterpartBuffer>,
         jobs: Vec<(usize, Tensor, f64)>,
     ) -> Fence;
+    /// Starts loading slots into new live tensors (`(slot, shape)` each, in order) so
+    /// that a phase change finds them ready; the fence completes when all are loaded.
+    /// Runs after every fold already submitted (same stream).
+    fn prefetch(
+        &self,
+        buf: &Arc<SharedCounterpartBuffer>,
+        slots: Vec<(usize, Vec<usize>)>,
+    ) -> (Fence, Arc<Mutex<Vec<Tensor>>>);
     /// `dst = w*dst + (1-w)*slot` for a live `dst`, synchronously.
     fn fold_into_live(
         &self,
@@ -171,6 +179,27 @@ impl Backend for CpuBackend {
             fused_ema(&mut tasks, threads);
             Ok(())
         })
+    }
+
+    fn prefetch(
+        &self,
+        buf: &Arc<SharedCounterpartBuffer>,
+        slots: Vec<(usize, Vec<usize>)>,
+    ) -> (Fence, Arc<Mutex<Vec<Tensor>>>) {
+        let out = Arc::new(Mutex::new(Vec::with_capacity(slots.len())));
+        let (buf, sink) = (buf.clone(), out.clone());
+        let fence = self.engine.submit(0, move || {
+            for (slot, shape) in slots {
+                let g = buf.read(slot);
+                let HostSlice::F32(v) = g.slice() else {
+                    return Err("the CPU backend keeps f32 counterparts".into());
+                };
+                let t = Tensor::from_slice(v, shape, &Device::Cpu).map_err(|e| e.to_string())?;
+                sink.lock().push(t);
+            }
+            Ok(())
+        });
+        (fence, out)
     }
 
     fn fold_into_live(

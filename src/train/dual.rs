@@ -99,6 +99,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         cfg.train.log_every,
     );
     let mut meter = Meter::default();
+    let mut meter_mem = super::memory::LiveMeter::default();
+    let wbytes = 2 * super::memory::weight_bytes(&pm.state);
+    let mut live_opt = [0u64; 2];
     let t0 = Instant::now();
     for step in 1..=cfg.train.steps {
         let hb = loader.next_batch()?;
@@ -118,6 +121,8 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 Mode::Train,
             )?;
             apply(&mut br.opt, &br.state, &grads, &lrs)?;
+            live_opt[k] = br.opt.bytes() as u64;
+            meter_mem.observe(wbytes, &grads, live_opt[0] + live_opt[1]);
             losses[k] = stats.loss;
             if k == 0 {
                 meter.add(&stats);
@@ -168,14 +173,14 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             .sum()
     };
     let (s, u) = (numel(&pm.mask), numel(&am.mask));
-    let mem = super::memory::report(
+    let mut mem = super::memory::report(
         super::memory::Layout::Resident,
-        s + u,
-        s,
-        u,
+        (s, u),
         super::memory::state_tensors(pm.opt.settings()),
         (0, 0),
+        0,
     );
+    mem.measured_live_peak = meter_mem.peak;
     ctx.summary
         .extra
         .insert("memory".into(), serde_json::to_value(mem)?);

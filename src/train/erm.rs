@@ -131,6 +131,8 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
     let mut opt = Optimizer::new(OptimSettings::from(&cfg.optim), net_n);
+    let mut meter_mem = super::memory::LiveMeter::default();
+    let wbytes = super::memory::weight_bytes(&state);
     let order = ctx.train_order()?;
     let mut loader = ctx.loader(order, cfg.train.steps)?;
     let progress = Progress::new(
@@ -151,6 +153,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             .map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps))
             .collect();
         apply(&mut opt, &state, &grads, &lrs)?;
+        meter_mem.observe(wbytes, &grads, opt.bytes() as u64);
         meter.add(&stats);
         ctx.metrics.write(json!({"kind": "train", "stage": "train", "step": step, "loss": stats.loss,
             "acc": stats.correct as f64 / stats.n as f64, "lr": schedule::lr_at(&cfg.optim, cfg.optim.lr, step, cfg.train.steps)}))?;
@@ -178,14 +181,14 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     ctx.log_eval(cfg.train.steps, "model", &r)?;
     ctx.summary.eval.insert("model".into(), r);
     let total = ctx.net.numel() as u64;
-    let mem = super::memory::report(
+    let mut mem = super::memory::report(
         super::memory::Layout::Full,
-        total,
-        total,
-        0,
+        (total, 0),
         super::memory::state_tensors(opt.settings()),
         (0, 0),
+        0,
     );
+    mem.measured_live_peak = meter_mem.peak;
     ctx.summary
         .extra
         .insert("memory".into(), serde_json::to_value(mem)?);

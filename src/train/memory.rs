@@ -17,10 +17,41 @@ pub struct MemoryReport {
     pub counterparts_ram: u64,
     /// Counterpart buffer in the file tier.
     pub counterparts_file: u64,
-    /// Staging area (0 on the CPU backend: swaps exchange each layer in place).
+    /// Optimizer state of the next phase staged early (swaps of weights are in place).
     pub staging: u64,
-    /// Peak of live weights + gradients + optimizer state + staging.
+    /// Peak of live weights + gradients + optimizer state + staging (computed).
     pub live_peak: u64,
+    /// Measured peak of the same sum over the run, from the tensors actually held
+    /// (weights, the gradients of the step, every live optimizer-state tensor).
+    pub measured_live_peak: u64,
+}
+
+/// Measures live parameter-state bytes after each optimizer step and keeps the peak.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LiveMeter {
+    /// Largest weights + gradients + optimizer-state bytes seen.
+    pub peak: u64,
+}
+
+impl LiveMeter {
+    /// Records one moment: live weight bytes, the step's gradients, live optimizer bytes.
+    pub fn observe(&mut self, weights: u64, grads: &[Option<candle_core::Tensor>], optimizer: u64) {
+        let g: u64 = grads
+            .iter()
+            .flatten()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum();
+        self.peak = self.peak.max(weights + g + optimizer);
+    }
+}
+
+/// Bytes of a network's parameters.
+pub fn weight_bytes(state: &crate::model::NetState) -> u64 {
+    state
+        .params
+        .iter()
+        .map(|v| (v.as_tensor().elem_count() * v.as_tensor().dtype().size_in_bytes()) as u64)
+        .sum()
 }
 
 /// Where a method keeps its networks.
@@ -35,28 +66,35 @@ pub enum Layout {
 }
 
 /// The report for `total` f32 elements split into sets of `stable` / `unstable`
-/// elements, with `state_per_elem` optimizer tensors per trained element.
+/// elements, with `state_per_elem` optimizer tensors per trained element. `Single` stages
+/// the incoming branch's optimizer state during the last step of a phase when it fits in
+/// `staging_cap` bytes, so its peak phase holds that too.
 pub fn report(
     layout: Layout,
-    total: u64,
-    stable: u64,
-    unstable: u64,
+    (stable, unstable): (u64, u64),
     state_per_elem: u64,
     counterparts: (u64, u64),
+    staging_cap: u64,
 ) -> MemoryReport {
     let b = 4u64;
-    let (w, g, o) = match layout {
-        Layout::Full => (total, total, state_per_elem * total),
-        Layout::Resident => (
-            2 * total,
-            stable.max(unstable),
-            state_per_elem * (stable + unstable),
-        ),
-        Layout::Single => (
-            total,
-            stable.max(unstable),
-            state_per_elem * stable.max(unstable),
-        ),
+    let total = stable + unstable;
+    let k = state_per_elem;
+    let (w, g, o, st) = match layout {
+        Layout::Full => (total, total, k * total, 0),
+        Layout::Resident => (2 * total, stable.max(unstable), k * total, 0),
+        Layout::Single => {
+            let phase = |x: u64, y: u64| {
+                let staged = if b * k * y <= staging_cap { k * y } else { 0 };
+                (total, x, k * x, staged)
+            };
+            let (p, a) = (phase(stable, unstable), phase(unstable, stable));
+            let sum = |t: (u64, u64, u64, u64)| t.0 + t.1 + t.2 + t.3;
+            if sum(p) >= sum(a) {
+                p
+            } else {
+                a
+            }
+        }
     };
     MemoryReport {
         live_weights: b * w,
@@ -64,8 +102,9 @@ pub fn report(
         optimizer: b * o,
         counterparts_ram: counterparts.0,
         counterparts_file: counterparts.1,
-        staging: 0,
-        live_peak: b * (w + g + o),
+        staging: b * st,
+        live_peak: b * (w + g + o + st),
+        measured_live_peak: 0,
     }
 }
 

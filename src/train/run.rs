@@ -195,6 +195,10 @@ impl RunContext {
         m.insert("arch".into(), json!(self.net.arch()));
         m.insert("parameters".into(), json!(self.net.numel()));
         m.insert("seconds".into(), json!(self.elapsed()));
+        m.insert(
+            "peak_rss_bytes".into(),
+            json!(crate::metrics::peak_rss_bytes()),
+        );
         m.insert("eval".into(), serde_json::to_value(&self.summary.eval)?);
         let text = serde_json::to_string_pretty(&Value::Object(m))?;
         let tmp = self.dir.join("summary.json.tmp");

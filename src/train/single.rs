@@ -20,7 +20,8 @@ use crate::metrics::Progress;
 use crate::model::{io, Mode, NetState};
 use crate::offload::backend::{Backend, CpuBackend};
 use crate::offload::{
-    CounterpartBuffer, Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StorageDtype,
+    CounterpartBuffer, Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StagingArea,
+    StagingLease, StorageDtype,
 };
 use crate::optim::{schedule, LayerState, OptimSettings, Optimizer};
 use anyhow::{bail, Context, Result};
@@ -36,6 +37,15 @@ pub enum Phase {
     P,
     /// AM: trains the unstable set, stable set frozen.
     A,
+}
+
+/// Optimizer state of the next phase, loading early into the staging area.
+struct Staged {
+    fence: Fence,
+    tensors: Arc<parking_lot::Mutex<Vec<Tensor>>>,
+    /// `(layer, has m, has v)` in load order.
+    layers: Vec<(usize, bool, bool)>,
+    lease: StagingLease,
 }
 
 /// The single live network and everything parked.
@@ -56,6 +66,9 @@ pub struct SingleLive {
     backend: Box<dyn Backend>,
     pending: Vec<Fence>,
     parked_state: Vec<Option<(u64, bool, bool)>>,
+    meter: super::memory::LiveMeter,
+    staging: StagingArea,
+    staged: Option<Staged>,
     weight_slot: Vec<usize>,
     m_slot: Vec<usize>,
     v_slot: Vec<usize>,
@@ -130,6 +143,9 @@ impl SingleLive {
             backend,
             pending: Vec::new(),
             parked_state: vec![None; n],
+            meter: super::memory::LiveMeter::default(),
+            staging: StagingArea::new(offload.staging_bytes),
+            staged: None,
             weight_slot,
             m_slot,
             v_slot,
@@ -170,6 +186,10 @@ impl SingleLive {
             Phase::A => &mut self.opt_a,
         };
         apply(opt, &self.live, &grads, lrs)?;
+        let staged = self.staged.as_ref().map_or(0, |s| s.lease.bytes());
+        let opt_bytes = (self.opt_p.bytes() + self.opt_a.bytes()) as u64 + staged;
+        self.meter
+            .observe(super::memory::weight_bytes(&self.live), &grads, opt_bytes);
         Ok(stats)
     }
 
@@ -198,6 +218,48 @@ impl SingleLive {
         Ok(())
     }
 
+    /// Starts loading the parked branch's optimizer state for the next phase change, if
+    /// it fits in `offload.staging_bytes` (otherwise the change loads it synchronously).
+    pub fn stage_next(&mut self) -> Result<()> {
+        if self.staged.is_some() {
+            return Ok(());
+        }
+        let (mut slots, mut layers, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+        for (i, p) in self.parked_state.iter().enumerate() {
+            if let Some((_, has_m, has_v)) = *p {
+                let shape = self.live.params[i].as_tensor().dims().to_vec();
+                let n = self.live.params[i].as_tensor().elem_count() as u64;
+                if has_m {
+                    slots.push((self.m_slot[i], shape.clone()));
+                    bytes += 4 * n;
+                }
+                if has_v {
+                    slots.push((self.v_slot[i], shape));
+                    bytes += 4 * n;
+                }
+                layers.push((i, has_m, has_v));
+            }
+        }
+        if layers.is_empty() || bytes > self.staging.capacity() {
+            return Ok(());
+        }
+        let Some(lease) = self
+            .staging
+            .try_acquire(bytes)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        else {
+            return Ok(());
+        };
+        let (fence, tensors) = self.backend.prefetch(&self.buf, slots);
+        self.staged = Some(Staged {
+            fence,
+            tensors,
+            layers,
+            lease,
+        });
+        Ok(())
+    }
+
     /// Makes `phase` live: swaps every layer with its slot, parks the outgoing branch's
     /// optimizer state and brings the incoming one's back.
     pub fn switch_to(&mut self, phase: Phase) -> Result<()> {
@@ -213,6 +275,21 @@ impl SingleLive {
             Phase::P => (&mut self.opt_p, &mut self.opt_a),
             Phase::A => (&mut self.opt_a, &mut self.opt_p),
         };
+        // The incoming state: staged early when it fit, else loaded now.
+        let mut staged: std::collections::HashMap<usize, (Option<Tensor>, Option<Tensor>)> =
+            Default::default();
+        if let Some(s) = self.staged.take() {
+            s.fence
+                .wait()
+                .map_err(|e| anyhow::anyhow!("staging the next phase failed: {e}"))?;
+            let mut it = std::mem::take(&mut *s.tensors.lock()).into_iter();
+            for (i, has_m, has_v) in s.layers {
+                let m = if has_m { it.next() } else { None };
+                let v = if has_v { it.next() } else { None };
+                staged.insert(i, (m, v));
+            }
+            drop(s.lease);
+        }
         for i in 0..self.live.params.len() {
             if let Some(st) = out_opt.take_state(i) {
                 if let Some(m) = &st.m {
@@ -223,6 +300,10 @@ impl SingleLive {
                 }
                 self.parked_state[i] = Some((st.step, st.m.is_some(), st.v.is_some()));
             } else if let Some((step, has_m, has_v)) = self.parked_state[i].take() {
+                if let Some((m, v)) = staged.remove(&i) {
+                    in_opt.put_state(i, Some(LayerState { step, m, v }));
+                    continue;
+                }
                 let shape = self.live.params[i].as_tensor().dims().to_vec();
                 let m = if has_m {
                     Some(self.backend.load(&self.buf, self.m_slot[i], &shape)?)
@@ -302,7 +383,15 @@ impl SingleLive {
             numel(self.partition.unstable_mask()),
         );
         let k = super::memory::state_tensors(self.opt_p.settings());
-        super::memory::report(Layout::Single, s + u, s, u, k, self.buf_tiers)
+        let mut r = super::memory::report(
+            Layout::Single,
+            (s, u),
+            k,
+            self.buf_tiers,
+            self.staging.capacity(),
+        );
+        r.measured_live_peak = self.meter.peak;
+        r
     }
 }
 
@@ -342,7 +431,6 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         &names,
     )
     .context("setting up the counterpart buffer")?;
-    let mem = m.memory();
     let (p_len, a_len) = if dual {
         (1, 1)
     } else {
@@ -374,6 +462,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     .iter()
                     .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
                     .collect();
+                m.stage_next()?;
                 let sa = m.half_step(ctx, &x, &y, &lrs)?;
                 m.switch_to(Phase::P)?;
                 let sp = m.half_step(ctx, &x, &y, &lrs)?;
@@ -399,6 +488,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     .iter()
                     .map(|&b| schedule::lr_at(&cfg.optim, b, step + j + 1, cfg.train.steps))
                     .collect();
+                if j + 1 == k {
+                    m.stage_next()?;
+                }
                 let s = m.half_step(ctx, &x, &y, &lrs)?;
                 meter.add(&s);
                 p_losses.push(s.loss);
@@ -411,6 +503,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     .iter()
                     .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
                     .collect();
+                if j + 1 == replay.len() {
+                    m.stage_next()?;
+                }
                 let sa = m.half_step(ctx, &x, &y, &lrs)?;
                 step += 1;
                 n_p += 1;
@@ -434,7 +529,11 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         } else {
             for (phase, len) in [(Phase::P, p_len), (Phase::A, a_len)] {
                 m.switch_to(phase)?;
-                for _ in 0..len.min(cfg.train.steps - step) {
+                let n = len.min(cfg.train.steps - step);
+                for j in 0..n {
+                    if j + 1 == n {
+                        m.stage_next()?;
+                    }
                     let hb = loader.next_batch()?;
                     let (x, y) = ctx.tensors(&hb)?;
                     let lrs: Vec<f64> = base
@@ -515,7 +614,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     );
     ctx.summary
         .extra
-        .insert("memory".into(), serde_json::to_value(mem)?);
+        .insert("memory".into(), serde_json::to_value(m.memory())?);
     Ok(())
 }
 

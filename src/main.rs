@@ -178,6 +178,9 @@ fn stats(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
         "partition report in {}",
         dir.join("partition.json").display()
     );
+    if let Some(b) = ldt::metrics::peak_rss_bytes() {
+        println!("peak RSS {b} bytes");
+    }
     Ok(())
 }
 

@@ -79,6 +79,8 @@ pub struct Config {
     pub eval: EvalConfig,
     /// Weight snapshots at given steps.
     pub snapshots: SnapshotConfig,
+    /// Checkpoints and resume.
+    pub checkpoint: CheckpointConfig,
 }
 
 impl Default for Config {
@@ -97,6 +99,7 @@ impl Default for Config {
             offload: OffloadSettings::default(),
             eval: EvalConfig::default(),
             snapshots: SnapshotConfig::default(),
+            checkpoint: CheckpointConfig::default(),
         }
     }
 }
@@ -171,6 +174,8 @@ pub struct TrainConfig {
     pub lp_steps: usize,
     /// Print a progress line every N steps when stdout is not a terminal.
     pub log_every: usize,
+    /// `stop` or `skip` on a non-finite loss or gradient.
+    pub on_nonfinite: OnNonFinite,
 }
 
 impl Default for TrainConfig {
@@ -182,6 +187,7 @@ impl Default for TrainConfig {
             head_warmup_steps: 0,
             lp_steps: 100,
             log_every: 50,
+            on_nonfinite: OnNonFinite::Stop,
         }
     }
 }
@@ -466,6 +472,48 @@ impl Default for EvalConfig {
     }
 }
 
+/// What to do with a non-finite loss or gradient (`train.on_nonfinite`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Stop the run naming the step, the layer and the value.
+    Stop,
+    /// Skip that optimizer step (counted and logged) and go on.
+    Skip,
+}
+
+/// Whether to continue from the newest checkpoint (`checkpoint.resume`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resume {
+    /// Start fresh (an existing run directory's checkpoints are left alone).
+    Never,
+    /// Continue from the newest complete checkpoint of the run directory, if any.
+    Auto,
+}
+
+/// `[checkpoint]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every N training steps (0 = none; with N > 0 also at the end).
+    pub every: usize,
+    /// Complete checkpoints kept (older ones are removed).
+    pub keep_last: usize,
+    /// `never` or `auto` (`ldt train --resume` sets `auto`).
+    pub resume: Resume,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every: 0,
+            keep_last: 2,
+            resume: Resume::Never,
+        }
+    }
+}
+
 /// `[snapshots]`
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -614,6 +662,11 @@ impl Config {
             "must be at least 1",
         )?;
         check(c.data.prefetch >= 1, "data.prefetch", "must be at least 1")?;
+        check(
+            c.checkpoint.keep_last >= 1,
+            "checkpoint.keep_last",
+            "must be at least 1",
+        )?;
         check(
             c.device == "cpu" || c.device.starts_with("cuda"),
             "device",

@@ -1,5 +1,6 @@
 //! The `ldt` command line. Exit codes: 0 success, 1 the run failed, 2 bad command line
-//! or configuration.
+//! or configuration, 3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue
+//! with --resume), 4 a second signal exited at once.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -29,6 +30,10 @@ enum Cmd {
         /// Run directory (default: runs/<config name>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Continue from the newest complete checkpoint in the run directory
+        /// (same as --set checkpoint.resume="auto").
+        #[arg(long)]
+        resume: bool,
     },
     /// Evaluate a weights file on every domain of the config's benchmark.
     Eval {
@@ -108,6 +113,7 @@ fn train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
     ldt::init_threads(cfg.threads);
     let dir = out.unwrap_or_else(|| default_out(config));
     let mut ctx = RunContext::open(cfg, &dir)?;
+    ctx.signals = Some(ldt::checkpoint::Signals::install()?);
     println!(
         "ldt {}: {} on {} ({} parameters), run directory {}",
         env!("CARGO_PKG_VERSION"),
@@ -234,10 +240,20 @@ fn info() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Train { config, set, out } => match load(&config, &set) {
-            Err(e) => Err(e),
-            Ok(_) => Ok(train(&config, &set, out)),
-        },
+        Cmd::Train {
+            config,
+            mut set,
+            out,
+            resume,
+        } => {
+            if resume {
+                set.push("checkpoint.resume=\"auto\"".into());
+            }
+            match load(&config, &set) {
+                Err(e) => Err(e),
+                Ok(_) => Ok(train(&config, &set, out)),
+            }
+        }
         Cmd::Eval {
             config,
             weights,
@@ -285,6 +301,10 @@ fn main() -> ExitCode {
     match res {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
+            if let Some(i) = e.downcast_ref::<ldt::checkpoint::Interrupted>() {
+                eprintln!("{i}");
+                return ExitCode::from(ldt::checkpoint::EXIT_CHECKPOINTED);
+            }
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }

@@ -14,9 +14,15 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Creates (truncates) `path`.
-    pub fn create(path: &Path) -> Result<Self> {
-        let f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    /// Creates `path`, truncating it, or appending to it when `append` (a resumed run).
+    pub fn create(path: &Path, append: bool) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(MetricsLog {
             out: BufWriter::new(f),
         })

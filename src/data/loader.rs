@@ -82,6 +82,16 @@ impl BatchOrder {
         }
     }
 
+    /// Advances past `n` batches without gathering them (resume).
+    pub fn skip(&mut self, n: usize) -> Result<()> {
+        for _ in 0..n {
+            if self.next_batch().is_none() {
+                bail!("the batch order ends before the resumed step {n}");
+            }
+        }
+        Ok(())
+    }
+
     /// Indices of the next batch.
     pub fn next_batch(&mut self) -> Option<Vec<usize>> {
         match self {

@@ -86,6 +86,11 @@ impl Optimizer {
         }
     }
 
+    /// Number of layers this optimizer indexes.
+    pub fn layers(&self) -> usize {
+        self.state.len()
+    }
+
     /// The hyper-parameters.
     pub fn settings(&self) -> &OptimSettings {
         &self.settings

@@ -5,6 +5,7 @@
 use super::erm::Meter;
 use super::step::{apply, gradients};
 use super::RunContext;
+use crate::checkpoint::Writer;
 use crate::ldt::partition::Partition;
 use crate::ldt::{composite, dpu, stage1};
 use crate::metrics::Progress;
@@ -75,24 +76,44 @@ fn evaluate(
 /// `composite` safetensors.
 pub fn train(ctx: &mut RunContext) -> Result<()> {
     let cfg = ctx.cfg.clone();
-    let mut start = ctx.initial_state()?;
-    let partition = stage1::run(ctx, &mut start)?;
     super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let n = ctx.net.params().len();
     let settings = OptimSettings::from(&cfg.optim);
-    let mut pm = Branch {
-        state: start.deep_clone()?,
-        opt: Optimizer::new(settings.clone(), n),
-        mask: partition.stable_mask(),
-    };
-    let mut am = Branch {
-        state: start,
-        opt: Optimizer::new(settings, n),
-        mask: partition.unstable_mask(),
+    let (partition, mut pm, mut am, done) = match ctx.take_resume()? {
+        Some(ck) => {
+            let partition = super::single::resume_partition(ctx, &ck)?;
+            let net = ctx.net.as_ref();
+            let pm = Branch {
+                state: ck.net("pm", net)?,
+                opt: ck.optimizer("opt_p", settings.clone(), n)?,
+                mask: partition.stable_mask(),
+            };
+            let am = Branch {
+                state: ck.net("am", net)?,
+                opt: ck.optimizer("opt_a", settings, n)?,
+                mask: partition.unstable_mask(),
+            };
+            (partition, pm, am, ck.step)
+        }
+        None => {
+            let mut start = ctx.initial_state()?;
+            let partition = stage1::run(ctx, &mut start)?;
+            let pm = Branch {
+                state: start.deep_clone()?,
+                opt: Optimizer::new(settings.clone(), n),
+                mask: partition.stable_mask(),
+            };
+            let am = Branch {
+                state: start,
+                opt: Optimizer::new(settings, n),
+                mask: partition.unstable_mask(),
+            };
+            (partition, pm, am, 0)
+        }
     };
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
-    let mut loader = ctx.loader(ctx.train_order()?, cfg.train.steps)?;
+    let mut loader = ctx.train_loader(done, cfg.train.steps - done)?;
     let progress = Progress::new(
         cfg.train.method.name(),
         cfg.train.steps,
@@ -103,7 +124,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let wbytes = 2 * super::memory::weight_bytes(&pm.state);
     let mut live_opt = [0u64; 2];
     let t0 = Instant::now();
-    for step in 1..=cfg.train.steps {
+    for step in done + 1..=cfg.train.steps {
         let hb = loader.next_batch()?;
         let (x, y) = ctx.tensors(&hb)?;
         let lrs: Vec<f64> = base
@@ -120,7 +141,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 &y,
                 Mode::Train,
             )?;
-            apply(&mut br.opt, &br.state, &grads, &lrs)?;
+            if ctx.guard(step, ["pm", "am"][k], &stats, &grads)? {
+                apply(&mut br.opt, &br.state, &grads, &lrs)?;
+            }
             live_opt[k] = br.opt.bytes() as u64;
             meter_mem.observe(wbytes, &grads, live_opt[0] + live_opt[1]);
             losses[k] = stats.loss;
@@ -151,6 +174,15 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
             let line = evaluate(ctx, step, &partition, &pm.state, &am.state, false)?;
             progress.println(&format!("eval @{step}: composite {line}"));
+        }
+        if ctx.checkpoint_due(step) {
+            let mut w = Writer::default();
+            w.net("pm", ctx.net.as_ref(), &pm.state);
+            w.net("am", ctx.net.as_ref(), &am.state);
+            w.optimizer("opt_p", &pm.opt);
+            w.optimizer("opt_a", &am.opt);
+            w.meta("partition", serde_json::to_value(&partition)?);
+            ctx.checkpoint(step, w)?;
         }
     }
     progress.finish();
@@ -189,7 +221,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         .insert("train_seconds".into(), json!(train_secs));
     ctx.summary.extra.insert(
         "ms_per_step".into(),
-        json!(1e3 * train_secs / cfg.train.steps as f64),
+        json!(1e3 * train_secs / (cfg.train.steps - done).max(1) as f64),
     );
     Ok(())
 }

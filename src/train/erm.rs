@@ -3,6 +3,7 @@
 
 use super::step::{apply, gradients, StepStats};
 use super::RunContext;
+use crate::checkpoint::Writer;
 use crate::config::Method;
 use crate::data::Loader;
 use crate::metrics::Progress;
@@ -89,7 +90,9 @@ pub fn fit_layers(
         let hb = loader.next_batch()?;
         let (x, y) = ctx.tensors(&hb)?;
         let (stats, grads) = gradients(ctx.net.as_ref(), state, mask, &x, &y, Mode::Train)?;
-        apply(&mut opt, state, &grads, &lrs)?;
+        if ctx.guard(step, stage, &stats, &grads)? {
+            apply(&mut opt, state, &grads, &lrs)?;
+        }
         meter.add(&stats);
         ctx.metrics.write(
             json!({"kind": "train", "stage": stage, "step": step, "loss": stats.loss,
@@ -110,8 +113,12 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let net_n = ctx.net.params().len();
     let head: Vec<bool> = (0..net_n).map(|i| ctx.net.is_head(i)).collect();
     let all = vec![true; net_n];
-    let mut state = ctx.initial_state()?;
-    if cfg.train.head_warmup_steps > 0 {
+    let resume = ctx.take_resume()?;
+    let mut state = match &resume {
+        Some(ck) => ck.net("model", ctx.net.as_ref())?,
+        None => ctx.initial_state()?,
+    };
+    if cfg.train.head_warmup_steps > 0 && resume.is_none() {
         let order = ctx.train_order()?;
         let mut l = ctx.loader(order, cfg.train.head_warmup_steps)?;
         let s = OptimSettings {
@@ -130,11 +137,14 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
-    let mut opt = Optimizer::new(OptimSettings::from(&cfg.optim), net_n);
+    let settings = OptimSettings::from(&cfg.optim);
+    let (mut opt, start) = match &resume {
+        Some(ck) => (ck.optimizer("opt", settings, net_n)?, ck.step),
+        None => (Optimizer::new(settings, net_n), 0),
+    };
     let mut meter_mem = super::memory::LiveMeter::default();
     let wbytes = super::memory::weight_bytes(&state);
-    let order = ctx.train_order()?;
-    let mut loader = ctx.loader(order, cfg.train.steps)?;
+    let mut loader = ctx.train_loader(start, cfg.train.steps - start)?;
     let progress = Progress::new(
         cfg.train.method.name(),
         cfg.train.steps,
@@ -142,7 +152,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     );
     let mut meter = Meter::default();
     let t0 = Instant::now();
-    for step in 1..=cfg.train.steps {
+    for step in start + 1..=cfg.train.steps {
         let lp = cfg.train.method == Method::LpFt && step <= cfg.train.lp_steps;
         let mask = if lp { &head } else { &all };
         let hb = loader.next_batch()?;
@@ -152,7 +162,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             .iter()
             .map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps))
             .collect();
-        apply(&mut opt, &state, &grads, &lrs)?;
+        if ctx.guard(step, "model", &stats, &grads)? {
+            apply(&mut opt, &state, &grads, &lrs)?;
+        }
         meter_mem.observe(wbytes, &grads, opt.bytes() as u64);
         meter.add(&stats);
         ctx.metrics.write(json!({"kind": "train", "stage": "train", "step": step, "loss": stats.loss,
@@ -172,6 +184,12 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             let r = ctx.evaluate(&state.frozen_view(), &state.buffers)?;
             progress.println(&format!("eval @{step}: {}", r.line()));
             ctx.log_eval(step, "model", &r)?;
+        }
+        if ctx.checkpoint_due(step) {
+            let mut w = Writer::default();
+            w.net("model", ctx.net.as_ref(), &state);
+            w.optimizer("opt", &opt);
+            ctx.checkpoint(step, w)?;
         }
     }
     progress.finish();
@@ -197,7 +215,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         .insert("train_seconds".into(), json!(train_secs));
     ctx.summary.extra.insert(
         "ms_per_step".into(),
-        json!(1e3 * train_secs / cfg.train.steps as f64),
+        json!(1e3 * train_secs / (cfg.train.steps - start).max(1) as f64),
     );
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! benchmark, network, metrics log, and the common pieces (initial weights, batch
 //! orders, evaluation, summary).
 
-use crate::config::Config;
+use crate::checkpoint::{self, Checkpoint, Interrupted, Signals, Writer};
+use crate::config::{Config, OnNonFinite, Resume};
 use crate::data::dataset::Pool;
 use crate::data::loader::{self, BatchOrder};
 use crate::data::{Benchmark, Loader};
@@ -10,6 +11,7 @@ use crate::metrics::MetricsLog;
 use crate::model::{self, io, NetState, Network};
 use crate::rng::Rng;
 use crate::train::eval::{evaluate, EvalReport};
+use crate::train::step::{nonfinite, StepStats};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
@@ -51,6 +53,10 @@ pub struct RunContext {
     pub pool: Pool,
     /// Final and intermediate results that go into `summary.json`.
     pub summary: Summary,
+    /// The checkpoint to continue from (`checkpoint.resume = "auto"`), taken by the method.
+    pub resume: Option<Checkpoint>,
+    /// Stop requests from SIGTERM / SIGUSR1 (installed by the CLI).
+    pub signals: Option<Signals>,
     started: Instant,
 }
 
@@ -88,9 +94,19 @@ impl RunContext {
             bench.manifest.image_shape,
             bench.manifest.num_classes,
         )?;
-        let metrics = MetricsLog::create(&dir.join("metrics.jsonl"))?;
+        let resume = match cfg.checkpoint.resume {
+            Resume::Auto => checkpoint::latest(dir)?,
+            Resume::Never => None,
+        };
+        let mut metrics = MetricsLog::create(&dir.join("metrics.jsonl"), resume.is_some())?;
+        if let Some(ck) = &resume {
+            println!("resuming from {} (step {})", ck.dir.display(), ck.step);
+            metrics.write(json!({"kind": "resume", "step": ck.step}))?;
+        }
         let pool = bench.source_pool();
         Ok(RunContext {
+            resume,
+            signals: None,
             cfg,
             dir: dir.to_path_buf(),
             device,
@@ -134,6 +150,78 @@ impl RunContext {
                 self.cfg.train.batch_size,
                 Rng::new(self.cfg.seed, streams::TRAIN),
             )),
+        }
+    }
+
+    /// The training loader resumed after `done` batches of the training order, for the
+    /// remaining `count` (the order is replayed from the seed, nothing is gathered).
+    pub fn train_loader(&self, done: usize, count: usize) -> Result<Loader> {
+        let mut order = self.train_order()?;
+        order.skip(done)?;
+        self.loader(order, count)
+    }
+
+    /// Whether a checkpoint is due after `step`: every `checkpoint.every` steps, at the
+    /// last step (when checkpointing), or when a signal asked to stop.
+    pub fn checkpoint_due(&self, step: usize) -> bool {
+        let every = self.cfg.checkpoint.every;
+        let stop = self.signals.as_ref().is_some_and(Signals::requested);
+        stop || (every > 0 && (step.is_multiple_of(every) || step == self.cfg.train.steps))
+    }
+
+    /// Writes checkpoint `step` with the method's tensors; after a signal, returns the
+    /// [`Interrupted`] error that ends the run with the requeue exit code.
+    pub fn checkpoint(&mut self, step: usize, w: Writer) -> Result<()> {
+        let common = checkpoint::common_meta(
+            self.cfg.train.method.name(),
+            self.net.as_ref(),
+            &self.cfg.to_toml(),
+        );
+        let dir = checkpoint::save(&self.dir, step, common, w, self.cfg.checkpoint.keep_last)?;
+        self.metrics
+            .write(json!({"kind": "checkpoint", "step": step, "dir": dir.display().to_string()}))?;
+        if self.signals.as_ref().is_some_and(Signals::requested) {
+            return Err(Interrupted { step, dir }.into());
+        }
+        Ok(())
+    }
+
+    /// The non-finite guard after a forward/backward of `branch` at `step`: `Ok(true)` to
+    /// apply the update; `Ok(false)` to skip it (`train.on_nonfinite = "skip"`, counted
+    /// and logged); an error naming the step, layer and value (`"stop"`).
+    pub fn guard(
+        &mut self,
+        step: usize,
+        branch: &str,
+        stats: &StepStats,
+        grads: &[Option<Tensor>],
+    ) -> Result<bool> {
+        let names: Vec<String> = self.net.params().iter().map(|s| s.name.clone()).collect();
+        let Some(what) = nonfinite(stats, grads, &names)? else {
+            return Ok(true);
+        };
+        match self.cfg.train.on_nonfinite {
+            OnNonFinite::Stop => bail!(
+                "step {step} ({branch}): {what}; lower the learning rate, check the data, or set train.on_nonfinite = \"skip\""
+            ),
+            OnNonFinite::Skip => {
+                let n = self.summary.extra.get("skipped_steps").and_then(Value::as_u64).unwrap_or(0) + 1;
+                self.summary.extra.insert("skipped_steps".into(), json!(n));
+                self.metrics.write(json!({"kind": "skip", "step": step, "branch": branch, "reason": what}))?;
+                eprintln!("warning: skipped step {step} ({branch}): {what}");
+                Ok(false)
+            }
+        }
+    }
+
+    /// The resume checkpoint after checking that it belongs to this method and model.
+    pub fn take_resume(&mut self) -> Result<Option<Checkpoint>> {
+        match self.resume.take() {
+            Some(ck) => {
+                checkpoint::check_compatible(&ck, self.cfg.train.method.name(), self.net.as_ref())?;
+                Ok(Some(ck))
+            }
+            None => Ok(None),
         }
     }
 

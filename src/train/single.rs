@@ -12,12 +12,13 @@ use super::erm::Meter;
 use super::memory::{Layout, MemoryReport};
 use super::step::{apply, gradients};
 use super::RunContext;
+use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::{Method, Placement};
 use crate::data::HostBatch;
 use crate::ldt::partition::Partition;
 use crate::ldt::stage1;
 use crate::metrics::Progress;
-use crate::model::{io, Mode, NetState};
+use crate::model::{io, Mode, NetState, Network};
 use crate::offload::backend::{Backend, CpuBackend};
 use crate::offload::{
     CounterpartBuffer, Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StagingArea,
@@ -172,7 +173,8 @@ impl SingleLive {
     /// One optimizer step of the live branch on `(x, y)`.
     pub fn half_step(
         &mut self,
-        ctx: &RunContext,
+        ctx: &mut RunContext,
+        step: usize,
         x: &Tensor,
         y: &Tensor,
         lrs: &[f64],
@@ -181,11 +183,14 @@ impl SingleLive {
         let (stats, grads) = gradients(ctx.net.as_ref(), &mut self.live, &mask, x, y, Mode::Train)?;
         // A fold still reading the live trained set must finish before the update.
         self.sync()?;
-        let opt = match self.phase {
-            Phase::P => &mut self.opt_p,
-            Phase::A => &mut self.opt_a,
-        };
-        apply(opt, &self.live, &grads, lrs)?;
+        let branch = if self.phase == Phase::P { "pm" } else { "am" };
+        if ctx.guard(step, branch, &stats, &grads)? {
+            let opt = match self.phase {
+                Phase::P => &mut self.opt_p,
+                Phase::A => &mut self.opt_a,
+            };
+            apply(opt, &self.live, &grads, lrs)?;
+        }
         let staged = self.staged.as_ref().map_or(0, |s| s.lease.bytes());
         let opt_bytes = (self.opt_p.bytes() + self.opt_a.bytes()) as u64 + staged;
         self.meter
@@ -325,6 +330,51 @@ impl SingleLive {
         Ok(())
     }
 
+    /// Adds everything needed to continue to a checkpoint: the live network, every
+    /// counterpart slot, both optimizers, the phase, the parked state and buffers.
+    pub fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
+        self.sync()?;
+        w.net("live", net, &self.live);
+        w.meta("phase", json!(format!("{:?}", self.phase)));
+        w.meta("parked_state", serde_json::to_value(&self.parked_state)?);
+        w.meta("partition", serde_json::to_value(&self.partition)?);
+        if let Some(pb) = &self.parked_buffers {
+            for (i, t) in pb.iter().enumerate() {
+                w.tensor(format!("parked_buffer/{i}"), t);
+            }
+        }
+        for k in 0..self.buf.len() {
+            let t = self.backend.load(&self.buf, k, &[self.buf.spec(k).numel])?;
+            w.tensor(format!("slot/{k}"), &t);
+        }
+        w.optimizer("opt_p", &self.opt_p);
+        w.optimizer("opt_a", &self.opt_a);
+        Ok(())
+    }
+
+    /// Restores what [`SingleLive::save`] wrote (the live network came in through `new`).
+    pub fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
+        for k in 0..self.buf.len() {
+            self.backend
+                .store(&ck.tensor(&format!("slot/{k}"))?, &self.buf, k)?;
+        }
+        self.phase = match ck.field("phase")?.as_str() {
+            Some("P") => Phase::P,
+            Some("A") => Phase::A,
+            other => bail!("checkpoint {}: unknown phase {other:?}", ck.dir.display()),
+        };
+        self.parked_state = serde_json::from_value(ck.field("parked_state")?.clone())?;
+        if let Some(pb) = &mut self.parked_buffers {
+            for (i, t) in pb.iter_mut().enumerate() {
+                *t = ck.tensor(&format!("parked_buffer/{i}"))?;
+            }
+        }
+        let n = self.live.params.len();
+        self.opt_p = ck.optimizer("opt_p", self.opt_p.settings().clone(), n)?;
+        self.opt_a = ck.optimizer("opt_a", self.opt_a.settings().clone(), n)?;
+        Ok(())
+    }
+
     /// Weights of `branch` (PM or AM) as detached tensors, wherever they live.
     pub fn branch_params(&mut self, branch: Phase) -> Result<Vec<Tensor>> {
         self.sync()?;
@@ -395,6 +445,26 @@ impl SingleLive {
     }
 }
 
+/// The partition a checkpoint was trained with; a different `stage1.partition` in the
+/// config is an error naming both.
+pub fn resume_partition(ctx: &RunContext, ck: &Checkpoint) -> Result<Partition> {
+    let p: Partition = serde_json::from_value(ck.field("partition")?.clone())
+        .with_context(|| format!("checkpoint {}: unreadable partition", ck.dir.display()))?;
+    if let Some(path) = &ctx.cfg.stage1.partition {
+        let want = Partition::load(path, ctx.net.as_ref())?;
+        if want.stable != p.stable || want.unstable != p.unstable {
+            bail!(
+                "checkpoint {} was trained with another partition than `stage1.partition` = {} (stable sets {:?} vs {:?})",
+                ck.dir.display(),
+                path.display(),
+                p.stable,
+                want.stable
+            );
+        }
+    }
+    Ok(p)
+}
+
 /// Offload settings from the config.
 pub fn offload_config(ctx: &RunContext) -> OffloadConfig {
     let o = &ctx.cfg.offload;
@@ -417,37 +487,71 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     if !dual && repeat && cfg.ldt_s.p_steps != cfg.ldt_s.a_steps {
         bail!("config key `ldt_s.repeat_batch`: phase A replays phase P's batches, so `ldt_s.p_steps` must equal `ldt_s.a_steps`");
     }
-    let mut start = ctx.initial_state()?;
-    let partition = stage1::run(ctx, &mut start)?;
     super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
+    let resume = ctx.take_resume()?;
+    let (start, partition) = match &resume {
+        Some(ck) => (
+            ck.net("live", ctx.net.as_ref())?,
+            resume_partition(ctx, ck)?,
+        ),
+        None => {
+            let mut start = ctx.initial_state()?;
+            let p = stage1::run(ctx, &mut start)?;
+            (start, p)
+        }
+    };
+    let offload = offload_config(ctx);
+    if let (Some(ck), Some(path)) = (&resume, &offload.file_path) {
+        // A killed run leaves its spill file behind; every slot comes back from the
+        // checkpoint, so the stale file of this run's offload.path is removed.
+        if path.exists() {
+            println!(
+                "removing the stale counterpart file {} of the run resumed from {}",
+                path.display(),
+                ck.dir.display()
+            );
+            std::fs::remove_file(path).with_context(|| {
+                format!(
+                    "cannot remove the stale counterpart file {}",
+                    path.display()
+                )
+            })?;
+        }
+    }
     let mut m = SingleLive::new(
         start,
         partition,
         OptimSettings::from(&cfg.optim),
-        &offload_config(ctx),
+        &offload,
         dual,
         &names,
     )
     .context("setting up the counterpart buffer")?;
+    let (mut n_p, mut n_a, mut step) = (0usize, 0usize, 0usize);
+    if let Some(ck) = &resume {
+        m.restore(ck)?;
+        step = ck.step;
+        n_p = ck.field("n_p")?.as_u64().unwrap_or(0) as usize;
+        n_a = ck.field("n_a")?.as_u64().unwrap_or(0) as usize;
+    }
+    let done = step;
     let (p_len, a_len) = if dual {
         (1, 1)
     } else {
         (cfg.ldt_s.p_steps, cfg.ldt_s.a_steps)
     };
     // Batches: one per step; in repeat mode one per P step, replayed by A.
-    let mut loader = ctx.loader(ctx.train_order()?, cfg.train.steps)?;
+    let mut loader = ctx.train_loader(done, cfg.train.steps - done)?;
     let progress = Progress::new(
         cfg.train.method.name(),
         cfg.train.steps,
         cfg.train.log_every,
     );
     let mut meter = Meter::default();
-    let (mut n_p, mut n_a) = (0usize, 0usize);
     let mut replay: Vec<HostBatch> = Vec::new();
     let t0 = Instant::now();
-    let mut step = 0usize;
     let ema = cfg.ldt.ema_every;
     while step < cfg.train.steps {
         if repeat {
@@ -463,9 +567,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
                     .collect();
                 m.stage_next()?;
-                let sa = m.half_step(ctx, &x, &y, &lrs)?;
+                let sa = m.half_step(ctx, step + 1, &x, &y, &lrs)?;
                 m.switch_to(Phase::P)?;
-                let sp = m.half_step(ctx, &x, &y, &lrs)?;
+                let sp = m.half_step(ctx, step + 1, &x, &y, &lrs)?;
                 meter.add(&sp);
                 step += 1;
                 n_p += 1;
@@ -474,9 +578,15 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     m.fold(Phase::P)?;
                     m.fold(Phase::A)?;
                 }
-                after_step(
-                    ctx, &mut m, step, &cfg, &progress, &mut meter, sp.loss, sa.loss,
-                )?;
+                let pos = Position {
+                    step,
+                    n_p,
+                    n_a,
+                    clean: true,
+                    loss_p: sp.loss,
+                    loss_a: sa.loss,
+                };
+                after_step(ctx, &mut m, pos, &cfg, &progress, &mut meter)?;
                 continue;
             }
             m.switch_to(Phase::P)?;
@@ -491,7 +601,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 if j + 1 == k {
                     m.stage_next()?;
                 }
-                let s = m.half_step(ctx, &x, &y, &lrs)?;
+                let s = m.half_step(ctx, step + j + 1, &x, &y, &lrs)?;
                 meter.add(&s);
                 p_losses.push(s.loss);
                 replay.push(hb);
@@ -506,7 +616,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 if j + 1 == replay.len() {
                     m.stage_next()?;
                 }
-                let sa = m.half_step(ctx, &x, &y, &lrs)?;
+                let sa = m.half_step(ctx, step + 1, &x, &y, &lrs)?;
                 step += 1;
                 n_p += 1;
                 n_a += 1;
@@ -515,55 +625,68 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                     m.fold(Phase::P)?;
                     m.fold(Phase::A)?;
                 }
-                after_step(
-                    ctx,
-                    &mut m,
+                // A checkpoint only when no replayed batch is pending.
+                let clean = j + 1 == replay.len();
+                let pos = Position {
                     step,
-                    &cfg,
-                    &progress,
-                    &mut meter,
-                    p_losses[j],
-                    sa.loss,
-                )?;
+                    n_p,
+                    n_a,
+                    clean,
+                    loss_p: p_losses[j],
+                    loss_a: sa.loss,
+                };
+                after_step(ctx, &mut m, pos, &cfg, &progress, &mut meter)?;
             }
         } else {
-            for (phase, len) in [(Phase::P, p_len), (Phase::A, a_len)] {
-                m.switch_to(phase)?;
-                let n = len.min(cfg.train.steps - step);
-                for j in 0..n {
-                    if j + 1 == n {
-                        m.stage_next()?;
-                    }
-                    let hb = loader.next_batch()?;
-                    let (x, y) = ctx.tensors(&hb)?;
-                    let lrs: Vec<f64> = base
-                        .iter()
-                        .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
-                        .collect();
-                    let s = m.half_step(ctx, &x, &y, &lrs)?;
-                    meter.add(&s);
-                    step += 1;
-                    let n = match phase {
-                        Phase::P => {
-                            n_p += 1;
-                            n_p
-                        }
-                        Phase::A => {
-                            n_a += 1;
-                            n_a
-                        }
-                    };
-                    if n % ema == 0 {
-                        m.fold(phase)?;
-                    }
-                    let (lp, la) = if phase == Phase::P {
-                        (s.loss, f32::NAN)
-                    } else {
-                        (f32::NAN, s.loss)
-                    };
-                    after_step(ctx, &mut m, step, &cfg, &progress, &mut meter, lp, la)?;
-                }
+            // Phases P (p_len steps) and A (a_len steps) alternate, starting with P; the
+            // position inside the cycle follows from the step, so a resumed run continues
+            // mid-phase.
+            let pos = step % (p_len + a_len);
+            let (phase, last) = if pos < p_len {
+                (Phase::P, pos + 1 == p_len)
+            } else {
+                (Phase::A, pos + 1 == p_len + a_len)
+            };
+            m.switch_to(phase)?;
+            if last || step + 1 == cfg.train.steps {
+                m.stage_next()?;
             }
+            let hb = loader.next_batch()?;
+            let (x, y) = ctx.tensors(&hb)?;
+            let lrs: Vec<f64> = base
+                .iter()
+                .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
+                .collect();
+            let s = m.half_step(ctx, step + 1, &x, &y, &lrs)?;
+            meter.add(&s);
+            step += 1;
+            let n = match phase {
+                Phase::P => {
+                    n_p += 1;
+                    n_p
+                }
+                Phase::A => {
+                    n_a += 1;
+                    n_a
+                }
+            };
+            if n % ema == 0 {
+                m.fold(phase)?;
+            }
+            let (lp, la) = if phase == Phase::P {
+                (s.loss, f32::NAN)
+            } else {
+                (f32::NAN, s.loss)
+            };
+            let pos = Position {
+                step,
+                n_p,
+                n_a,
+                clean: true,
+                loss_p: lp,
+                loss_a: la,
+            };
+            after_step(ctx, &mut m, pos, &cfg, &progress, &mut meter)?;
         }
     }
     progress.finish();
@@ -610,7 +733,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         .insert("train_seconds".into(), json!(train_secs));
     ctx.summary.extra.insert(
         "ms_per_step".into(),
-        json!(1e3 * train_secs / cfg.train.steps as f64),
+        json!(1e3 * train_secs / (cfg.train.steps - done).max(1) as f64),
     );
     ctx.summary
         .extra
@@ -618,17 +741,29 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where the loop stands after a step: counters for checkpoints, and whether the state
+/// is complete (no replayed batch pending).
+struct Position {
+    step: usize,
+    n_p: usize,
+    n_a: usize,
+    clean: bool,
+    /// PM's loss of the step (NaN when PM did not step).
+    loss_p: f32,
+    /// AM's loss of the step (NaN when AM did not step).
+    loss_a: f32,
+}
+
 fn after_step(
     ctx: &mut RunContext,
     m: &mut SingleLive,
-    step: usize,
+    pos: Position,
     cfg: &crate::config::Config,
     progress: &Progress,
     meter: &mut Meter,
-    loss_p: f32,
-    loss_a: f32,
 ) -> Result<()> {
+    let (loss_p, loss_a) = (pos.loss_p, pos.loss_a);
+    let step = pos.step;
     let f = |x: f32| if x.is_finite() { json!(x) } else { json!(null) };
     ctx.metrics.write(
         json!({"kind": "train", "stage": "train", "step": step, "phase": format!("{:?}", m.phase),
@@ -660,6 +795,13 @@ fn after_step(
         let r = ctx.evaluate(&cp, &cb)?;
         progress.println(&format!("eval @{step}: composite {}", r.line()));
         ctx.log_eval(step, "composite", &r)?;
+    }
+    if pos.clean && ctx.checkpoint_due(step) {
+        let mut w = Writer::default();
+        m.save(&mut w, ctx.net.as_ref())?;
+        w.meta("n_p", json!(pos.n_p));
+        w.meta("n_a", json!(pos.n_a));
+        ctx.checkpoint(step, w)?;
     }
     Ok(())
 }

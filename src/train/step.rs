@@ -3,7 +3,7 @@
 
 use crate::model::{layers, Mode, NetState, Network};
 use crate::optim::Optimizer;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Tensor;
 
 /// Loss and accuracy of one step's batch (before the update).
@@ -44,10 +44,8 @@ pub fn gradients(
         correct,
         n: y.dim(0)?,
     };
-    if !loss_v.is_finite() {
-        bail!("the loss is {loss_v} (non-finite); lower the learning rate or check the data");
-    }
-    let mut grads = if trainable.iter().any(|&t| t) {
+    // A non-finite loss gives no gradients; the caller's guard decides what happens.
+    let mut grads = if trainable.iter().any(|&t| t) && loss_v.is_finite() {
         Some(loss.backward()?)
     } else {
         None
@@ -80,4 +78,30 @@ pub fn apply(
         }
     }
     Ok(())
+}
+
+/// Where a step went non-finite, if it did: the loss, or the first layer whose gradient
+/// holds NaN or Inf, with the offending value (one reduction per gradient; the exact
+/// element is looked up only when the sum is non-finite).
+pub fn nonfinite(
+    stats: &StepStats,
+    grads: &[Option<Tensor>],
+    names: &[String],
+) -> Result<Option<String>> {
+    if !stats.loss.is_finite() {
+        return Ok(Some(format!("the loss is {}", stats.loss)));
+    }
+    for (g, name) in grads.iter().zip(names) {
+        let Some(g) = g else { continue };
+        if g.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            continue;
+        }
+        let v = g.flatten_all()?.to_vec1::<f32>()?;
+        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Ok(Some(format!(
+                "the gradient of `{name}` is {x} at flat index {i}"
+            )));
+        }
+    }
+    Ok(None)
 }

@@ -356,6 +356,18 @@ pub enum Dpu {
     Fixed,
 }
 
+/// Warm-up of the DPU coefficients over the first exchanges (`ldt.dpu_warmup`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpuWarmup {
+    /// The authors' arithmetic: every exchange uses the layer's coefficient.
+    None,
+    /// `w_n = w * (1 - (1 + n/gamma)^-power)` (timm's EMA warm-up shape), n = 1, 2, ...
+    Timm,
+    /// `w_n = w * (1 + n) / (10 + n)`, n = 1, 2, ...
+    Ratio,
+}
+
 /// Where the dual branch keeps its two networks (`ldt.placement`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -386,6 +398,13 @@ pub struct LdtConfig {
     pub unstable_slope: f64,
     /// `resident` or `swap` (dual branch only).
     pub placement: Placement,
+    /// `none`, `timm` or `ratio`: scale each exchange's coefficients by a schedule in the
+    /// number of exchanges so far (keeps the DPU ranking; `none` = the authors' rule).
+    pub dpu_warmup: DpuWarmup,
+    /// `timm` warm-up: gamma.
+    pub dpu_warmup_gamma: f64,
+    /// `timm` warm-up: power.
+    pub dpu_warmup_power: f64,
 }
 
 impl Default for LdtConfig {
@@ -399,6 +418,9 @@ impl Default for LdtConfig {
             unstable_base: 0.999,
             unstable_slope: 0.001,
             placement: Placement::Resident,
+            dpu_warmup: DpuWarmup::None,
+            dpu_warmup_gamma: 1.0,
+            dpu_warmup_power: 0.75,
         }
     }
 }
@@ -649,6 +671,16 @@ impl Config {
                 "EMA coefficients must lie in [0, 1]",
             )?;
         }
+        check(
+            c.ldt.dpu_warmup_gamma > 0.0,
+            "ldt.dpu_warmup_gamma",
+            "must be positive",
+        )?;
+        check(
+            c.ldt.dpu_warmup_power > 0.0,
+            "ldt.dpu_warmup_power",
+            "must be positive",
+        )?;
         check(c.ldt_s.p_steps >= 1, "ldt_s.p_steps", "must be at least 1")?;
         check(c.ldt_s.a_steps >= 1, "ldt_s.a_steps", "must be at least 1")?;
         check(

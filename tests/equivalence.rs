@@ -92,6 +92,36 @@ fn check(arch: &str) {
         ],
     );
     same(&single, &file, &format!("{arch}: file-backed tier vs RAM"));
+    // The DPU warm-up computes the same in every placement.
+    let warm = "ldt.dpu_warmup=\"ratio\"";
+    let resident_w = outputs(arch, &[warm]);
+    assert!(
+        !identical(
+            &resident.path().join("composite.safetensors"),
+            &resident_w.path().join("composite.safetensors")
+        ),
+        "{arch}: the DPU warm-up changed nothing"
+    );
+    same(
+        &resident_w,
+        &outputs(arch, &[warm, "ldt.placement=\"swap\""]),
+        &format!("{arch}: warm-up, swap vs resident"),
+    );
+    let single_w = outputs(
+        arch,
+        &[
+            warm,
+            "train.method=\"ldt-s\"",
+            "ldt_s.p_steps=1",
+            "ldt_s.a_steps=1",
+            "ldt_s.repeat_batch=true",
+        ],
+    );
+    same(
+        &resident_w,
+        &single_w,
+        &format!("{arch}: warm-up, ldt-s vs resident"),
+    );
     // Early staging of the next phase's optimizer state changes no number.
     let phases = [
         "train.method=\"ldt-s\"",

@@ -3,6 +3,7 @@
 
 pub mod composite;
 pub mod dpu;
+pub mod lag;
 pub mod partition;
 pub mod stage1;
 pub mod stats;

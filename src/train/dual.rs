@@ -26,19 +26,20 @@ pub struct Branch {
 }
 
 /// Applies the DPU exchange between two live branches.
-pub fn exchange(partition: &Partition, pm: &NetState, am: &NetState) -> Result<()> {
+/// `factor` scales every coefficient (the DPU warm-up; 1 = the authors' rule).
+pub fn exchange(partition: &Partition, pm: &NetState, am: &NetState, factor: f64) -> Result<()> {
     for (i, l) in partition.layers.iter().enumerate() {
         if partition.is_stable(i) {
             dpu::fold(
                 am.params[i].as_tensor(),
                 pm.params[i].as_tensor(),
-                l.coefficient,
+                l.coefficient * factor,
             )?;
         } else {
             dpu::fold(
                 pm.params[i].as_tensor(),
                 am.params[i].as_tensor(),
-                l.coefficient,
+                l.coefficient * factor,
             )?;
         }
     }
@@ -111,6 +112,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             (partition, pm, am, 0)
         }
     };
+    ctx.report_lag(&partition, None)?;
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
     let mut loader = ctx.train_loader(done, cfg.train.steps - done)?;
@@ -152,7 +154,8 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             }
         }
         if step % cfg.ldt.ema_every == 0 {
-            exchange(&partition, &pm.state, &am.state)?;
+            let factor = dpu::warmup_factor(&cfg.ldt, step / cfg.ldt.ema_every);
+            exchange(&partition, &pm.state, &am.state, factor)?;
         }
         ctx.metrics.write(json!({"kind": "train", "stage": "train", "step": step, "loss_pm": losses[0], "loss_am": losses[1],
             "lr": schedule::lr_at(&cfg.optim, cfg.optim.lr, step, cfg.train.steps)}))?;

@@ -119,6 +119,30 @@ impl RunContext {
         })
     }
 
+    /// Prints and records the lag report of stage 2 (`summary.json` `lag`, a `lag`
+    /// record in metrics.jsonl) with its warnings.
+    pub fn report_lag(
+        &mut self,
+        partition: &crate::ldt::partition::Partition,
+        single_phases: Option<(usize, usize)>,
+    ) -> Result<()> {
+        let (lags, warnings) = crate::ldt::lag::report(&self.cfg, partition, single_phases);
+        for l in &lags {
+            println!(
+                "EMA half-life of the {} set ({} layers): {:.0}..{:.0} steps of {} planned",
+                l.set, l.layers, l.min_half_life, l.max_half_life, l.planned_steps
+            );
+        }
+        for w in &warnings {
+            eprintln!("{w}");
+        }
+        let v = json!({"sets": lags, "warnings": warnings});
+        self.metrics
+            .write(json!({"kind": "lag", "report": v.clone()}))?;
+        self.summary.extra.insert("lag".into(), v);
+        Ok(())
+    }
+
     /// Elements of one input image.
     pub fn image_len(&self) -> usize {
         self.net.input_shape().iter().product()

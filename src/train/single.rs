@@ -16,7 +16,7 @@ use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::{Method, Placement};
 use crate::data::HostBatch;
 use crate::ldt::partition::Partition;
-use crate::ldt::stage1;
+use crate::ldt::{dpu, stage1};
 use crate::metrics::Progress;
 use crate::model::{io, Mode, NetState, Network};
 use crate::offload::backend::{Backend, CpuBackend};
@@ -199,7 +199,8 @@ impl SingleLive {
     }
 
     /// The DPU fold of `branch`'s trained set into the other branch's frozen copy.
-    pub fn fold(&mut self, branch: Phase) -> Result<()> {
+    /// `factor` scales every coefficient (the DPU warm-up; 1 = the authors' rule).
+    pub fn fold(&mut self, branch: Phase, factor: f64) -> Result<()> {
         let trains = |i: usize| self.partition.is_stable(i) == (branch == Phase::P);
         let mut jobs = Vec::new();
         for (i, l) in self.partition.layers.iter().enumerate() {
@@ -209,11 +210,15 @@ impl SingleLive {
             let live = self.live.params[i].as_tensor();
             if branch == self.phase {
                 // Source live, destination (the other branch's frozen copy) parked.
-                jobs.push((self.weight_slot[i], live.clone(), l.coefficient));
+                jobs.push((self.weight_slot[i], live.clone(), l.coefficient * factor));
             } else {
                 // Source parked, destination (the live branch's frozen copy) live.
-                self.backend
-                    .fold_into_live(live, &self.buf, self.weight_slot[i], l.coefficient)?;
+                self.backend.fold_into_live(
+                    live,
+                    &self.buf,
+                    self.weight_slot[i],
+                    l.coefficient * factor,
+                )?;
             }
         }
         if !jobs.is_empty() {
@@ -502,6 +507,12 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             (start, p)
         }
     };
+    let phases = if repeat {
+        None
+    } else {
+        Some((cfg.ldt_s.p_steps, cfg.ldt_s.a_steps))
+    };
+    ctx.report_lag(&partition, phases)?;
     let offload = offload_config(ctx);
     if let (Some(ck), Some(path)) = (&resume, &offload.file_path) {
         // A killed run leaves its spill file behind; every slot comes back from the
@@ -575,8 +586,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 n_p += 1;
                 n_a += 1;
                 if n_p % ema == 0 {
-                    m.fold(Phase::P)?;
-                    m.fold(Phase::A)?;
+                    let factor = dpu::warmup_factor(&cfg.ldt, n_p / ema);
+                    m.fold(Phase::P, factor)?;
+                    m.fold(Phase::A, factor)?;
                 }
                 let pos = Position {
                     step,
@@ -622,8 +634,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 n_a += 1;
                 // Both folds of a step after its A half-step, as the dual branch does.
                 if n_p % ema == 0 {
-                    m.fold(Phase::P)?;
-                    m.fold(Phase::A)?;
+                    let factor = dpu::warmup_factor(&cfg.ldt, n_p / ema);
+                    m.fold(Phase::P, factor)?;
+                    m.fold(Phase::A, factor)?;
                 }
                 // A checkpoint only when no replayed batch is pending.
                 let clean = j + 1 == replay.len();
@@ -671,7 +684,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 }
             };
             if n % ema == 0 {
-                m.fold(phase)?;
+                m.fold(phase, dpu::warmup_factor(&cfg.ldt, n / ema))?;
             }
             let (lp, la) = if phase == Phase::P {
                 (s.loss, f32::NAN)

@@ -275,3 +275,295 @@ pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, 
     let loss_sum = -(picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?);
     Ok((correct, loss_sum))
 }
+
+// ------------------------------------------------------------------ transformer layers
+//
+// LayerNorm, GELU and softmax as custom ops: candle's fused versions record no backward,
+// and compositions of elementwise ops cost several passes over the activations. Each
+// forward reduces in f64 and rounds once; each backward is the exact analytic gradient,
+// also reduced in f64. All accept f32 and f64 tensors.
+
+/// Elements of `x`'s contiguous storage, for custom-op kernels.
+fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} expects a contiguous input")
+    };
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Values of `t` (any layout) as a flat vector of `T`.
+fn flat_values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()
+}
+
+/// Layer normalization over the last dimension (biased variance), then the affine
+/// `weight`/`bias` of that dimension: PyTorch `LayerNorm(dim, eps)`. timm's ViT uses
+/// eps 1e-6.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let xhat = x.contiguous()?.apply_op1(LayerNormCore { eps })?;
+    Ok(xhat.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// `(x - mean) / sqrt(var + eps)` per row of the last dimension.
+struct LayerNormCore {
+    eps: f64,
+}
+
+impl LayerNormCore {
+    /// Mean and `1/sqrt(var + eps)` of one row, accumulated in f64.
+    fn moments<T: WithDType>(&self, row: &[T]) -> (f64, f64) {
+        let n = row.len() as f64;
+        let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+        let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+        (mean, 1.0 / (var + self.eps).sqrt())
+    }
+
+    fn fwd<T: WithDType>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+        let x = contiguous_slice::<T>(s, l, "layer_norm")?;
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let (mean, rstd) = self.moments(row);
+                for (o, v) in o.iter_mut().zip(row) {
+                    *o = T::from_f64((v.to_f64() - mean) * rstd);
+                }
+            });
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    /// `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` per row.
+    fn grad<T: WithDType>(&self, arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let d = arg.dims().last().copied().unwrap_or(1).max(1);
+        let x = flat_values::<T>(arg)?;
+        let g = flat_values::<T>(grad)?;
+        let mut gx = vec![T::zero(); x.len()];
+        gx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (row, g))| {
+                let (mean, rstd) = self.moments(row);
+                let xhat = |v: T| (v.to_f64() - mean) * rstd;
+                let n = d as f64;
+                let mg = g.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+                let mgx = g
+                    .iter()
+                    .zip(row)
+                    .map(|(g, &v)| g.to_f64() * xhat(v))
+                    .sum::<f64>()
+                    / n;
+                for ((o, g), &v) in o.iter_mut().zip(g).zip(row) {
+                    *o = T::from_f64(rstd * (g.to_f64() - mg - xhat(v) * mgx));
+                }
+            });
+        Tensor::from_vec(gx, arg.shape(), arg.device())
+    }
+}
+
+impl CustomOp1 for LayerNormCore {
+    fn name(&self) -> &'static str {
+        "ldt-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => self.fwd::<f32>(s, l)?,
+            CpuStorage::F64(_) => self.fwd::<f64>(s, l)?,
+            _ => candle_core::bail!("layer_norm supports f32 and f64 tensors"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(match arg.dtype() {
+            DType::F64 => self.grad::<f64>(arg, grad)?,
+            _ => self.grad::<f32>(arg, grad)?,
+        }))
+    }
+}
+
+/// GELU in its exact form `0.5 x (1 + erf(x / sqrt 2))` (PyTorch `GELU()`, not the tanh
+/// approximation), evaluated in f64; the backward is `Phi(x) + x phi(x)` exactly.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(GeluErf)?)
+}
+
+struct GeluErf;
+
+impl GeluErf {
+    /// Standard normal CDF `Phi(x) = 0.5 (1 + erf(x / sqrt 2))`.
+    fn cdf(x: f64) -> f64 {
+        0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+    }
+
+    fn fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+        let x = contiguous_slice::<T>(s, l, "gelu_erf")?;
+        let out: Vec<T> = x
+            .par_iter()
+            .map(|v| {
+                let v = v.to_f64();
+                T::from_f64(v * Self::cdf(v))
+            })
+            .collect();
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    fn grad<T: WithDType>(arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        // 1 / sqrt(2 pi)
+        const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+        let x = flat_values::<T>(arg)?;
+        let g = flat_values::<T>(grad)?;
+        let gx: Vec<T> = x
+            .par_iter()
+            .zip(g.par_iter())
+            .map(|(v, g)| {
+                let v = v.to_f64();
+                let d = Self::cdf(v) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
+                T::from_f64(g.to_f64() * d)
+            })
+            .collect();
+        Tensor::from_vec(gx, arg.shape(), arg.device())
+    }
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "ldt-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => Self::fwd::<f32>(s, l)?,
+            CpuStorage::F64(_) => Self::fwd::<f64>(s, l)?,
+            _ => candle_core::bail!("gelu_erf supports f32 and f64 tensors"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(match arg.dtype() {
+            DType::F64 => Self::grad::<f64>(arg, grad)?,
+            _ => Self::grad::<f32>(arg, grad)?,
+        }))
+    }
+}
+
+/// Softmax over the last dimension (max subtracted, sum in f64); the backward is the
+/// exact `y * (g - sum(g * y))` per row.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
+}
+
+struct SoftmaxLastDim;
+
+impl SoftmaxLastDim {
+    fn fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+        let x = contiguous_slice::<T>(s, l, "softmax_last_dim")?;
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let max = row
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = row.iter().map(|v| (v.to_f64() - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (o, e) in o.iter_mut().zip(e) {
+                    *o = T::from_f64(e / sum);
+                }
+            });
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    fn grad<T: WithDType>(res: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let d = res.dims().last().copied().unwrap_or(1).max(1);
+        let y = flat_values::<T>(res)?;
+        let g = flat_values::<T>(grad)?;
+        let mut gx = vec![T::zero(); y.len()];
+        gx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (y, g))| {
+                let dot: f64 = y.iter().zip(g).map(|(y, g)| y.to_f64() * g.to_f64()).sum();
+                for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+                    *o = T::from_f64(y.to_f64() * (g.to_f64() - dot));
+                }
+            });
+        Tensor::from_vec(gx, res.shape(), res.device())
+    }
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "ldt-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => Self::fwd::<f32>(s, l)?,
+            CpuStorage::F64(_) => Self::fwd::<f64>(s, l)?,
+            _ => candle_core::bail!("softmax_last_dim supports f32 and f64 tensors"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(match res.dtype() {
+            DType::F64 => Self::grad::<f64>(res, grad)?,
+            _ => Self::grad::<f32>(res, grad)?,
+        }))
+    }
+}
+
+/// Textbook scaled dot-product attention over `[B, heads, N, d]` tensors:
+/// `softmax((q / sqrt(d)) k^T) v` (q is scaled before the product, as timm's eager path).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    let q = (q * (1.0 / (d as f64).sqrt()))?;
+    let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
+    let a = softmax_last_dim(&scores)?;
+    Ok(a.matmul(&v.contiguous()?)?)
+}
+
+/// timm's `Attention` on `x` `[B, N, D]`: `qkv` Linear `[3D, D]` (rows: q, k, v; inside
+/// each, head j owns rows `j*d..(j+1)*d`), [`attention`] per head, heads concatenated in
+/// order, then the `proj` Linear `[D, D]`.
+pub fn multi_head_attention(
+    x: &Tensor,
+    qkv_w: &Tensor,
+    qkv_b: Option<&Tensor>,
+    proj_w: &Tensor,
+    proj_b: Option<&Tensor>,
+    heads: usize,
+) -> Result<Tensor> {
+    let (b, n, dim) = x.dims3()?;
+    if heads == 0 || !dim.is_multiple_of(heads) {
+        anyhow::bail!("multi_head_attention: width {dim} is not divisible by {heads} heads");
+    }
+    let qkv = linear(&x.reshape((b * n, dim))?, qkv_w, qkv_b)?
+        .reshape((b, n, 3, heads, dim / heads))?
+        .permute((2, 0, 3, 1, 4))?;
+    let o = attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?)?;
+    let o = o.transpose(1, 2)?.reshape((b * n, dim))?;
+    Ok(linear(&o, proj_w, proj_b)?.reshape((b, n, dim))?)
+}

@@ -144,10 +144,19 @@ impl Report {
 /// The model settings of `verify-model`: the defaults, `model.arch = arch`, then the
 /// `--set model.key=value` overrides (any other section is refused).
 pub fn model_config(arch: &str, set: &[String]) -> Result<ModelConfig> {
+    if !model::ARCHS.contains(&arch) {
+        bail!(
+            "--arch `{arch}`: unknown architecture; allowed: {}",
+            model::ARCHS.join(", ")
+        );
+    }
     let mut overrides = vec![format!("model.arch={arch}")];
     for s in set {
-        if !s.trim_start().starts_with("model.") {
-            bail!("--set `{s}`: verify-model takes only model.* keys");
+        let key = s.split('=').next().unwrap_or("").trim();
+        if !key.starts_with("model.") || key == "model.arch" {
+            bail!(
+                "--set `{s}`: verify-model takes only model.* keys (the architecture from --arch)"
+            );
         }
         overrides.push(s.clone());
     }

@@ -4,7 +4,9 @@
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
+};
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -295,6 +297,9 @@ fn contiguous_slice<'a, T: WithDType>(
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
+/// Elements per parallel task of the elementwise kernels.
+const ELEMS_PER_TASK: usize = 4096;
+
 /// Values of `t` (any layout) as a flat vector of `T`.
 fn flat_values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()
@@ -302,18 +307,26 @@ fn flat_values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
 
 /// Layer normalization over the last dimension (biased variance), then the affine
 /// `weight`/`bias` of that dimension: PyTorch `LayerNorm(dim, eps)`. timm's ViT uses
-/// eps 1e-6.
+/// eps 1e-6. One fused op: the backward gives `dx`, `dweight` and `dbias` at once.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let xhat = x.contiguous()?.apply_op1(LayerNormCore { eps })?;
-    Ok(xhat.broadcast_mul(w)?.broadcast_add(b)?)
+    let d = x.dim(D::Minus1)?;
+    if w.dims() != [d] || b.dims() != [d] {
+        anyhow::bail!(
+            "layer_norm: weight {:?} and bias {:?} must be [{d}]",
+            w.dims(),
+            b.dims()
+        );
+    }
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })?)
 }
 
-/// `(x - mean) / sqrt(var + eps)` per row of the last dimension.
-struct LayerNormCore {
+/// `(x - mean) / sqrt(var + eps) * w + b` per row of the last dimension.
+struct LayerNorm {
     eps: f64,
 }
 
-impl LayerNormCore {
+impl LayerNorm {
     /// Mean and `1/sqrt(var + eps)` of one row, accumulated in f64.
     fn moments<T: WithDType>(&self, row: &[T]) -> (f64, f64) {
         let n = row.len() as f64;
@@ -322,72 +335,232 @@ impl LayerNormCore {
         (mean, 1.0 / (var + self.eps).sqrt())
     }
 
-    fn fwd<T: WithDType>(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
-        let x = contiguous_slice::<T>(s, l, "layer_norm")?;
-        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+    fn fwd<T: WithDType>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<CpuStorage> {
+        let x = contiguous_slice::<T>(s1, l1, "layer_norm")?;
+        let w = contiguous_slice::<T>(s2, l2, "layer_norm")?;
+        let b = contiguous_slice::<T>(s3, l3, "layer_norm")?;
+        let d = w.len().max(1);
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(o, row)| {
                 let (mean, rstd) = self.moments(row);
-                for (o, v) in o.iter_mut().zip(row) {
-                    *o = T::from_f64((v.to_f64() - mean) * rstd);
+                for (k, (o, v)) in o.iter_mut().zip(row).enumerate() {
+                    *o = T::from_f64((v.to_f64() - mean) * rstd * w[k].to_f64() + b[k].to_f64());
                 }
             });
         Ok(T::to_cpu_storage_owned(out))
     }
 
-    /// `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))` per row.
-    fn grad<T: WithDType>(&self, arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
-        let d = arg.dims().last().copied().unwrap_or(1).max(1);
-        let x = flat_values::<T>(arg)?;
-        let g = flat_values::<T>(grad)?;
-        let mut gx = vec![T::zero(); x.len()];
-        gx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(o, (row, g))| {
-                let (mean, rstd) = self.moments(row);
-                let xhat = |v: T| (v.to_f64() - mean) * rstd;
-                let n = d as f64;
-                let mg = g.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-                let mgx = g
-                    .iter()
-                    .zip(row)
-                    .map(|(g, &v)| g.to_f64() * xhat(v))
-                    .sum::<f64>()
-                    / n;
-                for ((o, g), &v) in o.iter_mut().zip(g).zip(row) {
-                    *o = T::from_f64(rstd * (g.to_f64() - mg - xhat(v) * mgx));
+    /// With `h = g * w`: `dx = rstd * (h - mean(h) - xhat * mean(h * xhat))` per row,
+    /// `dw = sum_rows(g * xhat)`, `db = sum_rows(g)`.
+    fn grad<T: WithDType>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let d = w.elem_count().max(1);
+        let xs = flat_values::<T>(x)?;
+        let ws: Vec<f64> = flat_values::<T>(w)?.iter().map(|v| v.to_f64()).collect();
+        let gs = flat_values::<T>(grad)?;
+        let mut gx = vec![T::zero(); xs.len()];
+        // Per-row work in parallel; each chunk of rows returns its partial dw and db.
+        let rows_per_task = (4096 / d).max(1);
+        let partial: Vec<(Vec<f64>, Vec<f64>)> = gx
+            .par_chunks_mut(d * rows_per_task)
+            .zip(
+                xs.par_chunks(d * rows_per_task)
+                    .zip(gs.par_chunks(d * rows_per_task)),
+            )
+            .map(|(o, (x, g))| {
+                let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+                let mut h = vec![0f64; d];
+                let mut xhat = vec![0f64; d];
+                for ((o, row), g) in o.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let (mean, rstd) = self.moments(row);
+                    for k in 0..d {
+                        let gk = g[k].to_f64();
+                        xhat[k] = (row[k].to_f64() - mean) * rstd;
+                        h[k] = gk * ws[k];
+                        dw[k] += gk * xhat[k];
+                        db[k] += gk;
+                    }
+                    let n = d as f64;
+                    let mh = h.iter().sum::<f64>() / n;
+                    let mhx = h.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+                    for k in 0..d {
+                        o[k] = T::from_f64(rstd * (h[k] - mh - xhat[k] * mhx));
+                    }
                 }
-            });
-        Tensor::from_vec(gx, arg.shape(), arg.device())
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+        for (pw, pb) in partial {
+            for k in 0..d {
+                dw[k] += pw[k];
+                db[k] += pb[k];
+            }
+        }
+        let to_t = |v: Vec<f64>| -> Vec<T> { v.into_iter().map(T::from_f64).collect() };
+        Ok((
+            Tensor::from_vec(gx, x.shape(), x.device())?,
+            Tensor::from_vec(to_t(dw), w.shape(), w.device())?,
+            Tensor::from_vec(to_t(db), w.shape(), w.device())?,
+        ))
     }
 }
 
-impl CustomOp1 for LayerNormCore {
+impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "ldt-layer-norm"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => self.fwd::<f32>(s, l)?,
-            CpuStorage::F64(_) => self.fwd::<f64>(s, l)?,
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let args = ((s1, l1), (s2, l2), (s3, l3));
+        let out = match s1 {
+            CpuStorage::F32(_) => self.fwd::<f32>(args.0, args.1, args.2)?,
+            CpuStorage::F64(_) => self.fwd::<f64>(args.0, args.1, args.2)?,
             _ => candle_core::bail!("layer_norm supports f32 and f64 tensors"),
         };
-        Ok((out, l.shape().clone()))
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
-        arg: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(match arg.dtype() {
-            DType::F64 => self.grad::<f64>(arg, grad)?,
-            _ => self.grad::<f32>(arg, grad)?,
-        }))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, gb) = match x.dtype() {
+            DType::F64 => self.grad::<f64>(x, w, grad)?,
+            _ => self.grad::<f32>(x, w, grad)?,
+        };
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `y + b` with `b` `[n]` added to every row of `y` `[.., n]` (a Linear's bias). The
+/// bias gradient is the row sum, accumulated in f64 in one pass (candle's broadcast
+/// backward reduces the leading dimensions element by element, which dominated ViT
+/// steps).
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let n = y.dim(D::Minus1)?;
+    if b.dims() != [n] {
+        anyhow::bail!("add_bias: bias {:?} does not fit rows of {n}", b.dims());
+    }
+    Ok(y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
+}
+
+/// Linear `y = x W^T + b` over the last dimension of any-rank `x` (leading dimensions
+/// flattened into rows), bias through [`add_bias`].
+pub fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let last = dims.pop().unwrap_or(1);
+    let rows: usize = dims.iter().product();
+    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => add_bias(&y, b)?,
+        None => y,
+    };
+    dims.push(w.dim(0)?);
+    Ok(y.reshape(dims)?)
+}
+
+struct AddBias;
+
+impl AddBias {
+    fn fwd<T: WithDType>(
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<CpuStorage> {
+        let y = contiguous_slice::<T>(s1, l1, "add_bias")?;
+        let b = contiguous_slice::<T>(s2, l2, "add_bias")?;
+        let mut out = y.to_vec();
+        out.par_chunks_mut(b.len().max(1)).for_each(|row| {
+            for (o, &bk) in row.iter_mut().zip(b) {
+                *o += bk;
+            }
+        });
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    fn bias_grad<T: WithDType>(b: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let n = b.elem_count().max(1);
+        let g = flat_values::<T>(grad)?;
+        let rows_per_task = (16384 / n).max(1);
+        // Fixed chunks summed in order: the result does not depend on the thread count.
+        let partial: Vec<Vec<f64>> = g
+            .par_chunks(n * rows_per_task)
+            .map(|chunk| {
+                let mut acc = vec![0f64; n];
+                for row in chunk.chunks(n) {
+                    for (a, v) in acc.iter_mut().zip(row) {
+                        *a += v.to_f64();
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut sum = vec![0f64; n];
+        for p in partial {
+            for (s, v) in sum.iter_mut().zip(p) {
+                *s += v;
+            }
+        }
+        let sum: Vec<T> = sum.into_iter().map(T::from_f64).collect();
+        Tensor::from_vec(sum, b.shape(), b.device())
+    }
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "ldt-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => Self::fwd::<f32>((s1, l1), (s2, l2))?,
+            CpuStorage::F64(_) => Self::fwd::<f64>((s1, l1), (s2, l2))?,
+            _ => candle_core::bail!("add_bias supports f32 and f64 tensors"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gb = match b.dtype() {
+            DType::F64 => Self::bias_grad::<f64>(b, grad)?,
+            _ => Self::bias_grad::<f32>(b, grad)?,
+        };
+        Ok((Some(grad.clone()), Some(gb)))
     }
 }
 
@@ -407,13 +580,15 @@ impl GeluErf {
 
     fn fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
         let x = contiguous_slice::<T>(s, l, "gelu_erf")?;
-        let out: Vec<T> = x
-            .par_iter()
-            .map(|v| {
-                let v = v.to_f64();
-                T::from_f64(v * Self::cdf(v))
-            })
-            .collect();
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(x.par_chunks(ELEMS_PER_TASK))
+            .for_each(|(o, x)| {
+                for (o, v) in o.iter_mut().zip(x) {
+                    let v = v.to_f64();
+                    *o = T::from_f64(v * Self::cdf(v));
+                }
+            });
         Ok(T::to_cpu_storage_owned(out))
     }
 
@@ -422,15 +597,19 @@ impl GeluErf {
         const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
         let x = flat_values::<T>(arg)?;
         let g = flat_values::<T>(grad)?;
-        let gx: Vec<T> = x
-            .par_iter()
-            .zip(g.par_iter())
-            .map(|(v, g)| {
-                let v = v.to_f64();
-                let d = Self::cdf(v) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
-                T::from_f64(g.to_f64() * d)
-            })
-            .collect();
+        let mut gx = vec![T::zero(); x.len()];
+        gx.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(
+                x.par_chunks(ELEMS_PER_TASK)
+                    .zip(g.par_chunks(ELEMS_PER_TASK)),
+            )
+            .for_each(|(o, (x, g))| {
+                for ((o, v), g) in o.iter_mut().zip(x).zip(g) {
+                    let v = v.to_f64();
+                    let d = Self::cdf(v) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
+                    *o = T::from_f64(g.to_f64() * d);
+                }
+            });
         Tensor::from_vec(gx, arg.shape(), arg.device())
     }
 }
@@ -560,10 +739,10 @@ pub fn multi_head_attention(
     if heads == 0 || !dim.is_multiple_of(heads) {
         anyhow::bail!("multi_head_attention: width {dim} is not divisible by {heads} heads");
     }
-    let qkv = linear(&x.reshape((b * n, dim))?, qkv_w, qkv_b)?
+    let qkv = linear_rows(x, qkv_w, qkv_b)?
         .reshape((b, n, 3, heads, dim / heads))?
         .permute((2, 0, 3, 1, 4))?;
     let o = attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?)?;
-    let o = o.transpose(1, 2)?.reshape((b * n, dim))?;
-    Ok(linear(&o, proj_w, proj_b)?.reshape((b, n, dim))?)
+    let o = o.transpose(1, 2)?.reshape((b, n, dim))?;
+    linear_rows(&o, proj_w, proj_b)
 }

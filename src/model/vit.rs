@@ -129,16 +129,9 @@ impl Vit {
             .reshape((n, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((n * gh * gw, c * p * p))?;
-        let y = layers::linear(&cols, &w.reshape((self.shape.width, c * p * p))?, Some(b))?;
+        let y = layers::linear_rows(&cols, &w.reshape((self.shape.width, c * p * p))?, Some(b))?;
         Ok(y.reshape((n, gh * gw, self.shape.width))?)
     }
-}
-
-/// A Linear over the last dimension of `[B, N, D]` tokens.
-fn linear_tokens(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (n, t, d) = x.dims3()?;
-    let y = layers::linear(&x.reshape((n * t, d))?, w, Some(b))?;
-    Ok(y.reshape((n, t, w.dim(0)?))?)
 }
 
 impl Network for Vit {
@@ -179,13 +172,13 @@ impl Network for Vit {
             )?;
             h = (h + a)?;
             let m = layers::layer_norm(&h, &q[6], &q[7], LN_EPS)?;
-            let m = layers::gelu_erf(&linear_tokens(&m, &q[8], &q[9])?)?;
-            h = (h + linear_tokens(&m, &q[10], &q[11])?)?;
+            let m = layers::gelu_erf(&layers::linear_rows(&m, &q[8], Some(&q[9]))?)?;
+            h = (h + layers::linear_rows(&m, &q[10], Some(&q[11]))?)?;
         }
         // The final norm acts per token; only the class token is pooled.
         let k = 4 + PER_BLOCK * self.shape.depth;
         let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
         let cls = layers::layer_norm(&cls, &p[k], &p[k + 1], LN_EPS)?;
-        layers::linear(&cls, &p[k + 2], Some(&p[k + 3]))
+        layers::linear_rows(&cls, &p[k + 2], Some(&p[k + 3]))
     }
 }

@@ -758,6 +758,39 @@ fn head_reset_and_wrong_keys() {
     }
 }
 
+#[test]
+fn training_from_a_checkpoint_with_another_head() {
+    // `ldt train` with model.init + model.reset_head: a 3-class ViT checkpoint fine-tuned
+    // on the bundled 10-class data; without reset_head the run refuses the checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let vit = [
+        "model.width=16",
+        "model.depth=1",
+        "model.heads=2",
+        "model.patch=7",
+    ];
+    let net = build("vit", &vit, [1, 28, 28], 3);
+    let ckpt = dir.path().join("vit-c3.safetensors");
+    io::save_state(net.as_ref(), &trained_state(net.as_ref(), 9), &ckpt).unwrap();
+    let man = common::root().join("data/rotmnist5k/manifest.json");
+    let toml = format!(
+        "threads = 1\n[model]\narch = \"vit\"\nwidth = 16\ndepth = 1\nheads = 2\npatch = 7\ninit = {:?}\n\
+         [data]\nmanifest = {:?}\n[train]\nsteps = 2\nbatch_size = 4\n[eval]\nbatch_size = 512\n",
+        ckpt.display().to_string(),
+        man.display().to_string()
+    );
+    let (_d, ctx) = common::run(&toml, &["model.reset_head=true"]);
+    assert_eq!(ctx.net.num_classes(), 10);
+    let cfg = ldt::config::Config::from_toml(&toml, "test", &[]).unwrap();
+    let run_dir = tempfile::tempdir().unwrap();
+    let ctx = ldt::train::RunContext::open(cfg, run_dir.path()).unwrap();
+    let e = format!("{:#}", ctx.initial_state().err().unwrap());
+    assert!(
+        e.contains("model.init") && e.contains("`head.weight` has shape [3, 16]"),
+        "{e}"
+    );
+}
+
 fn ldt_bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_ldt"))
 }

@@ -1,6 +1,8 @@
 //! ms/step of one ERM optimizer step (forward, backward, Adam) of `resnet18` and the
 //! fixture-sized `vit` (patch 4, width 96, depth 3, heads 3) on CPU, batch 32, 32x32x3
-//! random input, f32; with the forward alone and forward+backward for the split.
+//! random input, f32; with the forward alone and forward+backward for the split, and
+//! the process CPU time per step (Linux `/proc/self/stat`; on a shared machine it shows
+//! the work when the wall clock also counts waiting for a core).
 //! Threads: `RAYON_NUM_THREADS` (default all cores); `LDT_BENCH_ITERS` timed iterations
 //! (default 10); `LDT_BENCH_ARCHS` a comma-separated subset (default `resnet18,vit`).
 
@@ -11,6 +13,17 @@ use ldt::optim::{OptimSettings, Optimizer};
 use ldt::rng::Rng;
 use ldt::train::step::{apply, gradients};
 use std::time::Instant;
+
+/// CPU time of this process so far (user + system), in ms; None off Linux.
+fn cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux configuration in use.
+    Some(ticks * 10.0)
+}
 
 fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;
@@ -23,8 +36,8 @@ fn main() -> anyhow::Result<()> {
         candle_core::utils::get_num_threads()
     );
     println!(
-        "{:<9} {:>11} {:>10} {:>12} {:>12}",
-        "model", "params", "ms/step", "ms forward", "ms fwd+bwd"
+        "{:<9} {:>11} {:>10} {:>12} {:>12} {:>12}",
+        "model", "params", "ms/step", "ms forward", "ms fwd+bwd", "cpu ms/step"
     );
     let archs = std::env::var("LDT_BENCH_ARCHS").unwrap_or_else(|_| "resnet18,vit".into());
     for arch in archs.split(',').map(str::trim) {
@@ -61,12 +74,18 @@ fn main() -> anyhow::Result<()> {
             gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train)?;
             Ok(())
         })?;
+        let cpu0 = cpu_ms();
         let step = time(&mut || {
             let (_, g) = gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train)?;
             apply(&mut opt, &state, &g, &lrs)
         })?;
+        // `time` runs iters + 1 steps (one warm-up).
+        let cpu = match (cpu0, cpu_ms()) {
+            (Some(a), Some(b)) => format!("{:.1}", (b - a) / (iters + 1) as f64),
+            _ => "-".into(),
+        };
         println!(
-            "{arch:<9} {:>11} {step:>10.1} {fwd:>12.1} {fb:>12.1}",
+            "{arch:<9} {:>11} {step:>10.1} {fwd:>12.1} {fb:>12.1} {cpu:>12}",
             net.numel()
         );
     }

@@ -108,7 +108,8 @@ impl Default for Config {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Architecture: `mlp`, `cnn`, `cnn_bn`.
+    /// Architecture: `mlp`, `cnn`, `cnn_bn`, `resnet18`, `resnet34`, `resnet50`,
+    /// `resnet101`, `vit`.
     pub arch: String,
     /// Safetensors file with PyTorch names to start from (otherwise PyTorch-style random init).
     pub init: Option<PathBuf>,
@@ -118,6 +119,21 @@ pub struct ModelConfig {
     pub channels: Vec<usize>,
     /// Width of the hidden fully connected layer of `cnn` / `cnn_bn`.
     pub fc_hidden: usize,
+    /// Classes of the head; unset = the data's class count (the manifest's).
+    pub num_classes: Option<usize>,
+    /// With `init`: re-initialize the head (seeded) instead of loading it, so that a
+    /// checkpoint whose head has another class count than `num_classes` can be used.
+    pub reset_head: bool,
+    /// `vit`: patch size (the image sides must be multiples of it).
+    pub patch: usize,
+    /// `vit`: embedding width D.
+    pub width: usize,
+    /// `vit`: number of transformer blocks.
+    pub depth: usize,
+    /// `vit`: attention heads (must divide `width`).
+    pub heads: usize,
+    /// `vit`: MLP hidden width as a multiple of `width` (timm: `int(width * mlp_ratio)`).
+    pub mlp_ratio: f64,
 }
 
 impl Default for ModelConfig {
@@ -128,6 +144,13 @@ impl Default for ModelConfig {
             hidden: vec![128, 64],
             channels: vec![16, 32],
             fc_hidden: 64,
+            num_classes: None,
+            reset_head: false,
+            patch: 4,
+            width: 96,
+            depth: 3,
+            heads: 3,
+            mlp_ratio: 4.0,
         }
     }
 }

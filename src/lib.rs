@@ -21,6 +21,7 @@ pub mod optim;
 pub mod plot;
 pub mod rng;
 pub mod train;
+pub mod verify;
 
 use anyhow::{bail, Result};
 

@@ -94,6 +94,27 @@ enum Cmd {
     },
     /// Print version, device, threads and allocator.
     Info,
+    /// Check a network against reference outputs: eval and train logits, train loss,
+    /// every gradient and the BatchNorm running statistics after one train forward.
+    VerifyModel {
+        /// Architecture (`model.arch`), e.g. resnet18 or vit.
+        #[arg(long)]
+        arch: String,
+        /// Override a model key, e.g. --set model.depth=3 (repeatable).
+        #[arg(long = "set", value_name = "model.KEY=VALUE")]
+        set: Vec<String>,
+        /// Safetensors weights with PyTorch names (state_dict).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Safetensors with `input` [B,C,H,W] and `labels` [B], plus any reference
+        /// outputs (`logits_eval`, `logits_train`, `loss_train`, `grad.*`,
+        /// `after_train_forward.*`) to compare with.
+        #[arg(long)]
+        input: PathBuf,
+        /// Safetensors file for the computed outputs (the same key names).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// A configuration or command-line problem (exit code 2).
@@ -237,6 +258,29 @@ fn info() {
     );
 }
 
+fn verify_model(
+    cfg: &ldt::config::ModelConfig,
+    weights: &Path,
+    input: &Path,
+    out: &Path,
+) -> Result<()> {
+    let report = ldt::verify::run(cfg, weights, input, out)?;
+    println!(
+        "{} outputs written to {}; deviations from {} (scaled = max|a-ref| / max|ref|):",
+        report.outputs.len(),
+        out.display(),
+        input.display()
+    );
+    print!("{}", report.table());
+    if !report.problems.is_empty() {
+        anyhow::bail!(
+            "the model's outputs do not match the reference's keys:\n  {}",
+            report.problems.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -297,6 +341,16 @@ fn main() -> ExitCode {
             info();
             Ok(Ok(()))
         }
+        Cmd::VerifyModel {
+            arch,
+            set,
+            weights,
+            input,
+            out,
+        } => match ldt::verify::model_config(&arch, &set) {
+            Err(e) => Err(UsageError(e)),
+            Ok(cfg) => Ok(verify_model(&cfg, &weights, &input, &out)),
+        },
     };
     match res {
         Ok(Ok(())) => ExitCode::SUCCESS,

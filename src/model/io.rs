@@ -1,7 +1,8 @@
 //! Weights in and out through safetensors with PyTorch names, checked against the
 //! network's specs; files are written atomically (temporary file, fsync, rename).
 
-use super::{NetState, Network};
+use super::{init_tensor, NetState, Network};
+use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -24,7 +25,36 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
 /// the right shape; missing, unexpected and mis-shaped keys are listed together.
 /// Floating dtypes are converted to f32; values must be finite.
 pub fn load_state(net: &dyn Network, path: &Path, device: &Device) -> Result<NetState> {
+    load(net, path, device, None)
+}
+
+/// [`load_state`] for fine-tuning on another label set (`model.reset_head`): the head's
+/// parameters (`Network::is_head`) are re-initialized from `rng` with their default
+/// initializers, and the file's head tensors, whatever their shape, or their absence are
+/// no error. Every other key must fit as in [`load_state`].
+pub fn load_state_reset_head(
+    net: &dyn Network,
+    path: &Path,
+    device: &Device,
+    rng: &mut Rng,
+) -> Result<NetState> {
+    load(net, path, device, Some(rng))
+}
+
+fn load(
+    net: &dyn Network,
+    path: &Path,
+    device: &Device,
+    mut reset_head: Option<&mut Rng>,
+) -> Result<NetState> {
     let mut map = read_safetensors(path, device)?;
+    if reset_head.is_some() {
+        for (i, s) in net.params().iter().enumerate() {
+            if net.is_head(i) {
+                map.remove(&s.name);
+            }
+        }
+    }
     let mut problems = Vec::new();
     let mut take = |name: &str, shape: &[usize], dtype: DType| -> Option<Tensor> {
         match map.remove(name) {
@@ -54,7 +84,14 @@ pub fn load_state(net: &dyn Network, path: &Path, device: &Device) -> Result<Net
     let params: Vec<Option<Tensor>> = net
         .params()
         .iter()
-        .map(|s| take(&s.name, &s.shape, DType::F32))
+        .enumerate()
+        .map(|(i, s)| {
+            if reset_head.is_some() && net.is_head(i) {
+                None
+            } else {
+                take(&s.name, &s.shape, DType::F32)
+            }
+        })
         .collect();
     let buffers: Vec<Option<Tensor>> = net
         .buffers()
@@ -78,8 +115,14 @@ pub fn load_state(net: &dyn Network, path: &Path, device: &Device) -> Result<Net
         params: Vec::new(),
         buffers: buffers.into_iter().map(|b| b.expect("checked")).collect(),
     };
-    for (spec, t) in net.params().iter().zip(params) {
-        let t = t.expect("checked");
+    for (i, (spec, t)) in net.params().iter().zip(params).enumerate() {
+        let t = match (t, reset_head.as_deref_mut()) {
+            (Some(t), _) => t,
+            (None, Some(rng)) if net.is_head(i) => {
+                init_tensor(spec.init, &spec.shape, DType::F32, rng, device)?
+            }
+            (None, _) => unreachable!("a missing tensor is reported above"),
+        };
         let bad = t
             .flatten_all()?
             .to_vec1::<f32>()?

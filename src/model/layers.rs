@@ -4,7 +4,9 @@
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
+};
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -274,4 +276,473 @@ pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, 
     let picked = lsm.gather(&labels.unsqueeze(1)?, 1)?;
     let loss_sum = -(picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?);
     Ok((correct, loss_sum))
+}
+
+// ------------------------------------------------------------------ transformer layers
+//
+// LayerNorm, GELU and softmax as custom ops: candle's fused versions record no backward,
+// and compositions of elementwise ops cost several passes over the activations. Each
+// forward reduces in f64 and rounds once; each backward is the exact analytic gradient,
+// also reduced in f64. All accept f32 and f64 tensors.
+
+/// Elements of `x`'s contiguous storage, for custom-op kernels.
+fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} expects a contiguous input")
+    };
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Elements per parallel task of the elementwise kernels.
+const ELEMS_PER_TASK: usize = 4096;
+
+/// Values of `t` (any layout) as a flat vector of `T`.
+fn flat_values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()
+}
+
+/// Layer normalization over the last dimension (biased variance), then the affine
+/// `weight`/`bias` of that dimension: PyTorch `LayerNorm(dim, eps)`. timm's ViT uses
+/// eps 1e-6. One fused op: the backward gives `dx`, `dweight` and `dbias` at once.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if w.dims() != [d] || b.dims() != [d] {
+        anyhow::bail!(
+            "layer_norm: weight {:?} and bias {:?} must be [{d}]",
+            w.dims(),
+            b.dims()
+        );
+    }
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })?)
+}
+
+/// `(x - mean) / sqrt(var + eps) * w + b` per row of the last dimension.
+struct LayerNorm {
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Mean and `1/sqrt(var + eps)` of one row, accumulated in f64.
+    fn moments<T: WithDType>(&self, row: &[T]) -> (f64, f64) {
+        let n = row.len() as f64;
+        let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+        let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+        (mean, 1.0 / (var + self.eps).sqrt())
+    }
+
+    fn fwd<T: WithDType>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<CpuStorage> {
+        let x = contiguous_slice::<T>(s1, l1, "layer_norm")?;
+        let w = contiguous_slice::<T>(s2, l2, "layer_norm")?;
+        let b = contiguous_slice::<T>(s3, l3, "layer_norm")?;
+        let d = w.len().max(1);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let (mean, rstd) = self.moments(row);
+                for (k, (o, v)) in o.iter_mut().zip(row).enumerate() {
+                    *o = T::from_f64((v.to_f64() - mean) * rstd * w[k].to_f64() + b[k].to_f64());
+                }
+            });
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    /// With `h = g * w`: `dx = rstd * (h - mean(h) - xhat * mean(h * xhat))` per row,
+    /// `dw = sum_rows(g * xhat)`, `db = sum_rows(g)`.
+    fn grad<T: WithDType>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let d = w.elem_count().max(1);
+        let xs = flat_values::<T>(x)?;
+        let ws: Vec<f64> = flat_values::<T>(w)?.iter().map(|v| v.to_f64()).collect();
+        let gs = flat_values::<T>(grad)?;
+        let mut gx = vec![T::zero(); xs.len()];
+        // Per-row work in parallel; each chunk of rows returns its partial dw and db.
+        let rows_per_task = (4096 / d).max(1);
+        let partial: Vec<(Vec<f64>, Vec<f64>)> = gx
+            .par_chunks_mut(d * rows_per_task)
+            .zip(
+                xs.par_chunks(d * rows_per_task)
+                    .zip(gs.par_chunks(d * rows_per_task)),
+            )
+            .map(|(o, (x, g))| {
+                let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+                let mut h = vec![0f64; d];
+                let mut xhat = vec![0f64; d];
+                for ((o, row), g) in o.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let (mean, rstd) = self.moments(row);
+                    for k in 0..d {
+                        let gk = g[k].to_f64();
+                        xhat[k] = (row[k].to_f64() - mean) * rstd;
+                        h[k] = gk * ws[k];
+                        dw[k] += gk * xhat[k];
+                        db[k] += gk;
+                    }
+                    let n = d as f64;
+                    let mh = h.iter().sum::<f64>() / n;
+                    let mhx = h.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+                    for k in 0..d {
+                        o[k] = T::from_f64(rstd * (h[k] - mh - xhat[k] * mhx));
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+        for (pw, pb) in partial {
+            for k in 0..d {
+                dw[k] += pw[k];
+                db[k] += pb[k];
+            }
+        }
+        let to_t = |v: Vec<f64>| -> Vec<T> { v.into_iter().map(T::from_f64).collect() };
+        Ok((
+            Tensor::from_vec(gx, x.shape(), x.device())?,
+            Tensor::from_vec(to_t(dw), w.shape(), w.device())?,
+            Tensor::from_vec(to_t(db), w.shape(), w.device())?,
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "ldt-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let args = ((s1, l1), (s2, l2), (s3, l3));
+        let out = match s1 {
+            CpuStorage::F32(_) => self.fwd::<f32>(args.0, args.1, args.2)?,
+            CpuStorage::F64(_) => self.fwd::<f64>(args.0, args.1, args.2)?,
+            _ => candle_core::bail!("layer_norm supports f32 and f64 tensors"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, gb) = match x.dtype() {
+            DType::F64 => self.grad::<f64>(x, w, grad)?,
+            _ => self.grad::<f32>(x, w, grad)?,
+        };
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// `y + b` with `b` `[n]` added to every row of `y` `[.., n]` (a Linear's bias). The
+/// bias gradient is the row sum, accumulated in f64 in one pass (candle's broadcast
+/// backward reduces the leading dimensions element by element, which dominated ViT
+/// steps).
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let n = y.dim(D::Minus1)?;
+    if b.dims() != [n] {
+        anyhow::bail!("add_bias: bias {:?} does not fit rows of {n}", b.dims());
+    }
+    Ok(y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
+}
+
+/// Linear `y = x W^T + b` over the last dimension of any-rank `x` (leading dimensions
+/// flattened into rows), bias through [`add_bias`].
+pub fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let last = dims.pop().unwrap_or(1);
+    let rows: usize = dims.iter().product();
+    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => add_bias(&y, b)?,
+        None => y,
+    };
+    dims.push(w.dim(0)?);
+    Ok(y.reshape(dims)?)
+}
+
+struct AddBias;
+
+impl AddBias {
+    fn fwd<T: WithDType>(
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<CpuStorage> {
+        let y = contiguous_slice::<T>(s1, l1, "add_bias")?;
+        let b = contiguous_slice::<T>(s2, l2, "add_bias")?;
+        let mut out = y.to_vec();
+        out.par_chunks_mut(b.len().max(1)).for_each(|row| {
+            for (o, &bk) in row.iter_mut().zip(b) {
+                *o += bk;
+            }
+        });
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    fn bias_grad<T: WithDType>(b: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let n = b.elem_count().max(1);
+        let g = flat_values::<T>(grad)?;
+        let rows_per_task = (16384 / n).max(1);
+        // Fixed chunks summed in order: the result does not depend on the thread count.
+        let partial: Vec<Vec<f64>> = g
+            .par_chunks(n * rows_per_task)
+            .map(|chunk| {
+                let mut acc = vec![0f64; n];
+                for row in chunk.chunks(n) {
+                    for (a, v) in acc.iter_mut().zip(row) {
+                        *a += v.to_f64();
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut sum = vec![0f64; n];
+        for p in partial {
+            for (s, v) in sum.iter_mut().zip(p) {
+                *s += v;
+            }
+        }
+        let sum: Vec<T> = sum.into_iter().map(T::from_f64).collect();
+        Tensor::from_vec(sum, b.shape(), b.device())
+    }
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "ldt-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => Self::fwd::<f32>((s1, l1), (s2, l2))?,
+            CpuStorage::F64(_) => Self::fwd::<f64>((s1, l1), (s2, l2))?,
+            _ => candle_core::bail!("add_bias supports f32 and f64 tensors"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gb = match b.dtype() {
+            DType::F64 => Self::bias_grad::<f64>(b, grad)?,
+            _ => Self::bias_grad::<f32>(b, grad)?,
+        };
+        Ok((Some(grad.clone()), Some(gb)))
+    }
+}
+
+/// GELU in its exact form `0.5 x (1 + erf(x / sqrt 2))` (PyTorch `GELU()`, not the tanh
+/// approximation), evaluated in f64; the backward is `Phi(x) + x phi(x)` exactly.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(GeluErf)?)
+}
+
+struct GeluErf;
+
+impl GeluErf {
+    /// Standard normal CDF `Phi(x) = 0.5 (1 + erf(x / sqrt 2))`.
+    fn cdf(x: f64) -> f64 {
+        0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+    }
+
+    fn fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+        let x = contiguous_slice::<T>(s, l, "gelu_erf")?;
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(x.par_chunks(ELEMS_PER_TASK))
+            .for_each(|(o, x)| {
+                for (o, v) in o.iter_mut().zip(x) {
+                    let v = v.to_f64();
+                    *o = T::from_f64(v * Self::cdf(v));
+                }
+            });
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    fn grad<T: WithDType>(arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        // 1 / sqrt(2 pi)
+        const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+        let x = flat_values::<T>(arg)?;
+        let g = flat_values::<T>(grad)?;
+        let mut gx = vec![T::zero(); x.len()];
+        gx.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(
+                x.par_chunks(ELEMS_PER_TASK)
+                    .zip(g.par_chunks(ELEMS_PER_TASK)),
+            )
+            .for_each(|(o, (x, g))| {
+                for ((o, v), g) in o.iter_mut().zip(x).zip(g) {
+                    let v = v.to_f64();
+                    let d = Self::cdf(v) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
+                    *o = T::from_f64(g.to_f64() * d);
+                }
+            });
+        Tensor::from_vec(gx, arg.shape(), arg.device())
+    }
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "ldt-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => Self::fwd::<f32>(s, l)?,
+            CpuStorage::F64(_) => Self::fwd::<f64>(s, l)?,
+            _ => candle_core::bail!("gelu_erf supports f32 and f64 tensors"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(match arg.dtype() {
+            DType::F64 => Self::grad::<f64>(arg, grad)?,
+            _ => Self::grad::<f32>(arg, grad)?,
+        }))
+    }
+}
+
+/// Softmax over the last dimension (max subtracted, sum in f64); the backward is the
+/// exact `y * (g - sum(g * y))` per row.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
+}
+
+struct SoftmaxLastDim;
+
+impl SoftmaxLastDim {
+    fn fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+        let x = contiguous_slice::<T>(s, l, "softmax_last_dim")?;
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let max = row
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = row.iter().map(|v| (v.to_f64() - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (o, e) in o.iter_mut().zip(e) {
+                    *o = T::from_f64(e / sum);
+                }
+            });
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    fn grad<T: WithDType>(res: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        let d = res.dims().last().copied().unwrap_or(1).max(1);
+        let y = flat_values::<T>(res)?;
+        let g = flat_values::<T>(grad)?;
+        let mut gx = vec![T::zero(); y.len()];
+        gx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (y, g))| {
+                let dot: f64 = y.iter().zip(g).map(|(y, g)| y.to_f64() * g.to_f64()).sum();
+                for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+                    *o = T::from_f64(y.to_f64() * (g.to_f64() - dot));
+                }
+            });
+        Tensor::from_vec(gx, res.shape(), res.device())
+    }
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "ldt-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => Self::fwd::<f32>(s, l)?,
+            CpuStorage::F64(_) => Self::fwd::<f64>(s, l)?,
+            _ => candle_core::bail!("softmax_last_dim supports f32 and f64 tensors"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(match res.dtype() {
+            DType::F64 => Self::grad::<f64>(res, grad)?,
+            _ => Self::grad::<f32>(res, grad)?,
+        }))
+    }
+}
+
+/// Textbook scaled dot-product attention over `[B, heads, N, d]` tensors:
+/// `softmax((q / sqrt(d)) k^T) v` (q is scaled before the product, as timm's eager path).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    let q = (q * (1.0 / (d as f64).sqrt()))?;
+    let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
+    let a = softmax_last_dim(&scores)?;
+    Ok(a.matmul(&v.contiguous()?)?)
+}
+
+/// timm's `Attention` on `x` `[B, N, D]`: `qkv` Linear `[3D, D]` (rows: q, k, v; inside
+/// each, head j owns rows `j*d..(j+1)*d`), [`attention`] per head, heads concatenated in
+/// order, then the `proj` Linear `[D, D]`.
+pub fn multi_head_attention(
+    x: &Tensor,
+    qkv_w: &Tensor,
+    qkv_b: Option<&Tensor>,
+    proj_w: &Tensor,
+    proj_b: Option<&Tensor>,
+    heads: usize,
+) -> Result<Tensor> {
+    let (b, n, dim) = x.dims3()?;
+    if heads == 0 || !dim.is_multiple_of(heads) {
+        anyhow::bail!("multi_head_attention: width {dim} is not divisible by {heads} heads");
+    }
+    let qkv = linear_rows(x, qkv_w, qkv_b)?
+        .reshape((b, n, 3, heads, dim / heads))?
+        .permute((2, 0, 3, 1, 4))?;
+    let o = attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?)?;
+    let o = o.transpose(1, 2)?.reshape((b, n, dim))?;
+    linear_rows(&o, proj_w, proj_b)
 }

@@ -10,6 +10,8 @@ mod conv;
 pub mod io;
 pub mod layers;
 pub mod mlp;
+pub mod resnet;
+pub mod vit;
 
 use crate::config::ModelConfig;
 use crate::rng::Rng;
@@ -39,6 +41,10 @@ pub enum Init {
     Zeros,
     /// Truncated-normal-like small values (ViT tokens): uniform in [-s, s].
     Uniform(f32),
+    /// `N(0, s^2)`: torchvision's kaiming_normal(fan_out, relu) convolutions
+    /// (`s = sqrt(2 / fan_out)`) and timm's `trunc_normal_(std=s)` (cut at +-2, i.e. at
+    /// 100 standard deviations for s = 0.02: no cut in practice).
+    Normal(f32),
 }
 
 /// One named parameter tensor: an LDT "layer".
@@ -108,8 +114,26 @@ pub trait Network: Send + Sync {
     }
 }
 
-/// Builds the network named by `cfg.arch` for the given input shape and class count.
+/// Every `model.arch` that [`build`] knows.
+pub const ARCHS: [&str; 8] = [
+    "mlp",
+    "cnn",
+    "cnn_bn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "vit",
+];
+
+/// Builds the network named by `cfg.arch` for the given input shape and class count
+/// (`model.num_classes`, when set, replaces the data's class count).
 pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box<dyn Network>> {
+    let classes = match cfg.num_classes {
+        Some(0) => bail!("config key `model.num_classes`: must be at least 1"),
+        Some(k) => k,
+        None => classes,
+    };
     Ok(match cfg.arch.as_str() {
         "mlp" => Box::new(mlp::Mlp::new(input, &cfg.hidden, classes)?),
         "cnn" => Box::new(cnn::Cnn::new(
@@ -126,8 +150,23 @@ pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box
             classes,
             true,
         )?),
+        "resnet18" | "resnet34" | "resnet50" | "resnet101" => {
+            Box::new(resnet::ResNet::new(&cfg.arch, input, classes)?)
+        }
+        "vit" => Box::new(vit::Vit::new(
+            input,
+            vit::VitShape {
+                patch: cfg.patch,
+                width: cfg.width,
+                depth: cfg.depth,
+                heads: cfg.heads,
+                mlp_ratio: cfg.mlp_ratio,
+            },
+            classes,
+        )?),
         other => bail!(
-            "config key `model.arch`: unknown architecture `{other}`; allowed: mlp, cnn, cnn_bn"
+            "config key `model.arch`: unknown architecture `{other}`; allowed: {}",
+            ARCHS.join(", ")
         ),
     })
 }
@@ -218,6 +257,21 @@ fn init_tensor(
             Tensor::from_vec(rng.uniform_vec(n, -b, b), shape, device)?
         }
         Init::Uniform(s) => Tensor::from_vec(rng.uniform_vec(n, -s, s), shape, device)?,
+        Init::Normal(s) => Tensor::from_vec(normal_vec(rng, n, s), shape, device)?,
     };
     Ok(t)
+}
+
+/// `n` values `N(0, std^2)` (Box-Muller on the project's generator), as f32.
+fn normal_vec(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        // 1 - u lies in (0, 1]: the logarithm is finite.
+        let r = (-2.0 * (1.0 - rng.next_f64()).ln()).sqrt();
+        let t = 2.0 * std::f64::consts::PI * rng.next_f64();
+        out.push((r * t.cos()) as f32 * std);
+        out.push((r * t.sin()) as f32 * std);
+    }
+    out.truncate(n);
+    out
 }

@@ -148,9 +148,17 @@ impl RunContext {
         self.net.input_shape().iter().product()
     }
 
-    /// Starting weights: `model.init` if set, else seeded PyTorch-style init.
+    /// Starting weights: `model.init` if set (its head re-initialized, seeded, with
+    /// `model.reset_head`), else seeded PyTorch-style init.
     pub fn initial_state(&self) -> Result<NetState> {
         match &self.cfg.model.init {
+            Some(p) if self.cfg.model.reset_head => io::load_state_reset_head(
+                self.net.as_ref(),
+                p,
+                &self.device,
+                &mut Rng::new(self.cfg.seed, streams::INIT),
+            )
+            .context("config key `model.init`"),
             Some(p) => io::load_state(self.net.as_ref(), p, &self.device)
                 .context("config key `model.init`"),
             None => NetState::init(

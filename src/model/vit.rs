@@ -1,0 +1,184 @@
+//! `vit`: timm's `VisionTransformer` (class token, `global_pool='token'`, qkv bias, pre-norm
+//! blocks, LayerNorm eps 1e-6, exact GELU) with timm's parameter names and order:
+//! `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv, attn.proj,
+//! norm2, mlp.fc1, mlp.fc2}`, `norm`, `head` (the head).
+
+use super::{layers, BufferSpec, Init, Mode, Network, TensorSpec};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// timm's LayerNorm epsilon in `VisionTransformer`.
+pub const LN_EPS: f64 = 1e-6;
+
+/// Parameters per transformer block.
+const PER_BLOCK: usize = 12;
+
+/// The size settings of a ViT (`model.patch`, `width`, `depth`, `heads`, `mlp_ratio`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VitShape {
+    /// Patch side; the image sides must be multiples of it.
+    pub patch: usize,
+    /// Embedding width D.
+    pub width: usize,
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Attention heads (divide D).
+    pub heads: usize,
+    /// MLP hidden width = `int(D * mlp_ratio)`.
+    pub mlp_ratio: f64,
+}
+
+/// Vision transformer over the image size of the data.
+pub struct Vit {
+    input: [usize; 3],
+    classes: usize,
+    shape: VitShape,
+    params: Vec<TensorSpec>,
+}
+
+impl Vit {
+    /// A ViT for `input` `[C, H, W]`; its token count is `1 + (H/patch)(W/patch)`.
+    pub fn new(input: [usize; 3], shape: VitShape, classes: usize) -> Result<Self> {
+        let VitShape {
+            patch,
+            width,
+            depth,
+            heads,
+            mlp_ratio,
+        } = shape;
+        if patch == 0 || width == 0 || depth == 0 || heads == 0 || classes == 0 {
+            bail!("config keys `model.patch/width/depth/heads`: must be positive (got patch {patch}, width {width}, depth {depth}, heads {heads})");
+        }
+        if !width.is_multiple_of(heads) {
+            bail!("config key `model.heads`: {heads} heads do not divide `model.width` = {width}");
+        }
+        if !input[1].is_multiple_of(patch)
+            || !input[2].is_multiple_of(patch)
+            || input[1] == 0
+            || input[2] == 0
+        {
+            bail!(
+                "config key `model.patch`: the {}x{} images are not a whole number of {patch}x{patch} patches",
+                input[1],
+                input[2]
+            );
+        }
+        let hidden = (width as f64 * mlp_ratio) as usize;
+        if !mlp_ratio.is_finite() || hidden == 0 {
+            bail!("config key `model.mlp_ratio`: {mlp_ratio} gives an MLP width of 0");
+        }
+        let tokens = 1 + (input[1] / patch) * (input[2] / patch);
+        let spec = |name: String, shape: Vec<usize>, init: Init| TensorSpec { name, shape, init };
+        let linear = |params: &mut Vec<TensorSpec>, name: &str, out: usize, inp: usize| {
+            params.push(spec(
+                format!("{name}.weight"),
+                vec![out, inp],
+                Init::Normal(0.02),
+            ));
+            params.push(spec(format!("{name}.bias"), vec![out], Init::Zeros));
+        };
+        let norm = |params: &mut Vec<TensorSpec>, name: &str| {
+            params.push(spec(format!("{name}.weight"), vec![width], Init::Ones));
+            params.push(spec(format!("{name}.bias"), vec![width], Init::Zeros));
+        };
+        let fan_in = input[0] * patch * patch;
+        let mut params = vec![
+            spec("cls_token".into(), vec![1, 1, width], Init::Normal(1e-6)),
+            spec(
+                "pos_embed".into(),
+                vec![1, tokens, width],
+                Init::Normal(0.02),
+            ),
+            spec(
+                "patch_embed.proj.weight".into(),
+                vec![width, input[0], patch, patch],
+                Init::FanIn(fan_in),
+            ),
+            spec(
+                "patch_embed.proj.bias".into(),
+                vec![width],
+                Init::FanIn(fan_in),
+            ),
+        ];
+        for i in 0..depth {
+            let p = format!("blocks.{i}");
+            norm(&mut params, &format!("{p}.norm1"));
+            linear(&mut params, &format!("{p}.attn.qkv"), 3 * width, width);
+            linear(&mut params, &format!("{p}.attn.proj"), width, width);
+            norm(&mut params, &format!("{p}.norm2"));
+            linear(&mut params, &format!("{p}.mlp.fc1"), hidden, width);
+            linear(&mut params, &format!("{p}.mlp.fc2"), width, hidden);
+        }
+        norm(&mut params, "norm");
+        linear(&mut params, "head", classes, width);
+        Ok(Vit {
+            input,
+            classes,
+            shape,
+            params,
+        })
+    }
+
+    /// Patch embedding `[B, C, H, W] -> [B, L, D]` (patch `(i, j)` is token `i*W/p + j`):
+    /// the stride-`p` convolution as one GEMM over the non-overlapping patches.
+    fn embed(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (n, c, h, wd) = x.dims4()?;
+        let p = self.shape.patch;
+        let (gh, gw) = (h / p, wd / p);
+        let cols = x
+            .reshape((n, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((n * gh * gw, c * p * p))?;
+        let y = layers::linear_rows(&cols, &w.reshape((self.shape.width, c * p * p))?, Some(b))?;
+        Ok(y.reshape((n, gh * gw, self.shape.width))?)
+    }
+}
+
+impl Network for Vit {
+    fn arch(&self) -> &str {
+        "vit"
+    }
+    fn params(&self) -> &[TensorSpec] {
+        &self.params
+    }
+    fn buffers(&self) -> &[BufferSpec] {
+        &[]
+    }
+    fn head_prefixes(&self) -> Vec<String> {
+        vec!["head.".into()]
+    }
+    fn input_shape(&self) -> [usize; 3] {
+        self.input
+    }
+    fn num_classes(&self) -> usize {
+        self.classes
+    }
+    fn forward(&self, p: &[Tensor], _b: &mut [Tensor], x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let d = self.shape.width;
+        let tokens = self.embed(x, &p[2], &p[3])?;
+        let cls = p[0].broadcast_as((n, 1, d))?;
+        let mut h = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&p[1])?;
+        for i in 0..self.shape.depth {
+            let q = &p[4 + PER_BLOCK * i..4 + PER_BLOCK * (i + 1)];
+            let a = layers::layer_norm(&h, &q[0], &q[1], LN_EPS)?;
+            let a = layers::multi_head_attention(
+                &a,
+                &q[2],
+                Some(&q[3]),
+                &q[4],
+                Some(&q[5]),
+                self.shape.heads,
+            )?;
+            h = (h + a)?;
+            let m = layers::layer_norm(&h, &q[6], &q[7], LN_EPS)?;
+            let m = layers::gelu_erf(&layers::linear_rows(&m, &q[8], Some(&q[9]))?)?;
+            h = (h + layers::linear_rows(&m, &q[10], Some(&q[11]))?)?;
+        }
+        // The final norm acts per token; only the class token is pooled.
+        let k = 4 + PER_BLOCK * self.shape.depth;
+        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
+        let cls = layers::layer_norm(&cls, &p[k], &p[k + 1], LN_EPS)?;
+        layers::linear_rows(&cls, &p[k + 2], Some(&p[k + 3]))
+    }
+}

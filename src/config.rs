@@ -168,6 +168,9 @@ pub struct DataConfig {
     pub schedule_key: String,
     /// Batches prepared ahead by the loader thread.
     pub prefetch: usize,
+    /// Fraction of each source domain's train split held out for model selection
+    /// (training-domain validation, as DomainBed); 0 = no selection.
+    pub val_fraction: f64,
 }
 
 impl Default for DataConfig {
@@ -177,6 +180,7 @@ impl Default for DataConfig {
             schedule: None,
             schedule_key: "train_batches".into(),
             prefetch: 2,
+            val_fraction: 0.0,
         }
     }
 }
@@ -717,6 +721,16 @@ impl Config {
             "must be at least 1",
         )?;
         check(c.data.prefetch >= 1, "data.prefetch", "must be at least 1")?;
+        check(
+            (0.0..0.9).contains(&c.data.val_fraction),
+            "data.val_fraction",
+            "must be in [0, 0.9)",
+        )?;
+        check(
+            c.data.val_fraction == 0.0 || c.data.schedule.is_none(),
+            "data.val_fraction",
+            "cannot hold out examples when `data.schedule` fixes the batches; set it to 0",
+        )?;
         check(
             c.checkpoint.keep_last >= 1,
             "checkpoint.keep_last",

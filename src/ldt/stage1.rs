@@ -19,10 +19,14 @@ use serde_json::json;
 
 /// D1 (warm-up) and D2 (statistics): a seeded split of the source training examples.
 fn split(ctx: &RunContext) -> (Vec<usize>, Vec<usize>) {
-    let perm = Rng::new(ctx.cfg.seed, streams::SPLIT).permutation(ctx.pool.len());
-    let n1 = ((ctx.pool.len() as f64) * ctx.cfg.stage1.split_fraction).round() as usize;
+    let t = &ctx.train_indices;
+    let perm = Rng::new(ctx.cfg.seed, streams::SPLIT).permutation(t.len());
+    let n1 = ((t.len() as f64) * ctx.cfg.stage1.split_fraction).round() as usize;
     let (a, b) = perm.split_at(n1.min(perm.len()));
-    (a.to_vec(), b.to_vec())
+    (
+        a.iter().map(|&i| t[i]).collect(),
+        b.iter().map(|&i| t[i]).collect(),
+    )
 }
 
 /// Warm-up: trains the head (or all layers) on D1 for `stage1.warmup_steps`.

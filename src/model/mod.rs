@@ -39,8 +39,6 @@ pub enum Init {
     Ones,
     /// All zeros (norm biases, buffers).
     Zeros,
-    /// Truncated-normal-like small values (ViT tokens): uniform in [-s, s].
-    Uniform(f32),
     /// `N(0, s^2)`: torchvision's kaiming_normal(fan_out, relu) convolutions
     /// (`s = sqrt(2 / fan_out)`) and timm's `trunc_normal_(std=s)` (cut at +-2, i.e. at
     /// 100 standard deviations for s = 0.02: no cut in practice).
@@ -256,7 +254,6 @@ fn init_tensor(
             let b = 1.0 / (fan_in as f32).sqrt();
             Tensor::from_vec(rng.uniform_vec(n, -b, b), shape, device)?
         }
-        Init::Uniform(s) => Tensor::from_vec(rng.uniform_vec(n, -s, s), shape, device)?,
         Init::Normal(s) => Tensor::from_vec(normal_vec(rng, n, s), shape, device)?,
     };
     Ok(t)

@@ -55,8 +55,17 @@ fn evaluate(
     am: &NetState,
     last: bool,
 ) -> Result<String> {
-    let r = ctx.evaluate(&composite::params(partition, pm, am), &pm.buffers)?;
+    let cp = composite::params(partition, pm, am);
+    let r = ctx.evaluate(&cp, &pm.buffers)?;
     ctx.log_eval(step, "composite", &r)?;
+    ctx.select(
+        step,
+        &[
+            ("composite", cp, pm.buffers.clone()),
+            ("pm", pm.frozen_view(), pm.buffers.clone()),
+            ("am", am.frozen_view(), am.buffers.clone()),
+        ],
+    )?;
     let line = r.line();
     if last {
         ctx.summary.eval.insert("composite".into(), r);

@@ -184,6 +184,10 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             let r = ctx.evaluate(&state.frozen_view(), &state.buffers)?;
             progress.println(&format!("eval @{step}: {}", r.line()));
             ctx.log_eval(step, "model", &r)?;
+            ctx.select(
+                step,
+                &[("model", state.frozen_view(), state.buffers.clone())],
+            )?;
         }
         if ctx.checkpoint_due(step) {
             let mut w = Writer::default();
@@ -197,6 +201,10 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     io::save_state(ctx.net.as_ref(), &state, &ctx.dir.join("model.safetensors"))?;
     let r = ctx.evaluate(&state.frozen_view(), &state.buffers)?;
     ctx.log_eval(cfg.train.steps, "model", &r)?;
+    ctx.select(
+        cfg.train.steps,
+        &[("model", state.frozen_view(), state.buffers.clone())],
+    )?;
     ctx.summary.eval.insert("model".into(), r);
     let total = ctx.net.numel() as u64;
     let mut mem = super::memory::report(

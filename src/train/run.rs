@@ -33,6 +33,8 @@ pub mod streams {
     pub const STATS: u64 = 5;
     /// The `random` criterion.
     pub const CRITERION: u64 = 6;
+    /// Validation hold-out (plus the source domain's position).
+    pub const VAL: u64 = 100;
 }
 
 /// Everything a training method needs.
@@ -51,6 +53,12 @@ pub struct RunContext {
     pub metrics: MetricsLog,
     /// Concatenated source training splits.
     pub pool: Pool,
+    /// Indices of `pool` used for training (all but the validation hold-out).
+    pub train_indices: Vec<usize>,
+    /// Per source domain, the held-out validation indices of `pool` (`data.val_fraction`).
+    pub val: Vec<(String, Vec<usize>)>,
+    /// Best validation result so far: (mean source validation accuracy, step, network).
+    best: Option<(f64, usize, String)>,
     /// Final and intermediate results that go into `summary.json`.
     pub summary: Summary,
     /// The checkpoint to continue from (`checkpoint.resume = "auto"`), taken by the method.
@@ -104,7 +112,11 @@ impl RunContext {
             metrics.write(json!({"kind": "resume", "step": ck.step}))?;
         }
         let pool = bench.source_pool();
+        let (train_indices, val) = hold_out(&bench, &cfg);
         Ok(RunContext {
+            train_indices,
+            val,
+            best: None,
             resume,
             signals: None,
             cfg,
@@ -117,6 +129,70 @@ impl RunContext {
             summary: Summary::default(),
             started: Instant::now(),
         })
+    }
+
+    /// Mean accuracy over the source domains' validation hold-outs (None without one).
+    pub fn validate(&self, params: &[Tensor], buffers: &[Tensor]) -> Result<Option<f64>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        let shape = self.net.input_shape();
+        let mut accs = Vec::new();
+        for (_, idx) in &self.val {
+            let mut correct = 0;
+            for chunk in idx.chunks(self.cfg.eval.batch_size) {
+                let (x, y) = self
+                    .pool
+                    .gather(chunk, self.image_len())?
+                    .to_tensors(shape, &self.device)?;
+                let mut b = buffers.to_vec();
+                let logits = self
+                    .net
+                    .forward(params, &mut b, &x, crate::model::Mode::Eval)?;
+                correct += crate::model::layers::correct_and_loss_sum(&logits, &y)?.0;
+            }
+            accs.push(correct as f64 / idx.len() as f64);
+        }
+        Ok(Some(accs.iter().sum::<f64>() / accs.len() as f64))
+    }
+
+    /// Model selection at an evaluation point: scores each candidate network on the
+    /// validation hold-outs (never on a target domain) and writes `DIR/best.safetensors`
+    /// when one beats the best so far (ties keep the earlier).
+    pub fn select(
+        &mut self,
+        step: usize,
+        candidates: &[(&str, Vec<Tensor>, Vec<Tensor>)],
+    ) -> Result<()> {
+        for (name, params, buffers) in candidates {
+            let Some(acc) = self.validate(params, buffers)? else {
+                return Ok(());
+            };
+            self.metrics
+                .write(json!({"kind": "val", "step": step, "model": name, "val_acc": acc}))?;
+            if self.best.as_ref().is_none_or(|b| acc > b.0) {
+                let net = self.net.as_ref();
+                let named: Vec<(String, Tensor)> = net
+                    .params()
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .zip(params.iter().cloned())
+                    .chain(
+                        net.buffers()
+                            .iter()
+                            .map(|s| s.name.clone())
+                            .zip(buffers.iter().cloned()),
+                    )
+                    .collect();
+                io::save_tensors(&named, &self.dir.join("best.safetensors"))?;
+                self.best = Some((acc, step, name.to_string()));
+                self.summary.extra.insert(
+                    "best".into(),
+                    json!({"step": step, "model": name, "val_acc": acc}),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Prints and records the lag report of stage 2 (`summary.json` `lag`, a `lag`
@@ -178,7 +254,7 @@ impl RunContext {
                 &self.cfg.data.schedule_key,
             )?)),
             None => Ok(BatchOrder::shuffle(
-                (0..self.pool.len()).collect(),
+                self.train_indices.clone(),
                 self.cfg.train.batch_size,
                 Rng::new(self.cfg.seed, streams::TRAIN),
             )),
@@ -326,6 +402,34 @@ impl RunContext {
         std::fs::rename(&tmp, self.dir.join("summary.json"))?;
         Ok(())
     }
+}
+
+/// Splits each source domain's train examples (global pool indices) into training and
+/// validation by a seeded permutation per domain: the first `floor(n * val_fraction)`
+/// of the permutation are held out. Target domains are never touched.
+fn hold_out(bench: &Benchmark, cfg: &Config) -> (Vec<usize>, Vec<(String, Vec<usize>)>) {
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    for (k, d) in bench
+        .domains
+        .iter()
+        .filter(|d| d.role == crate::data::Role::Source)
+        .enumerate()
+    {
+        let n = d.train.len();
+        let perm = Rng::new(cfg.seed, streams::VAL + k as u64).permutation(n);
+        let nv = (n as f64 * cfg.data.val_fraction).floor() as usize;
+        let mut v: Vec<usize> = perm[..nv].iter().map(|&i| start + i).collect();
+        let mut t: Vec<usize> = perm[nv..].iter().map(|&i| start + i).collect();
+        v.sort_unstable();
+        t.sort_unstable();
+        train.extend(t);
+        if nv > 0 {
+            val.push((d.name.clone(), v));
+        }
+        start += n;
+    }
+    (train, val)
 }
 
 /// Checks that a step list names steps inside the run.

@@ -733,6 +733,12 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let r = ctx.evaluate(&cp, &cb)?;
     ctx.log_eval(cfg.train.steps, "composite", &r)?;
     ctx.summary.eval.insert("composite".into(), r);
+    let candidates = [
+        ("composite", cp.clone(), cb.clone()),
+        ("pm", pm.clone(), m.branch_buffers(Phase::P)),
+        ("am", am.clone(), m.branch_buffers(Phase::A)),
+    ];
+    ctx.select(cfg.train.steps, &candidates)?;
     for (name, p, b) in [
         ("pm", &pm, m.branch_buffers(Phase::P)),
         ("am", &am, m.branch_buffers(Phase::A)),
@@ -808,6 +814,13 @@ fn after_step(
         let r = ctx.evaluate(&cp, &cb)?;
         progress.println(&format!("eval @{step}: composite {}", r.line()));
         ctx.log_eval(step, "composite", &r)?;
+        let (pm, am) = (m.branch_params(Phase::P)?, m.branch_params(Phase::A)?);
+        let candidates = [
+            ("composite", cp, cb),
+            ("pm", pm, m.branch_buffers(Phase::P)),
+            ("am", am, m.branch_buffers(Phase::A)),
+        ];
+        ctx.select(step, &candidates)?;
     }
     if pos.clean && ctx.checkpoint_due(step) {
         let mut w = Writer::default();

@@ -203,6 +203,9 @@ pub struct TrainConfig {
     pub log_every: usize,
     /// `stop` or `skip` on a non-finite loss or gradient.
     pub on_nonfinite: OnNonFinite,
+    /// Clip the global L2 norm of each optimizer step's gradients to this value
+    /// (`torch.nn.utils.clip_grad_norm_`); 0 = off.
+    pub clip_grad_norm: f64,
 }
 
 impl Default for TrainConfig {
@@ -215,6 +218,7 @@ impl Default for TrainConfig {
             lp_steps: 100,
             log_every: 50,
             on_nonfinite: OnNonFinite::Stop,
+            clip_grad_norm: 0.0,
         }
     }
 }

@@ -144,7 +144,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             .collect();
         let mut losses = [0f32; 2];
         for (k, br) in [&mut pm, &mut am].into_iter().enumerate() {
-            let (stats, grads) = gradients(
+            let (stats, mut grads) = gradients(
                 ctx.net.as_ref(),
                 &mut br.state,
                 &br.mask,
@@ -152,7 +152,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 &y,
                 Mode::Train,
             )?;
-            if ctx.guard(step, ["pm", "am"][k], &stats, &grads)? {
+            if ctx.guard(step, ["pm", "am"][k], &stats, &mut grads)? {
                 apply(&mut br.opt, &br.state, &grads, &lrs)?;
             }
             live_opt[k] = br.opt.bytes() as u64;

@@ -89,8 +89,8 @@ pub fn fit_layers(
     for step in 1..=steps {
         let hb = loader.next_batch()?;
         let (x, y) = ctx.tensors(&hb)?;
-        let (stats, grads) = gradients(ctx.net.as_ref(), state, mask, &x, &y, Mode::Train)?;
-        if ctx.guard(step, stage, &stats, &grads)? {
+        let (stats, mut grads) = gradients(ctx.net.as_ref(), state, mask, &x, &y, Mode::Train)?;
+        if ctx.guard(step, stage, &stats, &mut grads)? {
             apply(&mut opt, state, &grads, &lrs)?;
         }
         meter.add(&stats);
@@ -157,12 +157,13 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         let mask = if lp { &head } else { &all };
         let hb = loader.next_batch()?;
         let (x, y) = ctx.tensors(&hb)?;
-        let (stats, grads) = gradients(ctx.net.as_ref(), &mut state, mask, &x, &y, Mode::Train)?;
+        let (stats, mut grads) =
+            gradients(ctx.net.as_ref(), &mut state, mask, &x, &y, Mode::Train)?;
         let lrs: Vec<f64> = base
             .iter()
             .map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps))
             .collect();
-        if ctx.guard(step, "model", &stats, &grads)? {
+        if ctx.guard(step, "model", &stats, &mut grads)? {
             apply(&mut opt, &state, &grads, &lrs)?;
         }
         meter_mem.observe(wbytes, &grads, opt.bytes() as u64);

@@ -296,16 +296,20 @@ impl RunContext {
 
     /// The non-finite guard after a forward/backward of `branch` at `step`: `Ok(true)` to
     /// apply the update; `Ok(false)` to skip it (`train.on_nonfinite = "skip"`, counted
-    /// and logged); an error naming the step, layer and value (`"stop"`).
+    /// and logged); an error naming the step, layer and value (`"stop"`). With
+    /// `train.clip_grad_norm` set, finite gradients are clipped here.
     pub fn guard(
         &mut self,
         step: usize,
         branch: &str,
         stats: &StepStats,
-        grads: &[Option<Tensor>],
+        grads: &mut [Option<Tensor>],
     ) -> Result<bool> {
         let names: Vec<String> = self.net.params().iter().map(|s| s.name.clone()).collect();
         let Some(what) = nonfinite(stats, grads, &names)? else {
+            if self.cfg.train.clip_grad_norm > 0.0 {
+                crate::train::step::clip_grad_norm(grads, self.cfg.train.clip_grad_norm)?;
+            }
             return Ok(true);
         };
         match self.cfg.train.on_nonfinite {

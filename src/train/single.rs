@@ -180,11 +180,12 @@ impl SingleLive {
         lrs: &[f64],
     ) -> Result<super::step::StepStats> {
         let mask = self.mask();
-        let (stats, grads) = gradients(ctx.net.as_ref(), &mut self.live, &mask, x, y, Mode::Train)?;
+        let (stats, mut grads) =
+            gradients(ctx.net.as_ref(), &mut self.live, &mask, x, y, Mode::Train)?;
         // A fold still reading the live trained set must finish before the update.
         self.sync()?;
         let branch = if self.phase == Phase::P { "pm" } else { "am" };
-        if ctx.guard(step, branch, &stats, &grads)? {
+        if ctx.guard(step, branch, &stats, &mut grads)? {
             let opt = match self.phase {
                 Phase::P => &mut self.opt_p,
                 Phase::A => &mut self.opt_a,

@@ -1,59 +1,33 @@
-//! ms/step of one ERM optimizer step (forward, backward, Adam) for `mlp` and `cnn` at
-//! batch 32 on random data, and the split between forward and backward.
-
-use candle_core::{Device, Tensor};
-use ldt::config::ModelConfig;
-use ldt::model::{build, Mode, NetState};
-use ldt::optim::{OptimSettings, Optimizer};
-use ldt::rng::Rng;
-use ldt::train::step::{apply, gradients};
-use std::time::Instant;
+//! ms/step of one ERM optimizer step (forward, backward, Adam) at batch 32 on random
+//! data: `mlp`, `cnn`, `cnn_bn` at 1x28x28, and `resnet18` and the fixture-sized `vit`
+//! at 3x32x32 (f32), with the forward and forward+backward split.
+//! Threads: `RAYON_NUM_THREADS` (default all cores); `LDT_BENCH_ITERS` (default 10).
 
 fn main() -> anyhow::Result<()> {
-    let dev = Device::Cpu;
+    let iters = std::env::var("LDT_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     println!(
-        "{:<8} {:>10} {:>12} {:>12}",
-        "model", "ms/step", "ms forward", "ms fwd+bwd"
+        "threads {}, batch 32, {iters} iterations after one warm-up",
+        candle_core::utils::get_num_threads()
     );
-    for arch in ["mlp", "cnn", "cnn_bn"] {
-        let cfg = ModelConfig {
-            arch: arch.into(),
-            ..Default::default()
-        };
-        let net = build(&cfg, [1, 28, 28], 10)?;
-        let mut rng = Rng::new(0, 0);
-        let mut state = NetState::init(net.as_ref(), &mut rng, &dev)?;
-        let x = Tensor::from_vec(rng.uniform_vec(32 * 784, 0.0, 1.0), (32, 1, 28, 28), &dev)?;
-        let y = Tensor::from_vec((0..32).map(|i| i % 10).collect::<Vec<i64>>(), 32, &dev)?;
-        let all = vec![true; net.params().len()];
-        let mut opt = Optimizer::new(
-            OptimSettings::from(&ldt::config::OptimConfig::default()),
-            all.len(),
+    println!(
+        "{:<9} {:>11} {:>10} {:>12} {:>12}",
+        "model", "params", "ms/step", "ms forward", "ms fwd+bwd"
+    );
+    for (arch, input) in [
+        ("mlp", [1, 28, 28]),
+        ("cnn", [1, 28, 28]),
+        ("cnn_bn", [1, 28, 28]),
+        ("resnet18", [3, 32, 32]),
+        ("vit", [3, 32, 32]),
+    ] {
+        let t = ldt::bench::step_times(arch, input, 32, iters)?;
+        println!(
+            "{arch:<9} {:>11} {:>10.2} {:>12.2} {:>12.2}",
+            t.params, t.step_ms, t.forward_ms, t.forward_backward_ms
         );
-        let lrs = vec![1e-4; all.len()];
-        let iters = 30;
-        let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-            f()?;
-            let t = Instant::now();
-            for _ in 0..iters {
-                f()?;
-            }
-            Ok(t.elapsed().as_secs_f64() * 1e3 / iters as f64)
-        };
-        let fwd = time(&mut || {
-            let mut b = state.buffers.clone();
-            net.forward(&state.frozen_view(), &mut b, &x, Mode::Train)?;
-            Ok(())
-        })?;
-        let fb = time(&mut || {
-            gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train)?;
-            Ok(())
-        })?;
-        let step = time(&mut || {
-            let (_, g) = gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train)?;
-            apply(&mut opt, &state, &g, &lrs)
-        })?;
-        println!("{arch:<8} {step:>10.2} {fwd:>12.2} {fb:>12.2}");
     }
     Ok(())
 }

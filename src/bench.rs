@@ -18,6 +18,80 @@ fn variant(base: &Config, method: Method, placement: Placement) -> Config {
     c
 }
 
+/// Times of one ERM optimizer step on random data (milliseconds, mean over `iters` after
+/// one warm-up): the whole step (forward, backward, Adam), the forward alone, and the
+/// forward + backward.
+#[derive(Clone, Copy, Debug)]
+pub struct StepTimes {
+    /// Parameters of the network.
+    pub params: usize,
+    /// Forward + backward + optimizer.
+    pub step_ms: f64,
+    /// Forward (train mode).
+    pub forward_ms: f64,
+    /// Forward + backward.
+    pub forward_backward_ms: f64,
+}
+
+/// Measures [`StepTimes`] of `arch` (default model settings) at `batch` x `input`, f32.
+pub fn step_times(arch: &str, input: [usize; 3], batch: usize, iters: usize) -> Result<StepTimes> {
+    use crate::model::{build, Mode, NetState};
+    use crate::optim::{OptimSettings, Optimizer};
+    use crate::train::step::{apply, gradients};
+    let dev = candle_core::Device::Cpu;
+    let cfg = crate::config::ModelConfig {
+        arch: arch.into(),
+        ..Default::default()
+    };
+    let net = build(&cfg, input, 10)?;
+    let mut rng = crate::rng::Rng::new(0, 0);
+    let mut state = NetState::init(net.as_ref(), &mut rng, &dev)?;
+    let n: usize = input.iter().product();
+    let x = candle_core::Tensor::from_vec(
+        rng.uniform_vec(batch * n, 0.0, 1.0),
+        (batch, input[0], input[1], input[2]),
+        &dev,
+    )?;
+    let y = candle_core::Tensor::from_vec(
+        (0..batch as i64).map(|i| i % 10).collect::<Vec<i64>>(),
+        batch,
+        &dev,
+    )?;
+    let all = vec![true; net.params().len()];
+    let mut opt = Optimizer::new(
+        OptimSettings::from(&crate::config::OptimConfig::default()),
+        all.len(),
+    );
+    let lrs = vec![1e-4; all.len()];
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        let t = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3 / iters as f64)
+    };
+    let forward_ms = time(&mut || {
+        let mut b = state.buffers.clone();
+        net.forward(&state.frozen_view(), &mut b, &x, Mode::Train)?;
+        Ok(())
+    })?;
+    let forward_backward_ms = time(&mut || {
+        gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train)?;
+        Ok(())
+    })?;
+    let step_ms = time(&mut || {
+        let (_, g) = gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train)?;
+        apply(&mut opt, &state, &g, &lrs)
+    })?;
+    Ok(StepTimes {
+        params: net.numel(),
+        step_ms,
+        forward_ms,
+        forward_backward_ms,
+    })
+}
+
 /// Peak RSS of `ldt stats` on the bundled data with `n` statistics batches, measured
 /// in a child process so that every count starts from a fresh process.
 fn stage1_rss(dir: &Path, n: usize) -> Result<u64> {

@@ -216,15 +216,5 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         0,
     );
     mem.measured_live_peak = meter_mem.peak;
-    ctx.summary
-        .extra
-        .insert("memory".into(), serde_json::to_value(mem)?);
-    ctx.summary
-        .extra
-        .insert("train_seconds".into(), json!(train_secs));
-    ctx.summary.extra.insert(
-        "ms_per_step".into(),
-        json!(1e3 * train_secs / (cfg.train.steps - start).max(1) as f64),
-    );
-    Ok(())
+    ctx.record_training(&mem, train_secs, cfg.train.steps - start)
 }

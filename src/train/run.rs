@@ -383,6 +383,24 @@ impl RunContext {
         }))
     }
 
+    /// Records the training stage's memory report, seconds and ms per step (over the
+    /// `steps_run` steps this process ran) in `summary.json`.
+    pub fn record_training(
+        &mut self,
+        mem: &crate::train::memory::MemoryReport,
+        secs: f64,
+        steps_run: usize,
+    ) -> Result<()> {
+        let x = &mut self.summary.extra;
+        x.insert("memory".into(), serde_json::to_value(mem)?);
+        x.insert("train_seconds".into(), json!(secs));
+        x.insert(
+            "ms_per_step".into(),
+            json!(1e3 * secs / steps_run.max(1) as f64),
+        );
+        Ok(())
+    }
+
     /// Seconds since the run started.
     pub fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()

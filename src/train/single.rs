@@ -748,17 +748,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         ctx.log_eval(cfg.train.steps, name, &r)?;
         ctx.summary.eval.insert(name.into(), r);
     }
-    ctx.summary
-        .extra
-        .insert("train_seconds".into(), json!(train_secs));
-    ctx.summary.extra.insert(
-        "ms_per_step".into(),
-        json!(1e3 * train_secs / (cfg.train.steps - done).max(1) as f64),
-    );
-    ctx.summary
-        .extra
-        .insert("memory".into(), serde_json::to_value(m.memory())?);
-    Ok(())
+    ctx.record_training(&m.memory(), train_secs, cfg.train.steps - done)
 }
 
 /// Where the loop stands after a step: counters for checkpoints, and whether the state

@@ -71,3 +71,39 @@ fn mlp_live_memory() {
 fn cnn_live_memory() {
     check("cnn");
 }
+
+/// With a partition that splits the parameter bytes about evenly (an mlp 784-392-784-10,
+/// S = fc1, U = fc2 + fc3, the `names` criterion) and no early staging, ldt-s holds the
+/// weights plus gradients and Adam state of the larger set only: at most 0.7x erm's
+/// live parameter-state bytes (measured: W + 2*max(S,U) vs 3W = 0.67). How far below erm
+/// ldt-s gets depends on how the partition splits the bytes, not on the layer counts.
+#[test]
+fn ldt_s_needs_at_most_0_7_of_erm_with_a_byte_balanced_partition() {
+    let man = format!(
+        "data.manifest=\"{}\"",
+        root().join("data/rotmnist5k/manifest.json").display()
+    );
+    let common = [
+        man.as_str(),
+        "model.arch=\"mlp\"",
+        "model.hidden=[392, 784]",
+        "train.steps=24",
+        "stage1.criterion=\"names\"",
+        "stage1.stable_names=[\"fc1.\"]",
+        "stage1.unstable_names=[\"fc2.\", \"fc3.\"]",
+        "offload.staging_bytes=0",
+    ];
+    let peak = |method: &str| {
+        let m = format!("train.method=\"{method}\"");
+        let mut ov: Vec<&str> = common.to_vec();
+        ov.push(&m);
+        let (_d, ctx) = run(&BASE.replace("ARCH", "mlp"), &ov);
+        ctx.summary.extra["memory"]["measured_live_peak"]
+            .as_u64()
+            .unwrap()
+    };
+    let (erm, s) = (peak("erm"), peak("ldt-s"));
+    let ratio = s as f64 / erm as f64;
+    eprintln!("byte-balanced mlp: ldt-s {s} / erm {erm} = {ratio:.3}");
+    assert!(ratio <= 0.7, "ldt-s / erm = {ratio}");
+}

@@ -185,3 +185,37 @@ fn nonfinite_loss_stops_or_is_skipped() {
     .unwrap();
     assert!(s["skipped_steps"].as_u64().unwrap_or(0) > 0, "{s}");
 }
+
+#[test]
+fn counterpart_budget_too_small_fails_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let out = tmp.path().join("run");
+    let o = out.display().to_string();
+    let r = ldt(
+        &[
+            "train",
+            &cfg,
+            "--out",
+            &o,
+            "--set",
+            "train.method=\"ldt-s\"",
+            "--set",
+            "offload.host_bytes=1024",
+            "--set",
+            "stage1.warmup_steps=5",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("offload.host_bytes") && err.contains("offload.path") && err.contains("bytes"),
+        "{err}"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    assert!(
+        !metrics.contains("\"kind\":\"train\"") && !metrics.contains("\"kind\":\"stats\""),
+        "work was done before the budget error: {metrics}"
+    );
+}

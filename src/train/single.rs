@@ -40,6 +40,54 @@ pub enum Phase {
     A,
 }
 
+/// Which counterpart-buffer slots hold what: per layer one weight slot (the parked copy)
+/// and the optimizer-state slots of its trained copy (`m` only when the optimizer keeps
+/// a first moment or momentum).
+pub struct SlotLayout {
+    /// Slot specs in order.
+    pub specs: Vec<SlotSpec>,
+    weight_slot: Vec<usize>,
+    m_slot: Vec<usize>,
+    v_slot: Vec<usize>,
+}
+
+impl SlotLayout {
+    /// The layout for `net` trained with `settings`.
+    pub fn new(net: &dyn Network, settings: &OptimSettings) -> Self {
+        let mut specs = Vec::new();
+        let (mut weight_slot, mut m_slot, mut v_slot) = (Vec::new(), Vec::new(), Vec::new());
+        let with_m = settings.betas[0] > 0.0 || settings.momentum > 0.0;
+        let f32_slot = |name: String, numel| SlotSpec {
+            name,
+            numel,
+            dtype: StorageDtype::F32,
+        };
+        for p in net.params() {
+            weight_slot.push(specs.len());
+            specs.push(f32_slot(format!("{}:weight", p.name), p.numel()));
+            m_slot.push(specs.len());
+            if with_m {
+                specs.push(f32_slot(format!("{}:m", p.name), p.numel()));
+            }
+            v_slot.push(specs.len());
+            specs.push(f32_slot(format!("{}:v", p.name), p.numel()));
+        }
+        SlotLayout {
+            specs,
+            weight_slot,
+            m_slot,
+            v_slot,
+        }
+    }
+
+    /// Allocates the counterpart buffer (RAM up to the budget, the file tier beyond); a
+    /// budget too small is an error with the bytes needed and the settings to change.
+    pub fn allocate(&self, offload: &OffloadConfig) -> Result<CounterpartBuffer> {
+        CounterpartBuffer::allocate(&self.specs, offload)
+            .map_err(|e| anyhow::anyhow!("counterpart buffer: {e}"))
+    }
+}
+
 /// Optimizer state of the next phase, loading early into the staging area.
 struct Staged {
     fence: Fence,
@@ -82,39 +130,18 @@ impl SingleLive {
         start: NetState,
         partition: Partition,
         settings: OptimSettings,
+        layout: SlotLayout,
+        buf: CounterpartBuffer,
         offload: &OffloadConfig,
         per_branch_buffers: bool,
-        names: &[String],
     ) -> Result<Self> {
         let n = start.params.len();
-        let mut specs = Vec::new();
-        let (mut weight_slot, mut m_slot, mut v_slot) = (Vec::new(), Vec::new(), Vec::new());
-        let with_m = settings.betas[0] > 0.0 || settings.momentum > 0.0;
-        for (i, p) in start.params.iter().enumerate() {
-            let numel = p.as_tensor().elem_count();
-            weight_slot.push(specs.len());
-            specs.push(SlotSpec {
-                name: format!("{}:weight", names[i]),
-                numel,
-                dtype: StorageDtype::F32,
-            });
-            m_slot.push(specs.len());
-            if with_m {
-                specs.push(SlotSpec {
-                    name: format!("{}:m", names[i]),
-                    numel,
-                    dtype: StorageDtype::F32,
-                });
-            }
-            v_slot.push(specs.len());
-            specs.push(SlotSpec {
-                name: format!("{}:v", names[i]),
-                numel,
-                dtype: StorageDtype::F32,
-            });
-        }
-        let buf = CounterpartBuffer::allocate(&specs, offload)
-            .map_err(|e| anyhow::anyhow!("counterpart buffer: {e}"))?;
+        let SlotLayout {
+            weight_slot,
+            m_slot,
+            v_slot,
+            ..
+        } = layout;
         let buf_tiers = (buf.bytes_in_ram(), buf.bytes_in_file());
         let buf = Arc::new(SharedCounterpartBuffer::new(buf));
         let backend: Box<dyn Backend> = Box::new(CpuBackend::new(offload.threads));
@@ -497,23 +524,8 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
     let resume = ctx.take_resume()?;
-    let (start, partition) = match &resume {
-        Some(ck) => (
-            ck.net("live", ctx.net.as_ref())?,
-            resume_partition(ctx, ck)?,
-        ),
-        None => {
-            let mut start = ctx.initial_state()?;
-            let p = stage1::run(ctx, &mut start)?;
-            (start, p)
-        }
-    };
-    let phases = if repeat {
-        None
-    } else {
-        Some((cfg.ldt_s.p_steps, cfg.ldt_s.a_steps))
-    };
-    ctx.report_lag(&partition, phases)?;
+    let settings = OptimSettings::from(&cfg.optim);
+    let layout = SlotLayout::new(ctx.net.as_ref(), &settings);
     let offload = offload_config(ctx);
     if let (Some(ck), Some(path)) = (&resume, &offload.file_path) {
         // A killed run leaves its spill file behind; every slot comes back from the
@@ -532,15 +544,27 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             })?;
         }
     }
-    let mut m = SingleLive::new(
-        start,
-        partition,
-        OptimSettings::from(&cfg.optim),
-        &offload,
-        dual,
-        &names,
-    )
-    .context("setting up the counterpart buffer")?;
+    // The buffer comes first: a budget that cannot hold it fails before any training.
+    let buf = layout.allocate(&offload)?;
+    let (start, partition) = match &resume {
+        Some(ck) => (
+            ck.net("live", ctx.net.as_ref())?,
+            resume_partition(ctx, ck)?,
+        ),
+        None => {
+            let mut start = ctx.initial_state()?;
+            let p = stage1::run(ctx, &mut start)?;
+            (start, p)
+        }
+    };
+    let phases = if repeat {
+        None
+    } else {
+        Some((cfg.ldt_s.p_steps, cfg.ldt_s.a_steps))
+    };
+    ctx.report_lag(&partition, phases)?;
+    let mut m = SingleLive::new(start, partition, settings, layout, buf, &offload, dual)
+        .context("setting up the counterpart buffer")?;
     let (mut n_p, mut n_a, mut step) = (0usize, 0usize, 0usize);
     if let Some(ck) = &resume {
         m.restore(ck)?;

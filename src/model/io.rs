@@ -74,12 +74,29 @@ pub fn load_state(net: &dyn Network, path: &Path, device: &Device) -> Result<Net
             problems.join("\n  ")
         );
     }
+    let buffers: Vec<Tensor> = buffers.into_iter().flatten().collect();
+    for (spec, t) in net.buffers().iter().zip(&buffers) {
+        if t.dtype() != DType::F32 {
+            continue;
+        }
+        let bad = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .position(|v| !v.is_finite());
+        if let Some(i) = bad {
+            bail!(
+                "weights file {}: buffer `{}` holds a non-finite value at flat index {i}",
+                path.display(),
+                spec.name
+            );
+        }
+    }
     let mut state = NetState {
         params: Vec::new(),
-        buffers: buffers.into_iter().map(|b| b.expect("checked")).collect(),
+        buffers,
     };
-    for (spec, t) in net.params().iter().zip(params) {
-        let t = t.expect("checked");
+    for (spec, t) in net.params().iter().zip(params.into_iter().flatten()) {
         let bad = t
             .flatten_all()?
             .to_vec1::<f32>()?

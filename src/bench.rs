@@ -181,6 +181,22 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
     writeln!(out, "\n(ldt steps are a PM and an AM step on the same batch: compare ldt with 2x erm; ldt-s steps are one phase step each)\n")?;
     writeln!(
         out,
+        "| backbone, batch 32, 3x32x32, f32 | params | ms/step | ms forward | ms fwd+bwd |\n|---|---|---|---|---|"
+    )?;
+    for arch in ["resnet18", "vit"] {
+        let t = step_times(arch, [3, 32, 32], 32, 3)?;
+        writeln!(
+            out,
+            "| {arch} | {:.2}M | {:.1} | {:.1} | {:.1} |",
+            t.params as f64 / 1e6,
+            t.step_ms,
+            t.forward_ms,
+            t.forward_backward_ms
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
         "| stage 1 on cnn, statistics batches of 4 | peak RSS MiB | x 10 batches |\n|---|---|---|"
     )?;
     let mut first = None;

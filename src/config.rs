@@ -49,6 +49,17 @@ impl Method {
     }
 }
 
+/// Architectures `model.arch` accepts (built by `model::build`).
+pub const ARCHS: &[&str] = &["mlp", "cnn", "cnn_bn"];
+
+/// Upper bound of `threads` and `offload.threads`: far above any useful value, low
+/// enough that a typo (an extra zero or three) fails here instead of stalling the
+/// machine with a hundred thousand threads.
+pub const MAX_THREADS: usize = 1024;
+
+/// Upper bound of `data.prefetch` (each prefetched batch is held in memory).
+pub const MAX_PREFETCH: usize = 1024;
+
 /// Whole run configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -595,12 +606,20 @@ impl Config {
         }
         let merged = toml::to_string(&table).context("re-serializing the config")?;
         let cfg: Config = toml::from_str(&merged).map_err(|e| {
-            anyhow::anyhow!(
-                "config {origin} with --set {}: {e}",
-                overrides.join(" --set ")
-            )
+            // The merged text is not what the user wrote (its line numbers mean nothing
+            // to them): name the first `--set` that breaks the config instead.
+            let culprit = first_bad_override(text, overrides);
+            match culprit {
+                Some((o, e)) => {
+                    anyhow::anyhow!("config {origin}: --set `{o}`: {}", e.message().trim_end())
+                }
+                None => anyhow::anyhow!(
+                    "config {origin} with --set {}: {e}",
+                    overrides.join(" --set ")
+                ),
+            }
         })?;
-        cfg.validate()?;
+        cfg.validate().with_context(|| format!("config {origin}"))?;
         Ok(cfg)
     }
 
@@ -636,24 +655,32 @@ impl Config {
                 "must be in [0, 1)",
             )?;
         }
-        check(c.optim.eps > 0.0, "optim.eps", "must be positive")?;
         check(
-            c.optim.weight_decay >= 0.0,
+            c.optim.eps > 0.0 && c.optim.eps.is_finite(),
+            "optim.eps",
+            "must be a positive number",
+        )?;
+        check(
+            c.optim.weight_decay >= 0.0 && c.optim.weight_decay.is_finite(),
             "optim.weight_decay",
-            "must be >= 0",
+            "must be a finite number >= 0",
         )?;
         check(
             (0.0..1.0).contains(&c.optim.momentum),
             "optim.momentum",
             "must be in [0, 1)",
         )?;
-        for g in &c.optim.groups {
-            check(g.lr > 0.0, "optim.groups.lr", "must be positive")?;
+        for (i, g) in c.optim.groups.iter().enumerate() {
+            check(
+                g.lr > 0.0 && g.lr.is_finite(),
+                &format!("optim.groups[{i}].lr (prefix `{}`)", g.prefix),
+                "must be a positive number",
+            )?;
         }
         check(
-            c.stage1.warmup_lr > 0.0,
+            c.stage1.warmup_lr > 0.0 && c.stage1.warmup_lr.is_finite(),
             "stage1.warmup_lr",
-            "must be positive",
+            "must be a positive number",
         )?;
         for (i, b) in c.stage1.warmup_betas.iter().enumerate() {
             check(
@@ -724,7 +751,21 @@ impl Config {
             "eval.batch_size",
             "must be at least 1",
         )?;
-        check(c.data.prefetch >= 1, "data.prefetch", "must be at least 1")?;
+        check(
+            (1..=MAX_PREFETCH).contains(&c.data.prefetch),
+            "data.prefetch",
+            &format!("must be in 1..={MAX_PREFETCH} (batches held in memory ahead)"),
+        )?;
+        check(
+            c.threads <= MAX_THREADS,
+            "threads",
+            &format!("must be at most {MAX_THREADS} (0 = all cores)"),
+        )?;
+        check(
+            c.offload.threads <= MAX_THREADS,
+            "offload.threads",
+            &format!("must be at most {MAX_THREADS}"),
+        )?;
         check(
             (0.0..0.9).contains(&c.data.val_fraction),
             "data.val_fraction",
@@ -745,6 +786,70 @@ impl Config {
             "device",
             "must be `cpu` or `cuda:N`",
         )?;
+        self.validate_model()?;
+        if let Some(s) = c
+            .snapshots
+            .at_steps
+            .iter()
+            .find(|&&s| s == 0 || s > c.train.steps)
+        {
+            bail!(
+                "config key `snapshots.at_steps`: step {s} is outside the run's steps 1..={} \
+                 (`train.steps`); remove it or raise `train.steps`",
+                c.train.steps
+            );
+        }
+        check(
+            !(c.train.method == Method::LdtS
+                && c.ldt_s.repeat_batch
+                && c.ldt_s.p_steps != c.ldt_s.a_steps),
+            "ldt_s.repeat_batch",
+            &format!(
+                "phase A replays phase P's batches, so `ldt_s.p_steps` ({}) must equal \
+                 `ldt_s.a_steps` ({}); make them equal or set `ldt_s.repeat_batch = false`",
+                c.ldt_s.p_steps, c.ldt_s.a_steps
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// The `[model]` checks that do not need the data: a known architecture and
+    /// positive widths (the same rules `model::build` applies, caught before any run
+    /// directory is created).
+    fn validate_model(&self) -> Result<()> {
+        let m = &self.model;
+        match m.arch.as_str() {
+            "mlp" => {
+                if m.hidden.is_empty() {
+                    bail!(
+                        "config key `model.hidden`: the mlp needs at least one hidden width \
+                         (an empty list would silently train a linear model), e.g. [128, 64]"
+                    );
+                }
+                if m.hidden.contains(&0) {
+                    bail!(
+                        "config key `model.hidden`: widths must be positive, got {:?}",
+                        m.hidden
+                    );
+                }
+            }
+            "cnn" | "cnn_bn" => {
+                if m.channels.is_empty() || m.channels.contains(&0) {
+                    bail!(
+                        "config key `model.channels`: need at least one positive channel \
+                         count, got {:?}",
+                        m.channels
+                    );
+                }
+                if m.fc_hidden == 0 {
+                    bail!("config key `model.fc_hidden`: must be at least 1");
+                }
+            }
+            other => bail!(
+                "config key `model.arch`: unknown architecture `{other}`; allowed: {}",
+                ARCHS.join(", ")
+            ),
+        }
         Ok(())
     }
 
@@ -752,6 +857,23 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a Config always serializes")
     }
+}
+
+/// The first override that, applied after the ones before it, makes `text` fail to
+/// deserialize, with that error (`text` itself deserializes).
+fn first_bad_override<'a>(
+    text: &str,
+    overrides: &'a [String],
+) -> Option<(&'a str, toml::de::Error)> {
+    let mut table: toml::Table = toml::from_str(text).ok()?;
+    for o in overrides {
+        apply_override(&mut table, o).ok()?;
+        let merged = toml::to_string(&table).ok()?;
+        if let Err(e) = toml::from_str::<Config>(&merged) {
+            return Some((o.as_str(), e));
+        }
+    }
+    None
 }
 
 /// Applies one `a.b.c=value` override to a TOML table.

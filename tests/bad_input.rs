@@ -9,14 +9,24 @@
 //!
 //! Each run is tiny (`mlp`, one step, one thread) and works in its own temporary
 //! directory; `control_run_succeeds` proves that the base configuration itself is fine,
-//! so each failure below is caused by the one fault it injects.
+//! so each failure below is caused by the one fault it injects. Configuration errors must
+//! also stop before the run directory exists; run failures must leave no model behind.
+//! A run that does not end within two minutes fails its test (a bad value that hangs
+//! instead of failing is a bug too).
+//!
+//! The catalogue, by area: configuration (file and `--set`), manifest and data files,
+//! weights (`model.init`), batch schedule (`data.schedule`), counterpart buffer
+//! (`offload.*`), partition report (`stage1.partition`), command line. The parsers are
+//! also fuzzed: `tests/fuzz_parsers.rs` (seeded, stable) and `fuzz/` (cargo-fuzz).
 
 #[path = "common/testkit.rs"]
 mod testkit;
 
 use candle_core::{DType, Device, Tensor};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 use testkit::*;
 
 /// Exit code of configuration / command-line problems.
@@ -71,7 +81,54 @@ impl Case {
             .arg("--out")
             .arg(out)
             .current_dir(self.dir.path());
-        cmd.output().expect("running the ldt binary")
+        output_within(&mut cmd)
+    }
+}
+
+/// Longest a single bad-input run may take: every case fails within a second or two, so a
+/// run that is still going has hung (a bad value that stalls instead of failing).
+const HANG: Duration = Duration::from_secs(120);
+
+/// Runs `cmd` to completion like `Command::output`, but kills it and fails the test if
+/// it runs longer than [`HANG`].
+fn output_within(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running the ldt binary");
+    // Drain both pipes on threads so a chatty child never blocks on a full pipe.
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                r.read_to_end(&mut v).ok();
+            }
+            v
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for ldt") {
+            break s;
+        }
+        if start.elapsed() > HANG {
+            child.kill().ok();
+            child.wait().ok();
+            let stderr = String::from_utf8_lossy(&err.join().unwrap()).into_owned();
+            panic!(
+                "ldt {:?} ran longer than {HANG:?} (hung?):\n{stderr}",
+                cmd.get_args().collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
     }
 }
 
@@ -97,21 +154,23 @@ fn expect_failure(out: &Output, code: i32, needles: &[&str]) {
     }
 }
 
-/// A valid weights file for the `mlp` with `fc1.weight` of shape `fc1_shape`.
-fn write_mlp_weights(path: &Path, fc1_shape: (usize, usize)) {
+/// The tensors of a valid `mlp` weights file, with `fc1.weight` of shape `fc1_shape`.
+fn mlp_tensors(fc1_shape: (usize, usize)) -> Vec<(&'static str, Tensor)> {
     let d = Device::Cpu;
     let t = |shape: &[usize]| Tensor::full(0.01f32, shape, &d).unwrap();
-    save(
-        path,
-        vec![
-            ("fc1.weight", t(&[fc1_shape.0, fc1_shape.1])),
-            ("fc1.bias", t(&[128])),
-            ("fc2.weight", t(&[64, 128])),
-            ("fc2.bias", t(&[64])),
-            ("fc3.weight", t(&[10, 64])),
-            ("fc3.bias", t(&[10])),
-        ],
-    );
+    vec![
+        ("fc1.weight", t(&[fc1_shape.0, fc1_shape.1])),
+        ("fc1.bias", t(&[128])),
+        ("fc2.weight", t(&[64, 128])),
+        ("fc2.bias", t(&[64])),
+        ("fc3.weight", t(&[10, 64])),
+        ("fc3.bias", t(&[10])),
+    ]
+}
+
+/// A valid weights file for the `mlp` with `fc1.weight` of shape `fc1_shape`.
+fn write_mlp_weights(path: &Path, fc1_shape: (usize, usize)) {
+    save(path, mlp_tensors(fc1_shape));
 }
 
 /// Rewrites `<data>/rot00_train.safetensors` with `images` and `labels` changed by `edit`.
@@ -361,4 +420,875 @@ fn unwritable_output_directory() {
         RUN_FAILED,
         &["plain-file/run", "run directory", "--out"],
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The catalogue, continued: one fault per test. Helpers first.
+// ---------------------------------------------------------------------------------------
+
+impl Case {
+    /// `ldt <args...>` in the case directory (no implicit arguments).
+    fn ldt(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ldt"));
+        cmd.args(args).current_dir(self.dir.path());
+        output_within(&mut cmd)
+    }
+
+    /// The base configuration over the bundled data, written as `run.toml`.
+    fn bundled_config(&self) -> PathBuf {
+        self.config(&base_toml(&bundled_data().join("manifest.json")))
+    }
+
+    /// A copy of the bundled data in this case, with its configuration.
+    fn copied_data(&self) -> (PathBuf, PathBuf) {
+        let manifest = copy_bundled_data(self.dir.path());
+        let cfg = self.config(&base_toml(&manifest));
+        (manifest, cfg)
+    }
+
+    /// Asserts that no run output (weights, summary) was written.
+    fn assert_no_model(&self) {
+        for f in ["out/model.safetensors", "out/summary.json"] {
+            assert!(!self.path(f).exists(), "{f} written by a failed run");
+        }
+    }
+}
+
+/// `--set` with a TOML string value for a path.
+fn set_path(key: &str, p: &Path) -> String {
+    format!("{key}={:?}", p.display().to_string())
+}
+
+/// Edits the JSON of a manifest in place.
+fn edit_manifest(manifest: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(manifest, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// One tensor of a raw safetensors file: name, dtype, shape, little-endian bytes.
+type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Every tensor of a safetensors file, raw.
+fn read_raw(path: &Path) -> Vec<RawTensor> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect()
+}
+
+/// Writes raw tensors (any safetensors dtype, e.g. i32, which candle cannot write).
+fn write_raw(path: &Path, tensors: &[RawTensor]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, path).unwrap();
+}
+
+/// A schedule file with tensor `train_batches` = `rows` (i64 [S, B]).
+fn write_schedule(path: &Path, rows: &[Vec<i64>]) {
+    let b = rows[0].len();
+    let flat: Vec<i64> = rows.concat();
+    let t = Tensor::from_vec(flat, (rows.len(), b), &Device::Cpu).unwrap();
+    save(path, vec![("train_batches", t)]);
+}
+
+// --- configuration (exit 2, before any run directory exists) ----------------------------
+
+/// Asserts a usage failure that left no run directory behind.
+fn expect_usage(c: &Case, out: &Output, needles: &[&str]) {
+    expect_failure(out, USAGE, needles);
+    assert!(
+        !c.path("out").exists(),
+        "a configuration error must stop before the run directory is created"
+    );
+}
+
+#[test]
+fn negative_steps() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "train.steps=-5"]);
+    expect_usage(&c, &out, &["run.toml", "--set `train.steps=-5`", "-5"]);
+}
+
+#[test]
+fn zero_batch_size() {
+    let c = Case::new();
+    let cfg = c.config(
+        &base_toml(&bundled_data().join("manifest.json"))
+            .replace("batch_size = 8", "batch_size = 0"),
+    );
+    let out = c.train(&cfg, &[]);
+    expect_usage(&c, &out, &["train.batch_size", "at least 1", "run.toml"]);
+}
+
+#[test]
+fn unstable_ratio_below_zero() {
+    // The upper side (1.5) is `out_of_range_value`.
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "stage1.unstable_ratio=-0.25"]);
+    expect_usage(&c, &out, &["stage1.unstable_ratio", "[0, 1]"]);
+}
+
+#[test]
+fn beta_of_one_or_more() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    for (set, key) in [
+        ("optim.betas=[0.9, 1.0]", "optim.betas[1]"),
+        ("optim.betas=[1.5, 0.99]", "optim.betas[0]"),
+        ("stage1.warmup_betas=[0.9, 1.0]", "stage1.warmup_betas[1]"),
+    ] {
+        let out = c.train(&cfg, &["--set", set]);
+        expect_usage(&c, &out, &[key, "[0, 1)"]);
+    }
+}
+
+#[test]
+fn unknown_method() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "train.method=ldt2"]);
+    expect_usage(&c, &out, &["train.method=ldt2", "ldt2", "ldt-s"]);
+    // The same in the file: the message points at the line.
+    let cfg = c.config(
+        &base_toml(&bundled_data().join("manifest.json"))
+            .replace("method = \"erm\"", "method = \"sam\""),
+    );
+    let out = c.train(&cfg, &[]);
+    expect_usage(&c, &out, &["run.toml", "method = \"sam\"", "erm"]);
+}
+
+#[test]
+fn unknown_arch() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "model.arch=resnet50"]);
+    expect_usage(&c, &out, &["model.arch", "resnet50", "mlp, cnn, cnn_bn"]);
+}
+
+#[test]
+fn unknown_section_in_the_file() {
+    let c = Case::new();
+    let toml = format!(
+        "{}\n[optimizer]\nlr = 0.1\n",
+        base_toml(&bundled_data().join("manifest.json"))
+    );
+    let cfg = c.config(&toml);
+    let out = c.train(&cfg, &[]);
+    expect_usage(&c, &out, &["run.toml", "optimizer", "optim"]);
+}
+
+#[test]
+fn set_without_equals_sign() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "train.steps"]);
+    expect_usage(&c, &out, &["--set `train.steps`", "key=value"]);
+}
+
+#[test]
+fn set_below_a_plain_value() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "seed.x=1"]);
+    expect_usage(&c, &out, &["seed.x=1", "`seed` is a value, not a section"]);
+}
+
+#[test]
+fn malformed_toml_syntax() {
+    let c = Case::new();
+    let toml =
+        base_toml(&bundled_data().join("manifest.json")).replace("[train]", "[train\nwhat = ");
+    let cfg = c.config(&toml);
+    let out = c.train(&cfg, &[]);
+    expect_usage(&c, &out, &["run.toml", "line", "[train"]);
+}
+
+#[test]
+fn empty_mlp_hidden_list() {
+    // An empty list used to train a linear model without a word.
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "model.hidden=[]"]);
+    expect_usage(&c, &out, &["model.hidden", "at least one hidden width"]);
+}
+
+#[test]
+fn zero_layer_width() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "model.hidden=[128, 0]"]);
+    expect_usage(&c, &out, &["model.hidden", "[128, 0]", "positive"]);
+    let out = c.train(
+        &cfg,
+        &["--set", "model.arch=cnn", "--set", "model.channels=[16, 0]"],
+    );
+    expect_usage(&c, &out, &["model.channels", "[16, 0]"]);
+    let out = c.train(
+        &cfg,
+        &["--set", "model.arch=cnn_bn", "--set", "model.fc_hidden=0"],
+    );
+    expect_usage(&c, &out, &["model.fc_hidden"]);
+}
+
+#[test]
+fn snapshot_step_beyond_the_run() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "snapshots.at_steps=[1, 5]"]);
+    expect_usage(
+        &c,
+        &out,
+        &["snapshots.at_steps", "step 5", "1..=1", "train.steps"],
+    );
+    let out = c.train(&cfg, &["--set", "snapshots.at_steps=[0]"]);
+    expect_usage(&c, &out, &["snapshots.at_steps", "step 0"]);
+}
+
+#[test]
+fn repeat_batch_with_unequal_phase_lengths() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(
+        &cfg,
+        &[
+            "--set",
+            "train.method=ldt-s",
+            "--set",
+            "ldt_s.repeat_batch=true",
+            "--set",
+            "ldt_s.p_steps=2",
+            "--set",
+            "ldt_s.a_steps=3",
+        ],
+    );
+    expect_usage(
+        &c,
+        &out,
+        &[
+            "ldt_s.repeat_batch",
+            "ldt_s.p_steps` (2)",
+            "ldt_s.a_steps` (3)",
+        ],
+    );
+}
+
+#[test]
+fn one_statistics_batch() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(
+        &cfg,
+        &[
+            "--set",
+            "train.method=ldt",
+            "--set",
+            "stage1.stat_batches=1",
+        ],
+    );
+    expect_usage(&c, &out, &["stage1.stat_batches", "at least 2"]);
+}
+
+#[test]
+fn non_finite_optimizer_settings() {
+    // Infinite values passed a plain `> 0` check and trained NaN weights.
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    for (set, key) in [
+        ("optim.eps=inf", "optim.eps"),
+        ("optim.weight_decay=inf", "optim.weight_decay"),
+        ("optim.lr=nan", "optim.lr"),
+        ("stage1.warmup_lr=inf", "stage1.warmup_lr"),
+        (
+            "optim.groups=[{prefix = \"fc3.\", lr = inf}]",
+            "optim.groups[0].lr (prefix `fc3.`)",
+        ),
+    ] {
+        let out = c.train(&cfg, &["--set", set]);
+        expect_usage(&c, &out, &[key]);
+    }
+}
+
+#[test]
+fn absurd_thread_and_prefetch_counts() {
+    // An extra zero or three used to stall the machine (100 000 threads) or be killed
+    // for memory (a prefetch queue of 10^11 slots) without a word.
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    for (set, key) in [
+        ("threads=100000", "`threads`"),
+        ("offload.threads=100000", "`offload.threads`"),
+        ("data.prefetch=100000000000", "`data.prefetch`"),
+    ] {
+        let out = c.train(&cfg, &["--set", set]);
+        expect_usage(&c, &out, &[key, "1024"]);
+    }
+}
+
+#[test]
+fn batch_larger_than_the_data() {
+    // A huge batch used to grow without bound in the loader thread (no message, the run
+    // hung until killed); a batch above the pool would repeat examples.
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "train.batch_size=1000000000000"]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "batch of 1000000000000 examples",
+            "larger than the 2670",
+            "train.batch_size",
+        ],
+    );
+    c.assert_no_model();
+    let out = c.train(
+        &cfg,
+        &[
+            "--set",
+            "train.method=ldt",
+            "--set",
+            "stage1.stat_batches=2",
+            "--set",
+            "stage1.stat_batch_size=100000",
+        ],
+    );
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["batch of 100000 examples", "stage1.stat_batch_size"],
+    );
+}
+
+// --- manifest and data files (exit 1) ---------------------------------------------------
+
+#[test]
+fn malformed_manifest_json() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["data/manifest.json", "not a valid", "line"],
+    );
+    c.assert_no_model();
+}
+
+#[test]
+fn wrong_manifest_format() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    edit_manifest(&manifest, |v| v["format"] = "dg-benchmark/v2".into());
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "data/manifest.json",
+            "`format`",
+            "dg-benchmark/v2",
+            "dg-benchmark/v1",
+        ],
+    );
+}
+
+#[test]
+fn manifest_without_a_source_domain() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    edit_manifest(&manifest, |v| {
+        for d in v["domains"].as_array_mut().unwrap() {
+            d["role"] = "target".into();
+        }
+    });
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["data/manifest.json", "role `source`", "at least one"],
+    );
+}
+
+#[test]
+fn duplicate_domain_names() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    edit_manifest(&manifest, |v| v["domains"][3]["name"] = "rot15".into());
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["data/manifest.json", "`rot15` appears twice", "unique"],
+    );
+}
+
+#[test]
+fn empty_domain_split() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    edit_manifest(&manifest, |v| {
+        v["domains"][4]["splits"]["test"]["n"] = 0.into()
+    });
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["data/manifest.json", "`rot60`", "empty test split", "n = 0"],
+    );
+}
+
+#[test]
+fn manifest_n_differs_from_the_file() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    let mut n = 0;
+    edit_manifest(&manifest, |v| {
+        let e = &mut v["domains"][1]["splits"]["train"]["n"];
+        n = e.as_u64().unwrap();
+        *e = (n + 1).into();
+    });
+    let out = c.train(&cfg, &[]);
+    let holds = format!("holds {n} examples");
+    let says = format!("`n` = {}", n + 1);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["rot15_train.safetensors", "rot15", &holds, &says],
+    );
+}
+
+#[test]
+fn missing_split_file() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    std::fs::remove_file(manifest.parent().unwrap().join("rot75_test.safetensors")).unwrap();
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["rot75_test.safetensors", "`rot75`", "data/manifest.json"],
+    );
+}
+
+#[test]
+fn image_shape_does_not_match_the_manifest() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    // Same bytes, other shape: 28x28 stored as 14x56.
+    edit_rot00_train(&manifest, |images, labels| {
+        let n = images.dims()[0];
+        (images.reshape((n, 1, 14, 56)).unwrap(), labels)
+    });
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["rot00_train.safetensors", "images", "14, 56", "image_shape"],
+    );
+}
+
+#[test]
+fn wrong_image_dtype() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    let f = manifest.parent().unwrap().join("rot00_train.safetensors");
+    let raw: Vec<RawTensor> = read_raw(&f)
+        .into_iter()
+        .map(|(n, d, s, b)| {
+            if n == "images" {
+                let wide = b.iter().flat_map(|&p| (p as i32).to_le_bytes()).collect();
+                (n, safetensors::Dtype::I32, s, wide)
+            } else {
+                (n, d, s, b)
+            }
+        })
+        .collect();
+    write_raw(&f, &raw);
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["rot00_train.safetensors", "images", "I32", "f32", "u8"],
+    );
+}
+
+#[test]
+fn labels_not_i64() {
+    let c = Case::new();
+    let (manifest, cfg) = c.copied_data();
+    let f = manifest.parent().unwrap().join("rot00_train.safetensors");
+    let raw: Vec<RawTensor> = read_raw(&f)
+        .into_iter()
+        .map(|(n, d, s, b)| {
+            if n == "labels" {
+                let narrow = b
+                    .chunks_exact(8)
+                    .flat_map(|c| (i64::from_le_bytes(c.try_into().unwrap()) as i32).to_le_bytes())
+                    .collect();
+                (n, safetensors::Dtype::I32, s, narrow)
+            } else {
+                (n, d, s, b)
+            }
+        })
+        .collect();
+    write_raw(&f, &raw);
+    let out = c.train(&cfg, &[]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["rot00_train.safetensors", "labels", "I32", "expected i64"],
+    );
+}
+
+// --- weights (`model.init`, exit 1) -----------------------------------------------------
+
+#[test]
+fn nan_in_a_weight() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let w = c.path("nan.safetensors");
+    let mut t = mlp_tensors((128, 784));
+    let mut v = f32s(&t[2].1);
+    v[77] = f32::NAN;
+    t[2].1 = Tensor::from_vec(v, (64, 128), &Device::Cpu).unwrap();
+    save(&w, t);
+    let out = c.train(&cfg, &["--set", &set_path("model.init", &w)]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "nan.safetensors",
+            "model.init",
+            "fc2.weight",
+            "non-finite",
+            "index 77",
+        ],
+    );
+    c.assert_no_model();
+}
+
+#[test]
+fn nan_in_a_batchnorm_buffer() {
+    // Buffers were not checked: a NaN running variance gave NaN evaluations silently.
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let cnn_bn = [
+        "--set",
+        "model.arch=cnn_bn",
+        "--set",
+        "model.channels=[4]",
+        "--set",
+        "model.fc_hidden=8",
+    ];
+    let ok = c.train_out(&cfg, &cnn_bn, &c.path("out-ok"));
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let mut t = load(&c.path("out-ok/model.safetensors"));
+    let key = t
+        .keys()
+        .find(|k| k.ends_with("running_var"))
+        .expect("cnn_bn has a running_var buffer")
+        .clone();
+    let rv = &t[&key];
+    let mut v = f32s(rv);
+    v[1] = f32::NAN;
+    let shape = rv.dims().to_vec();
+    t.insert(
+        key.clone(),
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap(),
+    );
+    let w = c.path("bn-nan.safetensors");
+    save(&w, t.iter().map(|(k, v)| (k.as_str(), v.clone())).collect());
+    let mut args = cnn_bn.to_vec();
+    let set = set_path("model.init", &w);
+    args.extend(["--set", &set]);
+    let out = c.train(&cfg, &args);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "bn-nan.safetensors",
+            "model.init",
+            &key,
+            "non-finite",
+            "index 1",
+        ],
+    );
+}
+
+#[test]
+fn unexpected_extra_weight() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let w = c.path("extra.safetensors");
+    let mut t = mlp_tensors((128, 784));
+    t.push((
+        "fc4.weight",
+        Tensor::zeros((10, 10), DType::F32, &Device::Cpu).unwrap(),
+    ));
+    save(&w, t);
+    let out = c.train(&cfg, &["--set", &set_path("model.init", &w)]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "extra.safetensors",
+            "model.init",
+            "does not fit model `mlp`",
+            "unexpected `fc4.weight`",
+        ],
+    );
+}
+
+#[test]
+fn missing_weights_are_listed_together() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let w = c.path("partial.safetensors");
+    let t: Vec<_> = mlp_tensors((128, 784))
+        .into_iter()
+        .filter(|(n, _)| *n != "fc1.bias" && *n != "fc3.weight")
+        .chain([(
+            "head.weight",
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        )])
+        .collect();
+    save(&w, t);
+    let out = c.train(&cfg, &["--set", &set_path("model.init", &w)]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "partial.safetensors",
+            "model.init",
+            "missing `fc1.bias` [128]",
+            "missing `fc3.weight` [10, 64]",
+            "unexpected `head.weight`",
+        ],
+    );
+}
+
+// --- batch schedule (`data.schedule`, exit 1) -------------------------------------------
+
+#[test]
+fn missing_schedule_file() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let s = c.path("no-schedule.safetensors");
+    let out = c.train(&cfg, &["--set", &set_path("data.schedule", &s)]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["no-schedule.safetensors", "data.schedule"],
+    );
+    c.assert_no_model();
+}
+
+#[test]
+fn schedule_index_out_of_range() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let s = c.path("sched.safetensors");
+    write_schedule(&s, &[vec![0, 1, 2, 3, 4, 5, 6, 999_999]]);
+    let out = c.train(&cfg, &["--set", &set_path("data.schedule", &s)]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "data.schedule",
+            "example index 999999",
+            "batch 0",
+            "source training",
+        ],
+    );
+    c.assert_no_model();
+    // A negative index is refused when the file is read.
+    write_schedule(&s, &[vec![0, 1, 2, 3, 4, 5, 6, -1]]);
+    let out = c.train(&cfg, &["--set", &set_path("data.schedule", &s)]);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["sched.safetensors", "train_batches", "negative index -1"],
+    );
+}
+
+#[test]
+fn schedule_shorter_than_the_run() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let s = c.path("short.safetensors");
+    write_schedule(&s, &[(0..8).collect(), (8..16).collect()]);
+    let out = c.train(
+        &cfg,
+        &[
+            "--set",
+            &set_path("data.schedule", &s),
+            "--set",
+            "train.steps=3",
+        ],
+    );
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &["holds 2 batches", "needs 3", "data.schedule"],
+    );
+    c.assert_no_model();
+}
+
+// --- counterpart buffer (`offload.*`, exit 1) -------------------------------------------
+
+/// `ldt-s` with a small statistics pass.
+const LDT_S: [&str; 4] = [
+    "--set",
+    "train.method=ldt-s",
+    "--set",
+    "stage1.stat_batches=2",
+];
+
+#[test]
+fn host_budget_too_small_without_a_spill_file() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let mut args = LDT_S.to_vec();
+    args.extend(["--set", "offload.host_bytes=1000"]);
+    let out = c.train(&cfg, &args);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "counterpart buffer needs",
+            "bytes",
+            "host budget is 1000 bytes",
+            "offload.host_bytes",
+            "offload.path",
+        ],
+    );
+    // The needed size is a number of bytes, stated exactly.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let needed: u64 = stderr
+        .split("needs ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count after `needs`: {stderr}"));
+    assert!(needed > 1000, "{stderr}");
+    c.assert_no_model();
+}
+
+#[test]
+fn spill_file_already_exists() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let spill = c.path("counterparts.bin");
+    std::fs::write(&spill, b"somebody else's data").unwrap();
+    let set = set_path("offload.path", &spill);
+    let mut args = LDT_S.to_vec();
+    args.extend(["--set", "offload.host_bytes=1000", "--set", &set]);
+    let out = c.train(&cfg, &args);
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "counterparts.bin",
+            "File exists",
+            "never overwritten",
+            "offload.path",
+        ],
+    );
+    assert_eq!(
+        std::fs::read(&spill).unwrap(),
+        b"somebody else's data",
+        "the existing file was modified"
+    );
+    c.assert_no_model();
+}
+
+// --- partition report (`stage1.partition`, exit 1) --------------------------------------
+
+#[test]
+fn partition_report_of_another_model() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    // A real report, made by `ldt stats` for a small cnn.
+    let stats = c.ldt(&[
+        "stats",
+        "run.toml",
+        "--set",
+        "model.arch=cnn",
+        "--set",
+        "model.channels=[4]",
+        "--set",
+        "model.fc_hidden=8",
+        "--set",
+        "stage1.stat_batches=2",
+        "--out",
+        "cnn-stats",
+    ]);
+    assert_eq!(
+        stats.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let report = c.path("cnn-stats/partition.json");
+    let out = c.train(
+        &cfg,
+        &[
+            "--set",
+            "train.method=ldt",
+            "--set",
+            &set_path("stage1.partition", &report),
+        ],
+    );
+    expect_failure(
+        &out,
+        RUN_FAILED,
+        &[
+            "cnn-stats/partition.json",
+            "model `mlp`",
+            "conv1.weight",
+            "fc1.weight",
+            "ldt stats",
+        ],
+    );
+    c.assert_no_model();
+}
+
+// --- command line (clap, exit 2) --------------------------------------------------------
+
+#[test]
+fn unknown_subcommand() {
+    let c = Case::new();
+    c.bundled_config();
+    let out = c.ldt(&["trian", "run.toml"]);
+    expect_failure(&out, USAGE, &["unrecognized subcommand", "trian", "train"]);
+}
+
+#[test]
+fn missing_required_argument() {
+    let c = Case::new();
+    c.bundled_config();
+    let out = c.ldt(&["train"]);
+    expect_failure(&out, USAGE, &["required", "<CONFIG>"]);
+    let out = c.ldt(&["eval", "run.toml"]);
+    expect_failure(&out, USAGE, &["required", "--weights"]);
 }

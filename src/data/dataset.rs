@@ -47,10 +47,18 @@ impl Split {
             .tensor("labels")
             .map_err(|_| anyhow::anyhow!("data file {p} has no tensor `labels`"))?;
         let want = [expect_n, shape[0], shape[1], shape[2]];
-        if images.shape() != want {
+        let got = images.shape();
+        if got != want {
+            if got.len() == 4 && got[1..] == shape[..] {
+                bail!(
+                    "data file {p}: tensor `images` holds {} examples but the manifest says \
+                     `n` = {expect_n} for this split; fix `n` in the manifest",
+                    got[0]
+                );
+            }
             bail!(
-                "data file {p}: tensor `images` has shape {:?}, the manifest says {want:?}",
-                images.shape()
+                "data file {p}: tensor `images` has shape {got:?}, the manifest says {want:?} \
+                 (`n` = {expect_n}, `image_shape` = {shape:?})"
             );
         }
         let pixels = match images.dtype() {

@@ -139,7 +139,39 @@ impl Loader {
     ) -> Result<Loader> {
         if let Some(r) = order.remaining() {
             if r < count {
-                bail!("the batch schedule holds {r} batches but the run needs {count}; lower the step count or use a longer schedule");
+                bail!("the batch schedule holds {r} batches but the run needs {count}; lower the step count or use a longer schedule (`data.schedule`)");
+            }
+        }
+        if let BatchOrder::Shuffle { indices, batch, .. } = &order {
+            if count > 0 && indices.is_empty() {
+                bail!("no source training examples to draw batches from; check the manifest's source domains and `stage1.split_fraction`");
+            }
+            // Larger batches would repeat examples within a batch (and a huge value
+            // would exhaust memory in the loader thread instead of failing here).
+            if *batch > indices.len() {
+                bail!(
+                    "a batch of {batch} examples is larger than the {} examples it is drawn from; \
+                     lower `train.batch_size` (or `stage1.stat_batch_size` for the stage-1 \
+                     statistics, drawn from the `1 - stage1.split_fraction` share)",
+                    indices.len()
+                );
+            }
+        }
+        if let BatchOrder::Fixed(batches) = &order {
+            // Checked here, before training, rather than in the loader thread mid-run.
+            for (b, ix) in batches.iter().take(count).enumerate() {
+                if let Some(&g) = ix.iter().find(|&&g| g >= pool.len()) {
+                    bail!(
+                        "the batch schedule (`data.schedule`) holds example index {g} in batch {b}, \
+                         but the source training splits hold {} examples (indices 0..{}); \
+                         the schedule was made for other data",
+                        pool.len(),
+                        pool.len()
+                    );
+                }
+                if ix.is_empty() {
+                    bail!("the batch schedule (`data.schedule`) holds an empty batch {b}");
+                }
             }
         }
         let (tx, rx) = bounded(depth.max(1));

@@ -100,6 +100,17 @@ impl Manifest {
                 m.image_shape
             );
         }
+        let elements = m
+            .image_shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&e| e.checked_mul(4).is_some());
+        if elements.is_none() {
+            bail!(
+                "manifest {p}: field `image_shape` {:?} is too large to address",
+                m.image_shape
+            );
+        }
         let mut seen = HashSet::new();
         for d in &m.domains {
             if !seen.insert(d.name.as_str()) {

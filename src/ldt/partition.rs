@@ -256,12 +256,21 @@ impl Partition {
         let names: Vec<&str> = net.params().iter().map(|s| s.name.as_str()).collect();
         let got: Vec<&str> = p.layers.iter().map(|l| l.name.as_str()).collect();
         if names != got {
+            let diff = names
+                .iter()
+                .zip(&got)
+                .position(|(a, b)| a != b)
+                .unwrap_or(names.len().min(got.len()));
+            let show = |v: &[&str]| {
+                v.get(diff)
+                    .map_or("nothing".to_string(), |s| format!("`{s}`"))
+            };
             bail!(
-                "partition file {} was made for other layers than model `{}` has (first difference: {:?} vs {:?}); rerun `ldt stats` for this model",
+                "partition file {} was made for other layers than model `{}` has (layer {diff}: the file has {}, the model {}); rerun `ldt stats` for this model",
                 path.display(),
                 net.arch(),
-                got.iter().zip(&names).find(|(a, b)| a != b).map(|(a, _)| *a).or(got.get(names.len()).copied()),
-                names.iter().zip(&got).find(|(a, b)| a != b).map(|(a, _)| *a).or(names.get(got.len()).copied())
+                show(&got),
+                show(&names)
             );
         }
         Ok(p)

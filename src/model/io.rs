@@ -111,9 +111,27 @@ fn load(
             problems.join("\n  ")
         );
     }
+    let buffers: Vec<Tensor> = buffers.into_iter().flatten().collect();
+    for (spec, t) in net.buffers().iter().zip(&buffers) {
+        if t.dtype() != DType::F32 {
+            continue;
+        }
+        let bad = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .position(|v| !v.is_finite());
+        if let Some(i) = bad {
+            bail!(
+                "weights file {}: buffer `{}` holds a non-finite value at flat index {i}",
+                path.display(),
+                spec.name
+            );
+        }
+    }
     let mut state = NetState {
         params: Vec::new(),
-        buffers: buffers.into_iter().map(|b| b.expect("checked")).collect(),
+        buffers,
     };
     for (i, (spec, t)) in net.params().iter().zip(params).enumerate() {
         let t = match (t, reset_head.as_deref_mut()) {

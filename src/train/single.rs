@@ -83,8 +83,7 @@ impl SlotLayout {
     /// Allocates the counterpart buffer (RAM up to the budget, the file tier beyond); a
     /// budget too small is an error with the bytes needed and the settings to change.
     pub fn allocate(&self, offload: &OffloadConfig) -> Result<CounterpartBuffer> {
-        CounterpartBuffer::allocate(&self.specs, offload)
-            .map_err(|e| anyhow::anyhow!("counterpart buffer: {e}"))
+        CounterpartBuffer::allocate(&self.specs, offload).map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 

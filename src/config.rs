@@ -49,9 +49,6 @@ impl Method {
     }
 }
 
-/// Architectures `model.arch` accepts (built by `model::build`).
-pub const ARCHS: &[&str] = &["mlp", "cnn", "cnn_bn"];
-
 /// Upper bound of `threads` and `offload.threads`: far above any useful value, low
 /// enough that a typo (an extra zero or three) fails here instead of stalling the
 /// machine with a hundred thousand threads.
@@ -845,9 +842,10 @@ impl Config {
                     bail!("config key `model.fc_hidden`: must be at least 1");
                 }
             }
+            other if crate::model::ARCHS.contains(&other) => {}
             other => bail!(
                 "config key `model.arch`: unknown architecture `{other}`; allowed: {}",
-                ARCHS.join(", ")
+                crate::model::ARCHS.join(", ")
             ),
         }
         Ok(())

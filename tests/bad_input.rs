@@ -574,8 +574,12 @@ fn unknown_method() {
 fn unknown_arch() {
     let c = Case::new();
     let cfg = c.bundled_config();
-    let out = c.train(&cfg, &["--set", "model.arch=resnet50"]);
-    expect_usage(&c, &out, &["model.arch", "resnet50", "mlp, cnn, cnn_bn"]);
+    let out = c.train(&cfg, &["--set", "model.arch=resnet51"]);
+    expect_usage(
+        &c,
+        &out,
+        &["model.arch", "resnet51", "mlp, cnn, cnn_bn, resnet18"],
+    );
 }
 
 #[test]

@@ -113,20 +113,8 @@ fn load(
     }
     let buffers: Vec<Tensor> = buffers.into_iter().flatten().collect();
     for (spec, t) in net.buffers().iter().zip(&buffers) {
-        if t.dtype() != DType::F32 {
-            continue;
-        }
-        let bad = t
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .position(|v| !v.is_finite());
-        if let Some(i) = bad {
-            bail!(
-                "weights file {}: buffer `{}` holds a non-finite value at flat index {i}",
-                path.display(),
-                spec.name
-            );
+        if t.dtype() == DType::F32 {
+            check_finite(path, "buffer", &spec.name, t)?;
         }
     }
     let mut state = NetState {
@@ -141,21 +129,22 @@ fn load(
             }
             (None, _) => unreachable!("a missing tensor is reported above"),
         };
-        let bad = t
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .position(|v| !v.is_finite());
-        if let Some(i) = bad {
-            bail!(
-                "weights file {}: tensor `{}` holds a non-finite value at flat index {i}",
-                path.display(),
-                spec.name
-            );
-        }
+        check_finite(path, "tensor", &spec.name, &t)?;
         state.params.push(Var::from_tensor(&t)?);
     }
     Ok(state)
+}
+
+/// An error naming the file, the tensor and the index of its first NaN or Inf.
+fn check_finite(path: &Path, kind: &str, name: &str, t: &Tensor) -> Result<()> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = v.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "weights file {}: {kind} `{name}` holds a non-finite value at flat index {i}",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Named tensors of a network state (parameters then buffers), PyTorch names.

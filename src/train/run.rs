@@ -305,8 +305,7 @@ impl RunContext {
         stats: &StepStats,
         grads: &mut [Option<Tensor>],
     ) -> Result<bool> {
-        let names: Vec<String> = self.net.params().iter().map(|s| s.name.clone()).collect();
-        let Some(what) = nonfinite(stats, grads, &names)? else {
+        let Some(what) = nonfinite(stats, grads, self.net.params())? else {
             if self.cfg.train.clip_grad_norm > 0.0 {
                 crate::train::step::clip_grad_norm(grads, self.cfg.train.clip_grad_norm)?;
             }

@@ -108,12 +108,13 @@ pub fn apply(
 pub fn nonfinite(
     stats: &StepStats,
     grads: &[Option<Tensor>],
-    names: &[String],
+    specs: &[crate::model::TensorSpec],
 ) -> Result<Option<String>> {
     if !stats.loss.is_finite() {
         return Ok(Some(format!("the loss is {}", stats.loss)));
     }
-    for (g, name) in grads.iter().zip(names) {
+    for (g, spec) in grads.iter().zip(specs) {
+        let name = &spec.name;
         let Some(g) = g else { continue };
         if g.sum_all()?.to_scalar::<f32>()?.is_finite() {
             continue;

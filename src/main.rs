@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ldt::config::Config;
+use ldt::config::{Config, Method};
 use ldt::train::{run_method, RunContext};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,11 +62,11 @@ enum Cmd {
         /// TOML config shared by every run.
         config: PathBuf,
         /// Comma-separated methods: erm, lp-ft, deft, ldt, ldt-s.
-        #[arg(long, default_value = "erm,lp-ft,deft,ldt")]
-        methods: String,
+        #[arg(long, value_delimiter = ',', default_value = "erm,lp-ft,deft,ldt", value_parser = parse_method)]
+        methods: Vec<Method>,
         /// Comma-separated seeds.
-        #[arg(long, default_value = "0,1,2")]
-        seeds: String,
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+        seeds: Vec<u64>,
         /// Override a config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -211,31 +211,24 @@ fn stats(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// `--methods` values (clap reports a bad one as a usage error, exit 2).
+fn parse_method(s: &str) -> std::result::Result<Method, String> {
+    Method::parse(s.trim()).map_err(|e| e.to_string())
+}
+
 fn compare(
     config: &Path,
-    methods: &str,
-    seeds: &str,
+    methods: &[Method],
+    seeds: &[u64],
     set: &[String],
     out: Option<PathBuf>,
 ) -> Result<()> {
     let cfg = load(config, set).map_err(|e| e.0)?;
     ldt::init_threads(cfg.threads);
-    let methods = methods
-        .split(',')
-        .map(|m| ldt::config::Method::parse(m.trim()))
-        .collect::<Result<Vec<_>>>()?;
-    let seeds = seeds
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<u64>()
-                .with_context(|| format!("--seeds: `{s}` is not a number"))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let dir =
         out.unwrap_or_else(|| PathBuf::from(format!("{}-compare", default_out(config).display())));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let md = ldt::train::compare::compare(&cfg, &methods, &seeds, &dir)?;
+    let md = ldt::train::compare::compare(&cfg, methods, seeds, &dir)?;
     println!("{md}");
     println!(
         "table in {} and {}",

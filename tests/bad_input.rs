@@ -1296,3 +1296,13 @@ fn missing_required_argument() {
     let out = c.ldt(&["eval", "run.toml"]);
     expect_failure(&out, USAGE, &["required", "--weights"]);
 }
+
+#[test]
+fn compare_with_an_unknown_method_or_a_bad_seed() {
+    let c = Case::new();
+    c.bundled_config();
+    let out = c.ldt(&["compare", "run.toml", "--methods", "erm,foo"]);
+    expect_failure(&out, USAGE, &["--methods", "foo", "ldt-s"]);
+    let out = c.ldt(&["compare", "run.toml", "--seeds", "0,x"]);
+    expect_failure(&out, USAGE, &["--seeds", "'x'"]);
+}

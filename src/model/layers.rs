@@ -43,14 +43,17 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn go<T: WithDType + PartialOrd>(v: &[T], l: &Layout) -> Vec<T> {
+        fn go<T: WithDType + PartialOrd>(
+            s: &CpuStorage,
+            l: &Layout,
+        ) -> candle_core::Result<Vec<T>> {
             let z = T::zero();
-            let (a, b) = l.contiguous_offsets().expect("relu input made contiguous");
-            v[a..b].iter().map(|&x| if x > z { x } else { z }).collect()
+            let v = contiguous_slice::<T>(s, l, "relu")?;
+            Ok(v.iter().map(|&x| if x > z { x } else { z }).collect())
         }
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(go(v, l)),
-            CpuStorage::F64(v) => CpuStorage::F64(go(v, l)),
+            CpuStorage::F32(_) => CpuStorage::F32(go(s, l)?),
+            CpuStorage::F64(_) => CpuStorage::F64(go(s, l)?),
             _ => candle_core::bail!("relu supports f32 and f64 tensors"),
         };
         Ok((out, l.shape().clone()))
@@ -123,10 +126,7 @@ impl MaxPool2d {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = layout.shape().dims4()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("max_pool2d expects a contiguous input")
-        };
-        let x = &storage.as_slice::<T>()?[start..end];
+        let x = contiguous_slice::<T>(storage, layout, "max_pool2d")?;
         let (oh, ow) = (self.out_dim(h), self.out_dim(w));
         let mut out = vec![T::zero(); n * c * oh * ow];
         out.par_chunks_mut(oh * ow)
@@ -286,7 +286,7 @@ pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, 
 // also reduced in f64. All accept f32 and f64 tensors.
 
 /// Elements of `x`'s contiguous storage, for custom-op kernels.
-fn contiguous_slice<'a, T: WithDType>(
+pub(crate) fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,

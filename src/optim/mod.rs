@@ -139,10 +139,7 @@ fn f32_slice<'a>(
     s: &'a candle_core::CpuStorage,
     l: &candle_core::Layout,
 ) -> candle_core::Result<&'a [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("optimizer kernels need contiguous tensors")
-    };
-    Ok(&s.as_slice::<f32>()?[a..b])
+    crate::model::layers::contiguous_slice::<f32>(s, l, "optimizer kernel")
 }
 
 /// Mutably borrows the f32 slice of a contiguous CPU storage.

@@ -86,7 +86,6 @@ fn evaluate(
 /// `composite` safetensors.
 pub fn train(ctx: &mut RunContext) -> Result<()> {
     let cfg = ctx.cfg.clone();
-    super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let n = ctx.net.params().len();
     let settings = OptimSettings::from(&cfg.optim);
     let (partition, mut pm, mut am, done) = match ctx.take_resume()? {

@@ -134,7 +134,6 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         };
         fit_layers(ctx, &mut state, &mut l, fit)?;
     }
-    super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
     let settings = OptimSettings::from(&cfg.optim);

@@ -80,6 +80,8 @@ pub struct Summary {
 impl RunContext {
     /// Creates the run directory, writes the resolved config, opens data and model.
     pub fn open(cfg: Config, dir: &Path) -> Result<RunContext> {
+        // Configs built in code (compare, tests, library users) get the same checks as files.
+        cfg.validate()?;
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
                 "cannot create the run directory {} (choose another with --out)",
@@ -451,12 +453,4 @@ fn hold_out(bench: &Benchmark, cfg: &Config) -> (Vec<usize>, Vec<(String, Vec<us
         start += n;
     }
     (train, val)
-}
-
-/// Checks that a step list names steps inside the run.
-pub fn check_snapshot_steps(at: &[usize], steps: usize) -> Result<()> {
-    if let Some(s) = at.iter().find(|&&s| s == 0 || s > steps) {
-        bail!("config key `snapshots.at_steps`: step {s} is outside 1..={steps}");
-    }
-    Ok(())
 }

@@ -519,7 +519,6 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     if !dual && repeat && cfg.ldt_s.p_steps != cfg.ldt_s.a_steps {
         bail!("config key `ldt_s.repeat_batch`: phase A replays phase P's batches, so `ldt_s.p_steps` must equal `ldt_s.a_steps`");
     }
-    super::run::check_snapshot_steps(&cfg.snapshots.at_steps, cfg.train.steps)?;
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
     let resume = ctx.take_resume()?;

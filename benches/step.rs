@@ -1,7 +1,9 @@
 //! ms/step of one ERM optimizer step (forward, backward, Adam) at batch 32 on random
 //! data: `mlp`, `cnn`, `cnn_bn` at 1x28x28, and `resnet18` and the fixture-sized `vit`
-//! at 3x32x32 (f32), with the forward and forward+backward split.
+//! at 3x32x32, in f32 and bf16, with the forward and forward+backward split.
 //! Threads: `RAYON_NUM_THREADS` (default all cores); `LDT_BENCH_ITERS` (default 10).
+
+use ldt::config::Precision;
 
 fn main() -> anyhow::Result<()> {
     let iters = std::env::var("LDT_BENCH_ITERS")
@@ -13,8 +15,8 @@ fn main() -> anyhow::Result<()> {
         candle_core::utils::get_num_threads()
     );
     println!(
-        "{:<9} {:>11} {:>10} {:>12} {:>12}",
-        "model", "params", "ms/step", "ms forward", "ms fwd+bwd"
+        "{:<9} {:>5} {:>11} {:>10} {:>12} {:>12}",
+        "model", "prec", "params", "ms/step", "ms forward", "ms fwd+bwd"
     );
     for (arch, input) in [
         ("mlp", [1, 28, 28]),
@@ -23,11 +25,13 @@ fn main() -> anyhow::Result<()> {
         ("resnet18", [3, 32, 32]),
         ("vit", [3, 32, 32]),
     ] {
-        let t = ldt::bench::step_times(arch, input, 32, iters)?;
-        println!(
-            "{arch:<9} {:>11} {:>10.2} {:>12.2} {:>12.2}",
-            t.params, t.step_ms, t.forward_ms, t.forward_backward_ms
-        );
+        for (label, precision) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
+            let t = ldt::bench::step_times(arch, input, 32, iters, precision)?;
+            println!(
+                "{arch:<9} {label:>5} {:>11} {:>10.2} {:>12.2} {:>12.2}",
+                t.params, t.step_ms, t.forward_ms, t.forward_backward_ms
+            );
+        }
     }
     Ok(())
 }

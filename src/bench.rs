@@ -3,7 +3,7 @@
 //! peak RSS against the number of statistics batches; and the host EMA throughput against a plain memcpy of the same bytes. Ratios come from
 //! runs made one after the other in the same process, on the same data.
 
-use crate::config::{Config, Method, Placement};
+use crate::config::{Config, Method, Placement, Precision};
 use crate::offload::{fused_ema, EmaTask, HostSlice, HostSliceMut};
 use crate::train::{run_method, RunContext};
 use anyhow::Result;
@@ -33,11 +33,22 @@ pub struct StepTimes {
     pub forward_backward_ms: f64,
 }
 
-/// Measures [`StepTimes`] of `arch` (default model settings) at `batch` x `input`, f32.
-pub fn step_times(arch: &str, input: [usize; 3], batch: usize, iters: usize) -> Result<StepTimes> {
+/// Measures [`StepTimes`] of `arch` (default model settings) at `batch` x `input` in
+/// `precision` (bf16: the forward casts the weights and the input, as training does).
+pub fn step_times(
+    arch: &str,
+    input: [usize; 3],
+    batch: usize,
+    iters: usize,
+    precision: Precision,
+) -> Result<StepTimes> {
     use crate::model::{build, Mode, NetState};
     use crate::optim::{OptimSettings, Optimizer};
-    use crate::train::step::{apply, gradients};
+    use crate::train::step::{apply, gradients, GradPlan};
+    let plan = GradPlan {
+        accumulate: 1,
+        precision,
+    };
     let dev = candle_core::Device::Cpu;
     let cfg = crate::config::ModelConfig {
         arch: arch.into(),
@@ -71,17 +82,26 @@ pub fn step_times(arch: &str, input: [usize; 3], batch: usize, iters: usize) -> 
         }
         Ok(t.elapsed().as_secs_f64() * 1e3 / iters as f64)
     };
+    let dtype = match precision {
+        Precision::F32 => candle_core::DType::F32,
+        Precision::Bf16 => candle_core::DType::BF16,
+    };
     let forward_ms = time(&mut || {
         let mut b = state.buffers.clone();
-        net.forward(&state.frozen_view(), &mut b, &x, Mode::Train)?;
+        let view = state
+            .frozen_view()
+            .iter()
+            .map(|t| t.to_dtype(dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        net.forward(&view, &mut b, &x.to_dtype(dtype)?, Mode::Train)?;
         Ok(())
     })?;
     let forward_backward_ms = time(&mut || {
-        gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train)?;
+        gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train, plan)?;
         Ok(())
     })?;
     let step_ms = time(&mut || {
-        let (_, g) = gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train)?;
+        let (_, g) = gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train, plan)?;
         apply(&mut opt, &state, &g, &lrs)
     })?;
     Ok(StepTimes {
@@ -181,18 +201,20 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
     writeln!(out, "\n(ldt steps are a PM and an AM step on the same batch: compare ldt with 2x erm; ldt-s steps are one phase step each)\n")?;
     writeln!(
         out,
-        "| backbone, batch 32, 3x32x32, f32 | params | ms/step | ms forward | ms fwd+bwd |\n|---|---|---|---|---|"
+        "| backbone, batch 32, 3x32x32 | precision | params | ms/step | ms forward | ms fwd+bwd |\n|---|---|---|---|---|---|"
     )?;
     for arch in ["resnet18", "vit"] {
-        let t = step_times(arch, [3, 32, 32], 32, 3)?;
-        writeln!(
-            out,
-            "| {arch} | {:.2}M | {:.1} | {:.1} | {:.1} |",
-            t.params as f64 / 1e6,
-            t.step_ms,
-            t.forward_ms,
-            t.forward_backward_ms
-        )?;
+        for (label, precision) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
+            let t = step_times(arch, [3, 32, 32], 32, 3, precision)?;
+            writeln!(
+                out,
+                "| {arch} | {label} | {:.2}M | {:.1} | {:.1} | {:.1} |",
+                t.params as f64 / 1e6,
+                t.step_ms,
+                t.forward_ms,
+                t.forward_backward_ms
+            )?;
+        }
     }
     writeln!(out)?;
     writeln!(

@@ -214,6 +214,12 @@ pub struct TrainConfig {
     /// Clip the global L2 norm of each optimizer step's gradients to this value
     /// (`torch.nn.utils.clip_grad_norm_`); 0 = off.
     pub clip_grad_norm: f64,
+    /// Micro-batches per optimizer step: each batch of `batch_size` examples is split into
+    /// this many parts whose gradients are averaged (same update, less activation memory).
+    pub accumulate: usize,
+    /// Arithmetic of forward and backward: `f32`, or `bf16` weights and activations with
+    /// f32 master weights, gradients and optimizer state.
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -227,8 +233,22 @@ impl Default for TrainConfig {
             log_every: 50,
             on_nonfinite: OnNonFinite::Stop,
             clip_grad_norm: 0.0,
+            accumulate: 1,
+            precision: Precision::F32,
         }
     }
+}
+
+/// Training arithmetic (`train.precision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    F32,
+    /// bf16 copies of the weights and bf16 activations in forward and backward; the
+    /// master weights, gradients and optimizer state stay f32; normalization, softmax and
+    /// the loss reduce in f32.
+    Bf16,
 }
 
 /// Optimizer kind (`optim.name`).
@@ -634,6 +654,14 @@ impl Config {
             c.train.batch_size >= 1,
             "train.batch_size",
             "must be at least 1",
+        )?;
+        check(
+            (1..=c.train.batch_size).contains(&c.train.accumulate),
+            "train.accumulate",
+            &format!(
+                "must be between 1 and train.batch_size ({}): each step's batch is split into that many micro-batches",
+                c.train.batch_size
+            ),
         )?;
         check(
             c.train.log_every >= 1,

@@ -301,8 +301,16 @@ fn every_parameter_gets_a_gradient(arch: &str, set: &[&str], input: [usize; 3]) 
     .unwrap();
     let y = Tensor::new(&[1i64, 7, 3, 0], &dev()).unwrap();
     let all = vec![true; net.params().len()];
-    let (stats, grads) =
-        ldt::train::step::gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train).unwrap();
+    let (stats, grads) = ldt::train::step::gradients(
+        net.as_ref(),
+        &mut state,
+        &all,
+        &x,
+        &y,
+        Mode::Train,
+        ldt::train::step::GradPlan::F32,
+    )
+    .unwrap();
     assert!(stats.loss.is_finite());
     let mut fewest = (usize::MAX, String::new());
     for (spec, g) in net.params().iter().zip(&grads) {

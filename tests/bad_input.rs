@@ -533,6 +533,28 @@ fn zero_batch_size() {
 }
 
 #[test]
+fn accumulate_outside_the_batch() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    for v in ["0", "9"] {
+        let out = c.train(&cfg, &["--set", &format!("train.accumulate={v}")]);
+        expect_usage(
+            &c,
+            &out,
+            &["train.accumulate", "train.batch_size (8)", "micro-batches"],
+        );
+    }
+}
+
+#[test]
+fn unknown_precision() {
+    let c = Case::new();
+    let cfg = c.bundled_config();
+    let out = c.train(&cfg, &["--set", "train.precision=\"fp16\""]);
+    expect_usage(&c, &out, &["train.precision", "fp16", "bf16"]);
+}
+
+#[test]
 fn unstable_ratio_below_zero() {
     // The upper side (1.5) is `out_of_range_value`.
     let c = Case::new();

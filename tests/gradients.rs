@@ -163,8 +163,16 @@ fn all_parameters_get_gradients(arch: &str) {
     )
     .unwrap();
     let all = vec![true; net.params().len()];
-    let (stats, grads) =
-        ldt::train::step::gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train).unwrap();
+    let (stats, grads) = ldt::train::step::gradients(
+        net.as_ref(),
+        &mut state,
+        &all,
+        &x,
+        &y,
+        Mode::Train,
+        ldt::train::step::GradPlan::F32,
+    )
+    .unwrap();
     assert!(stats.loss.is_finite() && stats.n == 8);
     assert_eq!(grads.len(), net.params().len());
     for (spec, g) in net.params().iter().zip(&grads) {
@@ -231,8 +239,16 @@ fn frozen_layers_get_no_gradient() {
         .unwrap();
     let y = Tensor::new(&[1i64, 2, 3, 4], &dev()).unwrap();
     let mask: Vec<bool> = (0..net.params().len()).map(|i| i % 2 == 1).collect();
-    let (_, grads) =
-        ldt::train::step::gradients(net.as_ref(), &mut state, &mask, &x, &y, Mode::Train).unwrap();
+    let (_, grads) = ldt::train::step::gradients(
+        net.as_ref(),
+        &mut state,
+        &mask,
+        &x,
+        &y,
+        Mode::Train,
+        ldt::train::step::GradPlan::F32,
+    )
+    .unwrap();
     for ((spec, g), m) in net.params().iter().zip(&grads).zip(&mask) {
         assert_eq!(
             g.is_some(),

@@ -11,7 +11,7 @@ use crate::optim::OptimSettings;
 use crate::rng::Rng;
 use crate::train::erm::{fit_layers, Fit};
 use crate::train::run::streams;
-use crate::train::step::gradients;
+use crate::train::step::{gradients, GradPlan};
 use crate::train::RunContext;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -93,7 +93,15 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
     for b in 1..=c.stat_batches {
         let hb = loader.next_batch()?;
         let (x, y) = ctx.tensors(&hb)?;
-        let (st, grads) = gradients(ctx.net.as_ref(), state, &all, &x, &y, Mode::Stats)?;
+        let (st, grads) = gradients(
+            ctx.net.as_ref(),
+            state,
+            &all,
+            &x,
+            &y,
+            Mode::Stats,
+            GradPlan::of(&ctx.cfg),
+        )?;
         let host: Vec<Vec<f32>> = grads
             .iter()
             .map(|g| {

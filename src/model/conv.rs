@@ -117,7 +117,8 @@ impl CustomOp1 for Im2col {
         Ok(match s {
             CpuStorage::F32(v) => (CpuStorage::F32(g.im2col(&v[a..b], n)), shape),
             CpuStorage::F64(v) => (CpuStorage::F64(g.im2col(&v[a..b], n)), shape),
-            _ => candle_core::bail!("im2col supports f32 and f64"),
+            CpuStorage::BF16(v) => (CpuStorage::BF16(g.im2col(&v[a..b], n)), shape),
+            _ => candle_core::bail!("im2col supports f32, f64 and bf16"),
         })
     }
 
@@ -136,11 +137,16 @@ impl CustomOp1 for Im2col {
                 arg.shape(),
                 arg.device(),
             )?,
-            _ => Tensor::from_vec(
-                g.col2im(&grad.to_vec1::<f32>()?, n),
+            // bf16 patches overlap-add in f32 and are rounded once.
+            dt => Tensor::from_vec(
+                g.col2im(
+                    &grad.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+                    n,
+                ),
                 arg.shape(),
                 arg.device(),
-            )?,
+            )?
+            .to_dtype(dt)?,
         };
         Ok(Some(out))
     }

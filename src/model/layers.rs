@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
 };
+use half::bf16;
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -54,7 +55,8 @@ impl CustomOp1 for Relu {
         let out = match s {
             CpuStorage::F32(_) => CpuStorage::F32(go(s, l)?),
             CpuStorage::F64(_) => CpuStorage::F64(go(s, l)?),
-            _ => candle_core::bail!("relu supports f32 and f64 tensors"),
+            CpuStorage::BF16(_) => CpuStorage::BF16(go(s, l)?),
+            _ => candle_core::bail!("relu supports f32, f64 and bf16 tensors"),
         };
         Ok((out, l.shape().clone()))
     }
@@ -178,7 +180,8 @@ impl CustomOp1 for MaxPool2d {
         match storage {
             CpuStorage::F32(_) => self.fwd::<f32>(storage, layout),
             CpuStorage::F64(_) => self.fwd::<f64>(storage, layout),
-            _ => candle_core::bail!("max_pool2d supports f32 and f64 tensors"),
+            CpuStorage::BF16(_) => self.fwd::<bf16>(storage, layout),
+            _ => candle_core::bail!("max_pool2d supports f32, f64 and bf16 tensors"),
         }
     }
 
@@ -190,6 +193,10 @@ impl CustomOp1 for MaxPool2d {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(match arg.dtype() {
             DType::F64 => self.grad::<f64>(arg, grad_res)?,
+            // Overlapping windows add up in f32, rounded once.
+            DType::BF16 => self
+                .grad::<f32>(&arg.to_dtype(DType::F32)?, grad_res)?
+                .to_dtype(DType::BF16)?,
             _ => self.grad::<f32>(arg, grad_res)?,
         }))
     }
@@ -219,6 +226,11 @@ pub fn batch_norm2d(
     buf: BnBuffers<'_>,
     mode: super::Mode,
 ) -> Result<Tensor> {
+    // bf16 activations are normalized in f32 (as cuDNN does) and rounded once on the way
+    // out; the running statistics stay f32.
+    let dt = x.dtype();
+    let ct = if dt == DType::BF16 { DType::F32 } else { dt };
+    let (x, w, b) = (&x.to_dtype(ct)?, &w.to_dtype(ct)?, &b.to_dtype(ct)?);
     let (n, c, h, wd) = x.dims4()?;
     let y = if mode == super::Mode::Eval {
         let mean = buf.mean.reshape((1, c, 1, 1))?;
@@ -245,7 +257,8 @@ pub fn batch_norm2d(
             .transpose(0, 1)?
     };
     Ok(y.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+        .broadcast_add(&b.reshape((1, c, 1, 1))?)?
+        .to_dtype(dt)?)
 }
 
 /// Log-softmax over the last dimension; the max is detached (it only shifts the
@@ -283,7 +296,7 @@ pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, 
 // LayerNorm, GELU and softmax as custom ops: candle's fused versions record no backward,
 // and compositions of elementwise ops cost several passes over the activations. Each
 // forward reduces in f64 and rounds once; each backward is the exact analytic gradient,
-// also reduced in f64. All accept f32 and f64 tensors.
+// also reduced in f64. All accept f32, f64 and bf16 tensors.
 
 /// Elements of `x`'s contiguous storage, for custom-op kernels.
 pub(crate) fn contiguous_slice<'a, T: WithDType>(
@@ -435,7 +448,8 @@ impl CustomOp3 for LayerNorm {
         let out = match s1 {
             CpuStorage::F32(_) => self.fwd::<f32>(args.0, args.1, args.2)?,
             CpuStorage::F64(_) => self.fwd::<f64>(args.0, args.1, args.2)?,
-            _ => candle_core::bail!("layer_norm supports f32 and f64 tensors"),
+            CpuStorage::BF16(_) => self.fwd::<bf16>(args.0, args.1, args.2)?,
+            _ => candle_core::bail!("layer_norm supports f32, f64 and bf16 tensors"),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -450,6 +464,7 @@ impl CustomOp3 for LayerNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw, gb) = match x.dtype() {
             DType::F64 => self.grad::<f64>(x, w, grad)?,
+            DType::BF16 => self.grad::<bf16>(x, w, grad)?,
             _ => self.grad::<f32>(x, w, grad)?,
         };
         Ok((Some(gx), Some(gw), Some(gb)))
@@ -544,7 +559,8 @@ impl CustomOp2 for AddBias {
         let out = match s1 {
             CpuStorage::F32(_) => Self::fwd::<f32>((s1, l1), (s2, l2))?,
             CpuStorage::F64(_) => Self::fwd::<f64>((s1, l1), (s2, l2))?,
-            _ => candle_core::bail!("add_bias supports f32 and f64 tensors"),
+            CpuStorage::BF16(_) => Self::fwd::<bf16>((s1, l1), (s2, l2))?,
+            _ => candle_core::bail!("add_bias supports f32, f64 and bf16 tensors"),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -558,6 +574,7 @@ impl CustomOp2 for AddBias {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let gb = match b.dtype() {
             DType::F64 => Self::bias_grad::<f64>(b, grad)?,
+            DType::BF16 => Self::bias_grad::<bf16>(b, grad)?,
             _ => Self::bias_grad::<f32>(b, grad)?,
         };
         Ok((Some(grad.clone()), Some(gb)))
@@ -623,7 +640,8 @@ impl CustomOp1 for GeluErf {
         let out = match s {
             CpuStorage::F32(_) => Self::fwd::<f32>(s, l)?,
             CpuStorage::F64(_) => Self::fwd::<f64>(s, l)?,
-            _ => candle_core::bail!("gelu_erf supports f32 and f64 tensors"),
+            CpuStorage::BF16(_) => Self::fwd::<bf16>(s, l)?,
+            _ => candle_core::bail!("gelu_erf supports f32, f64 and bf16 tensors"),
         };
         Ok((out, l.shape().clone()))
     }
@@ -636,6 +654,7 @@ impl CustomOp1 for GeluErf {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(match arg.dtype() {
             DType::F64 => Self::grad::<f64>(arg, grad)?,
+            DType::BF16 => Self::grad::<bf16>(arg, grad)?,
             _ => Self::grad::<f32>(arg, grad)?,
         }))
     }
@@ -696,7 +715,8 @@ impl CustomOp1 for SoftmaxLastDim {
         let out = match s {
             CpuStorage::F32(_) => Self::fwd::<f32>(s, l)?,
             CpuStorage::F64(_) => Self::fwd::<f64>(s, l)?,
-            _ => candle_core::bail!("softmax_last_dim supports f32 and f64 tensors"),
+            CpuStorage::BF16(_) => Self::fwd::<bf16>(s, l)?,
+            _ => candle_core::bail!("softmax_last_dim supports f32, f64 and bf16 tensors"),
         };
         Ok((out, l.shape().clone()))
     }
@@ -709,6 +729,7 @@ impl CustomOp1 for SoftmaxLastDim {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(match res.dtype() {
             DType::F64 => Self::grad::<f64>(res, grad)?,
+            DType::BF16 => Self::grad::<bf16>(res, grad)?,
             _ => Self::grad::<f32>(res, grad)?,
         }))
     }

@@ -3,7 +3,7 @@
 //! batch; every `ldt.ema_every` steps the DPU folds `~A^S <- P^S` and `~P^U <- A^U`.
 
 use super::erm::Meter;
-use super::step::{apply, gradients};
+use super::step::{apply, gradients, GradPlan};
 use super::RunContext;
 use crate::checkpoint::Writer;
 use crate::ldt::partition::Partition;
@@ -150,6 +150,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 &x,
                 &y,
                 Mode::Train,
+                GradPlan::of(&ctx.cfg),
             )?;
             if ctx.guard(step, ["pm", "am"][k], &stats, &mut grads)? {
                 apply(&mut br.opt, &br.state, &grads, &lrs)?;

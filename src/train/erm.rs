@@ -1,7 +1,7 @@
 //! `erm` (all layers) and `lp-ft` (head only for `lp_steps`, then all layers), plus the
 //! generic layer-subset fitting loop that warm-ups reuse.
 
-use super::step::{apply, gradients, StepStats};
+use super::step::{apply, gradients, GradPlan, StepStats};
 use super::RunContext;
 use crate::checkpoint::Writer;
 use crate::config::Method;
@@ -89,7 +89,15 @@ pub fn fit_layers(
     for step in 1..=steps {
         let hb = loader.next_batch()?;
         let (x, y) = ctx.tensors(&hb)?;
-        let (stats, mut grads) = gradients(ctx.net.as_ref(), state, mask, &x, &y, Mode::Train)?;
+        let (stats, mut grads) = gradients(
+            ctx.net.as_ref(),
+            state,
+            mask,
+            &x,
+            &y,
+            Mode::Train,
+            GradPlan::of(&ctx.cfg),
+        )?;
         if ctx.guard(step, stage, &stats, &mut grads)? {
             apply(&mut opt, state, &grads, &lrs)?;
         }
@@ -156,8 +164,15 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         let mask = if lp { &head } else { &all };
         let hb = loader.next_batch()?;
         let (x, y) = ctx.tensors(&hb)?;
-        let (stats, mut grads) =
-            gradients(ctx.net.as_ref(), &mut state, mask, &x, &y, Mode::Train)?;
+        let (stats, mut grads) = gradients(
+            ctx.net.as_ref(),
+            &mut state,
+            mask,
+            &x,
+            &y,
+            Mode::Train,
+            GradPlan::of(&ctx.cfg),
+        )?;
         let lrs: Vec<f64> = base
             .iter()
             .map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps))

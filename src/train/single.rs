@@ -10,7 +10,7 @@
 
 use super::erm::Meter;
 use super::memory::{Layout, MemoryReport};
-use super::step::{apply, gradients};
+use super::step::{apply, gradients, GradPlan};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::{Method, Placement};
@@ -206,8 +206,15 @@ impl SingleLive {
         lrs: &[f64],
     ) -> Result<super::step::StepStats> {
         let mask = self.mask();
-        let (stats, mut grads) =
-            gradients(ctx.net.as_ref(), &mut self.live, &mask, x, y, Mode::Train)?;
+        let (stats, mut grads) = gradients(
+            ctx.net.as_ref(),
+            &mut self.live,
+            &mask,
+            x,
+            y,
+            Mode::Train,
+            GradPlan::of(&ctx.cfg),
+        )?;
         // A fold still reading the live trained set must finish before the update.
         self.sync()?;
         let branch = if self.phase == Phase::P { "pm" } else { "am" };

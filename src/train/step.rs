@@ -1,10 +1,11 @@
 //! One optimizer step of a live network: forward, loss, backward over the trainable
 //! layers only (frozen layers are detached: no gradient is computed for them), update.
 
+use crate::config::{Config, Precision};
 use crate::model::{layers, Mode, NetState, Network};
 use crate::optim::Optimizer;
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// Loss and accuracy of one step's batch (before the update).
 #[derive(Clone, Copy, Debug, Default)]
@@ -17,8 +18,40 @@ pub struct StepStats {
     pub n: usize,
 }
 
+/// How a step's gradients are computed (`train.accumulate`, `train.precision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradPlan {
+    /// Micro-batches the batch is split into (at most one per example).
+    pub accumulate: usize,
+    /// Arithmetic of forward and backward.
+    pub precision: Precision,
+}
+
+impl GradPlan {
+    /// Whole batches in f32: the plan of statistics-free tools and tests.
+    pub const F32: GradPlan = GradPlan {
+        accumulate: 1,
+        precision: Precision::F32,
+    };
+
+    /// The plan of a run's configuration.
+    pub fn of(cfg: &Config) -> GradPlan {
+        GradPlan {
+            accumulate: cfg.train.accumulate,
+            precision: cfg.train.precision,
+        }
+    }
+}
+
 /// Forward and backward of `state` on `(x, y)` with gradients for `trainable` layers.
 /// Returns the stats and each trainable layer's gradient (`None` for frozen layers).
+///
+/// With `plan.accumulate = N` the batch is split into N contiguous micro-batches (sizes
+/// differ by at most one); each runs its own forward and backward (BatchNorm running
+/// statistics are updated once per micro-batch, as PyTorch does when accumulating), and
+/// the gradients are averaged weighted by micro-batch size, so the result is the gradient
+/// of the whole batch's mean loss. A non-finite micro-batch loss ends the step with that
+/// loss and no gradients.
 pub fn gradients(
     net: &dyn Network,
     state: &mut NetState,
@@ -26,17 +59,81 @@ pub fn gradients(
     x: &Tensor,
     y: &Tensor,
     mode: Mode,
+    plan: GradPlan,
+) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+    let n = y.dim(0)?;
+    let parts = plan.accumulate.clamp(1, n.max(1));
+    if parts == 1 {
+        return micro_gradients(net, state, trainable, x, y, mode, plan.precision);
+    }
+    let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for k in 0..parts {
+        let (a, b) = (k * n / parts, (k + 1) * n / parts);
+        let (xk, yk) = (x.narrow(0, a, b - a)?, y.narrow(0, a, b - a)?);
+        let (s, grads) = micro_gradients(net, state, trainable, &xk, &yk, mode, plan.precision)?;
+        correct += s.correct;
+        if !s.loss.is_finite() {
+            let stats = StepStats {
+                loss: s.loss,
+                correct,
+                n,
+            };
+            return Ok((stats, vec![None; trainable.len()]));
+        }
+        loss += f64::from(s.loss) * (b - a) as f64;
+        let w = (b - a) as f64 / n as f64;
+        for (acc, g) in sum.iter_mut().zip(grads) {
+            if let Some(g) = g {
+                let g = (g * w)?;
+                *acc = Some(match acc.take() {
+                    Some(t) => (t + g)?,
+                    None => g,
+                });
+            }
+        }
+    }
+    let stats = StepStats {
+        loss: (loss / n as f64) as f32,
+        correct,
+        n,
+    };
+    Ok((stats, sum))
+}
+
+/// One forward and backward on a micro-batch. In bf16 the trainable and frozen weights
+/// and the input are cast to bf16 (the casts are recorded, so each gradient arrives in
+/// the f32 of its master weight) and the logits are cast back to f32 for the loss.
+fn micro_gradients(
+    net: &dyn Network,
+    state: &mut NetState,
+    trainable: &[bool],
+    x: &Tensor,
+    y: &Tensor,
+    mode: Mode,
+    precision: Precision,
 ) -> Result<(StepStats, Vec<Option<Tensor>>)> {
     let view = state.view(trainable);
-    let logits = net.forward(&view, &mut state.buffers, x, mode)?;
+    let logits = match precision {
+        Precision::F32 => net.forward(&view, &mut state.buffers, x, mode)?,
+        Precision::Bf16 => {
+            let view = view
+                .iter()
+                .map(|t| t.to_dtype(DType::BF16))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let x = x.to_dtype(DType::BF16)?;
+            net.forward(&view, &mut state.buffers, &x, mode)?
+                .to_dtype(DType::F32)?
+        }
+    };
     let loss = layers::cross_entropy(&logits, y)?;
     let loss_v = loss.to_scalar::<f32>()?;
     let correct = logits
         .detach()
         .argmax(candle_core::D::Minus1)?
-        .to_dtype(candle_core::DType::I64)?
+        .to_dtype(DType::I64)?
         .eq(y)?
-        .to_dtype(candle_core::DType::F32)?
+        .to_dtype(DType::F32)?
         .sum_all()?
         .to_scalar::<f32>()? as usize;
     let stats = StepStats {

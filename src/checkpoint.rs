@@ -205,6 +205,11 @@ fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
+/// The directory of checkpoint `step` of the run in `run`.
+pub fn step_dir(run: &Path, step: usize) -> PathBuf {
+    checkpoints_dir(run).join(format!("step-{step}"))
+}
+
 fn fsync_dir(p: &Path) -> Result<()> {
     std::fs::File::open(p)
         .and_then(|f| f.sync_all())
@@ -250,7 +255,7 @@ pub fn save(
     )?;
     std::fs::File::open(&meta_path)?.sync_all()?;
     fsync_dir(&tmp)?;
-    let dst = root.join(format!("step-{step}"));
+    let dst = step_dir(run, step);
     if dst.exists() {
         std::fs::remove_dir_all(&dst)?;
     }
@@ -299,7 +304,7 @@ pub fn latest(run: &Path) -> Result<Option<Checkpoint>> {
     let Some(step) = complete_steps(&root)?.into_iter().max() else {
         return Ok(None);
     };
-    let dir = root.join(format!("step-{step}"));
+    let dir = step_dir(run, step);
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json"))?)
         .with_context(|| format!("checkpoint {}: meta.json is not valid JSON", dir.display()))?;
     let Value::Object(meta) = meta else {

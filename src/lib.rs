@@ -13,6 +13,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod ldt;
 pub mod metrics;
 pub mod model;

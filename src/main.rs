@@ -276,6 +276,18 @@ fn verify_model(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The process group of a data-parallel launch; dropped (MPI_Finalize) after the
+    // command, before the exit code is returned.
+    let _group = match ldt::dist::init() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if !ldt::dist::is_main() {
+        ldt::dist::silence_stdout();
+    }
     let res = match cli.cmd {
         Cmd::Train {
             config,

@@ -120,6 +120,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             (partition, pm, am, 0)
         }
     };
+    ctx.agree_partition(&partition)?;
     ctx.report_lag(&partition, None)?;
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let base = schedule::layer_lrs(&cfg.optim, &names);
@@ -187,7 +188,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             let line = evaluate(ctx, step, &partition, &pm.state, &am.state, false)?;
             progress.println(&format!("eval @{step}: composite {line}"));
         }
-        if ctx.checkpoint_due(step) {
+        if ctx.checkpoint_due(step)? {
             let mut w = Writer::default();
             w.net("pm", ctx.net.as_ref(), &pm.state);
             w.net("am", ctx.net.as_ref(), &am.state);

@@ -204,7 +204,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 &[("model", state.frozen_view(), state.buffers.clone())],
             )?;
         }
-        if ctx.checkpoint_due(step) {
+        if ctx.checkpoint_due(step)? {
             let mut w = Writer::default();
             w.net("model", ctx.net.as_ref(), &state);
             w.optimizer("opt", &opt);

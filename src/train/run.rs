@@ -41,8 +41,13 @@ pub mod streams {
 pub struct RunContext {
     /// Resolved configuration.
     pub cfg: Config,
-    /// Run directory.
+    /// Where this process writes its outputs: the run directory on rank 0, a scratch
+    /// directory on the other ranks of a data-parallel run.
     pub dir: PathBuf,
+    /// The run directory (checkpoints are read from and written to it).
+    pub run_dir: PathBuf,
+    /// The scratch directory of a non-zero rank, removed when the run ends.
+    _scratch: Option<tempfile::TempDir>,
     /// Compute device.
     pub device: Device,
     /// The opened benchmark.
@@ -78,10 +83,25 @@ pub struct Summary {
 }
 
 impl RunContext {
-    /// Creates the run directory, writes the resolved config, opens data and model.
+    /// Creates the run directory, writes the resolved config, opens data and model. On
+    /// ranks other than 0 of a data-parallel run, outputs go to a private scratch
+    /// directory that is removed at the end (rank 0 alone writes the run directory);
+    /// every rank resumes from the run directory's checkpoints.
     pub fn open(cfg: Config, dir: &Path) -> Result<RunContext> {
         // Configs built in code (compare, tests, library users) get the same checks as files.
         cfg.validate()?;
+        let run_dir = dir;
+        let scratch = if crate::dist::is_main() {
+            None
+        } else {
+            Some(
+                tempfile::Builder::new()
+                    .prefix(&format!("ldt-rank{}-", crate::dist::group().rank()))
+                    .tempdir()
+                    .context("creating the scratch directory of a non-zero rank (set TMPDIR)")?,
+            )
+        };
+        let dir = scratch.as_ref().map_or(run_dir, |t| t.path());
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
                 "cannot create the run directory {} (choose another with --out)",
@@ -105,7 +125,7 @@ impl RunContext {
             bench.manifest.num_classes,
         )?;
         let resume = match cfg.checkpoint.resume {
-            Resume::Auto => checkpoint::latest(dir)?,
+            Resume::Auto => checkpoint::latest(run_dir)?,
             Resume::Never => None,
         };
         let mut metrics = MetricsLog::create(&dir.join("metrics.jsonl"), resume.is_some())?;
@@ -123,6 +143,8 @@ impl RunContext {
             signals: None,
             cfg,
             dir: dir.to_path_buf(),
+            run_dir: run_dir.to_path_buf(),
+            _scratch: scratch,
             device,
             bench,
             net,
@@ -194,6 +216,50 @@ impl RunContext {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Checks that every rank of a data-parallel run holds rank 0's partition: sets,
+    /// scores and DPU coefficients, bit for bit (the statistics come from gradients that
+    /// were averaged across ranks, so anything else is a bug or a non-deterministic
+    /// library). Records the number of agreeing ranks in `summary.json`.
+    pub fn agree_partition(&mut self, partition: &crate::ldt::partition::Partition) -> Result<()> {
+        let group = crate::dist::group();
+        if group.world() == 1 {
+            return Ok(());
+        }
+        let mine: Vec<f64> = partition
+            .layers
+            .iter()
+            .flat_map(|l| {
+                let stable = f64::from(u8::from(l.set == crate::ldt::partition::Set::Stable));
+                [stable, l.score, l.coefficient]
+            })
+            .collect();
+        let mut root = mine.clone();
+        crate::dist::timed(|| group.broadcast_f64(&mut root, 0))?;
+        let differs = mine
+            .iter()
+            .zip(&root)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        let bad = crate::dist::any(differs.is_some())?;
+        if let Some(i) = differs {
+            let l = &partition.layers[i / 3];
+            bail!(
+                "rank {}: the partition differs from rank 0's at layer `{}` ({} {} vs {}); the ranks must compute identical statistics",
+                group.rank(),
+                l.name,
+                ["set", "score", "DPU coefficient"][i % 3],
+                mine[i],
+                root[i]
+            );
+        }
+        if bad {
+            bail!("another rank's partition differs from rank 0's (see its error)");
+        }
+        self.summary
+            .extra
+            .insert("partition_agreed_ranks".into(), json!(group.world()));
         Ok(())
     }
 
@@ -273,10 +339,15 @@ impl RunContext {
 
     /// Whether a checkpoint is due after `step`: every `checkpoint.every` steps, at the
     /// last step (when checkpointing), or when a signal asked to stop.
-    pub fn checkpoint_due(&self, step: usize) -> bool {
+    /// A stop request on any rank stops every rank at the same step.
+    pub fn checkpoint_due(&self, step: usize) -> Result<bool> {
         let every = self.cfg.checkpoint.every;
-        let stop = self.signals.as_ref().is_some_and(Signals::requested);
-        stop || (every > 0 && (step.is_multiple_of(every) || step == self.cfg.train.steps))
+        let stop = crate::dist::any(self.stop_requested())?;
+        Ok(stop || (every > 0 && (step.is_multiple_of(every) || step == self.cfg.train.steps)))
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.signals.as_ref().is_some_and(Signals::requested)
     }
 
     /// Writes checkpoint `step` with the method's tensors; after a signal, returns the
@@ -287,10 +358,24 @@ impl RunContext {
             self.net.as_ref(),
             &self.cfg.to_toml(),
         );
-        let dir = checkpoint::save(&self.dir, step, common, w, self.cfg.checkpoint.keep_last)?;
+        // Rank 0 writes; the others wait for it, so that no rank exits (and makes the
+        // launcher stop the job) while the checkpoint is being written.
+        let group = crate::dist::group();
+        let dir = if group.rank() == 0 {
+            checkpoint::save(
+                &self.run_dir,
+                step,
+                common,
+                w,
+                self.cfg.checkpoint.keep_last,
+            )?
+        } else {
+            checkpoint::step_dir(&self.run_dir, step)
+        };
+        group.barrier()?;
         self.metrics
             .write(json!({"kind": "checkpoint", "step": step, "dir": dir.display().to_string()}))?;
-        if self.signals.as_ref().is_some_and(Signals::requested) {
+        if crate::dist::any(self.stop_requested())? {
             return Err(Interrupted { step, dir }.into());
         }
         Ok(())
@@ -399,6 +484,15 @@ impl RunContext {
             "ms_per_step".into(),
             json!(1e3 * secs / steps_run.max(1) as f64),
         );
+        let group = crate::dist::group();
+        if group.world() > 1 {
+            let c = crate::dist::collective_secs();
+            x.insert(
+                "data_parallel".into(),
+                json!({"engine": group.name(), "world": group.world(),
+                    "collective_seconds": c, "collective_ms_per_step": 1e3 * c / steps_run.max(1) as f64}),
+            );
+        }
         Ok(())
     }
 

@@ -567,6 +567,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     } else {
         Some((cfg.ldt_s.p_steps, cfg.ldt_s.a_steps))
     };
+    ctx.agree_partition(&partition)?;
     ctx.report_lag(&partition, phases)?;
     let mut m = SingleLive::new(start, partition, settings, layout, buf, &offload, dual)
         .context("setting up the counterpart buffer")?;
@@ -842,7 +843,7 @@ fn after_step(
         ];
         ctx.select(step, &candidates)?;
     }
-    if pos.clean && ctx.checkpoint_due(step) {
+    if pos.clean && ctx.checkpoint_due(step)? {
         let mut w = Writer::default();
         m.save(&mut w, ctx.net.as_ref())?;
         w.meta("n_p", json!(pos.n_p));

@@ -2,6 +2,7 @@
 //! layers only (frozen layers are detached: no gradient is computed for them), update.
 
 use crate::config::{Config, Precision};
+use crate::dist;
 use crate::model::{layers, Mode, NetState, Network};
 use crate::optim::Optimizer;
 use anyhow::Result;
@@ -52,7 +53,123 @@ impl GradPlan {
 /// the gradients are averaged weighted by micro-batch size, so the result is the gradient
 /// of the whole batch's mean loss. A non-finite micro-batch loss ends the step with that
 /// loss and no gradients.
+///
+/// With several ranks ([`crate::dist`]) each rank takes its shard of the batch, and the
+/// shard gradients, weighted by shard size, are summed across ranks: every rank gets the
+/// gradient of the whole batch's mean loss (two ranks give exactly the numbers of
+/// `accumulate = 2` on one). The loss and the correct count are summed the same way, a
+/// non-finite loss on any rank is seen by all, and in `Train` mode rank 0's BatchNorm
+/// running statistics are copied to every rank (PyTorch DDP's buffer broadcast).
 pub fn gradients(
+    net: &dyn Network,
+    state: &mut NetState,
+    trainable: &[bool],
+    x: &Tensor,
+    y: &Tensor,
+    mode: Mode,
+    plan: GradPlan,
+) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+    let group = dist::group();
+    if group.world() == 1 {
+        return local_gradients(net, state, trainable, x, y, mode, plan);
+    }
+    let n = y.dim(0)?;
+    let (lo, hi) = dist::shard(n, group.rank(), group.world());
+    let local = if hi > lo {
+        let (xs, ys) = (x.narrow(0, lo, hi - lo)?, y.narrow(0, lo, hi - lo)?);
+        local_gradients(net, state, trainable, &xs, &ys, mode, plan)?
+    } else {
+        let none = StepStats {
+            loss: 0.0,
+            correct: 0,
+            n: 0,
+        };
+        (none, vec![None; trainable.len()])
+    };
+    let out = dist::timed(|| all_reduce(state, trainable, local, n))?;
+    if mode == Mode::Train && !state.buffers.is_empty() {
+        dist::timed(|| broadcast_buffers(&mut state.buffers))?;
+    }
+    Ok(out)
+}
+
+/// Sums shard gradients (each scaled by its share of the batch), losses and correct
+/// counts across ranks. A rank without gradients (empty shard, non-finite loss)
+/// contributes zeros so that every rank makes the same calls.
+fn all_reduce(
+    state: &NetState,
+    trainable: &[bool],
+    (stats, grads): (StepStats, Vec<Option<Tensor>>),
+    n: usize,
+) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+    let group = dist::group();
+    let finite = stats.loss.is_finite();
+    let share = stats.n as f64 / n as f64;
+    let mut flat: Vec<f32> = Vec::new();
+    let mut spans = Vec::new();
+    for (i, (g, &t)) in grads.iter().zip(trainable).enumerate() {
+        if !t {
+            continue;
+        }
+        let p = state.params[i].as_tensor();
+        let start = flat.len();
+        match g {
+            Some(g) if finite => flat.extend((g * share)?.flatten_all()?.to_vec1::<f32>()?),
+            _ => flat.resize(start + p.elem_count(), 0.0),
+        }
+        spans.push((i, start));
+    }
+    let local_loss = if finite && stats.n > 0 {
+        f64::from(stats.loss) * stats.n as f64
+    } else {
+        0.0
+    };
+    let mut sums = [
+        local_loss,
+        stats.correct as f64,
+        f64::from(u8::from(!finite)),
+    ];
+    group.all_reduce_sum_f64(&mut sums)?;
+    group.all_reduce_sum_f32(&mut flat)?;
+    let total = StepStats {
+        loss: if sums[2] > 0.0 {
+            f32::NAN
+        } else {
+            (sums[0] / n as f64) as f32
+        },
+        correct: sums[1] as usize,
+        n,
+    };
+    let mut out = vec![None; trainable.len()];
+    if sums[2] == 0.0 {
+        for (i, start) in spans {
+            let p = state.params[i].as_tensor();
+            let v = &flat[start..start + p.elem_count()];
+            out[i] = Some(Tensor::from_slice(v, p.shape(), p.device())?);
+        }
+    }
+    Ok((total, out))
+}
+
+/// Copies rank 0's buffers (BatchNorm running statistics and counts) to every rank.
+fn broadcast_buffers(buffers: &mut [Tensor]) -> Result<()> {
+    let mut flat: Vec<f64> = Vec::new();
+    for b in buffers.iter() {
+        flat.extend(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+    }
+    dist::group().broadcast_f64(&mut flat, 0)?;
+    let mut at = 0;
+    for b in buffers.iter_mut() {
+        let k = b.elem_count();
+        let t = Tensor::from_slice(&flat[at..at + k], b.shape(), b.device())?;
+        *b = t.to_dtype(b.dtype())?;
+        at += k;
+    }
+    Ok(())
+}
+
+/// [`gradients`] of this process's rows, in micro-batches.
+fn local_gradients(
     net: &dyn Network,
     state: &mut NetState,
     trainable: &[bool],

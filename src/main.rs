@@ -4,7 +4,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ldt::config::{Config, Method};
+use ldt::config::Config;
+use ldt::train::compare::Variant;
 use ldt::train::{run_method, RunContext};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,16 +58,22 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Run several methods over several seeds and print one comparison table.
+    /// Run several methods over several seeds and print the comparison tables.
     Compare {
         /// TOML config shared by every run.
         config: PathBuf,
-        /// Comma-separated methods: erm, lp-ft, deft, ldt, ldt-s.
-        #[arg(long, value_delimiter = ',', default_value = "erm,lp-ft,deft,ldt", value_parser = parse_method)]
-        methods: Vec<Method>,
+        /// Comma-separated methods: erm, lp-ft, deft, ldt, ldt-s; deft, ldt and ldt-s may
+        /// carry a DPU warm-up, e.g. ldt+ratio (= ldt with ldt.dpu_warmup = "ratio"), ldt+timm.
+        #[arg(long, value_delimiter = ',', default_value = "erm,lp-ft,deft,ldt", value_parser = parse_variant)]
+        methods: Vec<Variant>,
         /// Comma-separated seeds.
         #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
         seeds: Vec<u64>,
+        /// Comma-separated evaluation steps for the by-step table (target accuracy and
+        /// paired difference to erm), e.g. 500,1000,3000: multiples of eval.every or the
+        /// last step (default: the last step).
+        #[arg(long, value_delimiter = ',')]
+        at: Vec<usize>,
         /// Override a config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -212,14 +219,15 @@ fn stats(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
 }
 
 /// `--methods` values (clap reports a bad one as a usage error, exit 2).
-fn parse_method(s: &str) -> std::result::Result<Method, String> {
-    Method::parse(s.trim()).map_err(|e| e.to_string())
+fn parse_variant(s: &str) -> std::result::Result<Variant, String> {
+    Variant::parse(s.trim()).map_err(|e| format!("{e:#}"))
 }
 
 fn compare(
     config: &Path,
-    methods: &[Method],
+    methods: &[Variant],
     seeds: &[u64],
+    at: &[usize],
     set: &[String],
     out: Option<PathBuf>,
 ) -> Result<()> {
@@ -228,7 +236,7 @@ fn compare(
     let dir =
         out.unwrap_or_else(|| PathBuf::from(format!("{}-compare", default_out(config).display())));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let md = ldt::train::compare::compare(&cfg, methods, seeds, &dir)?;
+    let md = ldt::train::compare::compare(&cfg, methods, seeds, at, &dir)?;
     println!("{md}");
     println!(
         "table in {} and {}",
@@ -319,11 +327,14 @@ fn main() -> ExitCode {
             config,
             methods,
             seeds,
+            at,
             set,
             out,
-        } => match load(&config, &set) {
+        } => match load(&config, &set)
+            .and_then(|c| ldt::train::compare::check_steps(&c, &at).map_err(UsageError))
+        {
             Err(e) => Err(e),
-            Ok(_) => Ok(compare(&config, &methods, &seeds, &set, out)),
+            Ok(()) => Ok(compare(&config, &methods, &seeds, &at, &set, out)),
         },
         Cmd::Plot { dir } => Ok(ldt::train::report::draw(&dir)),
         Cmd::Bench {

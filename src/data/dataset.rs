@@ -1,7 +1,9 @@
 //! Memory-mapped splits. Images (`f32` or `u8` scaled by 1/255) stay in the mapped file
-//! and are copied only into the batches that need them; labels are read once.
+//! (or, for a gzip IDX file, in its decompressed bytes) and are copied only into the
+//! batches that need them; labels are read once.
 
-use super::manifest::{Manifest, Role};
+use super::idx::{FileBytes, Idx, IMAGES_MAGIC, LABELS_MAGIC};
+use super::manifest::{Manifest, Role, SplitEntry, SplitFormat};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -18,7 +20,7 @@ enum Pixels {
 /// One split: mapped images and checked labels.
 pub struct Split {
     path: PathBuf,
-    mmap: Mmap,
+    bytes: FileBytes,
     offset: usize,
     pixels: Pixels,
     image_len: usize,
@@ -101,12 +103,85 @@ impl Split {
         }
         Ok(Split {
             path: path.to_path_buf(),
-            mmap,
+            bytes: FileBytes::Mapped(mmap),
             offset,
             pixels,
             image_len,
             labels,
         })
+    }
+
+    /// Opens and checks a split stored as two IDX files (plain or gzip): `images`
+    /// (magic 0x00000803, u8 `[N, rows, cols]`) and `labels` (0x00000801, u8 `[N]`); both
+    /// hold the same N, which is the manifest's `n`, the images are `[1, rows, cols]` =
+    /// the manifest's `image_shape`, labels in range.
+    pub fn open_idx(
+        images: &Path,
+        labels: &Path,
+        expect_n: usize,
+        shape: [usize; 3],
+        classes: usize,
+    ) -> Result<Split> {
+        let (pi, pl) = (images.display(), labels.display());
+        let im = Idx::open(images, IMAGES_MAGIC)?;
+        let lb = Idx::open(labels, LABELS_MAGIC)?;
+        let (n, ln) = (im.dims[0], lb.dims[0]);
+        if n != ln {
+            bail!(
+                "IDX files {pi} ({n} images) and {pl} ({ln} labels) do not hold the same number \
+                 of examples"
+            );
+        }
+        if n != expect_n {
+            bail!(
+                "IDX file {pi} holds {n} examples but the manifest says `n` = {expect_n} for \
+                 this split; fix `n` in the manifest"
+            );
+        }
+        let got = [1, im.dims[1], im.dims[2]];
+        if got != shape {
+            bail!(
+                "IDX file {pi} holds {}x{} single-channel images ({got:?}); the manifest's \
+                 `image_shape` is {shape:?}",
+                im.dims[1],
+                im.dims[2]
+            );
+        }
+        let labels: Vec<i64> = lb.data().iter().map(|&l| l as i64).collect();
+        if let Some((i, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= classes)
+        {
+            bail!("IDX file {pl}: label {l} at index {i} is outside 0..{classes} (manifest `num_classes`)");
+        }
+        let (bytes, offset) = im.into_parts();
+        Ok(Split {
+            path: images.to_path_buf(),
+            bytes,
+            offset,
+            pixels: Pixels::U8,
+            image_len: got.iter().product(),
+            labels,
+        })
+    }
+
+    /// Opens the split a manifest entry names (paths relative to the manifest's `dir`).
+    pub fn open_entry(
+        e: &SplitEntry,
+        dir: &Path,
+        shape: [usize; 3],
+        classes: usize,
+    ) -> Result<Split> {
+        match (e.format, &e.labels) {
+            (SplitFormat::Idx, Some(l)) => {
+                Split::open_idx(&dir.join(&e.file), &dir.join(l), e.n, shape, classes)
+            }
+            (SplitFormat::Idx, None) => {
+                bail!("split file {}: format `idx` needs a `labels` file", e.file)
+            }
+            (SplitFormat::Safetensors, _) => Split::open(&dir.join(&e.file), e.n, shape, classes),
+        }
     }
 
     /// Number of examples.
@@ -134,7 +209,7 @@ impl Split {
         match self.pixels {
             Pixels::F32 => {
                 let a = self.offset + i * self.image_len * 4;
-                let bytes = &self.mmap[a..a + self.image_len * 4];
+                let bytes = &self.bytes[a..a + self.image_len * 4];
                 out.extend(
                     bytes
                         .chunks_exact(4)
@@ -144,7 +219,7 @@ impl Split {
             Pixels::U8 => {
                 let a = self.offset + i * self.image_len;
                 out.extend(
-                    self.mmap[a..a + self.image_len]
+                    self.bytes[a..a + self.image_len]
                         .iter()
                         .map(|&b| b as f32 / 255.0),
                 );
@@ -179,19 +254,17 @@ impl Benchmark {
         let manifest = Manifest::load(path)?;
         let mut domains = Vec::new();
         for d in &manifest.domains {
-            let open = |e: &super::manifest::SplitEntry| -> Result<Arc<Split>> {
-                let f = manifest.dir.join(&e.file);
-                Ok(Arc::new(
-                    Split::open(&f, e.n, manifest.image_shape, manifest.num_classes).with_context(
-                        || {
+            let open = |e: &SplitEntry| -> Result<Arc<Split>> {
+                let s =
+                    Split::open_entry(e, &manifest.dir, manifest.image_shape, manifest.num_classes)
+                        .with_context(|| {
                             format!(
                                 "domain `{}` of manifest {}",
                                 d.name,
                                 manifest.path.display()
                             )
-                        },
-                    )?,
-                ))
+                        })?;
+                Ok(Arc::new(s))
             };
             domains.push(Domain {
                 name: d.name.clone(),
@@ -266,5 +339,71 @@ impl Pool {
             labels.push(self.splits[k].label(local));
         }
         Ok(super::HostBatch { images, labels })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::idx::encode;
+
+    /// Writes `n` images of `rows x cols` (pixel = example index) and the labels `labels`
+    /// as plain IDX files in `dir`.
+    fn write_pair(dir: &Path, n: u32, rows: u32, cols: u32, labels: &[u8]) -> (PathBuf, PathBuf) {
+        let px: Vec<u8> = (0..n)
+            .flat_map(|i| std::iter::repeat_n(i as u8, (rows * cols) as usize))
+            .collect();
+        let (im, lb) = (dir.join("images"), dir.join("labels"));
+        std::fs::write(&im, encode(IMAGES_MAGIC, &[n, rows, cols], &px)).unwrap();
+        let lc = labels.len() as u32;
+        std::fs::write(&lb, encode(LABELS_MAGIC, &[lc], labels)).unwrap();
+        (im, lb)
+    }
+
+    fn err(r: Result<Split>) -> String {
+        format!("{:#}", r.err().expect("an error"))
+    }
+
+    #[test]
+    fn idx_split_reads_pixels_and_labels() {
+        let d = tempfile::tempdir().unwrap();
+        let (im, lb) = write_pair(d.path(), 3, 2, 2, &[2, 0, 1]);
+        let s = Split::open_idx(&im, &lb, 3, [1, 2, 2], 3).unwrap();
+        assert_eq!((s.len(), s.label(0), s.label(2)), (3, 2, 1));
+        let mut px = Vec::new();
+        s.push_image(2, &mut px);
+        assert_eq!(px, vec![2.0 / 255.0; 4]);
+    }
+
+    #[test]
+    fn idx_split_checks_counts_shape_and_labels() {
+        let d = tempfile::tempdir().unwrap();
+        let (im, lb) = write_pair(d.path(), 3, 2, 2, &[2, 0]);
+        let e = err(Split::open_idx(&im, &lb, 3, [1, 2, 2], 3));
+        assert!(
+            e.contains("3 images") && e.contains("2 labels") && e.contains("same number"),
+            "{e}"
+        );
+        let (im, lb) = write_pair(d.path(), 3, 2, 2, &[2, 0, 1]);
+        let e = err(Split::open_idx(&im, &lb, 4, [1, 2, 2], 3));
+        assert!(
+            e.contains("holds 3 examples") && e.contains("`n` = 4"),
+            "{e}"
+        );
+        let e = err(Split::open_idx(&im, &lb, 3, [1, 28, 28], 3));
+        assert!(e.contains("2x2") && e.contains("image_shape"), "{e}");
+        let e = err(Split::open_idx(&im, &lb, 3, [3, 2, 2], 3));
+        assert!(e.contains("single-channel"), "{e}");
+        let e = err(Split::open_idx(&im, &lb, 3, [1, 2, 2], 2));
+        assert!(
+            e.contains("label 2 at index 0") && e.contains(&lb.display().to_string()),
+            "{e}"
+        );
+        // Images and labels swapped.
+        let e = err(Split::open_idx(&lb, &im, 3, [1, 2, 2], 3));
+        assert!(
+            e.contains("wrong magic") && e.contains(&lb.display().to_string()),
+            "{e}"
+        );
     }
 }

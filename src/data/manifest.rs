@@ -1,5 +1,6 @@
 //! The `dg-benchmark/v1` manifest: domains with a role (source/target) and train/test
-//! splits stored as safetensors files next to it.
+//! splits stored as safetensors files next to it, or as IDX files (`"format": "idx"`,
+//! MNIST's format, e.g. the Fashion-MNIST files of Debian's `dataset-fashion-mnist`).
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -16,13 +17,30 @@ pub enum Role {
     Target,
 }
 
+/// How a split is stored (`format` of a split entry).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitFormat {
+    /// One safetensors file with `images` and `labels` (the default).
+    #[default]
+    Safetensors,
+    /// Two IDX files, plain or gzip: `file` holds the u8 images, `labels` the u8 labels.
+    Idx,
+}
+
 /// One split file of a domain.
 #[derive(Clone, Debug, Deserialize)]
 pub struct SplitEntry {
-    /// File name relative to the manifest.
+    /// File name relative to the manifest (an absolute path is used as it is).
     pub file: String,
     /// Number of examples.
     pub n: usize,
+    /// `safetensors` (default) or `idx`.
+    #[serde(default)]
+    pub format: SplitFormat,
+    /// `idx` only: the labels file, relative to the manifest like `file`.
+    #[serde(default)]
+    pub labels: Option<String>,
 }
 
 /// Train and test splits.
@@ -125,6 +143,20 @@ impl Manifest {
                         "manifest {p}: domain `{}` has an empty {s} split (n = 0)",
                         d.name
                     );
+                }
+                match (e.format, &e.labels) {
+                    (SplitFormat::Idx, None) => bail!(
+                        "manifest {p}: domain `{}`, {s} split: format `idx` needs `labels` \
+                         (the IDX labels file next to the images file `file`)",
+                        d.name
+                    ),
+                    (SplitFormat::Safetensors, Some(_)) => bail!(
+                        "manifest {p}: domain `{}`, {s} split: `labels` is only for format \
+                         `idx` (a safetensors split holds its labels); add \"format\": \"idx\" \
+                         or remove `labels`",
+                        d.name
+                    ),
+                    _ => {}
                 }
             }
         }

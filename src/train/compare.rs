@@ -1,10 +1,22 @@
-//! `ldt compare`: runs several methods over several seeds with one config and prints one
-//! table (source mean, target mean, each target domain; mean ± std over seeds; the best
-//! mean per column marked), also written as CSV and markdown.
+//! `ldt compare`: runs several methods over several seeds with one config and prints
+//! three tables, also written as markdown (`compare.md`) and CSV:
+//! - the final evaluation (source mean, target mean, each target domain; mean ± std over
+//!   seeds; the best mean per column marked) — `compare.csv`;
+//! - target accuracy at chosen evaluation steps (`--at`), and each method's paired
+//!   difference to `erm` (same seed, so the same training batches: per-seed difference,
+//!   then mean ± std);
+//! - for the methods that export a composite: the composite against its two branches at
+//!   the last step, and the EMA half-lives of its sets (the lag report), which show where
+//!   a composite that trails comes from.
+//!
+//! Every evaluation of every run (step, network, source and target accuracy) is also
+//! written to `compare_runs.csv`.
 
 use super::{run_method, RunContext};
-use crate::config::{Config, Method};
-use anyhow::Result;
+use crate::config::{Config, Criterion, DpuWarmup, Method};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -16,54 +28,228 @@ pub fn exported(method: Method) -> &'static str {
     }
 }
 
-/// Runs every `(method, seed)` in `DIR/<method>-s<seed>` and writes `compare.csv` and
-/// `compare.md`; returns the markdown table.
-pub fn compare(base: &Config, methods: &[Method], seeds: &[u64], dir: &Path) -> Result<String> {
+/// One row of a comparison: a method, optionally with a DPU warm-up
+/// (`ldt+ratio` = `ldt` with `ldt.dpu_warmup = "ratio"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// The training method.
+    pub method: Method,
+    /// `ldt.dpu_warmup` for this row; `None` keeps the config's.
+    pub dpu_warmup: Option<DpuWarmup>,
+}
+
+impl Variant {
+    /// Parses `METHOD` or `METHOD+timm` / `METHOD+ratio` / `METHOD+none` (sets
+    /// `ldt.dpu_warmup`, for the methods that fold counterparts: deft, ldt, ldt-s).
+    pub fn parse(s: &str) -> Result<Variant> {
+        let (m, w) = match s.split_once('+') {
+            Some((m, w)) => (m, Some(w)),
+            None => (s, None),
+        };
+        let method = Method::parse(m).with_context(|| {
+            format!(
+                "`{s}`: a method may carry a DPU warm-up, e.g. ldt+ratio or ldt-s+timm \
+                 (deft, ldt, ldt-s)"
+            )
+        })?;
+        let dpu_warmup = match w {
+            None => None,
+            Some("none") => Some(DpuWarmup::None),
+            Some("timm") => Some(DpuWarmup::Timm),
+            Some("ratio") => Some(DpuWarmup::Ratio),
+            Some(w) => bail!(
+                "`{s}`: unknown DPU warm-up `{w}`; allowed: +timm, +ratio, +none (`ldt.dpu_warmup`)"
+            ),
+        };
+        if dpu_warmup.is_some() && exported(method) == "model" {
+            bail!(
+                "`{s}`: {} has no DPU to warm up; +timm / +ratio / +none apply to deft, ldt, ldt-s",
+                method.name()
+            );
+        }
+        Ok(Variant { method, dpu_warmup })
+    }
+
+    /// The row name, e.g. `ldt` or `ldt+ratio` (also the run directory's prefix).
+    pub fn name(&self) -> String {
+        match self.dpu_warmup {
+            None => self.method.name().to_string(),
+            Some(DpuWarmup::None) => format!("{}+none", self.method.name()),
+            Some(DpuWarmup::Timm) => format!("{}+timm", self.method.name()),
+            Some(DpuWarmup::Ratio) => format!("{}+ratio", self.method.name()),
+        }
+    }
+
+    /// The run configuration of this row for `seed`.
+    pub fn config(&self, base: &Config, seed: u64) -> Config {
+        let mut cfg = base.clone();
+        cfg.train.method = self.method;
+        cfg.seed = seed;
+        if self.method == Method::Deft {
+            cfg.stage1.criterion = Criterion::Names;
+        }
+        if let Some(w) = self.dpu_warmup {
+            cfg.ldt.dpu_warmup = w;
+        }
+        cfg
+    }
+}
+
+/// Checks that every step of `at` is evaluated by a run of `cfg`: a multiple of
+/// `eval.every` or the last step.
+pub fn check_steps(cfg: &Config, at: &[usize]) -> Result<()> {
+    let (every, last) = (cfg.eval.every, cfg.train.steps);
+    for &s in at {
+        let evaluated = s == last || (every > 0 && s < last && s.is_multiple_of(every));
+        if !evaluated {
+            bail!(
+                "--at {s}: the runs evaluate every `eval.every` = {every} steps (0 = only at \
+                 the end) and at the last step {last} (`train.steps`); pick evaluated steps \
+                 or set `eval.every`"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn stat(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let sd = if v.len() > 1 {
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (mean, sd)
+}
+
+/// `mean ± std` of accuracies in percent.
+fn pct(v: &[f64]) -> String {
+    let (m, s) = stat(v);
+    format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
+}
+
+/// An evaluation record of `metrics.jsonl`: (step, network) -> (source, target accuracy).
+type Evals = BTreeMap<(usize, String), (f64, f64)>;
+
+/// The `kind: eval` records of a run's `metrics.jsonl` (NaN for a missing accuracy).
+fn read_evals(dir: &Path) -> Result<Evals> {
+    let p = dir.join("metrics.jsonl");
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let mut out = Evals::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: a line is not JSON", p.display()))?;
+        if v["kind"] != "eval" {
+            continue;
+        }
+        let (Some(step), Some(model)) = (v["step"].as_u64(), v["model"].as_str()) else {
+            bail!("{}: an eval record without `step` or `model`", p.display());
+        };
+        let acc = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        out.insert(
+            (step as usize, model.to_string()),
+            (acc("source_acc"), acc("target_acc")),
+        );
+    }
+    Ok(out)
+}
+
+/// What one run contributes to the tables.
+struct RunResult {
+    /// Final source, target and per-target-domain accuracy of the exported network.
+    last: Vec<f64>,
+    /// Every evaluation of the run.
+    evals: Evals,
+    /// `(set, min, max)` EMA half-lives in run steps (composite methods).
+    lag: Vec<(String, f64, f64)>,
+}
+
+/// Runs every `(variant, seed)` in `DIR/<variant>-s<seed>`, writes `compare.md`,
+/// `compare.csv` and `compare_runs.csv`, and returns the markdown. `at` lists the
+/// evaluation steps of the by-step table (empty: the last step only).
+pub fn compare(
+    base: &Config,
+    variants: &[Variant],
+    seeds: &[u64],
+    at: &[usize],
+    dir: &Path,
+) -> Result<String> {
+    check_steps(base, at)?;
+    let at: Vec<usize> = if at.is_empty() {
+        vec![base.train.steps]
+    } else {
+        at.to_vec()
+    };
     let mut cols: Vec<String> = vec!["source".into(), "target".into()];
-    let mut rows: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
-    for &m in methods {
-        let mut per_col: Vec<Vec<f64>> = Vec::new();
+    let mut runs: Vec<(Variant, Vec<RunResult>)> = Vec::new();
+    let mut raw = String::from("method,seed,step,network,source_acc,target_acc\n");
+    for v in variants {
+        let mut per_seed = Vec::new();
         for &seed in seeds {
-            let mut cfg = base.clone();
-            cfg.train.method = m;
-            cfg.seed = seed;
-            if m == Method::Deft {
-                cfg.stage1.criterion = crate::config::Criterion::Names;
-            }
-            let run_dir = dir.join(format!("{}-s{seed}", m.name()));
-            println!("== {} seed {seed} -> {}", m.name(), run_dir.display());
-            let mut ctx = RunContext::open(cfg, &run_dir)?;
+            let run_dir = dir.join(format!("{}-s{seed}", v.name()));
+            println!("== {} seed {seed} -> {}", v.name(), run_dir.display());
+            let mut ctx = RunContext::open(v.config(base, seed), &run_dir)?;
             run_method(&mut ctx)?;
-            let r = &ctx.summary.eval[exported(m)];
+            let r = &ctx.summary.eval[exported(v.method)];
             let targets: Vec<_> = r.domains.iter().filter(|d| d.role == "target").collect();
             if cols.len() == 2 {
                 cols.extend(targets.iter().map(|d| d.name.clone()));
             }
-            let vals: Vec<f64> = [r.source_acc, r.target_acc]
+            let last = [r.source_acc, r.target_acc]
                 .into_iter()
                 .chain(targets.iter().map(|d| d.acc))
                 .collect();
-            per_col.resize(vals.len(), Vec::new());
-            for (c, v) in per_col.iter_mut().zip(vals) {
-                c.push(v);
+            let lag = ctx.summary.extra.get("lag").map_or(Vec::new(), |l| {
+                l["sets"]
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(|s| {
+                        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+                        let set = s["set"].as_str().unwrap_or("?").to_string();
+                        (set, f("min_half_life"), f("max_half_life"))
+                    })
+                    .collect()
+            });
+            let evals = read_evals(&run_dir)?;
+            for ((step, net), (s, t)) in &evals {
+                writeln!(raw, "{},{seed},{step},{net},{s:.6},{t:.6}", v.name())?;
             }
+            per_seed.push(RunResult { last, evals, lag });
         }
-        rows.push((m.name().to_string(), per_col));
+        runs.push((*v, per_seed));
     }
-    let stat = |v: &[f64]| {
-        let n = v.len() as f64;
-        let mean = v.iter().sum::<f64>() / n;
-        let sd = if v.len() > 1 {
-            (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-        } else {
-            0.0
-        };
-        (mean, sd)
-    };
+    let mut md = final_table(&runs, &cols, seeds)?;
+    md.push('\n');
+    md.push_str(&by_step_table(&runs, &at, seeds)?);
+    if runs.iter().any(|(v, _)| exported(v.method) == "composite") {
+        md.push('\n');
+        md.push_str(&branch_table(&runs, base.train.steps)?);
+    }
+    std::fs::write(dir.join("compare.md"), &md)?;
+    std::fs::write(dir.join("compare.csv"), final_csv(&runs, &cols)?)?;
+    std::fs::write(dir.join("compare_runs.csv"), raw)?;
+    Ok(md)
+}
+
+/// Column `c` of the final evaluation over seeds.
+fn final_col(r: &[RunResult], c: usize) -> Vec<f64> {
+    r.iter().map(|x| x.last[c]).collect()
+}
+
+/// The final evaluation: mean ± std per column, the best mean marked.
+fn final_table(
+    runs: &[(Variant, Vec<RunResult>)],
+    cols: &[String],
+    seeds: &[u64],
+) -> Result<String> {
     let best: Vec<f64> = (0..cols.len())
         .map(|c| {
-            rows.iter()
-                .map(|(_, v)| stat(&v[c]).0)
+            runs.iter()
+                .map(|(_, r)| stat(&final_col(r, c)).0)
                 .fold(f64::MIN, f64::max)
         })
         .collect();
@@ -72,25 +258,157 @@ pub fn compare(base: &Config, methods: &[Method], seeds: &[u64], dir: &Path) -> 
         cols.join(" | "),
         "---|".repeat(cols.len())
     );
+    for (v, r) in runs {
+        write!(md, "| {} |", v.name())?;
+        for (c, b) in best.iter().enumerate() {
+            let vals = final_col(r, c);
+            let mark = if stat(&vals).0 == *b { " **best**" } else { "" };
+            write!(md, " {}{mark} |", pct(&vals))?;
+        }
+        md.push('\n');
+    }
+    writeln!(
+        md,
+        "\naccuracy in %, mean ± std over seeds {seeds:?}, at the last step; exported \
+         network: model (erm, lp-ft) or composite (deft, ldt, ldt-s and their +timm/+ratio rows)"
+    )?;
+    Ok(md)
+}
+
+/// `compare.csv`: the final evaluation, mean and std per column.
+fn final_csv(runs: &[(Variant, Vec<RunResult>)], cols: &[String]) -> Result<String> {
     let mut csv = String::from("method");
-    for c in &cols {
+    for c in cols {
         write!(csv, ",{c}_mean,{c}_std")?;
     }
     csv.push('\n');
-    for (name, v) in &rows {
-        write!(md, "| {name} |")?;
-        csv.push_str(name);
-        for (c, vals) in v.iter().enumerate() {
-            let (m, s) = stat(vals);
-            let mark = if m == best[c] { " **best**" } else { "" };
-            write!(md, " {:.2} ± {:.2}{mark} |", 100.0 * m, 100.0 * s)?;
+    for (v, r) in runs {
+        csv.push_str(&v.name());
+        for c in 0..cols.len() {
+            let (m, s) = stat(&final_col(r, c));
             write!(csv, ",{m:.6},{s:.6}")?;
         }
-        md.push('\n');
         csv.push('\n');
     }
-    writeln!(md, "\naccuracy in %, mean ± std over seeds {seeds:?}; exported network: model (erm, lp-ft) or composite (ldt, deft, ldt-s)")?;
-    std::fs::write(dir.join("compare.md"), &md)?;
-    std::fs::write(dir.join("compare.csv"), csv)?;
+    Ok(csv)
+}
+
+/// Target accuracy of network `net` at `step` in each run (NaN where not evaluated).
+fn target_at(r: &[RunResult], step: usize, net: &str) -> Vec<f64> {
+    r.iter()
+        .map(|x| {
+            x.evals
+                .get(&(step, net.to_string()))
+                .map_or(f64::NAN, |a| a.1)
+        })
+        .collect()
+}
+
+/// Target accuracy of the exported network at each step of `at`, and the paired
+/// difference to `erm` (per seed, then mean ± std) when `erm` is among the rows.
+fn by_step_table(
+    runs: &[(Variant, Vec<RunResult>)],
+    at: &[usize],
+    seeds: &[u64],
+) -> Result<String> {
+    let erm = runs
+        .iter()
+        .find(|(v, _)| v.method == Method::Erm && v.dpu_warmup.is_none())
+        .map(|(_, r)| r);
+    let mut md = String::from("| method |");
+    for s in at {
+        write!(md, " target @{s} |")?;
+    }
+    if erm.is_some() {
+        for s in at {
+            write!(md, " Δ erm @{s} |")?;
+        }
+    }
+    let n = at.len() * if erm.is_some() { 2 } else { 1 };
+    write!(md, "\n|---|{}\n", "---|".repeat(n))?;
+    for (v, r) in runs {
+        write!(md, "| {} |", v.name())?;
+        for &s in at {
+            write!(md, " {} |", pct(&target_at(r, s, exported(v.method))))?;
+        }
+        if let Some(e) = erm {
+            for &s in at {
+                if std::ptr::eq(e, r) {
+                    md.push_str(" — |");
+                    continue;
+                }
+                let d: Vec<f64> = target_at(r, s, exported(v.method))
+                    .iter()
+                    .zip(target_at(e, s, "model"))
+                    .map(|(a, b)| a - b)
+                    .collect();
+                let (m, sd) = stat(&d);
+                write!(md, " {:+.2} ± {:.2} |", 100.0 * m, 100.0 * sd)?;
+            }
+        }
+        md.push('\n');
+    }
+    writeln!(
+        md,
+        "\ntarget accuracy in % of the exported network at each step, mean ± std over seeds \
+         {seeds:?}{}",
+        if erm.is_some() {
+            "; Δ erm: the per-seed difference to erm (same seed = same batches) in points, mean ± std"
+        } else {
+            ""
+        }
+    )?;
+    Ok(md)
+}
+
+/// The composite against its branches at the last step, and the EMA half-lives.
+fn branch_table(runs: &[(Variant, Vec<RunResult>)], last: usize) -> Result<String> {
+    let mut md = String::from(
+        "| method | composite | pm | am | composite − best branch | stable half-life | unstable half-life |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for (v, r) in runs
+        .iter()
+        .filter(|(v, _)| exported(v.method) == "composite")
+    {
+        let (c, p, a) = (
+            target_at(r, last, "composite"),
+            target_at(r, last, "pm"),
+            target_at(r, last, "am"),
+        );
+        let gap: Vec<f64> = (0..c.len()).map(|i| c[i] - p[i].max(a[i])).collect();
+        let (gm, gs) = stat(&gap);
+        write!(
+            md,
+            "| {} | {} | {} | {} | {:+.2} ± {:.2} |",
+            v.name(),
+            pct(&c),
+            pct(&p),
+            pct(&a),
+            100.0 * gm,
+            100.0 * gs
+        )?;
+        for set in ["stable", "unstable"] {
+            let h: Vec<(f64, f64)> = r
+                .iter()
+                .flat_map(|x| x.lag.iter().filter(|l| l.0 == set).map(|l| (l.1, l.2)))
+                .collect();
+            if h.is_empty() {
+                md.push_str(" — |");
+            } else {
+                let lo = h.iter().map(|x| x.0).fold(f64::INFINITY, f64::min);
+                let hi = h.iter().map(|x| x.1).fold(0.0, f64::max);
+                write!(md, " {lo:.0}–{hi:.0} |")?;
+            }
+        }
+        md.push('\n');
+    }
+    writeln!(
+        md,
+        "\ntarget accuracy in % at step {last} of the exported composite and of each branch \
+         (PM trains the stable set, AM the unstable set), mean ± std over seeds; composite − \
+         best branch per seed, in points; half-lives of the DPU folds in steps (the range \
+         over layers and seeds; without the warm-up, which shortens early exchanges)"
+    )?;
     Ok(md)
 }

@@ -34,12 +34,13 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
-    /// One line: source mean, target mean, each domain.
+    /// One line: source mean, target mean (when there are target domains), each domain.
     pub fn line(&self) -> String {
-        let mut s = format!(
-            "source {:.4}  target {:.4} |",
-            self.source_acc, self.target_acc
-        );
+        let mut s = format!("source {:.4}", self.source_acc);
+        if !self.target_acc.is_nan() {
+            s.push_str(&format!("  target {:.4}", self.target_acc));
+        }
+        s.push_str(" |");
         for d in &self.domains {
             s.push_str(&format!(" {} {:.4}", d.name, d.acc));
         }

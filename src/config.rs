@@ -539,7 +539,8 @@ pub struct EvalConfig {
     pub every: usize,
     /// Examples per evaluation forward.
     pub batch_size: usize,
-    /// LDT: also evaluate each branch (PM and AM), not only the composite.
+    /// ldt, ldt-s: also evaluate each branch (PM and AM) at every evaluation, not only
+    /// the composite (they are always evaluated at the end).
     pub branches: bool,
 }
 

@@ -842,6 +842,12 @@ fn after_step(
             ("am", am, m.branch_buffers(Phase::A)),
         ];
         ctx.select(step, &candidates)?;
+        if cfg.eval.branches {
+            for (name, p, b) in &candidates[1..] {
+                let r = ctx.evaluate(p, b)?;
+                ctx.log_eval(step, name, &r)?;
+            }
+        }
     }
     if pos.clean && ctx.checkpoint_due(step)? {
         let mut w = Writer::default();

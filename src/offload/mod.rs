@@ -15,15 +15,21 @@
 pub mod backend;
 mod buffer;
 mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod ema;
 mod engine;
 mod error;
+pub mod launch;
+pub mod order;
 mod slice;
+pub mod stream;
 
 use std::path::PathBuf;
 
 pub use buffer::{
-    CounterpartBuffer, SharedCounterpartBuffer, SlotReadGuard, SlotSpec, SlotWriteGuard,
+    CounterpartBuffer, HostAlloc, HostMemory, SharedCounterpartBuffer, SlotReadGuard, SlotSpec,
+    SlotWriteGuard,
 };
 pub use ema::{fused_ema, EmaTask};
 pub use engine::{CopyEngine, Fence, StagingArea, StagingLease};

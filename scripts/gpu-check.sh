@@ -64,23 +64,21 @@ prepare() {
 
 setup() {
   [ -f .gpu/vendor.tar.xz ] || die "no .gpu/vendor.tar.xz: run 'scripts/gpu-check.sh prepare' on a machine with cargo and carry .gpu"
-  [ -d .gpu/vendor ] || tar xJf .gpu/vendor.tar.xz -C .gpu
   export PATH="$HOME/.cargo/bin:/usr/local/cuda/bin:$PATH"
   command -v cargo >/dev/null || die "no Rust toolchain (cargo) on this machine"
   command -v nvcc >/dev/null || die "no nvcc on this machine"
   command -v nvidia-smi >/dev/null || die "no nvidia-smi: is this a GPU machine?"
-  export CARGO_HOME="$PWD/.gpu/cargo-home"
-  mkdir -p "$CARGO_HOME"
-  cat >"$CARGO_HOME/config.toml" <<EOF
-[source.crates-io]
-replace-with = "vendored"
-[source.vendored]
-directory = "$PWD/.gpu/vendor"
-[net]
-offline = true
-EOF
-  # Keep rustup's toolchain choice although CARGO_HOME moved.
-  export RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}"
+  # Crates come from the carried archive, unpacked under the ignored target/ (so it is
+  # never carried back), never from the network.
+  local vendor="$PWD/target/gpu-vendor"
+  if [ ! -f "$vendor/.unpacked" ] || [ .gpu/vendor.tar.xz -nt "$vendor/.unpacked" ]; then
+    rm -rf "$vendor"
+    mkdir -p "$vendor"
+    tar xJf .gpu/vendor.tar.xz -C "$vendor" --strip-components=1
+    touch "$vendor/.unpacked"
+  fi
+  vendored=(--offline --config 'source.crates-io.replace-with="vendored"'
+    --config "source.vendored.directory=\"$vendor\"")
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '. ')
   export CUDA_COMPUTE_CAP="$cap"
   export CUDA_ROOT="${CUDA_ROOT:-/usr/local/cuda}"
@@ -93,30 +91,37 @@ build() {
   setup
   nvcc --version | tail -n 2 | head -n 1
   cargo --version
-  echo "building --release --features cuda for sm_$CUDA_COMPUTE_CAP with $CARGO_BUILD_JOBS jobs"
+  echo "building --release --features cuda for sm_$CUDA_COMPUTE_CAP with $CARGO_BUILD_JOBS jobs (log: $out/build.log)"
   local t0=$SECONDS
-  set -o pipefail
-  cargo build --release --features cuda --bin ldt 2>&1 | tee "$out/build.log" | grep -E '^(error|warning: unused)' || true
-  cargo test --release --features cuda --test gpu --no-run 2>&1 | tee -a "$out/build.log" | tail -n 2
-  cargo bench --features cuda --bench gpu --no-run 2>&1 | tee -a "$out/build.log" | tail -n 2
-  echo "build took $((SECONDS - t0)) s"
+  : >"$out/build.log"
+  for what in "build --release --features cuda --bin ldt" \
+    "test --release --features cuda --test gpu --no-run" \
+    "bench --features cuda --bench gpu --no-run"; do
+    # $what is split into cargo's arguments on purpose.
+    # shellcheck disable=SC2086
+    if ! cargo $what "${vendored[@]}" >>"$out/build.log" 2>&1; then
+      tail -n 40 "$out/build.log"
+      die "cargo $what failed after $((SECONDS - t0)) s (log: $out/build.log)"
+    fi
+    echo "cargo $what: done at $((SECONDS - t0)) s"
+  done
 }
 
 run() {
   setup
   local status=0
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
-  "$CARGO_TARGET_DIR/release/ldt" info | tee "$out/info.log"
+  "$CARGO_TARGET_DIR/release/ldt" info | tee "$out/info.log" || status=1
   if [ -x "$(command -v ptxas)" ]; then
     for arch in sm_75 sm_80 sm_86 sm_89 sm_90; do
       ptxas -arch=$arch kernels/ema.ptx -o /dev/null && echo "ptxas $(ptxas --version | tail -n 1 | cut -c1-40): ok $arch"
     done
   fi
   set +e
-  cargo test --release --features cuda --test gpu -- --nocapture --test-threads=1 2>&1 |
+  cargo test --release --features cuda --test gpu "${vendored[@]}" -- --nocapture --test-threads=1 2>&1 |
     tee "$out/gpu-tests.log" | grep -E '^(test |SKIPPED|    |[a-z-]+ .*(L2|identical))|panicked|test result'
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  cargo bench --features cuda --bench gpu 2>&1 | tee "$out/gpu-bench.log" >/dev/null
+  cargo bench --features cuda --bench gpu "${vendored[@]}" 2>&1 | tee "$out/gpu-bench.log" >/dev/null
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   set -e
   echo

@@ -11,6 +11,9 @@
 //!   call, split across threads, bit-identical for any thread count.
 //! - [`CopyEngine`]: ordered copy streams with fences (the host analogue of CUDA streams and
 //!   events), and [`StagingArea`], a bounded byte budget that makes large swaps go in chunks.
+//! - [`backend`]: the calls LDT makes on the buffer; [`stream`]: their implementation for a
+//!   device with queues ([`order`]: what waits for what; [`launch`]: the EMA kernels' launch
+//!   tables), and `cuda` (feature `cuda`): that device on a CUDA GPU.
 
 pub mod backend;
 mod buffer;

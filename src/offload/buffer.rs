@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use half::{bf16, f16};
 use memmap2::MmapMut;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -353,30 +352,12 @@ impl CounterpartBuffer {
     /// If `i >= self.len()`.
     pub fn slot(&self, i: usize) -> HostSlice<'_> {
         let s = &self.slots[i];
-        let n = s.spec.numel;
-        if s.bytes == 0 {
-            return match s.spec.dtype {
-                StorageDtype::F32 => HostSlice::F32(&[]),
-                StorageDtype::BF16 => HostSlice::BF16(&[]),
-                StorageDtype::F16 => HostSlice::F16(&[]),
-            };
-        }
-        // SAFETY: `ptr` points at `bytes = n * size_of(dtype)` initialized (zeroed, then
-        // only written with whole elements) bytes owned by `self`, aligned to 64; any bit
-        // pattern is a valid f32/bf16/f16. No writer exists while the view lives:
-        // `slot_mut`/`slots_mut` need `&mut self`, and `SharedCounterpartBuffer` writes
-        // slot `i` only under its write lock and calls this only under its read lock.
-        unsafe {
-            match s.spec.dtype {
-                StorageDtype::F32 => HostSlice::F32(std::slice::from_raw_parts(s.ptr.cast(), n)),
-                StorageDtype::BF16 => {
-                    HostSlice::BF16(std::slice::from_raw_parts(s.ptr.cast::<bf16>(), n))
-                }
-                StorageDtype::F16 => {
-                    HostSlice::F16(std::slice::from_raw_parts(s.ptr.cast::<f16>(), n))
-                }
-            }
-        }
+        // SAFETY: unless empty, `ptr` points at `bytes = numel * size_of(dtype)`
+        // initialized (zeroed, then only written with whole elements) bytes owned by
+        // `self`, aligned to 64. No writer exists while the view lives: `slot_mut` /
+        // `slots_mut` need `&mut self`, and `SharedCounterpartBuffer` writes slot `i` only
+        // under its write lock and calls this only under its read lock.
+        unsafe { HostSlice::from_raw(s.ptr, s.spec.dtype, s.spec.numel) }
     }
 
     /// Writable typed view of slot `i`.
@@ -490,30 +471,10 @@ impl CounterpartBuffer {
     /// If `i >= self.len()`.
     unsafe fn view_mut(&self, i: usize) -> HostSliceMut<'_> {
         let s = &self.slots[i];
-        let n = s.spec.numel;
-        if s.bytes == 0 {
-            return match s.spec.dtype {
-                StorageDtype::F32 => HostSliceMut::F32(&mut []),
-                StorageDtype::BF16 => HostSliceMut::BF16(&mut []),
-                StorageDtype::F16 => HostSliceMut::F16(&mut []),
-            };
-        }
         // SAFETY: as in `slot` for validity and alignment; exclusivity is the caller's
         // obligation. The memory is owned by the arena / mapping, not by `self.slots`, so
         // writing through the pointer does not alias the `&self` borrow of the slot table.
-        unsafe {
-            match s.spec.dtype {
-                StorageDtype::F32 => {
-                    HostSliceMut::F32(std::slice::from_raw_parts_mut(s.ptr.cast(), n))
-                }
-                StorageDtype::BF16 => {
-                    HostSliceMut::BF16(std::slice::from_raw_parts_mut(s.ptr.cast::<bf16>(), n))
-                }
-                StorageDtype::F16 => {
-                    HostSliceMut::F16(std::slice::from_raw_parts_mut(s.ptr.cast::<f16>(), n))
-                }
-            }
-        }
+        unsafe { HostSliceMut::from_raw(s.ptr, s.spec.dtype, s.spec.numel) }
     }
 }
 

@@ -27,7 +27,6 @@ use super::{
 };
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use half::{bf16, f16};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -481,7 +480,7 @@ impl<D: DeviceApi> StreamBackend<D> {
                 // SAFETY: `off..off + n * size` lies in the pinned staging (sized for
                 // every job above), which the D2H copies filled (waited for above) and
                 // nothing writes until this job's fence completed (`busy`).
-                let src = unsafe { host_view(base.wrapping_add(off), dtype, n) };
+                let src = unsafe { HostSlice::from_raw(base.wrapping_add(off), dtype, n) };
                 tasks.push(EmaTask {
                     dst: g.slice_mut(),
                     src,
@@ -501,45 +500,6 @@ impl<D: DeviceApi> StreamBackend<D> {
             order.write(j.0, Dep::Host(fence.clone()));
         }
         Ok(Some(fence))
-    }
-}
-
-/// A read-only typed view of `n` elements of `dtype` at `ptr`.
-///
-/// # Safety
-/// `ptr` must point at `n` initialized elements of `dtype`, suitably aligned, not written
-/// while the view lives.
-unsafe fn host_view<'a>(ptr: *mut u8, dtype: StorageDtype, n: usize) -> HostSlice<'a> {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match dtype {
-            StorageDtype::F32 => HostSlice::F32(std::slice::from_raw_parts(ptr.cast::<f32>(), n)),
-            StorageDtype::BF16 => {
-                HostSlice::BF16(std::slice::from_raw_parts(ptr.cast::<bf16>(), n))
-            }
-            StorageDtype::F16 => HostSlice::F16(std::slice::from_raw_parts(ptr.cast::<f16>(), n)),
-        }
-    }
-}
-
-/// A writable typed view of `n` elements of `dtype` at `ptr`.
-///
-/// # Safety
-/// As [`host_view`], and no other view of the memory may exist while this one lives.
-unsafe fn host_view_mut<'a>(ptr: *mut u8, dtype: StorageDtype, n: usize) -> HostSliceMut<'a> {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match dtype {
-            StorageDtype::F32 => {
-                HostSliceMut::F32(std::slice::from_raw_parts_mut(ptr.cast::<f32>(), n))
-            }
-            StorageDtype::BF16 => {
-                HostSliceMut::BF16(std::slice::from_raw_parts_mut(ptr.cast::<bf16>(), n))
-            }
-            StorageDtype::F16 => {
-                HostSliceMut::F16(std::slice::from_raw_parts_mut(ptr.cast::<f16>(), n))
-            }
-        }
     }
 }
 
@@ -822,7 +782,7 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
                     let g = buf.read(slot);
                     // SAFETY: the staging holds `bytes` bytes that the copy above filled
                     // (waited for), and nothing else touches them while `hs` is locked.
-                    let d = unsafe { host_view_mut(base, dtype, n) };
+                    let d = unsafe { HostSliceMut::from_raw(base, dtype, n) };
                     fused_ema(
                         &mut [EmaTask {
                             dst: d,
@@ -913,6 +873,7 @@ mod tests {
     use crate::offload::buffer::std_alloc;
     use crate::offload::launch::emulate;
     use candle_core::{CpuStorage, DType, Device, Storage};
+    use half::{bf16, f16};
     use std::collections::VecDeque;
 
     /// A recorded point: complete when queue `q` has run `seq` operations.

@@ -4,6 +4,7 @@
 //! Unknown keys, wrong types and out-of-range values are errors that name the key and
 //! what is allowed, so a typo never silently falls back to a default.
 
+pub use crate::offload::stream::EmaPlacement;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -518,6 +519,9 @@ pub struct OffloadSettings {
     pub staging_bytes: u64,
     /// Copy-engine worker threads (streams).
     pub threads: usize,
+    /// Where a GPU run folds the counterparts: `host` (worker threads), `device` (a PTX
+    /// kernel in device memory) or `mapped` (a PTX kernel on the pinned host buffer).
+    pub ema: EmaPlacement,
 }
 
 impl Default for OffloadSettings {
@@ -527,7 +531,31 @@ impl Default for OffloadSettings {
             path: None,
             staging_bytes: 64 << 20,
             threads: 2,
+            ema: EmaPlacement::Host,
         }
+    }
+}
+
+/// The compute device named by the `device` key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The host CPU.
+    Cpu,
+    /// The CUDA GPU of this index.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// `cpu` or `cuda:N`; anything else is `None`.
+    pub fn parse(s: &str) -> Option<DeviceSpec> {
+        if s == "cpu" {
+            return Some(DeviceSpec::Cpu);
+        }
+        let n = s.strip_prefix("cuda:")?;
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        n.parse().ok().map(DeviceSpec::Cuda)
     }
 }
 
@@ -807,10 +835,16 @@ impl Config {
             "checkpoint.keep_last",
             "must be at least 1",
         )?;
+        let device = DeviceSpec::parse(&c.device);
         check(
-            c.device == "cpu" || c.device.starts_with("cuda"),
+            device.is_some(),
             "device",
-            "must be `cpu` or `cuda:N`",
+            "must be `cpu` or `cuda:N` (N = the GPU's index, e.g. `cuda:0`)",
+        )?;
+        check(
+            c.offload.ema == EmaPlacement::Host || matches!(device, Some(DeviceSpec::Cuda(_))),
+            "offload.ema",
+            "`device` and `mapped` fold with a GPU kernel: they need `device = \"cuda:N\"` (use `host` on the CPU)",
         )?;
         self.validate_model()?;
         if let Some(s) = c
@@ -945,6 +979,45 @@ mod tests {
         assert_eq!(c.ldt.ema_every, 10);
         assert_eq!(c.stage1.unstable_ratio, 0.5);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn devices_are_cpu_or_cuda_n() {
+        assert_eq!(DeviceSpec::parse("cpu"), Some(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse("cuda:0"), Some(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse("cuda:12"), Some(DeviceSpec::Cuda(12)));
+        for bad in [
+            "cuda", "cuda:", "cuda:-1", "cuda:+1", "cuda:1x", "gpu:0", "CPU", "",
+        ] {
+            assert_eq!(DeviceSpec::parse(bad), None, "{bad}");
+            let e = Config::from_toml("", "t", &[format!("device=\"{bad}\"")]).unwrap_err();
+            assert!(format!("{e:#}").contains("`cuda:N`"), "{e:#}");
+        }
+    }
+
+    #[test]
+    fn gpu_folds_need_a_gpu() {
+        for ema in ["device", "mapped"] {
+            let set = |dev: &str| {
+                vec![
+                    format!("offload.ema=\"{ema}\""),
+                    format!("device=\"{dev}\""),
+                ]
+            };
+            let e = Config::from_toml("", "t", &set("cpu")).unwrap_err();
+            assert!(format!("{e:#}").contains("offload.ema"), "{e:#}");
+            let c = Config::from_toml("", "t", &set("cuda:1")).unwrap();
+            assert_eq!(
+                c.offload.ema,
+                if ema == "device" {
+                    EmaPlacement::Device
+                } else {
+                    EmaPlacement::Mapped
+                }
+            );
+        }
+        let e = Config::from_toml("", "t", &["offload.ema=\"gpu\"".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("ema"), "{e:#}");
     }
 
     #[test]

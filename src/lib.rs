@@ -26,15 +26,23 @@ pub mod verify;
 
 use anyhow::{bail, Result};
 
-/// The compute device named by `device` (`cpu`; `cuda:N` needs the `cuda` feature).
+/// The compute device named by `device`: `cpu`, or `cuda:N` with the `cuda` feature (GPU
+/// N on a stream of its own).
 pub fn device(cfg: &config::Config) -> Result<candle_core::Device> {
-    if cfg.device == "cpu" {
-        return Ok(candle_core::Device::Cpu);
+    match config::DeviceSpec::parse(&cfg.device) {
+        Some(config::DeviceSpec::Cpu) => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Some(config::DeviceSpec::Cuda(n)) => offload::cuda::open(n),
+        #[cfg(not(feature = "cuda"))]
+        Some(config::DeviceSpec::Cuda(_)) => bail!(
+            "config key `device` = `{}`: this build has no CUDA support; use `cpu` or rebuild with `--features cuda`",
+            cfg.device
+        ),
+        None => bail!(
+            "config key `device` = `{}`: must be `cpu` or `cuda:N`",
+            cfg.device
+        ),
     }
-    bail!(
-        "config key `device` = `{}`: this build has no CUDA support; use `cpu` or rebuild with `--features cuda`",
-        cfg.device
-    )
 }
 
 /// Fixes the CPU thread count for candle and rayon (`threads`, 0 = all cores). Must run

@@ -99,7 +99,8 @@ enum Cmd {
         #[arg(long, default_value = "runs/bench")]
         out: PathBuf,
     },
-    /// Print version, device, threads and allocator.
+    /// Print version, device (with `--features cuda`: driver, PTX ISA, every GPU), threads
+    /// and allocator.
     Info,
     /// Check a network against reference outputs: eval and train logits, train loss,
     /// every gradient and the BatchNorm running statistics after one train forward.
@@ -248,7 +249,13 @@ fn compare(
 
 fn info() {
     println!("ldt {}", env!("CARGO_PKG_VERSION"));
+    #[cfg(not(feature = "cuda"))]
     println!("device: cpu (build without the `cuda` feature)");
+    #[cfg(feature = "cuda")]
+    print!(
+        "device: cpu, or cuda:N (build with the `cuda` feature)\n{}",
+        ldt::offload::cuda::info()
+    );
     println!("threads: {}", candle_core::utils::get_num_threads());
     println!("allocator: mimalloc");
     println!(

@@ -4,8 +4,10 @@
 //! implementation (the live network is itself in host memory), a CUDA backend implements
 //! the same calls with pinned memory, copy streams and PTX kernels.
 
+use super::stream::EmaPlacement;
 use super::{
-    fused_ema, CopyEngine, EmaTask, Fence, HostSlice, HostSliceMut, SharedCounterpartBuffer,
+    fused_ema, CopyEngine, CounterpartBuffer, EmaTask, Fence, HostSlice, HostSliceMut,
+    OffloadConfig, OffloadError, SharedCounterpartBuffer, SlotSpec,
 };
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
@@ -14,6 +16,18 @@ use std::sync::Arc;
 
 /// Moves and folds layer tensors between live tensors and buffer slots.
 pub trait Backend: Send + Sync {
+    /// Allocates the counterpart buffer this backend works on (a device backend puts its
+    /// RAM tier in pinned memory).
+    ///
+    /// # Errors
+    /// As [`CounterpartBuffer::allocate`].
+    fn allocate(
+        &self,
+        specs: &[SlotSpec],
+        cfg: &OffloadConfig,
+    ) -> Result<CounterpartBuffer, OffloadError> {
+        CounterpartBuffer::allocate(specs, cfg)
+    }
     /// Exchanges the contents of live tensor `t` and slot `slot` in place.
     fn swap(&self, t: &Tensor, buf: &SharedCounterpartBuffer, slot: usize) -> Result<()>;
     /// A new live tensor of `shape` holding slot `slot`.
@@ -44,6 +58,29 @@ pub trait Backend: Send + Sync {
         slot: usize,
         w: f64,
     ) -> Result<()>;
+}
+
+/// The backend for `device`: [`CpuBackend`] on the CPU (where only `EmaPlacement::Host`
+/// exists); on a GPU (feature `cuda`) the streamed backend with the counterparts in
+/// pinned memory, a copy stream per direction and the PTX kernels, folding where `ema`
+/// says.
+///
+/// # Errors
+/// For a device this build cannot drive, or when the GPU backend cannot start.
+pub fn for_device(
+    device: &Device,
+    offload: &OffloadConfig,
+    ema: EmaPlacement,
+) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu if ema == EmaPlacement::Host => Ok(Box::new(CpuBackend::new(offload.threads))),
+        Device::Cpu => bail!(
+            "config key `offload.ema` = `{ema:?}` folds with a GPU kernel; on the CPU use `host`"
+        ),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(Box::new(super::cuda::backend(device, offload, ema)?)),
+        other => bail!("no counterpart backend for {other:?} in this build"),
+    }
 }
 
 /// Host backend: copies are memcpy/swap, folds run on the copy engine's worker thread

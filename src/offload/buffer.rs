@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use half::{bf16, f16};
 use memmap2::MmapMut;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -42,34 +41,83 @@ struct Slot {
     ptr: *mut u8,
 }
 
-/// The RAM tier: one zeroed allocation of `layout`, absent when nothing lives in RAM.
-struct Arena {
+/// Host memory for the RAM tier, owned by whoever allocated it and freed when dropped: the
+/// global allocator by default, or a device layer (page-locked memory a GPU can copy from
+/// asynchronously and map into its address space).
+pub trait HostMemory: Send + Sync {
+    /// Start of the memory, aligned to at least 64 bytes.
+    fn ptr(&self) -> *mut u8;
+    /// Size in bytes.
+    fn len(&self) -> usize;
+    /// Whether the memory has no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How the RAM arena is allocated: `bytes` (non-zero) bytes of [`HostMemory`], or
+/// [`OffloadError::HostAlloc`].
+pub type HostAlloc<'a> = &'a dyn Fn(usize) -> Result<Box<dyn HostMemory>, OffloadError>;
+
+/// Memory from the global allocator, aligned to [`ALIGN`].
+struct StdMemory {
     ptr: NonNull<u8>,
     layout: Layout,
 }
 
-impl Arena {
-    /// Allocates `bytes` zeroed bytes aligned to [`ALIGN`]; a refusal is an error, not an abort.
-    fn new(bytes: usize) -> Result<Option<Arena>, OffloadError> {
-        if bytes == 0 {
-            return Ok(None);
-        }
-        let err = || OffloadError::HostAlloc {
-            bytes: bytes as u64,
-        };
-        let layout = Layout::from_size_align(bytes, ALIGN).map_err(|_| err())?;
-        // SAFETY: `layout` has a non-zero size (checked above).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or_else(err)?;
-        Ok(Some(Arena { ptr, layout }))
+// SAFETY: the allocation is owned exclusively by this value, like a `Box<[u8]>`.
+unsafe impl Send for StdMemory {}
+// SAFETY: `StdMemory` hands out only the raw pointer; access through it is governed by the
+// buffer that owns the arena.
+unsafe impl Sync for StdMemory {}
+
+impl HostMemory for StdMemory {
+    fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.layout.size()
     }
 }
 
-impl Drop for Arena {
+impl Drop for StdMemory {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed only here.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
+}
+
+/// Allocates `bytes` (non-zero) bytes aligned to [`ALIGN`] from the global allocator; a
+/// refusal is an error, not an abort.
+pub(crate) fn std_alloc(bytes: usize) -> Result<Box<dyn HostMemory>, OffloadError> {
+    let err = || OffloadError::HostAlloc {
+        bytes: bytes as u64,
+    };
+    let layout = Layout::from_size_align(bytes, ALIGN).map_err(|_| err())?;
+    // SAFETY: `layout` has a non-zero size (the caller never asks for 0 bytes).
+    let raw = unsafe { alloc::alloc(layout) };
+    let ptr = NonNull::new(raw).ok_or_else(err)?;
+    Ok(Box::new(StdMemory { ptr, layout }))
+}
+
+/// The RAM tier: `bytes` zeroed bytes from `alloc`, absent when nothing lives in RAM.
+fn new_arena(
+    bytes: usize,
+    alloc: HostAlloc<'_>,
+) -> Result<Option<Box<dyn HostMemory>>, OffloadError> {
+    if bytes == 0 {
+        return Ok(None);
+    }
+    let mem = alloc(bytes)?;
+    if mem.len() < bytes || mem.ptr().is_null() || !(mem.ptr() as usize).is_multiple_of(ALIGN) {
+        return Err(OffloadError::HostAlloc {
+            bytes: bytes as u64,
+        });
+    }
+    // SAFETY: `mem` owns at least `bytes` writable bytes at `ptr` (checked above) and
+    // nothing else refers to them yet.
+    unsafe { std::ptr::write_bytes(mem.ptr(), 0, bytes) };
+    Ok(Some(mem))
 }
 
 /// The file tier: a mapping of a file this buffer created, removed when the buffer goes.
@@ -123,7 +171,7 @@ impl Drop for SpillFile {
 /// per-slot locks for concurrent copy jobs.
 pub struct CounterpartBuffer {
     slots: Vec<Slot>,
-    arena: Option<Arena>,
+    arena: Option<Box<dyn HostMemory>>,
     file: Option<SpillFile>,
     file_bytes: u64,
 }
@@ -157,6 +205,21 @@ impl CounterpartBuffer {
     /// [`OffloadError::File`] if the spill file cannot be created (it must not exist yet);
     /// [`OffloadError::SlotTooLarge`] if a slot's size overflows.
     pub fn allocate(specs: &[SlotSpec], cfg: &OffloadConfig) -> Result<Self, OffloadError> {
+        Self::allocate_in(specs, cfg, &std_alloc)
+    }
+
+    /// As [`CounterpartBuffer::allocate`], with the RAM arena from `alloc` (e.g. pinned
+    /// memory of a GPU backend); the arena is zeroed here and freed by dropping what
+    /// `alloc` returned.
+    ///
+    /// # Errors
+    /// As [`CounterpartBuffer::allocate`]; [`OffloadError::HostAlloc`] also if `alloc`
+    /// returns less memory than asked for, or memory not aligned to 64 bytes.
+    pub fn allocate_in(
+        specs: &[SlotSpec],
+        cfg: &OffloadConfig,
+        alloc: HostAlloc<'_>,
+    ) -> Result<Self, OffloadError> {
         // Offsets: (tier, offset, bytes) per slot; and the size if everything were in RAM.
         let mut placed = Vec::with_capacity(specs.len());
         let (mut ram_end, mut file_end, mut all_ram) = (0u64, 0u64, 0u64);
@@ -193,12 +256,12 @@ impl CounterpartBuffer {
         };
         let ram_bytes =
             usize::try_from(ram_end).map_err(|_| OffloadError::HostAlloc { bytes: ram_end })?;
-        let arena = Arena::new(ram_bytes)?;
+        let arena = new_arena(ram_bytes, alloc)?;
         let mut file = match file_path {
             Some(path) => Some(SpillFile::create(path, file_end)?),
             None => None,
         };
-        let ram_base = arena.as_ref().map(|a| a.ptr.as_ptr());
+        let ram_base = arena.as_ref().map(|a| a.ptr());
         let file_base = file
             .as_mut()
             .and_then(|f| f.map.as_mut())
@@ -261,7 +324,7 @@ impl CounterpartBuffer {
 
     /// Bytes of the RAM arena, alignment padding included (for the memory report).
     pub fn bytes_in_ram(&self) -> u64 {
-        self.arena.as_ref().map_or(0, |a| a.layout.size() as u64)
+        self.arena.as_ref().map_or(0, |a| a.len() as u64)
     }
 
     /// Bytes of the spill file, alignment padding included (for the memory report).
@@ -278,9 +341,9 @@ impl CounterpartBuffer {
     /// device layer can page-lock it (e.g. `cudaHostRegister`) for asynchronous copies.
     /// Writing through the pointer is subject to the same exclusivity as `slot_mut`.
     pub fn host_arena(&self) -> (*mut u8, usize) {
-        self.arena.as_ref().map_or((std::ptr::null_mut(), 0), |a| {
-            (a.ptr.as_ptr(), a.layout.size())
-        })
+        self.arena
+            .as_ref()
+            .map_or((std::ptr::null_mut(), 0), |a| (a.ptr(), a.len()))
     }
 
     /// Read-only typed view of slot `i`.
@@ -289,30 +352,12 @@ impl CounterpartBuffer {
     /// If `i >= self.len()`.
     pub fn slot(&self, i: usize) -> HostSlice<'_> {
         let s = &self.slots[i];
-        let n = s.spec.numel;
-        if s.bytes == 0 {
-            return match s.spec.dtype {
-                StorageDtype::F32 => HostSlice::F32(&[]),
-                StorageDtype::BF16 => HostSlice::BF16(&[]),
-                StorageDtype::F16 => HostSlice::F16(&[]),
-            };
-        }
-        // SAFETY: `ptr` points at `bytes = n * size_of(dtype)` initialized (zeroed, then
-        // only written with whole elements) bytes owned by `self`, aligned to 64; any bit
-        // pattern is a valid f32/bf16/f16. No writer exists while the view lives:
-        // `slot_mut`/`slots_mut` need `&mut self`, and `SharedCounterpartBuffer` writes
-        // slot `i` only under its write lock and calls this only under its read lock.
-        unsafe {
-            match s.spec.dtype {
-                StorageDtype::F32 => HostSlice::F32(std::slice::from_raw_parts(s.ptr.cast(), n)),
-                StorageDtype::BF16 => {
-                    HostSlice::BF16(std::slice::from_raw_parts(s.ptr.cast::<bf16>(), n))
-                }
-                StorageDtype::F16 => {
-                    HostSlice::F16(std::slice::from_raw_parts(s.ptr.cast::<f16>(), n))
-                }
-            }
-        }
+        // SAFETY: unless empty, `ptr` points at `bytes = numel * size_of(dtype)`
+        // initialized (zeroed, then only written with whole elements) bytes owned by
+        // `self`, aligned to 64. No writer exists while the view lives: `slot_mut` /
+        // `slots_mut` need `&mut self`, and `SharedCounterpartBuffer` writes slot `i` only
+        // under its write lock and calls this only under its read lock.
+        unsafe { HostSlice::from_raw(s.ptr, s.spec.dtype, s.spec.numel) }
     }
 
     /// Writable typed view of slot `i`.
@@ -426,30 +471,10 @@ impl CounterpartBuffer {
     /// If `i >= self.len()`.
     unsafe fn view_mut(&self, i: usize) -> HostSliceMut<'_> {
         let s = &self.slots[i];
-        let n = s.spec.numel;
-        if s.bytes == 0 {
-            return match s.spec.dtype {
-                StorageDtype::F32 => HostSliceMut::F32(&mut []),
-                StorageDtype::BF16 => HostSliceMut::BF16(&mut []),
-                StorageDtype::F16 => HostSliceMut::F16(&mut []),
-            };
-        }
         // SAFETY: as in `slot` for validity and alignment; exclusivity is the caller's
         // obligation. The memory is owned by the arena / mapping, not by `self.slots`, so
         // writing through the pointer does not alias the `&self` borrow of the slot table.
-        unsafe {
-            match s.spec.dtype {
-                StorageDtype::F32 => {
-                    HostSliceMut::F32(std::slice::from_raw_parts_mut(s.ptr.cast(), n))
-                }
-                StorageDtype::BF16 => {
-                    HostSliceMut::BF16(std::slice::from_raw_parts_mut(s.ptr.cast::<bf16>(), n))
-                }
-                StorageDtype::F16 => {
-                    HostSliceMut::F16(std::slice::from_raw_parts_mut(s.ptr.cast::<f16>(), n))
-                }
-            }
-        }
+        unsafe { HostSliceMut::from_raw(s.ptr, s.spec.dtype, s.spec.numel) }
     }
 }
 
@@ -537,6 +562,19 @@ impl SharedCounterpartBuffer {
     /// If `i >= self.len()`.
     pub fn spec(&self, i: usize) -> &SlotSpec {
         self.inner.buf.spec(i)
+    }
+
+    /// Whether slot `i` lives in the spill file (pageable memory a device cannot map).
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn is_in_file(&self, i: usize) -> bool {
+        self.inner.buf.is_in_file(i)
+    }
+
+    /// An identity of the shared buffer: equal for all handles of one buffer.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
     }
 
     /// Locks slot `i` for reading (blocks while it is being written).

@@ -22,6 +22,12 @@ pub struct EmaTask<'a> {
     pub w: f64,
 }
 
+/// The f32 coefficients of a fold with DPU coefficient `w`: `(w, 1 - w)`, the subtraction
+/// in f64, each rounded once to f32. Every placement (host threads, GPU kernels) uses these.
+pub(crate) fn coefficients(w: f64) -> (f32, f32) {
+    (w as f32, (1.0 - w) as f32)
+}
+
 /// Below this many bytes per thread, another thread costs more to start than it saves.
 const MIN_BYTES_PER_THREAD: u64 = 512 << 10;
 
@@ -90,8 +96,7 @@ fn split<'a>(tasks: &'a mut [EmaTask<'_>], n: usize, total: u64) -> Vec<Vec<Piec
     let mut room = target;
     for t in tasks.iter_mut() {
         let bpe = bytes_per_element(t) as u64;
-        let wf = t.w as f32;
-        let cf = (1.0 - t.w) as f32;
+        let (wf, cf) = coefficients(t.w);
         let mut dst = t.dst.reborrow();
         let mut src = t.src;
         while !dst.is_empty() {

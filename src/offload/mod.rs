@@ -11,19 +11,28 @@
 //!   call, split across threads, bit-identical for any thread count.
 //! - [`CopyEngine`]: ordered copy streams with fences (the host analogue of CUDA streams and
 //!   events), and [`StagingArea`], a bounded byte budget that makes large swaps go in chunks.
+//! - [`backend`]: the calls LDT makes on the buffer; [`stream`]: their implementation for a
+//!   device with queues ([`order`]: what waits for what; [`launch`]: the EMA kernels' launch
+//!   tables), and `cuda` (feature `cuda`): that device on a CUDA GPU.
 
 pub mod backend;
 mod buffer;
 mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod ema;
 mod engine;
 mod error;
+pub mod launch;
+pub mod order;
 mod slice;
+pub mod stream;
 
 use std::path::PathBuf;
 
 pub use buffer::{
-    CounterpartBuffer, SharedCounterpartBuffer, SlotReadGuard, SlotSpec, SlotWriteGuard,
+    CounterpartBuffer, HostAlloc, HostMemory, SharedCounterpartBuffer, SlotReadGuard, SlotSpec,
+    SlotWriteGuard,
 };
 pub use ema::{fused_ema, EmaTask};
 pub use engine::{CopyEngine, Fence, StagingArea, StagingLease};

@@ -44,6 +44,33 @@ fn bytes_of_mut<T: Copy>(s: &mut [T]) -> &mut [u8] {
 }
 
 impl<'a> HostSlice<'a> {
+    /// A view of `n` elements of `dtype` at `ptr`.
+    ///
+    /// # Safety
+    /// Unless `n == 0`, `ptr` must point at `n` initialized elements of `dtype`, aligned
+    /// for it, that nothing writes while the view lives.
+    pub(crate) unsafe fn from_raw(ptr: *const u8, dtype: StorageDtype, n: usize) -> Self {
+        if n == 0 {
+            return match dtype {
+                StorageDtype::F32 => HostSlice::F32(&[]),
+                StorageDtype::BF16 => HostSlice::BF16(&[]),
+                StorageDtype::F16 => HostSlice::F16(&[]),
+            };
+        }
+        // SAFETY: forwarded from the caller; any bit pattern is a valid f32, bf16 or f16.
+        unsafe {
+            match dtype {
+                StorageDtype::F32 => HostSlice::F32(std::slice::from_raw_parts(ptr.cast(), n)),
+                StorageDtype::BF16 => {
+                    HostSlice::BF16(std::slice::from_raw_parts(ptr.cast::<bf16>(), n))
+                }
+                StorageDtype::F16 => {
+                    HostSlice::F16(std::slice::from_raw_parts(ptr.cast::<f16>(), n))
+                }
+            }
+        }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
@@ -112,6 +139,35 @@ impl<'a> HostSlice<'a> {
 }
 
 impl<'a> HostSliceMut<'a> {
+    /// A writable view of `n` elements of `dtype` at `ptr`.
+    ///
+    /// # Safety
+    /// As [`HostSlice::from_raw`], the memory writable, and no other view of it may exist
+    /// while this one lives.
+    pub(crate) unsafe fn from_raw(ptr: *mut u8, dtype: StorageDtype, n: usize) -> Self {
+        if n == 0 {
+            return match dtype {
+                StorageDtype::F32 => HostSliceMut::F32(&mut []),
+                StorageDtype::BF16 => HostSliceMut::BF16(&mut []),
+                StorageDtype::F16 => HostSliceMut::F16(&mut []),
+            };
+        }
+        // SAFETY: forwarded from the caller; any bit pattern is a valid f32, bf16 or f16.
+        unsafe {
+            match dtype {
+                StorageDtype::F32 => {
+                    HostSliceMut::F32(std::slice::from_raw_parts_mut(ptr.cast(), n))
+                }
+                StorageDtype::BF16 => {
+                    HostSliceMut::BF16(std::slice::from_raw_parts_mut(ptr.cast::<bf16>(), n))
+                }
+                StorageDtype::F16 => {
+                    HostSliceMut::F16(std::slice::from_raw_parts_mut(ptr.cast::<f16>(), n))
+                }
+            }
+        }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.as_slice().len()

@@ -19,7 +19,7 @@ use crate::ldt::partition::Partition;
 use crate::ldt::{dpu, stage1};
 use crate::metrics::Progress;
 use crate::model::{io, Mode, NetState, Network};
-use crate::offload::backend::{Backend, CpuBackend};
+use crate::offload::backend::{self, Backend};
 use crate::offload::{
     CounterpartBuffer, Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StagingArea,
     StagingLease, StorageDtype,
@@ -80,11 +80,25 @@ impl SlotLayout {
         }
     }
 
-    /// Allocates the counterpart buffer (RAM up to the budget, the file tier beyond); a
-    /// budget too small is an error with the bytes needed and the settings to change.
-    pub fn allocate(&self, offload: &OffloadConfig) -> Result<CounterpartBuffer> {
-        CounterpartBuffer::allocate(&self.specs, offload).map_err(|e| anyhow::anyhow!("{e}"))
+    /// Allocates the counterpart buffer through `backend` (RAM up to the budget, pinned
+    /// on a GPU, the file tier beyond); a budget too small is an error with the bytes
+    /// needed and the settings to change.
+    pub fn allocate(
+        &self,
+        backend: Box<dyn Backend>,
+        offload: &OffloadConfig,
+    ) -> Result<Counterparts> {
+        let buf = backend
+            .allocate(&self.specs, offload)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Counterparts { buf, backend })
     }
+}
+
+/// The counterpart buffer and the backend that moves tensors in and out of it.
+pub struct Counterparts {
+    buf: CounterpartBuffer,
+    backend: Box<dyn Backend>,
 }
 
 /// Optimizer state of the next phase, loading early into the staging area.
@@ -130,10 +144,11 @@ impl SingleLive {
         partition: Partition,
         settings: OptimSettings,
         layout: SlotLayout,
-        buf: CounterpartBuffer,
+        counterparts: Counterparts,
         offload: &OffloadConfig,
         per_branch_buffers: bool,
     ) -> Result<Self> {
+        let Counterparts { buf, backend } = counterparts;
         let n = start.params.len();
         let SlotLayout {
             weight_slot,
@@ -143,7 +158,6 @@ impl SingleLive {
         } = layout;
         let buf_tiers = (buf.bytes_in_ram(), buf.bytes_in_file());
         let buf = Arc::new(SharedCounterpartBuffer::new(buf));
-        let backend: Box<dyn Backend> = Box::new(CpuBackend::new(offload.threads));
         for (i, p) in start.params.iter().enumerate() {
             backend.store(p.as_tensor(), &buf, weight_slot[i])?;
         }
@@ -550,7 +564,8 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         }
     }
     // The buffer comes first: a budget that cannot hold it fails before any training.
-    let buf = layout.allocate(&offload)?;
+    let mover = backend::for_device(&ctx.device, &offload, cfg.offload.ema)?;
+    let counterparts = layout.allocate(mover, &offload)?;
     let (start, partition) = match &resume {
         Some(ck) => (
             ck.net("live", ctx.net.as_ref())?,
@@ -569,8 +584,16 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     };
     ctx.agree_partition(&partition)?;
     ctx.report_lag(&partition, phases)?;
-    let mut m = SingleLive::new(start, partition, settings, layout, buf, &offload, dual)
-        .context("setting up the counterpart buffer")?;
+    let mut m = SingleLive::new(
+        start,
+        partition,
+        settings,
+        layout,
+        counterparts,
+        &offload,
+        dual,
+    )
+    .context("setting up the counterpart buffer")?;
     let (mut n_p, mut n_a, mut step) = (0usize, 0usize, 0usize);
     if let Some(ck) = &resume {
         m.restore(ck)?;

@@ -8,13 +8,18 @@
 //! (exact where the arithmetic is the same). Max-pool is also checked on inputs full
 //! of ties (ReLU zeros): the first maximum of a window takes the whole gradient on both
 //! paths. The optimizer's generic update keeps the kernels' operation order and f32
-//! scalars, so parameters and state must be bit-identical over several steps.
+//! scalars, so parameters and state must be bit-identical over several steps. Whole
+//! networks (`cnn`, `resnet18`, a small `vit`) run forward and backward with every layer
+//! function on its generic path (`with_generic_ops`) and on the custom path, both
+//! against the custom path in f64: logits, loss and every parameter's gradient of the
+//! generic path must deviate at most 4x as much as the custom path's (plus 1e-6).
 
 use candle_core::{DType, Device, Tensor, Var};
 use ldt::config::OptimName;
-use ldt::model::layers;
+use ldt::model::{layers, Mode, NetState};
 use ldt::optim::{OptimSettings, Optimizer};
 use ldt::rng::Rng;
+use ldt::verify;
 
 /// f32 tensor of `shape` uniform in [lo, hi).
 fn uniform(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
@@ -281,4 +286,123 @@ fn optimizer_generic_update_is_bit_identical() {
         }
         assert_ne!(values(pc.as_tensor()), values(&p0));
     }
+}
+
+/// Logits, loss and parameter gradients of one train forward/backward of `arch`.
+fn network_pass(
+    net: &dyn ldt::model::Network,
+    state: &NetState,
+    x: &Tensor,
+    y: &Tensor,
+) -> (Tensor, Tensor, Vec<Tensor>) {
+    let mut state = state.deep_clone().unwrap();
+    let all = vec![true; state.params.len()];
+    let logits = net
+        .forward(&state.view(&all), &mut state.buffers, x, Mode::Train)
+        .unwrap();
+    let loss = layers::cross_entropy(&logits, y).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = state
+        .params
+        .iter()
+        .map(|p| grads.get(p.as_tensor()).expect("gradient").clone())
+        .collect();
+    (logits, loss, g)
+}
+
+/// A copy of `state` in f64 (integer buffers kept).
+fn to_f64(state: &NetState) -> NetState {
+    NetState {
+        params: state
+            .params
+            .iter()
+            .map(|p| Var::from_tensor(&p.as_tensor().to_dtype(DType::F64).unwrap()).unwrap())
+            .collect(),
+        buffers: state
+            .buffers
+            .iter()
+            .map(|b| match b.dtype() {
+                DType::F32 => b.to_dtype(DType::F64).unwrap(),
+                _ => b.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Whole network, generic vs custom path in f32, both measured against the custom path
+/// in f64: the generic path's worst deviation (logits, loss, each gradient) must stay
+/// within `factor` times the custom f32 path's own (plus 1e-6 of the scale), i.e. the
+/// two differ by f32 rounding, not by arithmetic; and generic vs custom directly within
+/// `direct`.
+fn whole_network(arch: &str, set: &[&str], input: [usize; 3], factor: f64, direct: f64) {
+    let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+    let net = ldt::model::build(&verify::model_config(arch, &set).unwrap(), input, 10).unwrap();
+    let mut rng = Rng::new(9, 0);
+    let state = NetState::init(net.as_ref(), &mut rng, &Device::Cpu).unwrap();
+    let n = 4;
+    let x = uniform(&mut rng, &[n, input[0], input[1], input[2]], -1.0, 1.0);
+    let labels: Vec<i64> = (0..n).map(|_| rng.below(10) as i64).collect();
+    let y = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let reference = network_pass(net.as_ref(), &to_f64(&state), &x64, &y);
+    let custom = network_pass(net.as_ref(), &state, &x, &y);
+    let generic = layers::with_generic_ops(|| network_pass(net.as_ref(), &state, &x, &y));
+    let worst = |(l, s, g): &(Tensor, Tensor, Vec<Tensor>)| {
+        let grad = g
+            .iter()
+            .zip(&reference.2)
+            .map(|(a, r)| deviation(a, r))
+            .fold(0f64, f64::max);
+        [deviation(l, &reference.0), deviation(s, &reference.1), grad]
+    };
+    let (c, g) = (worst(&custom), worst(&generic));
+    for (i, what) in ["logits", "loss", "worst gradient"].iter().enumerate() {
+        let d = match i {
+            0 => deviation(&generic.0, &custom.0),
+            1 => deviation(&generic.1, &custom.1),
+            _ => custom
+                .2
+                .iter()
+                .zip(&generic.2)
+                .map(|(c, g)| deviation(g, c))
+                .fold(0f64, f64::max),
+        };
+        println!(
+            "{arch} {what} vs f64: custom {:.3e}, generic {:.3e}; generic vs custom {d:.3e}",
+            c[i], g[i]
+        );
+        assert!(
+            d <= direct,
+            "{arch} {what}: generic vs custom {d:e} > {direct:e}"
+        );
+        assert!(
+            g[i] <= factor * c[i] + 1e-6,
+            "{arch} {what}: generic {:e} vs custom {:e} (factor {factor})",
+            g[i],
+            c[i]
+        );
+    }
+}
+
+#[test]
+fn cnn_generic_matches() {
+    whole_network("cnn", &[], [1, 28, 28], 4.0, 2e-6);
+}
+
+#[test]
+fn resnet18_generic_matches() {
+    // BatchNorm over 4 values per channel in the last stage (batch 4, 1x1) amplifies f32
+    // rounding: both f32 paths' worst gradient is 0.36 of the scale off the f64 one.
+    whole_network("resnet18", &[], [3, 32, 32], 4.0, 1e-3);
+}
+
+#[test]
+fn vit_generic_matches() {
+    whole_network(
+        "vit",
+        &["model.width=24", "model.depth=2", "model.heads=2"],
+        [3, 16, 16],
+        4.0,
+        2e-6,
+    );
 }

@@ -33,10 +33,31 @@ pub fn conv2d(
 #[doc(hidden)]
 pub use super::conv::conv2d_generic;
 
+thread_local! {
+    /// Set inside [`with_generic_ops`].
+    static FORCE_GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the layer functions taking their device-generic paths on the CPU too
+/// (on this thread), so tests can compare whole networks across the two paths.
+#[doc(hidden)]
+pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
+    let prev = FORCE_GENERIC.with(|c| c.replace(true));
+    let r = f();
+    FORCE_GENERIC.with(|c| c.set(prev));
+    r
+}
+
+/// Whether a layer function on `x` takes its device-generic path: off the CPU, or inside
+/// [`with_generic_ops`].
+pub(crate) fn use_generic(x: &Tensor) -> bool {
+    !x.device().is_cpu() || FORCE_GENERIC.with(|c| c.get())
+}
+
 /// Rectified linear unit with PyTorch's gradient: zero where the input is <= 0
 /// (candle's relu passes the gradient at exactly 0).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if use_generic(x) {
         return relu_generic(x);
     }
     Ok(x.contiguous()?.apply_op1(Relu)?)
@@ -88,7 +109,7 @@ impl CustomOp1 for Relu {
 /// Max pooling with PyTorch semantics: `-inf` padding, the first maximum of a window
 /// takes the whole gradient. Any kernel, stride and padding.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if use_generic(x) {
         return max_pool2d_generic(x, kernel, stride, padding);
     }
     Ok(x.contiguous()?.apply_op1(MaxPool2d {
@@ -408,7 +429,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
             b.dims()
         );
     }
-    if !x.device().is_cpu() {
+    if use_generic(x) {
         return layer_norm_generic(x, w, b, eps);
     }
     Ok(x.contiguous()?
@@ -589,7 +610,7 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b.dims() != [n] {
         anyhow::bail!("add_bias: bias {:?} does not fit rows of {n}", b.dims());
     }
-    if !y.device().is_cpu() {
+    if use_generic(y) {
         return add_bias_generic(y, b);
     }
     Ok(y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
@@ -704,7 +725,7 @@ impl CustomOp2 for AddBias {
 /// GELU in its exact form `0.5 x (1 + erf(x / sqrt 2))` (PyTorch `GELU()`, not the tanh
 /// approximation), evaluated in f64; the backward is `Phi(x) + x phi(x)` exactly.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if use_generic(x) {
         return gelu_erf_generic(x);
     }
     Ok(x.contiguous()?.apply_op1(GeluErf)?)
@@ -798,7 +819,7 @@ impl CustomOp1 for GeluErf {
 /// Softmax over the last dimension (max subtracted, sum in f64); the backward is the
 /// exact `y * (g - sum(g * y))` per row.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if use_generic(x) {
         return softmax_last_dim_generic(x);
     }
     Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)

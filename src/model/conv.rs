@@ -160,6 +160,9 @@ pub fn conv2d(
     stride: usize,
     pad: usize,
 ) -> Result<Tensor> {
+    if super::layers::use_generic(x) {
+        return conv2d_generic(x, w, b, stride, pad);
+    }
     let (n, c, h, wd) = x.dims4()?;
     let (o, _, kh, kw) = w.dims4()?;
     let g = Geometry::new(c, h, wd, (kh, kw), stride, pad);
@@ -175,4 +178,38 @@ pub fn conv2d(
     Ok(y.reshape((n, g.oh, g.ow, o))?
         .permute((0, 3, 1, 2))?
         .contiguous()?)
+}
+
+/// [`conv2d`] as candle's `Tensor::conv2d` (which records its backward), on any device,
+/// bias added per output channel. The input is zero-padded here and cut to the rows and
+/// columns the windows read, and candle convolves it unpadded: candle 0.11's backward
+/// derives the transposed convolution's output padding from the height alone, which
+/// gives a wrong-shaped gradient when the width leaves another remainder. Used off the
+/// CPU; public so tests can run it on the CPU.
+#[doc(hidden)]
+pub fn conv2d_generic(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let (_, c, h, wd) = x.dims4()?;
+    let (o, _, kh, kw) = w.dims4()?;
+    if stride == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
+        anyhow::bail!(
+            "conv2d: kernel {kh}x{kw}, stride {stride}, padding {pad} do not fit {h}x{wd}"
+        );
+    }
+    let g = Geometry::new(c, h, wd, (kh, kw), stride, pad);
+    let xp = x
+        .pad_with_zeros(2, pad, pad)?
+        .pad_with_zeros(3, pad, pad)?
+        .narrow(2, 0, (g.oh - 1) * stride + kh)?
+        .narrow(3, 0, (g.ow - 1) * stride + kw)?;
+    let y = xp.conv2d(w, 0, stride, 1, 1)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1))?)?,
+        None => y,
+    })
 }

@@ -30,10 +30,45 @@ pub fn conv2d(
     super::conv::conv2d(x, w, b, stride, padding)
 }
 
+#[doc(hidden)]
+pub use super::conv::conv2d_generic;
+
+thread_local! {
+    /// Set inside [`with_generic_ops`].
+    static FORCE_GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the layer functions taking their device-generic paths on the CPU too
+/// (on this thread), so tests can compare whole networks across the two paths.
+#[doc(hidden)]
+pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
+    let prev = FORCE_GENERIC.with(|c| c.replace(true));
+    let r = f();
+    FORCE_GENERIC.with(|c| c.set(prev));
+    r
+}
+
+/// Whether a layer function on `x` takes its device-generic path: off the CPU, or inside
+/// [`with_generic_ops`].
+pub(crate) fn use_generic(x: &Tensor) -> bool {
+    !x.device().is_cpu() || FORCE_GENERIC.with(|c| c.get())
+}
+
 /// Rectified linear unit with PyTorch's gradient: zero where the input is <= 0
 /// (candle's relu passes the gradient at exactly 0).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if use_generic(x) {
+        return relu_generic(x);
+    }
     Ok(x.contiguous()?.apply_op1(Relu)?)
+}
+
+/// [`relu`] from candle's differentiable ops, on any device: `x * (x > 0)` with the mask
+/// recorded as a constant, so the gradient is zero where `x <= 0` (candle's own `relu`
+/// passes it at exactly 0). Used off the CPU; public so tests can run it on the CPU.
+#[doc(hidden)]
+pub fn relu_generic(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mul(&x.gt(0.0)?.to_dtype(x.dtype())?)?)
 }
 
 struct Relu;
@@ -74,11 +109,75 @@ impl CustomOp1 for Relu {
 /// Max pooling with PyTorch semantics: `-inf` padding, the first maximum of a window
 /// takes the whole gradient. Any kernel, stride and padding.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    if use_generic(x) {
+        return max_pool2d_generic(x, kernel, stride, padding);
+    }
     Ok(x.contiguous()?.apply_op1(MaxPool2d {
         kernel,
         stride,
         padding,
     })?)
+}
+
+/// [`max_pool2d`] from candle's differentiable ops, on any device: the input is padded
+/// with `-inf` (plus `stride` more rows and columns at the end, never read, so every
+/// window offset has a full strided view), and the `kernel*kernel` strided views
+/// (narrow + reshape) are folded in window order with `where_cond`, a later element
+/// replacing the running maximum only when strictly greater (or a NaN over a number):
+/// the first maximum takes the whole gradient, as in PyTorch. Used off the CPU; public
+/// so tests can run it on the CPU.
+#[doc(hidden)]
+pub fn max_pool2d_generic(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if kernel == 0 || stride == 0 || h + 2 * padding < kernel || w + 2 * padding < kernel {
+        anyhow::bail!(
+            "max_pool2d: kernel {kernel}, stride {stride}, padding {padding} do not fit {h}x{w}"
+        );
+    }
+    let geo = MaxPool2d {
+        kernel,
+        stride,
+        padding,
+    };
+    let (oh, ow) = (geo.out_dim(h), geo.out_dim(w));
+    let (hp, wp) = (h + 2 * padding + stride, w + 2 * padding + stride);
+    // -inf outside the image, 0 inside.
+    let mut mask = vec![f32::NEG_INFINITY; hp * wp];
+    for iy in 0..h {
+        mask[(iy + padding) * wp + padding..][..w].fill(0.0);
+    }
+    let mask = Tensor::from_vec(mask, (1, 1, hp, wp), x.device())?.to_dtype(x.dtype())?;
+    let xp = x
+        .pad_with_zeros(2, padding, padding + stride)?
+        .pad_with_zeros(3, padding, padding + stride)?
+        .broadcast_add(&mask)?;
+    let mut best: Option<Tensor> = None;
+    for ky in 0..kernel {
+        for kx in 0..kernel {
+            let v = xp
+                .narrow(2, ky, oh * stride)?
+                .narrow(3, kx, ow * stride)?
+                .reshape((n, c, oh, stride, ow * stride))?
+                .narrow(3, 0, 1)?
+                .reshape((n, c, oh, ow, stride))?
+                .narrow(4, 0, 1)?
+                .reshape((n, c, oh, ow))?;
+            best = Some(match best {
+                None => v,
+                Some(b) => {
+                    let nan_over_number = v.ne(&v)?.mul(&b.eq(&b)?)?;
+                    let take = v.gt(&b)?.add(&nan_over_number)?;
+                    take.where_cond(&v, &b)?
+                }
+            });
+        }
+    }
+    Ok(best.expect("kernel >= 1"))
 }
 
 struct MaxPool2d {
@@ -330,8 +429,39 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
             b.dims()
         );
     }
+    if use_generic(x) {
+        return layer_norm_generic(x, w, b, eps);
+    }
     Ok(x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })?)
+}
+
+/// The dtype the generic paths compute in: f32 for bf16 (rounded once on the way out, as
+/// the CPU ops round their f64 results once), else the tensor's own.
+fn compute_dtype(dt: DType) -> DType {
+    if dt == DType::BF16 {
+        DType::F32
+    } else {
+        dt
+    }
+}
+
+/// [`layer_norm`] from candle's differentiable ops, on any device (mean, centred
+/// square mean, `1/sqrt(var + eps)`, affine), reduced in the compute dtype rather than
+/// in f64. Used off the CPU; public so tests can run it on the CPU.
+#[doc(hidden)]
+pub fn layer_norm_generic(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let ct = compute_dtype(dt);
+    let (x, w, b) = (&x.to_dtype(ct)?, &w.to_dtype(ct)?, &b.to_dtype(ct)?);
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let rstd = (var + eps)?.sqrt()?.recip()?;
+    Ok(centered
+        .broadcast_mul(&rstd)?
+        .broadcast_mul(w)?
+        .broadcast_add(b)?
+        .to_dtype(dt)?)
 }
 
 /// `(x - mean) / sqrt(var + eps) * w + b` per row of the last dimension.
@@ -480,7 +610,18 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b.dims() != [n] {
         anyhow::bail!("add_bias: bias {:?} does not fit rows of {n}", b.dims());
     }
+    if use_generic(y) {
+        return add_bias_generic(y, b);
+    }
     Ok(y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
+}
+
+/// [`add_bias`] as candle's `broadcast_add`, on any device (its backward sums the bias
+/// gradient in the tensor's dtype). Used off the CPU; public so tests can run it on the
+/// CPU.
+#[doc(hidden)]
+pub fn add_bias_generic(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(y.broadcast_add(b)?)
 }
 
 /// Linear `y = x W^T + b` over the last dimension of any-rank `x` (leading dimensions
@@ -584,7 +725,22 @@ impl CustomOp2 for AddBias {
 /// GELU in its exact form `0.5 x (1 + erf(x / sqrt 2))` (PyTorch `GELU()`, not the tanh
 /// approximation), evaluated in f64; the backward is `Phi(x) + x phi(x)` exactly.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if use_generic(x) {
+        return gelu_erf_generic(x);
+    }
     Ok(x.contiguous()?.apply_op1(GeluErf)?)
+}
+
+/// [`gelu_erf`] from candle's differentiable ops, on any device: `x * 0.5 (1 + erf(x /
+/// sqrt 2))`, differentiated through candle's exact `erf` backward (candle's fused
+/// `gelu_erf` backward uses a 6-digit `1/sqrt(2 pi)`). Used off the CPU; public so tests
+/// can run it on the CPU.
+#[doc(hidden)]
+pub fn gelu_erf_generic(x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(compute_dtype(dt))?;
+    let cdf = (((&x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+    Ok(x.mul(&cdf)?.to_dtype(dt)?)
 }
 
 struct GeluErf;
@@ -663,7 +819,23 @@ impl CustomOp1 for GeluErf {
 /// Softmax over the last dimension (max subtracted, sum in f64); the backward is the
 /// exact `y * (g - sum(g * y))` per row.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if use_generic(x) {
+        return softmax_last_dim_generic(x);
+    }
     Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
+}
+
+/// [`softmax_last_dim`] from candle's differentiable ops, on any device: `exp(x - max)`
+/// over its sum, the max detached (it only shifts the logits). Used off the CPU; public
+/// so tests can run it on the CPU.
+#[doc(hidden)]
+pub fn softmax_last_dim_generic(x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(compute_dtype(dt))?;
+    let e = x
+        .broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?
+        .exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dt)?)
 }
 
 struct SoftmaxLastDim;

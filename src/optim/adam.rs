@@ -180,3 +180,56 @@ pub(super) fn step(
     )?;
     Ok(())
 }
+
+/// [`step`] from candle tensor ops, on any device: the same operations in the same order
+/// on the same f32-rounded scalars (divisions stay divisions), the moments replaced in
+/// `st` and the parameter written with `Var::set`. Used off the CPU.
+pub(super) fn step_generic(
+    s: &OptimSettings,
+    st: &mut LayerState,
+    p: &Var,
+    g: &Tensor,
+    lr: f64,
+) -> Result<()> {
+    let [b1, b2] = s.betas;
+    let t = st.step as i32;
+    let mut g = g.clone();
+    if s.weight_decay > 0.0 {
+        if s.name == OptimName::Adamw {
+            let f = (1.0 - lr * s.weight_decay) as f32;
+            p.set(&(p.as_tensor().detach() * f as f64)?)?;
+        } else {
+            g = (&g + (p.as_tensor().detach() * s.weight_decay)?)?;
+        }
+    }
+    let v = match &st.v {
+        Some(v) => v.clone(),
+        None => g.zeros_like()?,
+    };
+    let m = if b1 > 0.0 {
+        let m = match &st.m {
+            Some(m) => m.clone(),
+            None => g.zeros_like()?,
+        };
+        let w = (1.0 - b1) as f32;
+        let m = if w.abs() < 0.5 {
+            (&m + ((&g - &m)? * w as f64)?)?
+        } else {
+            (&g - ((&g - &m)? * (1.0 - w) as f64)?)?
+        };
+        st.m = Some(m.clone());
+        m
+    } else {
+        g.clone()
+    };
+    let (b2f, c) = (b2 as f32, (1.0 - b2) as f32);
+    let v = ((v * b2f as f64)? + ((&g * c as f64)? * &g)?)?;
+    st.v = Some(v.clone());
+    let bc1 = 1.0 - b1.powi(t);
+    let bc2 = Tensor::new((1.0 - b2.powi(t)).sqrt() as f32, v.device())?.to_dtype(v.dtype())?;
+    let neg_step = (-(lr / bc1)) as f32;
+    let denom = (v.sqrt()?.broadcast_div(&bc2)? + s.eps as f32 as f64)?;
+    let upd = ((m * neg_step as f64)? / denom)?;
+    p.set(&(p.as_tensor().detach() + upd)?)?;
+    Ok(())
+}

@@ -96,8 +96,29 @@ impl Optimizer {
         &self.settings
     }
 
-    /// Applies one update to layer `i` with learning rate `lr`.
+    /// Applies one update to layer `i` with learning rate `lr`: in place through the CPU
+    /// kernels on the CPU, through [`Optimizer::step_generic`] on other devices.
     pub fn step(&mut self, i: usize, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
+        let generic = !param.device().is_cpu();
+        self.step_on(i, param, grad, lr, generic)
+    }
+
+    /// [`Optimizer::step`] computed with candle tensor ops (any device; the state
+    /// tensors are replaced, the parameter written with `Var::set`). Used off the CPU;
+    /// public so tests can compare it with the CPU kernels.
+    #[doc(hidden)]
+    pub fn step_generic(&mut self, i: usize, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
+        self.step_on(i, param, grad, lr, true)
+    }
+
+    fn step_on(
+        &mut self,
+        i: usize,
+        param: &Var,
+        grad: &Tensor,
+        lr: f64,
+        generic: bool,
+    ) -> Result<()> {
         let grad = grad.contiguous()?;
         let s = &self.settings;
         let st = self.state[i].get_or_insert_with(|| LayerState {
@@ -106,9 +127,13 @@ impl Optimizer {
             v: None,
         });
         st.step += 1;
-        match s.name {
-            OptimName::Adam | OptimName::Adamw => adam::step(s, st, param, &grad, lr),
-            OptimName::Sgd => sgd::step(s, st, param, &grad, lr),
+        match (s.name, generic) {
+            (OptimName::Adam | OptimName::Adamw, false) => adam::step(s, st, param, &grad, lr),
+            (OptimName::Adam | OptimName::Adamw, true) => {
+                adam::step_generic(s, st, param, &grad, lr)
+            }
+            (OptimName::Sgd, false) => sgd::step(s, st, param, &grad, lr),
+            (OptimName::Sgd, true) => sgd::step_generic(s, st, param, &grad, lr),
         }
         .with_context(|| format!("optimizer step of layer {i}"))
     }

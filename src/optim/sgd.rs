@@ -96,3 +96,33 @@ pub(super) fn step(
     )?;
     Ok(())
 }
+
+/// [`step`] from candle tensor ops, on any device: the same operations in the same order
+/// on the same f32-rounded scalars, the momentum buffer replaced in `st` and the
+/// parameter written with `Var::set`. Used off the CPU.
+pub(super) fn step_generic(
+    s: &OptimSettings,
+    st: &mut LayerState,
+    p: &Var,
+    g: &Tensor,
+    lr: f64,
+) -> Result<()> {
+    let d = if s.weight_decay > 0.0 {
+        (g + (p.as_tensor().detach() * s.weight_decay)?)?
+    } else {
+        g.clone()
+    };
+    let d = if s.momentum > 0.0 {
+        let b = match &st.m {
+            None => d.copy()?,
+            Some(b) => ((b * s.momentum as f32 as f64)? + d)?,
+        };
+        st.m = Some(b.clone());
+        b
+    } else {
+        d
+    };
+    let neg_lr = (-lr) as f32;
+    p.set(&(p.as_tensor().detach() + (d * neg_lr as f64)?)?)?;
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! The device-generic paths (candle tensor ops, taken off the CPU) against the CPU custom
+//! ops, run on the CPU in f32 with seeded random inputs.
+//!
+//! Each layer function: forward values and the gradients of `sum(y * r)` (random `r`)
+//! for every input. Deviation per tensor: `max |generic - custom| / max |custom|`
+//! (scale-relative), bounded per op below; the CPU ops reduce in f64 and round once,
+//! the generic ones reduce in f32, so the bounds are a few f32 ulps of the scale
+//! (exact where the arithmetic is the same). Max-pool is also checked on inputs full
+//! of ties (ReLU zeros): the first maximum of a window takes the whole gradient on both
+//! paths. The optimizer's generic update keeps the kernels' operation order and f32
+//! scalars, so parameters and state must be bit-identical over several steps. Whole
+//! networks (`cnn`, `resnet18`, a small `vit`) run forward and backward with every layer
+//! function on its generic path (`with_generic_ops`) and on the custom path, both
+//! against the custom path in f64: logits, loss and every parameter's gradient of the
+//! generic path must deviate at most 4x as much as the custom path's (plus 1e-6).
+
+use candle_core::{DType, Device, Tensor, Var};
+use ldt::config::OptimName;
+use ldt::model::{layers, Mode, NetState};
+use ldt::optim::{OptimSettings, Optimizer};
+use ldt::rng::Rng;
+use ldt::verify;
+
+/// f32 tensor of `shape` uniform in [lo, hi).
+fn uniform(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_vec(rng.uniform_vec(n, lo, hi), shape, &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// `max |a - b| / max |b|` (0 when both are all zero).
+fn deviation(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let (a, b) = (values(a), values(b));
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
+    if diff == 0.0 {
+        0.0
+    } else {
+        diff / scale
+    }
+}
+
+type Op<'a> = &'a dyn Fn(&[Tensor]) -> Tensor;
+
+/// Runs `custom` and `generic` on Vars of `inputs`, returns the worst deviation of the
+/// forward value and of each input's gradient of `sum(y * r)`.
+fn compare(rng: &mut Rng, inputs: &[Tensor], custom: Op, generic: Op) -> (f64, Vec<f64>) {
+    let run = |f: Op| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        (y, vars)
+    };
+    let (yc, vc) = run(custom);
+    let (yg, vg) = run(generic);
+    let r = uniform(rng, yc.dims(), -1.0, 1.0);
+    let gc = (&yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gg = (&yg * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = vc
+        .iter()
+        .zip(&vg)
+        .map(|(c, g)| {
+            deviation(
+                gg.get(g.as_tensor()).expect("generic gradient"),
+                gc.get(c.as_tensor()).expect("custom gradient"),
+            )
+        })
+        .collect();
+    (deviation(&yg, &yc), grads)
+}
+
+fn check(name: &str, (fwd, grads): (f64, Vec<f64>), fwd_tol: f64, grad_tol: f64) {
+    println!("{name}: forward {fwd:.3e}, gradients {grads:?}");
+    assert!(
+        fwd <= fwd_tol,
+        "{name}: forward deviation {fwd:e} > {fwd_tol:e}"
+    );
+    for g in grads {
+        assert!(
+            g <= grad_tol,
+            "{name}: gradient deviation {g:e} > {grad_tol:e}"
+        );
+    }
+}
+
+#[test]
+fn relu_matches_exactly() {
+    let mut rng = Rng::new(1, 0);
+    // Soft-thresholded: positive, negative and exact zeros (both gradients are 0 there).
+    let u = uniform(&mut rng, &[4, 8, 9, 9], -1.0, 1.0);
+    let pos = layers::relu(&(&u - 0.3).unwrap()).unwrap();
+    let neg = layers::relu(&(u.neg().unwrap() - 0.3).unwrap()).unwrap();
+    let x = (pos - neg).unwrap();
+    let r = compare(&mut rng, &[x], &|t| layers::relu(&t[0]).unwrap(), &|t| {
+        layers::relu_generic(&t[0]).unwrap()
+    });
+    check("relu", r, 0.0, 0.0);
+}
+
+#[test]
+fn max_pool_matches_exactly() {
+    let mut rng = Rng::new(2, 0);
+    // (kernel, stride, padding): the ResNet stem, kernel == stride, overlapping windows
+    // without padding, a wide padded kernel.
+    for (k, s, p) in [(3, 2, 1), (2, 2, 0), (3, 1, 0), (5, 3, 2)] {
+        for ties in [false, true] {
+            let x = uniform(&mut rng, &[3, 4, 13, 11], -1.0, 1.0);
+            // ReLU output: about half the entries are tied zeros.
+            let x = if ties { layers::relu(&x).unwrap() } else { x };
+            let r = compare(
+                &mut rng,
+                &[x],
+                &|t| layers::max_pool2d(&t[0], k, s, p).unwrap(),
+                &|t| layers::max_pool2d_generic(&t[0], k, s, p).unwrap(),
+            );
+            // Overlapping windows add their gradients in another order: a few ulps.
+            check(
+                &format!("max_pool2d k{k} s{s} p{p} ties {ties}"),
+                r,
+                0.0,
+                3e-7,
+            );
+        }
+    }
+}
+
+#[test]
+fn conv2d_matches() {
+    let mut rng = Rng::new(3, 0);
+    // ResNet's stem, 3x3 stride 1 and 2, and the 1x1 stride-2 downsample.
+    for (c, o, k, s, p, bias) in [
+        (3, 8, 7, 2, 3, false),
+        (8, 8, 3, 1, 1, true),
+        (8, 16, 3, 2, 1, false),
+        (8, 16, 1, 2, 0, true),
+    ] {
+        let x = uniform(&mut rng, &[2, c, 15, 14], -1.0, 1.0);
+        let w = uniform(&mut rng, &[o, c, k, k], -0.5, 0.5);
+        let mut inputs = vec![x, w];
+        if bias {
+            inputs.push(uniform(&mut rng, &[o], -0.5, 0.5));
+        }
+        let r = compare(
+            &mut rng,
+            &inputs,
+            &|t| layers::conv2d(&t[0], &t[1], t.get(2), s, p).unwrap(),
+            &|t| layers::conv2d_generic(&t[0], &t[1], t.get(2), s, p).unwrap(),
+        );
+        // Another summation order of the same products (im2col GEMM vs candle's direct
+        // convolution).
+        check(&format!("conv2d {c}->{o} k{k} s{s} p{p}"), r, 2e-6, 2e-6);
+    }
+}
+
+#[test]
+fn layer_norm_matches() {
+    let mut rng = Rng::new(4, 0);
+    let x = uniform(&mut rng, &[5, 7, 48], -2.0, 3.0);
+    let w = uniform(&mut rng, &[48], 0.5, 1.5);
+    let b = uniform(&mut rng, &[48], -0.5, 0.5);
+    let r = compare(
+        &mut rng,
+        &[x, w, b],
+        &|t| layers::layer_norm(&t[0], &t[1], &t[2], 1e-6).unwrap(),
+        &|t| layers::layer_norm_generic(&t[0], &t[1], &t[2], 1e-6).unwrap(),
+    );
+    check("layer_norm", r, 1e-6, 1e-6);
+}
+
+#[test]
+fn add_bias_matches() {
+    let mut rng = Rng::new(5, 0);
+    let y = uniform(&mut rng, &[64, 40], -1.0, 1.0);
+    let b = uniform(&mut rng, &[40], -1.0, 1.0);
+    let r = compare(
+        &mut rng,
+        &[y.clone(), b.clone()],
+        &|t| layers::add_bias(&t[0], &t[1]).unwrap(),
+        &|t| layers::add_bias_generic(&t[0], &t[1]).unwrap(),
+    );
+    // The same f32 addition forward; the bias gradient is summed in f32, not f64.
+    check("add_bias", r, 0.0, 1e-6);
+    let x = uniform(&mut rng, &[2, 32, 24], -1.0, 1.0);
+    let w = uniform(&mut rng, &[40, 24], -0.5, 0.5);
+    let r = compare(
+        &mut rng,
+        &[x, w, b],
+        &|t| layers::linear_rows(&t[0], &t[1], Some(&t[2])).unwrap(),
+        &|t| {
+            let y = t[0].reshape((64, 24)).unwrap().matmul(&t[1].t().unwrap());
+            layers::add_bias_generic(&y.unwrap(), &t[2])
+                .unwrap()
+                .reshape((2, 32, 40))
+                .unwrap()
+        },
+    );
+    check("linear_rows", r, 0.0, 1e-6);
+}
+
+#[test]
+fn gelu_erf_matches() {
+    let mut rng = Rng::new(6, 0);
+    let x = uniform(&mut rng, &[16, 300], -5.0, 5.0);
+    let r = compare(
+        &mut rng,
+        &[x],
+        &|t| layers::gelu_erf(&t[0]).unwrap(),
+        &|t| layers::gelu_erf_generic(&t[0]).unwrap(),
+    );
+    check("gelu_erf", r, 1e-6, 1e-6);
+}
+
+#[test]
+fn softmax_matches() {
+    let mut rng = Rng::new(7, 0);
+    let x = uniform(&mut rng, &[3, 4, 17, 17], -6.0, 6.0);
+    let r = compare(
+        &mut rng,
+        &[x],
+        &|t| layers::softmax_last_dim(&t[0]).unwrap(),
+        &|t| layers::softmax_last_dim_generic(&t[0]).unwrap(),
+    );
+    check("softmax_last_dim", r, 1e-6, 1e-6);
+}
+
+#[test]
+fn optimizer_generic_update_is_bit_identical() {
+    let settings = |name, betas, weight_decay, momentum| OptimSettings {
+        name,
+        betas,
+        eps: 1e-8,
+        weight_decay,
+        momentum,
+    };
+    let cases = [
+        settings(OptimName::Adam, [0.9, 0.999], 0.0, 0.0),
+        settings(OptimName::Adam, [0.9, 0.999], 5e-4, 0.0),
+        settings(OptimName::Adamw, [0.9, 0.95], 0.05, 0.0),
+        settings(OptimName::Adam, [0.0, 0.99], 0.0, 0.0),
+        // beta1 = 0.4: lerp weight 0.6 >= 0.5 takes the kernel's other branch.
+        settings(OptimName::Adamw, [0.4, 0.999], 0.01, 0.0),
+        settings(OptimName::Sgd, [0.9, 0.999], 5e-4, 0.9),
+        settings(OptimName::Sgd, [0.9, 0.999], 0.0, 0.0),
+    ];
+    for s in cases {
+        let mut rng = Rng::new(8, 0);
+        let p0 = uniform(&mut rng, &[37, 23], -1.0, 1.0);
+        let (pc, pg) = (
+            Var::from_tensor(&p0).unwrap(),
+            Var::from_tensor(&p0).unwrap(),
+        );
+        let mut oc = Optimizer::new(s.clone(), 1);
+        let mut og = Optimizer::new(s.clone(), 1);
+        for step in 0..6 {
+            let g = uniform(&mut rng, &[37, 23], -0.1, 0.1);
+            let lr = 1e-3 * (1.0 + step as f64);
+            oc.step(0, &pc, &g, lr).unwrap();
+            og.step_generic(0, &pg, &g, lr).unwrap();
+            assert_eq!(
+                values(pc.as_tensor()),
+                values(pg.as_tensor()),
+                "{s:?} step {step}"
+            );
+            let (sc, sg) = (oc.state(0).unwrap(), og.state(0).unwrap());
+            let (tc, tg) = (sc.tensors(), sg.tensors());
+            assert_eq!(tc.len(), tg.len());
+            for ((nc, c), (ng, g)) in tc.iter().zip(&tg) {
+                assert_eq!(nc, ng);
+                assert_eq!(values(c), values(g), "{s:?} step {step} state {nc}");
+            }
+        }
+        assert_ne!(values(pc.as_tensor()), values(&p0));
+    }
+}
+
+/// Logits, loss and parameter gradients of one train forward/backward of `arch`.
+fn network_pass(
+    net: &dyn ldt::model::Network,
+    state: &NetState,
+    x: &Tensor,
+    y: &Tensor,
+) -> (Tensor, Tensor, Vec<Tensor>) {
+    let mut state = state.deep_clone().unwrap();
+    let all = vec![true; state.params.len()];
+    let logits = net
+        .forward(&state.view(&all), &mut state.buffers, x, Mode::Train)
+        .unwrap();
+    let loss = layers::cross_entropy(&logits, y).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = state
+        .params
+        .iter()
+        .map(|p| grads.get(p.as_tensor()).expect("gradient").clone())
+        .collect();
+    (logits, loss, g)
+}
+
+/// A copy of `state` in f64 (integer buffers kept).
+fn to_f64(state: &NetState) -> NetState {
+    NetState {
+        params: state
+            .params
+            .iter()
+            .map(|p| Var::from_tensor(&p.as_tensor().to_dtype(DType::F64).unwrap()).unwrap())
+            .collect(),
+        buffers: state
+            .buffers
+            .iter()
+            .map(|b| match b.dtype() {
+                DType::F32 => b.to_dtype(DType::F64).unwrap(),
+                _ => b.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Whole network, generic vs custom path in f32, both measured against the custom path
+/// in f64: the generic path's worst deviation (logits, loss, each gradient) must stay
+/// within `factor` times the custom f32 path's own (plus 1e-6 of the scale), i.e. the
+/// two differ by f32 rounding, not by arithmetic; and generic vs custom directly within
+/// `direct`.
+fn whole_network(arch: &str, set: &[&str], input: [usize; 3], factor: f64, direct: f64) {
+    let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+    let net = ldt::model::build(&verify::model_config(arch, &set).unwrap(), input, 10).unwrap();
+    let mut rng = Rng::new(9, 0);
+    let state = NetState::init(net.as_ref(), &mut rng, &Device::Cpu).unwrap();
+    let n = 4;
+    let x = uniform(&mut rng, &[n, input[0], input[1], input[2]], -1.0, 1.0);
+    let labels: Vec<i64> = (0..n).map(|_| rng.below(10) as i64).collect();
+    let y = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let reference = network_pass(net.as_ref(), &to_f64(&state), &x64, &y);
+    let custom = network_pass(net.as_ref(), &state, &x, &y);
+    let generic = layers::with_generic_ops(|| network_pass(net.as_ref(), &state, &x, &y));
+    let worst = |(l, s, g): &(Tensor, Tensor, Vec<Tensor>)| {
+        let grad = g
+            .iter()
+            .zip(&reference.2)
+            .map(|(a, r)| deviation(a, r))
+            .fold(0f64, f64::max);
+        [deviation(l, &reference.0), deviation(s, &reference.1), grad]
+    };
+    let (c, g) = (worst(&custom), worst(&generic));
+    for (i, what) in ["logits", "loss", "worst gradient"].iter().enumerate() {
+        let d = match i {
+            0 => deviation(&generic.0, &custom.0),
+            1 => deviation(&generic.1, &custom.1),
+            _ => custom
+                .2
+                .iter()
+                .zip(&generic.2)
+                .map(|(c, g)| deviation(g, c))
+                .fold(0f64, f64::max),
+        };
+        println!(
+            "{arch} {what} vs f64: custom {:.3e}, generic {:.3e}; generic vs custom {d:.3e}",
+            c[i], g[i]
+        );
+        assert!(
+            d <= direct,
+            "{arch} {what}: generic vs custom {d:e} > {direct:e}"
+        );
+        assert!(
+            g[i] <= factor * c[i] + 1e-6,
+            "{arch} {what}: generic {:e} vs custom {:e} (factor {factor})",
+            g[i],
+            c[i]
+        );
+    }
+}
+
+#[test]
+fn cnn_generic_matches() {
+    whole_network("cnn", &[], [1, 28, 28], 4.0, 2e-6);
+}
+
+#[test]
+fn resnet18_generic_matches() {
+    // BatchNorm over 4 values per channel in the last stage (batch 4, 1x1) amplifies f32
+    // rounding: both f32 paths' worst gradient is 0.36 of the scale off the f64 one.
+    whole_network("resnet18", &[], [3, 32, 32], 4.0, 1e-3);
+}
+
+#[test]
+fn vit_generic_matches() {
+    whole_network(
+        "vit",
+        &["model.width=24", "model.depth=2", "model.heads=2"],
+        [3, 16, 16],
+        4.0,
+        2e-6,
+    );
+}

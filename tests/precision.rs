@@ -88,6 +88,8 @@ fn accumulated_equals_batch(arch: &str, bound: f64) {
         "{arch}: accumulate 4 vs 1: loss rel {dl:.2e}, worst gradient rel L2 {w:.2e} ({name})"
     );
     assert!(dl < 1e-6, "{arch}: loss differs by {dl:.2e} (bound 1e-6)");
+    // Micro-batches sum in another order: identical bits would mean no split happened.
+    assert!(w > 0.0, "{arch}: accumulate = 4 gave the whole-batch bits");
     assert!(
         w < bound,
         "{arch}: `{name}` gradient rel L2 {w:.2e} (bound {bound:.0e})"
@@ -233,6 +235,10 @@ fn bf16_gradients(arch: &str, input: [usize; 3], mode: Mode, total_bound: f64) {
         den += w.iter().map(|q| q * q).sum::<f64>();
     }
     let total = (num / den).sqrt();
+    assert!(
+        total > 0.0,
+        "{arch}: bf16 gave the f32 gradient bits: bf16 was not applied"
+    );
     let dl = ((s16.loss - s32.loss) / s32.loss).abs();
     let (w, name) = worst(&g16, &g32, net);
     let (base, base_name) = worst(&gr, &g32, net);
@@ -328,6 +334,7 @@ fn accumulated_runs_track_whole_batch_runs() {
         eprintln!(
             "{arch} {method}: accumulate 4 vs 1 after 50 steps: worst rel L2 {w:.2e} ({name})"
         );
+        assert!(w > 0.0, "{arch} {method}: accumulate = 4 had no effect");
         assert!(
             w < 1e-5,
             "{arch} {method}: `{name}` rel L2 {w:.2e} (bound 1e-5)"
@@ -349,6 +356,10 @@ fn bf16_run_tracks_the_f32_loss() {
     let (ta, tb) = (tail(&a), tail(&b));
     let rel = ((tb - ta) / ta).abs();
     eprintln!("cnn erm: mean loss steps 31-50 f32 {ta:.4}, bf16 {tb:.4} (rel {rel:.3}); first {:.3} / {:.3}", a[0], b[0]);
+    assert!(
+        a != b,
+        "the bf16 run computed the f32 losses: bf16 was not applied"
+    );
     assert!(
         rel < 0.06,
         "bf16 tail loss {tb:.4} vs f32 {ta:.4} (bound 6%)"

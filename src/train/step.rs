@@ -180,15 +180,17 @@ fn local_gradients(
 ) -> Result<(StepStats, Vec<Option<Tensor>>)> {
     let n = y.dim(0)?;
     let parts = plan.accumulate.clamp(1, n.max(1));
+    // Weights and input are cast once per step, shared by the micro-batches.
+    let (view, x) = working_copies(state, trainable, x, plan.precision)?;
     if parts == 1 {
-        return micro_gradients(net, state, trainable, x, y, mode, plan.precision);
+        return micro_gradients(net, state, &view, trainable, &x, y, mode);
     }
     let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
     let (mut loss, mut correct) = (0f64, 0usize);
     for k in 0..parts {
         let (a, b) = (k * n / parts, (k + 1) * n / parts);
         let (xk, yk) = (x.narrow(0, a, b - a)?, y.narrow(0, a, b - a)?);
-        let (s, grads) = micro_gradients(net, state, trainable, &xk, &yk, mode, plan.precision)?;
+        let (s, grads) = micro_gradients(net, state, &view, trainable, &xk, &yk, mode)?;
         correct += s.correct;
         if !s.loss.is_finite() {
             let stats = StepStats {
@@ -218,31 +220,41 @@ fn local_gradients(
     Ok((stats, sum))
 }
 
-/// One forward and backward on a micro-batch. In bf16 the trainable and frozen weights
-/// and the input are cast to bf16 (the casts are recorded, so each gradient arrives in
-/// the f32 of its master weight) and the logits are cast back to f32 for the loss.
+/// The forward's weights (`state.view`: frozen layers detached) and input in the working
+/// precision. In bf16 the casts are recorded, so each gradient arrives in the f32 of its
+/// master weight.
+fn working_copies(
+    state: &NetState,
+    trainable: &[bool],
+    x: &Tensor,
+    precision: Precision,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    let view = state.view(trainable);
+    Ok(match precision {
+        Precision::F32 => (view, x.clone()),
+        Precision::Bf16 => (
+            view.iter()
+                .map(|t| t.to_dtype(DType::BF16))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            x.to_dtype(DType::BF16)?,
+        ),
+    })
+}
+
+/// One forward and backward on a micro-batch with the working copies `view`; the logits
+/// are cast to f32 for the loss (a no-op in f32).
 fn micro_gradients(
     net: &dyn Network,
     state: &mut NetState,
+    view: &[Tensor],
     trainable: &[bool],
     x: &Tensor,
     y: &Tensor,
     mode: Mode,
-    precision: Precision,
 ) -> Result<(StepStats, Vec<Option<Tensor>>)> {
-    let view = state.view(trainable);
-    let logits = match precision {
-        Precision::F32 => net.forward(&view, &mut state.buffers, x, mode)?,
-        Precision::Bf16 => {
-            let view = view
-                .iter()
-                .map(|t| t.to_dtype(DType::BF16))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let x = x.to_dtype(DType::BF16)?;
-            net.forward(&view, &mut state.buffers, &x, mode)?
-                .to_dtype(DType::F32)?
-        }
-    };
+    let logits = net
+        .forward(view, &mut state.buffers, x, mode)?
+        .to_dtype(DType::F32)?;
     let loss = layers::cross_entropy(&logits, y)?;
     let loss_v = loss.to_scalar::<f32>()?;
     let correct = logits

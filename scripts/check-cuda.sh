@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile-checks the `cuda` feature (`cargo check --release --features cuda --all-targets`)
-# on a machine without a GPU: nvcc 13.4 from PyPI (scripts/cuda-toolkit.sh) compiles
+# Compile-checks the `cuda` and `nccl` features (`cargo check --release --features cuda
+# --all-targets`, then the same with `nccl`) on a machine without a GPU: nvcc 13.4 from PyPI (scripts/cuda-toolkit.sh) compiles
 # candle's kernels, and the target directory lives outside the clone
 # (LDT_CUDA_TARGET_DIR, default ${XDG_CACHE_HOME:-$HOME/.cache}/ldt-ci/target-cuda), so
 # only the first run builds candle's CUDA kernels (13 minutes on 2 shared cores) and later
@@ -16,6 +16,8 @@ eval "$(scripts/cuda-toolkit.sh)"
 export CARGO_TARGET_DIR="${LDT_CUDA_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ldt-ci/target-cuda}"
 mkdir -p "$CARGO_TARGET_DIR"
 nvcc --version | tail -n 2 | head -n 1
-start=$SECONDS
-cargo check --release --features cuda --all-targets
-echo "cuda feature check: $((SECONDS - start)) s (target dir $CARGO_TARGET_DIR)"
+for features in cuda nccl; do
+  start=$SECONDS
+  cargo check --release --features "$features" --all-targets
+  echo "$features feature check: $((SECONDS - start)) s (target dir $CARGO_TARGET_DIR)"
+done

@@ -10,13 +10,25 @@
 # cuobjdump and nvdisasm (to read the SASS ptxas makes) go to a directory of their own.
 #
 # Environment: LDT_CUDA_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/ldt-ci),
-# PYTHON (default python3), CUDA_COMPUTE_CAP (default 90, used where nvidia-smi is absent).
+# PYTHON (default python3), CUDA_COMPUTE_CAP (default 90, used where nvidia-smi is absent),
+# LDT_CUDA_VERSION: 13.4 (default; CI's compile check) or 13.0 (the version of the lent
+# H200's driver: scripts/gpu-check.sh builds with it, because a driver rejects PTX from a
+# newer nvcc than itself).
 set -euo pipefail
 
-version=13.4.92
+case "${LDT_CUDA_VERSION:-13.4}" in
+13.4) version=13.4.92 cccl=13.3.5.0.6 cudarc=13040 ;;
+13.0) version=13.0.88 cccl=13.0.85 cudarc=13000 ;;
+*)
+  echo "cuda-toolkit.sh: LDT_CUDA_VERSION=${LDT_CUDA_VERSION} is not 13.4 or 13.0" >&2
+  exit 1
+  ;;
+esac
 cache=${LDT_CUDA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ldt-ci}
 dir=$cache/cuda-$version
-sass=$cache/cuda-$version-sass
+# The disassemblers read any CUDA 13 SASS; one version of them serves both toolkits.
+sass_version=13.4.92
+sass=$cache/cuda-$sass_version-sass
 python=${PYTHON:-python3}
 root=$dir/nvidia/cu13
 
@@ -45,8 +57,8 @@ pip_install() {
 }
 
 pip_install "$dir" "nvidia-cuda-nvcc==$version" "nvidia-nvvm==$version" \
-  "nvidia-cuda-crt==$version" "nvidia-cuda-runtime==$version" "nvidia-cuda-cccl==13.3.5.0.6"
-pip_install "$sass" "nvidia-cuda-cuobjdump==$version" "nvidia-cuda-nvdisasm==$version"
+  "nvidia-cuda-crt==$version" "nvidia-cuda-runtime==$version" "nvidia-cuda-cccl==$cccl"
+pip_install "$sass" "nvidia-cuda-cuobjdump==$sass_version" "nvidia-cuda-nvdisasm==$sass_version"
 
 [ -x "$root/bin/nvcc" ] && [ -x "$root/bin/ptxas" ] && [ -x "$sass/nvidia/cu13/bin/nvdisasm" ] || {
   echo "cuda-toolkit.sh: nvcc, ptxas or nvdisasm missing after the install ($cache)" >&2
@@ -56,5 +68,5 @@ pip_install "$sass" "nvidia-cuda-cuobjdump==$version" "nvidia-cuda-nvdisasm==$ve
 echo "export CUDA_ROOT='$root'"
 echo "export CUDA_HOME='$root'"
 echo "export PATH='$root/bin':'$sass/nvidia/cu13/bin':\"\$PATH\""
-echo "export CUDARC_CUDA_VERSION=13040"
+echo "export CUDARC_CUDA_VERSION=$cudarc"
 echo "export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}"

@@ -1,33 +1,43 @@
 #!/usr/bin/env bash
-# The GPU checks of the `cuda` feature, for a lent GPU machine (one H200 with nvcc 13.0
-# and its driver, no network; 15 minutes of device time in all, start-up included).
+# The GPU checks of the `cuda` and `nccl` features, for a lent GPU machine (one H200,
+# driver for CUDA 13.0, PyTorch's CUDA 13 libraries, no Rust toolchain, no network;
+# 15 minutes of device time in all, start-up included). The binaries are built HERE and
+# carried; the machine only runs them.
 #
-#   here:   scripts/gpu-check.sh prepare   vendors every crate into .gpu/vendor.tar.xz
-#                                          (about 11 MB; Windows-only crates emptied) and
-#                                          adds .gpu to .git/info/exclude
-#   there:  scripts/gpu-check.sh build     offline `cargo build --release --features cuda`
-#                                          of ldt, the GPU tests and the GPU benchmark
-#           scripts/gpu-check.sh run       ldt info, the GPU tests, the benchmark; one
-#                                          table last
-#           scripts/gpu-check.sh all       build, then run
+#   here:   scripts/gpu-check.sh prepare   builds ldt, the GPU tests (tests/gpu.rs,
+#                                          tests/nccl.rs) and the GPU benchmark with
+#                                          `--release --features nccl` against CUDA 13.0
+#                                          and link stand-ins (scripts/cuda-stubs.sh),
+#                                          and packs them into .gpu/bundle.tar.xz
+#                                          (.gpu is added to .git/info/exclude)
+#   there:  scripts/gpu-check.sh run       ldt info, the GPU tests, the one-rank NCCL
+#                                          test, the benchmark; one table last
 #
-# With the device tool: carry [".gpu"]; a machine kept warm keeps target/ between calls,
-# so `build` and `run` may be two calls (each call is limited to 10 minutes). Logs go to
+# With the device tool: carry [".gpu"], command `scripts/gpu-check.sh run`. Logs go to
 # $OUT (the tool's output folder) or /tmp/ldt-gpu-check.
+#
+# Why CUDA 13.0: the driver JIT-compiles PTX (ours, ISA 7.0, and candle's) and refuses
+# PTX from a newer CUDA than its own; the lent H200's driver is 580 (CUDA 13.0), so
+# candle's kernels are compiled by nvcc 13.0 (PyPI). They are compiled as PTX for
+# compute_80 (bf16 needs 8.0; 3x faster to build on 2 cores than compute_90) and the
+# driver compiles them for the H200 when they are first loaded.
 #
 # The GPU tests (tests/gpu.rs): every EMA kernel (one tensor, table, mapped destination,
 # mapped source) for every dtype pair against the host fold on random data of odd sizes;
 # the pinned counterpart buffer round trip and every backend call of every fold
 # placement against the CPU backend; erm, ldt (resident, swap) and ldt-s (host, device,
 # mapped folds) on the cnn for 20 steps against the same runs on the CPU.
+# tests/nccl.rs: erm, ldt and ldt-s through a one-rank NCCL engine against the same runs
+# without an engine, bit for bit.
 # The benchmark (benches/gpu.rs): EMA kernel GB/s vs a device copy, pinned vs pageable
 # copies, step time and peak device memory of erm / ldt resident / ldt swap / ldt-s on
 # resnet50 at batch 64, and the share of swap time hidden behind compute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:-all}
+stage=${1:-run}
 out=${OUT:-/tmp/ldt-gpu-check}
 mkdir -p "$out"
+bundle=.gpu/bundle.tar.xz
 
 die() {
   echo "gpu-check: $*" >&2
@@ -35,97 +45,110 @@ die() {
 }
 
 prepare() {
-  command -v cargo >/dev/null || die "cargo is needed to vendor the crates"
-  rm -rf .gpu
-  mkdir -p .gpu
-  cargo vendor --locked --offline .gpu/vendor >/dev/null 2>.gpu/vendor.log ||
-    cargo vendor --locked .gpu/vendor >/dev/null 2>.gpu/vendor.log ||
-    die "cargo vendor failed: $(tail -n 3 .gpu/vendor.log)"
-  # Windows-only crates are never compiled on Linux: keep their manifests (Cargo reads
-  # every package of the lock file) and drop their sources and import libraries.
-  for d in .gpu/vendor/winapi* .gpu/vendor/windows*; do
-    [ -d "$d" ] || continue
-    had_build=0
-    [ -f "$d/build.rs" ] && had_build=1
-    find "$d" -mindepth 1 ! -name Cargo.toml ! -name .cargo-checksum.json -delete
-    mkdir -p "$d/src"
-    : >"$d/src/lib.rs"
-    if [ "$had_build" = 1 ]; then : >"$d/build.rs"; fi
-    python3 -c 'import json,sys; p=sys.argv[1]; j=json.load(open(p)); j["files"]={}; json.dump(j,open(p,"w"))' \
-      "$d/.cargo-checksum.json"
+  command -v cargo >/dev/null || die "cargo is needed to build the bundle"
+  export LDT_CUDA_VERSION=13.0 CUDA_COMPUTE_CAP=80
+  eval "$(scripts/cuda-toolkit.sh)"
+  export CUDA_COMPUTE_CAP=80
+  export CARGO_TARGET_DIR="${LDT_GPU_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ldt-ci/target-gpu}"
+  local stubs="$CARGO_TARGET_DIR/cuda-stubs"
+  scripts/cuda-stubs.sh "$stubs" >/dev/null
+  export LIBRARY_PATH="$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  nvcc --version | tail -n 2 | head -n 1
+  rm -rf .gpu/stage
+  mkdir -p .gpu/stage/bin
+  local t0=$SECONDS
+  # name of the carried binary : cargo's kind and name of its target : cargo arguments
+  for spec in "ldt:bin ldt:build --release --bin ldt" \
+    "gpu-tests:test gpu:test --release --test gpu --no-run" \
+    "nccl-tests:test nccl:test --release --test nccl --no-run" \
+    "gpu-bench:bench gpu:bench --bench gpu --no-run"; do
+    local name target what exe
+    IFS=: read -r name target what <<<"$spec"
+    # shellcheck disable=SC2086
+    exe=$(cargo $what --features nccl --message-format=json 2>"$out/build-$name.log" |
+      python3 -c 'import json, sys
+kind, name = sys.argv[1].split()
+exe = [m["executable"] for m in map(json.loads, sys.stdin)
+       if m.get("reason") == "compiler-artifact" and m.get("executable")
+       and m["target"]["name"] == name and kind in m["target"]["kind"]]
+print(exe[-1] if exe else "")' "$target") || true
+    [ -n "$exe" ] && [ -x "$exe" ] || {
+      tail -n 30 "$out/build-$name.log" >&2
+      die "cargo $what --features nccl failed (log: $out/build-$name.log)"
+    }
+    objcopy --strip-debug "$exe" ".gpu/stage/bin/$name"
+    echo "built $name at $((SECONDS - t0)) s: $(du -h ".gpu/stage/bin/$name" | cut -f1)"
   done
-  tar cJf .gpu/vendor.tar.xz -C .gpu vendor
-  rm -rf .gpu/vendor .gpu/vendor.log
+  # The tests find the bundled data through the directory they were built in.
+  pwd >.gpu/stage/built-in
+  git rev-parse --short HEAD >.gpu/stage/commit
+  # Each binary holds the same 50 MB of candle's PTX: a dictionary larger than all of them
+  # lets xz store it once (about 1 GB of memory to pack, 300 MB to unpack).
+  tar cf - -C .gpu/stage . | xz -T1 -6 --lzma2=preset=6,dict=256MiB >"$bundle"
+  rm -rf .gpu/stage
+  local exclude
   exclude=$(git rev-parse --git-path info/exclude)
   mkdir -p "$(dirname "$exclude")"
   grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
-  echo "prepared .gpu/vendor.tar.xz ($(du -h .gpu/vendor.tar.xz | cut -f1)); carry .gpu"
+  echo "prepared $bundle ($(du -h "$bundle" | cut -f1)); carry .gpu, run 'scripts/gpu-check.sh run'"
 }
 
-setup() {
-  [ -f .gpu/vendor.tar.xz ] || die "no .gpu/vendor.tar.xz: run 'scripts/gpu-check.sh prepare' on a machine with cargo and carry .gpu"
-  export PATH="$HOME/.cargo/bin:/usr/local/cuda/bin:$PATH"
-  command -v cargo >/dev/null || die "no Rust toolchain (cargo) on this machine"
-  command -v nvcc >/dev/null || die "no nvcc on this machine"
-  command -v nvidia-smi >/dev/null || die "no nvidia-smi: is this a GPU machine?"
-  # Crates come from the carried archive, unpacked under the ignored target/ (so it is
-  # never carried back), never from the network.
-  local vendor="$PWD/target/gpu-vendor"
-  if [ ! -f "$vendor/.unpacked" ] || [ .gpu/vendor.tar.xz -nt "$vendor/.unpacked" ]; then
-    rm -rf "$vendor"
-    mkdir -p "$vendor"
-    tar xJf .gpu/vendor.tar.xz -C "$vendor" --strip-components=1
-    touch "$vendor/.unpacked"
-  fi
-  vendored=(--offline --config 'source.crates-io.replace-with="vendored"'
-    --config "source.vendored.directory=\"$vendor\"")
-  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '. ')
-  export CUDA_COMPUTE_CAP="$cap"
-  export CUDA_ROOT="${CUDA_ROOT:-/usr/local/cuda}"
-  export LD_LIBRARY_PATH="$CUDA_ROOT/lib64:${LD_LIBRARY_PATH:-}"
-  export CARGO_TARGET_DIR="$PWD/target/gpu"
-  export CARGO_BUILD_JOBS="$(nproc)"
-}
-
-build() {
-  setup
-  nvcc --version | tail -n 2 | head -n 1
-  cargo --version
-  echo "building --release --features cuda for sm_$CUDA_COMPUTE_CAP with $CARGO_BUILD_JOBS jobs (log: $out/build.log)"
-  local t0=$SECONDS
-  : >"$out/build.log"
-  for what in "build --release --features cuda --bin ldt" \
-    "test --release --features cuda --test gpu --no-run" \
-    "bench --features cuda --bench gpu --no-run"; do
-    # $what is split into cargo's arguments on purpose.
-    # shellcheck disable=SC2086
-    if ! cargo $what "${vendored[@]}" >>"$out/build.log" 2>&1; then
-      tail -n 40 "$out/build.log"
-      die "cargo $what failed after $((SECONDS - t0)) s (log: $out/build.log)"
+# Directories holding each library the binaries need, from the driver's, the system
+# toolkit's and PyTorch's CUDA 13 packages.
+library_path() {
+  local dirs=() lib found
+  for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnccl.so.2 \
+    libcudart.so.13; do
+    found=$(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu /usr/local/cuda/ /opt \
+      -name "$lib" 2>/dev/null | head -n 1) || true
+    if [ -n "$found" ]; then
+      dirs+=("$(dirname "$found")")
+    elif ! ldconfig -p 2>/dev/null | grep -q "$lib"; then
+      echo "gpu-check: $lib not found on this machine" >&2
     fi
-    echo "cargo $what: done at $((SECONDS - t0)) s"
   done
+  printf '%s\n' "${dirs[@]}" | awk '!seen[$0]++' | paste -sd:
 }
 
 run() {
-  setup
-  local status=0
+  [ -f "$bundle" ] || die "no $bundle: run 'scripts/gpu-check.sh prepare' on the build machine and carry .gpu"
+  command -v nvidia-smi >/dev/null || die "no nvidia-smi: is this a GPU machine?"
+  local dir="$PWD/target/gpu-bundle" status=0
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  tar xJf "$bundle" -C "$dir"
+  local lp
+  lp=$(library_path)
+  export LD_LIBRARY_PATH="$lp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # The test binaries read data/ under the directory they were built in.
+  local built
+  built=$(cat "$dir/built-in")
+  if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
+    mkdir -p "$(dirname "$built")"
+    ln -s "$PWD" "$built"
+  fi
+  echo "bundle of commit $(cat "$dir/commit"); libraries from $lp"
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
-  "$CARGO_TARGET_DIR/release/ldt" info | tee "$out/info.log" || status=1
-  if [ -x "$(command -v ptxas)" ]; then
+  if ldd "$dir/bin/ldt" | grep 'not found'; then
+    die "libraries missing (above); set LD_LIBRARY_PATH to where they are"
+  fi
+  "$dir/bin/ldt" info | tee "$out/info.log" || status=1
+  if command -v ptxas >/dev/null; then
     for arch in sm_75 sm_80 sm_86 sm_89 sm_90; do
       ptxas -arch=$arch kernels/ema.ptx -o /dev/null && echo "ptxas $(ptxas --version | tail -n 1 | cut -c1-40): ok $arch"
     done
   fi
   set +e
-  cargo test --release --features cuda --test gpu "${vendored[@]}" -- --nocapture --test-threads=1 2>&1 |
-    tee "$out/gpu-tests.log" | grep -E '^(test |SKIPPED|    |[a-z-]+ .*(L2|identical))|panicked|test result'
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  cargo bench --features cuda --bench gpu "${vendored[@]}" 2>&1 | tee "$out/gpu-bench.log" >/dev/null
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  for t in gpu-tests nccl-tests; do
+    "$dir/bin/$t" --nocapture --test-threads=1 2>&1 | tee "$out/$t.log" |
+      grep -E '^(test |SKIPPED|    |nccl |[a-z-]+ .*(L2|identical))|panicked|test result'
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
+  "$dir/bin/gpu-bench" --bench 2>&1 | tee "$out/gpu-bench.log" >/dev/null
+  [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -n 20 "$out/gpu-bench.log"; }
   set -e
   echo
-  grep -E '^test .* (ok|FAILED)$|test result' "$out/gpu-tests.log" || true
+  grep -hE '^test .* (ok|FAILED)$|test result' "$out/gpu-tests.log" "$out/nccl-tests.log" || true
   # The benchmark's table, last.
   sed -n '/^| measure /,$p' "$out/gpu-bench.log"
   [ "$status" = 0 ] || echo "gpu-check: something failed; logs in $out" >&2
@@ -134,11 +157,6 @@ run() {
 
 case "$stage" in
 prepare) prepare ;;
-build) build ;;
 run) run ;;
-all)
-  build
-  run
-  ;;
-*) die "usage: scripts/gpu-check.sh prepare|build|run|all" ;;
+*) die "usage: scripts/gpu-check.sh prepare|run" ;;
 esac

@@ -11,15 +11,24 @@
 //! forward. Rank 0 alone writes metrics, checkpoints and exported networks.
 //!
 //! The group is process-wide (like `torch.distributed`'s default group): [`init`] sets
-//! it once from the launcher's environment; without a launcher it is [`Local`] (one
-//! rank, no communication, and nothing changes in the arithmetic).
+//! it from the launcher's environment; without a launcher it is [`Local`] (one rank, no
+//! communication, and nothing changes in the arithmetic). Two engines: MPI
+//! (`--features mpi`) for CPU processes, started by [`init`]; NCCL (`--features nccl`)
+//! for GPUs, which [`connect`] starts once a run has opened its GPU and knows its run
+//! directory (the NCCL id travels through a file there, see [`rendezvous`]).
 
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
+pub mod rendezvous;
 
 use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use parking_lot::RwLock;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// A collective engine over the ranks of one run.
@@ -36,8 +45,22 @@ pub trait Collective: Send + Sync {
     fn broadcast_f64(&self, buf: &mut [f64], root: usize) -> Result<()>;
     /// Waits until every rank has arrived.
     fn barrier(&self) -> Result<()>;
+    /// Elementwise sum over ranks of an f32 tensor, returned on the tensor's device. The
+    /// default goes through host memory ([`Collective::all_reduce_sum_f32`]); the NCCL
+    /// engine reduces GPU tensors in device memory, on the compute stream.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let mut v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.all_reduce_sum_f32(&mut v)?;
+        Ok(Tensor::from_vec(v, t.shape(), t.device())?)
+    }
     /// The engine's name for logs and `summary.json`.
     fn name(&self) -> &'static str;
+    /// Whether this is [`Local`]: one process and no engine, so the data-parallel
+    /// reductions are skipped. An engine of one rank still runs them (a test of the
+    /// engine on one GPU).
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// One rank, no communication.
@@ -64,6 +87,9 @@ impl Collective for Local {
     }
     fn name(&self) -> &'static str {
         "local"
+    }
+    fn is_local(&self) -> bool {
+        true
     }
 }
 
@@ -133,7 +159,12 @@ pub fn launch_from(get: impl Fn(&str) -> Option<String>) -> Result<Option<Launch
     Ok(None)
 }
 
-static GROUP: OnceLock<Box<dyn Collective>> = OnceLock::new();
+static GROUP: RwLock<Option<Arc<dyn Collective>>> = RwLock::new(None);
+static LAUNCH: OnceLock<Option<Launch>> = OnceLock::new();
+
+fn set_group(engine: Arc<dyn Collective>) {
+    *GROUP.write() = Some(engine);
+}
 
 /// Keeps the collective engine alive; dropping it shuts the engine down (MPI_Finalize),
 /// so `main` holds it until the exit code is known.
@@ -143,41 +174,141 @@ pub struct Guard {
 }
 
 /// Sets the process group from the launcher's environment: one rank without a launcher;
-/// with a launcher of more than one rank, the MPI engine (`--features mpi`). A
+/// with a launcher of more than one rank, the MPI engine (`--features mpi`; not under
+/// torchrun when the build has NCCL), or else with `--features nccl` a group that waits
+/// for [`connect`] to start NCCL. A
 /// multi-rank launch in a build without an engine is an error that says how to rebuild.
 pub fn init() -> Result<Guard> {
     let launch = launch_from(|k| std::env::var(k).ok())?;
-    let Some(launch) = launch.filter(|l| l.world > 1) else {
-        GROUP.get_or_init(|| Box::new(Local));
-        return Ok(Guard {
-            #[cfg(feature = "mpi")]
-            _mpi: None,
-        });
+    let launch = LAUNCH.get_or_init(|| launch.filter(|l| l.world > 1));
+    let guard = Guard {
+        #[cfg(feature = "mpi")]
+        _mpi: None,
     };
+    let Some(launch) = launch else {
+        set_group(Arc::new(Local));
+        return Ok(guard);
+    };
+    // torchrun starts no MPI job: its ranks wait for NCCL when the build has it.
     #[cfg(feature = "mpi")]
-    {
-        let (universe, engine) = mpi::start(&launch)?;
-        if GROUP.set(Box::new(engine)).is_err() {
-            bail!("the process group was already set");
-        }
-        Ok(Guard {
+    if launch.launcher != "torchrun" || cfg!(not(feature = "nccl")) {
+        let (universe, engine) = mpi::start(launch)?;
+        set_group(Arc::new(engine));
+        return Ok(Guard {
             _mpi: Some(universe),
-        })
+        });
     }
-    #[cfg(not(feature = "mpi"))]
-    bail!(
-        "{} started this process as rank {} of {}, but this ldt was built without a collective \
-         engine: rebuild with `cargo build --release --features mpi` (OpenMPI: apt-get install \
-         openmpi-bin libopenmpi-dev libclang-dev), or run a single process",
-        launch.launcher,
-        launch.rank,
-        launch.world
-    )
+    #[cfg(feature = "nccl")]
+    {
+        set_group(Arc::new(AwaitingGpu {
+            rank: launch.rank,
+            world: launch.world,
+        }));
+        Ok(guard)
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = guard;
+        bail!(
+            "{} started this process as rank {} of {}, but this ldt was built without a \
+             collective engine: rebuild with `cargo build --release --features mpi` (CPU; \
+             OpenMPI: apt-get install openmpi-bin libopenmpi-dev libclang-dev) or \
+             `--features nccl` (GPUs), or run a single process",
+            launch.launcher,
+            launch.rank,
+            launch.world
+        )
+    }
+}
+
+/// The group of a multi-rank launch without MPI (a build without it, or torchrun) before
+/// [`connect`] has started NCCL: it knows its rank, and every collective is an error
+/// that says why (NCCL needs the run's GPU).
+#[cfg(feature = "nccl")]
+struct AwaitingGpu {
+    rank: usize,
+    world: usize,
+}
+
+#[cfg(feature = "nccl")]
+impl AwaitingGpu {
+    fn refuse(&self) -> Result<()> {
+        bail!(
+            "rank {} of {}: this launch has only the NCCL engine, which needs `device = \"cuda:N\"`; \
+             for CPU runs build with `--features mpi` and launch with mpirun or srun",
+            self.rank,
+            self.world
+        )
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl Collective for AwaitingGpu {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum_f32(&self, _buf: &mut [f32]) -> Result<()> {
+        self.refuse()
+    }
+    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {
+        self.refuse()
+    }
+    fn broadcast_f64(&self, _buf: &mut [f64], _root: usize) -> Result<()> {
+        self.refuse()
+    }
+    fn barrier(&self) -> Result<()> {
+        self.refuse()
+    }
+    fn name(&self) -> &'static str {
+        "awaiting-nccl"
+    }
+}
+
+/// This process's launch when it is one of several ranks (`None` for a single process).
+pub fn launch() -> Option<&'static Launch> {
+    LAUNCH.get().and_then(Option::as_ref)
+}
+
+/// Starts the GPU engine for a run on `device`: with `--features nccl`, a multi-rank
+/// launch and a CUDA device, the NCCL communicator replaces the group (once per
+/// process; later runs of `ldt compare` reuse it), its id shared through a file in
+/// `run_dir`. Otherwise nothing changes: CPU runs keep MPI, and a GPU run in a build
+/// without NCCL reduces its gradients through MPI in host memory.
+pub fn connect(device: &Device, run_dir: &Path) -> Result<()> {
+    let Some(launch) = launch() else {
+        return Ok(());
+    };
+    if !device.is_cuda() || group().name() == "nccl" {
+        return Ok(());
+    }
+    #[cfg(feature = "nccl")]
+    return start_nccl(device, launch, run_dir);
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = (launch, run_dir);
+        Ok(())
+    }
+}
+
+/// Starts NCCL for `launch` on `device` and makes it the process group. [`connect`]
+/// calls it for multi-rank launches; given a one-rank `launch` it makes the same calls
+/// on one GPU, which is how `scripts/gpu-check.sh` tests the engine on a lent machine.
+#[cfg(feature = "nccl")]
+pub fn start_nccl(device: &Device, launch: &Launch, run_dir: &Path) -> Result<()> {
+    let engine = nccl::connect(device, launch, run_dir)?;
+    set_group(Arc::new(engine));
+    Ok(())
 }
 
 /// The process group ([`Local`] unless [`init`] found a launcher).
-pub fn group() -> &'static dyn Collective {
-    GROUP.get_or_init(|| Box::new(Local)).as_ref()
+pub fn group() -> Arc<dyn Collective> {
+    if let Some(g) = GROUP.read().as_ref() {
+        return g.clone();
+    }
+    GROUP.write().get_or_insert_with(|| Arc::new(Local)).clone()
 }
 
 /// Whether this process writes the run's outputs (rank 0).
@@ -194,6 +325,31 @@ pub fn silence_stdout() {
         unsafe {
             libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO);
         }
+    }
+}
+
+/// The GPU ordinal for `device = "cuda:n"` on a machine where `visible` GPUs are
+/// visible: `n` for a single process; for a rank of a launch, `n + LOCAL_RANK` (one GPU
+/// per rank on each node, torchrun's convention), or `n` when the launcher left each rank
+/// one visible GPU (`srun --gpus-per-task=1`, a per-rank `CUDA_VISIBLE_DEVICES`).
+pub fn local_gpu(launch: Option<&Launch>, n: usize, visible: usize) -> Result<usize> {
+    let Some(l) = launch else {
+        return Ok(n);
+    };
+    if n + l.local_rank < visible {
+        Ok(n + l.local_rank)
+    } else if visible == 1 && n == 0 {
+        Ok(0)
+    } else {
+        bail!(
+            "config key `device` = `cuda:{n}`: rank {} is local rank {} on its node, so it takes \
+             GPU {n} + {}, but {visible} GPU(s) are visible; start at most {} rank(s) per node, \
+             or give each rank its own GPU (srun --gpus-per-task=1)",
+            l.rank,
+            l.local_rank,
+            l.local_rank,
+            visible.saturating_sub(n)
+        )
     }
 }
 
@@ -222,7 +378,7 @@ pub fn collective_secs() -> f64 {
 /// Whether any rank passes `flag` (a stop request, say), agreed by all ranks.
 pub fn any(flag: bool) -> Result<bool> {
     let g = group();
-    if g.world() == 1 {
+    if g.is_local() {
         return Ok(flag);
     }
     let mut v = [f64::from(u8::from(flag))];
@@ -297,6 +453,23 @@ mod tests {
         assert!(e.to_string().contains("RANK=\"x\""), "{e}");
         let e = launch_from(env(&[("RANK", "2"), ("WORLD_SIZE", "2")])).unwrap_err();
         assert!(e.to_string().contains("WORLD_SIZE=2"), "{e}");
+    }
+
+    #[test]
+    fn each_rank_takes_its_local_gpu() {
+        let l = |local_rank| Launch {
+            rank: 4 + local_rank,
+            world: 8,
+            local_rank,
+            launcher: "srun",
+        };
+        assert_eq!(local_gpu(None, 2, 4).unwrap(), 2);
+        assert_eq!(local_gpu(Some(&l(3)), 0, 4).unwrap(), 3);
+        assert_eq!(local_gpu(Some(&l(1)), 1, 4).unwrap(), 2);
+        // srun --gpus-per-task=1: every rank sees only its own GPU, as cuda:0.
+        assert_eq!(local_gpu(Some(&l(3)), 0, 1).unwrap(), 0);
+        let e = local_gpu(Some(&l(3)), 0, 2).unwrap_err().to_string();
+        assert!(e.contains("local rank 3") && e.contains("2 GPU(s)"), "{e}");
     }
 
     #[test]

@@ -41,8 +41,9 @@ pub fn driver_version() -> Result<i32> {
     Ok(v)
 }
 
-/// Opens GPU `ordinal` for compute, on a stream of its own (not the per-thread default
-/// stream) so the copy streams can order against it.
+/// Opens GPU `ordinal` for compute (for a rank of a data-parallel launch, the GPU of its
+/// local rank: [`crate::dist::local_gpu`]), on a stream of its own (not the per-thread
+/// default stream) so the copy streams can order against it.
 ///
 /// # Errors
 /// A message naming the `device` key when there is no usable driver or no such GPU.
@@ -53,6 +54,7 @@ pub fn open(ordinal: usize) -> Result<Device> {
              this needs an NVIDIA GPU and its driver (use `device = \"cpu\"` without one)"
         )
     })?;
+    let ordinal = crate::dist::local_gpu(crate::dist::launch(), ordinal, count.max(0) as usize)?;
     if ordinal >= count.max(0) as usize {
         bail!(
             "config key `device` = `cuda:{ordinal}`: this machine has {count} CUDA GPU(s); \

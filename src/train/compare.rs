@@ -214,7 +214,8 @@ pub fn compare(
                     })
                     .collect()
             });
-            let evals = read_evals(&run_dir)?;
+            // This rank's own metrics (rank 0: the run directory; others: their scratch).
+            let evals = read_evals(&ctx.dir)?;
             for ((step, net), (s, t)) in &evals {
                 writeln!(raw, "{},{seed},{step},{net},{s:.6},{t:.6}", v.name())?;
             }
@@ -229,9 +230,11 @@ pub fn compare(
         md.push('\n');
         md.push_str(&branch_table(&runs, base.train.steps)?);
     }
-    std::fs::write(dir.join("compare.md"), &md)?;
-    std::fs::write(dir.join("compare.csv"), final_csv(&runs, &cols)?)?;
-    std::fs::write(dir.join("compare_runs.csv"), raw)?;
+    if crate::dist::is_main() {
+        std::fs::write(dir.join("compare.md"), &md)?;
+        std::fs::write(dir.join("compare.csv"), final_csv(&runs, &cols)?)?;
+        std::fs::write(dir.join("compare_runs.csv"), raw)?;
+    }
     Ok(md)
 }
 

@@ -118,6 +118,7 @@ impl RunContext {
         std::fs::remove_file(&probe).ok();
         std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
         let device = crate::device(&cfg)?;
+        crate::dist::connect(&device, run_dir)?;
         let bench = Benchmark::open(&cfg.data.manifest)?;
         let net = model::build(
             &cfg.model,
@@ -225,7 +226,7 @@ impl RunContext {
     /// library). Records the number of agreeing ranks in `summary.json`.
     pub fn agree_partition(&mut self, partition: &crate::ldt::partition::Partition) -> Result<()> {
         let group = crate::dist::group();
-        if group.world() == 1 {
+        if group.is_local() {
             return Ok(());
         }
         let mine: Vec<f64> = partition
@@ -485,7 +486,7 @@ impl RunContext {
             json!(1e3 * secs / steps_run.max(1) as f64),
         );
         let group = crate::dist::group();
-        if group.world() > 1 {
+        if !group.is_local() {
             let c = crate::dist::collective_secs();
             x.insert(
                 "data_parallel".into(),

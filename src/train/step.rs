@@ -70,7 +70,7 @@ pub fn gradients(
     plan: GradPlan,
 ) -> Result<(StepStats, Vec<Option<Tensor>>)> {
     let group = dist::group();
-    if group.world() == 1 {
+    if group.is_local() {
         return local_gradients(net, state, trainable, x, y, mode, plan);
     }
     let n = y.dim(0)?;
@@ -105,19 +105,20 @@ fn all_reduce(
     let group = dist::group();
     let finite = stats.loss.is_finite();
     let share = stats.n as f64 / n as f64;
-    let mut flat: Vec<f32> = Vec::new();
+    let mut parts = Vec::new();
     let mut spans = Vec::new();
+    let mut len = 0;
     for (i, (g, &t)) in grads.iter().zip(trainable).enumerate() {
         if !t {
             continue;
         }
         let p = state.params[i].as_tensor();
-        let start = flat.len();
-        match g {
-            Some(g) if finite => flat.extend((g * share)?.flatten_all()?.to_vec1::<f32>()?),
-            _ => flat.resize(start + p.elem_count(), 0.0),
-        }
-        spans.push((i, start));
+        parts.push(match g {
+            Some(g) if finite => (g * share)?.flatten_all()?,
+            _ => Tensor::zeros(p.elem_count(), DType::F32, p.device())?,
+        });
+        spans.push((i, len));
+        len += p.elem_count();
     }
     let local_loss = if finite && stats.n > 0 {
         f64::from(stats.loss) * stats.n as f64
@@ -130,7 +131,12 @@ fn all_reduce(
         f64::from(u8::from(!finite)),
     ];
     group.all_reduce_sum_f64(&mut sums)?;
-    group.all_reduce_sum_f32(&mut flat)?;
+    // One reduction of all the trained set's gradients, in device memory where the
+    // engine allows (NCCL), then views of it per tensor.
+    let flat = match parts.len() {
+        0 => None,
+        _ => Some(group.all_reduce_sum(&Tensor::cat(&parts, 0)?)?),
+    };
     let total = StepStats {
         loss: if sums[2] > 0.0 {
             f32::NAN
@@ -141,11 +147,10 @@ fn all_reduce(
         n,
     };
     let mut out = vec![None; trainable.len()];
-    if sums[2] == 0.0 {
+    if let Some(flat) = flat.as_ref().filter(|_| sums[2] == 0.0) {
         for (i, start) in spans {
             let p = state.params[i].as_tensor();
-            let v = &flat[start..start + p.elem_count()];
-            out[i] = Some(Tensor::from_slice(v, p.shape(), p.device())?);
+            out[i] = Some(flat.narrow(0, start, p.elem_count())?.reshape(p.shape())?);
         }
     }
     Ok((total, out))

@@ -123,19 +123,25 @@ pub struct Checkpoint {
     pub step: usize,
     /// `meta.json`.
     pub meta: Map<String, Value>,
-    /// Every tensor of `state.safetensors`.
+    /// Every tensor of `state.safetensors`, in host memory.
     pub tensors: HashMap<String, Tensor>,
     /// Its directory.
     pub dir: PathBuf,
+    /// The run's device: [`Checkpoint::tensor`], [`Checkpoint::net`] and
+    /// [`Checkpoint::optimizer`] put what they return there.
+    pub device: Device,
 }
 
 impl Checkpoint {
-    /// Tensor `name` (an error naming the checkpoint when absent).
+    /// Tensor `name` on the run's device (an error naming the checkpoint when absent).
+    /// One at a time: counterpart slots pass through the device only on their way into
+    /// the buffer.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        self.tensors
+        let t = self
+            .tensors
             .get(name)
-            .cloned()
-            .with_context(|| format!("checkpoint {} lacks tensor `{name}`", self.dir.display()))
+            .with_context(|| format!("checkpoint {} lacks tensor `{name}`", self.dir.display()))?;
+        Ok(t.to_device(&self.device)?)
     }
 
     /// Metadata field `key`.
@@ -186,13 +192,19 @@ impl Checkpoint {
         }
         for (i, s) in steps.iter().enumerate() {
             if let Some(step) = s.as_u64() {
-                let get = |role: &str| self.tensors.get(&format!("{prefix}/{i}/{role}")).cloned();
+                let get = |role: &str| {
+                    let name = format!("{prefix}/{i}/{role}");
+                    self.tensors
+                        .contains_key(&name)
+                        .then(|| self.tensor(&name))
+                        .transpose()
+                };
                 opt.put_state(
                     i,
                     Some(LayerState {
                         step,
-                        m: get("m"),
-                        v: get("v"),
+                        m: get("m")?,
+                        v: get("v")?,
                     }),
                 );
             }
@@ -298,8 +310,10 @@ fn complete_steps(root: &Path) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// The newest complete checkpoint of the run in `run`, if any.
-pub fn latest(run: &Path) -> Result<Option<Checkpoint>> {
+/// The newest complete checkpoint of the run in `run`, if any; its tensors are read into
+/// host memory and handed out on `device` (the run's, where the restored weights and
+/// optimizer state meet the batches).
+pub fn latest(run: &Path, device: &Device) -> Result<Option<Checkpoint>> {
     let root = checkpoints_dir(run);
     let Some(step) = complete_steps(&root)?.into_iter().max() else {
         return Ok(None);
@@ -327,6 +341,7 @@ pub fn latest(run: &Path) -> Result<Option<Checkpoint>> {
         meta,
         tensors,
         dir,
+        device: device.clone(),
     }))
 }
 

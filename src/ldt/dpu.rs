@@ -9,9 +9,10 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 /// Folds live tensor `src` into live tensor `dst` with coefficient `w`: the host's fused
-/// EMA for CPU tensors, [`fold_generic`] on other devices.
+/// EMA for CPU tensors, [`fold_generic`] on other devices (and inside
+/// [`crate::model::layers::with_generic_ops`]).
 pub fn fold(dst: &Tensor, src: &Tensor, w: f64) -> Result<()> {
-    if !dst.device().is_cpu() {
+    if crate::model::layers::generic_path(dst) {
         return fold_generic(dst, src, w);
     }
     with_slice(src, |s| {

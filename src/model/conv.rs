@@ -160,7 +160,7 @@ pub fn conv2d(
     stride: usize,
     pad: usize,
 ) -> Result<Tensor> {
-    if super::layers::use_generic(x) {
+    if super::layers::generic_path(x) {
         return conv2d_generic(x, w, b, stride, pad);
     }
     let (n, c, h, wd) = x.dims4()?;

@@ -38,8 +38,10 @@ thread_local! {
     static FORCE_GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` with the layer functions taking their device-generic paths on the CPU too
-/// (on this thread), so tests can compare whole networks across the two paths.
+/// Runs `f` with every device-dependent choice of `generic_path` (the layer functions,
+/// the optimizer update, the DPU fold between live tensors) taking its device-generic
+/// path on the CPU too, on this thread, so tests can compare whole networks and whole
+/// training runs across the two paths. Work on other threads is not forced.
 #[doc(hidden)]
 pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
     let prev = FORCE_GENERIC.with(|c| c.replace(true));
@@ -48,16 +50,17 @@ pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Whether a layer function on `x` takes its device-generic path: off the CPU, or inside
-/// [`with_generic_ops`].
-pub(crate) fn use_generic(x: &Tensor) -> bool {
-    !x.device().is_cpu() || FORCE_GENERIC.with(|c| c.get())
+/// The one switch between host kernels and device-generic candle ops, for the layer
+/// functions, the optimizer and the DPU fold: the generic path for tensors off the CPU,
+/// or inside [`with_generic_ops`].
+pub(crate) fn generic_path(t: &Tensor) -> bool {
+    !t.device().is_cpu() || FORCE_GENERIC.with(|c| c.get())
 }
 
 /// Rectified linear unit with PyTorch's gradient: zero where the input is <= 0
 /// (candle's relu passes the gradient at exactly 0).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if use_generic(x) {
+    if generic_path(x) {
         return relu_generic(x);
     }
     Ok(x.contiguous()?.apply_op1(Relu)?)
@@ -109,7 +112,7 @@ impl CustomOp1 for Relu {
 /// Max pooling with PyTorch semantics: `-inf` padding, the first maximum of a window
 /// takes the whole gradient. Any kernel, stride and padding.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    if use_generic(x) {
+    if generic_path(x) {
         return max_pool2d_generic(x, kernel, stride, padding);
     }
     Ok(x.contiguous()?.apply_op1(MaxPool2d {
@@ -429,7 +432,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
             b.dims()
         );
     }
-    if use_generic(x) {
+    if generic_path(x) {
         return layer_norm_generic(x, w, b, eps);
     }
     Ok(x.contiguous()?
@@ -610,7 +613,7 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b.dims() != [n] {
         anyhow::bail!("add_bias: bias {:?} does not fit rows of {n}", b.dims());
     }
-    if use_generic(y) {
+    if generic_path(y) {
         return add_bias_generic(y, b);
     }
     Ok(y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
@@ -725,7 +728,7 @@ impl CustomOp2 for AddBias {
 /// GELU in its exact form `0.5 x (1 + erf(x / sqrt 2))` (PyTorch `GELU()`, not the tanh
 /// approximation), evaluated in f64; the backward is `Phi(x) + x phi(x)` exactly.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if use_generic(x) {
+    if generic_path(x) {
         return gelu_erf_generic(x);
     }
     Ok(x.contiguous()?.apply_op1(GeluErf)?)
@@ -819,7 +822,7 @@ impl CustomOp1 for GeluErf {
 /// Softmax over the last dimension (max subtracted, sum in f64); the backward is the
 /// exact `y * (g - sum(g * y))` per row.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if use_generic(x) {
+    if generic_path(x) {
         return softmax_last_dim_generic(x);
     }
     Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)

@@ -226,7 +226,9 @@ pub(super) fn step_generic(
     let v = ((v * b2f as f64)? + ((&g * c as f64)? * &g)?)?;
     st.v = Some(v.clone());
     let bc1 = 1.0 - b1.powi(t);
-    let bc2 = Tensor::new((1.0 - b2.powi(t)).sqrt() as f32, v.device())?.to_dtype(v.dtype())?;
+    // Filled on the device (no host-to-device copy per layer and step).
+    let bc2 =
+        Tensor::full((1.0 - b2.powi(t)).sqrt() as f32, (), v.device())?.to_dtype(v.dtype())?;
     let neg_step = (-(lr / bc1)) as f32;
     let denom = (v.sqrt()?.broadcast_div(&bc2)? + s.eps as f32 as f64)?;
     let upd = ((m * neg_step as f64)? / denom)?;

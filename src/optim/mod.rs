@@ -97,15 +97,16 @@ impl Optimizer {
     }
 
     /// Applies one update to layer `i` with learning rate `lr`: in place through the CPU
-    /// kernels on the CPU, through [`Optimizer::step_generic`] on other devices.
+    /// kernels on the CPU, through [`Optimizer::step_generic`] on other devices (and
+    /// inside [`crate::model::layers::with_generic_ops`]).
     pub fn step(&mut self, i: usize, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
-        let generic = !param.device().is_cpu();
+        let generic = crate::model::layers::generic_path(param.as_tensor());
         self.step_on(i, param, grad, lr, generic)
     }
 
     /// [`Optimizer::step`] computed with candle tensor ops (any device; the state
-    /// tensors are replaced, the parameter written with `Var::set`). Used off the CPU;
-    /// public so tests can compare it with the CPU kernels.
+    /// tensors are replaced, the parameter written in place with `Var::set`). Used off
+    /// the CPU; public so tests can compare it with the CPU kernels.
     #[doc(hidden)]
     pub fn step_generic(&mut self, i: usize, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
         self.step_on(i, param, grad, lr, true)

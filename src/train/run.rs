@@ -126,7 +126,7 @@ impl RunContext {
             bench.manifest.num_classes,
         )?;
         let resume = match cfg.checkpoint.resume {
-            Resume::Auto => checkpoint::latest(run_dir)?,
+            Resume::Auto => checkpoint::latest(run_dir, &device)?,
             Resume::Never => None,
         };
         let mut metrics = MetricsLog::create(&dir.join("metrics.jsonl"), resume.is_some())?;

@@ -396,9 +396,13 @@ impl SingleLive {
                 w.tensor(format!("parked_buffer/{i}"), t);
             }
         }
+        // Through the device one slot at a time: the whole buffer never lands there.
         for k in 0..self.buf.len() {
             let t = self.backend.load(&self.buf, k, &[self.buf.spec(k).numel])?;
-            w.tensor(format!("slot/{k}"), &t);
+            w.tensor(
+                format!("slot/{k}"),
+                &t.to_device(&candle_core::Device::Cpu)?,
+            );
         }
         w.optimizer("opt_p", &self.opt_p);
         w.optimizer("opt_a", &self.opt_a);

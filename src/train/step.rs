@@ -261,18 +261,19 @@ fn micro_gradients(
         .forward(view, &mut state.buffers, x, mode)?
         .to_dtype(DType::F32)?;
     let loss = layers::cross_entropy(&logits, y)?;
-    let loss_v = loss.to_scalar::<f32>()?;
     let correct = logits
         .detach()
         .argmax(candle_core::D::Minus1)?
         .to_dtype(DType::I64)?
         .eq(y)?
         .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as usize;
+        .sum_all()?;
+    // The loss decides on the host whether to go on: one transfer brings both numbers.
+    let host = Tensor::stack(&[&loss.detach(), &correct], 0)?.to_vec1::<f32>()?;
+    let loss_v = host[0];
     let stats = StepStats {
         loss: loss_v,
-        correct,
+        correct: host[1] as usize,
         n: y.dim(0)?,
     };
     // A non-finite loss gives no gradients; the caller's guard decides what happens.
@@ -298,17 +299,21 @@ fn micro_gradients(
 
 /// Scales the gradients so that their global L2 norm is at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)`, applied only
-/// when below 1; norm accumulated in f64). Returns the norm before clipping.
+/// when below 1; norm accumulated in f64). Returns the norm before clipping. The layers'
+/// squared norms are summed where the gradients are, in layer order, and read once.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
+    let mut sq: Option<Tensor> = None;
     for g in grads.iter().flatten() {
-        sq += g
-            .to_dtype(candle_core::DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+        sq = Some(match sq {
+            Some(acc) => (acc + s)?,
+            None => s,
+        });
     }
-    let norm = sq.sqrt();
+    let norm = match sq {
+        Some(s) => s.to_scalar::<f64>()?.sqrt(),
+        None => 0.0,
+    };
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for g in grads.iter_mut().flatten() {
@@ -334,8 +339,8 @@ pub fn apply(
 }
 
 /// Where a step went non-finite, if it did: the loss, or the first layer whose gradient
-/// holds NaN or Inf, with the offending value (one reduction per gradient; the exact
-/// element is looked up only when the sum is non-finite).
+/// holds NaN or Inf, with the offending value (one reduction per gradient, the sums read
+/// in one transfer; the exact element is looked up only when a sum is non-finite).
 pub fn nonfinite(
     stats: &StepStats,
     grads: &[Option<Tensor>],
@@ -344,10 +349,19 @@ pub fn nonfinite(
     if !stats.loss.is_finite() {
         return Ok(Some(format!("the loss is {}", stats.loss)));
     }
+    let sums = grads
+        .iter()
+        .flatten()
+        .map(|g| g.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(None);
+    }
+    let mut sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?.into_iter();
     for (g, spec) in grads.iter().zip(specs) {
         let name = &spec.name;
         let Some(g) = g else { continue };
-        if g.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        if sums.next().is_some_and(f32::is_finite) {
             continue;
         }
         let v = g.flatten_all()?.to_vec1::<f32>()?;
@@ -364,6 +378,37 @@ pub fn nonfinite(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn nonfinite_names_the_first_bad_layer() {
+        let d = Device::Cpu;
+        let spec = |name: &str| crate::model::TensorSpec {
+            name: name.into(),
+            shape: vec![3],
+            init: crate::model::Init::Zeros,
+        };
+        let specs = [spec("a"), spec("b"), spec("c"), spec("d")];
+        let stats = StepStats {
+            loss: 1.0,
+            correct: 0,
+            n: 1,
+        };
+        // `a` overflows its sum but holds only finite values; `b` is frozen; `c` is bad.
+        let g = |v: [f32; 3]| Some(Tensor::new(&v, &d).unwrap());
+        let grads = [
+            g([3e38, 3e38, 0.0]),
+            None,
+            g([0.0, 1.0, f32::NAN]),
+            g([f32::INFINITY, 0.0, 0.0]),
+        ];
+        let what = nonfinite(&stats, &grads, &specs).unwrap();
+        assert_eq!(
+            what.as_deref(),
+            Some("the gradient of `c` is NaN at flat index 2")
+        );
+        let fine = [g([1.0, 2.0, 3.0]), None, g([0.0; 3]), None];
+        assert_eq!(nonfinite(&stats, &fine, &specs).unwrap(), None);
+    }
 
     #[test]
     fn clip_grad_norm_as_torch() {

@@ -256,6 +256,7 @@ fn info() {
         "device: cpu, or cuda:N (build with the `cuda` feature)\n{}",
         ldt::offload::cuda::info()
     );
+    println!("collective engines: {}", ldt::dist::engines().join(", "));
     println!("threads: {}", candle_core::utils::get_num_threads());
     println!("allocator: mimalloc");
     println!(

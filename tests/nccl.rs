@@ -76,7 +76,10 @@ every = 6
         let same = common::identical(&n.path().join(file), &l.path().join(file));
         let (worst, key) = common::worst_rel_l2(&n.path().join(file), &l.path().join(file));
         println!("nccl {m}: bit-identical {same}, worst relative L2 {worst:.2e} ({key})");
-        assert!(same, "{m}: the one-rank NCCL run differs from the local run");
+        assert!(
+            same,
+            "{m}: the one-rank NCCL run differs from the local run"
+        );
         let summary = std::fs::read_to_string(n.path().join("summary.json")).unwrap();
         assert!(summary.contains("\"engine\": \"nccl\""), "{m}: {summary}");
     }

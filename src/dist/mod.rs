@@ -267,6 +267,19 @@ impl Collective for AwaitingGpu {
     }
 }
 
+/// The collective engines of this build (for `ldt info`): `local` always, `mpi` and
+/// `nccl` with their features.
+pub fn engines() -> Vec<&'static str> {
+    let mut e = vec!["local"];
+    if cfg!(feature = "mpi") {
+        e.push("mpi");
+    }
+    if cfg!(feature = "nccl") {
+        e.push("nccl");
+    }
+    e
+}
+
 /// This process's launch when it is one of several ranks (`None` for a single process).
 pub fn launch() -> Option<&'static Launch> {
     LAUNCH.get().and_then(Option::as_ref)

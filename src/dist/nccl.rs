@@ -6,10 +6,10 @@
 use super::rendezvous::{launch_token, Rendezvous};
 use super::{Collective, Launch};
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-use candle_core::backend::BackendDevice;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use parking_lot::Mutex;
 use std::path::Path;

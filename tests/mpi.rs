@@ -6,9 +6,13 @@
 //!   bit for bit (the two shard gradients are summed by one f32 addition either way),
 //!   for erm, ldt (resident and swap) and ldt-s;
 //! - and one process with whole batches of 32 within relative L2 1e-5 (summation order);
-//! - every rank holds rank 0's partition (checked by the ranks themselves, recorded);
+//! - every rank holds rank 0's partition, and at the end rank 0's networks, bit for bit
+//!   (checked by the ranks themselves, recorded in `summary.json`);
 //! - a checkpoint written by 2 ranks resumes in 1 process and ends where the 2-rank run
-//!   ends; rank 1 writes nothing into the run directory.
+//!   ends; rank 1 writes nothing into the run directory;
+//! - with BatchNorm (cnn_bn) the weights still equal `accumulate = 2`'s bit for bit, while
+//!   the running statistics are rank 0's, broadcast after every step as PyTorch DDP does:
+//!   one update per step (`num_batches_tracked` 50, where `accumulate = 2` counts 100).
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -137,6 +141,7 @@ fn data_parallel(method: &str, extra: &[&str]) {
     }
     let s = summary(&two);
     assert_eq!(s["data_parallel"]["world"], 2, "{s}");
+    assert_eq!(s["replicas_agreed_ranks"], 2, "{s}");
     if method != "erm" {
         assert_eq!(s["partition_agreed_ranks"], 2, "{s}");
         let read = |d: &Path| std::fs::read_to_string(d.join("partition.json")).unwrap();
@@ -174,6 +179,46 @@ fn ldt_swap_on_two_ranks() {
 #[test]
 fn ldt_s_on_two_ranks() {
     data_parallel("ldt-s", &[]);
+}
+
+#[test]
+fn batchnorm_buffers_follow_rank_0() {
+    if mpirun().is_none() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let cfg = config(t.path(), "erm");
+    let (two, acc2) = (t.path().join("two"), t.path().join("acc2"));
+    let bn = ["--set", "model.arch=\"cnn_bn\""];
+    train(2, &cfg, &two, &bn);
+    let mut a = bn.to_vec();
+    a.extend(["--set", "train.accumulate=2"]);
+    train(0, &cfg, &acc2, &a);
+    let (got, want) = (
+        load(&two.join("model.safetensors")),
+        load(&acc2.join("model.safetensors")),
+    );
+    let mut buffers = 0;
+    for (name, w) in &want {
+        let g = &got[name];
+        if name.ends_with("num_batches_tracked") {
+            buffers += 1;
+            assert_eq!(
+                g.to_scalar::<i64>().unwrap(),
+                50,
+                "{name}: one update per step"
+            );
+            assert_eq!(w.to_scalar::<i64>().unwrap(), 100, "{name}: accumulate = 2");
+        } else if !name.contains("running_") {
+            assert!(
+                values(g) == values(w),
+                "{name}: 2 ranks differ from accumulate = 2"
+            );
+        }
+    }
+    assert!(buffers > 0, "cnn_bn exports its BatchNorm buffers");
+    // Rank 1's own statistics differ from rank 0's; the broadcast makes them equal.
+    assert_eq!(summary(&two)["replicas_agreed_ranks"], 2);
 }
 
 #[test]

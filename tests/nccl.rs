@@ -2,8 +2,8 @@
 //! `scripts/gpu-check.sh` runs it on a lent machine, which has one GPU, so the world is
 //! one rank (NCCL refuses two ranks on one GPU). One rank still makes every call of a
 //! data-parallel run: the engine's self-test at start, the f32 gradient all-reduce in
-//! device memory, the f64 loss/count sums, the BatchNorm buffer broadcast, the partition
-//! agreement and the checkpoint barrier.
+//! device memory, the f64 loss/count sums, the BatchNorm buffer broadcast (f32 and i64 in
+//! device memory), the partition and final-replica agreement and the checkpoint barrier.
 //!
 //! Compared: training through the engine against the same run without one, exported
 //! weights bit for bit (a sum over one rank of `g * 1.0` is `g`, and the buffer
@@ -82,5 +82,9 @@ every = 6
         );
         let summary = std::fs::read_to_string(n.path().join("summary.json")).unwrap();
         assert!(summary.contains("\"engine\": \"nccl\""), "{m}: {summary}");
+        assert!(
+            summary.contains("\"replicas_agreed_ranks\": 1"),
+            "{m}: {summary}"
+        );
     }
 }

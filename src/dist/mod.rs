@@ -53,6 +53,17 @@ pub trait Collective: Send + Sync {
         self.all_reduce_sum_f32(&mut v)?;
         Ok(Tensor::from_vec(v, t.shape(), t.device())?)
     }
+    /// Rank `root`'s `t` on every rank (same shape and dtype everywhere), on the tensor's
+    /// device. The default goes through host memory as f64 ([`Collective::broadcast_f64`];
+    /// exact for f32 and for integers below 2^53); the NCCL engine broadcasts GPU
+    /// tensors in device memory.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let host = t.to_device(&Device::Cpu)?.flatten_all()?;
+        let mut v = host.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        self.broadcast_f64(&mut v, root)?;
+        let back = Tensor::from_vec(v, t.shape(), &Device::Cpu)?.to_dtype(t.dtype())?;
+        Ok(back.to_device(t.device())?)
+    }
     /// The engine's name for logs and `summary.json`.
     fn name(&self) -> &'static str;
     /// Whether this is [`Local`]: one process and no engine, so the data-parallel

@@ -6,10 +6,10 @@
 use super::rendezvous::{launch_token, Rendezvous};
 use super::{Collective, Launch};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::backend::BackendDevice;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use parking_lot::Mutex;
 use std::path::Path;
@@ -145,6 +145,19 @@ impl Collective for NcclEngine {
         Ok(t.contiguous()?
             .apply_op1_no_bwd(&AllReduceSum { comm: &comm })?)
     }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        if !matches!(t.device(), Device::Cuda(d) if d.same_device(&self.device)) {
+            bail!(
+                "the NCCL engine broadcasts tensors on its own GPU; got one on {:?}",
+                t.device().location()
+            );
+        }
+        let comm = self.comm.lock();
+        Ok(t.contiguous()?.apply_op1_no_bwd(&Broadcast {
+            comm: &comm,
+            root: root as i32,
+        })?)
+    }
     fn name(&self) -> &'static str {
         "nccl"
     }
@@ -187,6 +200,58 @@ impl CustomOp1 for AllReduceSum<'_> {
     }
 }
 
+/// `ncclBroadcast` from rank `root`'s tensor into a new buffer on every rank (f32, f64,
+/// i64), as a candle op like [`AllReduceSum`].
+struct Broadcast<'a> {
+    comm: &'a Comm,
+    root: i32,
+}
+
+impl Broadcast<'_> {
+    fn typed<T: CudaDType + DeviceRepr + NcclType>(
+        &self,
+        storage: &CudaStorage,
+        lo: usize,
+        hi: usize,
+    ) -> candle_core::Result<CudaStorage> {
+        let src = storage.as_cuda_slice::<T>()?.slice(lo..hi);
+        let dev = storage.device.clone();
+        // SAFETY: every element is written by the broadcast before anything reads it.
+        let mut dst = unsafe { dev.alloc::<T>(hi - lo) }?;
+        self.comm
+            .broadcast(Some(&src), &mut dst, self.root)
+            .map_err(|e| candle_core::Error::Msg(format!("ncclBroadcast: {e:?}")))?;
+        Ok(CudaStorage::wrap_cuda_slice(dst, dev))
+    }
+}
+
+impl CustomOp1 for Broadcast<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-broadcast"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the NCCL broadcast needs a CUDA tensor")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some((lo, hi)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the NCCL broadcast needs a contiguous tensor");
+        };
+        let out = match storage.dtype() {
+            DType::F32 => self.typed::<f32>(storage, lo, hi)?,
+            DType::F64 => self.typed::<f64>(storage, lo, hi)?,
+            DType::I64 => self.typed::<i64>(storage, lo, hi)?,
+            d => candle_core::bail!("the NCCL broadcast takes f32, f64 or i64 tensors, not {d:?}"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
 /// Checks a freshly connected engine end to end: a sum over ranks of each rank's number
 /// (host and device paths) and a broadcast from rank 0, so that a broken setup fails at
 /// start, with the engine named, rather than in the first step.
@@ -202,10 +267,14 @@ fn self_test(engine: &NcclEngine) -> Result<()> {
     let s = engine.all_reduce_sum(&t)?.to_vec1::<f32>()?;
     let mut b = [if engine.rank == 0 { 7.0 } else { 0.0 }];
     engine.broadcast_f64(&mut b, 0)?;
-    if v != [expect, w] || s != [expect as f32, w as f32] || b != [7.0] {
+    let mine = if engine.rank == 0 { 9i64 } else { -1 };
+    let c = engine
+        .broadcast(&Tensor::from_slice(&[mine, mine], 2, &dev)?, 0)?
+        .to_vec1::<i64>()?;
+    if v != [expect, w] || s != [expect as f32, w as f32] || b != [7.0] || c != [9, 9] {
         bail!(
-            "NCCL self-test on rank {} of {}: sums {v:?} (host) and {s:?} (device), broadcast \
-             {b:?}; expected [{expect}, {w}] and [7]",
+            "NCCL self-test on rank {} of {}: sums {v:?} (host) and {s:?} (device), broadcasts \
+             {b:?} (host) and {c:?} (device); expected [{expect}, {w}], [7] and [9, 9]",
             engine.rank,
             engine.world
         );

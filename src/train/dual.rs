@@ -58,14 +58,15 @@ fn evaluate(
     let cp = composite::params(partition, pm, am);
     let r = ctx.evaluate(&cp, &pm.buffers)?;
     ctx.log_eval(step, "composite", &r)?;
-    ctx.select(
-        step,
-        &[
-            ("composite", cp, pm.buffers.clone()),
-            ("pm", pm.frozen_view(), pm.buffers.clone()),
-            ("am", am.frozen_view(), am.buffers.clone()),
-        ],
-    )?;
+    let nets = [
+        ("composite", cp, pm.buffers.clone()),
+        ("pm", pm.frozen_view(), pm.buffers.clone()),
+        ("am", am.frozen_view(), am.buffers.clone()),
+    ];
+    if last {
+        ctx.agree_replicas(&nets)?;
+    }
+    ctx.select(step, &nets)?;
     let line = r.line();
     if last {
         ctx.summary.eval.insert("composite".into(), r);

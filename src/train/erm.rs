@@ -216,10 +216,9 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     io::save_state(ctx.net.as_ref(), &state, &ctx.dir.join("model.safetensors"))?;
     let r = ctx.evaluate(&state.frozen_view(), &state.buffers)?;
     ctx.log_eval(cfg.train.steps, "model", &r)?;
-    ctx.select(
-        cfg.train.steps,
-        &[("model", state.frozen_view(), state.buffers.clone())],
-    )?;
+    let finals = [("model", state.frozen_view(), state.buffers.clone())];
+    ctx.agree_replicas(&finals)?;
+    ctx.select(cfg.train.steps, &finals)?;
     ctx.summary.eval.insert("model".into(), r);
     let total = ctx.net.numel() as u64;
     let mut mem = super::memory::report(

@@ -73,6 +73,55 @@ pub struct RunContext {
     started: Instant,
 }
 
+/// Compares `mine` with rank 0's values bit for bit on every rank of a data-parallel
+/// run: `Some(world)` when all agree, `None` for a single process, and otherwise an error
+/// naming, through `what(index, mine, rank 0's)`, the first value where this rank
+/// differs (or saying that another rank does).
+fn agree_with_rank_0(
+    mine: &[f64],
+    what: impl Fn(usize, f64, f64) -> String,
+) -> Result<Option<usize>> {
+    let group = crate::dist::group();
+    if group.is_local() {
+        return Ok(None);
+    }
+    let mut root = mine.to_vec();
+    crate::dist::timed(|| group.broadcast_f64(&mut root, 0))?;
+    let differs = mine
+        .iter()
+        .zip(&root)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
+    let bad = crate::dist::any(differs.is_some())?;
+    if let Some(i) = differs {
+        bail!(
+            "rank {}: {} differs from rank 0's; data-parallel ranks must stay identical",
+            group.rank(),
+            what(i, mine[i], root[i])
+        );
+    }
+    if bad {
+        bail!("another rank differs from rank 0 (see its error)");
+    }
+    Ok(Some(group.world()))
+}
+
+/// 64-bit FNV-1a hash of a tensor's values (as f64 bits: exact for f32 and bf16 values
+/// and for integers below 2^53).
+fn fnv1a(t: &Tensor) -> Result<u64> {
+    let v = t
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in v {
+        for b in x.to_bits().to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(h)
+}
+
 /// The content of `summary.json`.
 #[derive(Default)]
 pub struct Summary {
@@ -225,10 +274,6 @@ impl RunContext {
     /// were averaged across ranks, so anything else is a bug or a non-deterministic
     /// library). Records the number of agreeing ranks in `summary.json`.
     pub fn agree_partition(&mut self, partition: &crate::ldt::partition::Partition) -> Result<()> {
-        let group = crate::dist::group();
-        if group.is_local() {
-            return Ok(());
-        }
         let mine: Vec<f64> = partition
             .layers
             .iter()
@@ -237,30 +282,47 @@ impl RunContext {
                 [stable, l.score, l.coefficient]
             })
             .collect();
-        let mut root = mine.clone();
-        crate::dist::timed(|| group.broadcast_f64(&mut root, 0))?;
-        let differs = mine
-            .iter()
-            .zip(&root)
-            .position(|(a, b)| a.to_bits() != b.to_bits());
-        let bad = crate::dist::any(differs.is_some())?;
-        if let Some(i) = differs {
+        let what = |i: usize, mine: f64, root: f64| {
             let l = &partition.layers[i / 3];
-            bail!(
-                "rank {}: the partition differs from rank 0's at layer `{}` ({} {} vs {}); the ranks must compute identical statistics",
-                group.rank(),
-                l.name,
-                ["set", "score", "DPU coefficient"][i % 3],
-                mine[i],
-                root[i]
-            );
+            let field = ["set", "score", "DPU coefficient"][i % 3];
+            format!(
+                "the partition at layer `{}` ({field} {mine} vs {root})",
+                l.name
+            )
+        };
+        if let Some(world) = agree_with_rank_0(&mine, what)? {
+            self.summary
+                .extra
+                .insert("partition_agreed_ranks".into(), json!(world));
         }
-        if bad {
-            bail!("another rank's partition differs from rank 0's (see its error)");
+        Ok(())
+    }
+
+    /// Checks, at the end of a data-parallel run, that every rank holds rank 0's final
+    /// networks (weights and buffers of each of `nets`) bit for bit: averaged gradients,
+    /// broadcast BatchNorm statistics and deterministic folds keep the replicas
+    /// identical, so a difference is a bug, found here rather than in a later resume.
+    /// Each tensor is compared by a 64-bit FNV-1a hash of its values. Records the number
+    /// of agreeing ranks in `summary.json` (`replicas_agreed_ranks`).
+    pub fn agree_replicas(&mut self, nets: &[(&str, Vec<Tensor>, Vec<Tensor>)]) -> Result<()> {
+        if crate::dist::group().is_local() {
+            return Ok(());
         }
-        self.summary
-            .extra
-            .insert("partition_agreed_ranks".into(), json!(group.world()));
+        let mut names = Vec::new();
+        let mut mine = Vec::new();
+        for (net, params, buffers) in nets {
+            for (k, t) in params.iter().chain(buffers).enumerate() {
+                let h = fnv1a(t)?;
+                mine.extend([(h >> 32) as f64, (h & 0xffff_ffff) as f64]);
+                names.push(format!("{net} tensor {k} {:?}", t.dims()));
+            }
+        }
+        let what = |i: usize, _: f64, _: f64| format!("the final network ({})", names[i / 2]);
+        if let Some(world) = agree_with_rank_0(&mine, what)? {
+            self.summary
+                .extra
+                .insert("replicas_agreed_ranks".into(), json!(world));
+        }
         Ok(())
     }
 

@@ -796,6 +796,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         ("pm", pm.clone(), m.branch_buffers(Phase::P)),
         ("am", am.clone(), m.branch_buffers(Phase::A)),
     ];
+    ctx.agree_replicas(&candidates)?;
     ctx.select(cfg.train.steps, &candidates)?;
     for (name, p, b) in [
         ("pm", &pm, m.branch_buffers(Phase::P)),

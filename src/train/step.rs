@@ -158,17 +158,30 @@ fn all_reduce(
 
 /// Copies rank 0's buffers (BatchNorm running statistics and counts) to every rank.
 fn broadcast_buffers(buffers: &mut [Tensor]) -> Result<()> {
-    let mut flat: Vec<f64> = Vec::new();
+    let group = dist::group();
+    let mut dtypes: Vec<DType> = Vec::new();
     for b in buffers.iter() {
-        flat.extend(b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+        if !dtypes.contains(&b.dtype()) {
+            dtypes.push(b.dtype());
+        }
     }
-    dist::group().broadcast_f64(&mut flat, 0)?;
-    let mut at = 0;
-    for b in buffers.iter_mut() {
-        let k = b.elem_count();
-        let t = Tensor::from_slice(&flat[at..at + k], b.shape(), b.device())?;
-        *b = t.to_dtype(b.dtype())?;
-        at += k;
+    // One broadcast per dtype (f32 statistics, i64 counts), of all such buffers at once.
+    for dtype in dtypes {
+        let of: Vec<usize> = (0..buffers.len())
+            .filter(|&i| buffers[i].dtype() == dtype)
+            .collect();
+        let parts = of
+            .iter()
+            .map(|&i| buffers[i].flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let flat = group.broadcast(&Tensor::cat(&parts, 0)?, 0)?;
+        let mut at = 0;
+        for i in of {
+            let (k, shape) = (buffers[i].elem_count(), buffers[i].shape().clone());
+            // A buffer of its own (a copy), not a view into the broadcast.
+            buffers[i] = flat.narrow(0, at, k)?.reshape(shape)?.copy()?;
+            at += k;
+        }
     }
     Ok(())
 }

@@ -120,6 +120,10 @@ run() {
   local lp
   lp=$(library_path)
   export LD_LIBRARY_PATH="$lp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # candle's kernels arrive as PTX (about 50 MB): the driver compiles each module on first
+  # use and keeps the result in its cache, which must be large enough to hold them all so
+  # that the later binaries do not compile them again.
+  export CUDA_CACHE_MAXSIZE=$((4 << 30))
   # The test binaries read data/ under the directory they were built in.
   local built
   built=$(cat "$dir/built-in")
@@ -139,12 +143,14 @@ run() {
     done
   fi
   set +e
-  for t in gpu-tests nccl-tests; do
-    "$dir/bin/$t" --nocapture --test-threads=1 2>&1 | tee "$out/$t.log" |
+  # Time limits (seconds) so that one hung binary leaves time for the others and the
+  # table: a device call may run 600 s.
+  for t in gpu-tests:200 nccl-tests:90; do
+    timeout "${t#*:}" "$dir/bin/${t%:*}" --nocapture --test-threads=1 2>&1 | tee "$out/${t%:*}.log" |
       grep -E '^(test |SKIPPED|    |nccl |[a-z-]+ .*(L2|identical))|panicked|test result'
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
-  "$dir/bin/gpu-bench" --bench 2>&1 | tee "$out/gpu-bench.log" >/dev/null
+  timeout 240 "$dir/bin/gpu-bench" --bench 2>&1 | tee "$out/gpu-bench.log" >/dev/null
   [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -n 20 "$out/gpu-bench.log"; }
   set -e
   echo

@@ -29,10 +29,7 @@ at_steps = [7]
 
 fn outputs(arch: &str, extra: &[&str]) -> tempfile::TempDir {
     let toml = BASE.replace("ARCH", arch);
-    let man = format!(
-        "data.manifest=\"{}\"",
-        root().join("data/rotmnist5k/manifest.json").display()
-    );
+    let man = bundled_manifest();
     let mut ov = vec![man.as_str()];
     ov.extend_from_slice(extra);
     run(&toml, &ov).0

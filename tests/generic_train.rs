@@ -98,10 +98,7 @@ every = 10
 /// Runs `method` (host or generic paths); returns the run directory and the sizes of the
 /// validation hold-outs.
 fn train(method: &str, extra: &[&str], generic: bool) -> (tempfile::TempDir, Vec<usize>) {
-    let man = format!(
-        "data.manifest=\"{}\"",
-        root().join("data/rotmnist5k/manifest.json").display()
-    );
+    let man = bundled_manifest();
     let mut ov = vec![man.as_str()];
     ov.extend_from_slice(extra);
     let toml = RUN.replace("METHOD", method);

@@ -488,12 +488,7 @@ ema_every = 5
 p_steps = 5
 a_steps = 5
 "#;
-    let man = format!(
-        "data.manifest=\"{}\"",
-        common::root()
-            .join("data/rotmnist5k/manifest.json")
-            .display()
-    );
+    let man = common::bundled_manifest();
     let cases: [(&str, &[&str], &str); 6] = [
         ("erm", &["train.method=\"erm\""], "model.safetensors"),
         (

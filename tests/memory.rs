@@ -22,10 +22,7 @@ a_steps = 5
 "#;
 
 fn memory(arch: &str, method: &str, extra: &[&str]) -> (u64, u64) {
-    let man = format!(
-        "data.manifest=\"{}\"",
-        root().join("data/rotmnist5k/manifest.json").display()
-    );
+    let man = bundled_manifest();
     let m = format!("train.method=\"{method}\"");
     let mut ov = vec![man.as_str(), m.as_str()];
     ov.extend_from_slice(extra);
@@ -79,10 +76,7 @@ fn cnn_live_memory() {
 /// ldt-s gets depends on how the partition splits the bytes, not on the layer counts.
 #[test]
 fn ldt_s_needs_at_most_0_7_of_erm_with_a_byte_balanced_partition() {
-    let man = format!(
-        "data.manifest=\"{}\"",
-        root().join("data/rotmnist5k/manifest.json").display()
-    );
+    let man = bundled_manifest();
     let common = [
         man.as_str(),
         "model.arch=\"mlp\"",

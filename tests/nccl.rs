@@ -46,12 +46,7 @@ a_steps = 3
 [checkpoint]
 every = 6
 "#;
-    let man = format!(
-        "data.manifest=\"{}\"",
-        common::root()
-            .join("data/rotmnist5k/manifest.json")
-            .display()
-    );
+    let man = common::bundled_manifest();
     let cases = [
         ("erm", "model.safetensors"),
         ("ldt", "composite.safetensors"),

@@ -299,10 +299,7 @@ every = 0
 "#;
 
 fn train(arch: &str, method: &str, extra: &[&str]) -> tempfile::TempDir {
-    let man = format!(
-        "data.manifest=\"{}\"",
-        root().join("data/rotmnist5k/manifest.json").display()
-    );
+    let man = bundled_manifest();
     let mut ov = vec![man.as_str()];
     ov.extend_from_slice(extra);
     run(&RUN.replace("ARCH", arch).replace("METHOD", method), &ov).0

@@ -88,6 +88,19 @@ pub fn connect(device: &Device, launch: &Launch, run_dir: &Path) -> Result<NcclE
 }
 
 impl NcclEngine {
+    /// Runs [`NcclOp`] on a tensor of this engine's GPU.
+    fn on_device(&self, t: &Tensor, root: Option<i32>) -> Result<Tensor> {
+        if !matches!(t.device(), Device::Cuda(d) if d.same_device(&self.device)) {
+            bail!(
+                "the NCCL engine works on tensors of its own GPU; got one on {:?}",
+                t.device().location()
+            );
+        }
+        let comm = self.comm.lock();
+        Ok(t.contiguous()?
+            .apply_op1_no_bwd(&NcclOp { comm: &comm, root })?)
+    }
+
     /// Sums a host buffer over ranks: to the GPU, all-reduce in place, back.
     fn host_sum<T: DeviceRepr + NcclType + Copy>(&self, buf: &mut [T]) -> Result<()> {
         if buf.is_empty() {
@@ -132,82 +145,26 @@ impl Collective for NcclEngine {
         self.host_sum(&mut [0f64])
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        if !matches!(t.device(), Device::Cuda(d) if d.same_device(&self.device))
-            || t.dtype() != DType::F32
-        {
-            bail!(
-                "the NCCL engine reduces f32 tensors on its own GPU; got {:?} on {:?}",
-                t.dtype(),
-                t.device().location()
-            );
-        }
-        let comm = self.comm.lock();
-        Ok(t.contiguous()?
-            .apply_op1_no_bwd(&AllReduceSum { comm: &comm })?)
+        self.on_device(t, None)
     }
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        if !matches!(t.device(), Device::Cuda(d) if d.same_device(&self.device)) {
-            bail!(
-                "the NCCL engine broadcasts tensors on its own GPU; got one on {:?}",
-                t.device().location()
-            );
-        }
-        let comm = self.comm.lock();
-        Ok(t.contiguous()?.apply_op1_no_bwd(&Broadcast {
-            comm: &comm,
-            root: root as i32,
-        })?)
+        self.on_device(t, Some(root as i32))
     }
     fn name(&self) -> &'static str {
         "nccl"
     }
 }
 
-/// `ncclAllReduce(sum)` from a tensor's device memory into a new buffer, as a candle op so
-/// that the result is an ordinary tensor on the same stream.
-struct AllReduceSum<'a> {
+/// A NCCL collective from a tensor's device memory into a new buffer, as a candle op so
+/// that the result is an ordinary tensor on the same stream: `ncclAllReduce` (sum) or
+/// `ncclBroadcast` from rank `root`, of f32, f64 or i64 values.
+struct NcclOp<'a> {
     comm: &'a Comm,
+    /// `None`: all-reduce (sum); `Some(root)`: broadcast from `root`.
+    root: Option<i32>,
 }
 
-impl CustomOp1 for AllReduceSum<'_> {
-    fn name(&self) -> &'static str {
-        "nccl-all-reduce-sum"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the NCCL all-reduce needs a CUDA tensor")
-    }
-
-    fn cuda_fwd(
-        &self,
-        storage: &CudaStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let Some((lo, hi)) = layout.contiguous_offsets() else {
-            candle_core::bail!("the NCCL all-reduce needs a contiguous tensor");
-        };
-        let src = storage.as_cuda_slice::<f32>()?.slice(lo..hi);
-        let dev = storage.device.clone();
-        // SAFETY: every element is written by the all-reduce before anything reads it.
-        let mut dst = unsafe { dev.alloc::<f32>(hi - lo) }?;
-        self.comm
-            .all_reduce(&src, &mut dst, &ReduceOp::Sum)
-            .map_err(|e| candle_core::Error::Msg(format!("ncclAllReduce: {e:?}")))?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(dst, dev),
-            layout.shape().clone(),
-        ))
-    }
-}
-
-/// `ncclBroadcast` from rank `root`'s tensor into a new buffer on every rank (f32, f64,
-/// i64), as a candle op like [`AllReduceSum`].
-struct Broadcast<'a> {
-    comm: &'a Comm,
-    root: i32,
-}
-
-impl Broadcast<'_> {
+impl NcclOp<'_> {
     fn typed<T: CudaDType + DeviceRepr + NcclType>(
         &self,
         storage: &CudaStorage,
@@ -216,22 +173,27 @@ impl Broadcast<'_> {
     ) -> candle_core::Result<CudaStorage> {
         let src = storage.as_cuda_slice::<T>()?.slice(lo..hi);
         let dev = storage.device.clone();
-        // SAFETY: every element is written by the broadcast before anything reads it.
+        // SAFETY: every element is written by the collective before anything reads it.
         let mut dst = unsafe { dev.alloc::<T>(hi - lo) }?;
-        self.comm
-            .broadcast(Some(&src), &mut dst, self.root)
-            .map_err(|e| candle_core::Error::Msg(format!("ncclBroadcast: {e:?}")))?;
+        match self.root {
+            None => self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum),
+            Some(root) => self.comm.broadcast(Some(&src), &mut dst, root),
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", self.name())))?;
         Ok(CudaStorage::wrap_cuda_slice(dst, dev))
     }
 }
 
-impl CustomOp1 for Broadcast<'_> {
+impl CustomOp1 for NcclOp<'_> {
     fn name(&self) -> &'static str {
-        "nccl-broadcast"
+        match self.root {
+            None => "ncclAllReduce",
+            Some(_) => "ncclBroadcast",
+        }
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the NCCL broadcast needs a CUDA tensor")
+        candle_core::bail!("{} needs a CUDA tensor", self.name())
     }
 
     fn cuda_fwd(
@@ -240,13 +202,13 @@ impl CustomOp1 for Broadcast<'_> {
         layout: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let Some((lo, hi)) = layout.contiguous_offsets() else {
-            candle_core::bail!("the NCCL broadcast needs a contiguous tensor");
+            candle_core::bail!("{} needs a contiguous tensor", self.name());
         };
         let out = match storage.dtype() {
             DType::F32 => self.typed::<f32>(storage, lo, hi)?,
             DType::F64 => self.typed::<f64>(storage, lo, hi)?,
             DType::I64 => self.typed::<i64>(storage, lo, hi)?,
-            d => candle_core::bail!("the NCCL broadcast takes f32, f64 or i64 tensors, not {d:?}"),
+            d => candle_core::bail!("{} takes f32, f64 or i64 tensors, not {d:?}", self.name()),
         };
         Ok((out, layout.shape().clone()))
     }

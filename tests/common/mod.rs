@@ -24,6 +24,14 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The `--set` override that points a run at the bundled RotatedMNIST-5k manifest.
+pub fn bundled_manifest() -> String {
+    format!(
+        "data.manifest=\"{}\"",
+        root().join("data/rotmnist5k/manifest.json").display()
+    )
+}
+
 /// Runs `toml` with overrides in a fresh directory; returns the run directory.
 pub fn run(toml: &str, overrides: &[&str]) -> (tempfile::TempDir, RunContext) {
     let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();

@@ -173,7 +173,10 @@ pub fn launch_from(get: impl Fn(&str) -> Option<String>) -> Result<Option<Launch
 static GROUP: RwLock<Option<Arc<dyn Collective>>> = RwLock::new(None);
 static LAUNCH: OnceLock<Option<Launch>> = OnceLock::new();
 
-fn set_group(engine: Arc<dyn Collective>) {
+/// Makes `engine` the process group. [`init`] and [`connect`] call it; tests use it to
+/// run the data-parallel code paths through an engine of their own.
+#[doc(hidden)]
+pub fn set_group(engine: Arc<dyn Collective>) {
     *GROUP.write() = Some(engine);
 }
 

@@ -44,7 +44,7 @@ pub fn step_times(
 ) -> Result<StepTimes> {
     use crate::model::{build, Mode, NetState};
     use crate::optim::{OptimSettings, Optimizer};
-    use crate::train::step::{apply, gradients, GradPlan};
+    use crate::train::step::{apply, gradients, Batch, GradPlan};
     let plan = GradPlan {
         accumulate: 1,
         precision,
@@ -96,12 +96,13 @@ pub fn step_times(
         net.forward(&view, &mut b, &x.to_dtype(dtype)?, Mode::Train)?;
         Ok(())
     })?;
+    let batch = Batch::whole(x.clone(), y.clone())?;
     let forward_backward_ms = time(&mut || {
-        gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train, plan)?;
+        gradients(net.as_ref(), &mut state, &all, &batch, Mode::Train, plan)?;
         Ok(())
     })?;
     let step_ms = time(&mut || {
-        let (_, g) = gradients(net.as_ref(), &mut state, &all, &x, &y, Mode::Train, plan)?;
+        let (_, g) = gradients(net.as_ref(), &mut state, &all, &batch, Mode::Train, plan)?;
         apply(&mut opt, &state, &g, &lrs)
     })?;
     Ok(StepTimes {

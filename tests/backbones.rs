@@ -305,8 +305,7 @@ fn every_parameter_gets_a_gradient(arch: &str, set: &[&str], input: [usize; 3]) 
         net.as_ref(),
         &mut state,
         &all,
-        &x,
-        &y,
+        &ldt::train::step::Batch::whole(x.clone(), y.clone()).unwrap(),
         Mode::Train,
         ldt::train::step::GradPlan::F32,
     )

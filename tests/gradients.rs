@@ -167,8 +167,7 @@ fn all_parameters_get_gradients(arch: &str) {
         net.as_ref(),
         &mut state,
         &all,
-        &x,
-        &y,
+        &ldt::train::step::Batch::whole(x.clone(), y.clone()).unwrap(),
         Mode::Train,
         ldt::train::step::GradPlan::F32,
     )
@@ -243,8 +242,7 @@ fn frozen_layers_get_no_gradient() {
         net.as_ref(),
         &mut state,
         &mask,
-        &x,
-        &y,
+        &ldt::train::step::Batch::whole(x.clone(), y.clone()).unwrap(),
         Mode::Train,
         ldt::train::step::GradPlan::F32,
     )

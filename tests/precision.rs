@@ -14,7 +14,7 @@ use common::*;
 use ldt::config::{ModelConfig, Precision};
 use ldt::model::{self, Mode, NetState};
 use ldt::rng::Rng;
-use ldt::train::step::{gradients, GradPlan};
+use ldt::train::step::{gradients, Batch, GradPlan};
 
 fn batch(rng: &mut Rng, n: usize, input: [usize; 3]) -> (Tensor, Tensor) {
     let len: usize = input.iter().product();
@@ -64,8 +64,7 @@ fn accumulated_equals_batch(arch: &str, bound: f64) {
         net.as_ref(),
         &mut state,
         &all,
-        &x,
-        &y,
+        &Batch::whole(x.clone(), y.clone()).unwrap(),
         Mode::Train,
         GradPlan::F32,
     )
@@ -75,8 +74,7 @@ fn accumulated_equals_batch(arch: &str, bound: f64) {
         net.as_ref(),
         &mut state,
         &all,
-        &x,
-        &y,
+        &Batch::whole(x.clone(), y.clone()).unwrap(),
         Mode::Train,
         plan(4, Precision::F32),
     )
@@ -121,8 +119,7 @@ fn accumulation_updates_batchnorm_once_per_micro_batch() {
         net.as_ref(),
         &mut a,
         &all,
-        &x,
-        &y,
+        &Batch::whole(x.clone(), y.clone()).unwrap(),
         Mode::Train,
         plan(3, Precision::F32),
     )
@@ -137,8 +134,7 @@ fn accumulation_updates_batchnorm_once_per_micro_batch() {
             net.as_ref(),
             &mut b,
             &all,
-            &xk,
-            &yk,
+            &Batch::whole(xk.clone(), yk.clone()).unwrap(),
             Mode::Train,
             GradPlan::F32,
         )
@@ -192,13 +188,20 @@ fn bf16_gradients(arch: &str, input: [usize; 3], mode: Mode, total_bound: f64) {
     let (x, y) = batch(&mut rng, 8, input);
     let all = vec![true; net.params().len()];
     let net = net.as_ref();
-    let (s32, g32) = gradients(net, &mut state, &all, &x, &y, mode, GradPlan::F32).unwrap();
+    let (s32, g32) = gradients(
+        net,
+        &mut state,
+        &all,
+        &Batch::whole(x.clone(), y.clone()).unwrap(),
+        mode,
+        GradPlan::F32,
+    )
+    .unwrap();
     let (s16, g16) = gradients(
         net,
         &mut state,
         &all,
-        &x,
-        &y,
+        &Batch::whole(x.clone(), y.clone()).unwrap(),
         mode,
         plan(1, Precision::Bf16),
     )
@@ -217,7 +220,15 @@ fn bf16_gradients(arch: &str, input: [usize; 3], mode: Mode, total_bound: f64) {
             .collect(),
         buffers: state.buffers.clone(),
     };
-    let (_, gr) = gradients(net, &mut rounded, &all, &round(&x), &y, mode, GradPlan::F32).unwrap();
+    let (_, gr) = gradients(
+        net,
+        &mut rounded,
+        &all,
+        &Batch::whole(round(&x), y.clone()).unwrap(),
+        mode,
+        GradPlan::F32,
+    )
+    .unwrap();
     let (mut num, mut den) = (0f64, 0f64);
     for ((a, b), spec) in g16.iter().zip(&g32).zip(net.params()) {
         let (v, w) = (values(a.as_ref().unwrap()), values(b.as_ref().unwrap()));

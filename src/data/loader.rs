@@ -30,9 +30,22 @@ impl HostBatch {
 
     /// The batch as `(images [N,C,H,W] f32, labels [N] i64)` on `device`.
     pub fn to_tensors(&self, shape: [usize; 3], device: &Device) -> Result<(Tensor, Tensor)> {
-        let n = self.len();
-        let x = Tensor::from_slice(&self.images, (n, shape[0], shape[1], shape[2]), device)?;
-        let y = Tensor::from_slice(&self.labels, n, device)?;
+        self.rows_to_tensors(0, self.len(), shape, device)
+    }
+
+    /// Rows `lo..hi` of the batch as tensors on `device` (only those rows are copied).
+    pub fn rows_to_tensors(
+        &self,
+        lo: usize,
+        hi: usize,
+        shape: [usize; 3],
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let per = shape.iter().product::<usize>();
+        let n = hi - lo;
+        let pixels = &self.images[lo * per..hi * per];
+        let x = Tensor::from_slice(pixels, (n, shape[0], shape[1], shape[2]), device)?;
+        let y = Tensor::from_slice(&self.labels[lo..hi], n, device)?;
         Ok((x, y))
     }
 }

@@ -92,13 +92,12 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
     let progress = Progress::new("stats", c.stat_batches, ctx.cfg.train.log_every);
     for b in 1..=c.stat_batches {
         let hb = loader.next_batch()?;
-        let (x, y) = ctx.tensors(&hb)?;
+        let batch = ctx.batch(&hb)?;
         let (st, grads) = gradients(
             ctx.net.as_ref(),
             state,
             &all,
-            &x,
-            &y,
+            &batch,
             Mode::Stats,
             GradPlan::of(&ctx.cfg),
         )?;

@@ -138,7 +138,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
     let t0 = Instant::now();
     for step in done + 1..=cfg.train.steps {
         let hb = loader.next_batch()?;
-        let (x, y) = ctx.tensors(&hb)?;
+        let batch = ctx.batch(&hb)?;
         let lrs: Vec<f64> = base
             .iter()
             .map(|&b| schedule::lr_at(&cfg.optim, b, step, cfg.train.steps))
@@ -149,8 +149,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 ctx.net.as_ref(),
                 &mut br.state,
                 &br.mask,
-                &x,
-                &y,
+                &batch,
                 Mode::Train,
                 GradPlan::of(&ctx.cfg),
             )?;

@@ -88,13 +88,12 @@ pub fn fit_layers(
     let mut meter = Meter::default();
     for step in 1..=steps {
         let hb = loader.next_batch()?;
-        let (x, y) = ctx.tensors(&hb)?;
+        let batch = ctx.batch(&hb)?;
         let (stats, mut grads) = gradients(
             ctx.net.as_ref(),
             state,
             mask,
-            &x,
-            &y,
+            &batch,
             Mode::Train,
             GradPlan::of(&ctx.cfg),
         )?;
@@ -163,13 +162,12 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
         let lp = cfg.train.method == Method::LpFt && step <= cfg.train.lp_steps;
         let mask = if lp { &head } else { &all };
         let hb = loader.next_batch()?;
-        let (x, y) = ctx.tensors(&hb)?;
+        let batch = ctx.batch(&hb)?;
         let (stats, mut grads) = gradients(
             ctx.net.as_ref(),
             &mut state,
             mask,
-            &x,
-            &y,
+            &batch,
             Mode::Train,
             GradPlan::of(&ctx.cfg),
         )?;

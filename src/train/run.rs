@@ -11,7 +11,7 @@ use crate::metrics::MetricsLog;
 use crate::model::{self, io, NetState, Network};
 use crate::rng::Rng;
 use crate::train::eval::{evaluate, EvalReport};
-use crate::train::step::{nonfinite, StepStats};
+use crate::train::step::{nonfinite, Batch, StepStats};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
@@ -497,9 +497,18 @@ impl RunContext {
         )
     }
 
-    /// A host batch as device tensors.
-    pub fn tensors(&self, b: &crate::data::HostBatch) -> Result<(Tensor, Tensor)> {
-        b.to_tensors(self.net.input_shape(), &self.device)
+    /// This process's rows of a training batch on the run's device: the whole batch, or
+    /// in a data-parallel run this rank's shard, cut before the upload.
+    pub fn batch(&self, b: &crate::data::HostBatch) -> Result<Batch> {
+        let group = crate::dist::group();
+        let n = b.len();
+        let (lo, hi) = if group.is_local() {
+            (0, n)
+        } else {
+            crate::dist::shard(n, group.rank(), group.world())
+        };
+        let (x, y) = b.rows_to_tensors(lo, hi, self.net.input_shape(), &self.device)?;
+        Ok(Batch { x, y, total: n })
     }
 
     /// Evaluates parameters and buffers on every domain.

@@ -10,7 +10,7 @@
 
 use super::erm::Meter;
 use super::memory::{Layout, MemoryReport};
-use super::step::{apply, gradients, GradPlan};
+use super::step::{apply, gradients, Batch, GradPlan};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::{Method, Placement};
@@ -210,13 +210,12 @@ impl SingleLive {
         Ok(())
     }
 
-    /// One optimizer step of the live branch on `(x, y)`.
+    /// One optimizer step of the live branch on `batch`.
     pub fn half_step(
         &mut self,
         ctx: &mut RunContext,
         step: usize,
-        x: &Tensor,
-        y: &Tensor,
+        batch: &Batch,
         lrs: &[f64],
     ) -> Result<super::step::StepStats> {
         let mask = self.mask();
@@ -224,8 +223,7 @@ impl SingleLive {
             ctx.net.as_ref(),
             &mut self.live,
             &mask,
-            x,
-            y,
+            batch,
             Mode::Train,
             GradPlan::of(&ctx.cfg),
         )?;
@@ -630,15 +628,15 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             if dual && m.phase == Phase::A {
                 // Swap placement alternates the order of the half-steps to swap once per step.
                 let hb = loader.next_batch()?;
-                let (x, y) = ctx.tensors(&hb)?;
+                let batch = ctx.batch(&hb)?;
                 let lrs: Vec<f64> = base
                     .iter()
                     .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
                     .collect();
                 m.stage_next()?;
-                let sa = m.half_step(ctx, step + 1, &x, &y, &lrs)?;
+                let sa = m.half_step(ctx, step + 1, &batch, &lrs)?;
                 m.switch_to(Phase::P)?;
-                let sp = m.half_step(ctx, step + 1, &x, &y, &lrs)?;
+                let sp = m.half_step(ctx, step + 1, &batch, &lrs)?;
                 meter.add(&sp);
                 step += 1;
                 n_p += 1;
@@ -663,7 +661,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
             let mut p_losses = Vec::new();
             for j in 0..k {
                 let hb = loader.next_batch()?;
-                let (x, y) = ctx.tensors(&hb)?;
+                let batch = ctx.batch(&hb)?;
                 let lrs: Vec<f64> = base
                     .iter()
                     .map(|&b| schedule::lr_at(&cfg.optim, b, step + j + 1, cfg.train.steps))
@@ -671,14 +669,14 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 if j + 1 == k {
                     m.stage_next()?;
                 }
-                let s = m.half_step(ctx, step + j + 1, &x, &y, &lrs)?;
+                let s = m.half_step(ctx, step + j + 1, &batch, &lrs)?;
                 meter.add(&s);
                 p_losses.push(s.loss);
                 replay.push(hb);
             }
             m.switch_to(Phase::A)?;
             for (j, hb) in replay.iter().enumerate() {
-                let (x, y) = ctx.tensors(hb)?;
+                let batch = ctx.batch(hb)?;
                 let lrs: Vec<f64> = base
                     .iter()
                     .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
@@ -686,7 +684,7 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 if j + 1 == replay.len() {
                     m.stage_next()?;
                 }
-                let sa = m.half_step(ctx, step + 1, &x, &y, &lrs)?;
+                let sa = m.half_step(ctx, step + 1, &batch, &lrs)?;
                 step += 1;
                 n_p += 1;
                 n_a += 1;
@@ -723,12 +721,12 @@ pub fn train(ctx: &mut RunContext) -> Result<()> {
                 m.stage_next()?;
             }
             let hb = loader.next_batch()?;
-            let (x, y) = ctx.tensors(&hb)?;
+            let batch = ctx.batch(&hb)?;
             let lrs: Vec<f64> = base
                 .iter()
                 .map(|&b| schedule::lr_at(&cfg.optim, b, step + 1, cfg.train.steps))
                 .collect();
-            let s = m.half_step(ctx, step + 1, &x, &y, &lrs)?;
+            let s = m.half_step(ctx, step + 1, &batch, &lrs)?;
             meter.add(&s);
             step += 1;
             let n = match phase {

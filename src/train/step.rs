@@ -44,7 +44,27 @@ impl GradPlan {
     }
 }
 
-/// Forward and backward of `state` on `(x, y)` with gradients for `trainable` layers.
+/// This process's rows of one global batch on the run's device: the whole batch for a
+/// single process, or a rank's contiguous shard ([`dist::shard`]), cut in host memory so
+/// that each rank uploads only its own rows.
+pub struct Batch {
+    /// Images of these rows, `[rows, C, H, W]`.
+    pub x: Tensor,
+    /// Labels of these rows.
+    pub y: Tensor,
+    /// Examples in the global batch (the loss is the mean over all of them).
+    pub total: usize,
+}
+
+impl Batch {
+    /// A whole batch (one process; tests).
+    pub fn whole(x: Tensor, y: Tensor) -> Result<Batch> {
+        let total = y.dim(0)?;
+        Ok(Batch { x, y, total })
+    }
+}
+
+/// Forward and backward of `state` on `batch` with gradients for `trainable` layers.
 /// Returns the stats and each trainable layer's gradient (`None` for frozen layers).
 ///
 /// With `plan.accumulate = N` the batch is split into N contiguous micro-batches (sizes
@@ -54,8 +74,9 @@ impl GradPlan {
 /// of the whole batch's mean loss. A non-finite micro-batch loss ends the step with that
 /// loss and no gradients.
 ///
-/// With several ranks ([`crate::dist`]) each rank takes its shard of the batch, and the
-/// shard gradients, weighted by shard size, are summed across ranks: every rank gets the
+/// With several ranks ([`crate::dist`]) `batch` holds this rank's shard (cut by
+/// [`crate::train::RunContext::batch`]), and the shard gradients, weighted by the
+/// shard's share of `batch.total`, are summed across ranks: every rank gets the
 /// gradient of the whole batch's mean loss (two ranks give exactly the numbers of
 /// `accumulate = 2` on one). The loss and the correct count are summed the same way, a
 /// non-finite loss on any rank is seen by all, and in `Train` mode rank 0's BatchNorm
@@ -64,20 +85,16 @@ pub fn gradients(
     net: &dyn Network,
     state: &mut NetState,
     trainable: &[bool],
-    x: &Tensor,
-    y: &Tensor,
+    batch: &Batch,
     mode: Mode,
     plan: GradPlan,
 ) -> Result<(StepStats, Vec<Option<Tensor>>)> {
     let group = dist::group();
     if group.is_local() {
-        return local_gradients(net, state, trainable, x, y, mode, plan);
+        return local_gradients(net, state, trainable, &batch.x, &batch.y, mode, plan);
     }
-    let n = y.dim(0)?;
-    let (lo, hi) = dist::shard(n, group.rank(), group.world());
-    let local = if hi > lo {
-        let (xs, ys) = (x.narrow(0, lo, hi - lo)?, y.narrow(0, lo, hi - lo)?);
-        local_gradients(net, state, trainable, &xs, &ys, mode, plan)?
+    let local = if batch.y.dim(0)? > 0 {
+        local_gradients(net, state, trainable, &batch.x, &batch.y, mode, plan)?
     } else {
         let none = StepStats {
             loss: 0.0,
@@ -86,7 +103,7 @@ pub fn gradients(
         };
         (none, vec![None; trainable.len()])
     };
-    let out = dist::timed(|| all_reduce(state, trainable, local, n))?;
+    let out = dist::timed(|| all_reduce(state, trainable, local, batch.total))?;
     if mode == Mode::Train && !state.buffers.is_empty() {
         dist::timed(|| broadcast_buffers(&mut state.buffers))?;
     }

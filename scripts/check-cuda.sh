@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Compile-checks the `cuda` and `nccl` features (`cargo check --release --features cuda
-# --all-targets`, then the same with `nccl`) on a machine without a GPU: nvcc 13.4 from PyPI (scripts/cuda-toolkit.sh) compiles
-# candle's kernels, and the target directory lives outside the clone
-# (LDT_CUDA_TARGET_DIR, default ${XDG_CACHE_HOME:-$HOME/.cache}/ldt-ci/target-cuda), so
-# only the first run builds candle's CUDA kernels (13 minutes on 2 shared cores) and later
-# runs re-check ldt alone. Linking needs the CUDA driver library, i.e. a GPU machine
-# (scripts/gpu-check.sh).
+# --all-targets`, then the same with `nccl`) on a machine without a GPU: nvcc 13.4 from
+# PyPI (scripts/cuda-toolkit.sh) compiles candle's kernels, and the target directory
+# lives outside the clone (LDT_CUDA_TARGET_DIR, default
+# ${XDG_CACHE_HOME:-$HOME/.cache}/ldt-ci/target-cuda), so only the first run builds
+# candle's CUDA kernels (13 minutes on 2 shared cores) and later runs re-check ldt alone.
+# Linking needs the CUDA libraries or stand-ins (scripts/cuda-stubs.sh); running needs a
+# GPU (scripts/gpu-check.sh builds here and runs there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The check runs candle's kernel build script, but nothing here depends on the GPU

@@ -43,7 +43,9 @@ pub fn driver_version() -> Result<i32> {
 
 /// Opens GPU `ordinal` for compute (for a rank of a data-parallel launch, the GPU of its
 /// local rank: [`crate::dist::local_gpu`]), on a stream of its own (not the per-thread
-/// default stream) so the copy streams can order against it.
+/// default stream) so the copy streams can order against it. Once per process: later
+/// calls (each run of `ldt compare`, the tests) get the same device and stream, so that
+/// work bound to the device, such as the NCCL communicator, serves every run.
 ///
 /// # Errors
 /// A message naming the `device` key when there is no usable driver or no such GPU.
@@ -61,9 +63,18 @@ pub fn open(ordinal: usize) -> Result<Device> {
              use an index below {count}"
         );
     }
-    Device::new_cuda_with_stream(ordinal)
-        .with_context(|| format!("config key `device` = `cuda:{ordinal}`: opening the GPU"))
+    let mut opened = OPENED.lock();
+    if let Some((_, d)) = opened.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Device::new_cuda_with_stream(ordinal)
+        .with_context(|| format!("config key `device` = `cuda:{ordinal}`: opening the GPU"))?;
+    opened.push((ordinal, d.clone()));
+    Ok(d)
 }
+
+/// The GPUs [`open`] has opened in this process, by ordinal.
+static OPENED: parking_lot::Mutex<Vec<(usize, Device)>> = parking_lot::Mutex::new(Vec::new());
 
 /// The backend for `device`: the host backend on the CPU, the streamed backend with
 /// pinned counterparts, copy streams and the PTX kernels on a GPU.

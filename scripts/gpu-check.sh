@@ -79,8 +79,6 @@ print(exe[-1] if exe else "")' "$target") || true
     objcopy --strip-debug "$exe" ".gpu/stage/bin/$name"
     echo "built $name at $((SECONDS - t0)) s: $(du -h ".gpu/stage/bin/$name" | cut -f1)"
   done
-  # The tests find the bundled data through the directory they were built in.
-  pwd >.gpu/stage/built-in
   git rev-parse --short HEAD >.gpu/stage/commit
   # Each binary holds the same 50 MB of candle's PTX: a dictionary larger than all of them
   # lets xz store it once (about 1 GB of memory to pack, 300 MB to unpack).
@@ -96,11 +94,15 @@ print(exe[-1] if exe else "")' "$target") || true
 # Directories holding each library the binaries need, from the driver's, the system
 # toolkit's and PyTorch's CUDA 13 packages.
 library_path() {
-  local dirs=() lib found
-  for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnccl.so.2 \
-    libcudart.so.13; do
-    found=$(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu /usr/local/cuda/ /opt \
-      -name "$lib" 2>/dev/null | head -n 1) || true
+  local libs=(libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13
+    libnccl.so.2 libcudart.so.13) dirs=() lib found all
+  # One walk over the places they may be, then the first hit of each.
+  local names=()
+  for lib in "${libs[@]}"; do names+=(-o -name "$lib"); done
+  all=$(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu /usr/local/cuda/ /opt \
+    \( "${names[@]:1}" \) 2>/dev/null) || true
+  for lib in "${libs[@]}"; do
+    found=$(grep -m 1 "/$lib\$" <<<"$all") || true
     if [ -n "$found" ]; then
       dirs+=("$(dirname "$found")")
     elif ! ldconfig -p 2>/dev/null | grep -q "$lib"; then
@@ -124,13 +126,8 @@ run() {
   # use and keeps the result in its cache, which must be large enough to hold them all so
   # that the later binaries do not compile them again.
   export CUDA_CACHE_MAXSIZE=$((4 << 30))
-  # The test binaries read data/ under the directory they were built in.
-  local built
-  built=$(cat "$dir/built-in")
-  if [ "$built" != "$PWD" ] && [ ! -e "$built" ]; then
-    mkdir -p "$(dirname "$built")"
-    ln -s "$PWD" "$built"
-  fi
+  # The test binaries read data/ from this checkout.
+  export LDT_REPO_ROOT="$PWD"
   echo "bundle of commit $(cat "$dir/commit"); libraries from $lp"
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
   if ldd "$dir/bin/ldt" | grep 'not found'; then

@@ -19,9 +19,12 @@ pub fn fixtures() -> Option<PathBuf> {
     }
 }
 
-/// The repository root.
+/// The repository root: `LDT_REPO_ROOT` when set (test binaries carried to another
+/// machine, `scripts/gpu-check.sh`), else the directory they were built in.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("LDT_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The `--set` override that points a run at the bundled RotatedMNIST-5k manifest.

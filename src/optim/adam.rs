@@ -3,7 +3,7 @@
 //! `p = p + (-lr/bc1 * m) / denom`; bias corrections in f64, scalars rounded to f32.
 //! With beta1 = 0 there is no first-moment buffer: `m` is the gradient itself.
 
-use super::{f32_slice, f32_slice_mut, LayerState, OptimSettings};
+use super::{f32_slice, f32_slice_mut, l2_decayed, LayerState, OptimSettings};
 use crate::config::OptimName;
 use anyhow::Result;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
@@ -113,6 +113,67 @@ impl candle_core::InplaceOp1 for Scale {
     }
 }
 
+/// The scalars of one Adam/AdamW step, rounded to f32 as PyTorch rounds them (bias
+/// corrections in f64 first); the host kernels and the device-generic path both take
+/// them from here, so both compute with the same numbers.
+struct Scalars {
+    /// AdamW's weight factor `1 - lr * wd` (None: no decoupled decay).
+    adamw_scale: Option<f32>,
+    /// Lerp weight of the first moment, `1 - b1` (None with b1 = 0: `m` is the gradient).
+    w1: Option<f32>,
+    /// Second-moment decay `b2` and gradient weight `1 - b2`.
+    b2: f32,
+    c: f32,
+    /// `-lr / (1 - b1^t)`.
+    neg_step: f32,
+    /// `sqrt(1 - b2^t)`.
+    bc2: f32,
+    eps: f32,
+}
+
+impl Scalars {
+    fn of(s: &OptimSettings, step: u64, lr: f64) -> Scalars {
+        let [b1, b2] = s.betas;
+        let t = step as i32;
+        let adamw = s.weight_decay > 0.0 && s.name == OptimName::Adamw;
+        Scalars {
+            adamw_scale: adamw.then_some((1.0 - lr * s.weight_decay) as f32),
+            w1: (b1 > 0.0).then_some((1.0 - b1) as f32),
+            b2: b2 as f32,
+            c: (1.0 - b2) as f32,
+            neg_step: (-(lr / (1.0 - b1.powi(t)))) as f32,
+            bc2: (1.0 - b2.powi(t)).sqrt() as f32,
+            eps: s.eps as f32,
+        }
+    }
+}
+
+/// The gradient Adam works on: AdamW decays the weights (through `scale`) and keeps the
+/// gradient; Adam adds L2 decay to the gradient (nothing without weight decay).
+fn decayed(
+    s: &OptimSettings,
+    k: &Scalars,
+    p: &Var,
+    g: &Tensor,
+    scale: impl FnOnce(f32) -> Result<()>,
+) -> Result<Tensor> {
+    match k.adamw_scale {
+        Some(f) => {
+            scale(f)?;
+            Ok(g.clone())
+        }
+        None => l2_decayed(s, p, g),
+    }
+}
+
+/// `slot`'s tensor, or zeros like `g` stored there first.
+fn moment(slot: &mut Option<Tensor>, g: &Tensor) -> Result<Tensor> {
+    Ok(match slot {
+        Some(t) => t.clone(),
+        None => slot.insert(g.zeros_like()?).clone(),
+    })
+}
+
 /// One Adam/AdamW step of one layer.
 pub(super) fn step(
     s: &OptimSettings,
@@ -121,61 +182,27 @@ pub(super) fn step(
     g: &Tensor,
     lr: f64,
 ) -> Result<()> {
-    let [b1, b2] = s.betas;
-    let t = st.step as i32;
-    let mut g = g.clone();
-    if s.weight_decay > 0.0 {
-        if s.name == OptimName::Adamw {
-            p.as_tensor().inplace_op1(&Scale {
-                f: (1.0 - lr * s.weight_decay) as f32,
-            })?;
-        } else {
-            g = (&g + (p.as_tensor().detach() * s.weight_decay)?)?;
+    let k = Scalars::of(s, st.step, lr);
+    let g = decayed(s, &k, p, g, |f| {
+        Ok(p.as_tensor().inplace_op1(&Scale { f })?)
+    })?;
+    let v = moment(&mut st.v, &g)?;
+    let m = match k.w1 {
+        Some(w) => {
+            let m = moment(&mut st.m, &g)?;
+            m.inplace_op2(&g, &Lerp { w })?;
+            m
         }
-    }
-    let v = match &st.v {
-        Some(v) => v.clone(),
-        None => {
-            let v = g.zeros_like()?;
-            st.v = Some(v.clone());
-            v
-        }
+        None => g.clone(),
     };
-    let m = if b1 > 0.0 {
-        let m = match &st.m {
-            Some(m) => m.clone(),
-            None => {
-                let m = g.zeros_like()?;
-                st.m = Some(m.clone());
-                m
-            }
-        };
-        m.inplace_op2(
-            &g,
-            &Lerp {
-                w: (1.0 - b1) as f32,
-            },
-        )?;
-        m
-    } else {
-        g.clone()
-    };
-    v.inplace_op2(
-        &g,
-        &SecondMoment {
-            b2: b2 as f32,
-            c: (1.0 - b2) as f32,
-        },
-    )?;
-    let bc1 = 1.0 - b1.powi(t);
-    let bc2 = (1.0 - b2.powi(t)).sqrt();
+    v.inplace_op2(&g, &SecondMoment { b2: k.b2, c: k.c })?;
     p.as_tensor().inplace_op3(
         &m,
         &v,
         &Update {
-            neg_step: (-(lr / bc1)) as f32,
-            bc2: bc2 as f32,
-            eps: s.eps as f32,
+            neg_step: k.neg_step,
+            bc2: k.bc2,
+            eps: k.eps,
         },
     )?;
     Ok(())
@@ -191,47 +218,30 @@ pub(super) fn step_generic(
     g: &Tensor,
     lr: f64,
 ) -> Result<()> {
-    let [b1, b2] = s.betas;
-    let t = st.step as i32;
-    let mut g = g.clone();
-    if s.weight_decay > 0.0 {
-        if s.name == OptimName::Adamw {
-            let f = (1.0 - lr * s.weight_decay) as f32;
-            p.set(&(p.as_tensor().detach() * f as f64)?)?;
-        } else {
-            g = (&g + (p.as_tensor().detach() * s.weight_decay)?)?;
+    let k = Scalars::of(s, st.step, lr);
+    let g = decayed(s, &k, p, g, |f| {
+        Ok(p.set(&(p.as_tensor().detach() * f as f64)?)?)
+    })?;
+    let v = moment(&mut st.v, &g)?;
+    let m = match k.w1 {
+        Some(w) => {
+            let m = moment(&mut st.m, &g)?;
+            let m = if w.abs() < 0.5 {
+                (&m + ((&g - &m)? * w as f64)?)?
+            } else {
+                (&g - ((&g - &m)? * (1.0 - w) as f64)?)?
+            };
+            st.m = Some(m.clone());
+            m
         }
-    }
-    let v = match &st.v {
-        Some(v) => v.clone(),
-        None => g.zeros_like()?,
+        None => g.clone(),
     };
-    let m = if b1 > 0.0 {
-        let m = match &st.m {
-            Some(m) => m.clone(),
-            None => g.zeros_like()?,
-        };
-        let w = (1.0 - b1) as f32;
-        let m = if w.abs() < 0.5 {
-            (&m + ((&g - &m)? * w as f64)?)?
-        } else {
-            (&g - ((&g - &m)? * (1.0 - w) as f64)?)?
-        };
-        st.m = Some(m.clone());
-        m
-    } else {
-        g.clone()
-    };
-    let (b2f, c) = (b2 as f32, (1.0 - b2) as f32);
-    let v = ((v * b2f as f64)? + ((&g * c as f64)? * &g)?)?;
+    let v = ((v * k.b2 as f64)? + ((&g * k.c as f64)? * &g)?)?;
     st.v = Some(v.clone());
-    let bc1 = 1.0 - b1.powi(t);
     // Filled on the device (no host-to-device copy per layer and step).
-    let bc2 =
-        Tensor::full((1.0 - b2.powi(t)).sqrt() as f32, (), v.device())?.to_dtype(v.dtype())?;
-    let neg_step = (-(lr / bc1)) as f32;
-    let denom = (v.sqrt()?.broadcast_div(&bc2)? + s.eps as f32 as f64)?;
-    let upd = ((m * neg_step as f64)? / denom)?;
+    let bc2 = Tensor::full(k.bc2, (), v.device())?.to_dtype(v.dtype())?;
+    let denom = (v.sqrt()?.broadcast_div(&bc2)? + k.eps as f64)?;
+    let upd = ((m * k.neg_step as f64)? / denom)?;
     p.set(&(p.as_tensor().detach() + upd)?)?;
     Ok(())
 }

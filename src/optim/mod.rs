@@ -160,6 +160,16 @@ impl Optimizer {
     }
 }
 
+/// The gradient with L2 weight decay, `g + wd * p` (SGD and Adam; AdamW decays the
+/// weights instead). Shared by the host kernels and the device-generic paths.
+fn l2_decayed(s: &OptimSettings, p: &Var, g: &Tensor) -> Result<Tensor> {
+    if s.weight_decay > 0.0 {
+        Ok((g + (p.as_tensor().detach() * s.weight_decay)?)?)
+    } else {
+        Ok(g.clone())
+    }
+}
+
 /// Borrows the f32 slice of a contiguous CPU storage (helper for the update kernels).
 fn f32_slice<'a>(
     s: &'a candle_core::CpuStorage,

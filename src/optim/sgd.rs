@@ -1,7 +1,7 @@
 //! SGD with momentum and L2 weight decay, as `torch.optim.SGD` (dampening 0):
 //! `d = g + wd*p`; `buf = d` at the first step, else `buf = buf*mu + d`; `p = p - lr*buf`.
 
-use super::{f32_slice, f32_slice_mut, LayerState, OptimSettings};
+use super::{f32_slice, f32_slice_mut, l2_decayed, LayerState, OptimSettings};
 use anyhow::Result;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
 
@@ -63,11 +63,7 @@ pub(super) fn step(
     g: &Tensor,
     lr: f64,
 ) -> Result<()> {
-    let d = if s.weight_decay > 0.0 {
-        (g + (p.as_tensor().detach() * s.weight_decay)?)?
-    } else {
-        g.clone()
-    };
+    let d = l2_decayed(s, p, g)?;
     let d = if s.momentum > 0.0 {
         match &st.m {
             None => {
@@ -107,11 +103,7 @@ pub(super) fn step_generic(
     g: &Tensor,
     lr: f64,
 ) -> Result<()> {
-    let d = if s.weight_decay > 0.0 {
-        (g + (p.as_tensor().detach() * s.weight_decay)?)?
-    } else {
-        g.clone()
-    };
+    let d = l2_decayed(s, p, g)?;
     let d = if s.momentum > 0.0 {
         let b = match &st.m {
             None => d.copy()?,

@@ -24,39 +24,6 @@ fn one_rank_nccl_run_equals_the_run_without_an_engine() {
             return;
         }
     };
-    let toml = r#"
-seed = 3
-device = "cuda:0"
-[model]
-arch = "cnn_bn"
-[train]
-steps = 12
-batch_size = 16
-[optim]
-lr = 1e-3
-[stage1]
-warmup_steps = 2
-stat_batches = 2
-stat_batch_size = 4
-[ldt]
-ema_every = 3
-[ldt_s]
-p_steps = 3
-a_steps = 3
-[checkpoint]
-every = 6
-"#;
-    let man = common::bundled_manifest();
-    let cases = [
-        ("erm", "model.safetensors"),
-        ("ldt", "composite.safetensors"),
-        ("ldt-s", "composite.safetensors"),
-    ];
-    let method = |m: &str| format!("train.method=\"{m}\"");
-    let local: Vec<_> = cases
-        .iter()
-        .map(|(m, _)| common::run(toml, &[&man, &method(m)]).0)
-        .collect();
     let rendezvous = tempfile::tempdir().unwrap();
     let one = Launch {
         rank: 0,
@@ -64,22 +31,9 @@ every = 6
         local_rank: 0,
         launcher: "test",
     };
-    dist::start_nccl(&device, &one, rendezvous.path()).expect("NCCL on one GPU");
-    assert_eq!(dist::group().name(), "nccl");
-    for ((m, file), l) in cases.iter().zip(&local) {
-        let (n, _) = common::run(toml, &[&man, &method(m)]);
-        let same = common::identical(&n.path().join(file), &l.path().join(file));
-        let (worst, key) = common::worst_rel_l2(&n.path().join(file), &l.path().join(file));
-        println!("nccl {m}: bit-identical {same}, worst relative L2 {worst:.2e} ({key})");
-        assert!(
-            same,
-            "{m}: the one-rank NCCL run differs from the local run"
-        );
-        let summary = std::fs::read_to_string(n.path().join("summary.json")).unwrap();
-        assert!(summary.contains("\"engine\": \"nccl\""), "{m}: {summary}");
-        assert!(
-            summary.contains("\"replicas_agreed_ranks\": 1"),
-            "{m}: {summary}"
-        );
-    }
+    let install = || {
+        dist::start_nccl(&device, &one, rendezvous.path()).expect("NCCL on one GPU");
+        assert_eq!(dist::group().name(), "nccl");
+    };
+    common::one_rank_engine_runs("cuda:0", install, "nccl", |_| {});
 }

@@ -54,62 +54,22 @@ impl Collective for Loopback {
 
 #[test]
 fn one_rank_engine_run_equals_the_run_without_an_engine() {
-    let toml = r#"
-seed = 3
-[model]
-arch = "cnn_bn"
-[train]
-steps = 12
-batch_size = 16
-[optim]
-lr = 1e-3
-[stage1]
-warmup_steps = 2
-stat_batches = 2
-stat_batch_size = 4
-[ldt]
-ema_every = 3
-[ldt_s]
-p_steps = 3
-a_steps = 3
-[checkpoint]
-every = 6
-"#;
-    let man = common::bundled_manifest();
-    let cases = [
-        ("erm", "model.safetensors"),
-        ("ldt", "composite.safetensors"),
-        ("ldt-s", "composite.safetensors"),
-    ];
-    let method = |m: &str| format!("train.method=\"{m}\"");
-    let local: Vec<_> = cases
-        .iter()
-        .map(|(m, _)| common::run(toml, &[&man, &method(m)]).0)
-        .collect();
     let engine = Arc::new(Loopback {
         calls: AtomicUsize::new(0),
     });
-    dist::set_group(engine.clone());
-    for ((m, file), l) in cases.iter().zip(&local) {
-        let before = engine.calls.load(Ordering::Relaxed);
-        let (n, _) = common::run(toml, &[&man, &method(m)]);
-        let calls = engine.calls.load(Ordering::Relaxed) - before;
-        // At least the loss sums, the gradient all-reduce and the buffer broadcasts of
-        // every step.
-        assert!(calls > 3 * 12, "{m}: only {calls} collective calls");
-        assert!(
-            common::identical(&n.path().join(file), &l.path().join(file)),
-            "{m}: the one-rank engine's run differs from the run without an engine"
-        );
-        let summary = std::fs::read_to_string(n.path().join("summary.json")).unwrap();
-        assert!(
-            summary.contains("\"engine\": \"loopback\""),
-            "{m}: {summary}"
-        );
-        assert!(
-            summary.contains("\"replicas_agreed_ranks\": 1"),
-            "{m}: {summary}"
-        );
-        println!("{m}: bit-identical through {calls} collective calls");
-    }
+    let mut seen = 0;
+    common::one_rank_engine_runs(
+        "cpu",
+        || dist::set_group(engine.clone()),
+        "loopback",
+        |m| {
+            let total = engine.calls.load(Ordering::Relaxed);
+            let calls = total - seen;
+            seen = total;
+            // At least the loss sums, the gradient all-reduce and the buffer broadcasts
+            // of every step.
+            assert!(calls > 3 * 12, "{m}: only {calls} collective calls");
+            println!("{m}: bit-identical through {calls} collective calls");
+        },
+    );
 }

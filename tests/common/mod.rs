@@ -105,3 +105,69 @@ pub fn identical(a: &Path, b: &Path) -> bool {
             })
         })
 }
+
+/// The one-rank engine check shared by `tests/one_rank_engine.rs` (CPU) and
+/// `tests/nccl.rs` (GPU): erm, ldt and ldt-s on cnn_bn (stage 1, DPU every 3 steps, a
+/// checkpoint at step 6, 12 steps) on `device`, first without an engine, then after
+/// `install` has made a one-rank engine the process group. Each run through the engine
+/// must export the plain run's weights bit for bit, and its `summary.json` must name
+/// `engine` and record `replicas_agreed_ranks` 1; `after(method)` runs after each.
+pub fn one_rank_engine_runs(
+    device: &str,
+    install: impl FnOnce(),
+    engine: &str,
+    mut after: impl FnMut(&str),
+) {
+    let toml = r#"
+seed = 3
+[model]
+arch = "cnn_bn"
+[train]
+steps = 12
+batch_size = 16
+[optim]
+lr = 1e-3
+[stage1]
+warmup_steps = 2
+stat_batches = 2
+stat_batch_size = 4
+[ldt]
+ema_every = 3
+[ldt_s]
+p_steps = 3
+a_steps = 3
+[checkpoint]
+every = 6
+"#;
+    let (man, dev) = (bundled_manifest(), format!("device=\"{device}\""));
+    let cases = [
+        ("erm", "model.safetensors"),
+        ("ldt", "composite.safetensors"),
+        ("ldt-s", "composite.safetensors"),
+    ];
+    let method = |m: &str| format!("train.method=\"{m}\"");
+    let plain: Vec<_> = cases
+        .iter()
+        .map(|(m, _)| run(toml, &[&man, &dev, &method(m)]).0)
+        .collect();
+    install();
+    for ((m, file), p) in cases.iter().zip(&plain) {
+        let (e, _) = run(toml, &[&man, &dev, &method(m)]);
+        let (worst, key) = worst_rel_l2(&e.path().join(file), &p.path().join(file));
+        println!("{engine} {m}: worst relative L2 {worst:.2e} ({key})");
+        assert!(
+            identical(&e.path().join(file), &p.path().join(file)),
+            "{m}: the one-rank {engine} run differs from the run without an engine"
+        );
+        let summary = std::fs::read_to_string(e.path().join("summary.json")).unwrap();
+        assert!(
+            summary.contains(&format!("\"engine\": \"{engine}\"")),
+            "{m}: {summary}"
+        );
+        assert!(
+            summary.contains("\"replicas_agreed_ranks\": 1"),
+            "{m}: {summary}"
+        );
+        after(m);
+    }
+}

@@ -48,7 +48,6 @@ prepare() {
   command -v cargo >/dev/null || die "cargo is needed to build the bundle"
   export LDT_CUDA_VERSION=13.0 CUDA_COMPUTE_CAP=80
   eval "$(scripts/cuda-toolkit.sh)"
-  export CUDA_COMPUTE_CAP=80
   export CARGO_TARGET_DIR="${LDT_GPU_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ldt-ci/target-gpu}"
   local stubs="$CARGO_TARGET_DIR/cuda-stubs"
   scripts/cuda-stubs.sh "$stubs" >/dev/null

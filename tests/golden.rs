@@ -1,0 +1,150 @@
+//! Golden outputs: a refactor of the training core must not change one bit of what a run
+//! writes. For every method (erm, lp-ft, deft, ldt resident, ldt swap, ldt-s, ldt-s
+//! repeat-batch) on `cnn_bn` — stage 1, 20 steps, evaluation every 5 steps with the
+//! branches, selection on a validation hold-out (`best.safetensors`), snapshots at step
+//! 10, checkpoints every 6 steps — and for the same run resumed from its step-12
+//! checkpoint, the SHA-256 of every exported `.safetensors` and of `partition.json` is
+//! compared with `tests/golden/cnn_bn.sha256`, recorded before the redesign of the core.
+//! `LDT_BLESS=1` rewrites that file (only for a change that is meant to change results;
+//! say why in the commit).
+
+mod common;
+use common::*;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const BASE: &str = r#"
+seed = 3
+threads = 1
+[model]
+arch = "cnn_bn"
+[train]
+steps = 20
+batch_size = 16
+log_every = 1000
+[optim]
+lr = 1e-3
+[stage1]
+warmup_steps = 4
+warmup_layers = "all"
+stat_batches = 4
+[ldt]
+ema_every = 3
+[ldt_s]
+p_steps = 4
+a_steps = 4
+[eval]
+every = 5
+batch_size = 512
+branches = true
+[snapshots]
+at_steps = [10]
+[checkpoint]
+every = 6
+keep_last = 5
+"#;
+
+/// Method name in the golden file and its overrides.
+const METHODS: [(&str, &[&str]); 7] = [
+    ("erm", &["train.method=\"erm\""]),
+    ("lp-ft", &["train.method=\"lp-ft\"", "train.lp_steps=6"]),
+    ("deft", &["train.method=\"deft\""]),
+    ("ldt-resident", &["train.method=\"ldt\""]),
+    (
+        "ldt-swap",
+        &["train.method=\"ldt\"", "ldt.placement=\"swap\""],
+    ),
+    ("ldt-s", &["train.method=\"ldt-s\""]),
+    (
+        "ldt-s-repeat",
+        &["train.method=\"ldt-s\"", "ldt_s.repeat_batch=true"],
+    ),
+];
+
+fn sha256(p: &Path) -> String {
+    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `file -> sha256` of a run directory's exported tensors and partition.
+fn hashes(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with(".safetensors") || name == "partition.json" {
+            out.insert(name, sha256(&p));
+        }
+    }
+    out
+}
+
+fn run_in(dir: &Path, overrides: &[String]) {
+    let cfg = ldt::config::Config::from_toml(BASE, "golden", overrides).expect("config");
+    let mut ctx = ldt::train::RunContext::open(cfg, dir).expect("open run");
+    ldt::train::run_method(&mut ctx).expect("run");
+}
+
+/// Every line `run file sha256` of all methods, whole and resumed.
+fn table() -> String {
+    let mut lines = Vec::new();
+    for (name, sets) in METHODS {
+        let mut ov: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        ov.push(bundled_manifest());
+        ov.push("data.val_fraction=0.1".into());
+        let whole = tempfile::tempdir().unwrap();
+        run_in(whole.path(), &ov);
+        for (f, h) in hashes(whole.path()) {
+            lines.push(format!("{name} {f} {h}"));
+        }
+        // Resume from step 12: a fresh directory holding only that checkpoint.
+        let resumed = tempfile::tempdir().unwrap();
+        let ck = Path::new("checkpoints").join("step-12");
+        let to = resumed.path().join(&ck);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(whole.path().join(&ck)).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+        ov.push("checkpoint.resume=\"auto\"".into());
+        run_in(resumed.path(), &ov);
+        for (f, h) in hashes(resumed.path()) {
+            lines.push(format!("{name}+resume {f} {h}"));
+        }
+    }
+    lines.join("\n") + "\n"
+}
+
+#[test]
+fn every_method_writes_the_golden_bits() {
+    let path = root().join("tests/golden/cnn_bn.sha256");
+    let got = table();
+    if std::env::var_os("LDT_BLESS").is_some() {
+        std::fs::write(&path, &got).unwrap();
+        eprintln!("wrote {}", path.display());
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (LDT_BLESS=1 writes it)", path.display()));
+    let (g, w): (Vec<&str>, Vec<&str>) = (got.lines().collect(), want.lines().collect());
+    let differ: Vec<String> = w
+        .iter()
+        .filter(|l| !g.contains(l))
+        .map(|l| format!("want {l}"))
+        .chain(
+            g.iter()
+                .filter(|l| !w.contains(l))
+                .map(|l| format!(" got {l}")),
+        )
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} golden lines differ:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
+}

@@ -4,7 +4,6 @@
 //! Unknown keys, wrong types and out-of-range values are errors that name the key and
 //! what is allowed, so a typo never silently falls back to a default.
 
-pub use crate::offload::stream::EmaPlacement;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -112,6 +111,18 @@ impl Default for Config {
         }
     }
 }
+
+/// Every `model.arch` a configuration may name (`crate::model::build` builds each).
+pub const ARCHS: [&str; 8] = [
+    "mlp",
+    "cnn",
+    "cnn_bn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "vit",
+];
 
 /// `[model]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -505,6 +516,21 @@ impl Default for LdtSConfig {
             repeat_batch: false,
         }
     }
+}
+
+/// Where a device backend runs the DPU fold (`offload.ema`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmaPlacement {
+    /// On the host's threads (`crate::offload::fused_ema`), after copying the live tensors to pinned
+    /// host memory.
+    Host,
+    /// In device memory: the counterpart is copied in through the staging area, folded by
+    /// one kernel launch per staging fill and copied back.
+    Device,
+    /// In place in mapped pinned host memory: one kernel launch reads and writes the
+    /// counterpart across the bus (slots in the spill file go the `Device` way).
+    Mapped,
 }
 
 /// `[offload]`
@@ -905,10 +931,10 @@ impl Config {
                     bail!("config key `model.fc_hidden`: must be at least 1");
                 }
             }
-            other if crate::model::ARCHS.contains(&other) => {}
+            other if ARCHS.contains(&other) => {}
             other => bail!(
                 "config key `model.arch`: unknown architecture `{other}`; allowed: {}",
-                crate::model::ARCHS.join(", ")
+                ARCHS.join(", ")
             ),
         }
         Ok(())

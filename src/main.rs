@@ -193,7 +193,7 @@ fn stats(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
         out.unwrap_or_else(|| PathBuf::from(format!("{}-stats", default_out(config).display())));
     let mut ctx = RunContext::open(cfg, &dir)?;
     let mut state = ctx.initial_state()?;
-    let p = ldt::ldt::stage1::run(&mut ctx, &mut state)?;
+    let p = ldt::train::stage1::run(&mut ctx, &mut state)?;
     println!(
         "{:<40} {:>10} {:>12} {:>9} {:>10}",
         "layer", "numel", "score", "set", "w"

@@ -144,10 +144,10 @@ impl Report {
 /// The model settings of `verify-model`: the defaults, `model.arch = arch`, then the
 /// `--set model.key=value` overrides (any other section is refused).
 pub fn model_config(arch: &str, set: &[String]) -> Result<ModelConfig> {
-    if !model::ARCHS.contains(&arch) {
+    if !crate::config::ARCHS.contains(&arch) {
         bail!(
             "--arch `{arch}`: unknown architecture; allowed: {}",
-            model::ARCHS.join(", ")
+            crate::config::ARCHS.join(", ")
         );
     }
     let mut overrides = vec![format!("model.arch={arch}")];

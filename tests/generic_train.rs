@@ -37,8 +37,8 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use ldt::config::OptimName;
-use ldt::ldt::dpu;
 use ldt::model::layers::with_generic_ops;
+use ldt::offload::backend::fold_live;
 use ldt::optim::{OptimSettings, Optimizer};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -365,7 +365,7 @@ fn the_switch_drives_optimizer_and_fold() {
     );
     let fold = || {
         let dst = t(1.0);
-        dpu::fold(&dst, &t(3.0), 0.75).map(|_| values(&dst)[0])
+        fold_live(&dst, &t(3.0), 0.75).map(|_| values(&dst)[0])
     };
     assert!(fold().is_err(), "the host fold took f64 tensors");
     let d = with_generic_ops(fold).expect("generic fold on f64");

@@ -14,11 +14,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
+use ldt::config::EmaPlacement;
 use ldt::offload::backend::{Backend, CpuBackend};
 use ldt::offload::cuda::{self, Cuda};
 use ldt::offload::launch::{pack, EmaLaunch, EmaSpan, CHUNK_ELEMS};
 use ldt::offload::order::Queue;
-use ldt::offload::stream::{DeviceApi, EmaPlacement, Loc, StreamBackend};
+use ldt::offload::stream::{DeviceApi, Loc, StreamBackend};
 use ldt::offload::{
     fused_ema, CounterpartBuffer, EmaTask, HostMemory, OffloadConfig, SharedCounterpartBuffer,
     SlotSpec, StorageDtype,

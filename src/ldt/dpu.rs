@@ -1,43 +1,9 @@
-//! DPU folds between live tensors: `dst = w*dst + (1-w)*src` with the authors' f32
-//! arithmetic (`dst*f32(w) + f32(1-w)*src`, no fused multiply-add), through the same
-//! fused EMA the counterpart buffer uses, so every placement computes the same bits.
+//! DPU arithmetic: the warm-up factor of the per-layer coefficients and the EMA
+//! half-life a coefficient gives (the coefficients themselves come with the partition).
+//! The folds run where the weights are: `crate::offload` (live tensors and the
+//! counterpart buffer, one f32 arithmetic for every placement).
 
 use crate::config::{DpuWarmup, LdtConfig};
-use crate::offload::backend::{with_slice, with_slice_mut};
-use crate::offload::{fused_ema, EmaTask, HostSlice, HostSliceMut};
-use anyhow::Result;
-use candle_core::Tensor;
-
-/// Folds live tensor `src` into live tensor `dst` with coefficient `w`: the host's fused
-/// EMA for CPU tensors, [`fold_generic`] on other devices (and inside
-/// [`crate::model::layers::with_generic_ops`]).
-pub fn fold(dst: &Tensor, src: &Tensor, w: f64) -> Result<()> {
-    if crate::model::layers::generic_path(dst) {
-        return fold_generic(dst, src, w);
-    }
-    with_slice(src, |s| {
-        with_slice_mut(dst, |d| {
-            fused_ema(
-                &mut [EmaTask {
-                    dst: HostSliceMut::F32(d),
-                    src: HostSlice::F32(s),
-                    w,
-                }],
-                1,
-            )
-        })
-    })?
-}
-
-/// The fold in tensor ops for any device, written into `dst` in place: `f32(w)*dst` and
-/// `f32(1-w)*src` rounded separately, then added — the host fold's arithmetic (checked
-/// bit for bit against it on the CPU).
-#[doc(hidden)]
-pub fn fold_generic(dst: &Tensor, src: &Tensor, w: f64) -> Result<()> {
-    let new = (dst.affine(w, 0.0)? + src.affine(1.0 - w, 0.0)?)?;
-    dst.slice_set(&new, 0, 0)?;
-    Ok(())
-}
 
 /// Factor applied to every coefficient at the `n`-th exchange of a branch (n >= 1):
 /// exactly 1 without warm-up, so the authors' arithmetic is unchanged; otherwise a
@@ -66,28 +32,6 @@ pub fn half_life(w: f64, ema_every: usize) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn generic_fold_computes_the_host_bits() {
-        use candle_core::{Device, Tensor};
-        let n = 1003;
-        let mut r = crate::rng::Rng::new(9, 9);
-        let mk = |r: &mut crate::rng::Rng| {
-            let v: Vec<f32> = (0..n).map(|_| (r.next_f64() * 8.0 - 4.0) as f32).collect();
-            Tensor::from_vec(v, n, &Device::Cpu).unwrap()
-        };
-        let (a, src) = (mk(&mut r), mk(&mut r));
-        let b = a.copy().unwrap();
-        for w in [0.99, 0.999, 0.9997, 0.5, 0.0] {
-            super::fold(&a, &src, w).unwrap();
-            super::fold_generic(&b, &src, w).unwrap();
-            let (x, y) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
-            assert!(
-                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "w = {w}"
-            );
-        }
-    }
-
     use super::*;
 
     #[test]

@@ -112,18 +112,6 @@ pub trait Network: Send + Sync {
     }
 }
 
-/// Every `model.arch` that [`build`] knows.
-pub const ARCHS: [&str; 8] = [
-    "mlp",
-    "cnn",
-    "cnn_bn",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "vit",
-];
-
 /// Builds the network named by `cfg.arch` for the given input shape and class count
 /// (`model.num_classes`, when set, replaces the data's class count).
 pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box<dyn Network>> {
@@ -164,7 +152,7 @@ pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box
         )?),
         other => bail!(
             "config key `model.arch`: unknown architecture `{other}`; allowed: {}",
-            ARCHS.join(", ")
+            crate::config::ARCHS.join(", ")
         ),
     })
 }

@@ -4,11 +4,11 @@
 //! implementation (the live network is itself in host memory), a CUDA backend implements
 //! the same calls with pinned memory, copy streams and PTX kernels.
 
-use super::stream::EmaPlacement;
 use super::{
     fused_ema, CopyEngine, CounterpartBuffer, EmaTask, Fence, HostSlice, HostSliceMut,
     OffloadConfig, OffloadError, SharedCounterpartBuffer, SlotSpec,
 };
+use crate::config::EmaPlacement;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
 use parking_lot::Mutex;
@@ -259,5 +259,63 @@ impl Backend for CpuBackend {
                 threads,
             )
         })
+    }
+}
+
+/// The DPU fold between two live tensors (the resident dual branch): `dst = w*dst +
+/// (1-w)*src` with the authors' f32 arithmetic (`dst*f32(w) + f32(1-w)*src`, no fused
+/// multiply-add), through the fused EMA the counterpart buffer uses, so every placement
+/// computes the same bits: the host's fused EMA for CPU tensors, [`fold_generic`] on
+/// other devices (and inside [`crate::model::layers::with_generic_ops`]).
+pub fn fold_live(dst: &Tensor, src: &Tensor, w: f64) -> Result<()> {
+    if crate::model::layers::generic_path(dst) {
+        return fold_generic(dst, src, w);
+    }
+    with_slice(src, |s| {
+        with_slice_mut(dst, |d| {
+            fused_ema(
+                &mut [EmaTask {
+                    dst: HostSliceMut::F32(d),
+                    src: HostSlice::F32(s),
+                    w,
+                }],
+                1,
+            )
+        })
+    })?
+}
+
+/// The fold in tensor ops for any device, written into `dst` in place: `f32(w)*dst` and
+/// `f32(1-w)*src` rounded separately, then added — the host fold's arithmetic (checked
+/// bit for bit against it on the CPU).
+#[doc(hidden)]
+pub fn fold_generic(dst: &Tensor, src: &Tensor, w: f64) -> Result<()> {
+    let new = (dst.affine(w, 0.0)? + src.affine(1.0 - w, 0.0)?)?;
+    dst.slice_set(&new, 0, 0)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn generic_fold_computes_the_host_bits() {
+        use candle_core::{Device, Tensor};
+        let n = 1003;
+        let mut r = crate::rng::Rng::new(9, 9);
+        let mk = |r: &mut crate::rng::Rng| {
+            let v: Vec<f32> = (0..n).map(|_| (r.next_f64() * 8.0 - 4.0) as f32).collect();
+            Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+        };
+        let (a, src) = (mk(&mut r), mk(&mut r));
+        let b = a.copy().unwrap();
+        for w in [0.99, 0.999, 0.9997, 0.5, 0.0] {
+            super::fold_live(&a, &src, w).unwrap();
+            super::fold_generic(&b, &src, w).unwrap();
+            let (x, y) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "w = {w}"
+            );
+        }
     }
 }

@@ -11,8 +11,9 @@ use super::launch::{
     as_bytes, codes, driver_ptx_isa, single_blocks, EmaLaunch, BLOCK_THREADS, KERNEL_PTX_ISA,
 };
 use super::order::Queue;
-use super::stream::{DeviceApi, EmaPlacement, Loc, StreamBackend};
+use super::stream::{DeviceApi, Loc, StreamBackend};
 use super::{HostMemory, OffloadConfig, OffloadError, StorageDtype};
+use crate::config::EmaPlacement;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{
     result, sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr,

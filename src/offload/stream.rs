@@ -25,26 +25,12 @@ use super::{
     fused_ema, CopyEngine, CounterpartBuffer, EmaTask, Fence, HostMemory, HostSlice, HostSliceMut,
     OffloadConfig, OffloadError, SharedCounterpartBuffer, SlotSpec, StorageDtype,
 };
+use crate::config::EmaPlacement;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// Where a device backend runs the DPU fold (`offload.ema`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EmaPlacement {
-    /// On the host's threads ([`fused_ema`]), after copying the live tensors to pinned
-    /// host memory.
-    Host,
-    /// In device memory: the counterpart is copied in through the staging area, folded by
-    /// one kernel launch per staging fill and copied back.
-    Device,
-    /// In place in mapped pinned host memory: one kernel launch reads and writes the
-    /// counterpart across the bus (slots in the spill file go the `Device` way).
-    Mapped,
-}
 
 /// One end of a copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

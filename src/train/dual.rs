@@ -3,11 +3,12 @@
 //! batch; every `ldt.ema_every` steps the DPU folds `~A^S <- P^S` and `~P^U <- A^U`.
 
 use super::erm::Meter;
+use super::stage1;
 use super::step::{apply, gradients, GradPlan};
 use super::RunContext;
 use crate::checkpoint::Writer;
 use crate::ldt::partition::Partition;
-use crate::ldt::{composite, dpu, stage1};
+use crate::ldt::{composite, dpu};
 use crate::metrics::Progress;
 use crate::model::{io, Mode, NetState};
 use crate::optim::{schedule, OptimSettings, Optimizer};
@@ -30,13 +31,13 @@ pub struct Branch {
 pub fn exchange(partition: &Partition, pm: &NetState, am: &NetState, factor: f64) -> Result<()> {
     for (i, l) in partition.layers.iter().enumerate() {
         if partition.is_stable(i) {
-            dpu::fold(
+            crate::offload::backend::fold_live(
                 am.params[i].as_tensor(),
                 pm.params[i].as_tensor(),
                 l.coefficient * factor,
             )?;
         } else {
-            dpu::fold(
+            crate::offload::backend::fold_live(
                 pm.params[i].as_tensor(),
                 am.params[i].as_tensor(),
                 l.coefficient * factor,

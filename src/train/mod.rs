@@ -9,6 +9,7 @@ pub mod memory;
 pub mod report;
 pub mod run;
 pub mod single;
+pub mod stage1;
 pub mod step;
 
 pub use run::{RunContext, Summary};

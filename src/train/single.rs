@@ -10,13 +10,14 @@
 
 use super::erm::Meter;
 use super::memory::{Layout, MemoryReport};
+use super::stage1;
 use super::step::{apply, gradients, Batch, GradPlan};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::{Method, Placement};
 use crate::data::HostBatch;
+use crate::ldt::dpu;
 use crate::ldt::partition::Partition;
-use crate::ldt::{dpu, stage1};
 use crate::metrics::Progress;
 use crate::model::{io, Mode, NetState, Network};
 use crate::offload::backend::{self, Backend};

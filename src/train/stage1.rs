@@ -1,18 +1,18 @@
 //! Stage 1: warm-up on D1, the statistics pass on D2 (forward and backward with every
 //! layer trainable, no parameter or buffer change), and the partition.
 
-use super::partition::{Partition, Ranking};
-use super::stats::{LayerAccumulator, LayerStats};
+use super::erm::{fit_layers, Fit};
+use super::run::streams;
+use super::step::{gradients, GradPlan};
+use super::RunContext;
 use crate::config::{Criterion, WarmupLayers};
 use crate::data::loader::{read_batches, read_ragged, BatchOrder};
+use crate::ldt::partition::{Partition, Ranking};
+use crate::ldt::stats::{LayerAccumulator, LayerStats};
 use crate::metrics::Progress;
 use crate::model::{Mode, NetState};
 use crate::optim::OptimSettings;
 use crate::rng::Rng;
-use crate::train::erm::{fit_layers, Fit};
-use crate::train::run::streams;
-use crate::train::step::{gradients, GradPlan};
-use crate::train::RunContext;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde_json::json;

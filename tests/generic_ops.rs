@@ -391,9 +391,11 @@ fn cnn_generic_matches() {
 
 #[test]
 fn resnet18_generic_matches() {
-    // BatchNorm over 4 values per channel in the last stage (batch 4, 1x1) amplifies f32
-    // rounding: both f32 paths' worst gradient is 0.36 of the scale off the f64 one.
-    whole_network("resnet18", &[], [3, 32, 32], 4.0, 1e-3);
+    // 64x64 inputs: the last stage's BatchNorm normalizes 16 values per channel (batch 4,
+    // 2x2). At 32x32 it normalized 4 (1x1), which amplifies f32 rounding chaotically:
+    // one path's worst gradient came out 0.36 of the scale off the f64 one and the other's
+    // 5e-4, which of the two depending on the machine's matrix kernels.
+    whole_network("resnet18", &[], [3, 64, 64], 4.0, 1e-4);
 }
 
 #[test]

@@ -18,6 +18,35 @@ pub enum Set {
     Unstable,
 }
 
+/// A branch of LDT, named by the phase in which it trains: PM (phase P) trains the
+/// stable set with the unstable set frozen, AM (phase A) the unstable set with the stable
+/// set frozen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// PM: trains the stable set.
+    P,
+    /// AM: trains the unstable set.
+    A,
+}
+
+impl Phase {
+    /// The set this branch trains.
+    pub fn trains(self) -> Set {
+        match self {
+            Phase::P => Set::Stable,
+            Phase::A => Set::Unstable,
+        }
+    }
+
+    /// The branch's name in files, logs and records (`pm`, `am`).
+    pub fn branch(self) -> &'static str {
+        match self {
+            Phase::P => "pm",
+            Phase::A => "am",
+        }
+    }
+}
+
 /// One row of the partition report.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerReport {
@@ -221,14 +250,22 @@ impl Partition {
         self.layers[i].set == Set::Stable
     }
 
-    /// Mask of the stable set (the layers PM trains).
-    pub fn stable_mask(&self) -> Vec<bool> {
-        self.layers.iter().map(|l| l.set == Set::Stable).collect()
+    /// Mask of the layers that branch `phase` trains.
+    pub fn mask(&self, phase: Phase) -> Vec<bool> {
+        let set = phase.trains();
+        self.layers.iter().map(|l| l.set == set).collect()
     }
 
-    /// Mask of the unstable set (the layers AM trains).
-    pub fn unstable_mask(&self) -> Vec<bool> {
-        self.layers.iter().map(|l| l.set == Set::Unstable).collect()
+    /// Parameter elements of the stable and of the unstable set.
+    pub fn set_numel(&self) -> (u64, u64) {
+        let sum = |set: Set| -> u64 {
+            self.layers
+                .iter()
+                .filter(|l| l.set == set)
+                .map(|l| l.numel as u64)
+                .sum()
+        };
+        (sum(Set::Stable), sum(Set::Unstable))
     }
 
     /// Writes the report as JSON.

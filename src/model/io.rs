@@ -149,16 +149,17 @@ fn check_finite(path: &Path, kind: &str, name: &str, t: &Tensor) -> Result<()> {
 
 /// Named tensors of a network state (parameters then buffers), PyTorch names.
 pub fn named_tensors(net: &dyn Network, state: &NetState) -> Vec<(String, Tensor)> {
-    net.params()
-        .iter()
-        .zip(&state.params)
-        .map(|(s, v)| (s.name.clone(), v.as_tensor().detach()))
-        .chain(
-            net.buffers()
-                .iter()
-                .zip(&state.buffers)
-                .map(|(s, t)| (s.name.clone(), t.clone())),
-        )
+    named(net, &state.frozen_view(), &state.buffers)
+}
+
+/// Parameters then buffers of `net`, each with its name, for saving (the tensors are
+/// shared, not copied).
+pub fn named(net: &dyn Network, params: &[Tensor], buffers: &[Tensor]) -> Vec<(String, Tensor)> {
+    let names = net.params().iter().map(|s| s.name.clone());
+    let buffer_names = net.buffers().iter().map(|s| s.name.clone());
+    names
+        .zip(params.iter().cloned())
+        .chain(buffer_names.zip(buffers.iter().cloned()))
         .collect()
 }
 

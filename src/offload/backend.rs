@@ -2,13 +2,13 @@
 //! counterpart buffer, and how DPU folds run across them. LDT logic (the dual branch in
 //! swap placement and LDT-S) is written once over this trait; [`CpuBackend`] is the host
 //! implementation (the live network is itself in host memory), a CUDA backend implements
-//! the same calls with pinned memory, copy streams and PTX kernels.
+//! the same calls with pinned memory, copy streams and PTX kernels. The counterpart store
+//! ([`super::store`]) picks the backend for a device and is its one user in training.
 
 use super::{
     fused_ema, CopyEngine, CounterpartBuffer, EmaTask, Fence, HostSlice, HostSliceMut,
     OffloadConfig, OffloadError, SharedCounterpartBuffer, SlotSpec,
 };
-use crate::config::EmaPlacement;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
 use parking_lot::Mutex;
@@ -50,6 +50,15 @@ pub trait Backend: Send + Sync {
         buf: &Arc<SharedCounterpartBuffer>,
         slots: Vec<(usize, Vec<usize>)>,
     ) -> (Fence, Arc<Mutex<Vec<Tensor>>>);
+    /// Slot `slot` as a new host (CPU) tensor of `shape` in the slot's storage dtype,
+    /// read in place once the work writing it is complete (checkpoints: nothing passes
+    /// through the device).
+    fn read_host(
+        &self,
+        buf: &SharedCounterpartBuffer,
+        slot: usize,
+        shape: &[usize],
+    ) -> Result<Tensor>;
     /// `dst = w*dst + (1-w)*slot` for a live `dst`, synchronously.
     fn fold_into_live(
         &self,
@@ -58,29 +67,6 @@ pub trait Backend: Send + Sync {
         slot: usize,
         w: f64,
     ) -> Result<()>;
-}
-
-/// The backend for `device`: [`CpuBackend`] on the CPU (where only `EmaPlacement::Host`
-/// exists); on a GPU (feature `cuda`) the streamed backend with the counterparts in
-/// pinned memory, a copy stream per direction and the PTX kernels, folding where `ema`
-/// says.
-///
-/// # Errors
-/// For a device this build cannot drive, or when the GPU backend cannot start.
-pub fn for_device(
-    device: &Device,
-    offload: &OffloadConfig,
-    ema: EmaPlacement,
-) -> Result<Box<dyn Backend>> {
-    match device {
-        Device::Cpu if ema == EmaPlacement::Host => Ok(Box::new(CpuBackend::new(offload.threads))),
-        Device::Cpu => bail!(
-            "config key `offload.ema` = `{ema:?}` folds with a GPU kernel; on the CPU use `host`"
-        ),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(Box::new(super::cuda::backend(device, offload, ema)?)),
-        other => bail!("no counterpart backend for {other:?} in this build"),
-    }
 }
 
 /// Host backend: copies are memcpy/swap, folds run on the copy engine's worker thread
@@ -98,6 +84,15 @@ impl CpuBackend {
             threads: threads.max(1),
         }
     }
+}
+
+/// A host (CPU) tensor of `shape` holding a copy of `s`, in its storage dtype.
+pub fn host_tensor(s: HostSlice<'_>, shape: &[usize]) -> Result<Tensor> {
+    Ok(match s {
+        HostSlice::F32(v) => Tensor::from_slice(v, shape, &Device::Cpu)?,
+        HostSlice::BF16(v) => Tensor::from_slice(v, shape, &Device::Cpu)?,
+        HostSlice::F16(v) => Tensor::from_slice(v, shape, &Device::Cpu)?,
+    })
 }
 
 /// Runs `f` on the f32 slice of a contiguous CPU tensor (read access).
@@ -182,6 +177,15 @@ impl Backend for CpuBackend {
             shape,
             &Device::Cpu,
         )?)
+    }
+
+    fn read_host(
+        &self,
+        buf: &SharedCounterpartBuffer,
+        slot: usize,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        self.load(buf, slot, shape)
     }
 
     fn store(&self, t: &Tensor, buf: &SharedCounterpartBuffer, slot: usize) -> Result<()> {

@@ -11,7 +11,10 @@
 //!   call, split across threads, bit-identical for any thread count.
 //! - [`CopyEngine`]: ordered copy streams with fences (the host analogue of CUDA streams and
 //!   events), and [`StagingArea`], a bounded byte budget that makes large swaps go in chunks.
-//! - [`backend`]: the calls LDT makes on the buffer; [`stream`]: their implementation for a
+//! - [`store`]: the counterpart store, the per-layer face of all of this that training
+//!   uses (park, swap, fold into and from parked weights, park and stage optimizer state,
+//!   read back to host); it picks the backend for the device.
+//! - [`backend`]: the calls the store makes on the buffer; [`stream`]: their implementation for a
 //!   device with queues ([`order`]: what waits for what; [`launch`]: the EMA kernels' launch
 //!   tables), and `cuda` (feature `cuda`): that device on a CUDA GPU.
 
@@ -26,6 +29,7 @@ mod error;
 pub mod launch;
 pub mod order;
 mod slice;
+pub mod store;
 pub mod stream;
 
 use std::path::PathBuf;

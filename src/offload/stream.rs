@@ -582,6 +582,19 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
         Ok(t)
     }
 
+    fn read_host(
+        &self,
+        buf: &SharedCounterpartBuffer,
+        slot: usize,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        // The slot's last write (a swap, store or fold on any queue) must be complete.
+        let deps = self.state_for(buf).order[&buf.id()].for_read(slot);
+        Self::host_wait(&self.dev, &deps).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let g = buf.read(slot);
+        super::backend::host_tensor(g.slice(), shape)
+    }
+
     fn store(&self, t: &Tensor, buf: &SharedCounterpartBuffer, slot: usize) -> Result<()> {
         let addr = self.matching(t, buf, slot)?;
         let s = slot_mem(buf, slot);

@@ -1,31 +1,39 @@
-//! Training loops: ERM and LP-FT, the dual branch (`ldt`, `deft`) and the single
-//! branch (`ldt-s`), over one shared run context.
+//! Training: one driver loop ([`driver`]) over small steppers — [`erm`] (erm, lp-ft),
+//! [`dual`] (the dual branch, `ldt` and `deft`, over either branch storage of
+//! [`branches`]) and [`ldt_s`] (LDT-S phases, and its repeat-batch form) — after stage 1
+//! ([`stage1`]), all sharing one run context ([`run`]) and one gradient step ([`step`]).
 
+pub mod branches;
 pub mod compare;
+pub mod driver;
 pub mod dual;
 pub mod erm;
 pub mod eval;
+pub mod ldt_s;
 pub mod memory;
 pub mod report;
 pub mod run;
-pub mod single;
 pub mod stage1;
 pub mod step;
 
 pub use run::{RunContext, Summary};
 
-use crate::config::{Method, Placement};
+use crate::config::Method;
 use anyhow::Result;
+use driver::Stepper;
 
 /// Runs the configured method in `ctx` and writes the summary.
 pub fn run_method(ctx: &mut RunContext) -> Result<()> {
-    match ctx.cfg.train.method {
-        Method::Erm | Method::LpFt => erm::train(ctx)?,
-        Method::Ldt | Method::Deft if ctx.cfg.ldt.placement == Placement::Resident => {
-            dual::train(ctx)?
-        }
-        Method::Ldt | Method::Deft | Method::LdtS => single::train(ctx)?,
-    }
+    let resume = ctx.take_resume()?;
+    let done = resume.as_ref().map_or(0, |ck| ck.step);
+    let r = resume.as_ref();
+    let mut stepper: Box<dyn Stepper> = match ctx.cfg.train.method {
+        Method::Erm | Method::LpFt => Box::new(erm::Erm::start(ctx, r)?),
+        Method::Ldt | Method::Deft => Box::new(dual::Dual::start(ctx, r)?),
+        Method::LdtS if ctx.cfg.ldt_s.repeat_batch => Box::new(ldt_s::Replay::start(ctx, r)?),
+        Method::LdtS => Box::new(ldt_s::Phases::start(ctx, r)?),
+    };
+    driver::drive(ctx, stepper.as_mut(), done)?;
     if ctx.dir.join("partition.json").exists() {
         report::draw(&ctx.dir)?;
     }

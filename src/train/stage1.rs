@@ -1,19 +1,22 @@
 //! Stage 1: warm-up on D1, the statistics pass on D2 (forward and backward with every
-//! layer trainable, no parameter or buffer change), and the partition.
+//! layer trainable, no parameter or buffer change), and the partition — or, for a resumed
+//! run, the partition its checkpoint was trained with.
 
-use super::erm::{fit_layers, Fit};
+use super::driver::Meter;
 use super::run::streams;
-use super::step::{gradients, GradPlan};
+use super::step::{apply, gradients, GradPlan};
 use super::RunContext;
+use crate::checkpoint::Checkpoint;
 use crate::config::{Criterion, WarmupLayers};
 use crate::data::loader::{read_batches, read_ragged, BatchOrder};
+use crate::data::Loader;
 use crate::ldt::partition::{Partition, Ranking};
 use crate::ldt::stats::{LayerAccumulator, LayerStats};
 use crate::metrics::Progress;
 use crate::model::{Mode, NetState};
-use crate::optim::OptimSettings;
+use crate::optim::{OptimSettings, Optimizer};
 use crate::rng::Rng;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -27,6 +30,68 @@ fn split(ctx: &RunContext) -> (Vec<usize>, Vec<usize>) {
         a.iter().map(|&i| t[i]).collect(),
         b.iter().map(|&i| t[i]).collect(),
     )
+}
+
+/// A warm-up: which layers, how long, with which optimizer and constant rate.
+pub struct Fit<'a> {
+    /// Layers trained.
+    pub mask: &'a [bool],
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Optimizer hyper-parameters.
+    pub settings: OptimSettings,
+    /// Constant learning rate.
+    pub lr: f64,
+    /// Stage name in logs.
+    pub stage: &'a str,
+}
+
+/// Trains the layers of `fit.mask` with a fresh optimizer at a constant rate: the
+/// warm-ups (stage 1's on D1; erm's head-only `train.head_warmup_steps`).
+pub fn fit_layers(
+    ctx: &mut RunContext,
+    state: &mut NetState,
+    loader: &mut Loader,
+    fit: Fit<'_>,
+) -> Result<()> {
+    let Fit {
+        mask,
+        steps,
+        settings,
+        lr,
+        stage,
+    } = fit;
+    let n = ctx.net.params().len();
+    let mut opt = Optimizer::new(settings, n);
+    let lrs = vec![lr; n];
+    let progress = Progress::new(stage, steps, ctx.cfg.train.log_every);
+    let mut meter = Meter::default();
+    for step in 1..=steps {
+        let hb = loader.next_batch()?;
+        let batch = ctx.batch(&hb)?;
+        let (stats, mut grads) = gradients(
+            ctx.net.as_ref(),
+            state,
+            mask,
+            &batch,
+            Mode::Train,
+            GradPlan::of(&ctx.cfg),
+        )?;
+        if ctx.guard(step, stage, &stats, &mut grads)? {
+            apply(&mut opt, state, &grads, &lrs)?;
+        }
+        meter.add(&stats);
+        ctx.metrics.write(
+            json!({"kind": "train", "stage": stage, "step": step, "loss": stats.loss,
+            "acc": stats.correct as f64 / stats.n as f64, "lr": lr}),
+        )?;
+        if step % ctx.cfg.train.log_every == 0 || step == steps {
+            let (msg, _) = meter.take();
+            progress.update(step, &msg);
+        }
+    }
+    progress.finish();
+    Ok(())
 }
 
 /// Warm-up: trains the head (or all layers) on D1 for `stage1.warmup_steps`.
@@ -172,4 +237,24 @@ pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
         json!({"criterion": partition.criterion, "stable": partition.stable, "unstable": partition.unstable}),
     );
     Ok(partition)
+}
+
+/// The partition a checkpoint was trained with; a different `stage1.partition` in the
+/// config is an error naming both.
+pub fn resume_partition(ctx: &RunContext, ck: &Checkpoint) -> Result<Partition> {
+    let p: Partition = serde_json::from_value(ck.field("partition")?.clone())
+        .with_context(|| format!("checkpoint {}: unreadable partition", ck.dir.display()))?;
+    if let Some(path) = &ctx.cfg.stage1.partition {
+        let want = Partition::load(path, ctx.net.as_ref())?;
+        if want.stable != p.stable || want.unstable != p.unstable {
+            bail!(
+                "checkpoint {} was trained with another partition than `stage1.partition` = {} (stable sets {:?} vs {:?})",
+                ck.dir.display(),
+                path.display(),
+                p.stable,
+                want.stable
+            );
+        }
+    }
+    Ok(p)
 }

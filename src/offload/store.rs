@@ -1,0 +1,364 @@
+//! The counterpart store: what one live network's other branch keeps while it is parked,
+//! layer by layer — that branch's weights and the optimizer state of the layers it
+//! trains — in the counterpart buffer, moved and folded by a [`Backend`].
+//!
+//! Per layer the store owns one weight slot (the copy that is not live: in phase P the
+//! AM copy `A^U` / `~A^S`, in phase A the PM copy) and the optimizer-state slots of that
+//! layer's trained copy while its branch is parked (`m` only when the optimizer keeps a
+//! first moment or momentum). Callers speak in layers; slots, fences and staging are the
+//! store's own business. Folds into parked weights run asynchronously and are fenced
+//! before anything reads or replaces their source ([`CounterpartStore::sync`], which
+//! every swap and read calls itself).
+
+use super::backend::{Backend, CpuBackend};
+use super::{
+    Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StagingArea, StagingLease,
+    StorageDtype,
+};
+use crate::config::EmaPlacement;
+use crate::optim::LayerState;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The backend for `device`: [`CpuBackend`] on the CPU (where only `EmaPlacement::Host`
+/// exists); on a GPU (feature `cuda`) the streamed backend with the counterparts in
+/// pinned memory, a copy stream per direction and the PTX kernels, folding where `ema`
+/// says.
+///
+/// # Errors
+/// For a device this build cannot drive, or when the GPU backend cannot start.
+pub fn backend_for(
+    device: &Device,
+    offload: &OffloadConfig,
+    ema: EmaPlacement,
+) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu if ema == EmaPlacement::Host => Ok(Box::new(CpuBackend::new(offload.threads))),
+        Device::Cpu => bail!(
+            "config key `offload.ema` = `{ema:?}` folds with a GPU kernel; on the CPU use `host`"
+        ),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(Box::new(super::cuda::backend(device, offload, ema)?)),
+        other => bail!("no counterpart backend for {other:?} in this build"),
+    }
+}
+
+/// One parameter tensor of the network whose counterparts the store keeps.
+#[derive(Clone, Debug)]
+pub struct LayerSpec {
+    /// Parameter name (slot names and error messages).
+    pub name: String,
+    /// Shape of the live tensor.
+    pub shape: Vec<usize>,
+}
+
+/// The buffer slots of one layer.
+struct LayerSlots {
+    name: String,
+    shape: Vec<usize>,
+    weight: usize,
+    m: Option<usize>,
+    v: usize,
+}
+
+/// A parked layer's optimizer state outside its moments: the step count and which
+/// moments its slots hold. Written to checkpoints as `[step, has_m, has_v]`.
+pub type ParkedState = (u64, bool, bool);
+
+/// Optimizer state of the next phase, loading early into the staging area.
+struct Staged {
+    fence: Fence,
+    tensors: Arc<parking_lot::Mutex<Vec<Tensor>>>,
+    /// `(layer, has m, has v)` in load order.
+    layers: Vec<(usize, bool, bool)>,
+    lease: StagingLease,
+}
+
+/// The counterparts of one live network: the parked branch's weights and optimizer
+/// state, per layer.
+pub struct CounterpartStore {
+    buf: Arc<SharedCounterpartBuffer>,
+    tiers: (u64, u64),
+    backend: Box<dyn Backend>,
+    layers: Vec<LayerSlots>,
+    parked: Vec<Option<ParkedState>>,
+    pending: Vec<Fence>,
+    staging: StagingArea,
+    staged: Option<Staged>,
+    ready: HashMap<usize, (Option<Tensor>, Option<Tensor>)>,
+}
+
+impl CounterpartStore {
+    /// Allocates the store for `layers` on `device` (RAM up to `offload.host_bytes`,
+    /// pinned on a GPU, the file tier beyond). `with_m`: the optimizer keeps a first
+    /// moment (Adam with beta1 > 0) or momentum. A budget too small is an error with the
+    /// bytes needed and the settings to change.
+    pub fn allocate(
+        layers: &[LayerSpec],
+        with_m: bool,
+        device: &Device,
+        offload: &OffloadConfig,
+        ema: EmaPlacement,
+    ) -> Result<Self> {
+        let backend = backend_for(device, offload, ema)?;
+        let mut specs = Vec::new();
+        let mut slot = |name: String, numel: usize| {
+            specs.push(SlotSpec {
+                name,
+                numel,
+                dtype: StorageDtype::F32,
+            });
+            specs.len() - 1
+        };
+        let slots: Vec<LayerSlots> = layers
+            .iter()
+            .map(|l| {
+                let n = l.shape.iter().product();
+                let weight = slot(format!("{}:weight", l.name), n);
+                let m = with_m.then(|| slot(format!("{}:m", l.name), n));
+                let v = slot(format!("{}:v", l.name), n);
+                LayerSlots {
+                    name: l.name.clone(),
+                    shape: l.shape.clone(),
+                    weight,
+                    m,
+                    v,
+                }
+            })
+            .collect();
+        let buf = backend
+            .allocate(&specs, offload)
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(CounterpartStore {
+            tiers: (buf.bytes_in_ram(), buf.bytes_in_file()),
+            buf: Arc::new(SharedCounterpartBuffer::new(buf)),
+            backend,
+            parked: vec![None; slots.len()],
+            layers: slots,
+            pending: Vec::new(),
+            staging: StagingArea::new(offload.staging_bytes),
+            staged: None,
+            ready: HashMap::new(),
+        })
+    }
+
+    /// Waits for every fold in flight.
+    pub fn sync(&mut self) -> Result<()> {
+        for f in self.pending.drain(..) {
+            f.wait()
+                .map_err(|e| anyhow!("counterpart fold failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Parks a copy of live tensor `t` as layer `i`'s counterpart weights.
+    pub fn park_weights(&mut self, i: usize, t: &Tensor) -> Result<()> {
+        self.sync()?;
+        let l = &self.layers[i];
+        self.backend
+            .store(t, &self.buf, l.weight)
+            .with_context(|| format!("parking the weights of `{}`", l.name))
+    }
+
+    /// Exchanges live tensor `t` with layer `i`'s parked weights, in place.
+    pub fn swap_weights(&mut self, i: usize, t: &Tensor) -> Result<()> {
+        self.sync()?;
+        let l = &self.layers[i];
+        self.backend
+            .swap(t, &self.buf, l.weight)
+            .with_context(|| format!("swapping the counterpart of `{}`", l.name))
+    }
+
+    /// Starts `parked_i = w*parked_i + (1-w)*src` for each `(i, src, w)`: the DPU fold of
+    /// live trained weights into the parked branch's frozen copies. `src` must not change
+    /// before the next [`CounterpartStore::sync`].
+    pub fn fold_into_parked(&mut self, jobs: Vec<(usize, Tensor, f64)>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let jobs = jobs
+            .into_iter()
+            .map(|(i, t, w)| (self.layers[i].weight, t, w))
+            .collect();
+        self.pending
+            .push(self.backend.fold_into_slots(&self.buf, jobs));
+    }
+
+    /// `dst = w*dst + (1-w)*parked_i`: the DPU fold of the parked branch's trained weights
+    /// into the live network's frozen copy, synchronously.
+    pub fn fold_from_parked(&mut self, i: usize, dst: &Tensor, w: f64) -> Result<()> {
+        let l = &self.layers[i];
+        self.backend
+            .fold_into_live(dst, &self.buf, l.weight, w)
+            .with_context(|| format!("folding the counterpart of `{}`", l.name))
+    }
+
+    /// Layer `i`'s parked weights as a new tensor on the live network's device (for
+    /// evaluation and export).
+    pub fn parked_weights(&mut self, i: usize) -> Result<Tensor> {
+        self.sync()?;
+        let l = &self.layers[i];
+        self.backend.load(&self.buf, l.weight, &l.shape)
+    }
+
+    /// Parks layer `i`'s optimizer state (its branch leaves the device).
+    pub fn park_state(&mut self, i: usize, st: &LayerState) -> Result<()> {
+        let l = &self.layers[i];
+        if let Some(m) = &st.m {
+            let Some(slot) = l.m else {
+                bail!(
+                    "`{}`: the optimizer keeps a first moment the store has no slot for",
+                    l.name
+                );
+            };
+            self.backend.store(m, &self.buf, slot)?;
+        }
+        if let Some(v) = &st.v {
+            self.backend.store(v, &self.buf, l.v)?;
+        }
+        self.parked[i] = Some((st.step, st.m.is_some(), st.v.is_some()));
+        Ok(())
+    }
+
+    /// Whether layer `i`'s optimizer state is parked here.
+    pub fn has_state(&self, i: usize) -> bool {
+        self.parked[i].is_some()
+    }
+
+    /// Starts loading every parked optimizer state for the next phase change, if it fits
+    /// in `offload.staging_bytes` (otherwise [`CounterpartStore::unpark_state`] loads it
+    /// synchronously). A no-op while a load is staged.
+    pub fn stage_states(&mut self) -> Result<()> {
+        if self.staged.is_some() {
+            return Ok(());
+        }
+        let (mut slots, mut layers, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+        for (i, p) in self.parked.iter().enumerate() {
+            if let Some((_, has_m, has_v)) = *p {
+                let l = &self.layers[i];
+                let n = l.shape.iter().product::<usize>() as u64;
+                if let (true, Some(m)) = (has_m, l.m) {
+                    slots.push((m, l.shape.clone()));
+                    bytes += 4 * n;
+                }
+                if has_v {
+                    slots.push((l.v, l.shape.clone()));
+                    bytes += 4 * n;
+                }
+                layers.push((i, has_m, has_v));
+            }
+        }
+        if layers.is_empty() || bytes > self.staging.capacity() {
+            return Ok(());
+        }
+        let Some(lease) = self
+            .staging
+            .try_acquire(bytes)
+            .map_err(|e| anyhow!("{e}"))?
+        else {
+            return Ok(());
+        };
+        let (fence, tensors) = self.backend.prefetch(&self.buf, slots);
+        self.staged = Some(Staged {
+            fence,
+            tensors,
+            layers,
+            lease,
+        });
+        Ok(())
+    }
+
+    /// Waits for the staged load, if any, and keeps its tensors for
+    /// [`CounterpartStore::unpark_state`].
+    pub fn finish_staging(&mut self) -> Result<()> {
+        if let Some(s) = self.staged.take() {
+            s.fence
+                .wait()
+                .map_err(|e| anyhow!("staging the next phase failed: {e}"))?;
+            let mut it = std::mem::take(&mut *s.tensors.lock()).into_iter();
+            for (i, has_m, has_v) in s.layers {
+                let m = if has_m { it.next() } else { None };
+                let v = if has_v { it.next() } else { None };
+                self.ready.insert(i, (m, v));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes layer `i`'s parked optimizer state back (staged when it fit, else loaded
+    /// now); `None` when none is parked.
+    pub fn unpark_state(&mut self, i: usize) -> Result<Option<LayerState>> {
+        let Some((step, has_m, has_v)) = self.parked[i].take() else {
+            return Ok(None);
+        };
+        if let Some((m, v)) = self.ready.remove(&i) {
+            return Ok(Some(LayerState { step, m, v }));
+        }
+        let l = &self.layers[i];
+        let load = |slot: usize| self.backend.load(&self.buf, slot, &l.shape);
+        let m = match (has_m, l.m) {
+            (true, Some(slot)) => Some(load(slot)?),
+            _ => None,
+        };
+        let v = if has_v { Some(load(l.v)?) } else { None };
+        Ok(Some(LayerState { step, m, v }))
+    }
+
+    /// Every slot's contents as host tensors (for a checkpoint), read where they are:
+    /// nothing passes through the device.
+    pub fn slots_to_host(&mut self) -> Result<Vec<Tensor>> {
+        self.sync()?;
+        (0..self.buf.len())
+            .map(|k| {
+                self.backend
+                    .read_host(&self.buf, k, &[self.buf.spec(k).numel])
+            })
+            .collect()
+    }
+
+    /// Writes slot `k` from `t` (restoring a checkpoint of [`Self::slots_to_host`]).
+    pub fn restore_slot(&mut self, k: usize, t: &Tensor) -> Result<()> {
+        self.sync()?;
+        self.backend.store(t, &self.buf, k)
+    }
+
+    /// Slots in the buffer.
+    pub fn slots(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The parked optimizer states' step counts and moments, per layer (checkpoints).
+    pub fn parked_states(&self) -> &[Option<ParkedState>] {
+        &self.parked
+    }
+
+    /// Restores [`Self::parked_states`] from a checkpoint.
+    pub fn set_parked_states(&mut self, parked: Vec<Option<ParkedState>>) -> Result<()> {
+        if parked.len() != self.layers.len() {
+            bail!(
+                "{} parked optimizer states for {} layers",
+                parked.len(),
+                self.layers.len()
+            );
+        }
+        self.parked = parked;
+        Ok(())
+    }
+
+    /// Bytes of the buffer in host RAM and in the file tier.
+    pub fn tiers(&self) -> (u64, u64) {
+        self.tiers
+    }
+
+    /// Bytes of staging the next phase's optimizer state may take (`offload.staging_bytes`).
+    pub fn staging_capacity(&self) -> u64 {
+        self.staging.capacity()
+    }
+
+    /// Bytes of optimizer state staged now.
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged.as_ref().map_or(0, |s| s.lease.bytes())
+    }
+}

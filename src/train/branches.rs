@@ -1,0 +1,518 @@
+//! Where LDT's two branches live. [`Resident`]: two live networks. [`Parked`]: one live
+//! network, the other branch's weights and optimizer state waiting in the counterpart
+//! store. The dual branch and LDT-S are written once over [`Branches`] and compute the
+//! same bits on either.
+
+use super::memory::{self, LiveMeter, MemoryReport};
+use super::step::{apply, gradients, Batch, GradPlan, StepStats};
+use super::RunContext;
+use crate::checkpoint::{Checkpoint, Writer};
+use crate::ldt::partition::{Partition, Phase};
+use crate::model::{Mode, NetState, Network};
+use crate::offload::backend::fold_live;
+use crate::offload::store::{CounterpartStore, LayerSpec};
+use crate::offload::OffloadConfig;
+use crate::optim::{OptimSettings, Optimizer};
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde_json::json;
+
+/// The storage of PM and AM: their weights, buffers and optimizers.
+pub trait Branches {
+    /// The branch whose network is live, or `None` when both are ([`Resident`]).
+    fn live(&self) -> Option<Phase>;
+    /// Makes `phase` live (a no-op where both are).
+    fn switch_to(&mut self, phase: Phase) -> Result<()>;
+    /// Starts loading the parked branch's optimizer state for the next switch.
+    fn stage_next(&mut self) -> Result<()>;
+    /// The network of `phase`, which must be live.
+    fn state(&mut self, phase: Phase) -> &mut NetState;
+    /// Waits until nothing reads `phase`'s trained weights any more (before their update).
+    fn before_update(&mut self) -> Result<()>;
+    /// The network and optimizer of live branch `phase`, for its update.
+    fn trainer(&mut self, phase: Phase) -> (&NetState, &mut Optimizer);
+    /// Records the live bytes held at the end of an update with gradients `grads`.
+    fn observe(&mut self, grads: &[Option<Tensor>]);
+    /// The DPU fold of `branch`'s trained set into the other branch's frozen copy, with
+    /// every layer's coefficient times `factor`.
+    fn fold(&mut self, partition: &Partition, branch: Phase, factor: f64) -> Result<()>;
+    /// The weights of `branch`, wherever they live.
+    fn params(&mut self, branch: Phase) -> Result<Vec<Tensor>>;
+    /// The buffers of `branch`.
+    fn buffers(&self, branch: Phase) -> Vec<Tensor>;
+    /// Adds both branches to checkpoint `w`.
+    fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()>;
+    /// Waits for work in flight.
+    fn sync(&mut self) -> Result<()>;
+    /// The memory report of this storage for `partition`.
+    fn memory(&self, partition: &Partition) -> MemoryReport;
+}
+
+/// One optimizer step of live branch `phase` on `batch`: forward and backward of its
+/// trained set, the non-finite guard, the update.
+pub fn half_step(
+    ctx: &mut RunContext,
+    b: &mut dyn Branches,
+    partition: &Partition,
+    phase: Phase,
+    step: usize,
+    batch: &Batch,
+    lrs: &[f64],
+) -> Result<StepStats> {
+    let mask = partition.mask(phase);
+    let plan = GradPlan::of(&ctx.cfg);
+    let state = b.state(phase);
+    let (stats, mut grads) = gradients(ctx.net.as_ref(), state, &mask, batch, Mode::Train, plan)?;
+    // A fold still reading the live trained set must finish before the update.
+    b.before_update()?;
+    if ctx.guard(step, phase.branch(), &stats, &mut grads)? {
+        let (state, opt) = b.trainer(phase);
+        apply(opt, state, &grads, lrs)?;
+    }
+    b.observe(&grads);
+    Ok(stats)
+}
+
+/// Both branches live: PM and AM each a network with its own optimizer.
+pub struct Resident {
+    pm: NetState,
+    am: NetState,
+    opt_p: Optimizer,
+    opt_a: Optimizer,
+    settings: OptimSettings,
+    meter: LiveMeter,
+}
+
+impl Resident {
+    /// Both branches start as `start`.
+    pub fn new(start: NetState, settings: OptimSettings, layers: usize) -> Result<Self> {
+        Ok(Resident {
+            pm: start.deep_clone()?,
+            am: start,
+            opt_p: Optimizer::new(settings.clone(), layers),
+            opt_a: Optimizer::new(settings.clone(), layers),
+            settings,
+            meter: LiveMeter::default(),
+        })
+    }
+
+    /// The branches saved by [`Branches::save`].
+    pub fn resume(ck: &Checkpoint, net: &dyn Network, settings: OptimSettings) -> Result<Self> {
+        let n = net.params().len();
+        Ok(Resident {
+            pm: ck.net("pm", net)?,
+            am: ck.net("am", net)?,
+            opt_p: ck.optimizer("opt_p", settings.clone(), n)?,
+            opt_a: ck.optimizer("opt_a", settings.clone(), n)?,
+            settings,
+            meter: LiveMeter::default(),
+        })
+    }
+
+    fn branch(&mut self, phase: Phase) -> (&mut NetState, &mut Optimizer) {
+        match phase {
+            Phase::P => (&mut self.pm, &mut self.opt_p),
+            Phase::A => (&mut self.am, &mut self.opt_a),
+        }
+    }
+}
+
+impl Branches for Resident {
+    fn live(&self) -> Option<Phase> {
+        None
+    }
+
+    fn switch_to(&mut self, _: Phase) -> Result<()> {
+        Ok(())
+    }
+
+    fn stage_next(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn state(&mut self, phase: Phase) -> &mut NetState {
+        self.branch(phase).0
+    }
+
+    fn before_update(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn trainer(&mut self, phase: Phase) -> (&NetState, &mut Optimizer) {
+        let (s, o) = self.branch(phase);
+        (s, o)
+    }
+
+    fn observe(&mut self, grads: &[Option<Tensor>]) {
+        let weights = 2 * memory::weight_bytes(&self.pm);
+        let opt = (self.opt_p.bytes() + self.opt_a.bytes()) as u64;
+        self.meter.observe(weights, grads, opt);
+    }
+
+    fn fold(&mut self, partition: &Partition, branch: Phase, factor: f64) -> Result<()> {
+        let (src, dst) = match branch {
+            Phase::P => (&self.pm, &self.am),
+            Phase::A => (&self.am, &self.pm),
+        };
+        for (i, l) in partition.layers.iter().enumerate() {
+            if l.set == branch.trains() {
+                fold_live(
+                    dst.params[i].as_tensor(),
+                    src.params[i].as_tensor(),
+                    l.coefficient * factor,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&mut self, branch: Phase) -> Result<Vec<Tensor>> {
+        Ok(self.branch(branch).0.frozen_view())
+    }
+
+    fn buffers(&self, branch: Phase) -> Vec<Tensor> {
+        match branch {
+            Phase::P => self.pm.buffers.clone(),
+            Phase::A => self.am.buffers.clone(),
+        }
+    }
+
+    fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
+        w.net("pm", net, &self.pm);
+        w.net("am", net, &self.am);
+        w.optimizer("opt_p", &self.opt_p);
+        w.optimizer("opt_a", &self.opt_a);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn memory(&self, partition: &Partition) -> MemoryReport {
+        let k = memory::state_tensors(&self.settings);
+        let mut r = memory::report(
+            memory::Layout::Resident,
+            partition.set_numel(),
+            k,
+            (0, 0),
+            0,
+        );
+        r.measured_live_peak = self.meter.peak;
+        r
+    }
+}
+
+/// One live network; the other branch parked in the counterpart store. A phase change
+/// swaps every layer's live tensor with its parked copy in place and moves optimizer
+/// state out and in. Folds into parked weights run asynchronously and are fenced before
+/// the live source changes (the next update) and before any swap.
+pub struct Parked {
+    live: NetState,
+    phase: Phase,
+    opt_p: Optimizer,
+    opt_a: Optimizer,
+    /// The parked branch's buffers (the dual branch; `ldt-s` shares one set).
+    parked_buffers: Option<Vec<Tensor>>,
+    store: CounterpartStore,
+    settings: OptimSettings,
+    meter: LiveMeter,
+}
+
+/// Offload settings from the config.
+pub fn offload_config(ctx: &RunContext) -> OffloadConfig {
+    let o = &ctx.cfg.offload;
+    OffloadConfig {
+        host_budget_bytes: o.host_bytes,
+        file_path: o.path.clone(),
+        staging_bytes: o.staging_bytes,
+        threads: o.threads,
+    }
+}
+
+/// Allocates the counterpart store of `ctx`'s network (before any training, so that a
+/// budget that cannot hold it fails first). A resumed run removes the spill file a
+/// killed run left behind: every slot comes back from the checkpoint.
+pub fn allocate_store(ctx: &RunContext, resuming: Option<&Checkpoint>) -> Result<CounterpartStore> {
+    let offload = offload_config(ctx);
+    if let (Some(ck), Some(path)) = (resuming, &offload.file_path) {
+        if path.exists() {
+            println!(
+                "removing the stale counterpart file {} of the run resumed from {}",
+                path.display(),
+                ck.dir.display()
+            );
+            std::fs::remove_file(path).with_context(|| {
+                format!(
+                    "cannot remove the stale counterpart file {}",
+                    path.display()
+                )
+            })?;
+        }
+    }
+    let settings = OptimSettings::from(&ctx.cfg.optim);
+    let with_m = settings.betas[0] > 0.0 || settings.momentum > 0.0;
+    let layers: Vec<LayerSpec> = ctx
+        .net
+        .params()
+        .iter()
+        .map(|p| LayerSpec {
+            name: p.name.clone(),
+            shape: p.shape.clone(),
+        })
+        .collect();
+    CounterpartStore::allocate(&layers, with_m, &ctx.device, &offload, ctx.cfg.offload.ema)
+        .context("setting up the counterpart buffer")
+}
+
+impl Parked {
+    /// Starts in phase P from `start`; both branches begin equal, so the parked AM copy
+    /// is a copy of `start`. `per_branch_buffers`: each branch keeps its own buffers (the
+    /// dual branch) instead of sharing the live set (`ldt-s`).
+    pub fn new(
+        start: NetState,
+        mut store: CounterpartStore,
+        settings: OptimSettings,
+        per_branch_buffers: bool,
+    ) -> Result<Self> {
+        let n = start.params.len();
+        for (i, p) in start.params.iter().enumerate() {
+            store.park_weights(i, p.as_tensor())?;
+        }
+        let parked_buffers = if per_branch_buffers {
+            Some(
+                start
+                    .buffers
+                    .iter()
+                    .map(|t| t.copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
+        Ok(Parked {
+            live: start,
+            phase: Phase::P,
+            opt_p: Optimizer::new(settings.clone(), n),
+            opt_a: Optimizer::new(settings.clone(), n),
+            parked_buffers,
+            store,
+            settings,
+            meter: LiveMeter::default(),
+        })
+    }
+
+    /// Restores what [`Branches::save`] wrote (the live network comes in through
+    /// [`Parked::new`] from the checkpoint's `live`).
+    pub fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
+        for k in 0..self.store.slots() {
+            self.store
+                .restore_slot(k, &ck.tensor(&format!("slot/{k}"))?)?;
+        }
+        self.phase = match ck.field("phase")?.as_str() {
+            Some("P") => Phase::P,
+            Some("A") => Phase::A,
+            other => bail!("checkpoint {}: unknown phase {other:?}", ck.dir.display()),
+        };
+        let parked = serde_json::from_value(ck.field("parked_state")?.clone())
+            .with_context(|| format!("checkpoint {}: unreadable parked_state", ck.dir.display()))?;
+        self.store
+            .set_parked_states(parked)
+            .with_context(|| format!("checkpoint {}", ck.dir.display()))?;
+        if let Some(pb) = &mut self.parked_buffers {
+            for (i, t) in pb.iter_mut().enumerate() {
+                *t = ck.tensor(&format!("parked_buffer/{i}"))?;
+            }
+        }
+        let n = self.live.params.len();
+        self.opt_p = ck.optimizer("opt_p", self.settings.clone(), n)?;
+        self.opt_a = ck.optimizer("opt_a", self.settings.clone(), n)?;
+        Ok(())
+    }
+}
+
+impl Branches for Parked {
+    fn live(&self) -> Option<Phase> {
+        Some(self.phase)
+    }
+
+    fn switch_to(&mut self, phase: Phase) -> Result<()> {
+        if phase == self.phase {
+            return Ok(());
+        }
+        self.store.sync()?;
+        for (i, p) in self.live.params.iter().enumerate() {
+            self.store.swap_weights(i, p.as_tensor())?;
+        }
+        let (out_opt, in_opt) = match self.phase {
+            Phase::P => (&mut self.opt_p, &mut self.opt_a),
+            Phase::A => (&mut self.opt_a, &mut self.opt_p),
+        };
+        self.store.finish_staging()?;
+        for i in 0..self.live.params.len() {
+            if let Some(st) = out_opt.take_state(i) {
+                self.store.park_state(i, &st)?;
+            } else if let Some(st) = self.store.unpark_state(i)? {
+                in_opt.put_state(i, Some(st));
+            }
+        }
+        if let Some(pb) = &mut self.parked_buffers {
+            std::mem::swap(pb, &mut self.live.buffers);
+        }
+        self.phase = phase;
+        Ok(())
+    }
+
+    fn stage_next(&mut self) -> Result<()> {
+        self.store.stage_states()
+    }
+
+    fn state(&mut self, phase: Phase) -> &mut NetState {
+        debug_assert_eq!(phase, self.phase, "only the live branch trains");
+        &mut self.live
+    }
+
+    fn before_update(&mut self) -> Result<()> {
+        self.store.sync()
+    }
+
+    fn trainer(&mut self, phase: Phase) -> (&NetState, &mut Optimizer) {
+        debug_assert_eq!(phase, self.phase, "only the live branch trains");
+        let opt = match phase {
+            Phase::P => &mut self.opt_p,
+            Phase::A => &mut self.opt_a,
+        };
+        (&self.live, opt)
+    }
+
+    fn observe(&mut self, grads: &[Option<Tensor>]) {
+        let staged = self.store.staged_bytes();
+        let opt = (self.opt_p.bytes() + self.opt_a.bytes()) as u64 + staged;
+        self.meter
+            .observe(memory::weight_bytes(&self.live), grads, opt);
+    }
+
+    fn fold(&mut self, partition: &Partition, branch: Phase, factor: f64) -> Result<()> {
+        let mut jobs = Vec::new();
+        for (i, l) in partition.layers.iter().enumerate() {
+            if l.set != branch.trains() {
+                continue;
+            }
+            let live = self.live.params[i].as_tensor();
+            let w = l.coefficient * factor;
+            if branch == self.phase {
+                // Source live, destination (the other branch's frozen copy) parked.
+                jobs.push((i, live.clone(), w));
+            } else {
+                // Source parked, destination (the live branch's frozen copy) live.
+                self.store.fold_from_parked(i, live, w)?;
+            }
+        }
+        self.store.fold_into_parked(jobs);
+        Ok(())
+    }
+
+    fn params(&mut self, branch: Phase) -> Result<Vec<Tensor>> {
+        self.store.sync()?;
+        (0..self.live.params.len())
+            .map(|i| {
+                if branch == self.phase {
+                    Ok(self.live.params[i].as_tensor().copy()?)
+                } else {
+                    self.store.parked_weights(i)
+                }
+            })
+            .collect()
+    }
+
+    fn buffers(&self, branch: Phase) -> Vec<Tensor> {
+        match &self.parked_buffers {
+            Some(pb) if branch != self.phase => pb.clone(),
+            _ => self.live.buffers.clone(),
+        }
+    }
+
+    fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
+        self.store.sync()?;
+        w.net("live", net, &self.live);
+        w.meta("phase", json!(format!("{:?}", self.phase)));
+        w.meta(
+            "parked_state",
+            serde_json::to_value(self.store.parked_states())?,
+        );
+        if let Some(pb) = &self.parked_buffers {
+            for (i, t) in pb.iter().enumerate() {
+                w.tensor(format!("parked_buffer/{i}"), t);
+            }
+        }
+        for (k, t) in self.store.slots_to_host()?.iter().enumerate() {
+            w.tensor(format!("slot/{k}"), t);
+        }
+        w.optimizer("opt_p", &self.opt_p);
+        w.optimizer("opt_a", &self.opt_a);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.store.sync()
+    }
+
+    fn memory(&self, partition: &Partition) -> MemoryReport {
+        let k = memory::state_tensors(&self.settings);
+        let mut r = memory::report(
+            memory::Layout::Single,
+            partition.set_numel(),
+            k,
+            self.store.tiers(),
+            self.store.staging_capacity(),
+        );
+        r.measured_live_peak = self.meter.peak;
+        r
+    }
+}
+
+/// LDT's starting point: the partition and both branches — from stage 1 on the initial
+/// weights, or from the checkpoint `resume` — stored [`Parked`] (with `parked`; the
+/// store is allocated before stage 1, so that a budget that cannot hold it fails first)
+/// or [`Resident`]. Every rank of a data-parallel run checks it holds rank 0's partition.
+pub fn open(
+    ctx: &mut RunContext,
+    resume: Option<&Checkpoint>,
+    parked: bool,
+    per_branch_buffers: bool,
+) -> Result<(Box<dyn Branches>, Partition)> {
+    let settings = OptimSettings::from(&ctx.cfg.optim);
+    let store = if parked {
+        Some(allocate_store(ctx, resume)?)
+    } else {
+        None
+    };
+    let n = ctx.net.params().len();
+    let (branches, partition): (Box<dyn Branches>, Partition) = match resume {
+        Some(ck) => {
+            let partition = super::stage1::resume_partition(ctx, ck)?;
+            let net = ctx.net.as_ref();
+            let b: Box<dyn Branches> = match store {
+                Some(store) => {
+                    let live = ck.net("live", net)?;
+                    let mut b = Parked::new(live, store, settings, per_branch_buffers)?;
+                    b.restore(ck)?;
+                    Box::new(b)
+                }
+                None => Box::new(Resident::resume(ck, net, settings)?),
+            };
+            (b, partition)
+        }
+        None => {
+            let mut start = ctx.initial_state()?;
+            let partition = super::stage1::run(ctx, &mut start)?;
+            let b: Box<dyn Branches> = match store {
+                Some(store) => Box::new(Parked::new(start, store, settings, per_branch_buffers)?),
+                None => Box::new(Resident::new(start, settings, n)?),
+            };
+            (b, partition)
+        }
+    };
+    ctx.agree_partition(&partition)?;
+    Ok((branches, partition))
+}

@@ -1,0 +1,264 @@
+//! LDT-S: one live network whose phases alternate over time — phase P trains the stable
+//! set for `ldt_s.p_steps` steps, phase A the unstable set for `ldt_s.a_steps` — with the
+//! other branch parked in the counterpart store, and each branch's DPU fold every
+//! `ldt.ema_every` of its own steps. With `ldt_s.repeat_batch` phase A replays phase P's
+//! batches ([`Replay`]; 1/1 phases compute the dual branch bit for bit).
+
+use super::branches::{self, half_step, Branches};
+use super::driver::{Feed, Net, Outcome, Stepper};
+use super::dual::{composite_of, two_branches};
+use super::memory::MemoryReport;
+use super::RunContext;
+use crate::checkpoint::{Checkpoint, Writer};
+use crate::data::HostBatch;
+use crate::ldt::dpu;
+use crate::ldt::partition::{Partition, Phase};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::collections::VecDeque;
+
+/// What both LDT-S steppers hold: the branches, the partition, each branch's step count.
+struct Core {
+    b: Box<dyn Branches>,
+    partition: Partition,
+    n_p: usize,
+    n_a: usize,
+}
+
+impl Core {
+    fn start(
+        ctx: &mut RunContext,
+        resume: Option<&Checkpoint>,
+        phases: Option<(usize, usize)>,
+    ) -> Result<Core> {
+        let (b, partition) = branches::open(ctx, resume, true, false)?;
+        ctx.report_lag(&partition, phases)?;
+        let (mut n_p, mut n_a) = (0, 0);
+        if let Some(ck) = resume {
+            let count = |key: &str| -> Result<usize> {
+                let v = ck.field(key)?;
+                v.as_u64().map(|n| n as usize).with_context(|| {
+                    format!(
+                        "checkpoint {}: `{key}` = {v} is not a count",
+                        ck.dir.display()
+                    )
+                })
+            };
+            n_p = count("n_p")?;
+            n_a = count("n_a")?;
+        }
+        Ok(Core {
+            b,
+            partition,
+            n_p,
+            n_a,
+        })
+    }
+
+    fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {
+        self.b.save(w, ctx.net.as_ref())?;
+        w.meta("partition", serde_json::to_value(&self.partition)?);
+        w.meta("n_p", json!(self.n_p));
+        w.meta("n_a", json!(self.n_a));
+        Ok(())
+    }
+}
+
+/// Phases P and A alternating over time, one batch per step.
+pub struct Phases {
+    core: Core,
+    p_len: usize,
+    a_len: usize,
+}
+
+impl Phases {
+    /// Stage 1 (or the checkpoint) and the counterpart store.
+    pub fn start(ctx: &mut RunContext, resume: Option<&Checkpoint>) -> Result<Self> {
+        let (p_len, a_len) = (ctx.cfg.ldt_s.p_steps, ctx.cfg.ldt_s.a_steps);
+        Ok(Phases {
+            core: Core::start(ctx, resume, Some((p_len, a_len)))?,
+            p_len,
+            a_len,
+        })
+    }
+}
+
+impl Stepper for Phases {
+    fn step(&mut self, ctx: &mut RunContext, step: usize, feed: &mut Feed) -> Result<Outcome> {
+        // The position inside the cycle follows from the step, so a resumed run
+        // continues mid-phase.
+        let pos = (step - 1) % (self.p_len + self.a_len);
+        let (phase, last) = if pos < self.p_len {
+            (Phase::P, pos + 1 == self.p_len)
+        } else {
+            (Phase::A, pos + 1 == self.p_len + self.a_len)
+        };
+        let c = &mut self.core;
+        c.b.switch_to(phase)?;
+        if last || step == ctx.cfg.train.steps {
+            c.b.stage_next()?;
+        }
+        let hb = feed.next_batch()?;
+        let batch = ctx.batch(&hb)?;
+        let lrs = feed.rates.at(step);
+        let s = half_step(ctx, c.b.as_mut(), &c.partition, phase, step, &batch, &lrs)?;
+        let n = match phase {
+            Phase::P => {
+                c.n_p += 1;
+                c.n_p
+            }
+            Phase::A => {
+                c.n_a += 1;
+                c.n_a
+            }
+        };
+        let ema = ctx.cfg.ldt.ema_every;
+        if n.is_multiple_of(ema) {
+            let factor = dpu::warmup_factor(&ctx.cfg.ldt, n / ema);
+            c.b.fold(&c.partition, phase, factor)?;
+        }
+        let (loss_pm, loss_am) = match phase {
+            Phase::P => (s.loss, f32::NAN),
+            Phase::A => (f32::NAN, s.loss),
+        };
+        Ok(Outcome {
+            meter: vec![s],
+            loss_pm: Some(loss_pm),
+            loss_am: Some(loss_am),
+            phase: Some(phase),
+            ..Outcome::default()
+        })
+    }
+
+    fn branches(&mut self) -> Result<Vec<Net>> {
+        two_branches(self.core.b.as_mut())
+    }
+
+    fn composite(&self, branches: &[Net]) -> Option<Net> {
+        Some(composite_of(&self.core.partition, branches))
+    }
+
+    fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {
+        self.core.save(ctx, w)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.core.b.sync()
+    }
+
+    fn memory(&self) -> MemoryReport {
+        self.core.b.memory(&self.core.partition)
+    }
+}
+
+/// Phase P over `ldt_s.p_steps` batches, then phase A replays them; a step is one
+/// replayed batch (both branches have then trained on it).
+pub struct Replay {
+    core: Core,
+    p_len: usize,
+    /// Phase P's batches not yet replayed, with PM's loss on each.
+    pending: VecDeque<(HostBatch, f32)>,
+}
+
+impl Replay {
+    /// Stage 1 (or the checkpoint) and the counterpart store.
+    pub fn start(ctx: &mut RunContext, resume: Option<&Checkpoint>) -> Result<Self> {
+        let s = &ctx.cfg.ldt_s;
+        if s.p_steps != s.a_steps {
+            bail!("config key `ldt_s.repeat_batch`: phase A replays phase P's batches, so `ldt_s.p_steps` must equal `ldt_s.a_steps`");
+        }
+        let p_len = s.p_steps;
+        Ok(Replay {
+            core: Core::start(ctx, resume, None)?,
+            p_len,
+            pending: VecDeque::new(),
+        })
+    }
+}
+
+impl Stepper for Replay {
+    fn step(&mut self, ctx: &mut RunContext, step: usize, feed: &mut Feed) -> Result<Outcome> {
+        let c = &mut self.core;
+        let mut meter = Vec::new();
+        if self.pending.is_empty() {
+            // Phase P over the cycle's batches (fewer at the end of training).
+            let k = self.p_len.min(ctx.cfg.train.steps - step + 1);
+            c.b.switch_to(Phase::P)?;
+            for j in 0..k {
+                let hb = feed.next_batch()?;
+                let batch = ctx.batch(&hb)?;
+                let lrs = feed.rates.at(step + j);
+                if j + 1 == k {
+                    c.b.stage_next()?;
+                }
+                let s = half_step(
+                    ctx,
+                    c.b.as_mut(),
+                    &c.partition,
+                    Phase::P,
+                    step + j,
+                    &batch,
+                    &lrs,
+                )?;
+                meter.push(s);
+                self.pending.push_back((hb, s.loss));
+            }
+            c.b.switch_to(Phase::A)?;
+        }
+        let (hb, loss_pm) = self.pending.pop_front().expect("phase P left a batch");
+        let batch = ctx.batch(&hb)?;
+        let lrs = feed.rates.at(step);
+        if self.pending.is_empty() {
+            c.b.stage_next()?;
+        }
+        let sa = half_step(
+            ctx,
+            c.b.as_mut(),
+            &c.partition,
+            Phase::A,
+            step,
+            &batch,
+            &lrs,
+        )?;
+        c.n_p += 1;
+        c.n_a += 1;
+        // Both folds of a step after its A half-step, as the dual branch does.
+        let ema = ctx.cfg.ldt.ema_every;
+        if c.n_p.is_multiple_of(ema) {
+            let factor = dpu::warmup_factor(&ctx.cfg.ldt, c.n_p / ema);
+            c.b.fold(&c.partition, Phase::P, factor)?;
+            c.b.fold(&c.partition, Phase::A, factor)?;
+        }
+        Ok(Outcome {
+            meter,
+            loss_pm: Some(loss_pm),
+            loss_am: Some(sa.loss),
+            phase: c.b.live(),
+            ..Outcome::default()
+        })
+    }
+
+    fn branches(&mut self) -> Result<Vec<Net>> {
+        two_branches(self.core.b.as_mut())
+    }
+
+    fn composite(&self, branches: &[Net]) -> Option<Net> {
+        Some(composite_of(&self.core.partition, branches))
+    }
+
+    fn can_checkpoint(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {
+        self.core.save(ctx, w)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.core.b.sync()
+    }
+
+    fn memory(&self) -> MemoryReport {
+        self.core.b.memory(&self.core.partition)
+    }
+}

@@ -262,8 +262,9 @@ fn train(
     cuda::reset_peak_memory(device)?;
     let mut ctx = RunContext::open(c, &dir)?;
     run_method(&mut ctx)?;
-    let ms = ctx.summary.extra["ms_per_step"]
-        .as_f64()
+    let ms = ctx
+        .summary
+        .ms_per_step
         .context("no ms_per_step in the summary")?;
     Ok((ms, cuda::peak_memory(device)?))
 }

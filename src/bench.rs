@@ -180,12 +180,11 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
                 &dir.join(format!("{arch}-{}", label.replace([' ', '/'], "-"))),
             )?;
             run_method(&mut ctx)?;
-            let ms = ctx.summary.extra["ms_per_step"]
-                .as_f64()
-                .unwrap_or(f64::NAN);
-            let peak = ctx.summary.extra["memory"]["measured_live_peak"]
-                .as_f64()
-                .unwrap_or(f64::NAN);
+            let ms = ctx.summary.ms_per_step.unwrap_or(f64::NAN);
+            let peak = ctx
+                .summary
+                .memory
+                .map_or(f64::NAN, |m| m.measured_live_peak as f64);
             if m == Method::Erm {
                 erm = (ms, peak);
             }

@@ -155,8 +155,8 @@ fn train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
     for (name, r) in &ctx.summary.eval {
         println!("{name:>10}: {}", r.line());
     }
-    if let Some(m) = ctx.summary.extra.get("memory") {
-        println!("memory (bytes): {m}");
+    if let Some(m) = &ctx.summary.memory {
+        println!("memory (bytes): {}", serde_json::to_string(m)?);
     }
     println!("outputs in {}", dir.display());
     Ok(())

@@ -1,12 +1,346 @@
-//! Run outputs that are read by people and programs: `metrics.jsonl` (one JSON object
-//! per line, flushed as written), a progress bar on terminals (plain lines otherwise).
+//! Run outputs that are read by people and programs: `metrics.jsonl` (one typed
+//! [`Record`] per line, flushed as written, read back by [`read_records`]),
+//! `summary.json` ([`Summary`]), and a progress bar on terminals (plain lines otherwise).
+//! The writer and every reader (plots, reports, `ldt compare`, tests) share these types.
 
+use crate::config::Criterion;
+use crate::ldt::lag::LagReport;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::Value;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::Path;
+
+/// One line of `metrics.jsonl`, tagged by `kind`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    /// An optimizer step: of training (`stage` = `train`) or of a warm-up (`warmup`).
+    Train(TrainRecord),
+    /// A batch of the stage-1 statistics pass (no update).
+    Stats {
+        /// Batch, 1-based.
+        step: usize,
+        /// Its mean loss.
+        loss: f32,
+    },
+    /// An evaluation of one network on every domain.
+    Eval(EvalRecord),
+    /// A network's mean accuracy on the source validation hold-outs (model selection).
+    Val {
+        /// Step of the evaluation.
+        step: usize,
+        /// Network name.
+        model: String,
+        /// Mean validation accuracy.
+        val_acc: f64,
+    },
+    /// The EMA half-lives of stage 2 and their warnings.
+    Lag {
+        /// The report.
+        report: LagReport,
+    },
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Its step.
+        step: usize,
+        /// Its directory.
+        dir: String,
+    },
+    /// A step skipped by `train.on_nonfinite = "skip"`.
+    Skip {
+        /// The step.
+        step: usize,
+        /// The branch (`model`, `pm`, `am`, `warmup`).
+        branch: String,
+        /// What was not finite.
+        reason: String,
+    },
+    /// The run continued from a checkpoint.
+    Resume {
+        /// The checkpoint's step.
+        step: usize,
+    },
+}
+
+/// An optimizer step. Only what the method has is written: `loss`/`acc` for one network,
+/// `loss_pm`/`loss_am` for LDT's branches (null for the branch that did not step), `phase`
+/// where one network is live.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainRecord {
+    /// `train` or `warmup`.
+    pub stage: String,
+    /// Step, 1-based within the stage.
+    pub step: usize,
+    /// The one network's loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f32>,
+    /// The one network's accuracy on the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acc: Option<f64>,
+    /// The scheduled base learning rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// PM's loss (NaN, written null, when PM did not step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_pm: Option<f32>,
+    /// AM's loss (NaN, written null, when AM did not step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_am: Option<f32>,
+    /// The live branch after the step (`P` or `A`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
+/// An evaluation record: the means and each domain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Step of the evaluation.
+    pub step: usize,
+    /// Network name (`model`, `composite`, `pm`, `am`).
+    pub model: String,
+    /// Mean accuracy over the source domains.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub source_acc: f64,
+    /// Mean accuracy over the target domains (NaN, written null, without targets).
+    #[serde(deserialize_with = "null_as_nan")]
+    pub target_acc: f64,
+    /// Per domain.
+    pub domains: BTreeMap<String, DomainRecord>,
+}
+
+/// One domain of an [`EvalRecord`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DomainRecord {
+    /// Accuracy.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub acc: f64,
+    /// Mean loss.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub loss: f64,
+    /// `source` or `target`.
+    pub role: String,
+}
+
+impl EvalRecord {
+    /// The record of report `r` of network `model` at `step`.
+    pub fn of(step: usize, model: &str, r: &EvalReport) -> Self {
+        EvalRecord {
+            step,
+            model: model.into(),
+            source_acc: r.source_acc,
+            target_acc: r.target_acc,
+            domains: r
+                .domains
+                .iter()
+                .map(|d| {
+                    let rec = DomainRecord {
+                        acc: d.acc,
+                        loss: d.loss,
+                        role: d.role.clone(),
+                    };
+                    (d.name.clone(), rec)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// JSON writes non-finite numbers as null; they read back as NaN.
+fn null_as_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Every record of a `metrics.jsonl`, in order. A last line without its newline (the
+/// run was killed while writing it) is left out; any other line that is not a record is
+/// an error naming the file and line.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .with_context(|| format!("{} line {}: not a metrics record", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// Score of one domain.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DomainScore {
+    /// Domain name.
+    pub name: String,
+    /// `source` or `target`.
+    pub role: String,
+    /// Accuracy in [0, 1].
+    pub acc: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Examples scored.
+    pub n: usize,
+}
+
+/// Scores of one network on all domains.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Per domain, manifest order.
+    pub domains: Vec<DomainScore>,
+    /// Mean accuracy over source domains.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub source_acc: f64,
+    /// Mean accuracy over target domains (NaN when there are none).
+    #[serde(deserialize_with = "null_as_nan")]
+    pub target_acc: f64,
+}
+
+impl EvalReport {
+    /// One line: source mean, target mean (when there are target domains), each domain.
+    pub fn line(&self) -> String {
+        let mut s = format!("source {:.4}", self.source_acc);
+        if !self.target_acc.is_nan() {
+            s.push_str(&format!("  target {:.4}", self.target_acc));
+        }
+        s.push_str(" |");
+        for d in &self.domains {
+            s.push_str(&format!(" {} {:.4}", d.name, d.acc));
+        }
+        s
+    }
+}
+
+/// Live parameter-state bytes by category (`summary.json` `memory`): computed from the
+/// partition's set sizes, with the measured peak beside them.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Live weights (one or two networks).
+    pub live_weights: u64,
+    /// Gradients at the peak.
+    pub gradients: u64,
+    /// Live optimizer state at the peak.
+    pub optimizer: u64,
+    /// Counterpart buffer in host RAM.
+    pub counterparts_ram: u64,
+    /// Counterpart buffer in the file tier.
+    pub counterparts_file: u64,
+    /// Optimizer state of the next phase staged early (swaps of weights are in place).
+    pub staging: u64,
+    /// Peak of live weights + gradients + optimizer state + staging (computed).
+    pub live_peak: u64,
+    /// Measured peak of the same sum over the run, from the tensors actually held
+    /// (weights, the gradients of the step, every live optimizer-state tensor).
+    pub measured_live_peak: u64,
+}
+
+/// The partition in `summary.json`: criterion and sets.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PartitionSummary {
+    /// The criterion the layers were ranked by.
+    pub criterion: Criterion,
+    /// Stable layers.
+    pub stable: Vec<String>,
+    /// Unstable layers.
+    pub unstable: Vec<String>,
+}
+
+/// The best network on the validation hold-outs so far (`best.safetensors`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Best {
+    /// Step of its evaluation.
+    pub step: usize,
+    /// Network name.
+    pub model: String,
+    /// Mean validation accuracy.
+    pub val_acc: f64,
+}
+
+/// The data-parallel part of a run's timing.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DataParallel {
+    /// Collective engine (`mpi`, `nccl`, ...).
+    pub engine: String,
+    /// Ranks.
+    pub world: usize,
+    /// Seconds in collectives.
+    pub collective_seconds: f64,
+    /// Milliseconds in collectives per step.
+    pub collective_ms_per_step: f64,
+}
+
+/// The content of `summary.json`: what a run did and scored. Optional parts are absent
+/// where they do not apply (erm has no partition; a single process no data-parallel).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// `train.method`.
+    pub method: String,
+    /// `model.arch`.
+    pub arch: String,
+    /// Parameter elements.
+    pub parameters: usize,
+    /// Seconds since the run started.
+    pub seconds: f64,
+    /// Peak resident set size of the process (where the OS says).
+    pub peak_rss_bytes: Option<u64>,
+    /// Final evaluation per exported network (`model`, `composite`, `pm`, `am`).
+    pub eval: BTreeMap<String, EvalReport>,
+    /// The partition (LDT methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PartitionSummary>,
+    /// The EMA half-lives (LDT methods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<LagReport>,
+    /// Model selection's winner (with `data.val_fraction`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<Best>,
+    /// Steps skipped by `train.on_nonfinite = "skip"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
+    /// The training stage's memory report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReport>,
+    /// Seconds of the training stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_seconds: Option<f64>,
+    /// Milliseconds per training step of this process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms_per_step: Option<f64>,
+    /// Data-parallel engine, ranks and collective time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<DataParallel>,
+    /// Ranks that agreed on rank 0's partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_agreed_ranks: Option<usize>,
+    /// Ranks whose final networks agreed with rank 0's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_agreed_ranks: Option<usize>,
+}
+
+impl Summary {
+    /// Writes `path` atomically, keys sorted (as every earlier `summary.json`).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(&serde_json::to_value(self)?)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Reads a run's `summary.json`.
+    pub fn read(path: &Path) -> Result<Summary> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let s = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a run summary", path.display()))?;
+        Ok(s)
+    }
+}
 
 /// Appends JSON records to `DIR/metrics.jsonl`.
 pub struct MetricsLog {
@@ -28,9 +362,10 @@ impl MetricsLog {
         })
     }
 
-    /// Writes one record and flushes, so a killed run keeps every line it wrote.
-    pub fn write(&mut self, record: Value) -> Result<()> {
-        serde_json::to_writer(&mut self.out, &record)?;
+    /// Writes one record and flushes, so a killed run keeps every line it wrote. Keys
+    /// are sorted (the format every earlier `metrics.jsonl` has).
+    pub fn write(&mut self, record: &Record) -> Result<()> {
+        serde_json::to_writer(&mut self.out, &serde_json::to_value(record)?)?;
         self.out.write_all(b"\n")?;
         self.out.flush()?;
         Ok(())
@@ -107,4 +442,85 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(r: &Record) -> String {
+        serde_json::to_string(&serde_json::to_value(r).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn records_keep_the_written_format_and_read_back() {
+        // The exact lines the trainer has always written (keys sorted, NaN as null).
+        let train = Record::Train(TrainRecord {
+            stage: "train".into(),
+            step: 7,
+            lr: Some(0.5),
+            loss_pm: Some(1.5),
+            loss_am: Some(f32::NAN),
+            phase: Some("P".into()),
+            ..TrainRecord::default()
+        });
+        assert_eq!(
+            line(&train),
+            r#"{"kind":"train","loss_am":null,"loss_pm":1.5,"lr":0.5,"phase":"P","stage":"train","step":7}"#
+        );
+        let eval = Record::Eval(EvalRecord {
+            step: 3,
+            model: "composite".into(),
+            source_acc: 0.75,
+            target_acc: f64::NAN,
+            domains: BTreeMap::from([(
+                "a".to_string(),
+                DomainRecord {
+                    acc: 0.75,
+                    loss: 0.25,
+                    role: "source".into(),
+                },
+            )]),
+        });
+        assert_eq!(
+            line(&eval),
+            r#"{"domains":{"a":{"acc":0.75,"loss":0.25,"role":"source"}},"kind":"eval","model":"composite","source_acc":0.75,"step":3,"target_acc":null}"#
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::create(&p, false).unwrap();
+        let skip = Record::Skip {
+            step: 2,
+            branch: "pm".into(),
+            reason: "the loss is NaN".into(),
+        };
+        for r in [&train, &eval, &skip, &Record::Resume { step: 4 }] {
+            log.write(r).unwrap();
+        }
+        drop(log);
+        // A line cut by a kill is left out.
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str(r#"{"kind":"sta"#);
+        std::fs::write(&p, &text).unwrap();
+        let back = read_records(&p).unwrap();
+        assert_eq!(back.len(), 4);
+        assert_eq!(back[2], skip);
+        // null reads back: NaN for an accuracy, "did not step" for a branch's loss.
+        let Record::Eval(e) = &back[1] else {
+            panic!("{:?}", back[1])
+        };
+        assert!(e.target_acc.is_nan() && e.source_acc == 0.75);
+        let Record::Train(t) = &back[0] else {
+            panic!("{:?}", back[0])
+        };
+        assert_eq!((t.loss_pm, t.loss_am), (Some(1.5), None));
+        // Any complete line that is not a record is an error naming file and line.
+        std::fs::write(
+            &p,
+            format!("{}{}\n", &text[..text.len() - 12], r#"{"kind":"nope"}"#),
+        )
+        .unwrap();
+        let err = format!("{:#}", read_records(&p).unwrap_err());
+        assert!(err.contains("metrics.jsonl line 5"), "{err}");
+    }
 }

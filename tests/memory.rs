@@ -27,11 +27,8 @@ fn memory(arch: &str, method: &str, extra: &[&str]) -> (u64, u64) {
     let mut ov = vec![man.as_str(), m.as_str()];
     ov.extend_from_slice(extra);
     let (_d, ctx) = run(&BASE.replace("ARCH", arch), &ov);
-    let mem = &ctx.summary.extra["memory"];
-    (
-        mem["measured_live_peak"].as_u64().unwrap(),
-        mem["live_peak"].as_u64().unwrap(),
-    )
+    let mem = ctx.summary.memory.expect("memory report");
+    (mem.measured_live_peak, mem.live_peak)
 }
 
 fn check(arch: &str) {
@@ -92,9 +89,10 @@ fn ldt_s_needs_at_most_0_7_of_erm_with_a_byte_balanced_partition() {
         let mut ov: Vec<&str> = common.to_vec();
         ov.push(&m);
         let (_d, ctx) = run(&BASE.replace("ARCH", "mlp"), &ov);
-        ctx.summary.extra["memory"]["measured_live_peak"]
-            .as_u64()
-            .unwrap()
+        ctx.summary
+            .memory
+            .expect("memory report")
+            .measured_live_peak
     };
     let (erm, s) = (peak("erm"), peak("ldt-s"));
     let ratio = s as f64 / erm as f64;

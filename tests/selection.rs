@@ -91,9 +91,9 @@ fn selection_never_reads_a_target_domain() {
     copy_data(&poisoned, true);
     let (d1, c1) = run_on(&clean);
     let (d2, c2) = run_on(&poisoned);
-    let b1 = &c1.summary.extra["best"];
-    let b2 = &c2.summary.extra["best"];
-    eprintln!("best (clean) {b1}, (poisoned) {b2}");
+    let b1 = c1.summary.best.as_ref().expect("a best network");
+    let b2 = c2.summary.best.as_ref().expect("a best network");
+    eprintln!("best (clean) {b1:?}, (poisoned) {b2:?}");
     assert_eq!(b1, b2, "the choice depends on the target domains");
     assert!(identical(
         &d1.path().join("best.safetensors"),

@@ -7,13 +7,13 @@
 use super::dpu::half_life;
 use super::partition::{Partition, Set};
 use crate::config::Config;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Half-lives of one set, in steps of the run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SetLag {
-    /// `stable` or `unstable`.
-    pub set: &'static str,
+    /// The set.
+    pub set: Set,
     /// Layers in the set.
     pub layers: usize,
     /// Shortest half-life in run steps.
@@ -24,6 +24,15 @@ pub struct SetLag {
     pub planned_steps: usize,
 }
 
+/// The lag of a run: each set's half-lives and the warnings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LagReport {
+    /// Per set (a set without layers is left out).
+    pub sets: Vec<SetLag>,
+    /// One line per set whose longest half-life exceeds 10% of the run.
+    pub warnings: Vec<String>,
+}
+
 /// Half-lives per set for this run, and a warning for each set whose longest half-life
 /// exceeds 10% of the run. In `ldt-s` (without `repeat_batch`) a set is folded only in
 /// its own phase, so its half-life in run steps is stretched by `(p+a)/p` or `(p+a)/a`.
@@ -31,7 +40,7 @@ pub fn report(
     cfg: &Config,
     partition: &Partition,
     single_phases: Option<(usize, usize)>,
-) -> (Vec<SetLag>, Vec<String>) {
+) -> LagReport {
     let steps = cfg.train.steps;
     let mut lags = Vec::new();
     let mut warnings = Vec::new();
@@ -58,7 +67,7 @@ pub fn report(
             .map(|&w| half_life(w, cfg.ldt.ema_every) * stretch)
             .collect();
         let lag = SetLag {
-            set: name,
+            set,
             layers: ws.len(),
             min_half_life: h.iter().cloned().fold(f64::INFINITY, f64::min),
             max_half_life: h.iter().cloned().fold(0.0, f64::max),
@@ -78,5 +87,8 @@ pub fn report(
         }
         lags.push(lag);
     }
-    (lags, warnings)
+    LagReport {
+        sets: lags,
+        warnings,
+    }
 }

@@ -18,6 +18,16 @@ pub enum Set {
     Unstable,
 }
 
+impl Set {
+    /// `stable` or `unstable` (as in `partition.json`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Set::Stable => "stable",
+            Set::Unstable => "unstable",
+        }
+    }
+}
+
 /// A branch of LDT, named by the phase in which it trains: PM (phase P) trains the
 /// stable set with the unstable set frozen, AM (phase A) the unstable set with the stable
 /// set frozen.

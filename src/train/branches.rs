@@ -3,11 +3,12 @@
 //! store. The dual branch and LDT-S are written once over [`Branches`] and compute the
 //! same bits on either.
 
-use super::memory::{self, LiveMeter, MemoryReport};
+use super::memory::{self, LiveMeter};
 use super::step::{apply, gradients, Batch, GradPlan, StepStats};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::ldt::partition::{Partition, Phase};
+use crate::metrics::MemoryReport;
 use crate::model::{Mode, NetState, Network};
 use crate::offload::backend::fold_live;
 use crate::offload::store::{CounterpartStore, LayerSpec};

@@ -14,8 +14,8 @@
 
 use super::{run_method, RunContext};
 use crate::config::{Config, Criterion, DpuWarmup, Method};
+use crate::metrics::Record;
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -135,26 +135,14 @@ type Evals = BTreeMap<(usize, String), (f64, f64)>;
 
 /// The `kind: eval` records of a run's `metrics.jsonl` (NaN for a missing accuracy).
 fn read_evals(dir: &Path) -> Result<Evals> {
-    let p = dir.join("metrics.jsonl");
-    let text =
-        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let mut out = Evals::new();
-    for line in text.lines() {
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}: a line is not JSON", p.display()))?;
-        if v["kind"] != "eval" {
-            continue;
-        }
-        let (Some(step), Some(model)) = (v["step"].as_u64(), v["model"].as_str()) else {
-            bail!("{}: an eval record without `step` or `model`", p.display());
-        };
-        let acc = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        out.insert(
-            (step as usize, model.to_string()),
-            (acc("source_acc"), acc("target_acc")),
-        );
-    }
-    Ok(out)
+    let records = crate::metrics::read_records(&dir.join("metrics.jsonl"))?;
+    Ok(records
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Eval(e) => Some(((e.step, e.model), (e.source_acc, e.target_acc))),
+            _ => None,
+        })
+        .collect())
 }
 
 /// What one run contributes to the tables.
@@ -202,16 +190,10 @@ pub fn compare(
                 .into_iter()
                 .chain(targets.iter().map(|d| d.acc))
                 .collect();
-            let lag = ctx.summary.extra.get("lag").map_or(Vec::new(), |l| {
-                l["sets"]
-                    .as_array()
-                    .map_or(&[][..], Vec::as_slice)
+            let lag = ctx.summary.lag.as_ref().map_or(Vec::new(), |l| {
+                l.sets
                     .iter()
-                    .map(|s| {
-                        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
-                        let set = s["set"].as_str().unwrap_or("?").to_string();
-                        (set, f("min_half_life"), f("max_half_life"))
-                    })
+                    .map(|s| (s.set.name().to_string(), s.min_half_life, s.max_half_life))
                     .collect()
             });
             // This rank's own metrics (rank 0: the run directory; others: their scratch).

@@ -4,19 +4,18 @@
 //! model selection, checkpoints and stop signals, and at the end the exported files, the
 //! final evaluation and the training summary.
 
-use super::memory::MemoryReport;
 use super::step::StepStats;
 use super::RunContext;
 use crate::checkpoint::Writer;
 use crate::config::Config;
 use crate::data::{HostBatch, Loader};
 use crate::ldt::partition::Phase;
-use crate::metrics::Progress;
+use crate::metrics::MemoryReport;
+use crate::metrics::{Progress, Record, TrainRecord};
 use crate::model::io;
 use crate::optim::schedule;
 use anyhow::Result;
 use candle_core::Tensor;
-use serde_json::json;
 use std::time::Instant;
 
 /// A network a method holds, by name (`model`; `pm`, `am`; `composite`), read where it
@@ -169,22 +168,17 @@ fn candidates(m: &mut dyn Stepper) -> Result<Vec<Net>> {
 }
 
 /// The step's `train` record.
-fn record(step: usize, lr: f64, o: &Outcome) -> serde_json::Value {
-    let mut r = json!({"kind": "train", "stage": "train", "step": step, "lr": lr});
-    let finite = |x: f32| if x.is_finite() { json!(x) } else { json!(null) };
-    let fields = [
-        ("loss", o.loss.map(|x| json!(x))),
-        ("acc", o.acc.map(|x| json!(x))),
-        ("loss_pm", o.loss_pm.map(finite)),
-        ("loss_am", o.loss_am.map(finite)),
-        ("phase", o.phase.map(|p| json!(format!("{p:?}")))),
-    ];
-    for (k, v) in fields {
-        if let Some(v) = v {
-            r[k] = v;
-        }
-    }
-    r
+fn record(step: usize, lr: f64, o: &Outcome) -> Record {
+    Record::Train(TrainRecord {
+        stage: "train".into(),
+        step,
+        loss: o.loss,
+        acc: o.acc,
+        lr: Some(lr),
+        loss_pm: o.loss_pm,
+        loss_am: o.loss_am,
+        phase: o.phase.map(|p| format!("{p:?}")),
+    })
 }
 
 /// Evaluation at `step`: the headline network (logged and printed), model selection
@@ -279,7 +273,7 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
             meter.add(s);
         }
         ctx.metrics
-            .write(record(step, rates.headline(step), &out))?;
+            .write(&record(step, rates.headline(step), &out))?;
         if step.is_multiple_of(cfg.train.log_every) || step == steps {
             progress.update(step, &meter.take().0);
         }
@@ -299,5 +293,6 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
     m.finish()?;
     let train_secs = t0.elapsed().as_secs_f64();
     finish(ctx, m)?;
-    ctx.record_training(&m.memory(), train_secs, steps - done)
+    ctx.record_training(&m.memory(), train_secs, steps - done);
+    Ok(())
 }

@@ -6,12 +6,12 @@
 
 use super::branches::{self, half_step, Branches};
 use super::driver::{Feed, Net, Outcome, Stepper};
-use super::memory::MemoryReport;
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::Placement;
 use crate::ldt::partition::{Partition, Phase};
 use crate::ldt::{composite, dpu};
+use crate::metrics::MemoryReport;
 use anyhow::Result;
 
 /// The dual-branch step over a branch storage.

@@ -2,12 +2,13 @@
 //! network, one optimizer.
 
 use super::driver::{Feed, Net, Outcome, Stepper};
-use super::memory::{self, LiveMeter, MemoryReport};
+use super::memory::{self, LiveMeter};
 use super::stage1::{fit_layers, Fit};
 use super::step::{apply, gradients, GradPlan};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::Method;
+use crate::metrics::MemoryReport;
 use crate::model::{Mode, NetState};
 use crate::optim::{OptimSettings, Optimizer};
 use anyhow::Result;

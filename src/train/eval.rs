@@ -2,51 +2,10 @@
 //! target domains on all their examples), with the source and target means.
 
 use crate::data::{Benchmark, Role};
+use crate::metrics::{DomainScore, EvalReport};
 use crate::model::{layers, Mode, Network};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
-
-/// Score of one domain.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DomainScore {
-    /// Domain name.
-    pub name: String,
-    /// `source` or `target`.
-    pub role: String,
-    /// Accuracy in [0, 1].
-    pub acc: f64,
-    /// Mean cross-entropy.
-    pub loss: f64,
-    /// Examples scored.
-    pub n: usize,
-}
-
-/// Scores of one network on all domains.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EvalReport {
-    /// Per domain, manifest order.
-    pub domains: Vec<DomainScore>,
-    /// Mean accuracy over source domains.
-    pub source_acc: f64,
-    /// Mean accuracy over target domains (NaN when there are none).
-    pub target_acc: f64,
-}
-
-impl EvalReport {
-    /// One line: source mean, target mean (when there are target domains), each domain.
-    pub fn line(&self) -> String {
-        let mut s = format!("source {:.4}", self.source_acc);
-        if !self.target_acc.is_nan() {
-            s.push_str(&format!("  target {:.4}", self.target_acc));
-        }
-        s.push_str(" |");
-        for d in &self.domains {
-            s.push_str(&format!(" {} {:.4}", d.name, d.acc));
-        }
-        s
-    }
-}
 
 /// Evaluates a network given its parameters and buffers (eval mode, nothing changes).
 pub fn evaluate(

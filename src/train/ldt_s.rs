@@ -7,12 +7,12 @@
 use super::branches::{self, half_step, Branches};
 use super::driver::{Feed, Net, Outcome, Stepper};
 use super::dual::{composite_of, two_branches};
-use super::memory::MemoryReport;
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::data::HostBatch;
 use crate::ldt::dpu;
 use crate::ldt::partition::{Partition, Phase};
+use crate::metrics::MemoryReport;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::collections::VecDeque;

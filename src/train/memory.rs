@@ -2,29 +2,7 @@
 //! the partition's set sizes: weights, gradients (one backward at a time, so the larger
 //! trained set), optimizer state (1 or 2 tensors per trained element), counterparts.
 
-use serde::Serialize;
-
-/// Bytes by category.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct MemoryReport {
-    /// Live weights (one or two networks).
-    pub live_weights: u64,
-    /// Gradients at the peak.
-    pub gradients: u64,
-    /// Live optimizer state at the peak.
-    pub optimizer: u64,
-    /// Counterpart buffer in host RAM.
-    pub counterparts_ram: u64,
-    /// Counterpart buffer in the file tier.
-    pub counterparts_file: u64,
-    /// Optimizer state of the next phase staged early (swaps of weights are in place).
-    pub staging: u64,
-    /// Peak of live weights + gradients + optimizer state + staging (computed).
-    pub live_peak: u64,
-    /// Measured peak of the same sum over the run, from the tensors actually held
-    /// (weights, the gradients of the step, every live optimizer-state tensor).
-    pub measured_live_peak: u64,
-}
+use crate::metrics::MemoryReport;
 
 /// Measures live parameter-state bytes after each optimizer step and keeps the peak.
 #[derive(Clone, Copy, Debug, Default)]

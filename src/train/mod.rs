@@ -16,7 +16,7 @@ pub mod run;
 pub mod stage1;
 pub mod step;
 
-pub use run::{RunContext, Summary};
+pub use run::RunContext;
 
 use crate::config::Method;
 use anyhow::Result;

@@ -3,35 +3,44 @@
 //! from `metrics.jsonl`. `ldt plot DIR` redraws them.
 
 use crate::ldt::partition::{Partition, Set};
+use crate::metrics::{read_records, Record};
 use crate::plot::{render_png, render_svg, Curve, Figure, LayerSet, Panel, PlotLayer};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Loss and accuracy curves from `metrics.jsonl` (training loss per stage, evaluation
-/// accuracy per evaluated network).
+/// accuracy per evaluated network). A run without the file draws empty panels.
 fn curves(metrics: &Path) -> Result<Vec<Panel>> {
-    let text = std::fs::read_to_string(metrics).unwrap_or_default();
+    let records = if metrics.exists() {
+        read_records(metrics)?
+    } else {
+        Vec::new()
+    };
     let mut loss: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut acc: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let step = v["step"].as_f64().unwrap_or(0.0);
-        match v["kind"].as_str() {
-            Some("train") if v["stage"] == "train" => {
-                for k in ["loss", "loss_pm", "loss_am"] {
-                    if let Some(x) = v[k].as_f64() {
-                        loss.entry(k.to_string()).or_default().push((step, x));
+    for r in records {
+        match r {
+            Record::Train(t) if t.stage == "train" => {
+                let step = t.step as f64;
+                for (k, v) in [
+                    ("loss", t.loss),
+                    ("loss_pm", t.loss_pm),
+                    ("loss_am", t.loss_am),
+                ] {
+                    if let Some(x) = v.filter(|x| x.is_finite()) {
+                        loss.entry(k.to_string())
+                            .or_default()
+                            .push((step, x.into()));
                     }
                 }
             }
-            Some("eval") => {
-                let m = v["model"].as_str().unwrap_or("model");
-                for (k, tag) in [("source_acc", "source"), ("target_acc", "target")] {
-                    if let Some(x) = v[k].as_f64() {
-                        acc.entry(format!("{m} {tag}")).or_default().push((step, x));
+            Record::Eval(e) => {
+                let step = e.step as f64;
+                for (x, tag) in [(e.source_acc, "source"), (e.target_acc, "target")] {
+                    if x.is_finite() {
+                        let key = format!("{} {tag}", e.model);
+                        acc.entry(key).or_default().push((step, x));
                     }
                 }
             }

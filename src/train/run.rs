@@ -7,15 +7,15 @@ use crate::config::{Config, OnNonFinite, Resume};
 use crate::data::dataset::Pool;
 use crate::data::loader::{self, BatchOrder};
 use crate::data::{Benchmark, Loader};
-use crate::metrics::MetricsLog;
+use crate::metrics::{
+    self, Best, DataParallel, EvalRecord, EvalReport, MetricsLog, Record, Summary,
+};
 use crate::model::{self, io, NetState, Network};
 use crate::rng::Rng;
-use crate::train::eval::{evaluate, EvalReport};
+use crate::train::eval::evaluate;
 use crate::train::step::{nonfinite, Batch, StepStats};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -122,15 +122,6 @@ fn fnv1a(t: &Tensor) -> Result<u64> {
     Ok(h)
 }
 
-/// The content of `summary.json`.
-#[derive(Default)]
-pub struct Summary {
-    /// Final evaluation per exported network (`model`, `composite`, `pm`, `am`).
-    pub eval: BTreeMap<String, EvalReport>,
-    /// Other fields (timings, memory, partition summary, ...).
-    pub extra: serde_json::Map<String, Value>,
-}
-
 impl RunContext {
     /// Creates the run directory, writes the resolved config, opens data and model. On
     /// ranks other than 0 of a data-parallel run, outputs go to a private scratch
@@ -181,7 +172,7 @@ impl RunContext {
         let mut metrics = MetricsLog::create(&dir.join("metrics.jsonl"), resume.is_some())?;
         if let Some(ck) = &resume {
             println!("resuming from {} (step {})", ck.dir.display(), ck.step);
-            metrics.write(json!({"kind": "resume", "step": ck.step}))?;
+            metrics.write(&Record::Resume { step: ck.step })?;
         }
         let pool = bench.source_pool();
         let (train_indices, val) = hold_out(&bench, &cfg);
@@ -242,8 +233,11 @@ impl RunContext {
             let Some(acc) = self.validate(params, buffers)? else {
                 return Ok(());
             };
-            self.metrics
-                .write(json!({"kind": "val", "step": step, "model": name, "val_acc": acc}))?;
+            self.metrics.write(&Record::Val {
+                step,
+                model: name.to_string(),
+                val_acc: acc,
+            })?;
             if self.best.as_ref().is_none_or(|b| acc > b.0) {
                 let net = self.net.as_ref();
                 let named: Vec<(String, Tensor)> = net
@@ -260,10 +254,11 @@ impl RunContext {
                     .collect();
                 io::save_tensors(&named, &self.dir.join("best.safetensors"))?;
                 self.best = Some((acc, step, name.to_string()));
-                self.summary.extra.insert(
-                    "best".into(),
-                    json!({"step": step, "model": name, "val_acc": acc}),
-                );
+                self.summary.best = Some(Best {
+                    step,
+                    model: name.to_string(),
+                    val_acc: acc,
+                });
             }
         }
         Ok(())
@@ -291,9 +286,7 @@ impl RunContext {
             )
         };
         if let Some(world) = agree_with_rank_0(&mine, what)? {
-            self.summary
-                .extra
-                .insert("partition_agreed_ranks".into(), json!(world));
+            self.summary.partition_agreed_ranks = Some(world);
         }
         Ok(())
     }
@@ -319,9 +312,7 @@ impl RunContext {
         }
         let what = |i: usize, _: f64, _: f64| format!("the final network ({})", names[i / 2]);
         if let Some(world) = agree_with_rank_0(&mine, what)? {
-            self.summary
-                .extra
-                .insert("replicas_agreed_ranks".into(), json!(world));
+            self.summary.replicas_agreed_ranks = Some(world);
         }
         Ok(())
     }
@@ -333,20 +324,24 @@ impl RunContext {
         partition: &crate::ldt::partition::Partition,
         single_phases: Option<(usize, usize)>,
     ) -> Result<()> {
-        let (lags, warnings) = crate::ldt::lag::report(&self.cfg, partition, single_phases);
-        for l in &lags {
+        let report = crate::ldt::lag::report(&self.cfg, partition, single_phases);
+        for l in &report.sets {
             println!(
                 "EMA half-life of the {} set ({} layers): {:.0}..{:.0} steps of {} planned",
-                l.set, l.layers, l.min_half_life, l.max_half_life, l.planned_steps
+                l.set.name(),
+                l.layers,
+                l.min_half_life,
+                l.max_half_life,
+                l.planned_steps
             );
         }
-        for w in &warnings {
+        for w in &report.warnings {
             eprintln!("{w}");
         }
-        let v = json!({"sets": lags, "warnings": warnings});
-        self.metrics
-            .write(json!({"kind": "lag", "report": v.clone()}))?;
-        self.summary.extra.insert("lag".into(), v);
+        self.metrics.write(&Record::Lag {
+            report: report.clone(),
+        })?;
+        self.summary.lag = Some(report);
         Ok(())
     }
 
@@ -436,8 +431,10 @@ impl RunContext {
             checkpoint::step_dir(&self.run_dir, step)
         };
         group.barrier()?;
-        self.metrics
-            .write(json!({"kind": "checkpoint", "step": step, "dir": dir.display().to_string()}))?;
+        self.metrics.write(&Record::Checkpoint {
+            step,
+            dir: dir.display().to_string(),
+        })?;
         if crate::dist::any(self.stop_requested())? {
             return Err(Interrupted { step, dir }.into());
         }
@@ -466,9 +463,12 @@ impl RunContext {
                 "step {step} ({branch}): {what}; lower the learning rate, check the data, or set train.on_nonfinite = \"skip\""
             ),
             OnNonFinite::Skip => {
-                let n = self.summary.extra.get("skipped_steps").and_then(Value::as_u64).unwrap_or(0) + 1;
-                self.summary.extra.insert("skipped_steps".into(), json!(n));
-                self.metrics.write(json!({"kind": "skip", "step": step, "branch": branch, "reason": what}))?;
+                *self.summary.skipped_steps.get_or_insert(0) += 1;
+                self.metrics.write(&Record::Skip {
+                    step,
+                    branch: branch.to_string(),
+                    reason: what.clone(),
+                })?;
                 eprintln!("warning: skipped step {step} ({branch}): {what}");
                 Ok(false)
             }
@@ -525,47 +525,28 @@ impl RunContext {
 
     /// Logs an evaluation record (`kind: eval`) for network `name` at `step`.
     pub fn log_eval(&mut self, step: usize, name: &str, r: &EvalReport) -> Result<()> {
-        let domains: serde_json::Map<String, Value> = r
-            .domains
-            .iter()
-            .map(|d| {
-                (
-                    d.name.clone(),
-                    json!({"acc": d.acc, "loss": d.loss, "role": d.role}),
-                )
-            })
-            .collect();
-        self.metrics.write(json!({
-            "kind": "eval", "step": step, "model": name,
-            "source_acc": r.source_acc, "target_acc": r.target_acc, "domains": domains,
-        }))
+        self.metrics
+            .write(&Record::Eval(EvalRecord::of(step, name, r)))
     }
 
     /// Records the training stage's memory report, seconds and ms per step (over the
     /// `steps_run` steps this process ran) in `summary.json`.
-    pub fn record_training(
-        &mut self,
-        mem: &crate::train::memory::MemoryReport,
-        secs: f64,
-        steps_run: usize,
-    ) -> Result<()> {
-        let x = &mut self.summary.extra;
-        x.insert("memory".into(), serde_json::to_value(mem)?);
-        x.insert("train_seconds".into(), json!(secs));
-        x.insert(
-            "ms_per_step".into(),
-            json!(1e3 * secs / steps_run.max(1) as f64),
-        );
+    pub fn record_training(&mut self, mem: &metrics::MemoryReport, secs: f64, steps_run: usize) {
+        let per_step = |s: f64| 1e3 * s / steps_run.max(1) as f64;
+        let x = &mut self.summary;
+        x.memory = Some(*mem);
+        x.train_seconds = Some(secs);
+        x.ms_per_step = Some(per_step(secs));
         let group = crate::dist::group();
         if !group.is_local() {
             let c = crate::dist::collective_secs();
-            x.insert(
-                "data_parallel".into(),
-                json!({"engine": group.name(), "world": group.world(),
-                    "collective_seconds": c, "collective_ms_per_step": 1e3 * c / steps_run.max(1) as f64}),
-            );
+            x.data_parallel = Some(DataParallel {
+                engine: group.name().to_string(),
+                world: group.world(),
+                collective_seconds: c,
+                collective_ms_per_step: per_step(c),
+            });
         }
-        Ok(())
     }
 
     /// Seconds since the run started.
@@ -575,21 +556,12 @@ impl RunContext {
 
     /// Writes `summary.json`.
     pub fn write_summary(&mut self) -> Result<()> {
-        let mut m = self.summary.extra.clone();
-        m.insert("method".into(), json!(self.cfg.train.method.name()));
-        m.insert("arch".into(), json!(self.net.arch()));
-        m.insert("parameters".into(), json!(self.net.numel()));
-        m.insert("seconds".into(), json!(self.elapsed()));
-        m.insert(
-            "peak_rss_bytes".into(),
-            json!(crate::metrics::peak_rss_bytes()),
-        );
-        m.insert("eval".into(), serde_json::to_value(&self.summary.eval)?);
-        let text = serde_json::to_string_pretty(&Value::Object(m))?;
-        let tmp = self.dir.join("summary.json.tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, self.dir.join("summary.json"))?;
-        Ok(())
+        self.summary.method = self.cfg.train.method.name().to_string();
+        self.summary.arch = self.net.arch().to_string();
+        self.summary.parameters = self.net.numel();
+        self.summary.seconds = self.elapsed();
+        self.summary.peak_rss_bytes = crate::metrics::peak_rss_bytes();
+        self.summary.write(&self.dir.join("summary.json"))
     }
 }
 

@@ -12,13 +12,12 @@ use crate::data::loader::{read_batches, read_ragged, BatchOrder};
 use crate::data::Loader;
 use crate::ldt::partition::{Partition, Ranking};
 use crate::ldt::stats::{LayerAccumulator, LayerStats};
-use crate::metrics::Progress;
+use crate::metrics::{PartitionSummary, Progress, Record, TrainRecord};
 use crate::model::{Mode, NetState};
 use crate::optim::{OptimSettings, Optimizer};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
-use serde_json::json;
 
 /// D1 (warm-up) and D2 (statistics): a seeded split of the source training examples.
 fn split(ctx: &RunContext) -> (Vec<usize>, Vec<usize>) {
@@ -81,10 +80,14 @@ pub fn fit_layers(
             apply(&mut opt, state, &grads, &lrs)?;
         }
         meter.add(&stats);
-        ctx.metrics.write(
-            json!({"kind": "train", "stage": stage, "step": step, "loss": stats.loss,
-            "acc": stats.correct as f64 / stats.n as f64, "lr": lr}),
-        )?;
+        ctx.metrics.write(&Record::Train(TrainRecord {
+            stage: stage.to_string(),
+            step,
+            loss: Some(stats.loss),
+            acc: Some(stats.correct as f64 / stats.n as f64),
+            lr: Some(lr),
+            ..TrainRecord::default()
+        }))?;
         if step % ctx.cfg.train.log_every == 0 || step == steps {
             let (msg, _) = meter.take();
             progress.update(step, &msg);
@@ -177,8 +180,10 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
             .collect::<Result<_>>()?;
         acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
         progress.update(b, &format!("loss {:.4}", st.loss));
-        ctx.metrics
-            .write(json!({"kind": "stats", "step": b, "loss": st.loss}))?;
+        ctx.metrics.write(&Record::Stats {
+            step: b,
+            loss: st.loss,
+        })?;
     }
     progress.finish();
     Ok(acc.iter().map(|a| a.finish()).collect())
@@ -232,10 +237,11 @@ pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
         )?
     };
     partition.save(&ctx.dir.join("partition.json"))?;
-    ctx.summary.extra.insert(
-        "partition".into(),
-        json!({"criterion": partition.criterion, "stable": partition.stable, "unstable": partition.unstable}),
-    );
+    ctx.summary.partition = Some(PartitionSummary {
+        criterion: partition.criterion,
+        stable: partition.stable.clone(),
+        unstable: partition.unstable.clone(),
+    });
     Ok(partition)
 }
 

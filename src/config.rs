@@ -658,6 +658,264 @@ pub struct SnapshotConfig {
     pub at_steps: Vec<usize>,
 }
 
+/// `Err` naming `key` with `msg` unless `ok`.
+fn check(ok: bool, key: &str, msg: &str) -> Result<()> {
+    if !ok {
+        bail!("config key `{key}`: {msg}");
+    }
+    Ok(())
+}
+
+impl TrainConfig {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(self.steps >= 1, "train.steps", "must be at least 1")?;
+        check(
+            self.batch_size >= 1,
+            "train.batch_size",
+            "must be at least 1",
+        )?;
+        check(
+            (1..=self.batch_size).contains(&self.accumulate),
+            "train.accumulate",
+            &format!(
+                "must be between 1 and train.batch_size ({}): each step's batch is split into that many micro-batches",
+                self.batch_size
+            ),
+        )?;
+        check(self.log_every >= 1, "train.log_every", "must be at least 1")?;
+        Ok(())
+    }
+}
+
+impl OptimConfig {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "optim.lr",
+            "must be a positive number",
+        )?;
+        for (i, b) in self.betas.iter().enumerate() {
+            check(
+                (0.0..1.0).contains(b),
+                &format!("optim.betas[{i}]"),
+                "must be in [0, 1)",
+            )?;
+        }
+        check(
+            self.eps > 0.0 && self.eps.is_finite(),
+            "optim.eps",
+            "must be a positive number",
+        )?;
+        check(
+            self.weight_decay >= 0.0 && self.weight_decay.is_finite(),
+            "optim.weight_decay",
+            "must be a finite number >= 0",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.momentum),
+            "optim.momentum",
+            "must be in [0, 1)",
+        )?;
+        for (i, g) in self.groups.iter().enumerate() {
+            check(
+                g.lr > 0.0 && g.lr.is_finite(),
+                &format!("optim.groups[{i}].lr (prefix `{}`)", g.prefix),
+                "must be a positive number",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Stage1Config {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(
+            self.warmup_lr > 0.0 && self.warmup_lr.is_finite(),
+            "stage1.warmup_lr",
+            "must be a positive number",
+        )?;
+        for (i, b) in self.warmup_betas.iter().enumerate() {
+            check(
+                (0.0..1.0).contains(b),
+                &format!("stage1.warmup_betas[{i}]"),
+                "must be in [0, 1)",
+            )?;
+        }
+        check(
+            self.split_fraction > 0.0 && self.split_fraction < 1.0,
+            "stage1.split_fraction",
+            "must be in (0, 1): both D1 (warm-up) and D2 (statistics) need data",
+        )?;
+        check(
+            self.stat_batches >= 2,
+            "stage1.stat_batches",
+            "must be at least 2: a variance needs two batches",
+        )?;
+        check(
+            self.stat_batch_size >= 1,
+            "stage1.stat_batch_size",
+            "must be at least 1",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.unstable_ratio),
+            "stage1.unstable_ratio",
+            "must be in [0, 1]",
+        )?;
+        Ok(())
+    }
+}
+
+impl LdtConfig {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(self.ema_every >= 1, "ldt.ema_every", "must be at least 1")?;
+        for (k, v) in [
+            ("ldt.fixed_w", self.fixed_w),
+            ("ldt.stable_base", self.stable_base),
+            ("ldt.unstable_base", self.unstable_base),
+            (
+                "ldt.stable_base + ldt.stable_slope",
+                self.stable_base + self.stable_slope,
+            ),
+            (
+                "ldt.unstable_base + ldt.unstable_slope",
+                self.unstable_base + self.unstable_slope,
+            ),
+        ] {
+            check(
+                (0.0..=1.0).contains(&v),
+                k,
+                "EMA coefficients must lie in [0, 1]",
+            )?;
+        }
+        check(
+            self.dpu_warmup_gamma > 0.0,
+            "ldt.dpu_warmup_gamma",
+            "must be positive",
+        )?;
+        check(
+            self.dpu_warmup_power > 0.0,
+            "ldt.dpu_warmup_power",
+            "must be positive",
+        )?;
+        Ok(())
+    }
+}
+
+impl LdtSConfig {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(self.p_steps >= 1, "ldt_s.p_steps", "must be at least 1")?;
+        check(self.a_steps >= 1, "ldt_s.a_steps", "must be at least 1")?;
+        Ok(())
+    }
+}
+
+impl OffloadSettings {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(self.threads >= 1, "offload.threads", "must be at least 1")?;
+        check(
+            self.threads <= MAX_THREADS,
+            "offload.threads",
+            &format!("must be at most {MAX_THREADS}"),
+        )?;
+        Ok(())
+    }
+}
+
+impl EvalConfig {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(
+            self.batch_size >= 1,
+            "eval.batch_size",
+            "must be at least 1",
+        )?;
+        Ok(())
+    }
+}
+
+impl DataConfig {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(
+            (1..=MAX_PREFETCH).contains(&self.prefetch),
+            "data.prefetch",
+            &format!("must be in 1..={MAX_PREFETCH} (batches held in memory ahead)"),
+        )?;
+        check(
+            (0.0..0.9).contains(&self.val_fraction),
+            "data.val_fraction",
+            "must be in [0, 0.9)",
+        )?;
+        check(
+            self.val_fraction == 0.0 || self.schedule.is_none(),
+            "data.val_fraction",
+            "cannot hold out examples when `data.schedule` fixes the batches; set it to 0",
+        )?;
+        Ok(())
+    }
+}
+
+impl CheckpointConfig {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(
+            self.keep_last >= 1,
+            "checkpoint.keep_last",
+            "must be at least 1",
+        )?;
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// The `[model]` checks that do not need the data: a known architecture and
+    /// positive widths (the same rules `model::build` applies, caught before any run
+    /// directory is created).
+    fn validate(&self) -> Result<()> {
+        let m = self;
+        match m.arch.as_str() {
+            "mlp" => {
+                if m.hidden.is_empty() {
+                    bail!(
+                        "config key `model.hidden`: the mlp needs at least one hidden width \
+                         (an empty list would silently train a linear model), e.g. [128, 64]"
+                    );
+                }
+                if m.hidden.contains(&0) {
+                    bail!(
+                        "config key `model.hidden`: widths must be positive, got {:?}",
+                        m.hidden
+                    );
+                }
+            }
+            "cnn" | "cnn_bn" => {
+                if m.channels.is_empty() || m.channels.contains(&0) {
+                    bail!(
+                        "config key `model.channels`: need at least one positive channel \
+                         count, got {:?}",
+                        m.channels
+                    );
+                }
+                if m.fc_hidden == 0 {
+                    bail!("config key `model.fc_hidden`: must be at least 1");
+                }
+            }
+            other if ARCHS.contains(&other) => {}
+            other => bail!(
+                "config key `model.arch`: unknown architecture `{other}`; allowed: {}",
+                ARCHS.join(", ")
+            ),
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare
     /// string), validates, and resolves relative paths against the working directory.
@@ -695,171 +953,24 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Range checks that types alone cannot express.
+    /// Range checks that types alone cannot express: each section checks itself, then
+    /// the checks that span sections. Every error names the key and what is allowed.
     pub fn validate(&self) -> Result<()> {
-        fn check(ok: bool, key: &str, msg: &str) -> Result<()> {
-            if !ok {
-                bail!("config key `{key}`: {msg}");
-            }
-            Ok(())
-        }
         let c = self;
-        check(c.train.steps >= 1, "train.steps", "must be at least 1")?;
-        check(
-            c.train.batch_size >= 1,
-            "train.batch_size",
-            "must be at least 1",
-        )?;
-        check(
-            (1..=c.train.batch_size).contains(&c.train.accumulate),
-            "train.accumulate",
-            &format!(
-                "must be between 1 and train.batch_size ({}): each step's batch is split into that many micro-batches",
-                c.train.batch_size
-            ),
-        )?;
-        check(
-            c.train.log_every >= 1,
-            "train.log_every",
-            "must be at least 1",
-        )?;
-        check(
-            c.optim.lr > 0.0 && c.optim.lr.is_finite(),
-            "optim.lr",
-            "must be a positive number",
-        )?;
-        for (i, b) in c.optim.betas.iter().enumerate() {
-            check(
-                (0.0..1.0).contains(b),
-                &format!("optim.betas[{i}]"),
-                "must be in [0, 1)",
-            )?;
-        }
-        check(
-            c.optim.eps > 0.0 && c.optim.eps.is_finite(),
-            "optim.eps",
-            "must be a positive number",
-        )?;
-        check(
-            c.optim.weight_decay >= 0.0 && c.optim.weight_decay.is_finite(),
-            "optim.weight_decay",
-            "must be a finite number >= 0",
-        )?;
-        check(
-            (0.0..1.0).contains(&c.optim.momentum),
-            "optim.momentum",
-            "must be in [0, 1)",
-        )?;
-        for (i, g) in c.optim.groups.iter().enumerate() {
-            check(
-                g.lr > 0.0 && g.lr.is_finite(),
-                &format!("optim.groups[{i}].lr (prefix `{}`)", g.prefix),
-                "must be a positive number",
-            )?;
-        }
-        check(
-            c.stage1.warmup_lr > 0.0 && c.stage1.warmup_lr.is_finite(),
-            "stage1.warmup_lr",
-            "must be a positive number",
-        )?;
-        for (i, b) in c.stage1.warmup_betas.iter().enumerate() {
-            check(
-                (0.0..1.0).contains(b),
-                &format!("stage1.warmup_betas[{i}]"),
-                "must be in [0, 1)",
-            )?;
-        }
-        check(
-            c.stage1.split_fraction > 0.0 && c.stage1.split_fraction < 1.0,
-            "stage1.split_fraction",
-            "must be in (0, 1): both D1 (warm-up) and D2 (statistics) need data",
-        )?;
-        check(
-            c.stage1.stat_batches >= 2,
-            "stage1.stat_batches",
-            "must be at least 2: a variance needs two batches",
-        )?;
-        check(
-            c.stage1.stat_batch_size >= 1,
-            "stage1.stat_batch_size",
-            "must be at least 1",
-        )?;
-        check(
-            (0.0..=1.0).contains(&c.stage1.unstable_ratio),
-            "stage1.unstable_ratio",
-            "must be in [0, 1]",
-        )?;
-        check(c.ldt.ema_every >= 1, "ldt.ema_every", "must be at least 1")?;
-        for (k, v) in [
-            ("ldt.fixed_w", c.ldt.fixed_w),
-            ("ldt.stable_base", c.ldt.stable_base),
-            ("ldt.unstable_base", c.ldt.unstable_base),
-            (
-                "ldt.stable_base + ldt.stable_slope",
-                c.ldt.stable_base + c.ldt.stable_slope,
-            ),
-            (
-                "ldt.unstable_base + ldt.unstable_slope",
-                c.ldt.unstable_base + c.ldt.unstable_slope,
-            ),
-        ] {
-            check(
-                (0.0..=1.0).contains(&v),
-                k,
-                "EMA coefficients must lie in [0, 1]",
-            )?;
-        }
-        check(
-            c.ldt.dpu_warmup_gamma > 0.0,
-            "ldt.dpu_warmup_gamma",
-            "must be positive",
-        )?;
-        check(
-            c.ldt.dpu_warmup_power > 0.0,
-            "ldt.dpu_warmup_power",
-            "must be positive",
-        )?;
-        check(c.ldt_s.p_steps >= 1, "ldt_s.p_steps", "must be at least 1")?;
-        check(c.ldt_s.a_steps >= 1, "ldt_s.a_steps", "must be at least 1")?;
-        check(
-            c.offload.threads >= 1,
-            "offload.threads",
-            "must be at least 1",
-        )?;
-        check(
-            c.eval.batch_size >= 1,
-            "eval.batch_size",
-            "must be at least 1",
-        )?;
-        check(
-            (1..=MAX_PREFETCH).contains(&c.data.prefetch),
-            "data.prefetch",
-            &format!("must be in 1..={MAX_PREFETCH} (batches held in memory ahead)"),
-        )?;
+        c.train.validate()?;
+        c.optim.validate()?;
+        c.stage1.validate()?;
+        c.ldt.validate()?;
+        c.ldt_s.validate()?;
+        c.offload.validate()?;
+        c.eval.validate()?;
+        c.data.validate()?;
+        c.checkpoint.validate()?;
+        c.model.validate()?;
         check(
             c.threads <= MAX_THREADS,
             "threads",
             &format!("must be at most {MAX_THREADS} (0 = all cores)"),
-        )?;
-        check(
-            c.offload.threads <= MAX_THREADS,
-            "offload.threads",
-            &format!("must be at most {MAX_THREADS}"),
-        )?;
-        check(
-            (0.0..0.9).contains(&c.data.val_fraction),
-            "data.val_fraction",
-            "must be in [0, 0.9)",
-        )?;
-        check(
-            c.data.val_fraction == 0.0 || c.data.schedule.is_none(),
-            "data.val_fraction",
-            "cannot hold out examples when `data.schedule` fixes the batches; set it to 0",
-        )?;
-        check(
-            c.checkpoint.keep_last >= 1,
-            "checkpoint.keep_last",
-            "must be at least 1",
         )?;
         let device = DeviceSpec::parse(&c.device);
         check(
@@ -872,7 +983,6 @@ impl Config {
             "offload.ema",
             "`device` and `mapped` fold with a GPU kernel: they need `device = \"cuda:N\"` (use `host` on the CPU)",
         )?;
-        self.validate_model()?;
         if let Some(s) = c
             .snapshots
             .at_steps
@@ -896,47 +1006,6 @@ impl Config {
                 c.ldt_s.p_steps, c.ldt_s.a_steps
             ),
         )?;
-        Ok(())
-    }
-
-    /// The `[model]` checks that do not need the data: a known architecture and
-    /// positive widths (the same rules `model::build` applies, caught before any run
-    /// directory is created).
-    fn validate_model(&self) -> Result<()> {
-        let m = &self.model;
-        match m.arch.as_str() {
-            "mlp" => {
-                if m.hidden.is_empty() {
-                    bail!(
-                        "config key `model.hidden`: the mlp needs at least one hidden width \
-                         (an empty list would silently train a linear model), e.g. [128, 64]"
-                    );
-                }
-                if m.hidden.contains(&0) {
-                    bail!(
-                        "config key `model.hidden`: widths must be positive, got {:?}",
-                        m.hidden
-                    );
-                }
-            }
-            "cnn" | "cnn_bn" => {
-                if m.channels.is_empty() || m.channels.contains(&0) {
-                    bail!(
-                        "config key `model.channels`: need at least one positive channel \
-                         count, got {:?}",
-                        m.channels
-                    );
-                }
-                if m.fc_hidden == 0 {
-                    bail!("config key `model.fc_hidden`: must be at least 1");
-                }
-            }
-            other if ARCHS.contains(&other) => {}
-            other => bail!(
-                "config key `model.arch`: unknown architecture `{other}`; allowed: {}",
-                ARCHS.join(", ")
-            ),
-        }
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use crate::data::HostBatch;
 use crate::ldt::dpu;
 use crate::ldt::partition::{Partition, Phase};
 use crate::metrics::MemoryReport;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::json;
 use std::collections::VecDeque;
 
@@ -163,11 +163,8 @@ pub struct Replay {
 impl Replay {
     /// Stage 1 (or the checkpoint) and the counterpart store.
     pub fn start(ctx: &mut RunContext, resume: Option<&Checkpoint>) -> Result<Self> {
-        let s = &ctx.cfg.ldt_s;
-        if s.p_steps != s.a_steps {
-            bail!("config key `ldt_s.repeat_batch`: phase A replays phase P's batches, so `ldt_s.p_steps` must equal `ldt_s.a_steps`");
-        }
-        let p_len = s.p_steps;
+        // Config validation made p_steps equal a_steps.
+        let p_len = ctx.cfg.ldt_s.p_steps;
         Ok(Replay {
             core: Core::start(ctx, resume, None)?,
             p_len,

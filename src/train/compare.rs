@@ -13,7 +13,7 @@
 //! written to `compare_runs.csv`.
 
 use super::{run_method, RunContext};
-use crate::config::{Config, Criterion, DpuWarmup, Method};
+use crate::config::{Config, DpuWarmup, Method};
 use crate::metrics::Record;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -85,9 +85,6 @@ impl Variant {
         let mut cfg = base.clone();
         cfg.train.method = self.method;
         cfg.seed = seed;
-        if self.method == Method::Deft {
-            cfg.stage1.criterion = Criterion::Names;
-        }
         if let Some(w) = self.dpu_warmup {
             cfg.ldt.dpu_warmup = w;
         }

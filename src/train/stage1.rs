@@ -7,7 +7,7 @@ use super::run::streams;
 use super::step::{apply, gradients, GradPlan};
 use super::RunContext;
 use crate::checkpoint::Checkpoint;
-use crate::config::{Criterion, WarmupLayers};
+use crate::config::{Criterion, Method, WarmupLayers};
 use crate::data::loader::{read_batches, read_ragged, BatchOrder};
 use crate::data::Loader;
 use crate::ldt::partition::{Partition, Ranking};
@@ -198,7 +198,9 @@ pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
     let net = ctx.net.as_ref();
     let partition = if let Some(p) = &c.partition {
         Partition::load(p, net)?
-    } else if c.criterion == Criterion::Names {
+    } else if c.criterion == Criterion::Names || ctx.cfg.train.method == Method::Deft {
+        // DEFT's sets are the backbone (stable) and the head (unstable), whatever
+        // `stage1.criterion` says.
         Partition::by_names(net, &c.stable_names, &c.unstable_names, &ldt)?
     } else if c.criterion == Criterion::Random {
         let mut r = Rng::new(ctx.cfg.seed, streams::CRITERION);

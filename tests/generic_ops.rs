@@ -16,7 +16,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use ldt::config::OptimName;
-use ldt::model::{layers, Mode, NetState};
+use ldt::model::{dispatch, layers, Mode, NetState};
 use ldt::optim::{OptimSettings, Optimizer};
 use ldt::rng::Rng;
 use ldt::verify;
@@ -346,7 +346,7 @@ fn whole_network(arch: &str, set: &[&str], input: [usize; 3], factor: f64, direc
     let x64 = x.to_dtype(DType::F64).unwrap();
     let reference = network_pass(net.as_ref(), &to_f64(&state), &x64, &y);
     let custom = network_pass(net.as_ref(), &state, &x, &y);
-    let generic = layers::with_generic_ops(|| network_pass(net.as_ref(), &state, &x, &y));
+    let generic = dispatch::with_generic_ops(|| network_pass(net.as_ref(), &state, &x, &y));
     let worst = |(l, s, g): &(Tensor, Tensor, Vec<Tensor>)| {
         let grad = g
             .iter()

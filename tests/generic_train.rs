@@ -1,7 +1,7 @@
 //! Whole training runs with every device-dependent choice on its device-generic path.
 //!
 //! On a GPU the layer functions, the optimizer update and the resident dual branch's DPU
-//! fold take the paths written in candle tensor ops (`model::layers::generic_path`). Here
+//! fold take the paths written in candle tensor ops (`model::dispatch::generic_path`). Here
 //! each run of a short `cnn` job (stage 1 with warm-up and statistics, partition, 20
 //! training steps with every step's gradients clipped, DPU folds every 2 steps, an
 //! evaluation with model selection at step 10 and at the end, checkpoints, exports, the
@@ -37,7 +37,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use ldt::config::OptimName;
-use ldt::model::layers::with_generic_ops;
+use ldt::model::dispatch::with_generic_ops;
 use ldt::offload::backend::fold_live;
 use ldt::optim::{OptimSettings, Optimizer};
 use serde_json::Value;

@@ -5,8 +5,9 @@
 //! backward is the matching col2im scatter, and both the forward and the two backward
 //! products are single large matrix multiplications (gemm) that candle differentiates.
 
+use super::dispatch::{flat_values, generic_path, Float, HostKernel, HostOp};
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use candle_core::{Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Geometry of one convolution.
@@ -78,7 +79,7 @@ impl Geometry {
         out
     }
 
-    fn col2im<T: WithDType + std::ops::AddAssign>(&self, g: &[T], n: usize) -> Vec<T> {
+    fn col2im<T: WithDType>(&self, g: &[T], n: usize) -> Vec<T> {
         let (rl, img) = (self.row_len(), self.c * self.h * self.w);
         let mut out = vec![T::zero(); n * img];
         out.par_chunks_mut(img).enumerate().for_each(|(b, o)| {
@@ -102,53 +103,37 @@ struct Im2col {
     pad: usize,
 }
 
-impl CustomOp1 for Im2col {
-    fn name(&self) -> &'static str {
-        "ldt-im2col"
+impl Im2col {
+    /// The geometry of this extraction on an input of shape `[N, C, H, W]`, and `N`.
+    fn geometry(&self, x: &Shape) -> candle_core::Result<(Geometry, usize)> {
+        let (n, c, h, w) = x.dims4()?;
+        Ok((Geometry::new(c, h, w, self.k, self.stride, self.pad), n))
+    }
+}
+
+impl HostKernel<1> for Im2col {
+    const NAME: &'static str = "ldt-im2col";
+
+    fn shape(&self, x: &Shape) -> candle_core::Result<Shape> {
+        let (g, n) = self.geometry(x)?;
+        Ok(Shape::from((n * g.oh * g.ow, g.row_len())))
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = l.shape().dims4()?;
-        let g = Geometry::new(c, h, w, self.k, self.stride, self.pad);
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("im2col expects a contiguous input")
-        };
-        let shape = Shape::from((n * g.oh * g.ow, g.row_len()));
-        Ok(match s {
-            CpuStorage::F32(v) => (CpuStorage::F32(g.im2col(&v[a..b], n)), shape),
-            CpuStorage::F64(v) => (CpuStorage::F64(g.im2col(&v[a..b], n)), shape),
-            CpuStorage::BF16(v) => (CpuStorage::BF16(g.im2col(&v[a..b], n)), shape),
-            _ => candle_core::bail!("im2col supports f32, f64 and bf16"),
-        })
+    fn fwd<T: Float>(&self, [x]: [&[T]; 1], shape: &Shape) -> candle_core::Result<Vec<T>> {
+        let (g, n) = self.geometry(shape)?;
+        Ok(g.im2col(x, n))
     }
 
-    fn bwd(
+    /// Patches overlap-add in `T::Sum` (f32 for bf16) and are rounded once.
+    fn bwd<T: Float>(
         &self,
-        arg: &Tensor,
+        [arg]: [&Tensor; 1],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let (n, c, h, w) = arg.dims4()?;
-        let g = Geometry::new(c, h, w, self.k, self.stride, self.pad);
-        let grad = grad.contiguous()?.flatten_all()?;
-        let out = match arg.dtype() {
-            candle_core::DType::F64 => Tensor::from_vec(
-                g.col2im(&grad.to_vec1::<f64>()?, n),
-                arg.shape(),
-                arg.device(),
-            )?,
-            // bf16 patches overlap-add in f32 and are rounded once.
-            dt => Tensor::from_vec(
-                g.col2im(
-                    &grad.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
-                    n,
-                ),
-                arg.shape(),
-                arg.device(),
-            )?
-            .to_dtype(dt)?,
-        };
-        Ok(Some(out))
+    ) -> candle_core::Result<[Tensor; 1]> {
+        let (g, n) = self.geometry(arg.shape())?;
+        let gx = g.col2im(&flat_values::<T::Sum>(grad)?, n);
+        Ok([Tensor::from_vec(gx, arg.shape(), arg.device())?.to_dtype(T::DTYPE)?])
     }
 }
 
@@ -160,17 +145,17 @@ pub fn conv2d(
     stride: usize,
     pad: usize,
 ) -> Result<Tensor> {
-    if super::layers::generic_path(x) {
+    if generic_path(x) {
         return conv2d_generic(x, w, b, stride, pad);
     }
     let (n, c, h, wd) = x.dims4()?;
     let (o, _, kh, kw) = w.dims4()?;
     let g = Geometry::new(c, h, wd, (kh, kw), stride, pad);
-    let cols = x.contiguous()?.apply_op1(Im2col {
+    let cols = x.contiguous()?.apply_op1(HostOp(Im2col {
         k: (kh, kw),
         stride,
         pad,
-    })?;
+    }))?;
     let mut y = cols.matmul(&w.reshape((o, c * kh * kw))?.t()?)?;
     if let Some(b) = b {
         y = y.broadcast_add(b)?;
@@ -212,4 +197,32 @@ pub fn conv2d_generic(
         Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1))?)?,
         None => y,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{CustomOp1, DType, Device};
+
+    /// The patch extraction refuses an f16 tensor by name, forward (through `conv2d`)
+    /// and backward (called directly); the backward used to compute it in f32.
+    #[test]
+    fn im2col_refuses_other_dtypes_by_name() {
+        let f16 = |shape: &[usize]| Tensor::ones(shape, DType::F16, &Device::Cpu).unwrap();
+        let (x, w, cols) = (f16(&[1, 2, 4, 4]), f16(&[3, 2, 3, 3]), f16(&[16, 18]));
+        let fwd = conv2d(&x, &w, None, 1, 1).map(|_| ());
+        let op = HostOp(Im2col {
+            k: (3, 3),
+            stride: 1,
+            pad: 1,
+        });
+        let bwd = op.bwd(&x, &cols, &cols).map(|_| ());
+        for (what, r) in [
+            ("forward", fwd.map_err(|e| e.to_string())),
+            ("backward", bwd.map_err(|e| e.to_string())),
+        ] {
+            let e = r.expect_err(what);
+            assert!(e.contains("ldt-im2col") && e.contains("F16"), "{what}: {e}");
+        }
+    }
 }

@@ -3,11 +3,9 @@
 //! candle-nn's fused norms and softmax record no backward and its max-pool backward needs
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
+use super::dispatch::{flat_values, generic_path, Float, HostKernel, HostOp};
 use anyhow::Result;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
-};
-use half::bf16;
+use candle_core::{DType, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -33,37 +31,13 @@ pub fn conv2d(
 #[doc(hidden)]
 pub use super::conv::conv2d_generic;
 
-thread_local! {
-    /// Set inside [`with_generic_ops`].
-    static FORCE_GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with every device-dependent choice of `generic_path` (the layer functions,
-/// the optimizer update, the DPU fold between live tensors) taking its device-generic
-/// path on the CPU too, on this thread, so tests can compare whole networks and whole
-/// training runs across the two paths. Work on other threads is not forced.
-#[doc(hidden)]
-pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
-    let prev = FORCE_GENERIC.with(|c| c.replace(true));
-    let r = f();
-    FORCE_GENERIC.with(|c| c.set(prev));
-    r
-}
-
-/// The one switch between host kernels and device-generic candle ops, for the layer
-/// functions, the optimizer and the DPU fold: the generic path for tensors off the CPU,
-/// or inside [`with_generic_ops`].
-pub(crate) fn generic_path(t: &Tensor) -> bool {
-    !t.device().is_cpu() || FORCE_GENERIC.with(|c| c.get())
-}
-
 /// Rectified linear unit with PyTorch's gradient: zero where the input is <= 0
 /// (candle's relu passes the gradient at exactly 0).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     if generic_path(x) {
         return relu_generic(x);
     }
-    Ok(x.contiguous()?.apply_op1(Relu)?)
+    Ok(x.contiguous()?.apply_op1(HostOp(Relu))?)
 }
 
 /// [`relu`] from candle's differentiable ops, on any device: `x * (x > 0)` with the mask
@@ -76,36 +50,21 @@ pub fn relu_generic(x: &Tensor) -> Result<Tensor> {
 
 struct Relu;
 
-impl CustomOp1 for Relu {
-    fn name(&self) -> &'static str {
-        "ldt-relu"
+impl HostKernel<1> for Relu {
+    const NAME: &'static str = "ldt-relu";
+
+    fn fwd<T: Float>(&self, [x]: [&[T]; 1], _: &Shape) -> candle_core::Result<Vec<T>> {
+        let z = T::zero();
+        Ok(x.iter().map(|&x| if x > z { x } else { z }).collect())
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn go<T: WithDType + PartialOrd>(
-            s: &CpuStorage,
-            l: &Layout,
-        ) -> candle_core::Result<Vec<T>> {
-            let z = T::zero();
-            let v = contiguous_slice::<T>(s, l, "relu")?;
-            Ok(v.iter().map(|&x| if x > z { x } else { z }).collect())
-        }
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(go(s, l)?),
-            CpuStorage::F64(_) => CpuStorage::F64(go(s, l)?),
-            CpuStorage::BF16(_) => CpuStorage::BF16(go(s, l)?),
-            _ => candle_core::bail!("relu supports f32, f64 and bf16 tensors"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(
+    fn bwd<T: Float>(
         &self,
-        arg: &Tensor,
+        [arg]: [&Tensor; 1],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.mul(&arg.gt(0.0)?.to_dtype(arg.dtype())?)?))
+    ) -> candle_core::Result<[Tensor; 1]> {
+        Ok([grad.mul(&arg.gt(0.0)?.to_dtype(arg.dtype())?)?])
     }
 }
 
@@ -115,11 +74,11 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     if generic_path(x) {
         return max_pool2d_generic(x, kernel, stride, padding);
     }
-    Ok(x.contiguous()?.apply_op1(MaxPool2d {
+    Ok(x.contiguous()?.apply_op1(HostOp(MaxPool2d {
         kernel,
         stride,
         padding,
-    })?)
+    }))?)
 }
 
 /// [`max_pool2d`] from candle's differentiable ops, on any device: the input is padded
@@ -224,36 +183,12 @@ impl MaxPool2d {
         idx
     }
 
-    fn fwd<T: WithDType>(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let x = contiguous_slice::<T>(storage, layout, "max_pool2d")?;
-        let (oh, ow) = (self.out_dim(h), self.out_dim(w));
-        let mut out = vec![T::zero(); n * c * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        o[oy * ow + ox] = plane[self.argmax(plane, h, w, oy, ox)];
-                    }
-                }
-            });
-        Ok((T::to_cpu_storage_owned(out), Shape::from((n, c, oh, ow))))
-    }
-
+    /// The input gradient, summed in `T` over overlapping windows.
     fn grad<T: WithDType>(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Tensor> {
         let (_n, _c, h, w) = arg.dims4()?;
         let (oh, ow) = (self.out_dim(h), self.out_dim(w));
-        let x = arg.contiguous()?.flatten_all()?.to_vec1::<T>()?;
-        let g = grad_res
-            .to_dtype(T::DTYPE)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<T>()?;
+        let x = flat_values::<T>(arg)?;
+        let g = flat_values::<T>(grad_res)?;
         let mut gx = vec![T::zero(); x.len()];
         gx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w))
@@ -269,38 +204,39 @@ impl MaxPool2d {
     }
 }
 
-impl CustomOp1 for MaxPool2d {
-    fn name(&self) -> &'static str {
-        "ldt-max-pool2d"
+impl HostKernel<1> for MaxPool2d {
+    const NAME: &'static str = "ldt-max-pool2d";
+
+    fn shape(&self, x: &Shape) -> candle_core::Result<Shape> {
+        let (n, c, h, w) = x.dims4()?;
+        Ok(Shape::from((n, c, self.out_dim(h), self.out_dim(w))))
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match storage {
-            CpuStorage::F32(_) => self.fwd::<f32>(storage, layout),
-            CpuStorage::F64(_) => self.fwd::<f64>(storage, layout),
-            CpuStorage::BF16(_) => self.fwd::<bf16>(storage, layout),
-            _ => candle_core::bail!("max_pool2d supports f32, f64 and bf16 tensors"),
-        }
+    fn fwd<T: Float>(&self, [x]: [&[T]; 1], shape: &Shape) -> candle_core::Result<Vec<T>> {
+        let (n, c, h, w) = shape.dims4()?;
+        let (oh, ow) = (self.out_dim(h), self.out_dim(w));
+        let mut out = vec![T::zero(); n * c * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        o[oy * ow + ox] = plane[self.argmax(plane, h, w, oy, ox)];
+                    }
+                }
+            });
+        Ok(out)
     }
 
-    fn bwd(
+    /// Overlapping windows add up in `T::Sum` (f32 for bf16), rounded once.
+    fn bwd<T: Float>(
         &self,
-        arg: &Tensor,
+        [arg]: [&Tensor; 1],
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(match arg.dtype() {
-            DType::F64 => self.grad::<f64>(arg, grad_res)?,
-            // Overlapping windows add up in f32, rounded once.
-            DType::BF16 => self
-                .grad::<f32>(&arg.to_dtype(DType::F32)?, grad_res)?
-                .to_dtype(DType::BF16)?,
-            _ => self.grad::<f32>(arg, grad_res)?,
-        }))
+    ) -> candle_core::Result<[Tensor; 1]> {
+        let gx = self.grad::<T::Sum>(&arg.to_dtype(T::Sum::DTYPE)?, grad_res)?;
+        Ok([gx.to_dtype(T::DTYPE)?])
     }
 }
 
@@ -331,7 +267,7 @@ pub fn batch_norm2d(
     // bf16 activations are normalized in f32 (as cuDNN does) and rounded once on the way
     // out; the running statistics stay f32.
     let dt = x.dtype();
-    let ct = if dt == DType::BF16 { DType::F32 } else { dt };
+    let ct = compute_dtype(dt);
     let (x, w, b) = (&x.to_dtype(ct)?, &w.to_dtype(ct)?, &b.to_dtype(ct)?);
     let (n, c, h, wd) = x.dims4()?;
     let y = if mode == super::Mode::Eval {
@@ -400,25 +336,8 @@ pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, 
 // forward reduces in f64 and rounds once; each backward is the exact analytic gradient,
 // also reduced in f64. All accept f32, f64 and bf16 tensors.
 
-/// Elements of `x`'s contiguous storage, for custom-op kernels.
-pub(crate) fn contiguous_slice<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what} expects a contiguous input")
-    };
-    Ok(&s.as_slice::<T>()?[a..b])
-}
-
 /// Elements per parallel task of the elementwise kernels.
 const ELEMS_PER_TASK: usize = 4096;
-
-/// Values of `t` (any layout) as a flat vector of `T`.
-fn flat_values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()
-}
 
 /// Layer normalization over the last dimension (biased variance), then the affine
 /// `weight`/`bias` of that dimension: PyTorch `LayerNorm(dim, eps)`. timm's ViT uses
@@ -435,12 +354,16 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     if generic_path(x) {
         return layer_norm_generic(x, w, b, eps);
     }
-    Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })?)
+    Ok(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        HostOp(LayerNorm { eps }),
+    )?)
 }
 
-/// The dtype the generic paths compute in: f32 for bf16 (rounded once on the way out, as
-/// the CPU ops round their f64 results once), else the tensor's own.
+/// The dtype the layers written in tensor ops (the generic paths, batch norm) compute
+/// in: f32 for bf16 (rounded once on the way out, as the CPU ops round their f64 results
+/// once), else the tensor's own.
 fn compute_dtype(dt: DType) -> DType {
     if dt == DType::BF16 {
         DType::F32
@@ -479,28 +402,6 @@ impl LayerNorm {
         let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n;
         let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
         (mean, 1.0 / (var + self.eps).sqrt())
-    }
-
-    fn fwd<T: WithDType>(
-        &self,
-        (s1, l1): (&CpuStorage, &Layout),
-        (s2, l2): (&CpuStorage, &Layout),
-        (s3, l3): (&CpuStorage, &Layout),
-    ) -> candle_core::Result<CpuStorage> {
-        let x = contiguous_slice::<T>(s1, l1, "layer_norm")?;
-        let w = contiguous_slice::<T>(s2, l2, "layer_norm")?;
-        let b = contiguous_slice::<T>(s3, l3, "layer_norm")?;
-        let d = w.len().max(1);
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let (mean, rstd) = self.moments(row);
-                for (k, (o, v)) in o.iter_mut().zip(row).enumerate() {
-                    *o = T::from_f64((v.to_f64() - mean) * rstd * w[k].to_f64() + b[k].to_f64());
-                }
-            });
-        Ok(T::to_cpu_storage_owned(out))
     }
 
     /// With `h = g * w`: `dx = rstd * (h - mean(h) - xhat * mean(h * xhat))` per row,
@@ -563,44 +464,31 @@ impl LayerNorm {
     }
 }
 
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "ldt-layer-norm"
+impl HostKernel<3> for LayerNorm {
+    const NAME: &'static str = "ldt-layer-norm";
+
+    fn fwd<T: Float>(&self, [x, w, b]: [&[T]; 3], _: &Shape) -> candle_core::Result<Vec<T>> {
+        let d = w.len().max(1);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let (mean, rstd) = self.moments(row);
+                for (k, (o, v)) in o.iter_mut().zip(row).enumerate() {
+                    *o = T::from_f64((v.to_f64() - mean) * rstd * w[k].to_f64() + b[k].to_f64());
+                }
+            });
+        Ok(out)
     }
 
-    fn cpu_fwd(
+    fn bwd<T: Float>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let args = ((s1, l1), (s2, l2), (s3, l3));
-        let out = match s1 {
-            CpuStorage::F32(_) => self.fwd::<f32>(args.0, args.1, args.2)?,
-            CpuStorage::F64(_) => self.fwd::<f64>(args.0, args.1, args.2)?,
-            CpuStorage::BF16(_) => self.fwd::<bf16>(args.0, args.1, args.2)?,
-            _ => candle_core::bail!("layer_norm supports f32, f64 and bf16 tensors"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
+        [x, w, _b]: [&Tensor; 3],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw, gb) = match x.dtype() {
-            DType::F64 => self.grad::<f64>(x, w, grad)?,
-            DType::BF16 => self.grad::<bf16>(x, w, grad)?,
-            _ => self.grad::<f32>(x, w, grad)?,
-        };
-        Ok((Some(gx), Some(gw), Some(gb)))
+    ) -> candle_core::Result<[Tensor; 3]> {
+        let (gx, gw, gb) = self.grad::<T>(x, w, grad)?;
+        Ok([gx, gw, gb])
     }
 }
 
@@ -616,7 +504,8 @@ pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     if generic_path(y) {
         return add_bias_generic(y, b);
     }
-    Ok(y.contiguous()?.apply_op2(&b.contiguous()?, AddBias)?)
+    Ok(y.contiguous()?
+        .apply_op2(&b.contiguous()?, HostOp(AddBias))?)
 }
 
 /// [`add_bias`] as candle's `broadcast_add`, on any device (its backward sums the bias
@@ -645,21 +534,7 @@ pub fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
 struct AddBias;
 
 impl AddBias {
-    fn fwd<T: WithDType>(
-        (s1, l1): (&CpuStorage, &Layout),
-        (s2, l2): (&CpuStorage, &Layout),
-    ) -> candle_core::Result<CpuStorage> {
-        let y = contiguous_slice::<T>(s1, l1, "add_bias")?;
-        let b = contiguous_slice::<T>(s2, l2, "add_bias")?;
-        let mut out = y.to_vec();
-        out.par_chunks_mut(b.len().max(1)).for_each(|row| {
-            for (o, &bk) in row.iter_mut().zip(b) {
-                *o += bk;
-            }
-        });
-        Ok(T::to_cpu_storage_owned(out))
-    }
-
+    /// The bias gradient: row sums of `grad`, accumulated in f64.
     fn bias_grad<T: WithDType>(b: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let n = b.elem_count().max(1);
         let g = flat_values::<T>(grad)?;
@@ -688,40 +563,26 @@ impl AddBias {
     }
 }
 
-impl CustomOp2 for AddBias {
-    fn name(&self) -> &'static str {
-        "ldt-add-bias"
+impl HostKernel<2> for AddBias {
+    const NAME: &'static str = "ldt-add-bias";
+
+    fn fwd<T: Float>(&self, [y, b]: [&[T]; 2], _: &Shape) -> candle_core::Result<Vec<T>> {
+        let mut out = y.to_vec();
+        out.par_chunks_mut(b.len().max(1)).for_each(|row| {
+            for (o, &bk) in row.iter_mut().zip(b) {
+                *o += bk;
+            }
+        });
+        Ok(out)
     }
 
-    fn cpu_fwd(
+    fn bwd<T: Float>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => Self::fwd::<f32>((s1, l1), (s2, l2))?,
-            CpuStorage::F64(_) => Self::fwd::<f64>((s1, l1), (s2, l2))?,
-            CpuStorage::BF16(_) => Self::fwd::<bf16>((s1, l1), (s2, l2))?,
-            _ => candle_core::bail!("add_bias supports f32, f64 and bf16 tensors"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        b: &Tensor,
+        [_y, b]: [&Tensor; 2],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let gb = match b.dtype() {
-            DType::F64 => Self::bias_grad::<f64>(b, grad)?,
-            DType::BF16 => Self::bias_grad::<bf16>(b, grad)?,
-            _ => Self::bias_grad::<f32>(b, grad)?,
-        };
-        Ok((Some(grad.clone()), Some(gb)))
+    ) -> candle_core::Result<[Tensor; 2]> {
+        Ok([grad.clone(), Self::bias_grad::<T>(b, grad)?])
     }
 }
 
@@ -731,7 +592,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if generic_path(x) {
         return gelu_erf_generic(x);
     }
-    Ok(x.contiguous()?.apply_op1(GeluErf)?)
+    Ok(x.contiguous()?.apply_op1(HostOp(GeluErf))?)
 }
 
 /// [`gelu_erf`] from candle's differentiable ops, on any device: `x * 0.5 (1 + erf(x /
@@ -754,20 +615,7 @@ impl GeluErf {
         0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
     }
 
-    fn fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
-        let x = contiguous_slice::<T>(s, l, "gelu_erf")?;
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(x.par_chunks(ELEMS_PER_TASK))
-            .for_each(|(o, x)| {
-                for (o, v) in o.iter_mut().zip(x) {
-                    let v = v.to_f64();
-                    *o = T::from_f64(v * Self::cdf(v));
-                }
-            });
-        Ok(T::to_cpu_storage_owned(out))
-    }
-
+    /// `grad * (Phi(x) + x phi(x))`.
     fn grad<T: WithDType>(arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         // 1 / sqrt(2 pi)
         const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -790,32 +638,29 @@ impl GeluErf {
     }
 }
 
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "ldt-gelu-erf"
+impl HostKernel<1> for GeluErf {
+    const NAME: &'static str = "ldt-gelu-erf";
+
+    fn fwd<T: Float>(&self, [x]: [&[T]; 1], _: &Shape) -> candle_core::Result<Vec<T>> {
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(x.par_chunks(ELEMS_PER_TASK))
+            .for_each(|(o, x)| {
+                for (o, v) in o.iter_mut().zip(x) {
+                    let v = v.to_f64();
+                    *o = T::from_f64(v * Self::cdf(v));
+                }
+            });
+        Ok(out)
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => Self::fwd::<f32>(s, l)?,
-            CpuStorage::F64(_) => Self::fwd::<f64>(s, l)?,
-            CpuStorage::BF16(_) => Self::fwd::<bf16>(s, l)?,
-            _ => candle_core::bail!("gelu_erf supports f32, f64 and bf16 tensors"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(
+    fn bwd<T: Float>(
         &self,
-        arg: &Tensor,
+        [arg]: [&Tensor; 1],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(match arg.dtype() {
-            DType::F64 => Self::grad::<f64>(arg, grad)?,
-            DType::BF16 => Self::grad::<bf16>(arg, grad)?,
-            _ => Self::grad::<f32>(arg, grad)?,
-        }))
+    ) -> candle_core::Result<[Tensor; 1]> {
+        Ok([Self::grad::<T>(arg, grad)?])
     }
 }
 
@@ -825,7 +670,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if generic_path(x) {
         return softmax_last_dim_generic(x);
     }
-    Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
+    Ok(x.contiguous()?.apply_op1(HostOp(SoftmaxLastDim))?)
 }
 
 /// [`softmax_last_dim`] from candle's differentiable ops, on any device: `exp(x - max)`
@@ -844,26 +689,7 @@ pub fn softmax_last_dim_generic(x: &Tensor) -> Result<Tensor> {
 struct SoftmaxLastDim;
 
 impl SoftmaxLastDim {
-    fn fwd<T: WithDType>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
-        let x = contiguous_slice::<T>(s, l, "softmax_last_dim")?;
-        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let max = row
-                    .iter()
-                    .map(|v| v.to_f64())
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = row.iter().map(|v| (v.to_f64() - max).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                for (o, e) in o.iter_mut().zip(e) {
-                    *o = T::from_f64(e / sum);
-                }
-            });
-        Ok(T::to_cpu_storage_owned(out))
-    }
-
+    /// `y * (g - sum(g * y))` per row, from the result `y`.
     fn grad<T: WithDType>(res: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let d = res.dims().last().copied().unwrap_or(1).max(1);
         let y = flat_values::<T>(res)?;
@@ -881,32 +707,35 @@ impl SoftmaxLastDim {
     }
 }
 
-impl CustomOp1 for SoftmaxLastDim {
-    fn name(&self) -> &'static str {
-        "ldt-softmax-last-dim"
+impl HostKernel<1> for SoftmaxLastDim {
+    const NAME: &'static str = "ldt-softmax-last-dim";
+
+    fn fwd<T: Float>(&self, [x]: [&[T]; 1], shape: &Shape) -> candle_core::Result<Vec<T>> {
+        let d = shape.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let max = row
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = row.iter().map(|v| (v.to_f64() - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (o, e) in o.iter_mut().zip(e) {
+                    *o = T::from_f64(e / sum);
+                }
+            });
+        Ok(out)
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => Self::fwd::<f32>(s, l)?,
-            CpuStorage::F64(_) => Self::fwd::<f64>(s, l)?,
-            CpuStorage::BF16(_) => Self::fwd::<bf16>(s, l)?,
-            _ => candle_core::bail!("softmax_last_dim supports f32, f64 and bf16 tensors"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(
+    fn bwd<T: Float>(
         &self,
-        _arg: &Tensor,
+        [_arg]: [&Tensor; 1],
         res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(match res.dtype() {
-            DType::F64 => Self::grad::<f64>(res, grad)?,
-            DType::BF16 => Self::grad::<bf16>(res, grad)?,
-            _ => Self::grad::<f32>(res, grad)?,
-        }))
+    ) -> candle_core::Result<[Tensor; 1]> {
+        Ok([Self::grad::<T>(res, grad)?])
     }
 }
 
@@ -941,4 +770,64 @@ pub fn multi_head_attention(
     let o = attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?)?;
     let o = o.transpose(1, 2)?.reshape((b, n, dim))?;
     linear_rows(&o, proj_w, proj_b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{CustomOp1, CustomOp2, CustomOp3, Device};
+
+    /// An f16 tensor of ones: a dtype the host kernels do not take.
+    fn f16(shape: &[usize]) -> Tensor {
+        Tensor::ones(shape, DType::F16, &Device::Cpu).unwrap()
+    }
+
+    /// `r` failed with an error that names `op` and the f16 dtype.
+    fn refused<T>(r: std::result::Result<T, impl std::fmt::Display>, op: &str) {
+        let Err(e) = r else {
+            panic!("{op} computed on f16 tensors")
+        };
+        let e = e.to_string();
+        assert!(e.contains(op) && e.contains("F16"), "{op}: {e}");
+    }
+
+    /// Every host kernel refuses an f16 tensor in its forward (through the layer
+    /// function) and in its backward (called directly: candle never gets there with f16,
+    /// the forward refuses first). The backward passes used to compute any dtype but
+    /// f64 and bf16 in f32.
+    #[test]
+    fn host_kernels_refuse_other_dtypes_by_name() {
+        let img = f16(&[1, 2, 4, 4]);
+        let rows = f16(&[3, 4]);
+        let row = f16(&[4]);
+
+        refused(relu(&img), "ldt-relu");
+        refused(HostOp(Relu).bwd(&img, &img, &img), "ldt-relu");
+
+        refused(max_pool2d(&img, 2, 2, 0), "ldt-max-pool2d");
+        let pool = HostOp(MaxPool2d {
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+        });
+        let pooled = f16(&[1, 2, 2, 2]);
+        refused(pool.bwd(&img, &pooled, &pooled), "ldt-max-pool2d");
+
+        refused(layer_norm(&rows, &row, &row, 1e-6), "ldt-layer-norm");
+        let ln = HostOp(LayerNorm { eps: 1e-6 });
+        refused(ln.bwd(&rows, &row, &row, &rows, &rows), "ldt-layer-norm");
+
+        refused(add_bias(&rows, &row), "ldt-add-bias");
+        refused(
+            HostOp(AddBias).bwd(&rows, &row, &rows, &rows),
+            "ldt-add-bias",
+        );
+
+        refused(gelu_erf(&rows), "ldt-gelu-erf");
+        refused(HostOp(GeluErf).bwd(&rows, &rows, &rows), "ldt-gelu-erf");
+
+        refused(softmax_last_dim(&rows), "ldt-softmax-last-dim");
+        let softmax = HostOp(SoftmaxLastDim);
+        refused(softmax.bwd(&rows, &rows, &rows), "ldt-softmax-last-dim");
+    }
 }

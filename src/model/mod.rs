@@ -7,6 +7,7 @@
 
 pub mod cnn;
 mod conv;
+pub mod dispatch;
 pub mod io;
 pub mod layers;
 pub mod mlp;

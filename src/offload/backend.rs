@@ -270,9 +270,9 @@ impl Backend for CpuBackend {
 /// (1-w)*src` with the authors' f32 arithmetic (`dst*f32(w) + f32(1-w)*src`, no fused
 /// multiply-add), through the fused EMA the counterpart buffer uses, so every placement
 /// computes the same bits: the host's fused EMA for CPU tensors, [`fold_generic`] on
-/// other devices (and inside [`crate::model::layers::with_generic_ops`]).
+/// other devices (and inside [`crate::model::dispatch::with_generic_ops`]).
 pub fn fold_live(dst: &Tensor, src: &Tensor, w: f64) -> Result<()> {
-    if crate::model::layers::generic_path(dst) {
+    if crate::model::dispatch::generic_path(dst) {
         return fold_generic(dst, src, w);
     }
     with_slice(src, |s| {

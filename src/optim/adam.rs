@@ -3,115 +3,10 @@
 //! `p = p + (-lr/bc1 * m) / denom`; bias corrections in f64, scalars rounded to f32.
 //! With beta1 = 0 there is no first-moment buffer: `m` is the gradient itself.
 
-use super::{f32_slice, f32_slice_mut, l2_decayed, LayerState, OptimSettings};
+use super::{f32_kernel, l2_decayed, LayerState, OptimSettings};
 use crate::config::OptimName;
 use anyhow::Result;
-use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
-
-/// `m <- lerp(m, g, w)` with PyTorch's two-branch lerp formula.
-struct Lerp {
-    w: f32,
-}
-
-impl InplaceOp2 for Lerp {
-    fn name(&self) -> &'static str {
-        "ldt-adam-lerp"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        let m = f32_slice_mut(dst, dl)?;
-        let g = f32_slice(g, gl)?;
-        let w = self.w;
-        if w.abs() < 0.5 {
-            m.iter_mut().zip(g).for_each(|(m, &g)| *m += w * (g - *m));
-        } else {
-            let u = 1.0 - w;
-            m.iter_mut()
-                .zip(g)
-                .for_each(|(m, &g)| *m = g - (g - *m) * u);
-        }
-        Ok(())
-    }
-}
-
-/// `v <- v*b2 + c*g*g`.
-struct SecondMoment {
-    b2: f32,
-    c: f32,
-}
-
-impl InplaceOp2 for SecondMoment {
-    fn name(&self) -> &'static str {
-        "ldt-adam-v"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        let v = f32_slice_mut(dst, dl)?;
-        let g = f32_slice(g, gl)?;
-        let (b2, c) = (self.b2, self.c);
-        v.iter_mut()
-            .zip(g)
-            .for_each(|(v, &g)| *v = *v * b2 + c * g * g);
-        Ok(())
-    }
-}
-
-/// `p <- p + (neg_step * m) / (sqrt(v)/bc2 + eps)`.
-struct Update {
-    neg_step: f32,
-    bc2: f32,
-    eps: f32,
-}
-
-impl InplaceOp3 for Update {
-    fn name(&self) -> &'static str {
-        "ldt-adam-update"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        m: &CpuStorage,
-        ml: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<()> {
-        let p = f32_slice_mut(dst, dl)?;
-        let m = f32_slice(m, ml)?;
-        let v = f32_slice(v, vl)?;
-        let (s, bc2, eps) = (self.neg_step, self.bc2, self.eps);
-        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            *p += (s * m) / (v.sqrt() / bc2 + eps);
-        }
-        Ok(())
-    }
-}
-
-/// `p <- p * f` (AdamW's decoupled weight decay).
-struct Scale {
-    f: f32,
-}
-
-impl candle_core::InplaceOp1 for Scale {
-    fn name(&self) -> &'static str {
-        "ldt-scale"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let f = self.f;
-        f32_slice_mut(s, l)?.iter_mut().for_each(|p| *p *= f);
-        Ok(())
-    }
-}
+use candle_core::{Tensor, Var};
 
 /// The scalars of one Adam/AdamW step, rounded to f32 as PyTorch rounds them (bias
 /// corrections in f64 first); the host kernels and the device-generic path both take
@@ -183,29 +78,45 @@ pub(super) fn step(
     lr: f64,
 ) -> Result<()> {
     let k = Scalars::of(s, st.step, lr);
+    // AdamW's decoupled weight decay: `p <- p * f`.
     let g = decayed(s, &k, p, g, |f| {
-        Ok(p.as_tensor().inplace_op1(&Scale { f })?)
+        f32_kernel("ldt-scale", p.as_tensor(), [], |p, []| {
+            p.iter_mut().for_each(|p| *p *= f)
+        })
     })?;
     let v = moment(&mut st.v, &g)?;
     let m = match k.w1 {
         Some(w) => {
+            // `m <- lerp(m, g, w)` with PyTorch's two-branch lerp formula.
             let m = moment(&mut st.m, &g)?;
-            m.inplace_op2(&g, &Lerp { w })?;
+            f32_kernel("ldt-adam-lerp", &m, [&g], |m, [g]| {
+                if w.abs() < 0.5 {
+                    m.iter_mut().zip(g).for_each(|(m, &g)| *m += w * (g - *m));
+                } else {
+                    let u = 1.0 - w;
+                    m.iter_mut()
+                        .zip(g)
+                        .for_each(|(m, &g)| *m = g - (g - *m) * u);
+                }
+            })?;
             m
         }
         None => g.clone(),
     };
-    v.inplace_op2(&g, &SecondMoment { b2: k.b2, c: k.c })?;
-    p.as_tensor().inplace_op3(
-        &m,
-        &v,
-        &Update {
-            neg_step: k.neg_step,
-            bc2: k.bc2,
-            eps: k.eps,
-        },
-    )?;
-    Ok(())
+    // `v <- v*b2 + c*g*g`.
+    let (b2, c) = (k.b2, k.c);
+    f32_kernel("ldt-adam-v", &v, [&g], |v, [g]| {
+        v.iter_mut()
+            .zip(g)
+            .for_each(|(v, &g)| *v = *v * b2 + c * g * g)
+    })?;
+    // `p <- p + (neg_step * m) / (sqrt(v)/bc2 + eps)`.
+    let (neg_step, bc2, eps) = (k.neg_step, k.bc2, k.eps);
+    f32_kernel("ldt-adam-update", p.as_tensor(), [&m, &v], |p, [m, v]| {
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            *p += (neg_step * m) / (v.sqrt() / bc2 + eps);
+        }
+    })
 }
 
 /// [`step`] from candle tensor ops, on any device: the same operations in the same order

@@ -7,8 +7,9 @@ pub mod schedule;
 mod sgd;
 
 use crate::config::{OptimConfig, OptimName};
+use crate::model::dispatch::{contiguous_slice, generic_path};
 use anyhow::{Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 /// Hyper-parameters of one optimizer (a branch or a plain run has one).
 #[derive(Clone, Debug, PartialEq)]
@@ -98,10 +99,9 @@ impl Optimizer {
 
     /// Applies one update to layer `i` with learning rate `lr`: in place through the CPU
     /// kernels on the CPU, through [`Optimizer::step_generic`] on other devices (and
-    /// inside [`crate::model::layers::with_generic_ops`]).
+    /// inside [`crate::model::dispatch::with_generic_ops`]).
     pub fn step(&mut self, i: usize, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
-        let generic = crate::model::layers::generic_path(param.as_tensor());
-        self.step_on(i, param, grad, lr, generic)
+        self.step_on(i, param, grad, lr, generic_path(param.as_tensor()))
     }
 
     /// [`Optimizer::step`] computed with candle tensor ops (any device; the state
@@ -170,24 +170,95 @@ fn l2_decayed(s: &OptimSettings, p: &Var, g: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Borrows the f32 slice of a contiguous CPU storage (helper for the update kernels).
-fn f32_slice<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    crate::model::layers::contiguous_slice::<f32>(s, l, "optimizer kernel")
+/// Runs the host update kernel `f` in place: `f(dst, srcs)` gets the contiguous f32
+/// elements of `dst` to write and those of the `N` (0, 1 or 2) `srcs` to read, through
+/// candle's in-place ops (which lock the storages and refuse aliased operands). The
+/// kernels take f32 CPU tensors only; any other tensor is an error.
+fn f32_kernel<const N: usize>(
+    name: &'static str,
+    dst: &Tensor,
+    srcs: [&Tensor; N],
+    f: impl Fn(&mut [f32], [&[f32]; N]),
+) -> Result<()> {
+    let k = F32Kernel { name, f };
+    match srcs.as_slice() {
+        [] => dst.inplace_op1(&k)?,
+        [a] => dst.inplace_op2(a, &k)?,
+        [a, b] => dst.inplace_op3(a, b, &k)?,
+        _ => anyhow::bail!("{name}: an update kernel reads at most two tensors"),
+    }
+    Ok(())
 }
 
-/// Mutably borrows the f32 slice of a contiguous CPU storage.
-fn f32_slice_mut<'a>(
-    s: &'a mut candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("optimizer kernels need contiguous tensors")
-    };
-    match s {
-        candle_core::CpuStorage::F32(v) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("optimizer kernels need f32 tensors"),
+/// One [`f32_kernel`] as a candle in-place op of `1 + N` tensors.
+struct F32Kernel<F, const N: usize> {
+    name: &'static str,
+    f: F,
+}
+
+impl<F: Fn(&mut [f32], [&[f32]; N]), const N: usize> F32Kernel<F, N> {
+    /// Borrows the storages' f32 elements and runs the kernel.
+    fn run(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        srcs: &[(&CpuStorage, &Layout)],
+    ) -> candle_core::Result<()> {
+        if srcs.len() != N {
+            candle_core::bail!("{}: expects {N} source tensors", self.name)
+        }
+        let mut xs = [<&[f32]>::default(); N];
+        for (x, (s, l)) in xs.iter_mut().zip(srcs) {
+            *x = contiguous_slice(s, l, self.name)?;
+        }
+        let Some((a, b)) = dl.contiguous_offsets() else {
+            candle_core::bail!("{} expects a contiguous input", self.name)
+        };
+        let CpuStorage::F32(d) = dst else {
+            candle_core::bail!("{}: the optimizer kernels need f32 tensors", self.name)
+        };
+        (self.f)(&mut d[a..b], xs);
+        Ok(())
+    }
+}
+
+impl<F: Fn(&mut [f32], [&[f32]; N]), const N: usize> InplaceOp1 for F32Kernel<F, N> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        self.run(s, l, &[])
+    }
+}
+
+impl<F: Fn(&mut [f32], [&[f32]; N]), const N: usize> InplaceOp2 for F32Kernel<F, N> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<()> {
+        self.run(dst, dl, &[(s, l)])
+    }
+}
+
+impl<F: Fn(&mut [f32], [&[f32]; N]), const N: usize> InplaceOp3 for F32Kernel<F, N> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        self.run(dst, dl, &[(s1, l1), (s2, l2)])
     }
 }

@@ -1,59 +1,9 @@
 //! SGD with momentum and L2 weight decay, as `torch.optim.SGD` (dampening 0):
 //! `d = g + wd*p`; `buf = d` at the first step, else `buf = buf*mu + d`; `p = p - lr*buf`.
 
-use super::{f32_slice, f32_slice_mut, l2_decayed, LayerState, OptimSettings};
+use super::{f32_kernel, l2_decayed, LayerState, OptimSettings};
 use anyhow::Result;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
-
-/// `buf <- buf*mu + d`.
-struct Momentum {
-    mu: f32,
-}
-
-impl InplaceOp2 for Momentum {
-    fn name(&self) -> &'static str {
-        "ldt-sgd-momentum"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        d: &CpuStorage,
-        l: &Layout,
-    ) -> candle_core::Result<()> {
-        let mu = self.mu;
-        f32_slice_mut(dst, dl)?
-            .iter_mut()
-            .zip(f32_slice(d, l)?)
-            .for_each(|(b, &d)| *b = *b * mu + d);
-        Ok(())
-    }
-}
-
-/// `p <- p + neg_lr * d`.
-struct Axpy {
-    neg_lr: f32,
-}
-
-impl InplaceOp2 for Axpy {
-    fn name(&self) -> &'static str {
-        "ldt-sgd-update"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        d: &CpuStorage,
-        l: &Layout,
-    ) -> candle_core::Result<()> {
-        let a = self.neg_lr;
-        f32_slice_mut(dst, dl)?
-            .iter_mut()
-            .zip(f32_slice(d, l)?)
-            .for_each(|(p, &d)| *p += a * d);
-        Ok(())
-    }
-}
+use candle_core::{Tensor, Var};
 
 /// One SGD step of one layer.
 pub(super) fn step(
@@ -72,25 +22,22 @@ pub(super) fn step(
                 b
             }
             Some(b) => {
-                b.inplace_op2(
-                    &d,
-                    &Momentum {
-                        mu: s.momentum as f32,
-                    },
-                )?;
+                // `buf <- buf*mu + d`.
+                let mu = s.momentum as f32;
+                f32_kernel("ldt-sgd-momentum", b, [&d], |b, [d]| {
+                    b.iter_mut().zip(d).for_each(|(b, &d)| *b = *b * mu + d)
+                })?;
                 b.clone()
             }
         }
     } else {
         d
     };
-    p.as_tensor().inplace_op2(
-        &d,
-        &Axpy {
-            neg_lr: (-lr) as f32,
-        },
-    )?;
-    Ok(())
+    // `p <- p + neg_lr * d`.
+    let neg_lr = (-lr) as f32;
+    f32_kernel("ldt-sgd-update", p.as_tensor(), [&d], |p, [d]| {
+        p.iter_mut().zip(d).for_each(|(p, &d)| *p += neg_lr * d)
+    })
 }
 
 /// [`step`] from candle tensor ops, on any device: the same operations in the same order

@@ -1,0 +1,289 @@
+//! Dispatch in one place: which implementation a computation takes, and in which element
+//! type a host kernel runs.
+//!
+//! The layer functions, the optimizer update and the DPU fold each exist twice: as host
+//! kernels written in the project (CPU storage only) and as candle tensor ops (any
+//! device). [`generic_path`] is the one switch between the two. The host kernels of the
+//! layer functions are written once over [`Float`] (f32, f64, bf16) as [`HostKernel`]s;
+//! [`HostOp`] runs one as a candle custom op, and the element type of its storage is
+//! matched in one place, [`for_dtype`], in the style of candle's own CPU backend
+//! (`cpu_backend/utils.rs`): any other dtype is an error naming the op and the dtype,
+//! never a silent conversion.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
+use half::bf16;
+use std::cell::Cell;
+
+// ------------------------------------------------------------------------ which path
+
+thread_local! {
+    /// Set inside [`with_generic_ops`].
+    static FORCE_GENERIC: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every device-dependent choice of [`generic_path`] (the layer functions,
+/// the optimizer update, the DPU fold between live tensors) taking its device-generic
+/// path on the CPU too, on this thread, so tests can compare whole networks and whole
+/// training runs across the two paths. Work on other threads is not forced.
+#[doc(hidden)]
+pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
+    let prev = FORCE_GENERIC.with(|c| c.replace(true));
+    let r = f();
+    FORCE_GENERIC.with(|c| c.set(prev));
+    r
+}
+
+/// The one switch between host kernels and device-generic candle ops, for the layer
+/// functions, the optimizer and the DPU fold: the generic path for tensors off the CPU
+/// (the host kernels read CPU storage only), or inside [`with_generic_ops`].
+pub(crate) fn generic_path(t: &Tensor) -> bool {
+    !t.device().is_cpu() || FORCE_GENERIC.with(|c| c.get())
+}
+
+// ---------------------------------------------------------------- which element type
+
+/// The element types the host kernels compute in: f32, f64 and bf16.
+pub(crate) trait Float: WithDType {
+    /// The type a backward pass sums overlapping contributions in (max-pool windows,
+    /// im2col patches) before rounding once: f32 for bf16, the type itself otherwise.
+    type Sum: Float;
+}
+
+impl Float for f32 {
+    type Sum = f32;
+}
+
+impl Float for f64 {
+    type Sum = f64;
+}
+
+impl Float for bf16 {
+    type Sum = f32;
+}
+
+/// Work written once over the element type (the generic `f` of candle's `Map1`).
+trait ForDType {
+    /// What the work returns.
+    type Output;
+    /// The work in element type `T`.
+    fn f<T: Float>(self) -> candle_core::Result<Self::Output>;
+}
+
+/// Runs `work` in the element type `dt` names: the one match on the element type behind
+/// the host kernels. A dtype other than f32, f64 and bf16 is an error naming `op` and
+/// `dt`.
+fn for_dtype<W: ForDType>(op: &'static str, dt: DType, work: W) -> candle_core::Result<W::Output> {
+    match dt {
+        DType::F32 => work.f::<f32>(),
+        DType::F64 => work.f::<f64>(),
+        DType::BF16 => work.f::<bf16>(),
+        dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, op).bt()),
+    }
+}
+
+// ---------------------------------------------------------------------- host kernels
+
+/// A host kernel of `N` input tensors of one element type, its arithmetic written once
+/// over [`Float`]: the forward from the inputs' elements, the backward as the gradient
+/// of each input. [`HostOp`] makes it a candle custom op.
+pub(crate) trait HostKernel<const N: usize>: Send + Sync + 'static {
+    /// The op's name, for candle and for errors.
+    const NAME: &'static str;
+
+    /// The output shape when the first input has shape `x` (by default `x`).
+    fn shape(&self, x: &Shape) -> candle_core::Result<Shape> {
+        Ok(x.clone())
+    }
+
+    /// The output elements from the contiguous elements of the inputs; `x` is the shape
+    /// of the first.
+    fn fwd<T: Float>(&self, xs: [&[T]; N], x: &Shape) -> candle_core::Result<Vec<T>>;
+
+    /// The gradient of each input from the inputs, the result and the result's
+    /// gradient; `T` is the inputs' element type.
+    fn bwd<T: Float>(
+        &self,
+        args: [&Tensor; N],
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Tensor; N]>;
+}
+
+/// A [`HostKernel`] as a candle custom op of 1, 2 or 3 inputs: the forward runs on CPU
+/// storage in the first input's element type, and candle records the backward.
+pub(crate) struct HostOp<K>(pub K);
+
+impl<K> HostOp<K> {
+    /// The kernel's forward on CPU storages (`N` is 1, 2 or 3: `xs[0]` exists).
+    fn forward<const N: usize>(
+        &self,
+        xs: [(&CpuStorage, &Layout); N],
+    ) -> candle_core::Result<(CpuStorage, Shape)>
+    where
+        K: HostKernel<N>,
+    {
+        let (s, l) = xs[0];
+        let out = for_dtype(
+            K::NAME,
+            s.dtype(),
+            Forward {
+                kernel: &self.0,
+                xs,
+            },
+        )?;
+        Ok((out, self.0.shape(l.shape())?))
+    }
+
+    /// The kernel's backward, in the first input's element type.
+    fn backward<const N: usize>(
+        &self,
+        args: [&Tensor; N],
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Tensor; N]>
+    where
+        K: HostKernel<N>,
+    {
+        let work = Backward {
+            kernel: &self.0,
+            args,
+            res,
+            grad,
+        };
+        for_dtype(K::NAME, args[0].dtype(), work)
+    }
+}
+
+/// [`HostKernel::fwd`] on CPU storages, as work for [`for_dtype`].
+struct Forward<'a, K, const N: usize> {
+    kernel: &'a K,
+    xs: [(&'a CpuStorage, &'a Layout); N],
+}
+
+impl<K: HostKernel<N>, const N: usize> ForDType for Forward<'_, K, N> {
+    type Output = CpuStorage;
+
+    fn f<T: Float>(self) -> candle_core::Result<CpuStorage> {
+        let mut xs = [<&[T]>::default(); N];
+        for (x, (s, l)) in xs.iter_mut().zip(self.xs) {
+            *x = contiguous_slice(s, l, K::NAME)?;
+        }
+        let out = self.kernel.fwd(xs, self.xs[0].1.shape())?;
+        Ok(T::to_cpu_storage_owned(out))
+    }
+}
+
+/// [`HostKernel::bwd`], as work for [`for_dtype`].
+struct Backward<'a, K, const N: usize> {
+    kernel: &'a K,
+    args: [&'a Tensor; N],
+    res: &'a Tensor,
+    grad: &'a Tensor,
+}
+
+impl<K: HostKernel<N>, const N: usize> ForDType for Backward<'_, K, N> {
+    type Output = [Tensor; N];
+
+    fn f<T: Float>(self) -> candle_core::Result<[Tensor; N]> {
+        self.kernel.bwd::<T>(self.args, self.res, self.grad)
+    }
+}
+
+impl<K: HostKernel<1>> CustomOp1 for HostOp<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward([(s, l)])
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let [g] = self.backward([arg], res, grad)?;
+        Ok(Some(g))
+    }
+}
+
+impl<K: HostKernel<2>> CustomOp2 for HostOp<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward([(s1, l1), (s2, l2)])
+    }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [g1, g2] = self.backward([a1, a2], res, grad)?;
+        Ok((Some(g1), Some(g2)))
+    }
+}
+
+impl<K: HostKernel<3>> CustomOp3 for HostOp<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward([(s1, l1), (s2, l2), (s3, l3)])
+    }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [g1, g2, g3] = self.backward([a1, a2, a3], res, grad)?;
+        Ok((Some(g1), Some(g2), Some(g3)))
+    }
+}
+
+/// The elements of a contiguous CPU storage as `T` (an error for another layout or
+/// element type, naming `what`): the inputs of the host kernels and the optimizer's.
+pub(crate) fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} expects a contiguous input")
+    };
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Values of `t` (any layout, any dtype) as a flat vector of `T`: what the host kernels'
+/// backward passes read their tensors as.
+pub(crate) fn flat_values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()
+}

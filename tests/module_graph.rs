@@ -1,8 +1,11 @@
 //! The shape of `src/`: dependencies between the top-level modules point one way (no
-//! import cycle of any length), and `ldt/` — the pure LDT arithmetic: statistics,
+//! import cycle of any length), so do those between the files of each module directory
+//! (`model/conv.rs` and `model/layers.rs`, `offload/backend.rs` and `offload/cuda.rs`
+//! once imported each other), and `ldt/` — the pure LDT arithmetic: statistics,
 //! partition, DPU, lag, composite — imports neither the training loops (`train`) nor
 //! the counterpart machinery (`offload`). Read from the source text: every `crate::X`
-//! path outside comments, including the members of `use crate::{X, Y::z}` groups.
+//! (or `super::X`) path outside comments, including the members of `use crate::{X, Y::z}`
+//! groups; a name that a directory's `mod.rs` re-exports counts as its file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,6 +25,12 @@ fn code(text: &str) -> String {
 
 /// Top-level module names that `text` refers to through `crate::`.
 fn crate_refs(text: &str) -> BTreeSet<String> {
+    path_refs(text, "crate::")
+}
+
+/// The first segment of every path in `text` that starts with `prefix` (which ends in
+/// `::`), the members of `prefix{a, b::c}` groups included.
+fn path_refs(text: &str, prefix: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let ident = |s: &str| -> String {
         s.chars()
@@ -29,8 +38,8 @@ fn crate_refs(text: &str) -> BTreeSet<String> {
             .collect()
     };
     let mut rest = text;
-    while let Some(i) = rest.find("crate::") {
-        rest = &rest[i + "crate::".len()..];
+    while let Some(i) = rest.find(prefix) {
+        rest = &rest[i + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
             // `crate::{a::b, c, d::{e, f}}`: the first identifier of each top-level item.
             let (mut depth, mut start) = (0usize, 0usize);
@@ -150,6 +159,74 @@ fn top_level_modules_have_no_import_cycle() {
     }
 }
 
+/// Per directory module of `src/`: `file -> sibling files it imports`, through
+/// `super::file`, `crate::dir::file`, or a name the directory's `mod.rs` re-exports from
+/// that file (`pub use file::{a, b}`).
+fn file_graphs() -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let dir = e.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut files = Vec::new();
+        rust_files(&dir, &mut files);
+        let stem = |p: &Path| p.file_stem().unwrap().to_string_lossy().to_string();
+        let siblings: BTreeSet<String> = files.iter().map(|f| stem(f)).collect();
+        // Item -> file, from `pub use file::...;` in mod.rs.
+        let mut owner: BTreeMap<String, String> = BTreeMap::new();
+        if let Ok(m) = std::fs::read_to_string(dir.join("mod.rs")) {
+            for stmt in code(&m).split(';') {
+                let Some(u) = stmt.trim().strip_prefix("pub use ") else {
+                    continue;
+                };
+                let Some((file, items)) = u.split_once("::") else {
+                    continue;
+                };
+                let items = items.trim_start_matches('{').trim_end_matches('}');
+                for item in items.split(',') {
+                    let item = item.trim();
+                    if !item.is_empty() {
+                        owner.insert(item.to_string(), file.trim().to_string());
+                    }
+                }
+            }
+        }
+        let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for f in &files {
+            let me = stem(f);
+            if me == "mod" {
+                continue;
+            }
+            let text = code(&std::fs::read_to_string(f).unwrap());
+            let mut refs = path_refs(&text, "super::");
+            refs.extend(path_refs(&text, &format!("crate::{name}::")));
+            let deps = g.entry(me.clone()).or_default();
+            for r in refs {
+                let target = owner.get(&r).cloned().unwrap_or(r);
+                if target != me && target != "mod" && siblings.contains(&target) {
+                    deps.insert(target);
+                }
+            }
+        }
+        out.insert(name, g);
+    }
+    out
+}
+
+#[test]
+fn files_of_each_module_have_no_import_cycle() {
+    let graphs = file_graphs();
+    assert!(graphs["offload"].len() >= 8, "read {:?}", graphs["offload"]);
+    for (dir, g) in &graphs {
+        if let Some(c) = find_cycle(g) {
+            panic!("import cycle inside src/{dir}/: {}", c.join(" -> "));
+        }
+    }
+}
+
 #[test]
 fn ldt_is_pure() {
     let g = graph();
@@ -168,6 +245,10 @@ fn the_reader_sees_groups_and_cycles() {
     let refs = crate_refs(&code(
         "use crate::{a::b, c, d::{e, f}};\n// crate::g\nlet x = crate::h::i();",
     ));
+    assert_eq!(
+        path_refs("use super::{x, y::z};", "super::"),
+        ["x", "y"].iter().map(|s| s.to_string()).collect()
+    );
     assert_eq!(
         refs,
         ["a", "c", "d", "h"].iter().map(|s| s.to_string()).collect()

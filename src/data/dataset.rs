@@ -5,10 +5,52 @@
 use super::idx::{FileBytes, Idx, IMAGES_MAGIC, LABELS_MAGIC};
 use super::manifest::{Manifest, Role, SplitEntry, SplitFormat};
 use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// A batch in host memory.
+pub struct HostBatch {
+    /// Pixels, `N*C*H*W` f32.
+    pub images: Vec<f32>,
+    /// Labels, `N`.
+    pub labels: Vec<i64>,
+}
+
+impl HostBatch {
+    /// Examples in the batch.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The batch as `(images [N,C,H,W] f32, labels [N] i64)` on `device`.
+    pub fn to_tensors(&self, shape: [usize; 3], device: &Device) -> Result<(Tensor, Tensor)> {
+        self.rows_to_tensors(0, self.len(), shape, device)
+    }
+
+    /// Rows `lo..hi` of the batch as tensors on `device` (only those rows are copied).
+    pub fn rows_to_tensors(
+        &self,
+        lo: usize,
+        hi: usize,
+        shape: [usize; 3],
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let per = shape.iter().product::<usize>();
+        let n = hi - lo;
+        let pixels = &self.images[lo * per..hi * per];
+        let x = Tensor::from_slice(pixels, (n, shape[0], shape[1], shape[2]), device)?;
+        let y = Tensor::from_slice(&self.labels[lo..hi], n, device)?;
+        Ok((x, y))
+    }
+}
 
 /// Pixel storage of a split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,7 +365,7 @@ impl Pool {
     }
 
     /// Copies the examples at `indices` into a host batch.
-    pub fn gather(&self, indices: &[usize], image_len: usize) -> Result<super::HostBatch> {
+    pub fn gather(&self, indices: &[usize], image_len: usize) -> Result<HostBatch> {
         let mut images = Vec::with_capacity(indices.len() * image_len);
         let mut labels = Vec::with_capacity(indices.len());
         for &g in indices {
@@ -338,7 +380,7 @@ impl Pool {
             self.splits[k].push_image(local, &mut images);
             labels.push(self.splits[k].label(local));
         }
-        Ok(super::HostBatch { images, labels })
+        Ok(HostBatch { images, labels })
     }
 }
 

@@ -1,54 +1,12 @@
 //! Batch order (seeded shuffles or a fixed schedule) and a prefetch thread that gathers
 //! the next batch while the current step computes.
 
-use super::dataset::Pool;
+use super::dataset::{HostBatch, Pool};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
 use crossbeam::channel::{bounded, Receiver};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
-
-/// A batch in host memory.
-pub struct HostBatch {
-    /// Pixels, `N*C*H*W` f32.
-    pub images: Vec<f32>,
-    /// Labels, `N`.
-    pub labels: Vec<i64>,
-}
-
-impl HostBatch {
-    /// Examples in the batch.
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    /// Whether the batch is empty.
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-
-    /// The batch as `(images [N,C,H,W] f32, labels [N] i64)` on `device`.
-    pub fn to_tensors(&self, shape: [usize; 3], device: &Device) -> Result<(Tensor, Tensor)> {
-        self.rows_to_tensors(0, self.len(), shape, device)
-    }
-
-    /// Rows `lo..hi` of the batch as tensors on `device` (only those rows are copied).
-    pub fn rows_to_tensors(
-        &self,
-        lo: usize,
-        hi: usize,
-        shape: [usize; 3],
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let per = shape.iter().product::<usize>();
-        let n = hi - lo;
-        let pixels = &self.images[lo * per..hi * per];
-        let x = Tensor::from_slice(pixels, (n, shape[0], shape[1], shape[2]), device)?;
-        let y = Tensor::from_slice(&self.labels[lo..hi], n, device)?;
-        Ok((x, y))
-    }
-}
 
 /// Where the next batch's indices come from.
 #[derive(Clone)]

@@ -6,6 +6,6 @@ pub mod idx;
 pub mod loader;
 pub mod manifest;
 
-pub use dataset::{Benchmark, Split};
-pub use loader::{HostBatch, Loader};
+pub use dataset::{Benchmark, HostBatch, Split};
+pub use loader::Loader;
 pub use manifest::{Manifest, Role, SplitFormat};

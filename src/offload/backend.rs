@@ -185,6 +185,11 @@ impl Backend for CpuBackend {
         slot: usize,
         shape: &[usize],
     ) -> Result<Tensor> {
+        // Folds run on the engine's stream: everything submitted so far must be done.
+        self.engine
+            .record(0)
+            .wait()
+            .map_err(|e| anyhow::anyhow!("counterpart fold failed: {e}"))?;
         self.load(buf, slot, shape)
     }
 

@@ -64,6 +64,14 @@ pub enum OffloadError {
         /// The repeated index.
         index: usize,
     },
+    /// A counterpart-store operation failed in its backend (a device or fold error, a
+    /// tensor that does not fit its slot, an inconsistent checkpoint).
+    Store {
+        /// What the store was doing, naming the layer where there is one.
+        action: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// `n bytes (x.xx GiB)`, exact for scripts and readable for people.
@@ -139,6 +147,7 @@ impl fmt::Display for OffloadError {
             OffloadError::SlotRepeated { index } => {
                 write!(f, "slot {index} was asked for twice in one mutable borrow")
             }
+            OffloadError::Store { action, message } => write!(f, "{action}: {message}"),
         }
     }
 }

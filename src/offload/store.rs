@@ -8,19 +8,32 @@
 //! first moment or momentum). Callers speak in layers; slots, fences and staging are the
 //! store's own business. Folds into parked weights run asynchronously and are fenced
 //! before anything reads or replaces their source ([`CounterpartStore::sync`], which
-//! every swap and read calls itself).
+//! every swap and read calls itself). Every operation fails with an [`OffloadError`]
+//! that names what the store was doing and the layer.
 
 use super::backend::{Backend, CpuBackend};
 use super::{
-    Fence, OffloadConfig, SharedCounterpartBuffer, SlotSpec, StagingArea, StagingLease,
-    StorageDtype,
+    Fence, OffloadConfig, OffloadError, SharedCounterpartBuffer, SlotSpec, StagingArea,
+    StagingLease, StorageDtype,
 };
 use crate::config::EmaPlacement;
 use crate::optim::LayerState;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::bail;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// The store's results.
+pub type Result<T> = std::result::Result<T, OffloadError>;
+
+/// An [`OffloadError::Store`] for `action`.
+fn failed(action: impl Into<String>) -> impl FnOnce(anyhow::Error) -> OffloadError {
+    let action = action.into();
+    move |e| OffloadError::Store {
+        action,
+        message: format!("{e:#}"),
+    }
+}
 
 /// The backend for `device`: [`CpuBackend`] on the CPU (where only `EmaPlacement::Host`
 /// exists); on a GPU (feature `cuda`) the streamed backend with the counterparts in
@@ -33,7 +46,7 @@ pub fn backend_for(
     device: &Device,
     offload: &OffloadConfig,
     ema: EmaPlacement,
-) -> Result<Box<dyn Backend>> {
+) -> anyhow::Result<Box<dyn Backend>> {
     match device {
         Device::Cpu if ema == EmaPlacement::Host => Ok(Box::new(CpuBackend::new(offload.threads))),
         Device::Cpu => bail!(
@@ -102,7 +115,8 @@ impl CounterpartStore {
         offload: &OffloadConfig,
         ema: EmaPlacement,
     ) -> Result<Self> {
-        let backend = backend_for(device, offload, ema)?;
+        let backend = backend_for(device, offload, ema)
+            .map_err(failed("choosing the counterpart backend"))?;
         let mut specs = Vec::new();
         let mut slot = |name: String, numel: usize| {
             specs.push(SlotSpec {
@@ -128,9 +142,7 @@ impl CounterpartStore {
                 }
             })
             .collect();
-        let buf = backend
-            .allocate(&specs, offload)
-            .map_err(|e| anyhow!("{e}"))?;
+        let buf = backend.allocate(&specs, offload)?;
         Ok(CounterpartStore {
             tiers: (buf.bytes_in_ram(), buf.bytes_in_file()),
             buf: Arc::new(SharedCounterpartBuffer::new(buf)),
@@ -147,8 +159,10 @@ impl CounterpartStore {
     /// Waits for every fold in flight.
     pub fn sync(&mut self) -> Result<()> {
         for f in self.pending.drain(..) {
-            f.wait()
-                .map_err(|e| anyhow!("counterpart fold failed: {e}"))?;
+            f.wait().map_err(|message| OffloadError::Store {
+                action: "the counterpart fold".into(),
+                message,
+            })?;
         }
         Ok(())
     }
@@ -159,7 +173,7 @@ impl CounterpartStore {
         let l = &self.layers[i];
         self.backend
             .store(t, &self.buf, l.weight)
-            .with_context(|| format!("parking the weights of `{}`", l.name))
+            .map_err(failed(format!("parking the weights of `{}`", l.name)))
     }
 
     /// Exchanges live tensor `t` with layer `i`'s parked weights, in place.
@@ -168,7 +182,7 @@ impl CounterpartStore {
         let l = &self.layers[i];
         self.backend
             .swap(t, &self.buf, l.weight)
-            .with_context(|| format!("swapping the counterpart of `{}`", l.name))
+            .map_err(failed(format!("swapping the counterpart of `{}`", l.name)))
     }
 
     /// Starts `parked_i = w*parked_i + (1-w)*src` for each `(i, src, w)`: the DPU fold of
@@ -192,7 +206,7 @@ impl CounterpartStore {
         let l = &self.layers[i];
         self.backend
             .fold_into_live(dst, &self.buf, l.weight, w)
-            .with_context(|| format!("folding the counterpart of `{}`", l.name))
+            .map_err(failed(format!("folding the counterpart of `{}`", l.name)))
     }
 
     /// Layer `i`'s parked weights as a new tensor on the live network's device (for
@@ -200,23 +214,26 @@ impl CounterpartStore {
     pub fn parked_weights(&mut self, i: usize) -> Result<Tensor> {
         self.sync()?;
         let l = &self.layers[i];
-        self.backend.load(&self.buf, l.weight, &l.shape)
+        self.backend
+            .load(&self.buf, l.weight, &l.shape)
+            .map_err(failed(format!("loading the counterpart of `{}`", l.name)))
     }
 
     /// Parks layer `i`'s optimizer state (its branch leaves the device).
     pub fn park_state(&mut self, i: usize, st: &LayerState) -> Result<()> {
         let l = &self.layers[i];
+        let park = failed(format!("parking the optimizer state of `{}`", l.name));
         if let Some(m) = &st.m {
             let Some(slot) = l.m else {
-                bail!(
-                    "`{}`: the optimizer keeps a first moment the store has no slot for",
-                    l.name
-                );
+                return Err(park(anyhow::anyhow!(
+                    "the optimizer keeps a first moment the store has no slot for"
+                )));
             };
-            self.backend.store(m, &self.buf, slot)?;
+            self.backend.store(m, &self.buf, slot).map_err(park)?;
         }
         if let Some(v) = &st.v {
-            self.backend.store(v, &self.buf, l.v)?;
+            let park = failed(format!("parking the optimizer state of `{}`", l.name));
+            self.backend.store(v, &self.buf, l.v).map_err(park)?;
         }
         self.parked[i] = Some((st.step, st.m.is_some(), st.v.is_some()));
         Ok(())
@@ -253,11 +270,7 @@ impl CounterpartStore {
         if layers.is_empty() || bytes > self.staging.capacity() {
             return Ok(());
         }
-        let Some(lease) = self
-            .staging
-            .try_acquire(bytes)
-            .map_err(|e| anyhow!("{e}"))?
-        else {
+        let Some(lease) = self.staging.try_acquire(bytes)? else {
             return Ok(());
         };
         let (fence, tensors) = self.backend.prefetch(&self.buf, slots);
@@ -274,9 +287,10 @@ impl CounterpartStore {
     /// [`CounterpartStore::unpark_state`].
     pub fn finish_staging(&mut self) -> Result<()> {
         if let Some(s) = self.staged.take() {
-            s.fence
-                .wait()
-                .map_err(|e| anyhow!("staging the next phase failed: {e}"))?;
+            s.fence.wait().map_err(|message| OffloadError::Store {
+                action: "staging the next phase's optimizer state".into(),
+                message,
+            })?;
             let mut it = std::mem::take(&mut *s.tensors.lock()).into_iter();
             for (i, has_m, has_v) in s.layers {
                 let m = if has_m { it.next() } else { None };
@@ -297,7 +311,14 @@ impl CounterpartStore {
             return Ok(Some(LayerState { step, m, v }));
         }
         let l = &self.layers[i];
-        let load = |slot: usize| self.backend.load(&self.buf, slot, &l.shape);
+        let load = |slot: usize| {
+            self.backend
+                .load(&self.buf, slot, &l.shape)
+                .map_err(failed(format!(
+                    "loading the optimizer state of `{}`",
+                    l.name
+                )))
+        };
         let m = match (has_m, l.m) {
             (true, Some(slot)) => Some(load(slot)?),
             _ => None,
@@ -312,8 +333,10 @@ impl CounterpartStore {
         self.sync()?;
         (0..self.buf.len())
             .map(|k| {
+                let spec = self.buf.spec(k);
                 self.backend
-                    .read_host(&self.buf, k, &[self.buf.spec(k).numel])
+                    .read_host(&self.buf, k, &[spec.numel])
+                    .map_err(failed(format!("reading slot {:?} to the host", spec.name)))
             })
             .collect()
     }
@@ -321,7 +344,10 @@ impl CounterpartStore {
     /// Writes slot `k` from `t` (restoring a checkpoint of [`Self::slots_to_host`]).
     pub fn restore_slot(&mut self, k: usize, t: &Tensor) -> Result<()> {
         self.sync()?;
-        self.backend.store(t, &self.buf, k)
+        let name = &self.buf.spec(k).name;
+        self.backend
+            .store(t, &self.buf, k)
+            .map_err(failed(format!("restoring slot {name:?}")))
     }
 
     /// Slots in the buffer.
@@ -337,11 +363,14 @@ impl CounterpartStore {
     /// Restores [`Self::parked_states`] from a checkpoint.
     pub fn set_parked_states(&mut self, parked: Vec<Option<ParkedState>>) -> Result<()> {
         if parked.len() != self.layers.len() {
-            bail!(
-                "{} parked optimizer states for {} layers",
-                parked.len(),
-                self.layers.len()
-            );
+            return Err(OffloadError::Store {
+                action: "restoring the parked optimizer states".into(),
+                message: format!(
+                    "{} states for a model of {} layers",
+                    parked.len(),
+                    self.layers.len()
+                ),
+            });
         }
         self.parked = parked;
         Ok(())
@@ -360,5 +389,74 @@ impl CounterpartStore {
     /// Bytes of optimizer state staged now.
     pub fn staged_bytes(&self) -> u64 {
         self.staged.as_ref().map_or(0, |s| s.lease.bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> CounterpartStore {
+        let layers = [("a", vec![2, 3]), ("b", vec![4])].map(|(n, s)| LayerSpec {
+            name: n.into(),
+            shape: s,
+        });
+        let offload = OffloadConfig {
+            host_budget_bytes: 1 << 20,
+            file_path: None,
+            staging_bytes: 1 << 10,
+            threads: 1,
+        };
+        CounterpartStore::allocate(&layers, true, &Device::Cpu, &offload, EmaPlacement::Host)
+            .unwrap()
+    }
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn layers_park_swap_fold_and_come_back() {
+        let mut s = store();
+        assert_eq!(s.slots(), 6, "weight, m and v per layer");
+        let b0 = t(&[1.0, 2.0, 3.0, 4.0], &[4]);
+        s.park_weights(1, &b0).unwrap();
+        let live = t(&[10.0, 20.0, 30.0, 40.0], &[4]);
+        s.fold_into_parked(vec![(1, live.clone(), 0.5)]);
+        // Reads wait for the fold in flight: 0.5 * parked + 0.5 * live.
+        let parked = s.parked_weights(1).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(parked, [5.5, 11.0, 16.5, 22.0]);
+        s.swap_weights(1, &live).unwrap();
+        assert_eq!(live.to_vec1::<f32>().unwrap(), [5.5, 11.0, 16.5, 22.0]);
+        // Optimizer state parks and comes back, staged or loaded.
+        let st = LayerState {
+            step: 7,
+            m: Some(t(&[0.5; 4], &[4])),
+            v: Some(t(&[0.25; 4], &[4])),
+        };
+        s.park_state(1, &st).unwrap();
+        assert!(s.has_state(1) && !s.has_state(0));
+        assert_eq!(s.parked_states()[1], Some((7, true, true)));
+        s.stage_states().unwrap();
+        assert_eq!(s.staged_bytes(), 32);
+        s.finish_staging().unwrap();
+        let back = s.unpark_state(1).unwrap().unwrap();
+        assert_eq!(back.step, 7);
+        assert_eq!(back.v.unwrap().to_vec1::<f32>().unwrap(), [0.25; 4]);
+        assert!(s.unpark_state(1).unwrap().is_none());
+        // Checkpoint reads: every slot, flat, on the host.
+        let host = s.slots_to_host().unwrap();
+        assert_eq!(host.len(), 6);
+        assert_eq!(host[3].to_vec1::<f32>().unwrap(), [10.0, 20.0, 30.0, 40.0]);
+    }
+
+    #[test]
+    fn errors_name_the_layer() {
+        let mut s = store();
+        let wrong = t(&[1.0; 5], &[5]);
+        let e = s.swap_weights(1, &wrong).unwrap_err().to_string();
+        assert!(e.contains("swapping the counterpart of `b`"), "{e}");
+        let e = s.set_parked_states(vec![None; 3]).unwrap_err().to_string();
+        assert!(e.contains("3 states for a model of 2 layers"), "{e}");
     }
 }

@@ -365,7 +365,7 @@ impl Branches for Parked {
     }
 
     fn stage_next(&mut self) -> Result<()> {
-        self.store.stage_states()
+        Ok(self.store.stage_states()?)
     }
 
     fn state(&mut self, phase: Phase) -> &mut NetState {
@@ -374,7 +374,7 @@ impl Branches for Parked {
     }
 
     fn before_update(&mut self) -> Result<()> {
-        self.store.sync()
+        Ok(self.store.sync()?)
     }
 
     fn trainer(&mut self, phase: Phase) -> (&NetState, &mut Optimizer) {
@@ -420,7 +420,7 @@ impl Branches for Parked {
                 if branch == self.phase {
                     Ok(self.live.params[i].as_tensor().copy()?)
                 } else {
-                    self.store.parked_weights(i)
+                    Ok(self.store.parked_weights(i)?)
                 }
             })
             .collect()
@@ -455,7 +455,7 @@ impl Branches for Parked {
     }
 
     fn sync(&mut self) -> Result<()> {
-        self.store.sync()
+        Ok(self.store.sync()?)
     }
 
     fn memory(&self, partition: &Partition) -> MemoryReport {

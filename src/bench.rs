@@ -153,13 +153,14 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
     base.optim.lr = 1e-3;
     base.stage1.stat_batches = 4;
     base.train.log_every = steps.max(1);
-    base.ldt_s.p_steps = 50;
-    base.ldt_s.a_steps = 50;
     let models: [(&str, Vec<usize>, usize); 2] = [
         ("cnn", vec![], steps),
         ("mlp", vec![4096, 2048], (steps / 5).max(10)),
     ];
-    writeln!(out, "| model | params | method | ms/step | x erm | live peak MiB (measured) | x erm |\n|---|---|---|---|---|---|---|")?;
+    writeln!(
+        out,
+        "| model | params | method | ms/step | x erm | plan MiB | heap MiB, training | x erm | heap MiB, evaluation |\n|---|---|---|---|---|---|---|---|---|"
+    )?;
     for (arch, hidden, n) in models {
         let mut b = base.clone();
         b.model.arch = arch.into();
@@ -167,12 +168,17 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
             b.model.hidden = hidden;
         }
         b.train.steps = n;
+        // LDT-S phases short enough that every run covers both.
+        let phase = (n / 4).max(1);
+        b.ldt_s.p_steps = phase;
+        b.ldt_s.a_steps = phase;
+        let ldt_s = format!("ldt-s {phase}/{phase}");
         let mut erm = (0.0, 0.0);
         for (label, m, p) in [
             ("erm", Method::Erm, Placement::Resident),
             ("ldt resident", Method::Ldt, Placement::Resident),
             ("ldt swap", Method::Ldt, Placement::Swap),
-            ("ldt-s 50/50", Method::LdtS, Placement::Resident),
+            (ldt_s.as_str(), Method::LdtS, Placement::Resident),
         ] {
             let cfg = variant(&b, m, p);
             let mut ctx = RunContext::open(
@@ -181,24 +187,27 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
             )?;
             run_method(&mut ctx)?;
             let ms = ctx.summary.ms_per_step.unwrap_or(f64::NAN);
-            let peak = ctx
-                .summary
-                .memory
-                .map_or(f64::NAN, |m| m.measured_live_peak as f64);
+            let plan = ctx.summary.memory.map_or(f64::NAN, |m| m.live_peak as f64);
+            let heap = ctx.stages.report();
+            let stage = |k: &str| heap.stages.get(k).map_or(f64::NAN, |&b| b as f64);
+            let (train, eval) = (stage("train"), stage("eval"));
             if m == Method::Erm {
-                erm = (ms, peak);
+                erm = (ms, train);
             }
+            let mib = |b: f64| b / (1 << 20) as f64;
             writeln!(
                 out,
-                "| {arch} | {:.2}M | {label} | {ms:.2} | {:.2} | {:.1} | {:.2} |",
+                "| {arch} | {:.2}M | {label} | {ms:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} |",
                 ctx.net.numel() as f64 / 1e6,
                 ms / erm.0,
-                peak / (1 << 20) as f64,
-                peak / erm.1
+                mib(plan),
+                mib(train),
+                train / erm.1,
+                mib(eval),
             )?;
         }
     }
-    writeln!(out, "\n(ldt steps are a PM and an AM step on the same batch: compare ldt with 2x erm; ldt-s steps are one phase step each)\n")?;
+    writeln!(out, "\n(ldt steps are a PM and an AM step on the same batch: compare ldt with 2x erm; ldt-s steps are one phase step each. plan: weights + gradients + optimizer state counted from the tensors held; heap: every allocation, measured by the counting allocator, peak over the stage; the counterpart buffer's host arena is counted apart)\n")?;
     writeln!(
         out,
         "| backbone, batch 32, 3x32x32 | precision | params | ms/step | ms forward | ms fwd+bwd |\n|---|---|---|---|---|---|"

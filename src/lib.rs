@@ -7,13 +7,14 @@
 //! -> [`ldt::composite`] (the one network that is kept).
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: heap::Counting = heap::Counting;
 
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod heap;
 pub mod ldt;
 pub mod metrics;
 pub mod model;

@@ -156,7 +156,20 @@ fn train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
         println!("{name:>10}: {}", r.line());
     }
     if let Some(m) = &ctx.summary.memory {
-        println!("memory (bytes): {}", serde_json::to_string(m)?);
+        println!("memory plan (bytes): {}", serde_json::to_string(m)?);
+    }
+    if let Some(m) = &ctx.summary.measured_memory {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let stages: Vec<String> = m
+            .stages
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}", mib(*v)))
+            .collect();
+        println!(
+            "heap peaks (MiB): {}; host arena {:.1}",
+            stages.join(", "),
+            mib(m.host_arena_peak)
+        );
     }
     println!("outputs in {}", dir.display());
     Ok(())

@@ -239,6 +239,80 @@ pub struct MemoryReport {
     pub measured_live_peak: u64,
 }
 
+/// Heap peaks of a run by stage, measured by the counting allocator ([`crate::heap`]):
+/// what a GPU would hold in device memory at each stage's worst moment.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MeasuredMemory {
+    /// Peak heap bytes per stage: `setup` (data, model), `stage1` (warm-ups, statistics),
+    /// `train` (the steps), `eval` (evaluation and selection), `checkpoint`, `export`
+    /// (snapshots and final files).
+    pub stages: BTreeMap<String, u64>,
+    /// Peak heap bytes of the process.
+    pub process_peak: u64,
+    /// Peak bytes of host arenas (the counterpart buffer's RAM tier), counted apart.
+    pub host_arena_peak: u64,
+}
+
+/// The stage a run is in, for [`MeasuredMemory`]: each stage's window of the heap's
+/// peak is closed when another stage is entered or left, so a stage nested in another
+/// (an evaluation during training) is measured on its own and the outer stage without it.
+pub struct StagePeaks {
+    peaks: BTreeMap<&'static str, u64>,
+    current: &'static str,
+    outer: Vec<&'static str>,
+}
+
+impl StagePeaks {
+    /// Starts measuring in stage `setup`.
+    pub fn new() -> Self {
+        crate::heap::take_peak();
+        StagePeaks {
+            peaks: BTreeMap::new(),
+            current: "setup",
+            outer: Vec::new(),
+        }
+    }
+
+    fn close(&mut self) {
+        let p = crate::heap::take_peak();
+        let e = self.peaks.entry(self.current).or_default();
+        *e = (*e).max(p);
+    }
+
+    /// Enters `stage` (inside the current one).
+    pub fn enter(&mut self, stage: &'static str) {
+        self.close();
+        self.outer.push(self.current);
+        self.current = stage;
+    }
+
+    /// Leaves the current stage for the one it was entered from.
+    pub fn exit(&mut self) {
+        self.close();
+        self.current = self.outer.pop().unwrap_or("setup");
+    }
+
+    /// The peaks so far.
+    pub fn report(&mut self) -> MeasuredMemory {
+        self.close();
+        MeasuredMemory {
+            stages: self
+                .peaks
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            process_peak: crate::heap::process_peak(),
+            host_arena_peak: crate::heap::host_arena().1,
+        }
+    }
+}
+
+impl Default for StagePeaks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The partition in `summary.json`: criterion and sets.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PartitionSummary {
@@ -302,9 +376,12 @@ pub struct Summary {
     /// Steps skipped by `train.on_nonfinite = "skip"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_steps: Option<u64>,
-    /// The training stage's memory report.
+    /// The training stage's memory report (computed from the tensors held: the plan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryReport>,
+    /// The heap measured by stage (the physical figures beside the plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_memory: Option<MeasuredMemory>,
     /// Seconds of the training stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_seconds: Option<f64>,

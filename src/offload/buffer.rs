@@ -1,6 +1,6 @@
 //! The counterpart buffer: named slots in one aligned host arena, spilling to a mapped file.
 
-use std::alloc::{self, Layout};
+use std::alloc::Layout;
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::path::PathBuf;
@@ -59,7 +59,8 @@ pub trait HostMemory: Send + Sync {
 /// [`OffloadError::HostAlloc`].
 pub type HostAlloc<'a> = &'a dyn Fn(usize) -> Result<Box<dyn HostMemory>, OffloadError>;
 
-/// Memory from the global allocator, aligned to [`ALIGN`].
+/// Host memory from [`crate::heap::host_alloc`] (counted apart from the heap), aligned
+/// to [`ALIGN`].
 struct StdMemory {
     ptr: NonNull<u8>,
     layout: Layout,
@@ -82,20 +83,20 @@ impl HostMemory for StdMemory {
 
 impl Drop for StdMemory {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed only here.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        // SAFETY: `ptr` came from `host_alloc(self.layout)` and is freed only here.
+        unsafe { crate::heap::host_dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 
-/// Allocates `bytes` (non-zero) bytes aligned to [`ALIGN`] from the global allocator; a
-/// refusal is an error, not an abort.
+/// Allocates `bytes` (non-zero) bytes aligned to [`ALIGN`] as a host arena (counted apart
+/// from the heap, see [`crate::heap`]); a refusal is an error, not an abort.
 pub(crate) fn std_alloc(bytes: usize) -> Result<Box<dyn HostMemory>, OffloadError> {
     let err = || OffloadError::HostAlloc {
         bytes: bytes as u64,
     };
     let layout = Layout::from_size_align(bytes, ALIGN).map_err(|_| err())?;
     // SAFETY: `layout` has a non-zero size (the caller never asks for 0 bytes).
-    let raw = unsafe { alloc::alloc(layout) };
+    let raw = unsafe { crate::heap::host_alloc(layout) };
     let ptr = NonNull::new(raw).ok_or_else(err)?;
     Ok(Box::new(StdMemory { ptr, layout }))
 }

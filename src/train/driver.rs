@@ -231,12 +231,15 @@ fn snapshot(ctx: &RunContext, m: &mut dyn Stepper, step: usize) -> Result<()> {
 /// run and the last model selection.
 fn finish(ctx: &mut RunContext, m: &mut dyn Stepper) -> Result<()> {
     let steps = ctx.cfg.train.steps;
+    ctx.stages.enter("export");
     let nets = candidates(m)?;
     // Branches first, the composite last (as the files were always written).
     for n in nets.iter().skip(1).chain(nets.iter().take(1)) {
         let named = io::named(ctx.net.as_ref(), &n.params, &n.buffers);
         io::save_tensors(&named, &ctx.dir.join(format!("{}.safetensors", n.name)))?;
     }
+    ctx.stages.exit();
+    ctx.stages.enter("eval");
     let head = &nets[0];
     let r = ctx.evaluate(&head.params, &head.buffers)?;
     ctx.log_eval(steps, head.name, &r)?;
@@ -249,6 +252,7 @@ fn finish(ctx: &mut RunContext, m: &mut dyn Stepper) -> Result<()> {
         ctx.log_eval(steps, n.name, &r)?;
         ctx.summary.eval.insert(n.name.into(), r);
     }
+    ctx.stages.exit();
     Ok(())
 }
 
@@ -263,6 +267,7 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
     let progress = Progress::new(cfg.train.method.name(), steps, cfg.train.log_every);
     let mut meter = Meter::default();
     let t0 = Instant::now();
+    ctx.stages.enter("train");
     for step in done + 1..=steps {
         let mut feed = Feed {
             loader: &mut loader,
@@ -278,19 +283,27 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
             progress.update(step, &meter.take().0);
         }
         if cfg.snapshots.at_steps.contains(&step) {
+            ctx.stages.enter("export");
             snapshot(ctx, m, step)?;
+            ctx.stages.exit();
         }
         if cfg.eval.every > 0 && step.is_multiple_of(cfg.eval.every) && step < steps {
+            ctx.stages.enter("eval");
             evaluate(ctx, m, step, &progress)?;
+            ctx.stages.exit();
         }
         if m.can_checkpoint() && ctx.checkpoint_due(step)? {
+            ctx.stages.enter("checkpoint");
             let mut w = Writer::default();
             m.save(ctx, &mut w)?;
-            ctx.checkpoint(step, w)?;
+            let saved = ctx.checkpoint(step, w);
+            ctx.stages.exit();
+            saved?;
         }
     }
     progress.finish();
     m.finish()?;
+    ctx.stages.exit();
     let train_secs = t0.elapsed().as_secs_f64();
     finish(ctx, m)?;
     ctx.record_training(&m.memory(), train_secs, steps - done);

@@ -52,7 +52,9 @@ impl Erm {
                         lr: cfg.stage1.warmup_lr,
                         stage: "warmup",
                     };
+                    ctx.stages.enter("stage1");
                     fit_layers(ctx, &mut state, &mut l, fit)?;
+                    ctx.stages.exit();
                 }
                 (state, Optimizer::new(settings, n))
             }

@@ -70,6 +70,8 @@ pub struct RunContext {
     pub resume: Option<Checkpoint>,
     /// Stop requests from SIGTERM / SIGUSR1 (installed by the CLI).
     pub signals: Option<Signals>,
+    /// Heap peaks by stage.
+    pub stages: metrics::StagePeaks,
     started: Instant,
 }
 
@@ -128,6 +130,8 @@ impl RunContext {
     /// directory that is removed at the end (rank 0 alone writes the run directory);
     /// every rank resumes from the run directory's checkpoints.
     pub fn open(cfg: Config, dir: &Path) -> Result<RunContext> {
+        // The heap's `setup` window: data and model.
+        let stages = crate::metrics::StagePeaks::new();
         // Configs built in code (compare, tests, library users) get the same checks as files.
         cfg.validate()?;
         let run_dir = dir;
@@ -192,6 +196,7 @@ impl RunContext {
             metrics,
             pool,
             summary: Summary::default(),
+            stages,
             started: Instant::now(),
         })
     }
@@ -561,6 +566,7 @@ impl RunContext {
         self.summary.parameters = self.net.numel();
         self.summary.seconds = self.elapsed();
         self.summary.peak_rss_bytes = crate::metrics::peak_rss_bytes();
+        self.summary.measured_memory = Some(self.stages.report());
         self.summary.write(&self.dir.join("summary.json"))
     }
 }

@@ -192,6 +192,14 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
 /// Runs stage 1 on `state` (warm-up changes it; the statistics pass does not) and
 /// returns the partition, also written to `DIR/partition.json`.
 pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
+    ctx.stages.enter("stage1");
+    let p = choose_partition(ctx, state)?;
+    ctx.stages.exit();
+    Ok(p)
+}
+
+/// Stage 1's work (see [`run`]).
+fn choose_partition(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
     let c = ctx.cfg.stage1.clone();
     let ldt = ctx.cfg.ldt.clone();
     warmup(ctx, state)?;

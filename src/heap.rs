@@ -1,0 +1,117 @@
+//! The process's heap, measured: every allocation goes through [`Counting`] (mimalloc
+//! underneath), which keeps the live bytes and their peak. On a CPU the heap holds what a
+//! GPU would hold in device memory — weights, gradients, optimizer state, activations,
+//! staging, temporaries — so these are the physical figures of a run, not a sum of what
+//! the code thinks it holds. The counterpart buffer's host arena (pinned host memory on a
+//! GPU) is allocated through [`host_alloc`] and counted apart.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Live bytes of the counted heap.
+static LIVE: AtomicU64 = AtomicU64::new(0);
+/// Largest `LIVE` since the window started ([`take_peak`]).
+static PEAK: AtomicU64 = AtomicU64::new(0);
+/// Largest `LIVE` since the process started.
+static PROCESS_PEAK: AtomicU64 = AtomicU64::new(0);
+/// Live bytes of host arenas.
+static HOST_LIVE: AtomicU64 = AtomicU64::new(0);
+/// Largest `HOST_LIVE` since the process started.
+static HOST_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// The global allocator of `ldt`: mimalloc, counted.
+pub struct Counting;
+
+fn grow(bytes: usize) {
+    let now = LIVE.fetch_add(bytes as u64, Relaxed) + bytes as u64;
+    PEAK.fetch_max(now, Relaxed);
+    PROCESS_PEAK.fetch_max(now, Relaxed);
+}
+
+fn shrink(bytes: usize) {
+    LIVE.fetch_sub(bytes as u64, Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to mimalloc, which upholds `GlobalAlloc`'s
+// contract; the counters are only read and written atomically beside it.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded from the caller.
+        let p = unsafe { mimalloc::MiMalloc.alloc(layout) };
+        if !p.is_null() {
+            grow(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded from the caller.
+        let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grow(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded from the caller.
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) };
+        shrink(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded from the caller.
+        let p = unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            shrink(layout.size());
+            grow(new_size);
+        }
+        p
+    }
+}
+
+/// Allocates a host arena (the counterpart buffer's RAM tier), counted apart from the
+/// heap: on a GPU it is pinned host memory, not device memory.
+///
+/// # Safety
+/// As [`std::alloc::alloc`]: `layout` has a non-zero size; free with [`host_dealloc`].
+pub unsafe fn host_alloc(layout: Layout) -> *mut u8 {
+    // SAFETY: forwarded from the caller.
+    let p = unsafe { mimalloc::MiMalloc.alloc(layout) };
+    if !p.is_null() {
+        let now = HOST_LIVE.fetch_add(layout.size() as u64, Relaxed) + layout.size() as u64;
+        HOST_PEAK.fetch_max(now, Relaxed);
+    }
+    p
+}
+
+/// Frees a host arena of [`host_alloc`].
+///
+/// # Safety
+/// `ptr` came from [`host_alloc`] with this `layout`.
+pub unsafe fn host_dealloc(ptr: *mut u8, layout: Layout) {
+    // SAFETY: forwarded from the caller.
+    unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) };
+    HOST_LIVE.fetch_sub(layout.size() as u64, Relaxed);
+}
+
+/// Live bytes of the heap now.
+pub fn live() -> u64 {
+    LIVE.load(Relaxed)
+}
+
+/// The heap's peak since the last call (or the process start); the next window starts
+/// at the live bytes of now.
+pub fn take_peak() -> u64 {
+    PEAK.swap(LIVE.load(Relaxed), Relaxed)
+}
+
+/// The heap's peak since the process started.
+pub fn process_peak() -> u64 {
+    PROCESS_PEAK.load(Relaxed)
+}
+
+/// Host-arena bytes: live now, and the peak since the process started.
+pub fn host_arena() -> (u64, u64) {
+    (HOST_LIVE.load(Relaxed), HOST_PEAK.load(Relaxed))
+}

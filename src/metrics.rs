@@ -408,15 +408,6 @@ impl Summary {
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
-
-    /// Reads a run's `summary.json`.
-    pub fn read(path: &Path) -> Result<Summary> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let s = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a run summary", path.display()))?;
-        Ok(s)
-    }
 }
 
 /// Appends JSON records to `DIR/metrics.jsonl`.

@@ -239,11 +239,6 @@ impl CounterpartStore {
         Ok(())
     }
 
-    /// Whether layer `i`'s optimizer state is parked here.
-    pub fn has_state(&self, i: usize) -> bool {
-        self.parked[i].is_some()
-    }
-
     /// Starts loading every parked optimizer state for the next phase change, if it fits
     /// in `offload.staging_bytes` (otherwise [`CounterpartStore::unpark_state`] loads it
     /// synchronously). A no-op while a load is staged.
@@ -435,7 +430,6 @@ mod tests {
             v: Some(t(&[0.25; 4], &[4])),
         };
         s.park_state(1, &st).unwrap();
-        assert!(s.has_state(1) && !s.has_state(0));
         assert_eq!(s.parked_states()[1], Some((7, true, true)));
         s.stage_states().unwrap();
         assert_eq!(s.staged_bytes(), 32);

@@ -26,11 +26,11 @@ use std::sync::Arc;
 /// The store's results.
 pub type Result<T> = std::result::Result<T, OffloadError>;
 
-/// An [`OffloadError::Store`] for `action`.
-fn failed(action: impl Into<String>) -> impl FnOnce(anyhow::Error) -> OffloadError {
-    let action = action.into();
+/// An [`OffloadError::Store`] for what `action` says; the text is made only on failure
+/// (these calls sit on the training path, per layer).
+fn failed<F: FnOnce() -> String>(action: F) -> impl FnOnce(anyhow::Error) -> OffloadError {
     move |e| OffloadError::Store {
-        action,
+        action: action(),
         message: format!("{e:#}"),
     }
 }
@@ -116,7 +116,7 @@ impl CounterpartStore {
         ema: EmaPlacement,
     ) -> Result<Self> {
         let backend = backend_for(device, offload, ema)
-            .map_err(failed("choosing the counterpart backend"))?;
+            .map_err(failed(|| "choosing the counterpart backend".into()))?;
         let mut specs = Vec::new();
         let mut slot = |name: String, numel: usize| {
             specs.push(SlotSpec {
@@ -173,7 +173,7 @@ impl CounterpartStore {
         let l = &self.layers[i];
         self.backend
             .store(t, &self.buf, l.weight)
-            .map_err(failed(format!("parking the weights of `{}`", l.name)))
+            .map_err(failed(|| format!("parking the weights of `{}`", l.name)))
     }
 
     /// Exchanges live tensor `t` with layer `i`'s parked weights, in place.
@@ -182,7 +182,9 @@ impl CounterpartStore {
         let l = &self.layers[i];
         self.backend
             .swap(t, &self.buf, l.weight)
-            .map_err(failed(format!("swapping the counterpart of `{}`", l.name)))
+            .map_err(failed(|| {
+                format!("swapping the counterpart of `{}`", l.name)
+            }))
     }
 
     /// Starts `parked_i = w*parked_i + (1-w)*src` for each `(i, src, w)`: the DPU fold of
@@ -206,7 +208,9 @@ impl CounterpartStore {
         let l = &self.layers[i];
         self.backend
             .fold_into_live(dst, &self.buf, l.weight, w)
-            .map_err(failed(format!("folding the counterpart of `{}`", l.name)))
+            .map_err(failed(|| {
+                format!("folding the counterpart of `{}`", l.name)
+            }))
     }
 
     /// Layer `i`'s parked weights as a new tensor on the live network's device (for
@@ -216,24 +220,29 @@ impl CounterpartStore {
         let l = &self.layers[i];
         self.backend
             .load(&self.buf, l.weight, &l.shape)
-            .map_err(failed(format!("loading the counterpart of `{}`", l.name)))
+            .map_err(failed(|| {
+                format!("loading the counterpart of `{}`", l.name)
+            }))
     }
 
     /// Parks layer `i`'s optimizer state (its branch leaves the device).
     pub fn park_state(&mut self, i: usize, st: &LayerState) -> Result<()> {
         let l = &self.layers[i];
-        let park = failed(format!("parking the optimizer state of `{}`", l.name));
+        let what = || format!("parking the optimizer state of `{}`", l.name);
         if let Some(m) = &st.m {
             let Some(slot) = l.m else {
-                return Err(park(anyhow::anyhow!(
+                return Err(failed(what)(anyhow::anyhow!(
                     "the optimizer keeps a first moment the store has no slot for"
                 )));
             };
-            self.backend.store(m, &self.buf, slot).map_err(park)?;
+            self.backend
+                .store(m, &self.buf, slot)
+                .map_err(failed(what))?;
         }
         if let Some(v) = &st.v {
-            let park = failed(format!("parking the optimizer state of `{}`", l.name));
-            self.backend.store(v, &self.buf, l.v).map_err(park)?;
+            self.backend
+                .store(v, &self.buf, l.v)
+                .map_err(failed(what))?;
         }
         self.parked[i] = Some((st.step, st.m.is_some(), st.v.is_some()));
         Ok(())
@@ -309,10 +318,9 @@ impl CounterpartStore {
         let load = |slot: usize| {
             self.backend
                 .load(&self.buf, slot, &l.shape)
-                .map_err(failed(format!(
-                    "loading the optimizer state of `{}`",
-                    l.name
-                )))
+                .map_err(failed(|| {
+                    format!("loading the optimizer state of `{}`", l.name)
+                }))
         };
         let m = match (has_m, l.m) {
             (true, Some(slot)) => Some(load(slot)?),
@@ -331,7 +339,9 @@ impl CounterpartStore {
                 let spec = self.buf.spec(k);
                 self.backend
                     .read_host(&self.buf, k, &[spec.numel])
-                    .map_err(failed(format!("reading slot {:?} to the host", spec.name)))
+                    .map_err(failed(|| {
+                        format!("reading slot {:?} to the host", spec.name)
+                    }))
             })
             .collect()
     }
@@ -342,7 +352,7 @@ impl CounterpartStore {
         let name = &self.buf.spec(k).name;
         self.backend
             .store(t, &self.buf, k)
-            .map_err(failed(format!("restoring slot {name:?}")))
+            .map_err(failed(|| format!("restoring slot {name:?}")))
     }
 
     /// Slots in the buffer.

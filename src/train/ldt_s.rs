@@ -2,7 +2,7 @@
 //! set for `ldt_s.p_steps` steps, phase A the unstable set for `ldt_s.a_steps` — with the
 //! other branch parked in the counterpart store, and each branch's DPU fold every
 //! `ldt.ema_every` of its own steps. With `ldt_s.repeat_batch` phase A replays phase P's
-//! batches ([`Replay`]; 1/1 phases compute the dual branch bit for bit).
+//! batches ([`Cycle::Replay`]; 1/1 phases compute the dual branch bit for bit).
 
 use super::branches::{self, half_step, Branches};
 use super::driver::{Feed, Net, Outcome, Stepper};
@@ -64,36 +64,54 @@ impl Core {
     }
 }
 
-/// Phases P and A alternating over time, one batch per step.
-pub struct Phases {
-    core: Core,
-    p_len: usize,
-    a_len: usize,
+/// How phases follow each other.
+enum Cycle {
+    /// Phases P (`p_steps`) and A (`a_steps`) alternating over time, one batch a step.
+    Alternate(usize, usize),
+    /// Phase P over `p_steps` batches, then phase A replays them; a step is one replayed
+    /// batch (both branches have then trained on it). Holds the batches not yet replayed,
+    /// with PM's loss on each.
+    Replay(usize, VecDeque<(HostBatch, f32)>),
 }
 
-impl Phases {
+/// The LDT-S step.
+pub struct LdtS {
+    core: Core,
+    cycle: Cycle,
+}
+
+impl LdtS {
     /// Stage 1 (or the checkpoint) and the counterpart store.
     pub fn start(ctx: &mut RunContext, resume: Option<&Checkpoint>) -> Result<Self> {
-        let (p_len, a_len) = (ctx.cfg.ldt_s.p_steps, ctx.cfg.ldt_s.a_steps);
-        Ok(Phases {
-            core: Core::start(ctx, resume, Some((p_len, a_len)))?,
-            p_len,
-            a_len,
+        let (p, a) = (ctx.cfg.ldt_s.p_steps, ctx.cfg.ldt_s.a_steps);
+        // Config validation made p_steps equal a_steps for repeat_batch.
+        let (cycle, phases) = if ctx.cfg.ldt_s.repeat_batch {
+            (Cycle::Replay(p, VecDeque::new()), None)
+        } else {
+            (Cycle::Alternate(p, a), Some((p, a)))
+        };
+        Ok(LdtS {
+            core: Core::start(ctx, resume, phases)?,
+            cycle,
         })
     }
-}
 
-impl Stepper for Phases {
-    fn step(&mut self, ctx: &mut RunContext, step: usize, feed: &mut Feed) -> Result<Outcome> {
+    /// Phases P and A alternating over time, one batch per step.
+    fn alternate(
+        c: &mut Core,
+        (p_len, a_len): (usize, usize),
+        ctx: &mut RunContext,
+        step: usize,
+        feed: &mut Feed,
+    ) -> Result<Outcome> {
         // The position inside the cycle follows from the step, so a resumed run
         // continues mid-phase.
-        let pos = (step - 1) % (self.p_len + self.a_len);
-        let (phase, last) = if pos < self.p_len {
-            (Phase::P, pos + 1 == self.p_len)
+        let pos = (step - 1) % (p_len + a_len);
+        let (phase, last) = if pos < p_len {
+            (Phase::P, pos + 1 == p_len)
         } else {
-            (Phase::A, pos + 1 == self.p_len + self.a_len)
+            (Phase::A, pos + 1 == p_len + a_len)
         };
-        let c = &mut self.core;
         c.b.switch_to(phase)?;
         if last || step == ctx.cfg.train.steps {
             c.b.stage_next()?;
@@ -130,56 +148,19 @@ impl Stepper for Phases {
         })
     }
 
-    fn branches(&mut self) -> Result<Vec<Net>> {
-        two_branches(self.core.b.as_mut())
-    }
-
-    fn composite(&self, branches: &[Net]) -> Option<Net> {
-        Some(composite_of(&self.core.partition, branches))
-    }
-
-    fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {
-        self.core.save(ctx, w)
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        self.core.b.sync()
-    }
-
-    fn memory(&self) -> MemoryReport {
-        self.core.b.memory(&self.core.partition)
-    }
-}
-
-/// Phase P over `ldt_s.p_steps` batches, then phase A replays them; a step is one
-/// replayed batch (both branches have then trained on it).
-pub struct Replay {
-    core: Core,
-    p_len: usize,
-    /// Phase P's batches not yet replayed, with PM's loss on each.
-    pending: VecDeque<(HostBatch, f32)>,
-}
-
-impl Replay {
-    /// Stage 1 (or the checkpoint) and the counterpart store.
-    pub fn start(ctx: &mut RunContext, resume: Option<&Checkpoint>) -> Result<Self> {
-        // Config validation made p_steps equal a_steps.
-        let p_len = ctx.cfg.ldt_s.p_steps;
-        Ok(Replay {
-            core: Core::start(ctx, resume, None)?,
-            p_len,
-            pending: VecDeque::new(),
-        })
-    }
-}
-
-impl Stepper for Replay {
-    fn step(&mut self, ctx: &mut RunContext, step: usize, feed: &mut Feed) -> Result<Outcome> {
-        let c = &mut self.core;
+    /// Phase P over the cycle's batches, then phase A replays them one per step.
+    fn replay(
+        c: &mut Core,
+        p_len: usize,
+        pending: &mut VecDeque<(HostBatch, f32)>,
+        ctx: &mut RunContext,
+        step: usize,
+        feed: &mut Feed,
+    ) -> Result<Outcome> {
         let mut meter = Vec::new();
-        if self.pending.is_empty() {
+        if pending.is_empty() {
             // Phase P over the cycle's batches (fewer at the end of training).
-            let k = self.p_len.min(ctx.cfg.train.steps - step + 1);
+            let k = p_len.min(ctx.cfg.train.steps - step + 1);
             c.b.switch_to(Phase::P)?;
             for j in 0..k {
                 let hb = feed.next_batch()?;
@@ -198,14 +179,14 @@ impl Stepper for Replay {
                     &lrs,
                 )?;
                 meter.push(s);
-                self.pending.push_back((hb, s.loss));
+                pending.push_back((hb, s.loss));
             }
             c.b.switch_to(Phase::A)?;
         }
-        let (hb, loss_pm) = self.pending.pop_front().expect("phase P left a batch");
+        let (hb, loss_pm) = pending.pop_front().expect("phase P left a batch");
         let batch = ctx.batch(&hb)?;
         let lrs = feed.rates.at(step);
-        if self.pending.is_empty() {
+        if pending.is_empty() {
             c.b.stage_next()?;
         }
         let sa = half_step(
@@ -234,6 +215,15 @@ impl Stepper for Replay {
             ..Outcome::default()
         })
     }
+}
+
+impl Stepper for LdtS {
+    fn step(&mut self, ctx: &mut RunContext, step: usize, feed: &mut Feed) -> Result<Outcome> {
+        match &mut self.cycle {
+            Cycle::Alternate(p, a) => Self::alternate(&mut self.core, (*p, *a), ctx, step, feed),
+            Cycle::Replay(p, pending) => Self::replay(&mut self.core, *p, pending, ctx, step, feed),
+        }
+    }
 
     fn branches(&mut self) -> Result<Vec<Net>> {
         two_branches(self.core.b.as_mut())
@@ -244,7 +234,10 @@ impl Stepper for Replay {
     }
 
     fn can_checkpoint(&self) -> bool {
-        self.pending.is_empty()
+        match &self.cycle {
+            Cycle::Alternate(..) => true,
+            Cycle::Replay(_, pending) => pending.is_empty(),
+        }
     }
 
     fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {

@@ -1,6 +1,6 @@
 //! Training: one driver loop ([`driver`]) over small steppers — [`erm`] (erm, lp-ft),
 //! [`dual`] (the dual branch, `ldt` and `deft`, over either branch storage of
-//! [`branches`]) and [`ldt_s`] (LDT-S phases, and its repeat-batch form) — after stage 1
+//! [`branches`]) and [`ldt_s`] (LDT-S: alternating phases, or repeat-batch) — after stage 1
 //! ([`stage1`]), all sharing one run context ([`run`]) and one gradient step ([`step`]).
 
 pub mod branches;
@@ -30,8 +30,7 @@ pub fn run_method(ctx: &mut RunContext) -> Result<()> {
     let mut stepper: Box<dyn Stepper> = match ctx.cfg.train.method {
         Method::Erm | Method::LpFt => Box::new(erm::Erm::start(ctx, r)?),
         Method::Ldt | Method::Deft => Box::new(dual::Dual::start(ctx, r)?),
-        Method::LdtS if ctx.cfg.ldt_s.repeat_batch => Box::new(ldt_s::Replay::start(ctx, r)?),
-        Method::LdtS => Box::new(ldt_s::Phases::start(ctx, r)?),
+        Method::LdtS => Box::new(ldt_s::LdtS::start(ctx, r)?),
     };
     driver::drive(ctx, stepper.as_mut(), done)?;
     if ctx.dir.join("partition.json").exists() {

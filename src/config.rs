@@ -388,6 +388,10 @@ pub struct Stage1Config {
     pub stat_batch_size: usize,
     /// `var`, `var_cross`, `mean`, `var_over_mean`, `random` or `names`.
     pub criterion: Criterion,
+    /// Also compute `var_cross` (per-element variance across batches) for the report when
+    /// the criterion does not need it: it holds two f64 moments per parameter (4x the f32
+    /// weights) through the statistics pass. Otherwise it is reported as NaN.
+    pub cross_variance: bool,
     /// Fraction of layers that go to the unstable set, in [0, 1].
     pub unstable_ratio: f64,
     /// `names` criterion: name prefixes of the stable set.
@@ -409,6 +413,7 @@ impl Default for Stage1Config {
             stat_batches: 300,
             stat_batch_size: 4,
             criterion: Criterion::Var,
+            cross_variance: false,
             unstable_ratio: 0.5,
             stable_names: Vec::new(),
             unstable_names: Vec::new(),
@@ -533,6 +538,18 @@ pub enum EmaPlacement {
     Mapped,
 }
 
+/// Where the optimizer keeps its state and runs (`offload.optimizer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerPlacement {
+    /// Beside the weights, on the compute device.
+    Device,
+    /// In host memory: each trained gradient comes to the host, a fused multi-threaded
+    /// update runs on f32 master weights and moments there, and the updated weights go
+    /// back (the same arithmetic and bits as `device`).
+    Host,
+}
+
 /// `[offload]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -548,6 +565,13 @@ pub struct OffloadSettings {
     /// Where a GPU run folds the counterparts: `host` (worker threads), `device` (a PTX
     /// kernel in device memory) or `mapped` (a PTX kernel on the pinned host buffer).
     pub ema: EmaPlacement,
+    /// Where the trained sets' optimizer state lives: `device` or `host`.
+    pub optimizer: OptimizerPlacement,
+    /// The device memory the run may plan for, in bytes (0 = no limit): a run whose
+    /// planned peak (weights, gradients, device optimizer state, staging, activations)
+    /// exceeds it stops before stage 1, naming the largest consumers and the settings
+    /// that shrink them.
+    pub device_bytes: u64,
 }
 
 impl Default for OffloadSettings {
@@ -558,6 +582,8 @@ impl Default for OffloadSettings {
             staging_bytes: 64 << 20,
             threads: 2,
             ema: EmaPlacement::Host,
+            optimizer: OptimizerPlacement::Device,
+            device_bytes: 0,
         }
     }
 }

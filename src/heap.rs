@@ -106,6 +106,18 @@ pub fn take_peak() -> u64 {
     PEAK.swap(LIVE.load(Relaxed), Relaxed)
 }
 
+/// Runs `f` and returns its result with the heap's peak above the live bytes at its
+/// start (what `f` needed at its worst moment). The window of [`take_peak`] around it
+/// is kept: an enclosing stage still sees this peak.
+pub fn peak_during<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    let outer = take_peak();
+    let start = live();
+    let r = f();
+    let inner = take_peak();
+    PEAK.fetch_max(outer.max(inner), Relaxed);
+    (r, inner.saturating_sub(start))
+}
+
 /// The heap's peak since the process started.
 pub fn process_peak() -> u64 {
     PROCESS_PEAK.load(Relaxed)

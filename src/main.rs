@@ -155,8 +155,19 @@ fn train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
     for (name, r) in &ctx.summary.eval {
         println!("{name:>10}: {}", r.line());
     }
-    if let Some(m) = &ctx.summary.memory {
-        println!("memory plan (bytes): {}", serde_json::to_string(m)?);
+    if let (Some(p), Some(m)) = (&ctx.summary.memory, &ctx.summary.measured_memory) {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        println!(
+            "device memory (MiB): planned {:.1} (weights {:.1}, gradients {:.1}, optimizer {:.1}, \
+             staging {:.1}, activations {:.1}); measured in training {:.1}",
+            mib(p.device_peak),
+            mib(p.live_weights),
+            mib(p.gradients),
+            mib(p.optimizer),
+            mib(p.staging),
+            mib(p.activations),
+            mib(m.device("train").unwrap_or(0))
+        );
     }
     if let Some(m) = &ctx.summary.measured_memory {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
@@ -166,9 +177,10 @@ fn train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
             .map(|(k, v)| format!("{k} {:.1}", mib(*v)))
             .collect();
         println!(
-            "heap peaks (MiB): {}; host arena {:.1}",
+            "heap peaks (MiB): {}; host arena {:.1}; host baseline {:.1} (data, logs)",
             stages.join(", "),
-            mib(m.host_arena_peak)
+            mib(m.host_arena_peak),
+            mib(m.baseline)
         );
     }
     println!("outputs in {}", dir.display());

@@ -237,6 +237,18 @@ pub struct MemoryReport {
     /// Measured peak of the same sum over the run, from the tensors actually held
     /// (weights, the gradients of the step, every live optimizer-state tensor).
     pub measured_live_peak: u64,
+    /// Activations and temporaries of one micro-batch's forward and backward (the probe
+    /// of `train::memory::activations`).
+    #[serde(default)]
+    pub activations: u64,
+    /// The planned device peak of training: `live_peak + activations` (compare with the
+    /// measured `train` stage of `measured_memory`).
+    #[serde(default)]
+    pub device_peak: u64,
+    /// Optimizer state and master weights kept in host memory (`offload.optimizer =
+    /// "host"`).
+    #[serde(default)]
+    pub host_optimizer: u64,
 }
 
 /// Heap peaks of a run by stage, measured by the counting allocator ([`crate::heap`]):
@@ -251,12 +263,27 @@ pub struct MeasuredMemory {
     pub process_peak: u64,
     /// Peak bytes of host arenas (the counterpart buffer's RAM tier), counted apart.
     pub host_arena_peak: u64,
+    /// Heap bytes held before the network's weights (the data, the configuration, the
+    /// logs): host memory on a GPU. A stage's peak minus this is the device's share.
+    #[serde(default)]
+    pub baseline: u64,
+}
+
+impl MeasuredMemory {
+    /// The device's share of `stage`'s peak: the peak minus [`MeasuredMemory::baseline`].
+    pub fn device(&self, stage: &str) -> Option<u64> {
+        self.stages
+            .get(stage)
+            .map(|p| p.saturating_sub(self.baseline))
+    }
 }
 
 /// The stage a run is in, for [`MeasuredMemory`]: each stage's window of the heap's
 /// peak is closed when another stage is entered or left, so a stage nested in another
 /// (an evaluation during training) is measured on its own and the outer stage without it.
 pub struct StagePeaks {
+    /// See [`MeasuredMemory::baseline`].
+    pub baseline: u64,
     peaks: BTreeMap<&'static str, u64>,
     current: &'static str,
     outer: Vec<&'static str>,
@@ -267,6 +294,7 @@ impl StagePeaks {
     pub fn new() -> Self {
         crate::heap::take_peak();
         StagePeaks {
+            baseline: 0,
             peaks: BTreeMap::new(),
             current: "setup",
             outer: Vec::new(),
@@ -303,6 +331,7 @@ impl StagePeaks {
                 .collect(),
             process_peak: crate::heap::process_peak(),
             host_arena_peak: crate::heap::host_arena().1,
+            baseline: self.baseline,
         }
     }
 }

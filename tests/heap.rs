@@ -68,4 +68,126 @@ every = 3
     );
     assert!(m.process_peak >= *m.stages.values().max().unwrap());
     assert_eq!(m.host_arena_peak, plan.counterparts_ram);
+
+    plan_matches_the_measurement();
+    ldt_s_holds_no_more_than_erm_and_its_buffer();
+    a_budget_too_small_stops_before_stage_1();
+}
+
+/// A short run of `arch` / `method` on the bundled data; `extra` overrides.
+fn short_run(
+    arch: &str,
+    method: &str,
+    extra: &[&str],
+) -> (tempfile::TempDir, ldt::train::RunContext) {
+    let toml = format!(
+        r#"
+seed = 1
+threads = 2
+[model]
+arch = "{arch}"
+patch = 7
+width = 64
+depth = 2
+heads = 2
+[train]
+method = "{method}"
+steps = 6
+batch_size = 8
+[stage1]
+stat_batches = 3
+[ldt_s]
+p_steps = 3
+a_steps = 3
+"#
+    );
+    let mut o = vec![bundled_manifest()];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    let o: Vec<&str> = o.iter().map(|s| s.as_str()).collect();
+    run(&toml, &o)
+}
+
+/// The plan (weights + gradients + optimizer state + staging + the probed activations)
+/// equals the measured peak of the training stage within 10% on every backbone, for a
+/// method that trains everything and for LDT-S.
+fn plan_matches_the_measurement() {
+    for arch in ["cnn", "resnet18", "vit"] {
+        for method in ["erm", "ldt-s"] {
+            let (_d, ctx) = short_run(arch, method, &[]);
+            let plan = ctx.summary.memory.expect("plan");
+            let m = ctx.summary.measured_memory.as_ref().unwrap();
+            let train = m.device("train").unwrap();
+            let rel = plan.device_peak as f64 / train as f64 - 1.0;
+            eprintln!(
+                "{arch} {method}: plan {} (activations {}) measured {train} ({:+.1}%)",
+                plan.device_peak,
+                plan.activations,
+                100.0 * rel
+            );
+            assert!(
+                plan.activations > 0,
+                "{arch} {method}: no activations planned"
+            );
+            assert!(
+                rel.abs() <= 0.10,
+                "{arch} {method}: plan {} vs measured {train} ({:+.1}%)",
+                plan.device_peak,
+                100.0 * rel
+            );
+        }
+    }
+}
+
+/// LDT-S on resnet18: its training and evaluation peaks stay within 10% of erm's (one
+/// network at a time, parked layers swapped in to be looked at), and the process with
+/// the counterpart buffer within erm's plus the buffer plus 10%.
+fn ldt_s_holds_no_more_than_erm_and_its_buffer() {
+    let peaks = |method: &str| {
+        let (_d, ctx) = short_run("resnet18", method, &["eval.every=3"]);
+        ctx.summary.measured_memory.clone().unwrap()
+    };
+    let (erm, s) = (peaks("erm"), peaks("ldt-s"));
+    eprintln!("erm {erm:?}\nldt-s {s:?}");
+    for stage in ["train", "eval"] {
+        let (a, b) = (s.device(stage).unwrap(), erm.device(stage).unwrap());
+        assert!(
+            a as f64 <= 1.10 * b as f64,
+            "{stage}: ldt-s {a} vs erm {b} (device share)"
+        );
+    }
+    let process = |m: &ldt::metrics::MeasuredMemory| m.process_peak + m.host_arena_peak;
+    assert!(
+        process(&s) as f64 <= 1.10 * (process(&erm) + s.host_arena_peak) as f64,
+        "process: ldt-s {} vs erm {} + buffer {}",
+        process(&s),
+        process(&erm),
+        s.host_arena_peak
+    );
+}
+
+/// `offload.device_bytes` below the plan stops the run before stage 1 (no statistics,
+/// no partition), naming the budget and the consumers with what shrinks them.
+fn a_budget_too_small_stops_before_stage_1() {
+    let toml = r#"
+[model]
+arch = "cnn"
+[train]
+method = "ldt-s"
+[offload]
+device_bytes = 1000000
+"#;
+    let cfg = ldt::config::Config::from_toml(toml, "test", &[bundled_manifest()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = ldt::train::RunContext::open(cfg, dir.path()).unwrap();
+    let err = format!("{:#}", ldt::train::run_method(&mut ctx).unwrap_err());
+    for want in [
+        "offload.device_bytes = 1000000",
+        "activations",
+        "train.batch_size",
+        "optimizer state",
+        "offload.optimizer",
+    ] {
+        assert!(err.contains(want), "`{want}` missing from: {err}");
+    }
+    assert!(!dir.path().join("partition.json").exists(), "stage 1 ran");
 }

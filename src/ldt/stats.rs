@@ -1,13 +1,15 @@
 //! Streaming per-layer gradient statistics in f64 (stage 1). Nothing per batch is kept:
 //! each layer holds a running (count, mean, M2) over all its gradient entries (Chan's
-//! parallel merge of per-batch two-pass moments) and per-element Welford moments across
-//! batches, so memory is O(model) whatever the number of statistics batches.
+//! parallel merge of per-batch two-pass moments) and, only where `var_cross` is wanted,
+//! per-element Welford moments across batches (16 bytes per parameter), so memory is
+//! O(1) per layer, or O(model), whatever the number of statistics batches.
 
 use serde::{Deserialize, Serialize};
 
 /// Running statistics of one layer's gradients over the statistics batches.
 #[derive(Clone, Debug)]
 pub struct LayerAccumulator {
+    numel: usize,
     batches: u64,
     entries: u64,
     mean: f64,
@@ -22,7 +24,8 @@ pub struct LayerStats {
     /// Unbiased variance of all entries of the stacked gradients (`torch.var(torch.stack(g))`).
     #[serde(with = "non_finite")]
     pub var: f64,
-    /// Per-element unbiased variance across batches, averaged over the layer.
+    /// Per-element unbiased variance across batches, averaged over the layer (NaN where
+    /// not computed: `stage1.cross_variance` off and another criterion).
     #[serde(with = "non_finite")]
     pub var_cross: f64,
     /// Mean of all entries of the stacked gradients.
@@ -74,15 +77,18 @@ pub mod non_finite {
 }
 
 impl LayerAccumulator {
-    /// An empty accumulator for a layer of `numel` elements.
-    pub fn new(numel: usize) -> Self {
+    /// An empty accumulator for a layer of `numel` elements; `cross`: also the
+    /// per-element moments of `var_cross`.
+    pub fn new(numel: usize, cross: bool) -> Self {
+        let elems = if cross { numel } else { 0 };
         LayerAccumulator {
+            numel,
             batches: 0,
             entries: 0,
             mean: 0.0,
             m2: 0.0,
-            elem_mean: vec![0.0; numel],
-            elem_m2: vec![0.0; numel],
+            elem_mean: vec![0.0; elems],
+            elem_m2: vec![0.0; elems],
         }
     }
 
@@ -90,7 +96,7 @@ impl LayerAccumulator {
     pub fn add(&mut self, g: &[f32]) {
         assert_eq!(
             g.len(),
-            self.elem_mean.len(),
+            self.numel,
             "gradient size differs from the layer size"
         );
         let nb = g.len() as f64;
@@ -170,7 +176,7 @@ mod tests {
     }
 
     fn check(batches: &[Vec<f32>], tol: f64) {
-        let mut acc = LayerAccumulator::new(batches[0].len());
+        let mut acc = LayerAccumulator::new(batches[0].len(), true);
         for b in batches {
             acc.add(b);
         }
@@ -195,6 +201,26 @@ mod tests {
         let batches: Vec<Vec<f32>> = (0..37).map(|_| r.uniform_vec(101, -1.0, 1.0)).collect();
         // Measured ~1e-15 relative.
         check(&batches, 1e-12);
+    }
+
+    #[test]
+    fn without_cross_moments_the_other_statistics_are_the_same_bits() {
+        let mut r = Rng::new(5, 0);
+        let batches: Vec<Vec<f32>> = (0..9).map(|_| r.uniform_vec(33, -1.0, 1.0)).collect();
+        let (mut with, mut without) = (
+            LayerAccumulator::new(33, true),
+            LayerAccumulator::new(33, false),
+        );
+        for b in &batches {
+            with.add(b);
+            without.add(b);
+        }
+        let (a, b) = (with.finish(), without.finish());
+        assert_eq!(
+            (a.var, a.mean, a.var_over_mean),
+            (b.var, b.mean, b.var_over_mean)
+        );
+        assert!(a.var_cross.is_finite() && b.var_cross.is_nan());
     }
 
     #[test]

@@ -156,7 +156,7 @@ pub fn conv2d(
         stride,
         pad,
     }))?;
-    let mut y = cols.matmul(&w.reshape((o, c * kh * kw))?.t()?)?;
+    let mut y = super::matmul::matmul(&cols, &w.reshape((o, c * kh * kw))?.t()?)?;
     if let Some(b) = b {
         y = y.broadcast_add(b)?;
     }

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
+    let y = super::matmul::matmul(x, &w.t()?)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -522,7 +522,7 @@ pub fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     let mut dims = x.dims().to_vec();
     let last = dims.pop().unwrap_or(1);
     let rows: usize = dims.iter().product();
-    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let y = super::matmul::matmul(&x.reshape((rows, last))?, &w.t()?)?;
     let y = match b {
         Some(b) => add_bias(&y, b)?,
         None => y,

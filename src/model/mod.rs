@@ -10,6 +10,7 @@ mod conv;
 pub mod dispatch;
 pub mod io;
 pub mod layers;
+mod matmul;
 pub mod mlp;
 pub mod resnet;
 pub mod vit;

@@ -177,7 +177,7 @@ fn conv_no_bias(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result
     }
     let (n, _, h, wd) = x.dims4()?;
     let cols = x.permute((0, 2, 3, 1))?.reshape((n * h * wd, c))?;
-    let y = cols.matmul(&w.reshape((o, c))?.t()?)?;
+    let y = super::matmul::matmul(&cols, &w.reshape((o, c))?.t()?)?;
     Ok(y.reshape((n, h, wd, o))?
         .permute((0, 3, 1, 2))?
         .contiguous()?)

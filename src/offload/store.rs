@@ -213,18 +213,6 @@ impl CounterpartStore {
             }))
     }
 
-    /// Layer `i`'s parked weights as a new tensor on the live network's device (for
-    /// evaluation and export).
-    pub fn parked_weights(&mut self, i: usize) -> Result<Tensor> {
-        self.sync()?;
-        let l = &self.layers[i];
-        self.backend
-            .load(&self.buf, l.weight, &l.shape)
-            .map_err(failed(|| {
-                format!("loading the counterpart of `{}`", l.name)
-            }))
-    }
-
     /// Parks layer `i`'s optimizer state (its branch leaves the device).
     pub fn park_state(&mut self, i: usize, st: &LayerState) -> Result<()> {
         let l = &self.layers[i];
@@ -428,9 +416,7 @@ mod tests {
         s.park_weights(1, &b0).unwrap();
         let live = t(&[10.0, 20.0, 30.0, 40.0], &[4]);
         s.fold_into_parked(vec![(1, live.clone(), 0.5)]);
-        // Reads wait for the fold in flight: 0.5 * parked + 0.5 * live.
-        let parked = s.parked_weights(1).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(parked, [5.5, 11.0, 16.5, 22.0]);
+        // A swap waits for the fold in flight: 0.5 * parked + 0.5 * live comes in.
         s.swap_weights(1, &live).unwrap();
         assert_eq!(live.to_vec1::<f32>().unwrap(), [5.5, 11.0, 16.5, 22.0]);
         // Optimizer state parks and comes back, staged or loaded.

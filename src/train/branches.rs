@@ -3,6 +3,7 @@
 //! store. The dual branch and LDT-S are written once over [`Branches`] and compute the
 //! same bits on either.
 
+use super::driver::Visitor;
 use super::memory::{self, LiveMeter};
 use super::step::{apply, gradients, Batch, GradPlan, StepStats};
 use super::RunContext;
@@ -37,16 +38,45 @@ pub trait Branches {
     /// The DPU fold of `branch`'s trained set into the other branch's frozen copy, with
     /// every layer's coefficient times `factor`.
     fn fold(&mut self, partition: &Partition, branch: Phase, factor: f64) -> Result<()>;
-    /// The weights of `branch`, wherever they live.
-    fn params(&mut self, branch: Phase) -> Result<Vec<Tensor>>;
-    /// The buffers of `branch`.
-    fn buffers(&self, branch: Phase) -> Vec<Tensor>;
+    /// Calls `f` with the weights and buffers of `view`, where they live: layers of the
+    /// parked branch are swapped into the live network and back (bit for bit), never
+    /// copied, so no second network is ever held on the device.
+    fn visit(&mut self, view: View, partition: &Partition, f: &mut Visitor) -> Result<()>;
     /// Adds both branches to checkpoint `w`.
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()>;
     /// Waits for work in flight.
     fn sync(&mut self) -> Result<()>;
     /// The memory report of this storage for `partition`.
     fn memory(&self, partition: &Partition) -> MemoryReport;
+}
+
+/// A network made of the branches' layers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum View {
+    /// PM or AM.
+    Branch(Phase),
+    /// The kept network: stable layers from AM's copy, unstable layers and buffers from
+    /// PM's.
+    Composite,
+}
+
+impl View {
+    /// The branch layer `i` comes from.
+    fn layer(self, partition: &Partition, i: usize) -> Phase {
+        match self {
+            View::Branch(b) => b,
+            View::Composite if partition.is_stable(i) => Phase::A,
+            View::Composite => Phase::P,
+        }
+    }
+
+    /// The branch the buffers come from.
+    fn buffers(self) -> Phase {
+        match self {
+            View::Branch(b) => b,
+            View::Composite => Phase::P,
+        }
+    }
 }
 
 /// One optimizer step of live branch `phase` on `batch`: forward and backward of its
@@ -167,15 +197,19 @@ impl Branches for Resident {
         Ok(())
     }
 
-    fn params(&mut self, branch: Phase) -> Result<Vec<Tensor>> {
-        Ok(self.branch(branch).0.frozen_view())
-    }
-
-    fn buffers(&self, branch: Phase) -> Vec<Tensor> {
-        match branch {
-            Phase::P => self.pm.buffers.clone(),
-            Phase::A => self.am.buffers.clone(),
-        }
+    fn visit(&mut self, view: View, partition: &Partition, f: &mut Visitor) -> Result<()> {
+        let state = |b: Phase| match b {
+            Phase::P => &self.pm,
+            Phase::A => &self.am,
+        };
+        let params: Vec<Tensor> = (0..self.pm.params.len())
+            .map(|i| {
+                state(view.layer(partition, i)).params[i]
+                    .as_tensor()
+                    .detach()
+            })
+            .collect();
+        f(&params, &state(view.buffers()).buffers)
     }
 
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
@@ -332,6 +366,21 @@ impl Parked {
     }
 }
 
+impl Parked {
+    /// Exchanges layers `layers` (and with `buffers` the buffers) of the live network
+    /// with their parked counterparts.
+    fn swap_in(&mut self, layers: &[usize], buffers: bool) -> Result<()> {
+        for &i in layers {
+            self.store
+                .swap_weights(i, self.live.params[i].as_tensor())?;
+        }
+        if let (true, Some(pb)) = (buffers, &mut self.parked_buffers) {
+            std::mem::swap(pb, &mut self.live.buffers);
+        }
+        Ok(())
+    }
+}
+
 impl Branches for Parked {
     fn live(&self) -> Option<Phase> {
         Some(self.phase)
@@ -341,10 +390,8 @@ impl Branches for Parked {
         if phase == self.phase {
             return Ok(());
         }
-        self.store.sync()?;
-        for (i, p) in self.live.params.iter().enumerate() {
-            self.store.swap_weights(i, p.as_tensor())?;
-        }
+        let all: Vec<usize> = (0..self.live.params.len()).collect();
+        self.swap_in(&all, true)?;
         let (out_opt, in_opt) = match self.phase {
             Phase::P => (&mut self.opt_p, &mut self.opt_a),
             Phase::A => (&mut self.opt_a, &mut self.opt_p),
@@ -356,9 +403,6 @@ impl Branches for Parked {
             } else if let Some(st) = self.store.unpark_state(i)? {
                 in_opt.put_state(i, Some(st));
             }
-        }
-        if let Some(pb) = &mut self.parked_buffers {
-            std::mem::swap(pb, &mut self.live.buffers);
         }
         self.phase = phase;
         Ok(())
@@ -413,24 +457,16 @@ impl Branches for Parked {
         Ok(())
     }
 
-    fn params(&mut self, branch: Phase) -> Result<Vec<Tensor>> {
-        self.store.sync()?;
-        (0..self.live.params.len())
-            .map(|i| {
-                if branch == self.phase {
-                    Ok(self.live.params[i].as_tensor().copy()?)
-                } else {
-                    Ok(self.store.parked_weights(i)?)
-                }
-            })
-            .collect()
-    }
-
-    fn buffers(&self, branch: Phase) -> Vec<Tensor> {
-        match &self.parked_buffers {
-            Some(pb) if branch != self.phase => pb.clone(),
-            _ => self.live.buffers.clone(),
-        }
+    fn visit(&mut self, view: View, partition: &Partition, f: &mut Visitor) -> Result<()> {
+        let parked: Vec<usize> = (0..self.live.params.len())
+            .filter(|&i| view.layer(partition, i) != self.phase)
+            .collect();
+        let swap_buffers = self.parked_buffers.is_some() && view.buffers() != self.phase;
+        self.swap_in(&parked, swap_buffers)?;
+        let seen = f(&self.live.frozen_view(), &self.live.buffers);
+        // A swap is its own inverse: the second one restores the live branch exactly.
+        self.swap_in(&parked, swap_buffers)?;
+        seen
     }
 
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
@@ -493,7 +529,7 @@ pub fn open(
         Some(ck) => {
             let partition = super::stage1::resume_partition(ctx, ck)?;
             let net = ctx.net.as_ref();
-            let b: Box<dyn Branches> = match store {
+            let mut b: Box<dyn Branches> = match store {
                 Some(store) => {
                     let live = ck.net("live", net)?;
                     let mut b = Parked::new(live, store, settings, per_branch_buffers)?;
@@ -502,11 +538,18 @@ pub fn open(
                 }
                 None => Box::new(Resident::resume(ck, net, settings)?),
             };
+            let live = b.live().unwrap_or(Phase::P);
+            ctx.plan_memory(b.state(live))?;
+            let masks = [partition.mask(Phase::P), partition.mask(Phase::A)];
+            ctx.refine_activations(b.state(live), &masks)?;
             (b, partition)
         }
         None => {
             let mut start = ctx.initial_state()?;
+            ctx.plan_memory(&start)?;
             let partition = super::stage1::run(ctx, &mut start)?;
+            let masks = [partition.mask(Phase::P), partition.mask(Phase::A)];
+            ctx.refine_activations(&start, &masks)?;
             let b: Box<dyn Branches> = match store {
                 Some(store) => Box::new(Parked::new(start, store, settings, per_branch_buffers)?),
                 None => Box::new(Resident::new(start, settings, n)?),

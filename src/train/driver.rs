@@ -4,6 +4,7 @@
 //! model selection, checkpoints and stop signals, and at the end the exported files, the
 //! final evaluation and the training summary.
 
+use super::run::Fingerprints;
 use super::step::StepStats;
 use super::RunContext;
 use crate::checkpoint::Writer;
@@ -18,16 +19,8 @@ use anyhow::Result;
 use candle_core::Tensor;
 use std::time::Instant;
 
-/// A network a method holds, by name (`model`; `pm`, `am`; `composite`), read where it
-/// lives.
-pub struct Net {
-    /// Name in files, logs and `summary.json`.
-    pub name: &'static str,
-    /// Parameters in model order.
-    pub params: Vec<Tensor>,
-    /// Buffers in model order.
-    pub buffers: Vec<Tensor>,
-}
+/// What [`Stepper::visit`] calls with a network's weights and buffers, in model order.
+pub type Visitor<'a> = dyn FnMut(&[Tensor], &[Tensor]) -> Result<()> + 'a;
 
 /// Per-layer learning rates at any step: `optim.lr_groups` and the schedule.
 pub struct Rates<'a> {
@@ -99,11 +92,13 @@ pub struct Outcome {
 pub trait Stepper {
     /// Runs optimizer step `step` (1-based) with batches and rates from `feed`.
     fn step(&mut self, ctx: &mut RunContext, step: usize, feed: &mut Feed) -> Result<Outcome>;
-    /// The networks the method trains, read where they live: `model`, or `pm` and `am`.
-    fn branches(&mut self) -> Result<Vec<Net>>;
-    /// The network that is kept, built from [`Stepper::branches`]: the composite for
-    /// LDT; `None` when the one branch is the result.
-    fn composite(&self, branches: &[Net]) -> Option<Net>;
+    /// The networks the method holds, by name in files, logs and `summary.json`, the
+    /// one that is kept first: `model`, or `composite`, `pm`, `am`.
+    fn networks(&self) -> &'static [&'static str];
+    /// Calls `f` with network `k` of [`Stepper::networks`], read where it lives: a parked
+    /// branch is swapped into the live network's memory and back, never copied whole,
+    /// so looking at any network costs no more device memory than training.
+    fn visit(&mut self, k: usize, f: &mut Visitor) -> Result<()>;
     /// Whether a checkpoint now holds everything needed to continue (LDT-S with
     /// `repeat_batch`: not while replayed batches are pending).
     fn can_checkpoint(&self) -> bool {
@@ -157,16 +152,6 @@ impl Meter {
     }
 }
 
-/// The networks to evaluate, headline first: the composite and then the branches, or
-/// the one branch.
-fn candidates(m: &mut dyn Stepper) -> Result<Vec<Net>> {
-    let branches = m.branches()?;
-    Ok(match m.composite(&branches) {
-        Some(c) => std::iter::once(c).chain(branches).collect(),
-        None => branches,
-    })
-}
-
 /// The step's `train` record.
 fn record(step: usize, lr: f64, o: &Outcome) -> Record {
     Record::Train(TrainRecord {
@@ -181,79 +166,77 @@ fn record(step: usize, lr: f64, o: &Outcome) -> Record {
     })
 }
 
-/// Evaluation at `step`: the headline network (logged and printed), model selection
-/// over every candidate, and with `eval.branches` each branch.
+/// Evaluation at `step`, one network at a time: the headline network (logged and
+/// printed), model selection over every network, and with `eval.branches` each branch.
 fn evaluate(
     ctx: &mut RunContext,
     m: &mut dyn Stepper,
     step: usize,
     progress: &Progress,
 ) -> Result<()> {
-    let nets = candidates(m)?;
-    let head = &nets[0];
-    let r = ctx.evaluate(&head.params, &head.buffers)?;
-    progress.println(&format!("eval @{step}: {} {}", head.name, r.line()));
-    ctx.log_eval(step, head.name, &r)?;
-    ctx.select(step, &as_candidates(&nets))?;
-    if ctx.cfg.eval.branches {
-        for n in &nets[1..] {
-            let r = ctx.evaluate(&n.params, &n.buffers)?;
-            ctx.log_eval(step, n.name, &r)?;
+    for (k, &name) in m.networks().iter().enumerate() {
+        let report = k == 0 || ctx.cfg.eval.branches;
+        if !report && !ctx.selecting() {
+            continue;
         }
+        m.visit(k, &mut |params, buffers| {
+            if report {
+                let r = ctx.evaluate(params, buffers)?;
+                if k == 0 {
+                    progress.println(&format!("eval @{step}: {name} {}", r.line()));
+                }
+                ctx.log_eval(step, name, &r)?;
+            }
+            ctx.consider(step, name, params, buffers)
+        })?;
     }
     Ok(())
-}
-
-fn as_candidates(nets: &[Net]) -> Vec<(&str, Vec<Tensor>, Vec<Tensor>)> {
-    nets.iter()
-        .map(|n| (n.name, n.params.clone(), n.buffers.clone()))
-        .collect()
 }
 
 /// `step{N}.safetensors` of the one network, or `step{N}_pm` / `_am` of the branches.
 fn snapshot(ctx: &RunContext, m: &mut dyn Stepper, step: usize) -> Result<()> {
-    let branches = m.branches()?;
-    let one = branches.len() == 1;
-    for b in &branches {
-        let file = if one {
-            format!("step{step}.safetensors")
-        } else {
-            format!("step{step}_{}.safetensors", b.name)
-        };
-        let named = io::named(ctx.net.as_ref(), &b.params, &b.buffers);
-        io::save_tensors(&named, &ctx.dir.join(file))?;
+    let names = m.networks();
+    if let [_] = names {
+        return m.visit(0, &mut |params, buffers| {
+            let named = io::named(ctx.net.as_ref(), params, buffers);
+            io::save_tensors(&named, &ctx.dir.join(format!("step{step}.safetensors")))
+        });
+    }
+    // The branches; the composite is made from them.
+    for (k, name) in names.iter().enumerate().skip(1) {
+        m.visit(k, &mut |params, buffers| {
+            let named = io::named(ctx.net.as_ref(), params, buffers);
+            let file = format!("step{step}_{name}.safetensors");
+            io::save_tensors(&named, &ctx.dir.join(file))
+        })?;
     }
     Ok(())
 }
 
-/// After the last step: every network as `NAME.safetensors`, the final evaluation of
-/// each (the headline into `summary.json` first), the replica check of a data-parallel
-/// run and the last model selection.
+/// After the last step, one network at a time: `NAME.safetensors`, the final
+/// evaluation (into `summary.json`), model selection and the fingerprint for the replica
+/// check of a data-parallel run.
 fn finish(ctx: &mut RunContext, m: &mut dyn Stepper) -> Result<()> {
     let steps = ctx.cfg.train.steps;
-    ctx.stages.enter("export");
-    let nets = candidates(m)?;
-    // Branches first, the composite last (as the files were always written).
-    for n in nets.iter().skip(1).chain(nets.iter().take(1)) {
-        let named = io::named(ctx.net.as_ref(), &n.params, &n.buffers);
-        io::save_tensors(&named, &ctx.dir.join(format!("{}.safetensors", n.name)))?;
+    let mut prints = Fingerprints::default();
+    for (k, &name) in m.networks().iter().enumerate() {
+        m.visit(k, &mut |params, buffers| {
+            ctx.stages.enter("export");
+            let named = io::named(ctx.net.as_ref(), params, buffers);
+            let saved = io::save_tensors(&named, &ctx.dir.join(format!("{name}.safetensors")));
+            ctx.stages.exit();
+            saved?;
+            ctx.stages.enter("eval");
+            let r = ctx.evaluate(params, buffers)?;
+            ctx.log_eval(steps, name, &r)?;
+            ctx.consider(steps, name, params, buffers)?;
+            ctx.fingerprint(name, params, buffers, &mut prints)?;
+            ctx.summary.eval.insert(name.into(), r);
+            ctx.stages.exit();
+            Ok(())
+        })?;
     }
-    ctx.stages.exit();
-    ctx.stages.enter("eval");
-    let head = &nets[0];
-    let r = ctx.evaluate(&head.params, &head.buffers)?;
-    ctx.log_eval(steps, head.name, &r)?;
-    let all = as_candidates(&nets);
-    ctx.agree_replicas(&all)?;
-    ctx.select(steps, &all)?;
-    ctx.summary.eval.insert(head.name.into(), r);
-    for n in &nets[1..] {
-        let r = ctx.evaluate(&n.params, &n.buffers)?;
-        ctx.log_eval(steps, n.name, &r)?;
-        ctx.summary.eval.insert(n.name.into(), r);
-    }
-    ctx.stages.exit();
-    Ok(())
+    ctx.agree_replicas(&prints)
 }
 
 /// Runs steps `done + 1 ..= train.steps` of `m` and finishes the run: exports, final

@@ -4,13 +4,13 @@
 //! algorithm over either storage (`ldt.placement`): both networks resident, or one live
 //! network swapping with the counterpart store (`swap`), bit for bit the same.
 
-use super::branches::{self, half_step, Branches};
-use super::driver::{Feed, Net, Outcome, Stepper};
+use super::branches::{self, half_step, Branches, View};
+use super::driver::{Feed, Outcome, Stepper, Visitor};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::Placement;
+use crate::ldt::dpu;
 use crate::ldt::partition::{Partition, Phase};
-use crate::ldt::{composite, dpu};
 use crate::metrics::MemoryReport;
 use anyhow::Result;
 
@@ -78,12 +78,12 @@ impl Stepper for Dual {
         })
     }
 
-    fn branches(&mut self) -> Result<Vec<Net>> {
-        two_branches(self.b.as_mut())
+    fn networks(&self) -> &'static [&'static str] {
+        &NETWORKS
     }
 
-    fn composite(&self, branches: &[Net]) -> Option<Net> {
-        Some(composite_of(&self.partition, branches))
+    fn visit(&mut self, k: usize, f: &mut Visitor) -> Result<()> {
+        self.b.visit(VIEWS[k], &self.partition, f)
     }
 
     fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {
@@ -101,26 +101,12 @@ impl Stepper for Dual {
     }
 }
 
-/// PM and AM, read where they live.
-pub fn two_branches(b: &mut dyn Branches) -> Result<Vec<Net>> {
-    [Phase::P, Phase::A]
-        .into_iter()
-        .map(|p| {
-            Ok(Net {
-                name: p.branch(),
-                params: b.params(p)?,
-                buffers: b.buffers(p),
-            })
-        })
-        .collect()
-}
+/// The networks of LDT, the composite first.
+pub const NETWORKS: [&str; 3] = ["composite", "pm", "am"];
 
-/// The composite of `[pm, am]`: stable layers from AM, unstable from PM, PM's buffers.
-pub fn composite_of(partition: &Partition, branches: &[Net]) -> Net {
-    let (pm, am) = (&branches[0], &branches[1]);
-    Net {
-        name: "composite",
-        params: composite::params(partition, &pm.params, &am.params),
-        buffers: pm.buffers.clone(),
-    }
-}
+/// The view of each of [`NETWORKS`].
+pub const VIEWS: [View; 3] = [
+    View::Composite,
+    View::Branch(Phase::P),
+    View::Branch(Phase::A),
+];

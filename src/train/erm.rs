@@ -1,7 +1,7 @@
 //! `erm` (all layers) and `lp-ft` (head only for `train.lp_steps`, then all layers): one
 //! network, one optimizer.
 
-use super::driver::{Feed, Net, Outcome, Stepper};
+use super::driver::{Feed, Outcome, Stepper, Visitor};
 use super::memory::{self, LiveMeter};
 use super::stage1::{fit_layers, Fit};
 use super::step::{apply, gradients, GradPlan};
@@ -33,12 +33,14 @@ impl Erm {
         let head: Vec<bool> = (0..n).map(|i| ctx.net.is_head(i)).collect();
         let settings = OptimSettings::from(&cfg.optim);
         let (state, opt) = match resume {
-            Some(ck) => (
-                ck.net("model", ctx.net.as_ref())?,
-                ck.optimizer("opt", settings, n)?,
-            ),
+            Some(ck) => {
+                let state = ck.net("model", ctx.net.as_ref())?;
+                ctx.plan_memory(&state)?;
+                (state, ck.optimizer("opt", settings, n)?)
+            }
             None => {
                 let mut state = ctx.initial_state()?;
+                ctx.plan_memory(&state)?;
                 if cfg.train.head_warmup_steps > 0 {
                     let order = ctx.train_order()?;
                     let mut l = ctx.loader(order, cfg.train.head_warmup_steps)?;
@@ -100,16 +102,12 @@ impl Stepper for Erm {
         })
     }
 
-    fn branches(&mut self) -> Result<Vec<Net>> {
-        Ok(vec![Net {
-            name: "model",
-            params: self.state.frozen_view(),
-            buffers: self.state.buffers.clone(),
-        }])
+    fn networks(&self) -> &'static [&'static str] {
+        &["model"]
     }
 
-    fn composite(&self, _: &[Net]) -> Option<Net> {
-        None
+    fn visit(&mut self, _: usize, f: &mut Visitor) -> Result<()> {
+        f(&self.state.frozen_view(), &self.state.buffers)
     }
 
     fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {

@@ -5,8 +5,8 @@
 //! batches ([`Cycle::Replay`]; 1/1 phases compute the dual branch bit for bit).
 
 use super::branches::{self, half_step, Branches};
-use super::driver::{Feed, Net, Outcome, Stepper};
-use super::dual::{composite_of, two_branches};
+use super::driver::{Feed, Outcome, Stepper, Visitor};
+use super::dual::{NETWORKS, VIEWS};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::data::HostBatch;
@@ -225,12 +225,12 @@ impl Stepper for LdtS {
         }
     }
 
-    fn branches(&mut self) -> Result<Vec<Net>> {
-        two_branches(self.core.b.as_mut())
+    fn networks(&self) -> &'static [&'static str] {
+        &NETWORKS
     }
 
-    fn composite(&self, branches: &[Net]) -> Option<Net> {
-        Some(composite_of(&self.core.partition, branches))
+    fn visit(&mut self, k: usize, f: &mut Visitor) -> Result<()> {
+        self.core.b.visit(VIEWS[k], &self.core.partition, f)
     }
 
     fn can_checkpoint(&self) -> bool {

@@ -2,7 +2,12 @@
 //! the partition's set sizes: weights, gradients (one backward at a time, so the larger
 //! trained set), optimizer state (1 or 2 tensors per trained element), counterparts.
 
+use super::step::{gradients, Batch, GradPlan};
+use crate::heap;
 use crate::metrics::MemoryReport;
+use crate::model::{Mode, NetState, Network};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
 
 /// Measures live parameter-state bytes after each optimizer step and keeps the peak.
 #[derive(Clone, Copy, Debug, Default)]
@@ -82,8 +87,80 @@ pub fn report(
         counterparts_file: counterparts.1,
         staging: b * st,
         live_peak: b * (w + g + o + st),
-        measured_live_peak: 0,
+        ..MemoryReport::default()
     }
+}
+
+/// Where the configured method keeps its networks.
+pub fn layout_of(cfg: &crate::config::Config) -> Layout {
+    use crate::config::{Method, Placement};
+    match cfg.train.method {
+        Method::Erm | Method::LpFt => Layout::Full,
+        Method::LdtS => Layout::Single,
+        Method::Ldt | Method::Deft if cfg.ldt.placement == Placement::Swap => Layout::Single,
+        Method::Ldt | Method::Deft => Layout::Resident,
+    }
+}
+
+/// The plan checked against `offload.device_bytes` before stage 1, for `numel` f32
+/// parameters and `activations` bytes per step: the partition is not known yet, so the
+/// larger trained set is bounded by the whole network.
+pub fn before_stage1(cfg: &crate::config::Config, numel: u64, activations: u64) -> MemoryReport {
+    let settings = crate::optim::OptimSettings::from(&cfg.optim);
+    let k = match cfg.offload.optimizer {
+        crate::config::OptimizerPlacement::Device => state_tensors(&settings),
+        crate::config::OptimizerPlacement::Host => 0,
+    };
+    let mut r = report(
+        layout_of(cfg),
+        (numel, 0),
+        k,
+        (0, 0),
+        cfg.offload.staging_bytes,
+    );
+    r.activations = activations;
+    r.device_peak = r.live_peak + activations;
+    r
+}
+
+/// The error for a plan over `budget` bytes: the consumers, largest first, and what
+/// shrinks each.
+pub fn over_budget(plan: &MemoryReport, budget: u64, batch_rows: usize) -> String {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let mut parts = [
+        (plan.live_weights, "weights", "a smaller model"),
+        (
+            plan.gradients,
+            "gradients",
+            "ldt-s trains one set at a time",
+        ),
+        (
+            plan.optimizer,
+            "optimizer state",
+            "offload.optimizer = \"host\" moves it to host memory",
+        ),
+        (
+            plan.activations,
+            "activations",
+            "a smaller train.batch_size, or train.accumulate = 2, 4, ... micro-batches",
+        ),
+        (plan.staging, "staging", "a smaller offload.staging_bytes"),
+    ];
+    parts.sort_by_key(|p| std::cmp::Reverse(p.0));
+    let lines: Vec<String> = parts
+        .iter()
+        .filter(|p| p.0 > 0)
+        .map(|(b, what, fix)| format!("  {what}: {:.1} MiB ({fix})", mib(*b)))
+        .collect();
+    format!(
+        "the planned device peak {:.1} MiB exceeds offload.device_bytes = {} ({:.1} MiB); \
+         by consumer (activations for {batch_rows} examples per micro-batch; before stage 1 \
+         the larger trained set is bounded by the whole network):\n{}",
+        mib(plan.device_peak),
+        budget,
+        mib(budget),
+        lines.join("\n")
+    )
 }
 
 /// Optimizer tensors per trained element: Adam keeps `v` (and `m` when beta1 > 0), SGD
@@ -93,4 +170,68 @@ pub fn state_tensors(s: &crate::optim::OptimSettings) -> u64 {
         crate::config::OptimName::Sgd => u64::from(s.momentum > 0.0),
         _ => 1 + u64::from(s.betas[0] > 0.0),
     }
+}
+
+/// The activation and temporary bytes one forward and backward of `rows` examples
+/// needs on top of the weights and the gradients, measured on the heap with batches of
+/// zeros (the layers of `trained` trained: frozen layers need no weight gradient and
+/// less of their input kept; BatchNorm statistics left untouched): up to 8 rows, a
+/// probe of that size; beyond, probes of 4 and 8 rows give the fixed part and the part
+/// per example, extrapolated (the growth is linear from a few rows on; below, thread
+/// splits and workspaces add a fixed share). On a CPU the heap is the device, so this
+/// is what a step adds to the parameter state.
+pub fn activations(
+    net: &dyn Network,
+    state: &NetState,
+    trained: &[bool],
+    plan: GradPlan,
+    rows: usize,
+    device: &Device,
+) -> Result<u64> {
+    let probe = |rows| probe(net, state, trained, plan, rows, device);
+    if rows <= 8 {
+        return probe(rows);
+    }
+    let (a4, a8) = (probe(4)?, probe(8)?);
+    let per_row = a8.saturating_sub(a4) as f64 / 4.0;
+    Ok((a8 as f64 + per_row * (rows - 8) as f64).round() as u64)
+}
+
+/// The heap's peak above the parameter state during one forward and backward of `rows`
+/// zero examples.
+fn probe(
+    net: &dyn Network,
+    state: &NetState,
+    trained: &[bool],
+    plan: GradPlan,
+    rows: usize,
+    device: &Device,
+) -> Result<u64> {
+    let [c, h, w] = net.input_shape();
+    let x = Tensor::zeros((rows, c, h, w), DType::F32, device)?;
+    let y = Tensor::zeros(rows, DType::I64, device)?;
+    let batch = Batch::whole(x, y)?;
+    // The weights are shared (a step's forward and backward leave them alone); the
+    // buffers are copied so that the probe does not move BatchNorm's running statistics.
+    let mut scratch = NetState {
+        params: state.params.clone(),
+        buffers: state
+            .buffers
+            .iter()
+            .map(|t| t.copy())
+            .collect::<candle_core::Result<_>>()?,
+    };
+    let plan = GradPlan {
+        accumulate: 1,
+        ..plan
+    };
+    let (grads, peak) = heap::peak_during(|| -> Result<u64> {
+        let (_, grads) = gradients(net, &mut scratch, trained, &batch, Mode::Train, plan)?;
+        Ok(grads
+            .iter()
+            .flatten()
+            .map(|g| (g.elem_count() * g.dtype().size_in_bytes()) as u64)
+            .sum())
+    });
+    Ok(peak.saturating_sub(grads?))
 }

@@ -72,6 +72,8 @@ pub struct RunContext {
     pub signals: Option<Signals>,
     /// Heap peaks by stage.
     pub stages: metrics::StagePeaks,
+    /// Activation bytes of one training micro-batch ([`RunContext::plan_memory`]).
+    activations: u64,
     started: Instant,
 }
 
@@ -109,6 +111,13 @@ fn agree_with_rank_0(
 
 /// 64-bit FNV-1a hash of a tensor's values (as f64 bits: exact for f32 and bf16 values
 /// and for integers below 2^53).
+/// Hashes of the final networks' tensors, compared across ranks at the end of a run.
+#[derive(Default)]
+pub struct Fingerprints {
+    hashes: Vec<f64>,
+    names: Vec<String>,
+}
+
 fn fnv1a(t: &Tensor) -> Result<u64> {
     let v = t
         .flatten_all()?
@@ -197,8 +206,14 @@ impl RunContext {
             pool,
             summary: Summary::default(),
             stages,
+            activations: 0,
             started: Instant::now(),
         })
+    }
+
+    /// Whether evaluation points select a model (`eval.val_fraction` holds data out).
+    pub fn selecting(&self) -> bool {
+        !self.val.is_empty()
     }
 
     /// Mean accuracy over the source domains' validation hold-outs (None without one).
@@ -226,45 +241,34 @@ impl RunContext {
         Ok(Some(accs.iter().sum::<f64>() / accs.len() as f64))
     }
 
-    /// Model selection at an evaluation point: scores each candidate network on the
-    /// validation hold-outs (never on a target domain) and writes `DIR/best.safetensors`
-    /// when one beats the best so far (ties keep the earlier).
-    pub fn select(
+    /// Model selection at an evaluation point, for one candidate network: scores it on
+    /// the validation hold-outs (never on a target domain) and writes
+    /// `DIR/best.safetensors` when it beats the best so far (ties keep the earlier; the
+    /// driver offers the headline network first).
+    pub fn consider(
         &mut self,
         step: usize,
-        candidates: &[(&str, Vec<Tensor>, Vec<Tensor>)],
+        name: &str,
+        params: &[Tensor],
+        buffers: &[Tensor],
     ) -> Result<()> {
-        for (name, params, buffers) in candidates {
-            let Some(acc) = self.validate(params, buffers)? else {
-                return Ok(());
-            };
-            self.metrics.write(&Record::Val {
+        let Some(acc) = self.validate(params, buffers)? else {
+            return Ok(());
+        };
+        self.metrics.write(&Record::Val {
+            step,
+            model: name.to_string(),
+            val_acc: acc,
+        })?;
+        if self.best.as_ref().is_none_or(|b| acc > b.0) {
+            let named = io::named(self.net.as_ref(), params, buffers);
+            io::save_tensors(&named, &self.dir.join("best.safetensors"))?;
+            self.best = Some((acc, step, name.to_string()));
+            self.summary.best = Some(Best {
                 step,
                 model: name.to_string(),
                 val_acc: acc,
-            })?;
-            if self.best.as_ref().is_none_or(|b| acc > b.0) {
-                let net = self.net.as_ref();
-                let named: Vec<(String, Tensor)> = net
-                    .params()
-                    .iter()
-                    .map(|s| s.name.clone())
-                    .zip(params.iter().cloned())
-                    .chain(
-                        net.buffers()
-                            .iter()
-                            .map(|s| s.name.clone())
-                            .zip(buffers.iter().cloned()),
-                    )
-                    .collect();
-                io::save_tensors(&named, &self.dir.join("best.safetensors"))?;
-                self.best = Some((acc, step, name.to_string()));
-                self.summary.best = Some(Best {
-                    step,
-                    model: name.to_string(),
-                    val_acc: acc,
-                });
-            }
+            });
         }
         Ok(())
     }
@@ -296,27 +300,39 @@ impl RunContext {
         Ok(())
     }
 
-    /// Checks, at the end of a data-parallel run, that every rank holds rank 0's final
-    /// networks (weights and buffers of each of `nets`) bit for bit: averaged gradients,
-    /// broadcast BatchNorm statistics and deterministic folds keep the replicas
-    /// identical, so a difference is a bug, found here rather than in a later resume.
-    /// Each tensor is compared by a 64-bit FNV-1a hash of its values. Records the number
-    /// of agreeing ranks in `summary.json` (`replicas_agreed_ranks`).
-    pub fn agree_replicas(&mut self, nets: &[(&str, Vec<Tensor>, Vec<Tensor>)]) -> Result<()> {
+    /// The fingerprint of final network `name` for [`RunContext::agree_replicas`]: a
+    /// 64-bit FNV-1a hash of each weight and buffer, added to `into` (nothing in a
+    /// single-process run).
+    pub fn fingerprint(
+        &self,
+        name: &str,
+        params: &[Tensor],
+        buffers: &[Tensor],
+        into: &mut Fingerprints,
+    ) -> Result<()> {
         if crate::dist::group().is_local() {
             return Ok(());
         }
-        let mut names = Vec::new();
-        let mut mine = Vec::new();
-        for (net, params, buffers) in nets {
-            for (k, t) in params.iter().chain(buffers).enumerate() {
-                let h = fnv1a(t)?;
-                mine.extend([(h >> 32) as f64, (h & 0xffff_ffff) as f64]);
-                names.push(format!("{net} tensor {k} {:?}", t.dims()));
-            }
+        for (k, t) in params.iter().chain(buffers).enumerate() {
+            let h = fnv1a(t)?;
+            into.hashes
+                .extend([(h >> 32) as f64, (h & 0xffff_ffff) as f64]);
+            into.names.push(format!("{name} tensor {k} {:?}", t.dims()));
         }
-        let what = |i: usize, _: f64, _: f64| format!("the final network ({})", names[i / 2]);
-        if let Some(world) = agree_with_rank_0(&mine, what)? {
+        Ok(())
+    }
+
+    /// Checks, at the end of a data-parallel run, that every rank holds rank 0's final
+    /// networks bit for bit (their [`RunContext::fingerprint`]s): averaged gradients,
+    /// broadcast BatchNorm statistics and deterministic folds keep the replicas
+    /// identical, so a difference is a bug, found here rather than in a later resume.
+    /// Records the number of agreeing ranks in `summary.json` (`replicas_agreed_ranks`).
+    pub fn agree_replicas(&mut self, f: &Fingerprints) -> Result<()> {
+        if crate::dist::group().is_local() {
+            return Ok(());
+        }
+        let what = |i: usize, _: f64, _: f64| format!("the final network ({})", f.names[i / 2]);
+        if let Some(world) = agree_with_rank_0(&f.hashes, what)? {
             self.summary.replicas_agreed_ranks = Some(world);
         }
         Ok(())
@@ -534,12 +550,77 @@ impl RunContext {
             .write(&Record::Eval(EvalRecord::of(step, name, r)))
     }
 
+    /// Plans the run's device memory from the starting weights `state`, before stage 1:
+    /// measures the activations of one training micro-batch (a probe on the heap, see
+    /// [`crate::train::memory::activations`]) and, with `offload.device_bytes`, refuses a
+    /// plan that does not fit, naming the largest consumers and what shrinks them.
+    pub fn plan_memory(&mut self, state: &NetState) -> Result<()> {
+        // Everything on the heap now but the starting weights is host memory on a GPU.
+        let weights = crate::train::memory::weight_bytes(state);
+        self.stages.baseline = crate::heap::live().saturating_sub(weights);
+        let rows = self.micro_batch_rows();
+        let all = vec![true; state.params.len()];
+        self.activations = self.probe_activations(state, &[all])?;
+        let cfg = &self.cfg;
+        let budget = cfg.offload.device_bytes;
+        if budget > 0 {
+            let numel = self.net.numel() as u64;
+            let p = crate::train::memory::before_stage1(cfg, numel, self.activations);
+            if p.device_peak > budget {
+                bail!("{}", crate::train::memory::over_budget(&p, budget, rows));
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans the activations again once the partition is known: the larger of the
+    /// phases' (each trains `masks[k]`), for the training report.
+    pub fn refine_activations(&mut self, state: &NetState, masks: &[Vec<bool>]) -> Result<()> {
+        self.activations = self.probe_activations(state, masks)?;
+        Ok(())
+    }
+
+    /// The activations of one training micro-batch, the largest over `masks` (the
+    /// trained layers of each phase).
+    fn probe_activations(&self, state: &NetState, masks: &[Vec<bool>]) -> Result<u64> {
+        let rows = self.micro_batch_rows();
+        let plan = crate::train::step::GradPlan::of(&self.cfg);
+        let mut most = 0;
+        for m in masks {
+            let a = crate::train::memory::activations(
+                self.net.as_ref(),
+                state,
+                m,
+                plan,
+                rows,
+                &self.device,
+            )
+            .context("measuring the activations of a training step")?;
+            most = most.max(a);
+        }
+        Ok(most)
+    }
+
+    /// Examples of one micro-batch on this rank.
+    fn micro_batch_rows(&self) -> usize {
+        let world = crate::dist::group().world();
+        self.cfg
+            .train
+            .batch_size
+            .div_ceil(world)
+            .div_ceil(self.cfg.train.accumulate.max(1))
+            .max(1)
+    }
+
     /// Records the training stage's memory report, seconds and ms per step (over the
     /// `steps_run` steps this process ran) in `summary.json`.
     pub fn record_training(&mut self, mem: &metrics::MemoryReport, secs: f64, steps_run: usize) {
         let per_step = |s: f64| 1e3 * s / steps_run.max(1) as f64;
         let x = &mut self.summary;
-        x.memory = Some(*mem);
+        let mut mem = *mem;
+        mem.activations = self.activations;
+        mem.device_peak = mem.live_peak + self.activations;
+        x.memory = Some(mem);
         x.train_seconds = Some(secs);
         x.ms_per_step = Some(per_step(secs));
         let group = crate::dist::group();

@@ -150,11 +150,12 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
     };
     let mut loader = ctx.loader(order, c.stat_batches)?;
     let n = ctx.net.params().len();
+    let cross = c.cross_variance || c.criterion == Criterion::VarCross;
     let mut acc: Vec<LayerAccumulator> = ctx
         .net
         .params()
         .iter()
-        .map(|s| LayerAccumulator::new(s.numel()))
+        .map(|s| LayerAccumulator::new(s.numel(), cross))
         .collect();
     let all = vec![true; n];
     let progress = Progress::new("stats", c.stat_batches, ctx.cfg.train.log_every);

@@ -282,3 +282,85 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
     )?;
     Ok(out)
 }
+
+/// `ldt bench --memory`: for each backbone of `archs` on the bundled data (batch
+/// `batch`, `steps` steps, LDT-S phases of a quarter of the run so both are measured,
+/// stage 1 warming up the head), erm and LDT-S with the optimizer state on the device
+/// and on the host: the planned and the measured device peak of training (heap peak of
+/// the stage minus the host baseline of data and logs), the evaluation peak, the
+/// process peak (heap + host arenas: counterpart buffer, host optimizer), and the step
+/// time, each as a ratio to erm with the device optimizer, measured one run after the
+/// other in this process.
+pub fn memory(
+    dir: &Path,
+    archs: &[String],
+    steps: usize,
+    batch: usize,
+    threads: usize,
+) -> Result<String> {
+    use crate::config::OptimizerPlacement;
+    let mut out = String::new();
+    std::fs::create_dir_all(dir)?;
+    writeln!(
+        out,
+        "| backbone | params | method | optimizer | plan MiB | device MiB, training | x erm | device MiB, evaluation | process MiB | x erm | ms/step | x erm |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )?;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    for arch in archs {
+        let mut base = Config {
+            threads,
+            ..Default::default()
+        };
+        base.model.arch = arch.clone();
+        base.optim.lr = 1e-3;
+        base.stage1.stat_batches = 4;
+        base.train.steps = steps;
+        base.train.batch_size = batch;
+        base.train.log_every = steps.max(1);
+        let phase = (steps / 4).max(1);
+        base.ldt_s.p_steps = phase;
+        base.ldt_s.a_steps = phase;
+        let mut erm: Option<(u64, u64, f64)> = None;
+        for (method, placement) in [
+            (Method::Erm, OptimizerPlacement::Device),
+            (Method::Erm, OptimizerPlacement::Host),
+            (Method::LdtS, OptimizerPlacement::Device),
+            (Method::LdtS, OptimizerPlacement::Host),
+        ] {
+            let mut cfg = variant(&base, method, Placement::Resident);
+            cfg.offload.optimizer = placement;
+            let label = format!("{}-{}-{placement:?}", arch, method.name()).to_lowercase();
+            let mut ctx = RunContext::open(cfg, &dir.join(label))?;
+            run_method(&mut ctx)?;
+            let heap = ctx.stages.report();
+            let plan = ctx.summary.memory.map_or(0, |m| m.device_peak);
+            let train = heap.device("train").unwrap_or(0);
+            let eval = heap.device("eval").unwrap_or(0);
+            let process = heap.total_peak;
+            let ms = ctx.summary.ms_per_step.unwrap_or(f64::NAN);
+            let e = *erm.get_or_insert((train, process, ms));
+            let name = match method {
+                Method::LdtS => format!("ldt-s {phase}/{phase}"),
+                m => m.name().to_string(),
+            };
+            writeln!(
+                out,
+                "| {arch} | {:.2}M | {name} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {ms:.1} | {:.2} |",
+                ctx.net.numel() as f64 / 1e6,
+                format!("{placement:?}").to_lowercase(),
+                mib(plan),
+                mib(train),
+                train as f64 / e.0 as f64,
+                mib(eval),
+                mib(process),
+                process as f64 / e.1 as f64,
+                ms / e.2,
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "\n(device: the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state) together; x erm: against erm with the optimizer on the device)"
+    )?;
+    Ok(out)
+}

@@ -97,11 +97,11 @@ impl Writer {
     }
 
     /// Adds an optimizer's per-layer state under `prefix/`.
-    pub fn optimizer(&mut self, prefix: &str, opt: &Optimizer) {
+    pub fn optimizer(&mut self, prefix: &str, opt: &Optimizer, net: &dyn Network) -> Result<()> {
         let n = opt.layers();
         let mut steps = Vec::with_capacity(n);
-        for i in 0..n {
-            match opt.state(i) {
+        for (i, spec) in net.params().iter().enumerate().take(n) {
+            match opt.snapshot(i, &spec.shape)? {
                 Some(s) => {
                     steps.push(json!(s.step));
                     for (role, t) in s.tensors() {
@@ -114,6 +114,7 @@ impl Writer {
         }
         self.meta
             .insert(format!("{prefix}_steps"), Value::Array(steps));
+        Ok(())
     }
 }
 

@@ -18,6 +18,9 @@ static PROCESS_PEAK: AtomicU64 = AtomicU64::new(0);
 static HOST_LIVE: AtomicU64 = AtomicU64::new(0);
 /// Largest `HOST_LIVE` since the process started.
 static HOST_PEAK: AtomicU64 = AtomicU64::new(0);
+/// Largest `LIVE + HOST_LIVE` since the process started: the process's memory at its
+/// worst moment.
+static TOTAL_PEAK: AtomicU64 = AtomicU64::new(0);
 
 /// The global allocator of `ldt`: mimalloc, counted.
 pub struct Counting;
@@ -26,6 +29,7 @@ fn grow(bytes: usize) {
     let now = LIVE.fetch_add(bytes as u64, Relaxed) + bytes as u64;
     PEAK.fetch_max(now, Relaxed);
     PROCESS_PEAK.fetch_max(now, Relaxed);
+    TOTAL_PEAK.fetch_max(now + HOST_LIVE.load(Relaxed), Relaxed);
 }
 
 fn shrink(bytes: usize) {
@@ -81,6 +85,7 @@ pub unsafe fn host_alloc(layout: Layout) -> *mut u8 {
     if !p.is_null() {
         let now = HOST_LIVE.fetch_add(layout.size() as u64, Relaxed) + layout.size() as u64;
         HOST_PEAK.fetch_max(now, Relaxed);
+        TOTAL_PEAK.fetch_max(now + LIVE.load(Relaxed), Relaxed);
     }
     p
 }
@@ -118,12 +123,94 @@ pub fn peak_during<R>(f: impl FnOnce() -> R) -> (R, u64) {
     (r, inner.saturating_sub(start))
 }
 
-/// The heap's peak since the process started.
+/// The heap's peak since the process started (or the last [`restart_peaks`]).
 pub fn process_peak() -> u64 {
     PROCESS_PEAK.load(Relaxed)
+}
+
+/// The peak of heap and host arenas together since the process started (or the last
+/// [`restart_peaks`]).
+pub fn total_peak() -> u64 {
+    TOTAL_PEAK.load(Relaxed)
+}
+
+/// Starts the process-wide peaks ([`process_peak`], [`host_arena`]'s, [`total_peak`])
+/// again from the live bytes of now: a run measures its own, after earlier runs in the
+/// same process (`ldt bench`, tests).
+pub fn restart_peaks() {
+    let (heap, host) = (LIVE.load(Relaxed), HOST_LIVE.load(Relaxed));
+    PROCESS_PEAK.store(heap, Relaxed);
+    HOST_PEAK.store(host, Relaxed);
+    TOTAL_PEAK.store(heap + host, Relaxed);
 }
 
 /// Host-arena bytes: live now, and the peak since the process started.
 pub fn host_arena() -> (u64, u64) {
     (HOST_LIVE.load(Relaxed), HOST_PEAK.load(Relaxed))
+}
+
+/// An f32 buffer in host memory, counted apart from the heap like the counterpart
+/// arena ([`host_alloc`]): where the host optimizer keeps master weights and moments
+/// (host RAM on a GPU machine, never device memory).
+pub struct HostVec {
+    ptr: std::ptr::NonNull<f32>,
+    len: usize,
+}
+
+// SAFETY: a HostVec owns its allocation exclusively, like a Vec<f32>.
+unsafe impl Send for HostVec {}
+// SAFETY: shared access only reads, like a &[f32].
+unsafe impl Sync for HostVec {}
+
+impl HostVec {
+    /// `len` zeros.
+    pub fn zeroed(len: usize) -> HostVec {
+        if len == 0 {
+            return HostVec {
+                ptr: std::ptr::NonNull::dangling(),
+                len,
+            };
+        }
+        let layout = Layout::array::<f32>(len).expect("a host buffer larger than memory");
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { host_alloc(layout) } as *mut f32;
+        let Some(ptr) = std::ptr::NonNull::new(p) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: `ptr` holds `len` f32s, just allocated; zero bits are 0.0.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+        HostVec { ptr, len }
+    }
+
+    /// A copy of `x`.
+    pub fn from_slice(x: &[f32]) -> HostVec {
+        let mut v = HostVec::zeroed(x.len());
+        v.copy_from_slice(x);
+        v
+    }
+}
+
+impl std::ops::Deref for HostVec {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `ptr` holds `len` initialised f32s (or is dangling with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for HostVec {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HostVec {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            let layout = Layout::array::<f32>(self.len).expect("allocated with this layout");
+            // SAFETY: allocated by `host_alloc` with this layout in `zeroed`.
+            unsafe { host_dealloc(self.ptr.as_ptr() as *mut u8, layout) };
+        }
+    }
 }

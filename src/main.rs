@@ -98,6 +98,16 @@ enum Cmd {
         /// Directory for the benchmark runs.
         #[arg(long, default_value = "runs/bench")]
         out: PathBuf,
+        /// Instead: the memory table (backbone x method x optimizer placement: device
+        /// peak planned and measured, process peak, step time).
+        #[arg(long)]
+        memory: bool,
+        /// `--memory`: the backbones, on the bundled data.
+        #[arg(long, value_delimiter = ',', default_value = "cnn,resnet18,vit")]
+        archs: Vec<String>,
+        /// `--memory`: examples per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
     },
     /// Print version, device (with `--features cuda`: driver, PTX ISA, every GPU), threads
     /// and allocator.
@@ -374,6 +384,9 @@ fn main() -> ExitCode {
             steps,
             threads,
             out,
+            memory,
+            archs,
+            batch,
         } => Ok((|| -> Result<()> {
             ldt::init_threads(threads);
             let t = if threads == 0 {
@@ -381,9 +394,16 @@ fn main() -> ExitCode {
             } else {
                 threads
             };
-            let md = ldt::bench::run(&out, steps, t)?;
+            let (md, file) = if memory {
+                (
+                    ldt::bench::memory(&out, &archs, steps, batch, t)?,
+                    "memory.md",
+                )
+            } else {
+                (ldt::bench::run(&out, steps, t)?, "bench.md")
+            };
             println!("{md}");
-            std::fs::write(out.join("bench.md"), &md)?;
+            std::fs::write(out.join(file), &md)?;
             Ok(())
         })()),
         Cmd::Info => {

@@ -237,18 +237,22 @@ pub struct MemoryReport {
     /// Measured peak of the same sum over the run, from the tensors actually held
     /// (weights, the gradients of the step, every live optimizer-state tensor).
     pub measured_live_peak: u64,
-    /// Activations and temporaries of one micro-batch's forward and backward (the probe
-    /// of `train::memory::activations`).
+    /// Activations and temporaries of one micro-batch's forward and backward in the
+    /// phase of the device peak (the probe of `train::memory::activations`).
     #[serde(default)]
     pub activations: u64,
-    /// The planned device peak of training: `live_peak + activations` (compare with the
-    /// measured `train` stage of `measured_memory`).
+    /// The planned device peak of training: the larger phase's parameter state plus its
+    /// activations (compare with the measured `train` stage of `measured_memory`).
     #[serde(default)]
     pub device_peak: u64,
     /// Optimizer state and master weights kept in host memory (`offload.optimizer =
     /// "host"`).
     #[serde(default)]
     pub host_optimizer: u64,
+    /// Parameter-state bytes of a P and of an A half-step (equal for one network), to
+    /// add each phase's activations to.
+    #[serde(skip)]
+    pub phases: [u64; 2],
 }
 
 /// Heap peaks of a run by stage, measured by the counting allocator ([`crate::heap`]):
@@ -267,6 +271,10 @@ pub struct MeasuredMemory {
     /// logs): host memory on a GPU. A stage's peak minus this is the device's share.
     #[serde(default)]
     pub baseline: u64,
+    /// Peak of the heap and the host arenas together: the run's memory at its worst
+    /// moment (on a CPU, where device and host share RAM).
+    #[serde(default)]
+    pub total_peak: u64,
 }
 
 impl MeasuredMemory {
@@ -293,6 +301,7 @@ impl StagePeaks {
     /// Starts measuring in stage `setup`.
     pub fn new() -> Self {
         crate::heap::take_peak();
+        crate::heap::restart_peaks();
         StagePeaks {
             baseline: 0,
             peaks: BTreeMap::new(),
@@ -332,6 +341,7 @@ impl StagePeaks {
             process_peak: crate::heap::process_peak(),
             host_arena_peak: crate::heap::host_arena().1,
             baseline: self.baseline,
+            total_peak: crate::heap::total_peak(),
         }
     }
 }

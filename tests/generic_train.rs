@@ -302,7 +302,16 @@ fn both_paths(method: &str, extra: &[&str], exports: &[&str]) {
         eprintln!("{label}: partition identical, scores worst rel {worst:.2e}");
     }
     let (sg, sh) = (summary(g), summary(h));
-    assert_eq!(sg["memory"], sh["memory"], "{label}: memory report");
+    // The computed parameter-state plan agrees; activations are a measurement of each
+    // path's own kernels (the generic path allocates its temporaries differently).
+    let plan = |s: &serde_json::Value| {
+        let mut m = s["memory"].clone();
+        let o = m.as_object_mut().expect("a memory report");
+        o.remove("activations");
+        o.remove("device_peak");
+        m
+    };
+    assert_eq!(plan(&sg), plan(&sh), "{label}: memory report");
     assert_eq!(sg["lag"], sh["lag"], "{label}: lag report");
 }
 

@@ -155,7 +155,7 @@ fn ldt_s_holds_no_more_than_erm_and_its_buffer() {
             "{stage}: ldt-s {a} vs erm {b} (device share)"
         );
     }
-    let process = |m: &ldt::metrics::MeasuredMemory| m.process_peak + m.host_arena_peak;
+    let process = |m: &ldt::metrics::MeasuredMemory| m.total_peak;
     assert!(
         process(&s) as f64 <= 1.10 * (process(&erm) + s.host_arena_peak) as f64,
         "process: ldt-s {} vs erm {} + buffer {}",

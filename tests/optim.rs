@@ -26,15 +26,20 @@
 //!
 //! It also checks which state buffers exist (beta1 = 0 keeps no first moment) and the
 //! state's byte counts.
+//!
+//! The fused host kernel (`ldt::optim::fused`, the CPU path) against the device-generic
+//! path (`Optimizer::step_generic`, candle ops), bit for bit, for every variant of its
+//! loops and on any number of threads; and its refusal of mismatched jobs.
 
 #[path = "common/testkit.rs"]
 mod testkit;
 
 use candle_core::{Device, Tensor, Var};
 use ldt::config::{authors_beta2, OptimName};
+use ldt::optim::fused::{self, Update};
 use ldt::optim::{OptimSettings, Optimizer};
 use ldt::rng::Rng;
-use testkit::{f64s, ulp_f32};
+use testkit::{f32s, f64s, ulp_f32};
 
 /// Layer shapes: layer 0 steps every time, layer 1 on odd steps, layer 2 never.
 const SHAPES: [&[usize]; 3] = [&[64], &[5, 7], &[3]];
@@ -534,4 +539,292 @@ fn sgd_plain_keeps_no_state() {
         g_exp: (-6.0, 0.0),
         zeros: true,
     });
+}
+
+// ------------------------------------------------------- the fused host kernel, bit for bit
+
+/// Every variant of the fused kernel's loops: decay (none, L2, decoupled), Adam's first
+/// moment (none, lerp weight below 0.5 and not), SGD's momentum (none, first, later).
+fn kernel_cases() -> Vec<(&'static str, OptimSettings)> {
+    use OptimName::{Adam, Adamw, Sgd};
+    let b2 = authors_beta2();
+    vec![
+        ("adam beta1 0", settings(Adam, [0.0, b2], 0.0, 0.0)),
+        ("adam", settings(Adam, [0.9, 0.999], 0.0, 0.0)),
+        ("adam L2", settings(Adam, [0.9, 0.999], 0.05, 0.0)),
+        ("adam beta1 0 L2", settings(Adam, [0.0, 0.99], 0.05, 0.0)),
+        ("adam beta1 0.4 L2", settings(Adam, [0.4, 0.99], 0.05, 0.0)),
+        ("adamw", settings(Adamw, [0.9, 0.999], 0.1, 0.0)),
+        ("adamw beta1 0.4", settings(Adamw, [0.4, 0.999], 0.1, 0.0)),
+        ("adamw beta1 0", settings(Adamw, [0.0, b2], 0.05, 0.0)),
+        ("adamw no decay", settings(Adamw, [0.9, 0.999], 0.0, 0.0)),
+        ("sgd", settings(Sgd, [0.9, 0.999], 0.0, 0.0)),
+        ("sgd wd", settings(Sgd, [0.9, 0.999], 0.01, 0.0)),
+        ("sgd momentum", settings(Sgd, [0.9, 0.999], 0.0, 0.9)),
+        ("sgd momentum wd", settings(Sgd, [0.9, 0.999], 0.01, 0.9)),
+    ]
+}
+
+/// Random sign, magnitude 10^U(-8, 0); one in 10 exactly zero (with `neg_zeros` half of
+/// them `-0`, else all `+0`) and one in 50 subnormal.
+fn kernel_values(rng: &mut Rng, n: usize, neg_zeros: bool) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let sign = if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 };
+            match rng.below(50) {
+                0..=4 if neg_zeros => sign * 0.0,
+                0..=4 => 0.0,
+                5 => sign * 1e-40 * (1.0 + rng.next_f64() as f32),
+                _ => sign * 10f64.powf(-8.0 * rng.next_f64()) as f32,
+            }
+        })
+        .collect()
+}
+
+/// `(zeros of opposite sign, first other difference)` between the bits of `a` and `b`.
+fn differences(a: &[f32], b: &[f32]) -> (usize, Option<String>) {
+    assert_eq!(a.len(), b.len());
+    let mut signed_zeros = 0;
+    for (j, (x, y)) in a.iter().zip(b).enumerate() {
+        if x.to_bits() == y.to_bits() {
+            continue;
+        }
+        if *x == 0.0 && *y == 0.0 {
+            signed_zeros += 1;
+        } else {
+            return (signed_zeros, Some(format!("[{j}]: {x:e} vs {y:e}")));
+        }
+    }
+    (signed_zeros, None)
+}
+
+/// One run of `fused::update` on plain vectors: weights and state per layer.
+struct Direct {
+    threads: usize,
+    p: Vec<Vec<f32>>,
+    m: Vec<Option<Vec<f32>>>,
+    v: Vec<Option<Vec<f32>>>,
+}
+
+/// The CPU path (`Optimizer::step`, one `fused::update` per layer) and `fused::update` on
+/// plain vectors with 1, 2 and 7 threads, all jobs at once, must agree bit for bit; both
+/// against the device-generic path (`Optimizer::step_generic`, candle ops). Layers of 1,
+/// 35 and 200003 elements (large enough to be split between threads, at odd offsets), 5
+/// steps with a changing rate, data with zeros and subnormals.
+///
+/// Against the generic path the bits are identical when no input holds a `-0`. With `-0`
+/// inputs they may differ in the sign of a zero, and only there: candle's `Tensor * f64`
+/// is `x * f + 0` (`affine`), so where PyTorch's arithmetic (the host kernel) keeps a
+/// `-0` (`-0 * f`, `p + -0`) the generic path gives `+0` — e.g. a `-0` weight whose
+/// update is zero, or SGD's `buf*mu + d` with `buf = d = -0`.
+#[test]
+fn fused_kernel_matches_the_generic_path_bit_for_bit() {
+    let sizes = [1usize, 35, 200_003];
+    let cpu = Device::Cpu;
+    for (what, s) in kernel_cases() {
+        for neg_zeros in [false, true] {
+            let mut rng = Rng::new(11, u64::from(neg_zeros));
+            let p0: Vec<Vec<f32>> = sizes
+                .iter()
+                .map(|&n| kernel_values(&mut rng, n, neg_zeros))
+                .collect();
+            let vars = || -> Vec<Var> {
+                p0.iter()
+                    .map(|p| Var::from_tensor(&Tensor::new(p.as_slice(), &cpu).unwrap()).unwrap())
+                    .collect()
+            };
+            let (host, generic) = (vars(), vars());
+            let mut oh = Optimizer::new(s.clone(), sizes.len());
+            let mut og = Optimizer::new(s.clone(), sizes.len());
+            let adam = s.name != OptimName::Sgd;
+            let has_m = if adam {
+                s.betas[0] > 0.0
+            } else {
+                s.momentum > 0.0
+            };
+            let zeros = |on: bool| -> Vec<Option<Vec<f32>>> {
+                sizes.iter().map(|&n| on.then(|| vec![0.0; n])).collect()
+            };
+            let mut direct: Vec<Direct> = [1, 2, 7]
+                .into_iter()
+                .map(|threads| Direct {
+                    threads,
+                    p: p0.clone(),
+                    m: zeros(has_m),
+                    v: zeros(adam),
+                })
+                .collect();
+            let mut signed_zeros = 0;
+            for step in 1..=5u64 {
+                let lr = lr_at(1e-2, step);
+                let grads: Vec<Vec<f32>> = sizes
+                    .iter()
+                    .map(|&n| kernel_values(&mut rng, n, neg_zeros))
+                    .collect();
+                for (i, g) in grads.iter().enumerate() {
+                    let g = Tensor::new(g.as_slice(), &cpu).unwrap();
+                    oh.step(i, &host[i], &g, lr).unwrap();
+                    og.step_generic(i, &generic[i], &g, lr).unwrap();
+                }
+                for d in &mut direct {
+                    let mut jobs: Vec<Update<'_>> =
+                        d.p.iter_mut()
+                            .zip(&grads)
+                            .zip(d.m.iter_mut().zip(d.v.iter_mut()))
+                            .map(|((p, g), (m, v))| Update {
+                                p,
+                                g,
+                                m: m.as_deref_mut(),
+                                v: v.as_deref_mut(),
+                                step,
+                                lr,
+                            })
+                            .collect();
+                    fused::update(&s, &mut jobs, d.threads).unwrap();
+                }
+                for i in 0..sizes.len() {
+                    let (sh, sg) = (oh.state(i).unwrap(), og.state(i).unwrap());
+                    let roles = |st: &ldt::optim::LayerState| -> Vec<&str> {
+                        st.tensors().iter().map(|(r, _)| *r).collect()
+                    };
+                    assert_eq!(roles(sh), roles(sg), "{what}: state tensors");
+                    let mut got = vec![("p", f32s(host[i].as_tensor()))];
+                    let mut want = vec![("p", f32s(generic[i].as_tensor()))];
+                    got.extend(sh.tensors().into_iter().map(|(r, t)| (r, f32s(t))));
+                    want.extend(sg.tensors().into_iter().map(|(r, t)| (r, f32s(t))));
+                    for ((role, h), (_, g)) in got.iter().zip(&want) {
+                        let at = format!(
+                            "{what}, -0 inputs {neg_zeros}, step {step}, layer {i} `{role}`"
+                        );
+                        for d in &direct {
+                            let x = match *role {
+                                "p" => &d.p[i],
+                                "m" => d.m[i].as_ref().unwrap(),
+                                _ => d.v[i].as_ref().unwrap(),
+                            };
+                            let (z, other) = differences(h, x);
+                            assert!(
+                                z == 0 && other.is_none(),
+                                "{at}: the CPU path and fused::update on {} threads differ ({z} signed zeros, {other:?})",
+                                d.threads
+                            );
+                        }
+                        let (z, other) = differences(h, g);
+                        assert!(
+                            other.is_none(),
+                            "{at}: host and generic paths differ at {other:?}"
+                        );
+                        assert!(
+                            neg_zeros || z == 0,
+                            "{at}: {z} zeros of opposite signs without -0 inputs"
+                        );
+                        signed_zeros += z;
+                    }
+                }
+            }
+            assert!(
+                p0.iter()
+                    .zip(&host)
+                    .any(|(p, h)| differences(p, &f32s(h.as_tensor())).1.is_some()),
+                "{what}: the weights did not move"
+            );
+            if neg_zeros {
+                eprintln!("{what}: with -0 inputs, {signed_zeros} zeros of opposite sign (host vs generic), no other difference");
+            }
+        }
+    }
+}
+
+/// `fused::update` refuses, naming what differs and writing nothing, jobs whose lengths
+/// differ, buffers the settings need but lack (or have but do not use), and step 0.
+#[test]
+fn fused_update_rejects_mismatched_jobs() {
+    let adam = settings(OptimName::Adam, [0.9, 0.999], 0.0, 0.0);
+    let adam0 = settings(OptimName::Adam, [0.0, 0.999], 0.0, 0.0);
+    let sgd = settings(OptimName::Sgd, [0.9, 0.999], 0.0, 0.9);
+    let run = |s: &OptimSettings, lens: [Option<usize>; 3], step: u64| -> String {
+        let mut p = vec![1.0f32; 8];
+        let g = vec![1.0f32; lens[0].unwrap_or(8)];
+        let mut m = lens[1].map(|n| vec![0.0f32; n]);
+        let mut v = lens[2].map(|n| vec![0.0f32; n]);
+        let (mut p2, g2, mut m2, mut v2) =
+            (vec![1.0f32; 4], vec![1.0f32; 4], [0.0f32; 4], [0.0f32; 4]);
+        let adam = s.name != OptimName::Sgd;
+        let ok = Update {
+            p: &mut p2,
+            g: &g2,
+            m: (!adam || s.betas[0] > 0.0).then_some(&mut m2[..]),
+            v: adam.then_some(&mut v2[..]),
+            step: 1,
+            lr: 0.1,
+        };
+        let bad = Update {
+            p: &mut p,
+            g: &g,
+            m: m.as_deref_mut(),
+            v: v.as_deref_mut(),
+            step,
+            lr: 0.1,
+        };
+        let e = fused::update(s, &mut [ok, bad], 3).unwrap_err().to_string();
+        assert_eq!(
+            p2, [1.0; 4],
+            "{e}: a job was written before the check failed"
+        );
+        assert_eq!(
+            p, [1.0; 8],
+            "{e}: a job was written before the check failed"
+        );
+        e
+    };
+    let cases: [(&OptimSettings, [Option<usize>; 3], u64, &str); 8] = [
+        (
+            &adam,
+            [Some(7), Some(8), Some(8)],
+            1,
+            "the gradient has 7 elements, the weights 8",
+        ),
+        (
+            &adam,
+            [None, Some(9), Some(8)],
+            1,
+            "the state `m` has 9 elements, the weights 8",
+        ),
+        (
+            &adam,
+            [None, Some(8), Some(3)],
+            1,
+            "the state `v` has 3 elements, the weights 8",
+        ),
+        (
+            &adam,
+            [None, None, Some(8)],
+            1,
+            "needs the state `m`, none was given",
+        ),
+        (
+            &adam0,
+            [None, Some(8), Some(8)],
+            1,
+            "keeps no state `m`, one was given",
+        ),
+        (
+            &adam,
+            [None, Some(8), None],
+            1,
+            "needs the state `v`, none was given",
+        ),
+        (
+            &sgd,
+            [None, Some(8), Some(8)],
+            1,
+            "keeps no state `v`, one was given",
+        ),
+        (&sgd, [None, Some(8), None], 0, "step 0"),
+    ];
+    for (s, lens, step, want) in cases {
+        let e = run(s, lens, step);
+        assert!(e.starts_with("optimizer update 1: "), "{e}");
+        assert!(e.contains(want), "`{e}` should say `{want}`");
+    }
 }

@@ -73,7 +73,7 @@ struct LayerSlots {
     shape: Vec<usize>,
     weight: usize,
     m: Option<usize>,
-    v: usize,
+    v: Option<usize>,
 }
 
 /// A parked layer's optimizer state outside its moments: the step count and which
@@ -105,12 +105,14 @@ pub struct CounterpartStore {
 
 impl CounterpartStore {
     /// Allocates the store for `layers` on `device` (RAM up to `offload.host_bytes`,
-    /// pinned on a GPU, the file tier beyond). `with_m`: the optimizer keeps a first
-    /// moment (Adam with beta1 > 0) or momentum. A budget too small is an error with the
-    /// bytes needed and the settings to change.
+    /// pinned on a GPU, the file tier beyond). `(with_m, with_v)`: the slots of the
+    /// optimizer state that parks here — a first moment (Adam with beta1 > 0) or
+    /// momentum, a second moment (Adam) — none when the state stays on the host
+    /// (`offload.optimizer = "host"`). A budget too small is an error with the bytes
+    /// needed and the settings to change.
     pub fn allocate(
         layers: &[LayerSpec],
-        with_m: bool,
+        (with_m, with_v): (bool, bool),
         device: &Device,
         offload: &OffloadConfig,
         ema: EmaPlacement,
@@ -132,7 +134,7 @@ impl CounterpartStore {
                 let n = l.shape.iter().product();
                 let weight = slot(format!("{}:weight", l.name), n);
                 let m = with_m.then(|| slot(format!("{}:m", l.name), n));
-                let v = slot(format!("{}:v", l.name), n);
+                let v = with_v.then(|| slot(format!("{}:v", l.name), n));
                 LayerSlots {
                     name: l.name.clone(),
                     shape: l.shape.clone(),
@@ -228,8 +230,13 @@ impl CounterpartStore {
                 .map_err(failed(what))?;
         }
         if let Some(v) = &st.v {
+            let Some(slot) = l.v else {
+                return Err(failed(what)(anyhow::anyhow!(
+                    "the optimizer keeps a second moment the store has no slot for"
+                )));
+            };
             self.backend
-                .store(v, &self.buf, l.v)
+                .store(v, &self.buf, slot)
                 .map_err(failed(what))?;
         }
         self.parked[i] = Some((st.step, st.m.is_some(), st.v.is_some()));
@@ -252,8 +259,8 @@ impl CounterpartStore {
                     slots.push((m, l.shape.clone()));
                     bytes += 4 * n;
                 }
-                if has_v {
-                    slots.push((l.v, l.shape.clone()));
+                if let (true, Some(v)) = (has_v, l.v) {
+                    slots.push((v, l.shape.clone()));
                     bytes += 4 * n;
                 }
                 layers.push((i, has_m, has_v));
@@ -314,7 +321,10 @@ impl CounterpartStore {
             (true, Some(slot)) => Some(load(slot)?),
             _ => None,
         };
-        let v = if has_v { Some(load(l.v)?) } else { None };
+        let v = match (has_v, l.v) {
+            (true, Some(slot)) => Some(load(slot)?),
+            _ => None,
+        };
         Ok(Some(LayerState { step, m, v }))
     }
 
@@ -400,8 +410,14 @@ mod tests {
             staging_bytes: 1 << 10,
             threads: 1,
         };
-        CounterpartStore::allocate(&layers, true, &Device::Cpu, &offload, EmaPlacement::Host)
-            .unwrap()
+        CounterpartStore::allocate(
+            &layers,
+            (true, true),
+            &Device::Cpu,
+            &offload,
+            EmaPlacement::Host,
+        )
+        .unwrap()
     }
 
     fn t(v: &[f32], shape: &[usize]) -> Tensor {

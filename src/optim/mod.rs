@@ -3,13 +3,16 @@
 //! private). Updates run in place on the parameter storage through candle in-place ops.
 
 mod adam;
+pub mod fused;
+pub mod host;
 pub mod schedule;
 mod sgd;
 
-use crate::config::{OptimConfig, OptimName};
+use crate::config::{OptimConfig, OptimName, OptimizerPlacement};
 use crate::model::dispatch::{contiguous_slice, generic_path};
 use anyhow::{Context, Result};
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use host::HostLayer;
 
 /// Hyper-parameters of one optimizer (a branch or a plain run has one).
 #[derive(Clone, Debug, PartialEq)]
@@ -72,10 +75,14 @@ impl LayerState {
     }
 }
 
-/// One optimizer over a fixed list of layers; state is created at a layer's first step.
+/// One optimizer over a fixed list of layers; state is created at a layer's first step,
+/// beside the weights or, placed on the host ([`Optimizer::placed`]), in host memory.
 pub struct Optimizer {
     settings: OptimSettings,
     state: Vec<Option<LayerState>>,
+    /// Every layer's state in host memory (`offload.optimizer = "host"`); `state` is
+    /// then unused.
+    host: Option<Vec<Option<HostLayer>>>,
 }
 
 impl Optimizer {
@@ -84,6 +91,29 @@ impl Optimizer {
         Optimizer {
             settings,
             state: (0..layers).map(|_| None).collect(),
+            host: None,
+        }
+    }
+
+    /// This optimizer with its state where `placement` says: on the host, any state it
+    /// holds moves there (a resumed checkpoint) and every later update runs there.
+    pub fn placed(mut self, placement: OptimizerPlacement) -> Result<Self> {
+        if placement == OptimizerPlacement::Host && self.host.is_none() {
+            let host = self
+                .state
+                .iter_mut()
+                .map(|s| s.take().map(|st| HostLayer::from_state(&st)).transpose())
+                .collect::<Result<Vec<_>>>()?;
+            self.host = Some(host);
+        }
+        Ok(self)
+    }
+
+    /// Where the state lives.
+    pub fn placement(&self) -> OptimizerPlacement {
+        match self.host {
+            Some(_) => OptimizerPlacement::Host,
+            None => OptimizerPlacement::Device,
         }
     }
 
@@ -101,6 +131,10 @@ impl Optimizer {
     /// kernels on the CPU, through [`Optimizer::step_generic`] on other devices (and
     /// inside [`crate::model::dispatch::with_generic_ops`]).
     pub fn step(&mut self, i: usize, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
+        if let Some(host) = &mut self.host {
+            return host::step(&self.settings, &mut host[i], param, grad, lr)
+                .with_context(|| format!("host optimizer step of layer {i}"));
+        }
         self.step_on(i, param, grad, lr, generic_path(param.as_tensor()))
     }
 
@@ -139,29 +173,53 @@ impl Optimizer {
         .with_context(|| format!("optimizer step of layer {i}"))
     }
 
-    /// State of layer `i`, if it has stepped.
+    /// Device state of layer `i`, if it has stepped (`None` on the host).
     pub fn state(&self, i: usize) -> Option<&LayerState> {
         self.state[i].as_ref()
     }
 
-    /// Removes and returns the state of layer `i` (to park it in the counterpart buffer).
+    /// The state of layer `i` wherever it lives, as tensors of the layer's `shape`
+    /// (checkpoints): shared device tensors, or host copies.
+    pub fn snapshot(&self, i: usize, shape: &[usize]) -> Result<Option<LayerState>> {
+        match &self.host {
+            Some(h) => h[i].as_ref().map(|st| st.to_state(shape)).transpose(),
+            None => Ok(self.state[i].as_ref().map(|st| LayerState {
+                step: st.step,
+                m: st.m.clone(),
+                v: st.v.clone(),
+            })),
+        }
+    }
+
+    /// Removes and returns the device state of layer `i` (to park it in the counterpart
+    /// buffer); `None` on the host, where the state stays whatever branch is live.
     pub fn take_state(&mut self, i: usize) -> Option<LayerState> {
         self.state[i].take()
     }
 
-    /// Puts back the state of layer `i`.
+    /// Puts back the device state of layer `i` (a parked state, a checkpoint's).
     pub fn put_state(&mut self, i: usize, s: Option<LayerState>) {
         self.state[i] = s;
     }
 
-    /// Bytes of all live state tensors.
+    /// Bytes of all live device state tensors.
     pub fn bytes(&self) -> usize {
         self.state.iter().flatten().map(|s| s.bytes()).sum()
+    }
+
+    /// Bytes of host state: master weights and moments.
+    pub fn host_bytes(&self) -> usize {
+        self.host
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|s| s.bytes())
+            .sum()
     }
 }
 
 /// The gradient with L2 weight decay, `g + wd * p` (SGD and Adam; AdamW decays the
-/// weights instead). Shared by the host kernels and the device-generic paths.
+/// weights instead). Used by the device-generic paths (the fused kernel computes it per element).
 fn l2_decayed(s: &OptimSettings, p: &Var, g: &Tensor) -> Result<Tensor> {
     if s.weight_decay > 0.0 {
         Ok((g + (p.as_tensor().detach() * s.weight_decay)?)?)

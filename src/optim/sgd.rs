@@ -1,11 +1,14 @@
 //! SGD with momentum and L2 weight decay, as `torch.optim.SGD` (dampening 0):
 //! `d = g + wd*p`; `buf = d` at the first step, else `buf = buf*mu + d`; `p = p - lr*buf`.
+//! On the CPU, [`step`] is one pass of the fused host kernel (`fused.rs`, which holds the
+//! per-element arithmetic); [`step_generic`] computes the same from candle tensor ops.
 
-use super::{f32_kernel, l2_decayed, LayerState, OptimSettings};
+use super::{fused, l2_decayed, LayerState, OptimSettings};
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 
-/// One SGD step of one layer.
+/// One SGD step of one layer on the CPU: the momentum buffer (created at its first
+/// step) and the weights updated in place by the fused host kernel, in one pass.
 pub(super) fn step(
     s: &OptimSettings,
     st: &mut LayerState,
@@ -13,36 +16,20 @@ pub(super) fn step(
     g: &Tensor,
     lr: f64,
 ) -> Result<()> {
-    let d = l2_decayed(s, p, g)?;
-    let d = if s.momentum > 0.0 {
-        match &st.m {
-            None => {
-                let b = d.copy()?;
-                st.m = Some(b.clone());
-                b
-            }
-            Some(b) => {
-                // `buf <- buf*mu + d`.
-                let mu = s.momentum as f32;
-                f32_kernel("ldt-sgd-momentum", b, [&d], |b, [d]| {
-                    b.iter_mut().zip(d).for_each(|(b, &d)| *b = *b * mu + d)
-                })?;
-                b.clone()
-            }
-        }
-    } else {
-        d
+    // The kernel sets `buf = d` at step 1. A buffer created now starts that way whatever
+    // the layer's step count (a resumed state that had no buffer), as `step_generic` does.
+    let (buf, step) = match (s.momentum > 0.0, &st.m) {
+        (false, _) => (None, st.step),
+        (true, Some(b)) => (Some(b.clone()), st.step),
+        (true, None) => (Some(st.m.insert(g.zeros_like()?).clone()), 1),
     };
-    // `p <- p + neg_lr * d`.
-    let neg_lr = (-lr) as f32;
-    f32_kernel("ldt-sgd-update", p.as_tensor(), [&d], |p, [d]| {
-        p.iter_mut().zip(d).for_each(|(p, &d)| *p += neg_lr * d)
-    })
+    fused::update_layer(s, p, g, buf.as_ref(), None, step, lr)
 }
 
 /// [`step`] from candle tensor ops, on any device: the same operations in the same order
 /// on the same f32-rounded scalars, the momentum buffer replaced in `st` and the
-/// parameter written with `Var::set`. Used off the CPU.
+/// parameter written with `Var::set`. Used off the CPU. The bits are the host kernel's
+/// but for the sign of a zero (candle's `Tensor * f64` is `x * f + 0`, see `adam.rs`).
 pub(super) fn step_generic(
     s: &OptimSettings,
     st: &mut LayerState,

@@ -8,6 +8,7 @@ use super::memory::{self, LiveMeter};
 use super::step::{apply, gradients, Batch, GradPlan, StepStats};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
+use crate::config::OptimizerPlacement;
 use crate::ldt::partition::{Partition, Phase};
 use crate::metrics::MemoryReport;
 use crate::model::{Mode, NetState, Network};
@@ -110,32 +111,41 @@ pub struct Resident {
     am: NetState,
     opt_p: Optimizer,
     opt_a: Optimizer,
-    settings: OptimSettings,
     meter: LiveMeter,
 }
 
 impl Resident {
-    /// Both branches start as `start`.
-    pub fn new(start: NetState, settings: OptimSettings, layers: usize) -> Result<Self> {
+    /// Both branches start as `start`; their optimizers keep state at `placement`.
+    pub fn new(
+        start: NetState,
+        settings: OptimSettings,
+        layers: usize,
+        placement: OptimizerPlacement,
+    ) -> Result<Self> {
         Ok(Resident {
             pm: start.deep_clone()?,
             am: start,
-            opt_p: Optimizer::new(settings.clone(), layers),
-            opt_a: Optimizer::new(settings.clone(), layers),
-            settings,
+            opt_p: Optimizer::new(settings.clone(), layers).placed(placement)?,
+            opt_a: Optimizer::new(settings, layers).placed(placement)?,
             meter: LiveMeter::default(),
         })
     }
 
     /// The branches saved by [`Branches::save`].
-    pub fn resume(ck: &Checkpoint, net: &dyn Network, settings: OptimSettings) -> Result<Self> {
+    pub fn resume(
+        ck: &Checkpoint,
+        net: &dyn Network,
+        settings: OptimSettings,
+        placement: OptimizerPlacement,
+    ) -> Result<Self> {
         let n = net.params().len();
         Ok(Resident {
             pm: ck.net("pm", net)?,
             am: ck.net("am", net)?,
-            opt_p: ck.optimizer("opt_p", settings.clone(), n)?,
-            opt_a: ck.optimizer("opt_a", settings.clone(), n)?,
-            settings,
+            opt_p: ck
+                .optimizer("opt_p", settings.clone(), n)?
+                .placed(placement)?,
+            opt_a: ck.optimizer("opt_a", settings, n)?.placed(placement)?,
             meter: LiveMeter::default(),
         })
     }
@@ -215,8 +225,8 @@ impl Branches for Resident {
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
         w.net("pm", net, &self.pm);
         w.net("am", net, &self.am);
-        w.optimizer("opt_p", &self.opt_p);
-        w.optimizer("opt_a", &self.opt_a);
+        w.optimizer("opt_p", &self.opt_p, net)?;
+        w.optimizer("opt_a", &self.opt_a, net)?;
         Ok(())
     }
 
@@ -225,7 +235,7 @@ impl Branches for Resident {
     }
 
     fn memory(&self, partition: &Partition) -> MemoryReport {
-        let k = memory::state_tensors(&self.settings);
+        let k = memory::device_state_tensors(&self.opt_p);
         let mut r = memory::report(
             memory::Layout::Resident,
             partition.set_numel(),
@@ -234,6 +244,7 @@ impl Branches for Resident {
             0,
         );
         r.measured_live_peak = self.meter.peak;
+        r.host_optimizer = (self.opt_p.host_bytes() + self.opt_a.host_bytes()) as u64;
         r
     }
 }
@@ -286,7 +297,10 @@ pub fn allocate_store(ctx: &RunContext, resuming: Option<&Checkpoint>) -> Result
         }
     }
     let settings = OptimSettings::from(&ctx.cfg.optim);
-    let with_m = settings.betas[0] > 0.0 || settings.momentum > 0.0;
+    // Optimizer state parks here unless it lives on the host anyway.
+    let device = ctx.cfg.offload.optimizer == OptimizerPlacement::Device;
+    let with_m = device && (settings.betas[0] > 0.0 || settings.momentum > 0.0);
+    let with_v = device;
     let layers: Vec<LayerSpec> = ctx
         .net
         .params()
@@ -296,8 +310,14 @@ pub fn allocate_store(ctx: &RunContext, resuming: Option<&Checkpoint>) -> Result
             shape: p.shape.clone(),
         })
         .collect();
-    CounterpartStore::allocate(&layers, with_m, &ctx.device, &offload, ctx.cfg.offload.ema)
-        .context("setting up the counterpart buffer")
+    CounterpartStore::allocate(
+        &layers,
+        (with_m, with_v),
+        &ctx.device,
+        &offload,
+        ctx.cfg.offload.ema,
+    )
+    .context("setting up the counterpart buffer")
 }
 
 impl Parked {
@@ -308,6 +328,7 @@ impl Parked {
         start: NetState,
         mut store: CounterpartStore,
         settings: OptimSettings,
+        placement: OptimizerPlacement,
         per_branch_buffers: bool,
     ) -> Result<Self> {
         let n = start.params.len();
@@ -328,8 +349,8 @@ impl Parked {
         Ok(Parked {
             live: start,
             phase: Phase::P,
-            opt_p: Optimizer::new(settings.clone(), n),
-            opt_a: Optimizer::new(settings.clone(), n),
+            opt_p: Optimizer::new(settings.clone(), n).placed(placement)?,
+            opt_a: Optimizer::new(settings.clone(), n).placed(placement)?,
             parked_buffers,
             store,
             settings,
@@ -340,7 +361,19 @@ impl Parked {
     /// Restores what [`Branches::save`] wrote (the live network comes in through
     /// [`Parked::new`] from the checkpoint's `live`).
     pub fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        for k in 0..self.store.slots() {
+        let slots = self.store.slots();
+        if let Some(saved) = ck.meta.get("slots").and_then(|v| v.as_u64()) {
+            if saved != slots as u64 {
+                bail!(
+                    "checkpoint {}: its counterpart buffer has {saved} slots, this run's {slots}: \
+                     it was written with another offload.optimizer or optimizer (moments \
+                     park in the buffer only with offload.optimizer = \"device\"); resume \
+                     with the settings of the run that wrote it",
+                    ck.dir.display()
+                );
+            }
+        }
+        for k in 0..slots {
             self.store
                 .restore_slot(k, &ck.tensor(&format!("slot/{k}"))?)?;
         }
@@ -360,8 +393,13 @@ impl Parked {
             }
         }
         let n = self.live.params.len();
-        self.opt_p = ck.optimizer("opt_p", self.settings.clone(), n)?;
-        self.opt_a = ck.optimizer("opt_a", self.settings.clone(), n)?;
+        let placement = self.opt_p.placement();
+        self.opt_p = ck
+            .optimizer("opt_p", self.settings.clone(), n)?
+            .placed(placement)?;
+        self.opt_a = ck
+            .optimizer("opt_a", self.settings.clone(), n)?
+            .placed(placement)?;
         Ok(())
     }
 }
@@ -482,11 +520,13 @@ impl Branches for Parked {
                 w.tensor(format!("parked_buffer/{i}"), t);
             }
         }
-        for (k, t) in self.store.slots_to_host()?.iter().enumerate() {
+        let slots = self.store.slots_to_host()?;
+        w.meta("slots", json!(slots.len()));
+        for (k, t) in slots.iter().enumerate() {
             w.tensor(format!("slot/{k}"), t);
         }
-        w.optimizer("opt_p", &self.opt_p);
-        w.optimizer("opt_a", &self.opt_a);
+        w.optimizer("opt_p", &self.opt_p, net)?;
+        w.optimizer("opt_a", &self.opt_a, net)?;
         Ok(())
     }
 
@@ -495,7 +535,7 @@ impl Branches for Parked {
     }
 
     fn memory(&self, partition: &Partition) -> MemoryReport {
-        let k = memory::state_tensors(&self.settings);
+        let k = memory::device_state_tensors(&self.opt_p);
         let mut r = memory::report(
             memory::Layout::Single,
             partition.set_numel(),
@@ -504,6 +544,7 @@ impl Branches for Parked {
             self.store.staging_capacity(),
         );
         r.measured_live_peak = self.meter.peak;
+        r.host_optimizer = (self.opt_p.host_bytes() + self.opt_a.host_bytes()) as u64;
         r
     }
 }
@@ -519,6 +560,7 @@ pub fn open(
     per_branch_buffers: bool,
 ) -> Result<(Box<dyn Branches>, Partition)> {
     let settings = OptimSettings::from(&ctx.cfg.optim);
+    let placement = ctx.cfg.offload.optimizer;
     let store = if parked {
         Some(allocate_store(ctx, resume)?)
     } else {
@@ -532,11 +574,11 @@ pub fn open(
             let mut b: Box<dyn Branches> = match store {
                 Some(store) => {
                     let live = ck.net("live", net)?;
-                    let mut b = Parked::new(live, store, settings, per_branch_buffers)?;
+                    let mut b = Parked::new(live, store, settings, placement, per_branch_buffers)?;
                     b.restore(ck)?;
                     Box::new(b)
                 }
-                None => Box::new(Resident::resume(ck, net, settings)?),
+                None => Box::new(Resident::resume(ck, net, settings, placement)?),
             };
             let live = b.live().unwrap_or(Phase::P);
             ctx.plan_memory(b.state(live))?;
@@ -551,8 +593,14 @@ pub fn open(
             let masks = [partition.mask(Phase::P), partition.mask(Phase::A)];
             ctx.refine_activations(&start, &masks)?;
             let b: Box<dyn Branches> = match store {
-                Some(store) => Box::new(Parked::new(start, store, settings, per_branch_buffers)?),
-                None => Box::new(Resident::new(start, settings, n)?),
+                Some(store) => Box::new(Parked::new(
+                    start,
+                    store,
+                    settings,
+                    placement,
+                    per_branch_buffers,
+                )?),
+                None => Box::new(Resident::new(start, settings, n, placement)?),
             };
             (b, partition)
         }

@@ -36,7 +36,8 @@ impl Erm {
             Some(ck) => {
                 let state = ck.net("model", ctx.net.as_ref())?;
                 ctx.plan_memory(&state)?;
-                (state, ck.optimizer("opt", settings, n)?)
+                let opt = ck.optimizer("opt", settings, n)?;
+                (state, opt.placed(cfg.offload.optimizer)?)
             }
             None => {
                 let mut state = ctx.initial_state()?;
@@ -58,7 +59,10 @@ impl Erm {
                     fit_layers(ctx, &mut state, &mut l, fit)?;
                     ctx.stages.exit();
                 }
-                (state, Optimizer::new(settings, n))
+                (
+                    state,
+                    Optimizer::new(settings, n).placed(cfg.offload.optimizer)?,
+                )
             }
         };
         let lp_steps = match cfg.train.method {
@@ -112,7 +116,7 @@ impl Stepper for Erm {
 
     fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {
         w.net("model", ctx.net.as_ref(), &self.state);
-        w.optimizer("opt", &self.opt);
+        w.optimizer("opt", &self.opt, ctx.net.as_ref())?;
         Ok(())
     }
 
@@ -127,9 +131,10 @@ impl Stepper for Erm {
             .iter()
             .map(|v| v.elem_count() as u64)
             .sum();
-        let k = memory::state_tensors(self.opt.settings());
+        let k = memory::device_state_tensors(&self.opt);
         let mut r = memory::report(memory::Layout::Full, (total, 0), k, (0, 0), 0);
         r.measured_live_peak = self.meter.peak;
+        r.host_optimizer = self.opt.host_bytes() as u64;
         r
     }
 }

@@ -62,23 +62,27 @@ pub fn report(
     let b = 4u64;
     let total = stable + unstable;
     let k = state_per_elem;
-    let (w, g, o, st) = match layout {
-        Layout::Full => (total, total, k * total, 0),
-        Layout::Resident => (2 * total, stable.max(unstable), k * total, 0),
+    // The parameter state of a P and of an A half-step: weights, gradients, optimizer
+    // state, staged state.
+    let (p, a) = match layout {
+        Layout::Full => {
+            let all = (total, total, k * total, 0);
+            (all, all)
+        }
+        Layout::Resident => (
+            (2 * total, stable, k * total, 0),
+            (2 * total, unstable, k * total, 0),
+        ),
         Layout::Single => {
             let phase = |x: u64, y: u64| {
                 let staged = if b * k * y <= staging_cap { k * y } else { 0 };
                 (total, x, k * x, staged)
             };
-            let (p, a) = (phase(stable, unstable), phase(unstable, stable));
-            let sum = |t: (u64, u64, u64, u64)| t.0 + t.1 + t.2 + t.3;
-            if sum(p) >= sum(a) {
-                p
-            } else {
-                a
-            }
+            (phase(stable, unstable), phase(unstable, stable))
         }
     };
+    let sum = |t: (u64, u64, u64, u64)| b * (t.0 + t.1 + t.2 + t.3);
+    let (w, g, o, st) = if sum(p) >= sum(a) { p } else { a };
     MemoryReport {
         live_weights: b * w,
         gradients: b * g,
@@ -87,8 +91,22 @@ pub fn report(
         counterparts_file: counterparts.1,
         staging: b * st,
         live_peak: b * (w + g + o + st),
+        phases: [sum(p), sum(a)],
         ..MemoryReport::default()
     }
+}
+
+/// `r` with its activations: `acts[k]` of a half-step of phase P (k = 0) and A (k = 1)
+/// (equal where every layer trains); the device peak is the larger phase's parameter
+/// state plus its activations.
+pub fn with_activations(mut r: MemoryReport, acts: [u64; 2]) -> MemoryReport {
+    let (k, peak) = (0..2)
+        .map(|k| (k, r.phases[k] + acts[k]))
+        .max_by_key(|&(_, b)| b)
+        .expect("two phases");
+    r.activations = acts[k];
+    r.device_peak = peak;
+    r
 }
 
 /// Where the configured method keeps its networks.
@@ -161,6 +179,15 @@ pub fn over_budget(plan: &MemoryReport, budget: u64, batch_rows: usize) -> Strin
         mib(budget),
         lines.join("\n")
     )
+}
+
+/// Optimizer tensors per trained element on the device for `opt` (none when its state
+/// lives on the host).
+pub fn device_state_tensors(opt: &crate::optim::Optimizer) -> u64 {
+    match opt.placement() {
+        crate::config::OptimizerPlacement::Device => state_tensors(opt.settings()),
+        crate::config::OptimizerPlacement::Host => 0,
+    }
 }
 
 /// Optimizer tensors per trained element: Adam keeps `v` (and `m` when beta1 > 0), SGD

@@ -72,8 +72,9 @@ pub struct RunContext {
     pub signals: Option<Signals>,
     /// Heap peaks by stage.
     pub stages: metrics::StagePeaks,
-    /// Activation bytes of one training micro-batch ([`RunContext::plan_memory`]).
-    activations: u64,
+    /// Activation bytes of one training micro-batch in phases P and A
+    /// ([`RunContext::plan_memory`], [`RunContext::refine_activations`]).
+    activations: [u64; 2],
     started: Instant,
 }
 
@@ -206,7 +207,7 @@ impl RunContext {
             pool,
             summary: Summary::default(),
             stages,
-            activations: 0,
+            activations: [0; 2],
             started: Instant::now(),
         })
     }
@@ -559,13 +560,13 @@ impl RunContext {
         let weights = crate::train::memory::weight_bytes(state);
         self.stages.baseline = crate::heap::live().saturating_sub(weights);
         let rows = self.micro_batch_rows();
-        let all = vec![true; state.params.len()];
-        self.activations = self.probe_activations(state, &[all])?;
+        let all = self.probe_activations(state, &vec![true; state.params.len()])?;
+        self.activations = [all; 2];
         let cfg = &self.cfg;
         let budget = cfg.offload.device_bytes;
         if budget > 0 {
             let numel = self.net.numel() as u64;
-            let p = crate::train::memory::before_stage1(cfg, numel, self.activations);
+            let p = crate::train::memory::before_stage1(cfg, numel, self.activations[0]);
             if p.device_peak > budget {
                 bail!("{}", crate::train::memory::over_budget(&p, budget, rows));
             }
@@ -573,32 +574,22 @@ impl RunContext {
         Ok(())
     }
 
-    /// Plans the activations again once the partition is known: the larger of the
-    /// phases' (each trains `masks[k]`), for the training report.
-    pub fn refine_activations(&mut self, state: &NetState, masks: &[Vec<bool>]) -> Result<()> {
-        self.activations = self.probe_activations(state, masks)?;
+    /// Plans the activations again once the partition is known: those of phase P and
+    /// of phase A (which train `masks[0]` and `masks[1]`), for the training report.
+    pub fn refine_activations(&mut self, state: &NetState, masks: &[Vec<bool>; 2]) -> Result<()> {
+        self.activations = [
+            self.probe_activations(state, &masks[0])?,
+            self.probe_activations(state, &masks[1])?,
+        ];
         Ok(())
     }
 
-    /// The activations of one training micro-batch, the largest over `masks` (the
-    /// trained layers of each phase).
-    fn probe_activations(&self, state: &NetState, masks: &[Vec<bool>]) -> Result<u64> {
+    /// The activations of one training micro-batch training the layers of `mask`.
+    fn probe_activations(&self, state: &NetState, mask: &[bool]) -> Result<u64> {
         let rows = self.micro_batch_rows();
         let plan = crate::train::step::GradPlan::of(&self.cfg);
-        let mut most = 0;
-        for m in masks {
-            let a = crate::train::memory::activations(
-                self.net.as_ref(),
-                state,
-                m,
-                plan,
-                rows,
-                &self.device,
-            )
-            .context("measuring the activations of a training step")?;
-            most = most.max(a);
-        }
-        Ok(most)
+        crate::train::memory::activations(self.net.as_ref(), state, mask, plan, rows, &self.device)
+            .context("measuring the activations of a training step")
     }
 
     /// Examples of one micro-batch on this rank.
@@ -617,10 +608,10 @@ impl RunContext {
     pub fn record_training(&mut self, mem: &metrics::MemoryReport, secs: f64, steps_run: usize) {
         let per_step = |s: f64| 1e3 * s / steps_run.max(1) as f64;
         let x = &mut self.summary;
-        let mut mem = *mem;
-        mem.activations = self.activations;
-        mem.device_peak = mem.live_peak + self.activations;
-        x.memory = Some(mem);
+        x.memory = Some(crate::train::memory::with_activations(
+            *mem,
+            self.activations,
+        ));
         x.train_seconds = Some(secs);
         x.ms_per_step = Some(per_step(secs));
         let group = crate::dist::group();

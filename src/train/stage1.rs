@@ -61,7 +61,7 @@ pub fn fit_layers(
         stage,
     } = fit;
     let n = ctx.net.params().len();
-    let mut opt = Optimizer::new(settings, n);
+    let mut opt = Optimizer::new(settings, n).placed(ctx.cfg.offload.optimizer)?;
     let lrs = vec![lr; n];
     let progress = Progress::new(stage, steps, ctx.cfg.train.log_every);
     let mut meter = Meter::default();

@@ -283,6 +283,71 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
     Ok(out)
 }
 
+/// The model of backbone name `arch`: an architecture of `model.arch` with its defaults,
+/// or `vit-b16` (ViT-B/16: width 768, depth 12, 12 heads, patch 16).
+fn preset(m: &mut crate::config::ModelConfig, arch: &str) -> Result<()> {
+    if arch == "vit-b16" {
+        m.arch = "vit".into();
+        (m.patch, m.width, m.depth, m.heads) = (16, 768, 12, 12);
+    } else if crate::config::ARCHS.contains(&arch) {
+        m.arch = arch.into();
+    } else {
+        anyhow::bail!(
+            "--archs: unknown backbone `{arch}`; known: {}, vit-b16",
+            crate::config::ARCHS.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Writes a small benchmark of random images of `shape` (10 classes; two source
+/// domains of 32 training and 8 test images, one target domain) under `dir` and
+/// returns its manifest: memory and step time do not depend on the pixels.
+fn synthetic_benchmark(dir: &Path, shape: [usize; 3]) -> Result<std::path::PathBuf> {
+    use candle_core::{Device, Tensor};
+    let [c, h, w] = shape;
+    let d = dir.join(format!("synthetic-{c}x{h}x{w}"));
+    std::fs::create_dir_all(&d)?;
+    let mut rng = crate::rng::Rng::new(0, 0);
+    let mut domains = Vec::new();
+    for (name, role) in [("a", "source"), ("b", "source"), ("t", "target")] {
+        let mut splits = serde_json::Map::new();
+        for (split, n) in [("train", 32usize), ("test", 8)] {
+            let pixels: Vec<u8> = (0..n * c * h * w)
+                .map(|_| (rng.next_f64() * 256.0) as u8)
+                .collect();
+            let labels: Vec<i64> = (0..n as i64).map(|i| i % 10).collect();
+            let file = format!("{name}_{split}.safetensors");
+            let tensors = [
+                (
+                    "images",
+                    Tensor::from_vec(pixels, (n, c, h, w), &Device::Cpu)?,
+                ),
+                ("labels", Tensor::from_vec(labels, n, &Device::Cpu)?),
+            ];
+            candle_core::safetensors::save(
+                &tensors
+                    .into_iter()
+                    .map(|(k, t)| (k.to_string(), t))
+                    .collect(),
+                d.join(&file),
+            )?;
+            splits.insert(split.into(), serde_json::json!({ "file": file, "n": n }));
+        }
+        domains.push(serde_json::json!({ "name": name, "role": role, "splits": splits }));
+    }
+    let manifest = serde_json::json!({
+        "format": "dg-benchmark/v1",
+        "name": format!("random {c}x{h}x{w}"),
+        "num_classes": 10,
+        "image_shape": shape,
+        "domains": domains,
+    });
+    let path = d.join("manifest.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest)?)?;
+    Ok(path)
+}
+
 /// `ldt bench --memory`: for each backbone of `archs` on the bundled data (batch
 /// `batch`, `steps` steps, LDT-S phases of a quarter of the run so both are measured,
 /// stage 1 warming up the head), erm and LDT-S with the optimizer state on the device
@@ -296,11 +361,19 @@ pub fn memory(
     archs: &[String],
     steps: usize,
     batch: usize,
+    input: Option<[usize; 3]>,
     threads: usize,
 ) -> Result<String> {
     use crate::config::OptimizerPlacement;
     let mut out = String::new();
     std::fs::create_dir_all(dir)?;
+    let manifest = match input {
+        Some(shape) => Some(synthetic_benchmark(dir, shape)?),
+        None => None,
+    };
+    if let Some(m) = &manifest {
+        writeln!(out, "data: {} (random images)\n", m.display())?;
+    }
     writeln!(
         out,
         "| backbone | params | method | optimizer | plan MiB | device MiB, training | x erm | device MiB, evaluation | process MiB | x erm | ms/step | x erm |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -311,9 +384,13 @@ pub fn memory(
             threads,
             ..Default::default()
         };
-        base.model.arch = arch.clone();
+        preset(&mut base.model, arch)?;
+        if let Some(m) = &manifest {
+            base.data.manifest = m.clone();
+        }
         base.optim.lr = 1e-3;
         base.stage1.stat_batches = 4;
+        base.stage1.stat_batch_size = batch;
         base.train.steps = steps;
         base.train.batch_size = batch;
         base.train.log_every = steps.max(1);

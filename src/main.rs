@@ -108,6 +108,10 @@ enum Cmd {
         /// `--memory`: examples per batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// `--memory`: random images of this shape (e.g. 3x224x224) instead of the
+        /// bundled data.
+        #[arg(long)]
+        input: Option<String>,
     },
     /// Print version, device (with `--features cuda`: driver, PTX ISA, every GPU), threads
     /// and allocator.
@@ -192,9 +196,36 @@ fn train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
             mib(m.host_arena_peak),
             mib(m.baseline)
         );
+        if !m.device_used.is_empty() {
+            let used: Vec<String> = m
+                .device_used
+                .iter()
+                .map(|(k, v)| format!("{k} {:.1}", mib(*v)))
+                .collect();
+            println!(
+                "device memory used, driver (MiB of {:.1}): {}",
+                mib(m.device_total),
+                used.join(", ")
+            );
+        }
     }
     println!("outputs in {}", dir.display());
     Ok(())
+}
+
+/// `CxHxW` (e.g. `3x224x224`) as a shape.
+fn parse_shape(s: &str) -> Result<[usize; 3]> {
+    let v: Vec<usize> = s
+        .split('x')
+        .map(|d| d.parse::<usize>().ok().filter(|&d| d > 0))
+        .collect::<Option<_>>()
+        .with_context(|| {
+            format!("--input `{s}`: expected CxHxW with positive sizes, e.g. 3x224x224")
+        })?;
+    match v[..] {
+        [c, h, w] => Ok([c, h, w]),
+        _ => anyhow::bail!("--input `{s}`: expected three sizes CxHxW, e.g. 3x224x224"),
+    }
 }
 
 fn eval(config: &Path, weights: &Path, set: &[String]) -> Result<()> {
@@ -387,6 +418,7 @@ fn main() -> ExitCode {
             memory,
             archs,
             batch,
+            input,
         } => Ok((|| -> Result<()> {
             ldt::init_threads(threads);
             let t = if threads == 0 {
@@ -395,8 +427,9 @@ fn main() -> ExitCode {
                 threads
             };
             let (md, file) = if memory {
+                let input = input.as_deref().map(parse_shape).transpose()?;
                 (
-                    ldt::bench::memory(&out, &archs, steps, batch, t)?,
+                    ldt::bench::memory(&out, &archs, steps, batch, input, t)?,
                     "memory.md",
                 )
             } else {

@@ -275,6 +275,18 @@ pub struct MeasuredMemory {
     /// moment (on a CPU, where device and host share RAM).
     #[serde(default)]
     pub total_peak: u64,
+    /// On a GPU, the driver's used device memory per stage (`total - free`), the largest
+    /// of the samples taken at the stage's boundaries and after every training step:
+    /// the physical figure beside the heap's (empty on a CPU).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub device_used: BTreeMap<String, u64>,
+    /// The GPU's memory (0 on a CPU).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub device_total: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 impl MeasuredMemory {
@@ -293,6 +305,10 @@ pub struct StagePeaks {
     /// See [`MeasuredMemory::baseline`].
     pub baseline: u64,
     peaks: BTreeMap<&'static str, u64>,
+    /// The device's `(used, total)` bytes, where there is a device to ask.
+    device: Option<Box<dyn Fn() -> Option<(u64, u64)> + Send>>,
+    device_used: BTreeMap<&'static str, u64>,
+    device_total: u64,
     current: &'static str,
     outer: Vec<&'static str>,
 }
@@ -305,6 +321,9 @@ impl StagePeaks {
         StagePeaks {
             baseline: 0,
             peaks: BTreeMap::new(),
+            device: None,
+            device_used: BTreeMap::new(),
+            device_total: 0,
             current: "setup",
             outer: Vec::new(),
         }
@@ -314,6 +333,24 @@ impl StagePeaks {
         let p = crate::heap::take_peak();
         let e = self.peaks.entry(self.current).or_default();
         *e = (*e).max(p);
+        self.sample();
+    }
+
+    /// Also samples `device` (the driver's `(used, total)` bytes) at every stage
+    /// boundary and [`StagePeaks::sample`].
+    pub fn with_device(&mut self, device: Box<dyn Fn() -> Option<(u64, u64)> + Send>) {
+        self.device = Some(device);
+        self.sample();
+    }
+
+    /// Records the device's used memory now in the current stage (after a training
+    /// step; a no-op without a device).
+    pub fn sample(&mut self) {
+        if let Some((used, total)) = self.device.as_ref().and_then(|d| d()) {
+            let e = self.device_used.entry(self.current).or_default();
+            *e = (*e).max(used);
+            self.device_total = total;
+        }
     }
 
     /// Enters `stage` (inside the current one).
@@ -342,6 +379,12 @@ impl StagePeaks {
             host_arena_peak: crate::heap::host_arena().1,
             baseline: self.baseline,
             total_peak: crate::heap::total_peak(),
+            device_used: self
+                .device_used
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            device_total: self.device_total,
         }
     }
 }

@@ -43,6 +43,20 @@ pub use engine::{CopyEngine, Fence, StagingArea, StagingLease};
 pub use error::OffloadError;
 pub use slice::{HostSlice, HostSliceMut};
 
+/// The driver's `(used, total)` bytes of `device`'s memory (`total - free`: every
+/// allocation of this and any other process), or `None` where there is no such device
+/// memory (the CPU) or the driver does not answer.
+pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some(((total - free) as u64, total as u64))
+        }
+        _ => None,
+    }
+}
+
 /// Element type a slot is stored in on the host; the counterpart may be kept in a narrower
 /// type than the live weights to halve host memory and copy traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -257,6 +257,7 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
             rates: &rates,
         };
         let out = m.step(ctx, step, &mut feed)?;
+        ctx.stages.sample();
         for s in &out.meter {
             meter.add(s);
         }

@@ -141,7 +141,7 @@ impl RunContext {
     /// every rank resumes from the run directory's checkpoints.
     pub fn open(cfg: Config, dir: &Path) -> Result<RunContext> {
         // The heap's `setup` window: data and model.
-        let stages = crate::metrics::StagePeaks::new();
+        let mut stages = crate::metrics::StagePeaks::new();
         // Configs built in code (compare, tests, library users) get the same checks as files.
         cfg.validate()?;
         let run_dir = dir;
@@ -172,6 +172,10 @@ impl RunContext {
         std::fs::remove_file(&probe).ok();
         std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
         let device = crate::device(&cfg)?;
+        if crate::offload::device_memory(&device).is_some() {
+            let d = device.clone();
+            stages.with_device(Box::new(move || crate::offload::device_memory(&d)));
+        }
         crate::dist::connect(&device, run_dir)?;
         let bench = Benchmark::open(&cfg.data.manifest)?;
         let net = model::build(

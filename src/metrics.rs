@@ -298,6 +298,9 @@ impl MeasuredMemory {
     }
 }
 
+/// Asks the driver for the device's `(used, total)` bytes (`None`: no answer).
+pub type DeviceProbe = Box<dyn Fn() -> Option<(u64, u64)> + Send>;
+
 /// The stage a run is in, for [`MeasuredMemory`]: each stage's window of the heap's
 /// peak is closed when another stage is entered or left, so a stage nested in another
 /// (an evaluation during training) is measured on its own and the outer stage without it.
@@ -306,7 +309,7 @@ pub struct StagePeaks {
     pub baseline: u64,
     peaks: BTreeMap<&'static str, u64>,
     /// The device's `(used, total)` bytes, where there is a device to ask.
-    device: Option<Box<dyn Fn() -> Option<(u64, u64)> + Send>>,
+    device: Option<DeviceProbe>,
     device_used: BTreeMap<&'static str, u64>,
     device_total: u64,
     current: &'static str,
@@ -338,7 +341,7 @@ impl StagePeaks {
 
     /// Also samples `device` (the driver's `(used, total)` bytes) at every stage
     /// boundary and [`StagePeaks::sample`].
-    pub fn with_device(&mut self, device: Box<dyn Fn() -> Option<(u64, u64)> + Send>) {
+    pub fn with_device(&mut self, device: DeviceProbe) {
         self.device = Some(device);
         self.sample();
     }

@@ -31,7 +31,9 @@
 # without an engine, bit for bit.
 # The benchmark (benches/gpu.rs): EMA kernel GB/s vs a device copy, pinned vs pageable
 # copies, step time and peak device memory of erm / ldt resident / ldt swap / ldt-s on
-# resnet50 at batch 64, and the share of swap time hidden behind compute.
+# resnet50 at batch 64, and the share of swap time hidden behind compute. Then
+# `ldt bench --memory` on the GPU: erm and ldt-s with the optimizer on the device and on
+# the host, resnet50 at 224x224, the driver's used device memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-run}
@@ -148,10 +150,16 @@ run() {
   done
   timeout 240 "$dir/bin/gpu-bench" --bench 2>&1 | tee "$out/gpu-bench.log" >/dev/null
   [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -n 20 "$out/gpu-bench.log"; }
+  # The memory table on the GPU (#15): erm and ldt-s, optimizer on the device and on the
+  # host, resnet50 at 224x224 (random images), the driver's used memory per stage.
+  timeout 180 "$dir/bin/ldt" bench --memory --device cuda:0 --archs resnet50 \
+    --input 3x224x224 --batch 32 --steps 8 --out "$out/bench-memory" >"$out/bench-memory.log" 2>&1 ||
+    { status=1; tail -n 20 "$out/bench-memory.log"; }
   set -e
   echo
   grep -hE '^test .* (ok|FAILED)$|test result' "$out/gpu-tests.log" "$out/nccl-tests.log" || true
-  # The benchmark's table, last.
+  # The memory table, then the benchmark's table, last.
+  sed -n '/^| backbone /,/^$/p' "$out/bench-memory.log"
   sed -n '/^| measure /,$p' "$out/gpu-bench.log"
   [ "$status" = 0 ] || echo "gpu-check: something failed; logs in $out" >&2
   return $status

@@ -348,47 +348,66 @@ fn synthetic_benchmark(dir: &Path, shape: [usize; 3]) -> Result<std::path::PathB
     Ok(path)
 }
 
-/// `ldt bench --memory`: for each backbone of `archs` on the bundled data (batch
-/// `batch`, `steps` steps, LDT-S phases of a quarter of the run so both are measured,
-/// stage 1 warming up the head), erm and LDT-S with the optimizer state on the device
-/// and on the host: the planned and the measured device peak of training (heap peak of
-/// the stage minus the host baseline of data and logs), the evaluation peak, the
-/// process peak (heap + host arenas: counterpart buffer, host optimizer), and the step
-/// time, each as a ratio to erm with the device optimizer, measured one run after the
-/// other in this process.
-pub fn memory(
-    dir: &Path,
-    archs: &[String],
-    steps: usize,
-    batch: usize,
-    input: Option<[usize; 3]>,
-    threads: usize,
-) -> Result<String> {
+/// What `ldt bench --memory` measures.
+pub struct MemoryBench {
+    /// Backbones (`model.arch` names, or `vit-b16`).
+    pub archs: Vec<String>,
+    /// Steps per run.
+    pub steps: usize,
+    /// Examples per batch.
+    pub batch: usize,
+    /// Random images of this shape instead of the bundled data.
+    pub input: Option<[usize; 3]>,
+    /// The optimizer.
+    pub optim: crate::config::OptimConfig,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// CPU threads.
+    pub threads: usize,
+}
+
+/// `ldt bench --memory`: for each backbone of `b.archs` (batch `b.batch`, `b.steps`
+/// steps, LDT-S phases of a quarter of the run so both are measured, stage 1 warming up
+/// the head), erm and LDT-S with the optimizer state on the device and on the host: the
+/// planned and the measured device peak of training ([`MeasuredMemory::device`]), the
+/// evaluation peak, the process peak (heap + host arenas: counterpart buffer, host
+/// optimizer), and the step time, each as a ratio to erm with the device optimizer,
+/// measured one run after the other in this process.
+///
+/// [`MeasuredMemory::device`]: crate::metrics::MeasuredMemory::device
+pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
     use crate::config::OptimizerPlacement;
+    let (steps, batch, optim) = (b.steps, b.batch, &b.optim);
     let mut out = String::new();
     std::fs::create_dir_all(dir)?;
-    let manifest = match input {
+    let manifest = match b.input {
         Some(shape) => Some(synthetic_benchmark(dir, shape)?),
         None => None,
     };
     if let Some(m) = &manifest {
-        writeln!(out, "data: {} (random images)\n", m.display())?;
+        writeln!(out, "data: {} (random images)", m.display())?;
     }
+    writeln!(
+        out,
+        "optimizer: {:?}, betas {:?}, weight decay {}; batch {batch}, {steps} steps, device {}\n",
+        optim.name, optim.betas, optim.weight_decay, b.device
+    )?;
     writeln!(
         out,
         "| backbone | params | method | optimizer | plan MiB | device MiB, training | x erm | device MiB, evaluation | process MiB | x erm | ms/step | x erm |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    for arch in archs {
+    for arch in &b.archs {
         let mut base = Config {
-            threads,
+            threads: b.threads,
+            device: b.device.clone(),
             ..Default::default()
         };
         preset(&mut base.model, arch)?;
         if let Some(m) = &manifest {
             base.data.manifest = m.clone();
         }
-        base.optim.lr = 1e-3;
+        base.optim = optim.clone();
         base.stage1.stat_batches = 4;
         base.stage1.stat_batch_size = batch;
         base.train.steps = steps;
@@ -437,7 +456,7 @@ pub fn memory(
     }
     writeln!(
         out,
-        "\n(device: the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state) together; x erm: against erm with the optimizer on the device)"
+        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state) together; x erm: against erm with the optimizer on the device)"
     )?;
     Ok(out)
 }

@@ -112,6 +112,13 @@ enum Cmd {
         /// bundled data.
         #[arg(long)]
         input: Option<String>,
+        /// `--memory`: `adam` (the authors': beta1 = 0, one moment) or `adamw` (betas
+        /// 0.9/0.999, weight decay 0.05: two moments), lr 1e-3.
+        #[arg(long, default_value = "adam")]
+        optim: String,
+        /// `--memory`: the device (`cpu`, `cuda:0`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Print version, device (with `--features cuda`: driver, PTX ISA, every GPU), threads
     /// and allocator.
@@ -419,6 +426,8 @@ fn main() -> ExitCode {
             archs,
             batch,
             input,
+            optim,
+            device,
         } => Ok((|| -> Result<()> {
             ldt::init_threads(threads);
             let t = if threads == 0 {
@@ -428,8 +437,32 @@ fn main() -> ExitCode {
             };
             let (md, file) = if memory {
                 let input = input.as_deref().map(parse_shape).transpose()?;
+                let mut o = ldt::config::OptimConfig {
+                    lr: 1e-3,
+                    ..Default::default()
+                };
+                match optim.as_str() {
+                    "adam" => {}
+                    "adamw" => {
+                        o.name = ldt::config::OptimName::Adamw;
+                        o.betas = [0.9, 0.999];
+                        o.weight_decay = 0.05;
+                    }
+                    other => anyhow::bail!("--optim `{other}`: expected adam or adamw"),
+                }
                 (
-                    ldt::bench::memory(&out, &archs, steps, batch, input, t)?,
+                    ldt::bench::memory(
+                        &out,
+                        &ldt::bench::MemoryBench {
+                            archs,
+                            steps,
+                            batch,
+                            input,
+                            optim: o,
+                            device,
+                            threads: t,
+                        },
+                    )?,
                     "memory.md",
                 )
             } else {

@@ -283,6 +283,10 @@ pub struct MeasuredMemory {
     /// The GPU's memory (0 on a CPU).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub device_total: u64,
+    /// The driver's used device memory when the run started (the CUDA context, other
+    /// processes): subtracted by [`MeasuredMemory::device`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub device_start: u64,
 }
 
 fn is_zero(x: &u64) -> bool {
@@ -290,8 +294,12 @@ fn is_zero(x: &u64) -> bool {
 }
 
 impl MeasuredMemory {
-    /// The device's share of `stage`'s peak: the peak minus [`MeasuredMemory::baseline`].
+    /// The device memory of `stage`: on a GPU the driver's used memory above the run's
+    /// start; on a CPU the heap's peak minus [`MeasuredMemory::baseline`].
     pub fn device(&self, stage: &str) -> Option<u64> {
+        if let Some(used) = self.device_used.get(stage) {
+            return Some(used.saturating_sub(self.device_start));
+        }
         self.stages
             .get(stage)
             .map(|p| p.saturating_sub(self.baseline))
@@ -312,6 +320,7 @@ pub struct StagePeaks {
     device: Option<DeviceProbe>,
     device_used: BTreeMap<&'static str, u64>,
     device_total: u64,
+    device_start: u64,
     current: &'static str,
     outer: Vec<&'static str>,
 }
@@ -327,6 +336,7 @@ impl StagePeaks {
             device: None,
             device_used: BTreeMap::new(),
             device_total: 0,
+            device_start: 0,
             current: "setup",
             outer: Vec::new(),
         }
@@ -342,6 +352,7 @@ impl StagePeaks {
     /// Also samples `device` (the driver's `(used, total)` bytes) at every stage
     /// boundary and [`StagePeaks::sample`].
     pub fn with_device(&mut self, device: DeviceProbe) {
+        self.device_start = device().map_or(0, |(used, _)| used);
         self.device = Some(device);
         self.sample();
     }
@@ -388,6 +399,7 @@ impl StagePeaks {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
             device_total: self.device_total,
+            device_start: self.device_start,
         }
     }
 }

@@ -158,7 +158,7 @@ pub fn conv2d(
     }))?;
     let mut y = super::matmul::matmul(&cols, &w.reshape((o, c * kh * kw))?.t()?)?;
     if let Some(b) = b {
-        y = y.broadcast_add(b)?;
+        y = super::matmul::broadcast_add(&y, b)?;
     }
     Ok(y.reshape((n, g.oh, g.ow, o))?
         .permute((0, 3, 1, 2))?

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = super::matmul::matmul(x, &w.t()?)?;
     Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => super::matmul::broadcast_add(&y, b)?,
         None => y,
     })
 }
@@ -294,9 +294,8 @@ pub fn batch_norm2d(
             .reshape((c, n, h, wd))?
             .transpose(0, 1)?
     };
-    Ok(y.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&b.reshape((1, c, 1, 1))?)?
-        .to_dtype(dt)?)
+    let y = super::matmul::broadcast_mul(&y, &w.reshape((1, c, 1, 1))?)?;
+    Ok(super::matmul::broadcast_add(&y, &b.reshape((1, c, 1, 1))?)?.to_dtype(dt)?)
 }
 
 /// Log-softmax over the last dimension; the max is detached (it only shifts the
@@ -383,11 +382,8 @@ pub fn layer_norm_generic(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resul
     let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let rstd = (var + eps)?.sqrt()?.recip()?;
-    Ok(centered
-        .broadcast_mul(&rstd)?
-        .broadcast_mul(w)?
-        .broadcast_add(b)?
-        .to_dtype(dt)?)
+    let y = super::matmul::broadcast_mul(&centered.broadcast_mul(&rstd)?, w)?;
+    Ok(super::matmul::broadcast_add(&y, b)?.to_dtype(dt)?)
 }
 
 /// `(x - mean) / sqrt(var + eps) * w + b` per row of the last dimension.

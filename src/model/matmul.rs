@@ -1,4 +1,5 @@
-//! The matrix product of the layers, differentiated only where a gradient is needed.
+//! The matrix product and the broadcast scale/shift of the layers, differentiated only
+//! where a gradient is needed.
 //!
 //! candle's `matmul` backward always computes both operands' gradients and keeps them to
 //! the end of the backward pass, tracked or not: with a frozen weight (LDT's other set,
@@ -10,6 +11,7 @@
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, Mul};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 /// `a @ b` (the rules of `Tensor::matmul`); its backward yields the gradient of `a`
@@ -20,6 +22,87 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Ok(a.matmul(b)?);
     }
     Ok(a.apply_op2(b, OneSided { grad_a: ta })?)
+}
+
+/// `a * b` with `b` broadcast to `a`'s shape (BatchNorm's and LayerNorm's scale), as
+/// `Tensor::broadcast_mul`. With `b` untracked (a frozen scale) its backward yields only
+/// `a`'s gradient: candle's computes an activation-sized gradient for the broadcast `b`
+/// too and keeps it to the end of the backward pass.
+pub fn broadcast_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.track_op() && !b.track_op() && a.elem_count() > 0 {
+        return Ok(a.apply_op2(b, Broadcast { add: false })?);
+    }
+    Ok(a.broadcast_mul(b)?)
+}
+
+/// `a + b` with `b` broadcast to `a`'s shape (a shift, a bias), as
+/// `Tensor::broadcast_add`; with `b` untracked, only `a`'s gradient (see
+/// [`broadcast_mul`]).
+pub fn broadcast_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.track_op() && !b.track_op() && a.elem_count() > 0 {
+        return Ok(a.apply_op2(b, Broadcast { add: true })?);
+    }
+    Ok(a.broadcast_add(b)?)
+}
+
+/// `a + b` or `a * b`, `b` broadcast to `a`'s shape, differentiated for `a` only.
+struct Broadcast {
+    add: bool,
+}
+
+impl CustomOp2 for Broadcast {
+    fn name(&self) -> &'static str {
+        "ldt-broadcast-one-sided"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // candle's own kernel on the layouts `Tensor::broadcast_*` gives it.
+        let l2 = l2.broadcast_as(l1.shape())?;
+        let out = if self.add {
+            s1.binary_impl::<Add>(s2, l1, &l2)?
+        } else {
+            s1.binary_impl::<Mul>(s2, l1, &l2)?
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let l2 = l2.broadcast_as(l1.shape())?;
+        let out = if self.add {
+            s1.binary_impl::<Add>(s2, l1, &l2)?
+        } else {
+            s1.binary_impl::<Mul>(s2, l1, &l2)?
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // What candle's backward gives the left operand.
+        Ok(if self.add {
+            (Some(grad.clone()), None)
+        } else {
+            (Some(grad.broadcast_mul(b)?), None)
+        })
+    }
 }
 
 /// A product with exactly one tracked operand: `a` when `grad_a`, else `b`.
@@ -93,6 +176,50 @@ impl CustomOp2 for OneSided {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// A frozen scale and shift: the result and the input's gradient equal candle's bit
+    /// for bit, and the scale and shift get no gradient.
+    #[test]
+    fn one_sided_broadcasts_equal_candles() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (1, 3, 1, 1), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (1, 3, 1, 1), &dev).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let ours = broadcast_add(&broadcast_mul(xv.as_tensor(), &g).unwrap(), &b).unwrap();
+        let theirs = xv
+            .as_tensor()
+            .broadcast_mul(&g)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&ours), bits(&theirs), "forward");
+        let w = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let (go, gt) = (
+            (ours * &w).unwrap().sum_all().unwrap().backward().unwrap(),
+            (theirs * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap(),
+        );
+        assert_eq!(
+            bits(go.get(xv.as_tensor()).unwrap()),
+            bits(gt.get(xv.as_tensor()).unwrap()),
+            "input gradient"
+        );
+        assert!(go.get(&g).is_none() && go.get(&b).is_none());
+    }
 
     /// The gradient of the tracked operand and the product equal candle's bit for bit;
     /// the untracked operand gets no gradient.

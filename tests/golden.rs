@@ -144,14 +144,7 @@ fn table() -> String {
             lines.push(format!("{name} {f} {h}"));
         }
         // Resume from step 12: a fresh directory holding only that checkpoint.
-        let resumed = tempfile::tempdir().unwrap();
-        let ck = Path::new("checkpoints").join("step-12");
-        let to = resumed.path().join(&ck);
-        std::fs::create_dir_all(&to).unwrap();
-        for e in std::fs::read_dir(whole.path().join(&ck)).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
-        }
+        let resumed = only_checkpoint(whole.path(), 12);
         ov.push("checkpoint.resume=\"auto\"".into());
         run_in(resumed.path(), &ov);
         for (f, h) in hashes(resumed.path()) {

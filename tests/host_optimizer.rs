@@ -121,14 +121,7 @@ fn host_optimizer_writes_the_device_optimizers_bits() {
         run_in(host.path(), &host_ov);
         same_bytes(what, device.path(), host.path());
         // The host run resumed from step 24 in a fresh directory.
-        let resumed = tempfile::tempdir().unwrap();
-        let ck = Path::new("checkpoints").join("step-24");
-        let to = resumed.path().join(&ck);
-        std::fs::create_dir_all(&to).unwrap();
-        for e in std::fs::read_dir(host.path().join(&ck)).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
-        }
+        let resumed = only_checkpoint(host.path(), 24);
         host_ov.push("checkpoint.resume=\"auto\"".into());
         run_in(resumed.path(), &host_ov);
         same_bytes(&format!("{what} resumed"), host.path(), resumed.path());

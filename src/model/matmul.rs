@@ -50,6 +50,25 @@ struct Broadcast {
     add: bool,
 }
 
+impl Broadcast {
+    /// candle's own kernel on the layouts `Tensor::broadcast_*` gives it, on any backend.
+    fn forward<S: BackendStorage>(
+        &self,
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let l2 = l2.broadcast_as(l1.shape())?;
+        let out = if self.add {
+            s1.binary_impl::<Add>(s2, l1, &l2)?
+        } else {
+            s1.binary_impl::<Mul>(s2, l1, &l2)?
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 impl CustomOp2 for Broadcast {
     fn name(&self) -> &'static str {
         "ldt-broadcast-one-sided"
@@ -62,14 +81,7 @@ impl CustomOp2 for Broadcast {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // candle's own kernel on the layouts `Tensor::broadcast_*` gives it.
-        let l2 = l2.broadcast_as(l1.shape())?;
-        let out = if self.add {
-            s1.binary_impl::<Add>(s2, l1, &l2)?
-        } else {
-            s1.binary_impl::<Mul>(s2, l1, &l2)?
-        };
-        Ok((out, l1.shape().clone()))
+        self.forward(s1, l1, s2, l2)
     }
 
     #[cfg(feature = "cuda")]
@@ -80,13 +92,7 @@ impl CustomOp2 for Broadcast {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let l2 = l2.broadcast_as(l1.shape())?;
-        let out = if self.add {
-            s1.binary_impl::<Add>(s2, l1, &l2)?
-        } else {
-            s1.binary_impl::<Mul>(s2, l1, &l2)?
-        };
-        Ok((out, l1.shape().clone()))
+        self.forward(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -128,6 +134,17 @@ fn geometry(
     Ok(((batch, m, n, k), Shape::from(&a[..d - 2]).extend(&[m, n])))
 }
 
+/// candle's matrix product kernel on any backend, with `Tensor::matmul`'s geometry.
+fn product<S: BackendStorage>(
+    s1: &S,
+    l1: &Layout,
+    s2: &S,
+    l2: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    let (bmnk, shape) = geometry(l1, l2)?;
+    Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
+}
+
 impl CustomOp2 for OneSided {
     fn name(&self) -> &'static str {
         "ldt-matmul-one-sided"
@@ -140,8 +157,7 @@ impl CustomOp2 for OneSided {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (bmnk, shape) = geometry(l1, l2)?;
-        Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
+        product(s1, l1, s2, l2)
     }
 
     #[cfg(feature = "cuda")]
@@ -152,8 +168,7 @@ impl CustomOp2 for OneSided {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (bmnk, shape) = geometry(l1, l2)?;
-        Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
+        product(s1, l1, s2, l2)
     }
 
     fn bwd(

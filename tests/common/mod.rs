@@ -171,3 +171,17 @@ every = 6
         after(m);
     }
 }
+
+/// A fresh run directory holding only checkpoint `checkpoints/step-{step}` of run `dir`,
+/// to resume from it with `checkpoint.resume = "auto"`.
+pub fn only_checkpoint(dir: &Path, step: usize) -> tempfile::TempDir {
+    let fresh = tempfile::tempdir().unwrap();
+    let ck = Path::new("checkpoints").join(format!("step-{step}"));
+    let to = fresh.path().join(&ck);
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(dir.join(&ck)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+    fresh
+}

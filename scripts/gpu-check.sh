@@ -33,7 +33,8 @@
 # copies, step time and peak device memory of erm / ldt resident / ldt swap / ldt-s on
 # resnet50 at batch 64, and the share of swap time hidden behind compute. Then
 # `ldt bench --memory` on the GPU: erm and ldt-s with the optimizer on the device and on
-# the host, resnet50 at 224x224, the driver's used device memory.
+# the host, and both in bf16 with the host optimizer (bf16 working weights, f32 masters on
+# the host), resnet50 at 224x224, the driver's used device memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-run}
@@ -153,7 +154,7 @@ run() {
   # The memory table on the GPU (#15): erm and ldt-s, optimizer on the device and on the
   # host, resnet50 at 224x224 (random images), the driver's used memory per stage.
   timeout 180 "$dir/bin/ldt" bench --memory --device cuda:0 --archs resnet50 \
-    --input 3x224x224 --batch 32 --steps 8 --out "$out/bench-memory" >"$out/bench-memory.log" 2>&1 ||
+    --input 3x224x224 --batch 32 --steps 8 --bf16 --out "$out/bench-memory" >"$out/bench-memory.log" 2>&1 ||
     { status=1; tail -n 20 "$out/bench-memory.log"; }
   set -e
   echo

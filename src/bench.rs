@@ -103,7 +103,7 @@ pub fn step_times(
     })?;
     let step_ms = time(&mut || {
         let (_, g) = gradients(net.as_ref(), &mut state, &all, &batch, Mode::Train, plan)?;
-        apply(&mut opt, &state, &g, &lrs)
+        apply(&mut opt, &mut state, &g, &lrs)
     })?;
     Ok(StepTimes {
         params: net.numel(),
@@ -364,6 +364,9 @@ pub struct MemoryBench {
     pub device: String,
     /// CPU threads.
     pub threads: usize,
+    /// Also erm and LDT-S in bf16 with the optimizer on the host (bf16 working weights,
+    /// f32 masters on the host).
+    pub bf16: bool,
 }
 
 /// `ldt bench --memory`: for each backbone of `b.archs` (batch `b.batch`, `b.steps`
@@ -371,8 +374,9 @@ pub struct MemoryBench {
 /// the head), erm and LDT-S with the optimizer state on the device and on the host: the
 /// planned and the measured device peak of training ([`MeasuredMemory::device`]), the
 /// evaluation peak, the process peak (heap + host arenas: counterpart buffer, host
-/// optimizer), and the step time, each as a ratio to erm with the device optimizer,
-/// measured one run after the other in this process.
+/// optimizer), and the step time, each as a ratio to erm with the device optimizer (in
+/// f32), measured one run after the other in this process. With `b.bf16`, erm and LDT-S
+/// in bf16 with the host optimizer follow.
 ///
 /// [`MeasuredMemory::device`]: crate::metrics::MeasuredMemory::device
 pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
@@ -417,15 +421,22 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
         base.ldt_s.p_steps = phase;
         base.ldt_s.a_steps = phase;
         let mut erm: Option<(u64, u64, f64)> = None;
-        for (method, placement) in [
-            (Method::Erm, OptimizerPlacement::Device),
-            (Method::Erm, OptimizerPlacement::Host),
-            (Method::LdtS, OptimizerPlacement::Device),
-            (Method::LdtS, OptimizerPlacement::Host),
-        ] {
+        let mut rows = vec![
+            (Method::Erm, OptimizerPlacement::Device, Precision::F32),
+            (Method::Erm, OptimizerPlacement::Host, Precision::F32),
+            (Method::LdtS, OptimizerPlacement::Device, Precision::F32),
+            (Method::LdtS, OptimizerPlacement::Host, Precision::F32),
+        ];
+        if b.bf16 {
+            rows.push((Method::Erm, OptimizerPlacement::Host, Precision::Bf16));
+            rows.push((Method::LdtS, OptimizerPlacement::Host, Precision::Bf16));
+        }
+        for (method, placement, precision) in rows {
             let mut cfg = variant(&base, method, Placement::Resident);
             cfg.offload.optimizer = placement;
-            let label = format!("{}-{}-{placement:?}", arch, method.name()).to_lowercase();
+            cfg.train.precision = precision;
+            let label =
+                format!("{}-{}-{placement:?}-{precision:?}", arch, method.name()).to_lowercase();
             let mut ctx = RunContext::open(cfg, &dir.join(label))?;
             run_method(&mut ctx)?;
             let heap = ctx.stages.report();
@@ -439,11 +450,14 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
                 Method::LdtS => format!("ldt-s {phase}/{phase}"),
                 m => m.name().to_string(),
             };
+            let at = match precision {
+                Precision::F32 => format!("{placement:?}").to_lowercase(),
+                Precision::Bf16 => format!("{placement:?}, bf16").to_lowercase(),
+            };
             writeln!(
                 out,
-                "| {arch} | {:.2}M | {name} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {ms:.1} | {:.2} |",
+                "| {arch} | {:.2}M | {name} | {at} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {ms:.1} | {:.2} |",
                 ctx.net.numel() as f64 / 1e6,
-                format!("{placement:?}").to_lowercase(),
                 mib(plan),
                 mib(train),
                 train as f64 / e.0 as f64,
@@ -456,7 +470,7 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
     }
     writeln!(
         out,
-        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state) together; x erm: against erm with the optimizer on the device)"
+        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state and master weights) together; x erm: against erm in f32 with the optimizer on the device; bf16: bf16 working weights and gradients on the device, f32 masters on the host)"
     )?;
     Ok(out)
 }

@@ -90,10 +90,11 @@ impl Writer {
     }
 
     /// Adds a network's parameters and buffers under `prefix/`.
-    pub fn net(&mut self, prefix: &str, net: &dyn Network, state: &NetState) {
-        for (n, t) in io::named_tensors(net, state) {
+    pub fn net(&mut self, prefix: &str, net: &dyn Network, state: &NetState) -> Result<()> {
+        for (n, t) in io::named_tensors(net, state)? {
             self.tensors.push((format!("{prefix}/{n}"), t));
         }
+        Ok(())
     }
 
     /// Adds an optimizer's per-layer state under `prefix/`.
@@ -168,7 +169,11 @@ impl Checkpoint {
             .iter()
             .map(|s| self.tensor(&format!("{prefix}/{}", s.name)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(NetState { params, buffers })
+        Ok(NetState {
+            params,
+            buffers,
+            masters: None,
+        })
     }
 
     /// An optimizer saved with [`Writer::optimizer`].

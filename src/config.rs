@@ -230,7 +230,9 @@ pub struct TrainConfig {
     /// this many parts whose gradients are averaged (same update, less activation memory).
     pub accumulate: usize,
     /// Arithmetic of forward and backward: `f32`, or `bf16` weights and activations with
-    /// f32 master weights, gradients and optimizer state.
+    /// f32 master weights, gradients and optimizer state (with `offload.optimizer =
+    /// "host"` the device holds only bf16 weights and gradients; the f32 masters live on
+    /// the host).
     pub precision: Precision,
 }
 
@@ -258,8 +260,9 @@ pub enum Precision {
     /// Everything in f32.
     F32,
     /// bf16 copies of the weights and bf16 activations in forward and backward; the
-    /// master weights, gradients and optimizer state stay f32; normalization, softmax and
-    /// the loss reduce in f32.
+    /// master weights, gradients and optimizer state stay f32 (with the optimizer on the
+    /// host the masters live there and the device keeps only the bf16 copies);
+    /// normalization, softmax and the loss reduce in f32.
     Bf16,
 }
 
@@ -565,7 +568,9 @@ pub struct OffloadSettings {
     /// Where a GPU run folds the counterparts: `host` (worker threads), `device` (a PTX
     /// kernel in device memory) or `mapped` (a PTX kernel on the pinned host buffer).
     pub ema: EmaPlacement,
-    /// Where the trained sets' optimizer state lives: `device` or `host`.
+    /// Where the trained sets' optimizer state lives: `device` or `host`. With `host` and
+    /// `train.precision = "bf16"` the f32 master weights of the whole network live on the
+    /// host too, and the device holds their bf16 roundings.
     pub optimizer: OptimizerPlacement,
     /// The device memory the run may plan for, in bytes (0 = no limit): a run whose
     /// planned peak (weights, gradients, device optimizer state, staging, activations)
@@ -943,6 +948,13 @@ impl ModelConfig {
 }
 
 impl Config {
+    /// Whether the device holds bf16 working weights whose f32 masters live on the host
+    /// (`train.precision = "bf16"` with `offload.optimizer = "host"`).
+    pub fn host_masters(&self) -> bool {
+        self.train.precision == Precision::Bf16
+            && self.offload.optimizer == OptimizerPlacement::Host
+    }
+
     /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare
     /// string), validates, and resolves relative paths against the working directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {

@@ -119,6 +119,10 @@ enum Cmd {
         /// `--memory`: the device (`cpu`, `cuda:0`).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// `--memory`: also erm and ldt-s in bf16 with the optimizer on the host (bf16
+        /// working weights on the device, f32 masters on the host).
+        #[arg(long)]
+        bf16: bool,
     },
     /// Print version, device (with `--features cuda`: driver, PTX ISA, every GPU), threads
     /// and allocator.
@@ -428,6 +432,7 @@ fn main() -> ExitCode {
             input,
             optim,
             device,
+            bf16,
         } => Ok((|| -> Result<()> {
             ldt::init_threads(threads);
             let t = if threads == 0 {
@@ -461,6 +466,7 @@ fn main() -> ExitCode {
                             optim: o,
                             device,
                             threads: t,
+                            bf16,
                         },
                     )?,
                     "memory.md",

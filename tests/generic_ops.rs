@@ -326,6 +326,7 @@ fn to_f64(state: &NetState) -> NetState {
                 _ => b.clone(),
             })
             .collect(),
+        masters: None,
     }
 }
 

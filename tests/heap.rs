@@ -109,11 +109,19 @@ a_steps = 3
 
 /// The plan (weights + gradients + optimizer state + staging + the probed activations)
 /// equals the measured peak of the training stage within 10% on every backbone, for a
-/// method that trains everything and for LDT-S.
+/// method that trains everything and for LDT-S, in f32 and with bf16 working weights
+/// (host optimizer and f32 masters: 2-byte weights and gradients on the device).
 fn plan_matches_the_measurement() {
+    const BF16_HOST: &[&str] = &["train.precision=\"bf16\"", "offload.optimizer=\"host\""];
     for arch in ["cnn", "resnet18", "vit"] {
-        for method in ["erm", "ldt-s"] {
-            let (_d, ctx) = short_run(arch, method, &[]);
+        for (method, extra) in [
+            ("erm", &[][..]),
+            ("ldt-s", &[][..]),
+            ("erm", BF16_HOST),
+            ("ldt-s", BF16_HOST),
+        ] {
+            let (_d, ctx) = short_run(arch, method, extra);
+            let method = format!("{method} {extra:?}");
             let plan = ctx.summary.memory.expect("plan");
             let m = ctx.summary.measured_memory.as_ref().unwrap();
             let train = m.device("train").unwrap();

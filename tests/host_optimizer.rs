@@ -4,7 +4,9 @@
 //! and selection, every exported `.safetensors` is byte-identical with the optimizer
 //! state on the host and beside the weights; a host-optimizer run resumed from its
 //! step-24 checkpoint ends bit-identical too (the master weights restart from the
-//! checkpointed live weights).
+//! checkpointed live weights). In bf16 the host-optimizer runs keep bf16 working weights
+//! on the device and the network's f32 masters on the host: the same bits as the f32
+//! weights cast in the forward.
 
 mod common;
 use common::*;
@@ -69,7 +71,7 @@ fn same_bytes(what: &str, a: &Path, b: &Path) {
 
 #[test]
 fn host_optimizer_writes_the_device_optimizers_bits() {
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 9] = [
         (
             "erm adam",
             &["train.method=\"erm\"", "optim.betas=[0.9, 0.999]"],
@@ -108,6 +110,33 @@ fn host_optimizer_writes_the_device_optimizers_bits() {
                 "train.precision=\"bf16\"",
             ],
         ),
+        // bf16 with the optimizer on the host: bf16 working weights on the device, f32
+        // masters on the host. Micro-batches and clipping widen gradients on the device.
+        (
+            "erm adam bf16 accumulate clip",
+            &[
+                "train.method=\"erm\"",
+                "optim.betas=[0.9, 0.999]",
+                "train.precision=\"bf16\"",
+                "train.accumulate=2",
+                "train.clip_grad_norm=0.5",
+            ],
+        ),
+        (
+            "ldt resident adam bf16",
+            &["train.method=\"ldt\"", "train.precision=\"bf16\""],
+        ),
+        (
+            "ldt swap sgd bf16",
+            &[
+                "train.method=\"ldt\"",
+                "ldt.placement=\"swap\"",
+                "optim.name=\"sgd\"",
+                "optim.lr=0.01",
+                "optim.momentum=0.9",
+                "train.precision=\"bf16\"",
+            ],
+        ),
     ];
     for (what, sets) in cases {
         let mut ov: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
@@ -120,6 +149,20 @@ fn host_optimizer_writes_the_device_optimizers_bits() {
         let host = tempfile::tempdir().unwrap();
         run_in(host.path(), &host_ov);
         same_bytes(what, device.path(), host.path());
+        if what.contains("bf16") {
+            // The device held bf16 working weights: half the bytes of f32 weights.
+            let weights = |d: &Path| {
+                let s: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap())
+                        .unwrap();
+                s["memory"]["live_weights"].as_u64().unwrap()
+            };
+            assert_eq!(
+                2 * weights(host.path()),
+                weights(device.path()),
+                "{what}: live weight bytes"
+            );
+        }
         // The host run resumed from step 24 in a fresh directory.
         let resumed = only_checkpoint(host.path(), 24);
         host_ov.push("checkpoint.resume=\"auto\"".into());

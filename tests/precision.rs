@@ -219,6 +219,7 @@ fn bf16_gradients(arch: &str, input: [usize; 3], mode: Mode, total_bound: f64) {
             .map(|p| candle_core::Var::from_tensor(&round(p.as_tensor())).unwrap())
             .collect(),
         buffers: state.buffers.clone(),
+        masters: None,
     };
     let (_, gr) = gradients(
         net,

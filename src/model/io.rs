@@ -120,6 +120,7 @@ fn load(
     let mut state = NetState {
         params: Vec::new(),
         buffers,
+        masters: None,
     };
     for (i, (spec, t)) in net.params().iter().zip(params).enumerate() {
         let t = match (t, reset_head.as_deref_mut()) {
@@ -147,9 +148,9 @@ fn check_finite(path: &Path, kind: &str, name: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Named tensors of a network state (parameters then buffers), PyTorch names.
-pub fn named_tensors(net: &dyn Network, state: &NetState) -> Vec<(String, Tensor)> {
-    named(net, &state.frozen_view(), &state.buffers)
+/// Named tensors of a network state (its f32 weights, then buffers), PyTorch names.
+pub fn named_tensors(net: &dyn Network, state: &NetState) -> Result<Vec<(String, Tensor)>> {
+    Ok(named(net, &state.weights()?, &state.buffers))
 }
 
 /// Parameters then buffers of `net`, each with its name, for saving (the tensors are
@@ -165,7 +166,7 @@ pub fn named(net: &dyn Network, params: &[Tensor], buffers: &[Tensor]) -> Vec<(S
 
 /// Writes a network state to `path` atomically.
 pub fn save_state(net: &dyn Network, state: &NetState, path: &Path) -> Result<()> {
-    save_tensors(&named_tensors(net, state), path)
+    save_tensors(&named_tensors(net, state)?, path)
 }
 
 /// Writes named tensors to `path` atomically: a temporary file in the same directory,

@@ -16,6 +16,7 @@ pub mod resnet;
 pub mod vit;
 
 use crate::config::ModelConfig;
+use crate::heap::HostVec;
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -161,10 +162,15 @@ pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box
 
 /// The values of one network: parameters (as `Var`s) and buffers.
 pub struct NetState {
-    /// Parameters in `Network::params()` order.
+    /// Parameters in `Network::params()` order: the weights, or with host masters their
+    /// bf16 working copies.
     pub params: Vec<Var>,
     /// Buffers in `Network::buffers()` order.
     pub buffers: Vec<Tensor>,
+    /// With bf16 working weights ([`NetState::with_host_masters`]): each parameter's f32
+    /// master in host memory, of which `params[i]` is the bf16 rounding. Whatever writes
+    /// a weight writes its master and then [`NetState::refresh`]es the working copy.
+    pub masters: Option<Vec<HostVec>>,
 }
 
 impl NetState {
@@ -188,10 +194,14 @@ impl NetState {
             .iter()
             .map(|b| init_tensor(b.init, &b.shape, b.dtype, rng, device))
             .collect::<Result<Vec<_>>>()?;
-        Ok(NetState { params, buffers })
+        Ok(NetState {
+            params,
+            buffers,
+            masters: None,
+        })
     }
 
-    /// A deep copy (new storage for every tensor).
+    /// A deep copy (new storage for every tensor and master).
     pub fn deep_clone(&self) -> Result<Self> {
         Ok(NetState {
             params: self
@@ -204,7 +214,71 @@ impl NetState {
                 .iter()
                 .map(|t| Ok(t.copy()?))
                 .collect::<Result<Vec<_>>>()?,
+            masters: self
+                .masters
+                .as_ref()
+                .map(|m| m.iter().map(|x| HostVec::from_slice(x)).collect()),
         })
+    }
+
+    /// This state with its f32 weights moved to host memory as masters and bf16 working
+    /// copies in their place (the layout ZeRO-Offload uses with fp16): the device holds
+    /// 2 bytes per weight. The working copies are the rounding the bf16 forward makes
+    /// of f32 weights, so a step computes the bits it computes from f32 weights.
+    pub fn with_host_masters(self) -> Result<Self> {
+        if self.masters.is_some() {
+            return Ok(self);
+        }
+        let mut masters = Vec::with_capacity(self.params.len());
+        let mut params = Vec::with_capacity(self.params.len());
+        for v in self.params {
+            let t = v.as_tensor();
+            let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            masters.push(HostVec::from_slice(&values));
+            params.push(Var::from_tensor(&t.to_dtype(DType::BF16)?)?);
+        }
+        Ok(NetState {
+            params,
+            buffers: self.buffers,
+            masters: Some(masters),
+        })
+    }
+
+    /// Writes parameter `i`'s working copy from its master (rounded to bf16 on the host,
+    /// then uploaded); a no-op without masters.
+    pub fn refresh(&self, i: usize) -> Result<()> {
+        let Some(m) = &self.masters else {
+            return Ok(());
+        };
+        let p = &self.params[i];
+        let bits: Vec<half::bf16> = m[i].iter().map(|&x| half::bf16::from_f32(x)).collect();
+        p.set(&Tensor::from_vec(bits, p.shape(), p.device())?)?;
+        Ok(())
+    }
+
+    /// Weight `i` in f32, detached, on the state's device: the parameter, or its master
+    /// uploaded.
+    pub fn weight(&self, i: usize) -> Result<Tensor> {
+        let p = &self.params[i];
+        Ok(match &self.masters {
+            Some(m) => Tensor::from_slice(&m[i], p.shape(), p.device())?,
+            None => p.as_tensor().detach(),
+        })
+    }
+
+    /// All weights in f32 ([`NetState::weight`]): what evaluation, export and
+    /// checkpoints read.
+    pub fn weights(&self) -> Result<Vec<Tensor>> {
+        (0..self.params.len()).map(|i| self.weight(i)).collect()
+    }
+
+    /// Host bytes of the master weights (0 without).
+    pub fn master_bytes(&self) -> u64 {
+        self.masters
+            .iter()
+            .flatten()
+            .map(|x| 4 * x.len() as u64)
+            .sum()
     }
 
     /// The parameter tensors for a forward where `trainable[i]` selects which layers

@@ -12,6 +12,8 @@
 //! that names what the store was doing and the layer.
 
 use super::backend::{Backend, CpuBackend};
+use super::ema::{fused_ema, EmaTask};
+use super::slice::{HostSlice, HostSliceMut};
 use super::{
     Fence, OffloadConfig, OffloadError, SharedCounterpartBuffer, SlotSpec, StagingArea,
     StagingLease, StorageDtype,
@@ -101,6 +103,8 @@ pub struct CounterpartStore {
     staging: StagingArea,
     staged: Option<Staged>,
     ready: HashMap<usize, (Option<Tensor>, Option<Tensor>)>,
+    /// Threads of the host folds of master weights (`offload.threads`).
+    threads: usize,
 }
 
 impl CounterpartStore {
@@ -155,6 +159,7 @@ impl CounterpartStore {
             staging: StagingArea::new(offload.staging_bytes),
             staged: None,
             ready: HashMap::new(),
+            threads: offload.threads,
         })
     }
 
@@ -187,6 +192,94 @@ impl CounterpartStore {
             .map_err(failed(|| {
                 format!("swapping the counterpart of `{}`", l.name)
             }))
+    }
+
+    /// Layer `i`'s weight slot as f32 host values, written by `f` (slots are f32).
+    fn with_weight_slot<R>(
+        &mut self,
+        i: usize,
+        what: &str,
+        f: impl FnOnce(&mut [f32]) -> R,
+    ) -> Result<R> {
+        self.sync()?;
+        let l = &self.layers[i];
+        let mut g = self.buf.write(l.weight);
+        match g.slice_mut() {
+            HostSliceMut::F32(v) => Ok(f(v)),
+            _ => Err(failed(|| format!("{what} `{}`", l.name))(anyhow::anyhow!(
+                "the store keeps f32 weight slots"
+            ))),
+        }
+    }
+
+    /// Checks that host values of `n` elements fit layer `i`.
+    fn check_host_len(&self, i: usize, n: usize, what: &str) -> Result<()> {
+        let l = &self.layers[i];
+        let want: usize = l.shape.iter().product();
+        if n == want {
+            return Ok(());
+        }
+        Err(failed(|| format!("{what} `{}`", l.name))(anyhow::anyhow!(
+            "{n} host values for a layer of {want}"
+        )))
+    }
+
+    /// Parks a copy of host master weights `src` (bf16 working weights keep their f32
+    /// masters on the host) as layer `i`'s counterpart.
+    pub fn park_master(&mut self, i: usize, src: &[f32]) -> Result<()> {
+        self.check_host_len(i, src.len(), "parking the master weights of")?;
+        self.with_weight_slot(i, "parking the master weights of", |d| {
+            d.copy_from_slice(src)
+        })
+    }
+
+    /// Exchanges host master weights `live` with layer `i`'s parked weights, in place.
+    pub fn swap_master(&mut self, i: usize, live: &mut [f32]) -> Result<()> {
+        self.check_host_len(i, live.len(), "swapping the master weights of")?;
+        self.with_weight_slot(i, "swapping the master weights of", |d| {
+            d.swap_with_slice(live)
+        })
+    }
+
+    /// `parked_i = w*parked_i + (1-w)*src` for each `(i, src, w)` with host master
+    /// weights `src`, on the host, now (the fold of [`Self::fold_into_parked`]).
+    pub fn fold_masters_into_parked(&mut self, jobs: &[(usize, &[f32], f64)]) -> Result<()> {
+        for &(i, src, _) in jobs {
+            self.check_host_len(i, src.len(), "folding the master weights of")?;
+        }
+        self.sync()?;
+        let slots: Vec<usize> = jobs.iter().map(|j| self.layers[j.0].weight).collect();
+        let mut guards = self.buf.write_many(&slots).map_err(|e| {
+            failed(|| "folding master weights into the counterparts".into())(e.into())
+        })?;
+        let mut tasks: Vec<EmaTask<'_>> = guards
+            .iter_mut()
+            .zip(jobs)
+            .map(|(g, &(_, src, w))| EmaTask {
+                dst: g.slice_mut(),
+                src: HostSlice::F32(src),
+                w,
+            })
+            .collect();
+        fused_ema(&mut tasks, self.threads);
+        Ok(())
+    }
+
+    /// `dst = w*dst + (1-w)*parked_i` into host master weights `dst` (the fold of
+    /// [`Self::fold_from_parked`]).
+    pub fn fold_parked_into_master(&mut self, i: usize, dst: &mut [f32], w: f64) -> Result<()> {
+        self.check_host_len(i, dst.len(), "folding the counterpart of")?;
+        self.sync()?;
+        let g = self.buf.read(self.layers[i].weight);
+        fused_ema(
+            &mut [EmaTask {
+                dst: HostSliceMut::F32(dst),
+                src: g.slice(),
+                w,
+            }],
+            self.threads,
+        );
+        Ok(())
     }
 
     /// Starts `parked_i = w*parked_i + (1-w)*src` for each `(i, src, w)`: the DPU fold of

@@ -8,6 +8,10 @@
 //! after a resume) and afterwards equals them bit for bit: nothing but this update
 //! writes a layer its branch trains (folds write the other set; swaps bring the same
 //! bits back). On the CPU the gradient is read and the weights written in place.
+//!
+//! With bf16 working weights the network keeps its own f32 masters on the host
+//! ([`crate::model::NetState::masters`]): [`step_master`] updates one of those with the
+//! gradient brought down ([`grad_values`]) and the caller rounds it back to the device.
 
 use super::fused::{self, Update};
 use super::{f32_kernel, LayerState, OptimSettings};
@@ -59,6 +63,22 @@ impl HostLayer {
         })
     }
 
+    /// Creates the moments `s` keeps (zeros) for a layer of `n` values, where missing.
+    fn prepare(&mut self, s: &OptimSettings, n: usize) {
+        let adam = s.name != crate::config::OptimName::Sgd;
+        let with_m = if adam {
+            s.betas[0] > 0.0
+        } else {
+            s.momentum > 0.0
+        };
+        if with_m && self.m.is_none() {
+            self.m = Some(HostVec::zeroed(n));
+        }
+        if adam && self.v.is_none() {
+            self.v = Some(HostVec::zeroed(n));
+        }
+    }
+
     /// Host bytes held: master weights and moments.
     pub fn bytes(&self) -> usize {
         [&self.master, &self.m, &self.v]
@@ -99,18 +119,7 @@ pub fn step(
     if st.master.is_none() {
         st.master = Some(HostVec::from_slice(&values(p.as_tensor())?));
     }
-    let adam = s.name != crate::config::OptimName::Sgd;
-    let with_m = if adam {
-        s.betas[0] > 0.0
-    } else {
-        s.momentum > 0.0
-    };
-    if with_m && st.m.is_none() {
-        st.m = Some(HostVec::zeroed(n));
-    }
-    if adam && st.v.is_none() {
-        st.v = Some(HostVec::zeroed(n));
-    }
+    st.prepare(s, n);
     st.step += 1;
     let step = st.step;
     let threads = candle_core::utils::get_num_threads();
@@ -137,6 +146,79 @@ pub fn step(
     let back = Tensor::from_slice(master, live.shape(), live.device())?.to_dtype(live.dtype())?;
     p.set(&back)?;
     Ok(())
+}
+
+/// One update of host master weights `master` with gradient `g` (f32 or bf16, on any
+/// device) at learning rate `lr`; the state is created here at the layer's first update.
+/// The network's masters are the master copy: the layer's own stays empty.
+pub fn step_master(
+    s: &OptimSettings,
+    st: &mut Option<HostLayer>,
+    master: &mut [f32],
+    g: &Tensor,
+    lr: f64,
+) -> Result<()> {
+    let n = master.len();
+    if g.elem_count() != n {
+        bail!("gradient of {} values for a layer of {n}", g.elem_count());
+    }
+    let st = st.get_or_insert_with(|| HostLayer {
+        step: 0,
+        master: None,
+        m: None,
+        v: None,
+    });
+    st.prepare(s, n);
+    st.step += 1;
+    let g = grad_values(g)?;
+    let HostLayer { m, v, step, .. } = st;
+    let job = Update {
+        p: master,
+        g: &g,
+        m: m.as_deref_mut(),
+        v: v.as_deref_mut(),
+        step: *step,
+        lr,
+    };
+    fused::update(s, &mut [job], candle_core::utils::get_num_threads())
+}
+
+/// A gradient's values as f32 in a host arena ([`HostVec`]). A bf16 gradient widens
+/// exactly, plus zero: the f32 gradient the bf16 cast's backward delivers is
+/// `0 + widen(g)` (candle accumulates into zeros), which turns -0 into +0; the same bits
+/// come out here.
+pub fn grad_values(g: &Tensor) -> Result<HostVec> {
+    let g = g.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match g.dtype() {
+        candle_core::DType::BF16 => {
+            let v = g.to_vec1::<half::bf16>()?;
+            let mut out = HostVec::zeroed(v.len());
+            widen_into(&v, &mut out);
+            out
+        }
+        _ => HostVec::from_slice(&g.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+    })
+}
+
+/// [`grad_values`] in an ordinary vector (stage 1's statistics read every layer's).
+pub fn grad_vec(g: &Tensor) -> Result<Vec<f32>> {
+    let g = g.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match g.dtype() {
+        candle_core::DType::BF16 => {
+            let v = g.to_vec1::<half::bf16>()?;
+            let mut out = vec![0f32; v.len()];
+            widen_into(&v, &mut out);
+            out
+        }
+        _ => g.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+    })
+}
+
+/// `out = 0 + widen(v)`: the f32 gradient of a recorded bf16 cast.
+fn widen_into(v: &[half::bf16], out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o = x.to_f32() + 0.0;
+    }
 }
 
 /// The fused update of `st`'s master weights and moments with host gradient `g`.

@@ -138,6 +138,25 @@ impl Optimizer {
         self.step_on(i, param, grad, lr, generic_path(param.as_tensor()))
     }
 
+    /// Applies one update to the host master weights `master` of layer `i` (bf16
+    /// working weights: the caller rounds the result back into the network). Needs the
+    /// state on the host.
+    pub fn step_master(
+        &mut self,
+        i: usize,
+        master: &mut [f32],
+        grad: &Tensor,
+        lr: f64,
+    ) -> Result<()> {
+        let Some(host) = &mut self.host else {
+            anyhow::bail!(
+                "layer {i}: bf16 working weights with host masters need offload.optimizer = \"host\""
+            );
+        };
+        host::step_master(&self.settings, &mut host[i], master, grad, lr)
+            .with_context(|| format!("host optimizer step of layer {i}"))
+    }
+
     /// [`Optimizer::step`] computed with candle tensor ops (any device; the state
     /// tensors are replaced, the parameter written in place with `Var::set`). Used off
     /// the CPU; public so tests can compare it with the CPU kernels.

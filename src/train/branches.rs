@@ -15,6 +15,7 @@ use crate::model::{Mode, NetState, Network};
 use crate::offload::backend::fold_live;
 use crate::offload::store::{CounterpartStore, LayerSpec};
 use crate::offload::OffloadConfig;
+use crate::offload::{fused_ema, EmaTask, HostSlice, HostSliceMut};
 use crate::optim::{OptimSettings, Optimizer};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -33,7 +34,7 @@ pub trait Branches {
     /// Waits until nothing reads `phase`'s trained weights any more (before their update).
     fn before_update(&mut self) -> Result<()>;
     /// The network and optimizer of live branch `phase`, for its update.
-    fn trainer(&mut self, phase: Phase) -> (&NetState, &mut Optimizer);
+    fn trainer(&mut self, phase: Phase) -> (&mut NetState, &mut Optimizer);
     /// Records the live bytes held at the end of an update with gradients `grads`.
     fn observe(&mut self, grads: &[Option<Tensor>]);
     /// The DPU fold of `branch`'s trained set into the other branch's frozen copy, with
@@ -105,6 +106,19 @@ pub fn half_step(
     Ok(stats)
 }
 
+/// The DPU fold between two host master copies, `dst = w*dst + (1-w)*src`: the
+/// arithmetic of [`fold_live`].
+fn fold_host(dst: &mut [f32], src: &[f32], w: f64) {
+    fused_ema(
+        &mut [EmaTask {
+            dst: HostSliceMut::F32(dst),
+            src: HostSlice::F32(src),
+            w,
+        }],
+        1,
+    );
+}
+
 /// Both branches live: PM and AM each a network with its own optimizer.
 pub struct Resident {
     pm: NetState,
@@ -131,17 +145,18 @@ impl Resident {
         })
     }
 
-    /// The branches saved by [`Branches::save`].
+    /// The branches saved by [`Branches::save`], in the working layout of `ctx`.
     pub fn resume(
         ck: &Checkpoint,
-        net: &dyn Network,
+        ctx: &RunContext,
         settings: OptimSettings,
         placement: OptimizerPlacement,
     ) -> Result<Self> {
+        let net = ctx.net.as_ref();
         let n = net.params().len();
         Ok(Resident {
-            pm: ck.net("pm", net)?,
-            am: ck.net("am", net)?,
+            pm: ctx.working(ck.net("pm", net)?)?,
+            am: ctx.working(ck.net("am", net)?)?,
             opt_p: ck
                 .optimizer("opt_p", settings.clone(), n)?
                 .placed(placement)?,
@@ -179,9 +194,8 @@ impl Branches for Resident {
         Ok(())
     }
 
-    fn trainer(&mut self, phase: Phase) -> (&NetState, &mut Optimizer) {
-        let (s, o) = self.branch(phase);
-        (s, o)
+    fn trainer(&mut self, phase: Phase) -> (&mut NetState, &mut Optimizer) {
+        self.branch(phase)
     }
 
     fn observe(&mut self, grads: &[Option<Tensor>]) {
@@ -192,16 +206,20 @@ impl Branches for Resident {
 
     fn fold(&mut self, partition: &Partition, branch: Phase, factor: f64) -> Result<()> {
         let (src, dst) = match branch {
-            Phase::P => (&self.pm, &self.am),
-            Phase::A => (&self.am, &self.pm),
+            Phase::P => (&self.pm, &mut self.am),
+            Phase::A => (&self.am, &mut self.pm),
         };
         for (i, l) in partition.layers.iter().enumerate() {
-            if l.set == branch.trains() {
-                fold_live(
-                    dst.params[i].as_tensor(),
-                    src.params[i].as_tensor(),
-                    l.coefficient * factor,
-                )?;
+            if l.set != branch.trains() {
+                continue;
+            }
+            let w = l.coefficient * factor;
+            match (&src.masters, &mut dst.masters) {
+                (Some(s), Some(d)) => {
+                    fold_host(&mut d[i], &s[i], w);
+                    dst.refresh(i)?;
+                }
+                _ => fold_live(dst.params[i].as_tensor(), src.params[i].as_tensor(), w)?,
             }
         }
         Ok(())
@@ -212,19 +230,15 @@ impl Branches for Resident {
             Phase::P => &self.pm,
             Phase::A => &self.am,
         };
-        let params: Vec<Tensor> = (0..self.pm.params.len())
-            .map(|i| {
-                state(view.layer(partition, i)).params[i]
-                    .as_tensor()
-                    .detach()
-            })
-            .collect();
+        let params = (0..self.pm.params.len())
+            .map(|i| state(view.layer(partition, i)).weight(i))
+            .collect::<Result<Vec<_>>>()?;
         f(&params, &state(view.buffers()).buffers)
     }
 
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
-        w.net("pm", net, &self.pm);
-        w.net("am", net, &self.am);
+        w.net("pm", net, &self.pm)?;
+        w.net("am", net, &self.am)?;
         w.optimizer("opt_p", &self.opt_p, net)?;
         w.optimizer("opt_a", &self.opt_a, net)?;
         Ok(())
@@ -237,7 +251,7 @@ impl Branches for Resident {
     fn memory(&self, partition: &Partition) -> MemoryReport {
         let k = memory::device_state_tensors(&self.opt_p);
         let mut r = memory::report(
-            memory::Layout::Resident,
+            (memory::Layout::Resident, memory::working_bytes(&self.pm)),
             partition.set_numel(),
             k,
             (0, 0),
@@ -333,7 +347,10 @@ impl Parked {
     ) -> Result<Self> {
         let n = start.params.len();
         for (i, p) in start.params.iter().enumerate() {
-            store.park_weights(i, p.as_tensor())?;
+            match &start.masters {
+                Some(m) => store.park_master(i, &m[i])?,
+                None => store.park_weights(i, p.as_tensor())?,
+            }
         }
         let parked_buffers = if per_branch_buffers {
             Some(
@@ -406,11 +423,20 @@ impl Parked {
 
 impl Parked {
     /// Exchanges layers `layers` (and with `buffers` the buffers) of the live network
-    /// with their parked counterparts.
-    fn swap_in(&mut self, layers: &[usize], buffers: bool) -> Result<()> {
+    /// with their parked counterparts. With host masters the masters are exchanged, and
+    /// with `refresh` the working copies follow (a visit reads the masters and swaps
+    /// them back, so it leaves the working copies alone).
+    fn swap_in(&mut self, layers: &[usize], buffers: bool, refresh: bool) -> Result<()> {
         for &i in layers {
-            self.store
-                .swap_weights(i, self.live.params[i].as_tensor())?;
+            match &mut self.live.masters {
+                Some(m) => self.store.swap_master(i, &mut m[i])?,
+                None => self
+                    .store
+                    .swap_weights(i, self.live.params[i].as_tensor())?,
+            }
+        }
+        if refresh {
+            layers.iter().try_for_each(|&i| self.live.refresh(i))?;
         }
         if let (true, Some(pb)) = (buffers, &mut self.parked_buffers) {
             std::mem::swap(pb, &mut self.live.buffers);
@@ -429,7 +455,7 @@ impl Branches for Parked {
             return Ok(());
         }
         let all: Vec<usize> = (0..self.live.params.len()).collect();
-        self.swap_in(&all, true)?;
+        self.swap_in(&all, true, true)?;
         let (out_opt, in_opt) = match self.phase {
             Phase::P => (&mut self.opt_p, &mut self.opt_a),
             Phase::A => (&mut self.opt_a, &mut self.opt_p),
@@ -459,13 +485,13 @@ impl Branches for Parked {
         Ok(self.store.sync()?)
     }
 
-    fn trainer(&mut self, phase: Phase) -> (&NetState, &mut Optimizer) {
+    fn trainer(&mut self, phase: Phase) -> (&mut NetState, &mut Optimizer) {
         debug_assert_eq!(phase, self.phase, "only the live branch trains");
         let opt = match phase {
             Phase::P => &mut self.opt_p,
             Phase::A => &mut self.opt_a,
         };
-        (&self.live, opt)
+        (&mut self.live, opt)
     }
 
     fn observe(&mut self, grads: &[Option<Tensor>]) {
@@ -476,13 +502,29 @@ impl Branches for Parked {
     }
 
     fn fold(&mut self, partition: &Partition, branch: Phase, factor: f64) -> Result<()> {
-        let mut jobs = Vec::new();
-        for (i, l) in partition.layers.iter().enumerate() {
-            if l.set != branch.trains() {
-                continue;
+        let layers = partition
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.set == branch.trains())
+            .map(|(i, l)| (i, l.coefficient * factor));
+        if let Some(m) = &mut self.live.masters {
+            // Host masters: both copies are in host memory; the fold runs there.
+            if branch == self.phase {
+                let jobs: Vec<(usize, &[f32], f64)> =
+                    layers.map(|(i, w)| (i, &m[i][..], w)).collect();
+                return Ok(self.store.fold_masters_into_parked(&jobs)?);
             }
+            let mut folded = Vec::new();
+            for (i, w) in layers {
+                self.store.fold_parked_into_master(i, &mut m[i], w)?;
+                folded.push(i);
+            }
+            return folded.into_iter().try_for_each(|i| self.live.refresh(i));
+        }
+        let mut jobs = Vec::new();
+        for (i, w) in layers {
             let live = self.live.params[i].as_tensor();
-            let w = l.coefficient * factor;
             if branch == self.phase {
                 // Source live, destination (the other branch's frozen copy) parked.
                 jobs.push((i, live.clone(), w));
@@ -500,16 +542,16 @@ impl Branches for Parked {
             .filter(|&i| view.layer(partition, i) != self.phase)
             .collect();
         let swap_buffers = self.parked_buffers.is_some() && view.buffers() != self.phase;
-        self.swap_in(&parked, swap_buffers)?;
-        let seen = f(&self.live.frozen_view(), &self.live.buffers);
+        self.swap_in(&parked, swap_buffers, false)?;
+        let seen = self.live.weights().and_then(|w| f(&w, &self.live.buffers));
         // A swap is its own inverse: the second one restores the live branch exactly.
-        self.swap_in(&parked, swap_buffers)?;
+        self.swap_in(&parked, swap_buffers, false)?;
         seen
     }
 
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
         self.store.sync()?;
-        w.net("live", net, &self.live);
+        w.net("live", net, &self.live)?;
         w.meta("phase", json!(format!("{:?}", self.phase)));
         w.meta(
             "parked_state",
@@ -537,14 +579,15 @@ impl Branches for Parked {
     fn memory(&self, partition: &Partition) -> MemoryReport {
         let k = memory::device_state_tensors(&self.opt_p);
         let mut r = memory::report(
-            memory::Layout::Single,
+            (memory::Layout::Single, memory::working_bytes(&self.live)),
             partition.set_numel(),
             k,
             self.store.tiers(),
             self.store.staging_capacity(),
         );
         r.measured_live_peak = self.meter.peak;
-        r.host_optimizer = (self.opt_p.host_bytes() + self.opt_a.host_bytes()) as u64;
+        r.host_optimizer =
+            (self.opt_p.host_bytes() + self.opt_a.host_bytes()) as u64 + self.live.master_bytes();
         r
     }
 }
@@ -573,12 +616,12 @@ pub fn open(
             let net = ctx.net.as_ref();
             let mut b: Box<dyn Branches> = match store {
                 Some(store) => {
-                    let live = ck.net("live", net)?;
+                    let live = ctx.working(ck.net("live", net)?)?;
                     let mut b = Parked::new(live, store, settings, placement, per_branch_buffers)?;
                     b.restore(ck)?;
                     Box::new(b)
                 }
-                None => Box::new(Resident::resume(ck, net, settings, placement)?),
+                None => Box::new(Resident::resume(ck, ctx, settings, placement)?),
             };
             let live = b.live().unwrap_or(Phase::P);
             ctx.plan_memory(b.state(live))?;

@@ -34,7 +34,7 @@ impl Erm {
         let settings = OptimSettings::from(&cfg.optim);
         let (state, opt) = match resume {
             Some(ck) => {
-                let state = ck.net("model", ctx.net.as_ref())?;
+                let state = ctx.working(ck.net("model", ctx.net.as_ref())?)?;
                 ctx.plan_memory(&state)?;
                 let opt = ck.optimizer("opt", settings, n)?;
                 (state, opt.placed(cfg.offload.optimizer)?)
@@ -94,7 +94,7 @@ impl Stepper for Erm {
         let (stats, mut grads) = gradients(net, &mut self.state, mask, &batch, Mode::Train, plan)?;
         let lrs = feed.rates.at(step);
         if ctx.guard(step, "model", &stats, &mut grads)? {
-            apply(&mut self.opt, &self.state, &grads, &lrs)?;
+            apply(&mut self.opt, &mut self.state, &grads, &lrs)?;
         }
         let weights = memory::weight_bytes(&self.state);
         self.meter.observe(weights, &grads, self.opt.bytes() as u64);
@@ -111,11 +111,11 @@ impl Stepper for Erm {
     }
 
     fn visit(&mut self, _: usize, f: &mut Visitor) -> Result<()> {
-        f(&self.state.frozen_view(), &self.state.buffers)
+        f(&self.state.weights()?, &self.state.buffers)
     }
 
     fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {
-        w.net("model", ctx.net.as_ref(), &self.state);
+        w.net("model", ctx.net.as_ref(), &self.state)?;
         w.optimizer("opt", &self.opt, ctx.net.as_ref())?;
         Ok(())
     }
@@ -132,9 +132,15 @@ impl Stepper for Erm {
             .map(|v| v.elem_count() as u64)
             .sum();
         let k = memory::device_state_tensors(&self.opt);
-        let mut r = memory::report(memory::Layout::Full, (total, 0), k, (0, 0), 0);
+        let mut r = memory::report(
+            (memory::Layout::Full, memory::working_bytes(&self.state)),
+            (total, 0),
+            k,
+            (0, 0),
+            0,
+        );
         r.measured_live_peak = self.meter.peak;
-        r.host_optimizer = self.opt.host_bytes() as u64;
+        r.host_optimizer = self.opt.host_bytes() as u64 + self.state.master_bytes();
         r
     }
 }

@@ -28,6 +28,16 @@ impl LiveMeter {
     }
 }
 
+/// Bytes per weight (and gradient) element on the device: 2 for bf16 working weights
+/// with host masters, else 4.
+pub fn working_bytes(state: &NetState) -> u64 {
+    if state.masters.is_some() {
+        2
+    } else {
+        4
+    }
+}
+
 /// Bytes of a network's parameters.
 pub fn weight_bytes(state: &crate::model::NetState) -> u64 {
     state
@@ -48,12 +58,13 @@ pub enum Layout {
     Single,
 }
 
-/// The report for `total` f32 elements split into sets of `stable` / `unstable`
-/// elements, with `state_per_elem` optimizer tensors per trained element. `Single` stages
-/// the incoming branch's optimizer state during the last step of a phase when it fits in
-/// `staging_cap` bytes, so its peak phase holds that too.
+/// The report for `total` weight elements of `wb` bytes each (4, or 2 for bf16 working
+/// weights, whose gradients are bf16 too) split into sets of `stable` / `unstable`
+/// elements, with `state_per_elem` f32 optimizer tensors per trained element. `Single`
+/// stages the incoming branch's optimizer state during the last step of a phase when it
+/// fits in `staging_cap` bytes, so its peak phase holds that too.
 pub fn report(
-    layout: Layout,
+    (layout, wb): (Layout, u64),
     (stable, unstable): (u64, u64),
     state_per_elem: u64,
     counterparts: (u64, u64),
@@ -81,16 +92,16 @@ pub fn report(
             (phase(stable, unstable), phase(unstable, stable))
         }
     };
-    let sum = |t: (u64, u64, u64, u64)| b * (t.0 + t.1 + t.2 + t.3);
+    let sum = |t: (u64, u64, u64, u64)| wb * (t.0 + t.1) + b * (t.2 + t.3);
     let (w, g, o, st) = if sum(p) >= sum(a) { p } else { a };
     MemoryReport {
-        live_weights: b * w,
-        gradients: b * g,
+        live_weights: wb * w,
+        gradients: wb * g,
         optimizer: b * o,
         counterparts_ram: counterparts.0,
         counterparts_file: counterparts.1,
         staging: b * st,
-        live_peak: b * (w + g + o + st),
+        live_peak: wb * (w + g) + b * (o + st),
         phases: [sum(p), sum(a)],
         ..MemoryReport::default()
     }
@@ -129,8 +140,9 @@ pub fn before_stage1(cfg: &crate::config::Config, numel: u64, activations: u64) 
         crate::config::OptimizerPlacement::Device => state_tensors(&settings),
         crate::config::OptimizerPlacement::Host => 0,
     };
+    let wb = if cfg.host_masters() { 2 } else { 4 };
     let mut r = report(
-        layout_of(cfg),
+        (layout_of(cfg), wb),
         (numel, 0),
         k,
         (0, 0),
@@ -247,6 +259,7 @@ fn probe(
             .iter()
             .map(|t| t.copy())
             .collect::<candle_core::Result<_>>()?,
+        masters: None,
     };
     let plan = GradPlan {
         accumulate: 1,

@@ -377,9 +377,10 @@ impl RunContext {
     }
 
     /// Starting weights: `model.init` if set (its head re-initialized, seeded, with
-    /// `model.reset_head`), else seeded PyTorch-style init.
+    /// `model.reset_head`), else seeded PyTorch-style init; in the run's working layout
+    /// ([`RunContext::working`]).
     pub fn initial_state(&self) -> Result<NetState> {
-        match &self.cfg.model.init {
+        let state = match &self.cfg.model.init {
             Some(p) if self.cfg.model.reset_head => io::load_state_reset_head(
                 self.net.as_ref(),
                 p,
@@ -394,6 +395,17 @@ impl RunContext {
                 &mut Rng::new(self.cfg.seed, streams::INIT),
                 &self.device,
             ),
+        }?;
+        self.working(state)
+    }
+
+    /// `state` in the layout this run trains: with bf16 working weights
+    /// ([`crate::config::Config::host_masters`]) its f32 weights move to host masters.
+    pub fn working(&self, state: NetState) -> Result<NetState> {
+        if self.cfg.host_masters() {
+            state.with_host_masters()
+        } else {
+            Ok(state)
         }
     }
 

@@ -170,15 +170,10 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
             Mode::Stats,
             GradPlan::of(&ctx.cfg),
         )?;
-        let host: Vec<Vec<f32>> = grads
+        let host = grads
             .iter()
-            .map(|g| {
-                Ok(g.as_ref()
-                    .expect("all layers trainable")
-                    .flatten_all()?
-                    .to_vec1::<f32>()?)
-            })
-            .collect::<Result<_>>()?;
+            .map(|g| crate::optim::host::grad_vec(g.as_ref().expect("all layers trainable")))
+            .collect::<Result<Vec<_>>>()?;
         acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
         progress.update(b, &format!("loss {:.4}", st.loss));
         ctx.metrics.write(&Record::Stats {

@@ -131,7 +131,7 @@ fn all_reduce(
         }
         let p = state.params[i].as_tensor();
         parts.push(match g {
-            Some(g) if finite => (g * share)?.flatten_all()?,
+            Some(g) if finite => (widen(g)? * share)?.flatten_all()?,
             _ => Tensor::zeros(p.elem_count(), DType::F32, p.device())?,
         });
         spans.push((i, len));
@@ -239,7 +239,7 @@ fn local_gradients(
         let w = (b - a) as f64 / n as f64;
         for (acc, g) in sum.iter_mut().zip(grads) {
             if let Some(g) = g {
-                let g = (g * w)?;
+                let g = (widen(&g)? * w)?;
                 *acc = Some(match acc.take() {
                     Some(t) => (t + g)?,
                     None => g,
@@ -255,9 +255,22 @@ fn local_gradients(
     Ok((stats, sum))
 }
 
+/// A gradient in f32 where f32 arithmetic follows on the device (micro-batch sums,
+/// the all-reduce, clipping). A bf16 gradient (of bf16 working weights) becomes exactly
+/// the f32 gradient the recorded cast of f32 weights delivers: candle's backward adds the
+/// widened gradient to zeros.
+pub fn widen(g: &Tensor) -> Result<Tensor> {
+    if g.dtype() == DType::F32 {
+        return Ok(g.clone());
+    }
+    let w = g.to_dtype(DType::F32)?;
+    Ok(w.zeros_like()?.add(&w)?)
+}
+
 /// The forward's weights (`state.view`: frozen layers detached) and input in the working
-/// precision. In bf16 the casts are recorded, so each gradient arrives in the f32 of its
-/// master weight.
+/// precision. In bf16 the casts of f32 weights are recorded, so each gradient arrives in
+/// the f32 of its weight; bf16 working weights (host masters) are used as they are and
+/// their gradients stay bf16 until the host widens them.
 fn working_copies(
     state: &NetState,
     trainable: &[bool],
@@ -347,22 +360,29 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for g in grads.iter_mut().flatten() {
-            *g = (&*g * coef)?;
+            *g = (widen(g)? * coef)?;
         }
     }
     Ok(norm)
 }
 
-/// Applies the optimizer to every layer that has a gradient, with per-layer rates.
+/// Applies the optimizer to every layer that has a gradient, with per-layer rates. With
+/// host masters the update runs on the master, which is then rounded into the working
+/// copy.
 pub fn apply(
     opt: &mut Optimizer,
-    state: &NetState,
+    state: &mut NetState,
     grads: &[Option<Tensor>],
     lrs: &[f64],
 ) -> Result<()> {
     for (i, g) in grads.iter().enumerate() {
-        if let Some(g) = g {
-            opt.step(i, &state.params[i], g, lrs[i])?;
+        let Some(g) = g else { continue };
+        match &mut state.masters {
+            Some(m) => {
+                opt.step_master(i, &mut m[i], g, lrs[i])?;
+                state.refresh(i)?;
+            }
+            None => opt.step(i, &state.params[i], g, lrs[i])?,
         }
     }
     Ok(())
@@ -382,7 +402,7 @@ pub fn nonfinite(
     let sums = grads
         .iter()
         .flatten()
-        .map(|g| g.sum_all())
+        .map(|g| g.sum_all()?.to_dtype(DType::F32))
         .collect::<candle_core::Result<Vec<_>>>()?;
     if sums.is_empty() {
         return Ok(None);
@@ -394,7 +414,7 @@ pub fn nonfinite(
         if sums.next().is_some_and(f32::is_finite) {
             continue;
         }
-        let v = g.flatten_all()?.to_vec1::<f32>()?;
+        let v = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
             return Ok(Some(format!(
                 "the gradient of `{name}` is {x} at flat index {i}"

@@ -46,8 +46,8 @@ pub fn step_times(
     use crate::optim::{OptimSettings, Optimizer};
     use crate::train::step::{apply, gradients, Batch, GradPlan};
     let plan = GradPlan {
-        accumulate: 1,
         precision,
+        ..GradPlan::F32
     };
     let dev = candle_core::Device::Cpu;
     let cfg = crate::config::ModelConfig {

@@ -234,6 +234,20 @@ pub struct TrainConfig {
     /// "host"` the device holds only bf16 weights and gradients; the f32 masters live on
     /// the host).
     pub precision: Precision,
+    /// Activation memory: `none` keeps every activation of the forward for the backward;
+    /// `blocks` keeps only each block's input and recomputes one block at a time during
+    /// the backward (same bits, about one more forward of compute).
+    pub recompute: Recompute,
+}
+
+/// What the forward keeps for the backward (`train.recompute`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Every activation.
+    None,
+    /// Each block's input; the backward recomputes one block at a time.
+    Blocks,
 }
 
 impl Default for TrainConfig {
@@ -249,6 +263,7 @@ impl Default for TrainConfig {
             clip_grad_norm: 0.0,
             accumulate: 1,
             precision: Precision::F32,
+            recompute: Recompute::None,
         }
     }
 }

@@ -70,6 +70,7 @@ every = 3
     assert_eq!(m.host_arena_peak, plan.counterparts_ram);
 
     plan_matches_the_measurement();
+    recompute_keeps_a_block_of_activations();
     ldt_s_holds_no_more_than_erm_and_its_buffer();
     a_budget_too_small_stops_before_stage_1();
 }
@@ -144,6 +145,46 @@ fn plan_matches_the_measurement() {
             );
         }
     }
+}
+
+/// `train.recompute = "blocks"` on resnet18 (erm, batch 32): the probed activations
+/// fall below half, the measured training peak falls, and the plan still matches the
+/// measurement within 10%.
+fn recompute_keeps_a_block_of_activations() {
+    let peak = |r: &str| {
+        let (_d, ctx) = short_run(
+            "resnet18",
+            "erm",
+            &["train.batch_size=32", &format!("train.recompute=\"{r}\"")],
+        );
+        let plan = ctx.summary.memory.expect("plan");
+        let train = ctx
+            .summary
+            .measured_memory
+            .unwrap()
+            .device("train")
+            .unwrap();
+        (plan, train)
+    };
+    let (p0, none) = peak("none");
+    let (p1, blocks) = peak("blocks");
+    eprintln!(
+        "resnet18 batch 32: activations {} -> {}, training peak {none} -> {blocks} (plan {})",
+        p0.activations, p1.activations, p1.device_peak
+    );
+    assert!(
+        2 * p1.activations < p0.activations,
+        "activations {} -> {}",
+        p0.activations,
+        p1.activations
+    );
+    assert!(blocks < none, "training peak {none} -> {blocks}");
+    let rel = p1.device_peak as f64 / blocks as f64 - 1.0;
+    assert!(
+        rel.abs() <= 0.10,
+        "recompute: plan {} vs measured {blocks}",
+        p1.device_peak
+    );
 }
 
 /// LDT-S on resnet18: its training and evaluation peaks stay within 10% of erm's (one

@@ -39,6 +39,7 @@ fn plan(accumulate: usize, precision: Precision) -> GradPlan {
     GradPlan {
         accumulate,
         precision,
+        ..GradPlan::F32
     }
 }
 

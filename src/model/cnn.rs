@@ -1,7 +1,7 @@
 //! `cnn` / `cnn_bn`: (`conv{i}` 3x3 pad 1 [-> `bn{i}`] -> ReLU -> max-pool 2)* ->
 //! flatten (C,H,W) -> `fc1` -> ReLU -> `fc2` (the head).
 
-use super::{layers, BufferSpec, Init, Mode, Network, TensorSpec};
+use super::{group_blocks, layers, BlockSpec, BufferSpec, Init, Mode, Network, TensorSpec};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -13,6 +13,8 @@ pub struct Cnn {
     bn: bool,
     params: Vec<TensorSpec>,
     buffers: Vec<BufferSpec>,
+    /// One block per convolution stage (`conv{k}`, `bn{k}`), then `fc1`, then `fc2`.
+    blocks: Vec<BlockSpec>,
 }
 
 impl Cnn {
@@ -90,6 +92,14 @@ impl Cnn {
                 init: Init::FanIn(fan_in),
             });
         }
+        // `conv3` and `bn3` are stage 3; `fc1`, `fc2` blocks of their own.
+        let blocks = group_blocks(&params, &buffers, |n| {
+            let layer = n.split('.').next().unwrap_or(n);
+            layer
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .to_string()
+                + if layer.starts_with("fc") { "fc" } else { "" }
+        })?;
         Ok(Cnn {
             input,
             classes,
@@ -97,6 +107,7 @@ impl Cnn {
             bn,
             params,
             buffers,
+            blocks,
         })
     }
 }
@@ -124,34 +135,39 @@ impl Network for Cnn {
     fn num_classes(&self) -> usize {
         self.classes
     }
-    fn forward(&self, p: &[Tensor], b: &mut [Tensor], x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut h = x.clone();
-        let mut pi = 0;
-        for i in 0..self.convs {
-            if self.bn {
-                h = layers::conv2d(&h, &p[pi], None, 1, 1)?;
-                let (mean, rest) = b[3 * i..3 * i + 3].split_at_mut(1);
-                let (var, count) = rest.split_at_mut(1);
-                h = layers::batch_norm2d(
-                    &h,
-                    &p[pi + 1],
-                    &p[pi + 2],
-                    layers::BnBuffers {
-                        mean: &mut mean[0],
-                        var: &mut var[0],
-                        count: &mut count[0],
-                    },
-                    mode,
-                )?;
-                pi += 3;
-            } else {
-                h = layers::conv2d(&h, &p[pi], Some(&p[pi + 1]), 1, 1)?;
-                pi += 2;
-            }
-            h = layers::max_pool2d(&layers::relu(&h)?, 2, 2, 0)?;
+    fn blocks(&self) -> &[BlockSpec] {
+        &self.blocks
+    }
+    fn forward_block(
+        &self,
+        k: usize,
+        p: &[Tensor],
+        b: &mut [Tensor],
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        if k == self.convs {
+            let h = x.flatten_from(1)?;
+            return layers::relu(&layers::linear(&h, &p[0], Some(&p[1]))?);
         }
-        let h = h.flatten_from(1)?;
-        let h = layers::relu(&layers::linear(&h, &p[pi], Some(&p[pi + 1]))?)?;
-        layers::linear(&h, &p[pi + 2], Some(&p[pi + 3]))
+        if k > self.convs {
+            return layers::linear(x, &p[0], Some(&p[1]));
+        }
+        let h = if self.bn {
+            let h = layers::conv2d(x, &p[0], None, 1, 1)?;
+            let [mean, var, count] = b else {
+                bail!("cnn_bn: BatchNorm buffers out of step with the specs");
+            };
+            layers::batch_norm2d(
+                &h,
+                &p[1],
+                &p[2],
+                layers::BnBuffers { mean, var, count },
+                mode,
+            )?
+        } else {
+            layers::conv2d(x, &p[0], Some(&p[1]), 1, 1)?
+        };
+        layers::max_pool2d(&layers::relu(&h)?, 2, 2, 0)
     }
 }

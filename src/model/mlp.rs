@@ -1,6 +1,6 @@
 //! `mlp`: flatten -> (`fc{i}` Linear -> ReLU)* -> last `fc` Linear (the head).
 
-use super::{layers, BufferSpec, Init, Mode, Network, TensorSpec};
+use super::{group_blocks, layers, BlockSpec, BufferSpec, Init, Mode, Network, TensorSpec};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -9,6 +9,8 @@ pub struct Mlp {
     input: [usize; 3],
     classes: usize,
     params: Vec<TensorSpec>,
+    /// One block per Linear (with its ReLU).
+    blocks: Vec<BlockSpec>,
 }
 
 impl Mlp {
@@ -34,10 +36,12 @@ impl Mlp {
                 init: Init::FanIn(fan_in),
             });
         }
+        let blocks = group_blocks(&params, &[], |n| n.split('.').next().unwrap_or(n).into())?;
         Ok(Mlp {
             input,
             classes,
             params,
+            blocks,
         })
     }
 }
@@ -61,15 +65,27 @@ impl Network for Mlp {
     fn num_classes(&self) -> usize {
         self.classes
     }
-    fn forward(&self, p: &[Tensor], _b: &mut [Tensor], x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        let mut h = x.flatten_from(1)?;
-        let layers_n = p.len() / 2;
-        for i in 0..layers_n {
-            h = layers::linear(&h, &p[2 * i], Some(&p[2 * i + 1]))?;
-            if i + 1 < layers_n {
-                h = layers::relu(&h)?;
-            }
+    fn blocks(&self) -> &[BlockSpec] {
+        &self.blocks
+    }
+    fn forward_block(
+        &self,
+        k: usize,
+        p: &[Tensor],
+        _b: &mut [Tensor],
+        x: &Tensor,
+        _mode: Mode,
+    ) -> Result<Tensor> {
+        let h = if k == 0 {
+            x.flatten_from(1)?
+        } else {
+            x.clone()
+        };
+        let h = layers::linear(&h, &p[0], Some(&p[1]))?;
+        if k + 1 < self.blocks.len() {
+            layers::relu(&h)
+        } else {
+            Ok(h)
         }
-        Ok(h)
     }
 }

@@ -79,6 +79,57 @@ pub struct BufferSpec {
     pub init: Init,
 }
 
+/// One block of a network's forward (resnet: the stem, each residual block, the head;
+/// ViT: the embedding, each transformer block, the head; cnn/mlp: each layer group):
+/// the unit block-wise recompute keeps the input of. Its parameters and buffers are
+/// contiguous ranges of `Network::params()` / `Network::buffers()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockSpec {
+    /// The block's parameter indices.
+    pub params: std::ops::Range<usize>,
+    /// The block's buffer indices.
+    pub buffers: std::ops::Range<usize>,
+}
+
+/// The blocks of `params` / `buffers` grouped by `key` of each name: consecutive names
+/// with one key form a block, and each buffer joins the block of its key (a buffer whose
+/// key names no block, or out of order, is an error naming it).
+pub fn group_blocks(
+    params: &[TensorSpec],
+    buffers: &[BufferSpec],
+    key: impl Fn(&str) -> String,
+) -> Result<Vec<BlockSpec>> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut blocks: Vec<BlockSpec> = Vec::new();
+    for (i, p) in params.iter().enumerate() {
+        let k = key(&p.name);
+        if keys.last() == Some(&k) {
+            blocks.last_mut().expect("a block per key").params.end = i + 1;
+        } else {
+            keys.push(k);
+            blocks.push(BlockSpec {
+                params: i..i + 1,
+                buffers: 0..0,
+            });
+        }
+    }
+    let mut at = 0;
+    for (k, b) in keys.iter().zip(blocks.iter_mut()) {
+        b.buffers = at..at;
+        while at < buffers.len() && key(&buffers[at].name) == *k {
+            at += 1;
+        }
+        b.buffers.end = at;
+    }
+    if let Some(b) = buffers.get(at) {
+        bail!(
+            "buffer `{}` does not follow the parameters of its block",
+            b.name
+        );
+    }
+    Ok(blocks)
+}
+
 /// A network architecture: names, shapes, head, and the forward function.
 pub trait Network: Send + Sync {
     /// Architecture name (`mlp`, `cnn`, ...).
@@ -93,15 +144,35 @@ pub trait Network: Send + Sync {
     fn input_shape(&self) -> [usize; 3];
     /// Number of classes.
     fn num_classes(&self) -> usize;
-    /// Logits `[N, classes]` from `x` `[N, C, H, W]`. `params` follow `params()`;
-    /// `buffers` follow `buffers()` and are replaced in `Mode::Train`.
+    /// The forward's blocks, in order.
+    fn blocks(&self) -> &[BlockSpec];
+    /// Block `k`'s output from its input `x`: `params` and `buffers` are the block's
+    /// ranges ([`BlockSpec`]); buffers are replaced in `Mode::Train`.
+    fn forward_block(
+        &self,
+        k: usize,
+        params: &[Tensor],
+        buffers: &mut [Tensor],
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor>;
+
+    /// Logits `[N, classes]` from `x` `[N, C, H, W]`: the blocks in order. `params`
+    /// follow `params()`; `buffers` follow `buffers()` and are replaced in `Mode::Train`.
     fn forward(
         &self,
         params: &[Tensor],
         buffers: &mut [Tensor],
         x: &Tensor,
         mode: Mode,
-    ) -> Result<Tensor>;
+    ) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (k, b) in self.blocks().iter().enumerate() {
+            let (p, bu) = (b.params.clone(), b.buffers.clone());
+            h = self.forward_block(k, &params[p], &mut buffers[bu], &h, mode)?;
+        }
+        Ok(h)
+    }
 
     /// Whether parameter `i` belongs to the head.
     fn is_head(&self, i: usize) -> bool {

@@ -8,7 +8,7 @@
 //! `conv3` 1x1 -> `bn3`. The shortcut is the input, or `downsample.0` (1x1/s conv) ->
 //! `downsample.1` (BatchNorm) when the stride or the width changes; add, then ReLU.
 
-use super::{layers, BufferSpec, Init, Mode, Network, TensorSpec};
+use super::{group_blocks, layers, BlockSpec, BufferSpec, Init, Mode, Network, TensorSpec};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -27,9 +27,12 @@ pub struct ResNet {
     input: [usize; 3],
     classes: usize,
     bottleneck: bool,
-    blocks: Vec<Block>,
+    /// The residual blocks, in order.
+    residual: Vec<Block>,
     params: Vec<TensorSpec>,
     buffers: Vec<BufferSpec>,
+    /// The forward's blocks: the stem, each residual block, the head.
+    blocks: Vec<BlockSpec>,
 }
 
 /// Appends the specs of a bias-free convolution `[out, inp, k, k]` (torchvision init:
@@ -127,14 +130,24 @@ impl ResNet {
             shape: vec![classes],
             init: Init::FanIn(inplanes),
         });
+        let spans = group_blocks(&params, &buffers, |n| {
+            if n.starts_with("layer") {
+                n.split('.').take(2).collect::<Vec<_>>().join(".")
+            } else if n.starts_with("fc.") {
+                "fc".into()
+            } else {
+                "stem".into()
+            }
+        })?;
         Ok(ResNet {
             arch: arch.into(),
             input,
             classes,
             bottleneck,
-            blocks,
+            residual: blocks,
             params,
             buffers,
+            blocks: spans,
         })
     }
 }
@@ -202,7 +215,17 @@ impl Network for ResNet {
     fn num_classes(&self) -> usize {
         self.classes
     }
-    fn forward(&self, p: &[Tensor], b: &mut [Tensor], x: &Tensor, mode: Mode) -> Result<Tensor> {
+    fn blocks(&self) -> &[BlockSpec] {
+        &self.blocks
+    }
+    fn forward_block(
+        &self,
+        k: usize,
+        p: &[Tensor],
+        b: &mut [Tensor],
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let mut cur = Cursor {
             params: p,
             buffers: b,
@@ -210,33 +233,36 @@ impl Network for ResNet {
             b: 0,
             mode,
         };
-        let h = cur.conv(x, 2, 3)?;
-        let h = cur.bn(&h)?;
-        let h = layers::relu(&h)?;
-        let mut h = layers::max_pool2d(&h, 3, 2, 1)?;
-        for blk in &self.blocks {
-            let out = if self.bottleneck {
-                let y = cur.conv(&h, 1, 0)?;
-                let y = layers::relu(&cur.bn(&y)?)?;
-                let y = cur.conv(&y, blk.stride, 1)?;
-                let y = layers::relu(&cur.bn(&y)?)?;
-                let y = cur.conv(&y, 1, 0)?;
-                cur.bn(&y)?
-            } else {
-                let y = cur.conv(&h, blk.stride, 1)?;
-                let y = layers::relu(&cur.bn(&y)?)?;
-                let y = cur.conv(&y, 1, 1)?;
-                cur.bn(&y)?
-            };
-            let shortcut = if blk.downsample {
-                let s = cur.conv(&h, blk.stride, 0)?;
-                cur.bn(&s)?
-            } else {
-                h
-            };
-            h = layers::relu(&(out + shortcut)?)?;
+        if k == 0 {
+            let h = cur.conv(x, 2, 3)?;
+            let h = cur.bn(&h)?;
+            let h = layers::relu(&h)?;
+            return layers::max_pool2d(&h, 3, 2, 1);
         }
-        let pooled = h.mean((2, 3))?;
-        layers::linear(&pooled, &cur.params[cur.p], Some(&cur.params[cur.p + 1]))
+        let Some(blk) = self.residual.get(k - 1) else {
+            let pooled = x.mean((2, 3))?;
+            return layers::linear(&pooled, &p[0], Some(&p[1]));
+        };
+        let h = x;
+        let out = if self.bottleneck {
+            let y = cur.conv(h, 1, 0)?;
+            let y = layers::relu(&cur.bn(&y)?)?;
+            let y = cur.conv(&y, blk.stride, 1)?;
+            let y = layers::relu(&cur.bn(&y)?)?;
+            let y = cur.conv(&y, 1, 0)?;
+            cur.bn(&y)?
+        } else {
+            let y = cur.conv(h, blk.stride, 1)?;
+            let y = layers::relu(&cur.bn(&y)?)?;
+            let y = cur.conv(&y, 1, 1)?;
+            cur.bn(&y)?
+        };
+        let shortcut = if blk.downsample {
+            let s = cur.conv(h, blk.stride, 0)?;
+            cur.bn(&s)?
+        } else {
+            h.clone()
+        };
+        layers::relu(&(out + shortcut)?)
     }
 }

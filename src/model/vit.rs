@@ -3,15 +3,12 @@
 //! `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv, attn.proj,
 //! norm2, mlp.fc1, mlp.fc2}`, `norm`, `head` (the head).
 
-use super::{layers, BufferSpec, Init, Mode, Network, TensorSpec};
+use super::{group_blocks, layers, BlockSpec, BufferSpec, Init, Mode, Network, TensorSpec};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 /// timm's LayerNorm epsilon in `VisionTransformer`.
 pub const LN_EPS: f64 = 1e-6;
-
-/// Parameters per transformer block.
-const PER_BLOCK: usize = 12;
 
 /// The size settings of a ViT (`model.patch`, `width`, `depth`, `heads`, `mlp_ratio`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,6 +31,8 @@ pub struct Vit {
     classes: usize,
     shape: VitShape,
     params: Vec<TensorSpec>,
+    /// The forward's blocks: the embedding, each transformer block, the head.
+    blocks: Vec<BlockSpec>,
 }
 
 impl Vit {
@@ -111,11 +110,21 @@ impl Vit {
         }
         norm(&mut params, "norm");
         linear(&mut params, "head", classes, width);
+        let blocks = group_blocks(&params, &[], |n| {
+            if n.starts_with("blocks.") {
+                n.split('.').take(2).collect::<Vec<_>>().join(".")
+            } else if n.starts_with("norm.") || n.starts_with("head.") {
+                "head".into()
+            } else {
+                "embed".into()
+            }
+        })?;
         Ok(Vit {
             input,
             classes,
             shape,
             params,
+            blocks,
         })
     }
 
@@ -153,32 +162,43 @@ impl Network for Vit {
     fn num_classes(&self) -> usize {
         self.classes
     }
-    fn forward(&self, p: &[Tensor], _b: &mut [Tensor], x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let d = self.shape.width;
-        let tokens = self.embed(x, &p[2], &p[3])?;
-        let cls = p[0].broadcast_as((n, 1, d))?;
-        let mut h = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&p[1])?;
-        for i in 0..self.shape.depth {
-            let q = &p[4 + PER_BLOCK * i..4 + PER_BLOCK * (i + 1)];
-            let a = layers::layer_norm(&h, &q[0], &q[1], LN_EPS)?;
-            let a = layers::multi_head_attention(
-                &a,
-                &q[2],
-                Some(&q[3]),
-                &q[4],
-                Some(&q[5]),
-                self.shape.heads,
-            )?;
-            h = (h + a)?;
-            let m = layers::layer_norm(&h, &q[6], &q[7], LN_EPS)?;
-            let m = layers::gelu_erf(&layers::linear_rows(&m, &q[8], Some(&q[9]))?)?;
-            h = (h + layers::linear_rows(&m, &q[10], Some(&q[11]))?)?;
+    fn blocks(&self) -> &[BlockSpec] {
+        &self.blocks
+    }
+    fn forward_block(
+        &self,
+        k: usize,
+        p: &[Tensor],
+        _b: &mut [Tensor],
+        x: &Tensor,
+        _mode: Mode,
+    ) -> Result<Tensor> {
+        if k == 0 {
+            let (n, d) = (x.dim(0)?, self.shape.width);
+            let tokens = self.embed(x, &p[2], &p[3])?;
+            let cls = p[0].broadcast_as((n, 1, d))?;
+            return Ok(Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&p[1])?);
         }
-        // The final norm acts per token; only the class token is pooled.
-        let k = 4 + PER_BLOCK * self.shape.depth;
-        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
-        let cls = layers::layer_norm(&cls, &p[k], &p[k + 1], LN_EPS)?;
-        layers::linear_rows(&cls, &p[k + 2], Some(&p[k + 3]))
+        if k > self.shape.depth {
+            // The final norm acts per token; only the class token is pooled.
+            let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+            let cls = layers::layer_norm(&cls, &p[0], &p[1], LN_EPS)?;
+            return layers::linear_rows(&cls, &p[2], Some(&p[3]));
+        }
+        let q = p;
+        let h = x;
+        let a = layers::layer_norm(h, &q[0], &q[1], LN_EPS)?;
+        let a = layers::multi_head_attention(
+            &a,
+            &q[2],
+            Some(&q[3]),
+            &q[4],
+            Some(&q[5]),
+            self.shape.heads,
+        )?;
+        let h = (h + a)?;
+        let m = layers::layer_norm(&h, &q[6], &q[7], LN_EPS)?;
+        let m = layers::gelu_erf(&layers::linear_rows(&m, &q[8], Some(&q[9]))?)?;
+        Ok((&h + layers::linear_rows(&m, &q[10], Some(&q[11]))?)?)
     }
 }

@@ -1,7 +1,7 @@
 //! One optimizer step of a live network: forward, loss, backward over the trainable
 //! layers only (frozen layers are detached: no gradient is computed for them), update.
 
-use crate::config::{Config, Precision};
+use crate::config::{Config, Precision, Recompute};
 use crate::dist;
 use crate::model::{layers, Mode, NetState, Network};
 use crate::optim::Optimizer;
@@ -26,6 +26,8 @@ pub struct GradPlan {
     pub accumulate: usize,
     /// Arithmetic of forward and backward.
     pub precision: Precision,
+    /// What the forward keeps for the backward.
+    pub recompute: Recompute,
 }
 
 impl GradPlan {
@@ -33,6 +35,7 @@ impl GradPlan {
     pub const F32: GradPlan = GradPlan {
         accumulate: 1,
         precision: Precision::F32,
+        recompute: Recompute::None,
     };
 
     /// The plan of a run's configuration.
@@ -40,6 +43,7 @@ impl GradPlan {
         GradPlan {
             accumulate: cfg.train.accumulate,
             precision: cfg.train.precision,
+            recompute: cfg.train.recompute,
         }
     }
 }
@@ -217,15 +221,19 @@ fn local_gradients(
     let parts = plan.accumulate.clamp(1, n.max(1));
     // Weights and input are cast once per step, shared by the micro-batches.
     let (view, x) = working_copies(state, trainable, x, plan.precision)?;
+    let micro = match plan.recompute {
+        Recompute::None => micro_gradients,
+        Recompute::Blocks => super::recompute::block_gradients,
+    };
     if parts == 1 {
-        return micro_gradients(net, state, &view, trainable, &x, y, mode);
+        return micro(net, state, &view, trainable, &x, y, mode);
     }
     let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
     let (mut loss, mut correct) = (0f64, 0usize);
     for k in 0..parts {
         let (a, b) = (k * n / parts, (k + 1) * n / parts);
         let (xk, yk) = (x.narrow(0, a, b - a)?, y.narrow(0, a, b - a)?);
-        let (s, grads) = micro_gradients(net, state, &view, trainable, &xk, &yk, mode)?;
+        let (s, grads) = micro(net, state, &view, trainable, &xk, &yk, mode)?;
         correct += s.correct;
         if !s.loss.is_finite() {
             let stats = StepStats {
@@ -303,22 +311,8 @@ fn micro_gradients(
     let logits = net
         .forward(view, &mut state.buffers, x, mode)?
         .to_dtype(DType::F32)?;
-    let loss = layers::cross_entropy(&logits, y)?;
-    let correct = logits
-        .detach()
-        .argmax(candle_core::D::Minus1)?
-        .to_dtype(DType::I64)?
-        .eq(y)?
-        .to_dtype(DType::F32)?
-        .sum_all()?;
-    // The loss decides on the host whether to go on: one transfer brings both numbers.
-    let host = Tensor::stack(&[&loss.detach(), &correct], 0)?.to_vec1::<f32>()?;
-    let loss_v = host[0];
-    let stats = StepStats {
-        loss: loss_v,
-        correct: host[1] as usize,
-        n: y.dim(0)?,
-    };
+    let (loss, stats) = loss_and_stats(&logits, y)?;
+    let loss_v = stats.loss;
     // A non-finite loss gives no gradients; the caller's guard decides what happens.
     let mut grads = if trainable.iter().any(|&t| t) && loss_v.is_finite() {
         Some(loss.backward()?)
@@ -338,6 +332,27 @@ fn micro_gradients(
         })
         .collect();
     Ok((stats, out))
+}
+
+/// The mean cross-entropy of f32 `logits` against labels `y` (tracked where the logits
+/// are) and the batch's stats. The loss decides on the host whether to go on: one
+/// transfer brings both numbers.
+pub fn loss_and_stats(logits: &Tensor, y: &Tensor) -> Result<(Tensor, StepStats)> {
+    let loss = layers::cross_entropy(logits, y)?;
+    let correct = logits
+        .detach()
+        .argmax(candle_core::D::Minus1)?
+        .to_dtype(DType::I64)?
+        .eq(y)?
+        .to_dtype(DType::F32)?
+        .sum_all()?;
+    let host = Tensor::stack(&[&loss.detach(), &correct], 0)?.to_vec1::<f32>()?;
+    let stats = StepStats {
+        loss: host[0],
+        correct: host[1] as usize,
+        n: y.dim(0)?,
+    };
+    Ok((loss, stats))
 }
 
 /// Scales the gradients so that their global L2 norm is at most `max_norm`, as

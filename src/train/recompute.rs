@@ -1,0 +1,85 @@
+//! Block-wise recompute (`train.recompute = "blocks"`): the forward runs without a
+//! graph and keeps only each block's input ([`crate::model::BlockSpec`]); the backward
+//! walks the blocks from the top, recomputing one block's forward with its trained
+//! layers tracked and back-propagating through it, so the device holds one block's
+//! activations at a time instead of the network's.
+//!
+//! The bits are those of one backward through the whole graph: a block's output
+//! gradient enters as `sum(out * g)` (whose backward hands `1 * g = g` to `out`), every
+//! other node accumulates from zeros as in the whole graph, and BatchNorm recomputes the
+//! batch statistics of the same input; the recompute's running statistics are thrown
+//! away, so they move exactly once per forward.
+
+use super::step::{loss_and_stats, StepStats};
+use crate::model::{Mode, NetState, Network};
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor, Var};
+
+/// [`super::step`]'s micro-batch forward and backward, block by block: the loss and
+/// stats of `x`, `y`, and the gradient of every layer of `trainable` (`None` for frozen
+/// layers, or when the loss is not finite). `view` holds the forward's weights (trained
+/// layers tracked, frozen ones detached).
+pub fn block_gradients(
+    net: &dyn Network,
+    state: &mut NetState,
+    view: &[Tensor],
+    trainable: &[bool],
+    x: &Tensor,
+    y: &Tensor,
+    mode: Mode,
+) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+    let blocks = net.blocks();
+    // The forward without a graph: each block's input, and its buffers as it found them.
+    let frozen: Vec<Tensor> = view.iter().map(|t| t.detach()).collect();
+    let mut inputs = Vec::with_capacity(blocks.len());
+    let mut found = Vec::with_capacity(blocks.len());
+    let mut h = x.detach();
+    for (k, b) in blocks.iter().enumerate() {
+        let bufs = &mut state.buffers[b.buffers.clone()];
+        found.push(bufs.to_vec());
+        let out = net.forward_block(k, &frozen[b.params.clone()], bufs, &h, mode)?;
+        inputs.push(std::mem::replace(&mut h, out));
+    }
+    let (loss, stats) = loss_and_stats(&h.to_dtype(DType::F32)?, y)?;
+    drop((h, loss));
+    let mut out = vec![None; trainable.len()];
+    // The lowest block with a trained layer: below it no gradient is needed.
+    let lowest = blocks
+        .iter()
+        .position(|b| trainable[b.params.clone()].iter().any(|&t| t));
+    let Some(lowest) = lowest.filter(|_| stats.loss.is_finite()) else {
+        return Ok((stats, out));
+    };
+    let mut upstream: Option<Tensor> = None;
+    for k in (lowest..blocks.len()).rev() {
+        let b = &blocks[k];
+        let input = inputs.pop().expect("one input per block");
+        // The block's input is tracked where the blocks below need its gradient.
+        let tracked = if k > lowest {
+            Some(Var::from_tensor(&input)?)
+        } else {
+            None
+        };
+        let xin = tracked.as_ref().map_or(&input, |v| v.as_tensor());
+        let mut bufs = std::mem::take(&mut found[k]);
+        let y_k = net.forward_block(k, &view[b.params.clone()], &mut bufs, xin, mode)?;
+        let target = match upstream.take() {
+            // The top block: the loss itself.
+            None => loss_and_stats(&y_k.to_dtype(DType::F32)?, y)?.0,
+            Some(g) => (y_k * g)?.sum_all()?,
+        };
+        let mut grads = target.backward()?;
+        for i in b.params.clone() {
+            if trainable[i] {
+                out[i] = grads.remove(state.params[i].as_tensor());
+            }
+        }
+        if let Some(v) = &tracked {
+            let g = grads
+                .remove(v.as_tensor())
+                .with_context(|| format!("recompute: block {k}'s input has no gradient"))?;
+            upstream = Some(g.detach());
+        }
+    }
+    Ok((stats, out))
+}

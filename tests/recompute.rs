@@ -1,0 +1,216 @@
+//! Block-wise recompute (`train.recompute = "blocks"`) computes the bits of one backward
+//! through the whole graph.
+//!
+//! - Blocks: every backbone's blocks are contiguous ranges that cover its parameters and
+//!   buffers once, in order.
+//! - Gradients: on mlp, cnn_bn, resnet18 and vit, for every layer set a method trains
+//!   (all; the first half; every third layer, scattered like LDT's unstable set; the head
+//!   only), whole batches and 3 micro-batches, f32 and bf16 (f32 weights cast in the
+//!   forward, and bf16 working weights with host masters): the loss, the correct count,
+//!   every gradient and the BatchNorm running statistics after the step are identical
+//!   bit for bit to `recompute = "none"`.
+//! - Whole runs: erm, the dual branch (resident and swap) and LDT-S on cnn_bn, with
+//!   stage 1, DPU folds, evaluation and a bf16 / accumulate 3 case, export byte-identical
+//!   files. (`tests/heap.rs` measures the memory recompute saves.)
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use ldt::config::{ModelConfig, Precision, Recompute};
+use ldt::model::{self, Mode, NetState, Network};
+use ldt::rng::Rng;
+use ldt::train::step::{gradients, Batch, GradPlan};
+
+fn build(arch: &str) -> Box<dyn Network> {
+    let cfg = ModelConfig {
+        arch: arch.into(),
+        patch: 7,
+        width: 32,
+        depth: 2,
+        heads: 2,
+        ..ModelConfig::default()
+    };
+    model::build(&cfg, [1, 28, 28], 10).unwrap()
+}
+
+#[test]
+fn blocks_cover_every_parameter_and_buffer_once() {
+    for (arch, count) in [
+        ("mlp", 3),
+        ("cnn", 4),
+        ("cnn_bn", 4),
+        ("resnet18", 10),
+        ("resnet50", 18),
+        ("vit", 4),
+    ] {
+        let net = build(arch);
+        let blocks = net.blocks();
+        assert_eq!(blocks.len(), count, "{arch}: blocks {blocks:?}");
+        let (mut p, mut b) = (0, 0);
+        for blk in blocks {
+            assert_eq!(blk.params.start, p, "{arch}: parameter ranges in order");
+            assert_eq!(blk.buffers.start, b, "{arch}: buffer ranges in order");
+            assert!(!blk.params.is_empty(), "{arch}: a block without parameters");
+            (p, b) = (blk.params.end, blk.buffers.end);
+        }
+        assert_eq!(p, net.params().len(), "{arch}: every parameter");
+        assert_eq!(b, net.buffers().len(), "{arch}: every buffer");
+    }
+}
+
+fn bits(t: &Tensor) -> Vec<u64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+/// A step's loss, correct count, gradient bits (per layer) and buffer bits afterwards.
+type Outcome = (f32, usize, Vec<Option<Vec<u64>>>, Vec<Vec<u64>>);
+
+/// One step's gradients of `trainable` with `plan`, from a fresh state (seeded), and
+/// the buffers after it.
+fn step(
+    net: &dyn Network,
+    trainable: &[bool],
+    plan: GradPlan,
+    masters: bool,
+) -> Outcome {
+    let mut rng = Rng::new(3, 1);
+    let mut state = NetState::init(net, &mut rng, &Device::Cpu).unwrap();
+    if masters {
+        state = state.with_host_masters().unwrap();
+    }
+    let n = 12;
+    let x: Vec<f32> = (0..n * 784).map(|_| rng.next_f64() as f32).collect();
+    let x = Tensor::from_vec(x, (n, 1, 28, 28), &Device::Cpu).unwrap();
+    let y: Vec<i64> = (0..n).map(|_| rng.below(10) as i64).collect();
+    let y = Tensor::from_vec(y, n, &Device::Cpu).unwrap();
+    let batch = Batch::whole(x, y).unwrap();
+    let (s, g) = gradients(net, &mut state, trainable, &batch, Mode::Train, plan).unwrap();
+    let grads = g.iter().map(|g| g.as_ref().map(bits)).collect();
+    let buffers = state.buffers.iter().map(bits).collect();
+    (s.loss, s.correct, grads, buffers)
+}
+
+#[test]
+fn recomputed_gradients_are_the_whole_graphs_bits() {
+    for arch in ["mlp", "cnn_bn", "resnet18", "vit"] {
+        let net = build(arch);
+        let n = net.params().len();
+        let masks: [(&str, Vec<bool>); 4] = [
+            ("all", vec![true; n]),
+            ("first half", (0..n).map(|i| i < n / 2).collect()),
+            ("every third", (0..n).map(|i| i % 3 == 1).collect()),
+            ("head", (0..n).map(|i| net.is_head(i)).collect()),
+        ];
+        for (what, mask) in &masks {
+            for accumulate in [1, 3] {
+                for (precision, masters) in [
+                    (Precision::F32, false),
+                    (Precision::Bf16, false),
+                    (Precision::Bf16, true),
+                ] {
+                    let plan = |recompute| GradPlan {
+                        accumulate,
+                        precision,
+                        recompute,
+                    };
+                    let case = format!(
+                        "{arch}, {what}, accumulate {accumulate}, {precision:?}{}",
+                        if masters { " masters" } else { "" }
+                    );
+                    let whole = step(net.as_ref(), mask, plan(Recompute::None), masters);
+                    let blocks = step(net.as_ref(), mask, plan(Recompute::Blocks), masters);
+                    assert_eq!(whole.0.to_bits(), blocks.0.to_bits(), "{case}: loss");
+                    assert_eq!(whole.1, blocks.1, "{case}: correct");
+                    for (i, (a, b)) in whole.2.iter().zip(&blocks.2).enumerate() {
+                        let name = &net.params()[i].name;
+                        assert_eq!(a.is_some(), mask[i], "{case}: `{name}` gradient present");
+                        assert!(a == b, "{case}: `{name}` gradient differs");
+                    }
+                    assert!(whole.3 == blocks.3, "{case}: running statistics differ");
+                }
+            }
+            eprintln!("{arch}, {what}: recompute == whole graph");
+        }
+    }
+}
+
+const RUN: &str = r#"
+seed = 4
+threads = 2
+[model]
+arch = "cnn_bn"
+[train]
+steps = 12
+batch_size = 16
+log_every = 1000
+[stage1]
+warmup_steps = 2
+stat_batches = 3
+[ldt]
+ema_every = 2
+[ldt_s]
+p_steps = 3
+a_steps = 2
+[eval]
+every = 6
+batch_size = 512
+"#;
+
+fn exported(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn recomputed_runs_export_the_same_bytes() {
+    let cases: [(&str, &[&str]); 5] = [
+        ("erm", &["train.method=\"erm\""]),
+        ("ldt resident", &["train.method=\"ldt\""]),
+        (
+            "ldt swap",
+            &["train.method=\"ldt\"", "ldt.placement=\"swap\""],
+        ),
+        ("ldt-s", &["train.method=\"ldt-s\""]),
+        (
+            "ldt-s bf16 accumulate 3 host masters",
+            &[
+                "train.method=\"ldt-s\"",
+                "train.precision=\"bf16\"",
+                "train.accumulate=3",
+                "offload.optimizer=\"host\"",
+            ],
+        ),
+    ];
+    for (what, sets) in cases {
+        let mut ov: Vec<&str> = sets.to_vec();
+        let manifest = bundled_manifest();
+        ov.push(&manifest);
+        let (a, _) = run(RUN, &ov);
+        ov.push("train.recompute=\"blocks\"");
+        let (b, _) = run(RUN, &ov);
+        let files = exported(a.path());
+        assert!(!files.is_empty(), "{what}: nothing exported");
+        assert_eq!(files, exported(b.path()), "{what}: different files");
+        for f in files {
+            let (x, y) = (
+                std::fs::read(a.path().join(&f)).unwrap(),
+                std::fs::read(b.path().join(&f)).unwrap(),
+            );
+            assert!(x == y, "{what}: {f} differs");
+        }
+        eprintln!("{what}: recompute == none");
+    }
+}

@@ -3,7 +3,7 @@
 //! peak RSS against the number of statistics batches; and the host EMA throughput against a plain memcpy of the same bytes. Ratios come from
 //! runs made one after the other in the same process, on the same data.
 
-use crate::config::{Config, Method, Placement, Precision};
+use crate::config::{Config, Method, Placement, Precision, Recompute};
 use crate::offload::{fused_ema, EmaTask, HostSlice, HostSliceMut};
 use crate::train::{run_method, RunContext};
 use anyhow::Result;
@@ -367,6 +367,9 @@ pub struct MemoryBench {
     /// Also erm and LDT-S in bf16 with the optimizer on the host (bf16 working weights,
     /// f32 masters on the host).
     pub bf16: bool,
+    /// Also erm (device optimizer) and LDT-S (host optimizer; in bf16 too with `bf16`)
+    /// with block-wise recompute.
+    pub recompute: bool,
 }
 
 /// `ldt bench --memory`: for each backbone of `b.archs` (batch `b.batch`, `b.steps`
@@ -376,7 +379,8 @@ pub struct MemoryBench {
 /// evaluation peak, the process peak (heap + host arenas: counterpart buffer, host
 /// optimizer), and the step time, each as a ratio to erm with the device optimizer (in
 /// f32), measured one run after the other in this process. With `b.bf16`, erm and LDT-S
-/// in bf16 with the host optimizer follow.
+/// in bf16 with the host optimizer follow; with `b.recompute`, rows with block-wise
+/// recompute.
 ///
 /// [`MeasuredMemory::device`]: crate::metrics::MeasuredMemory::device
 pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
@@ -421,22 +425,41 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
         base.ldt_s.p_steps = phase;
         base.ldt_s.a_steps = phase;
         let mut erm: Option<(u64, u64, f64)> = None;
+        let (host, device) = (OptimizerPlacement::Host, OptimizerPlacement::Device);
+        let (f32, bf16, none, blocks) = (
+            Precision::F32,
+            Precision::Bf16,
+            Recompute::None,
+            Recompute::Blocks,
+        );
         let mut rows = vec![
-            (Method::Erm, OptimizerPlacement::Device, Precision::F32),
-            (Method::Erm, OptimizerPlacement::Host, Precision::F32),
-            (Method::LdtS, OptimizerPlacement::Device, Precision::F32),
-            (Method::LdtS, OptimizerPlacement::Host, Precision::F32),
+            (Method::Erm, device, f32, none),
+            (Method::Erm, host, f32, none),
+            (Method::LdtS, device, f32, none),
+            (Method::LdtS, host, f32, none),
         ];
         if b.bf16 {
-            rows.push((Method::Erm, OptimizerPlacement::Host, Precision::Bf16));
-            rows.push((Method::LdtS, OptimizerPlacement::Host, Precision::Bf16));
+            rows.push((Method::Erm, host, bf16, none));
+            rows.push((Method::LdtS, host, bf16, none));
         }
-        for (method, placement, precision) in rows {
+        if b.recompute {
+            rows.push((Method::Erm, device, f32, blocks));
+            rows.push((Method::LdtS, host, f32, blocks));
+            if b.bf16 {
+                rows.push((Method::LdtS, host, bf16, blocks));
+            }
+        }
+        for (method, placement, precision, recompute) in rows {
             let mut cfg = variant(&base, method, Placement::Resident);
             cfg.offload.optimizer = placement;
             cfg.train.precision = precision;
-            let label =
-                format!("{}-{}-{placement:?}-{precision:?}", arch, method.name()).to_lowercase();
+            cfg.train.recompute = recompute;
+            let label = format!(
+                "{}-{}-{placement:?}-{precision:?}-{recompute:?}",
+                arch,
+                method.name()
+            )
+            .to_lowercase();
             let mut ctx = RunContext::open(cfg, &dir.join(label))?;
             run_method(&mut ctx)?;
             let heap = ctx.stages.report();
@@ -450,10 +473,13 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
                 Method::LdtS => format!("ldt-s {phase}/{phase}"),
                 m => m.name().to_string(),
             };
-            let at = match precision {
-                Precision::F32 => format!("{placement:?}").to_lowercase(),
-                Precision::Bf16 => format!("{placement:?}, bf16").to_lowercase(),
-            };
+            let mut at = format!("{placement:?}").to_lowercase();
+            if precision == bf16 {
+                at += ", bf16";
+            }
+            if recompute == blocks {
+                at += ", recompute";
+            }
             writeln!(
                 out,
                 "| {arch} | {:.2}M | {name} | {at} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {ms:.1} | {:.2} |",
@@ -470,7 +496,7 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
     }
     writeln!(
         out,
-        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state and master weights) together; x erm: against erm in f32 with the optimizer on the device; bf16: bf16 working weights and gradients on the device, f32 masters on the host)"
+        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state and master weights) together; x erm: against erm in f32 with the optimizer on the device; bf16: bf16 working weights and gradients on the device, f32 masters on the host; recompute: train.recompute = \"blocks\")"
     )?;
     Ok(out)
 }

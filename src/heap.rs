@@ -190,6 +190,12 @@ impl HostVec {
     }
 }
 
+impl Clone for HostVec {
+    fn clone(&self) -> HostVec {
+        HostVec::from_slice(self)
+    }
+}
+
 impl std::ops::Deref for HostVec {
     type Target = [f32];
     fn deref(&self) -> &[f32] {

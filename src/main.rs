@@ -123,6 +123,9 @@ enum Cmd {
         /// working weights on the device, f32 masters on the host).
         #[arg(long)]
         bf16: bool,
+        /// `--memory`: also rows with block-wise recompute (`train.recompute = "blocks"`).
+        #[arg(long)]
+        recompute: bool,
     },
     /// Print version, device (with `--features cuda`: driver, PTX ISA, every GPU), threads
     /// and allocator.
@@ -433,6 +436,7 @@ fn main() -> ExitCode {
             optim,
             device,
             bf16,
+            recompute,
         } => Ok((|| -> Result<()> {
             ldt::init_threads(threads);
             let t = if threads == 0 {
@@ -467,6 +471,7 @@ fn main() -> ExitCode {
                             device,
                             threads: t,
                             bf16,
+                            recompute,
                         },
                     )?,
                     "memory.md",

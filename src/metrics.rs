@@ -253,6 +253,9 @@ pub struct MemoryReport {
     /// add each phase's activations to.
     #[serde(skip)]
     pub phases: [u64; 2],
+    /// The gradient bytes within `phases`.
+    #[serde(skip)]
+    pub phase_gradients: [u64; 2],
 }
 
 /// Heap peaks of a run by stage, measured by the counting allocator ([`crate::heap`]):

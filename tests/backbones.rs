@@ -301,7 +301,7 @@ fn every_parameter_gets_a_gradient(arch: &str, set: &[&str], input: [usize; 3]) 
     .unwrap();
     let y = Tensor::new(&[1i64, 7, 3, 0], &dev()).unwrap();
     let all = vec![true; net.params().len()];
-    let (stats, grads) = ldt::train::step::gradients(
+    let (stats, grads) = common::gradients(
         net.as_ref(),
         &mut state,
         &all,

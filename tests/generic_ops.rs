@@ -17,7 +17,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use ldt::config::OptimName;
 use ldt::model::{dispatch, layers, Mode, NetState};
-use ldt::optim::{OptimSettings, Optimizer};
+use ldt::optim::{Grad, OptimSettings, Optimizer};
 use ldt::rng::Rng;
 use ldt::verify;
 
@@ -269,7 +269,7 @@ fn optimizer_generic_update_is_bit_identical() {
         for step in 0..6 {
             let g = uniform(&mut rng, &[37, 23], -0.1, 0.1);
             let lr = 1e-3 * (1.0 + step as f64);
-            oc.step(0, &pc, &g, lr).unwrap();
+            oc.step(0, &pc, &Grad::Device(g.clone()), lr).unwrap();
             og.step_generic(0, &pg, &g, lr).unwrap();
             assert_eq!(
                 values(pc.as_tensor()),

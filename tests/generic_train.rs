@@ -39,7 +39,7 @@ use common::*;
 use ldt::config::OptimName;
 use ldt::model::dispatch::with_generic_ops;
 use ldt::offload::backend::fold_live;
-use ldt::optim::{OptimSettings, Optimizer};
+use ldt::optim::{Grad, OptimSettings, Optimizer};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -363,7 +363,7 @@ fn the_switch_drives_optimizer_and_fold() {
     let step = || {
         let p = Var::from_tensor(&t(1.0)).unwrap();
         Optimizer::new(settings.clone(), 1)
-            .step(0, &p, &t(0.5), 1e-2)
+            .step(0, &p, &Grad::Device(t(0.5)), 1e-2)
             .map(|_| values(p.as_tensor())[0])
     };
     assert!(step().is_err(), "the host kernels took an f64 parameter");

@@ -10,6 +10,7 @@
 //! (d) BatchNorm2d in `Train` updates the running statistics as PyTorch does (momentum
 //!     0.1, unbiased variance), `Stats` and `Eval` leave them alone.
 
+mod common;
 #[path = "common/testkit.rs"]
 mod testkit;
 
@@ -163,7 +164,7 @@ fn all_parameters_get_gradients(arch: &str) {
     )
     .unwrap();
     let all = vec![true; net.params().len()];
-    let (stats, grads) = ldt::train::step::gradients(
+    let (stats, grads) = common::gradients(
         net.as_ref(),
         &mut state,
         &all,
@@ -238,7 +239,7 @@ fn frozen_layers_get_no_gradient() {
         .unwrap();
     let y = Tensor::new(&[1i64, 2, 3, 4], &dev()).unwrap();
     let mask: Vec<bool> = (0..net.params().len()).map(|i| i % 2 == 1).collect();
-    let (_, grads) = ldt::train::step::gradients(
+    let (_, grads) = common::gradients(
         net.as_ref(),
         &mut state,
         &mask,

@@ -149,13 +149,18 @@ fn plan_matches_the_measurement() {
 
 /// `train.recompute = "blocks"` on resnet18 (erm, batch 32): the probed activations
 /// fall below half, the measured training peak falls, and the plan still matches the
-/// measurement within 10%.
+/// measurement within 10%; with the host optimizer the gradients leave the device block
+/// by block.
 fn recompute_keeps_a_block_of_activations() {
-    let peak = |r: &str| {
+    let peak = |r: &str, optimizer: &str| {
         let (_d, ctx) = short_run(
             "resnet18",
             "erm",
-            &["train.batch_size=32", &format!("train.recompute=\"{r}\"")],
+            &[
+                "train.batch_size=32",
+                &format!("train.recompute=\"{r}\""),
+                &format!("offload.optimizer=\"{optimizer}\""),
+            ],
         );
         let plan = ctx.summary.memory.expect("plan");
         let train = ctx
@@ -166,8 +171,9 @@ fn recompute_keeps_a_block_of_activations() {
             .unwrap();
         (plan, train)
     };
-    let (p0, none) = peak("none");
-    let (p1, blocks) = peak("blocks");
+    let (p0, none) = peak("none", "device");
+    let (p1, blocks) = peak("blocks", "device");
+    let (p2, released) = peak("blocks", "host");
     eprintln!(
         "resnet18 batch 32: activations {} -> {}, training peak {none} -> {blocks} (plan {})",
         p0.activations, p1.activations, p1.device_peak
@@ -179,11 +185,25 @@ fn recompute_keeps_a_block_of_activations() {
         p1.activations
     );
     assert!(blocks < none, "training peak {none} -> {blocks}");
-    let rel = p1.device_peak as f64 / blocks as f64 - 1.0;
+    for (p, m) in [(p1, blocks), (p2, released)] {
+        let rel = p.device_peak as f64 / m as f64 - 1.0;
+        assert!(
+            rel.abs() <= 0.10,
+            "recompute: plan {} vs measured {m}",
+            p.device_peak
+        );
+    }
+    // With the optimizer on the host each block's gradients leave the device when its
+    // backward ends: the gradients and the optimizer state (f32 each, the weights' size)
+    // are off the device but for one block's (measured: 1.39x the weight bytes less).
+    eprintln!(
+        "and with the host optimizer {released} (plan {})",
+        p2.device_peak
+    );
+    let weights = p1.live_weights;
     assert!(
-        rel.abs() <= 0.10,
-        "recompute: plan {} vs measured {blocks}",
-        p1.device_peak
+        released as f64 + 1.2 * weights as f64 <= blocks as f64,
+        "released gradients: {blocks} -> {released} with {weights} bytes of weights"
     );
 }
 

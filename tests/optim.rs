@@ -37,7 +37,7 @@ mod testkit;
 use candle_core::{Device, Tensor, Var};
 use ldt::config::{authors_beta2, OptimName};
 use ldt::optim::fused::{self, Update};
-use ldt::optim::{OptimSettings, Optimizer};
+use ldt::optim::{Grad, OptimSettings, Optimizer};
 use ldt::rng::Rng;
 use testkit::{f32s, f64s, ulp_f32};
 
@@ -264,7 +264,8 @@ fn check(c: Case) {
                 Some(st) => (st.m.as_ref().map(f64s), st.v.as_ref().map(f64s)),
             };
             let t = traj[i].t + 1;
-            opt.step(i, &vars[i], &grad_tensor(i, &g32), lr).unwrap();
+            opt.step(i, &vars[i], &Grad::Device(grad_tensor(i, &g32)), lr)
+                .unwrap();
             let st = opt.state(i).expect("state after a step");
             assert_eq!(st.step, t, "{}: layer {i} step count", c.what);
             let (m_got, v_got) = (st.m.as_ref().map(f64s), st.v.as_ref().map(f64s));
@@ -663,7 +664,7 @@ fn fused_kernel_matches_the_generic_path_bit_for_bit() {
                     .collect();
                 for (i, g) in grads.iter().enumerate() {
                     let g = Tensor::new(g.as_slice(), &cpu).unwrap();
-                    oh.step(i, &host[i], &g, lr).unwrap();
+                    oh.step(i, &host[i], &Grad::Device(g.clone()), lr).unwrap();
                     og.step_generic(i, &generic[i], &g, lr).unwrap();
                 }
                 for d in &mut direct {

@@ -14,7 +14,7 @@ use common::*;
 use ldt::config::{ModelConfig, Precision};
 use ldt::model::{self, Mode, NetState};
 use ldt::rng::Rng;
-use ldt::train::step::{gradients, Batch, GradPlan};
+use ldt::train::step::{Batch, GradPlan};
 
 fn batch(rng: &mut Rng, n: usize, input: [usize; 3]) -> (Tensor, Tensor) {
     let len: usize = input.iter().product();

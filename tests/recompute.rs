@@ -6,9 +6,10 @@
 //! - Gradients: on mlp, cnn_bn, resnet18 and vit, for every layer set a method trains
 //!   (all; the first half; every third layer, scattered like LDT's unstable set; the head
 //!   only), whole batches and 3 micro-batches, f32 and bf16 (f32 weights cast in the
-//!   forward, and bf16 working weights with host masters): the loss, the correct count,
-//!   every gradient and the BatchNorm running statistics after the step are identical
-//!   bit for bit to `recompute = "none"`.
+//!   forward, and bf16 working weights with host masters), each block's gradients kept
+//!   on the device or released to host memory: the loss, the correct count, every
+//!   gradient and the BatchNorm running statistics after the step are identical bit for
+//!   bit to `recompute = "none"`.
 //! - Whole runs: erm, the dual branch (resident and swap) and LDT-S on cnn_bn, with
 //!   stage 1, DPU folds, evaluation and a bf16 / accumulate 3 case, export byte-identical
 //!   files. (`tests/heap.rs` measures the memory recompute saves.)
@@ -18,8 +19,9 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use ldt::config::{ModelConfig, Precision, Recompute};
 use ldt::model::{self, Mode, NetState, Network};
+use ldt::optim::Grad;
 use ldt::rng::Rng;
-use ldt::train::step::{gradients, Batch, GradPlan};
+use ldt::train::step::{Batch, GradPlan};
 
 fn build(arch: &str) -> Box<dyn Network> {
     let cfg = ModelConfig {
@@ -75,12 +77,7 @@ type Outcome = (f32, usize, Vec<Option<Vec<u64>>>, Vec<Vec<u64>>);
 
 /// One step's gradients of `trainable` with `plan`, from a fresh state (seeded), and
 /// the buffers after it.
-fn step(
-    net: &dyn Network,
-    trainable: &[bool],
-    plan: GradPlan,
-    masters: bool,
-) -> Outcome {
+fn step(net: &dyn Network, trainable: &[bool], plan: GradPlan, masters: bool) -> Outcome {
     let mut rng = Rng::new(3, 1);
     let mut state = NetState::init(net, &mut rng, &Device::Cpu).unwrap();
     if masters {
@@ -92,8 +89,21 @@ fn step(
     let y: Vec<i64> = (0..n).map(|_| rng.below(10) as i64).collect();
     let y = Tensor::from_vec(y, n, &Device::Cpu).unwrap();
     let batch = Batch::whole(x, y).unwrap();
-    let (s, g) = gradients(net, &mut state, trainable, &batch, Mode::Train, plan).unwrap();
-    let grads = g.iter().map(|g| g.as_ref().map(bits)).collect();
+    let (s, g) =
+        ldt::train::step::gradients(net, &mut state, trainable, &batch, Mode::Train, plan).unwrap();
+    // Every gradient as the f32 values the optimizer reads (a bf16 one widened).
+    let grads = g
+        .iter()
+        .map(|g| {
+            g.as_ref().map(|g| {
+                let v = match g {
+                    Grad::Device(t) => ldt::optim::host::grad_values(t).unwrap().to_vec(),
+                    Grad::Host(v) => v.to_vec(),
+                };
+                v.iter().map(|x| x.to_bits() as u64).collect()
+            })
+        })
+        .collect();
     let buffers = state.buffers.iter().map(bits).collect();
     (s.loss, s.correct, grads, buffers)
 }
@@ -116,25 +126,36 @@ fn recomputed_gradients_are_the_whole_graphs_bits() {
                     (Precision::Bf16, false),
                     (Precision::Bf16, true),
                 ] {
-                    let plan = |recompute| GradPlan {
+                    let plan = |recompute, release| GradPlan {
                         accumulate,
                         precision,
                         recompute,
+                        release,
                     };
                     let case = format!(
                         "{arch}, {what}, accumulate {accumulate}, {precision:?}{}",
                         if masters { " masters" } else { "" }
                     );
-                    let whole = step(net.as_ref(), mask, plan(Recompute::None), masters);
-                    let blocks = step(net.as_ref(), mask, plan(Recompute::Blocks), masters);
-                    assert_eq!(whole.0.to_bits(), blocks.0.to_bits(), "{case}: loss");
-                    assert_eq!(whole.1, blocks.1, "{case}: correct");
-                    for (i, (a, b)) in whole.2.iter().zip(&blocks.2).enumerate() {
-                        let name = &net.params()[i].name;
-                        assert_eq!(a.is_some(), mask[i], "{case}: `{name}` gradient present");
-                        assert!(a == b, "{case}: `{name}` gradient differs");
+                    let whole = step(net.as_ref(), mask, plan(Recompute::None, false), masters);
+                    // Recomputed, with each block's gradients kept on the device or
+                    // released to host memory as soon as they are final.
+                    for release in [false, true] {
+                        let case = format!("{case}, release {release}");
+                        let blocks = step(
+                            net.as_ref(),
+                            mask,
+                            plan(Recompute::Blocks, release),
+                            masters,
+                        );
+                        assert_eq!(whole.0.to_bits(), blocks.0.to_bits(), "{case}: loss");
+                        assert_eq!(whole.1, blocks.1, "{case}: correct");
+                        for (i, (a, b)) in whole.2.iter().zip(&blocks.2).enumerate() {
+                            let name = &net.params()[i].name;
+                            assert_eq!(a.is_some(), mask[i], "{case}: `{name}` present");
+                            assert!(a == b, "{case}: `{name}` gradient differs");
+                        }
+                        assert!(whole.3 == blocks.3, "{case}: running statistics differ");
                     }
-                    assert!(whole.3 == blocks.3, "{case}: running statistics differ");
                 }
             }
             eprintln!("{arch}, {what}: recompute == whole graph");
@@ -176,7 +197,7 @@ fn exported(dir: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn recomputed_runs_export_the_same_bytes() {
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 7] = [
         ("erm", &["train.method=\"erm\""]),
         ("ldt resident", &["train.method=\"ldt\""]),
         (
@@ -191,6 +212,21 @@ fn recomputed_runs_export_the_same_bytes() {
                 "train.precision=\"bf16\"",
                 "train.accumulate=3",
                 "offload.optimizer=\"host\"",
+            ],
+        ),
+        // The host optimizer: each block's gradients go to the host as soon as they are
+        // final; clipping and the non-finite check read them there.
+        (
+            "ldt-s host release",
+            &["train.method=\"ldt-s\"", "offload.optimizer=\"host\""],
+        ),
+        (
+            "erm host release bf16 clip",
+            &[
+                "train.method=\"erm\"",
+                "offload.optimizer=\"host\"",
+                "train.precision=\"bf16\"",
+                "train.clip_grad_norm=0.5",
             ],
         ),
     ];

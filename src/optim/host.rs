@@ -14,7 +14,7 @@
 //! gradient brought down ([`grad_values`]) and the caller rounds it back to the device.
 
 use super::fused::{self, Update};
-use super::{f32_kernel, LayerState, OptimSettings};
+use super::{f32_kernel, Grad, LayerState, OptimSettings};
 use crate::heap::HostVec;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
@@ -103,7 +103,7 @@ pub fn step(
     s: &OptimSettings,
     st: &mut Option<HostLayer>,
     p: &Var,
-    g: &Tensor,
+    g: &Grad,
     lr: f64,
 ) -> Result<()> {
     let n = p.elem_count();
@@ -124,24 +124,37 @@ pub fn step(
     let step = st.step;
     let threads = candle_core::utils::get_num_threads();
     let live = p.as_tensor();
-    if live.device().is_cpu() && g.device().is_cpu() {
+    if live.device().is_cpu() {
         // The gradient read and the weights written in place; `f32_kernel` takes a `Fn`,
         // so the state is borrowed through a cell.
-        let g = g.contiguous()?;
         let (state, res) = (RefCell::new(&mut *st), Cell::new(None));
-        f32_kernel("ldt-host-optim", live, [&g], |w, [g]| {
+        let update = |w: &mut [f32], g: &[f32]| {
             let mut st = state.borrow_mut();
             let r = apply(s, &mut st, g, step, lr, threads);
             if r.is_ok() {
                 w.copy_from_slice(st.master.as_deref().expect("created above"));
             }
             res.set(Some(r));
-        })?;
+        };
+        match g {
+            Grad::Device(g) if g.device().is_cpu() => {
+                let g = g.contiguous()?;
+                f32_kernel("ldt-host-optim", live, [&g], |w, [g]| update(w, g))?;
+            }
+            Grad::Device(g) => {
+                let g = values(g)?;
+                f32_kernel("ldt-host-optim", live, [], |w, []| update(w, &g))?;
+            }
+            Grad::Host(g) => f32_kernel("ldt-host-optim", live, [], |w, []| update(w, g))?,
+        }
         return res
             .into_inner()
             .unwrap_or_else(|| bail!("ldt-host-optim: the update kernel did not run"));
     }
-    apply(s, st, &values(g)?, step, lr, threads)?;
+    match g {
+        Grad::Device(g) => apply(s, st, &values(g)?, step, lr, threads)?,
+        Grad::Host(g) => apply(s, st, g, step, lr, threads)?,
+    }
     let master = st.master.as_deref().expect("created above");
     let back = Tensor::from_slice(master, live.shape(), live.device())?.to_dtype(live.dtype())?;
     p.set(&back)?;
@@ -155,7 +168,7 @@ pub fn step_master(
     s: &OptimSettings,
     st: &mut Option<HostLayer>,
     master: &mut [f32],
-    g: &Tensor,
+    g: &Grad,
     lr: f64,
 ) -> Result<()> {
     let n = master.len();
@@ -170,11 +183,18 @@ pub fn step_master(
     });
     st.prepare(s, n);
     st.step += 1;
-    let g = grad_values(g)?;
+    let widened;
+    let g: &[f32] = match g {
+        Grad::Host(g) => g,
+        Grad::Device(t) => {
+            widened = grad_values(t)?;
+            &widened
+        }
+    };
     let HostLayer { m, v, step, .. } = st;
     let job = Update {
         p: master,
-        g: &g,
+        g,
         m: m.as_deref_mut(),
         v: v.as_deref_mut(),
         step: *step,

@@ -41,6 +41,44 @@ impl From<&OptimConfig> for OptimSettings {
     }
 }
 
+/// A layer's gradient where it lives: a device tensor, or f32 values released to host
+/// memory as soon as they were final (block-wise recompute with the optimizer on the
+/// host), so that the device holds one block's gradients at a time.
+#[derive(Clone)]
+pub enum Grad {
+    /// On the device: f32, or bf16 for bf16 working weights.
+    Device(Tensor),
+    /// f32 values in host memory (a bf16 gradient widened as the host optimizer widens
+    /// it: [`host::grad_values`]).
+    Host(crate::heap::HostVec),
+}
+
+impl Grad {
+    /// The device tensor, when the gradient is on the device.
+    pub fn device(&self) -> Option<&Tensor> {
+        match self {
+            Grad::Device(t) => Some(t),
+            Grad::Host(_) => None,
+        }
+    }
+
+    /// Bytes held on the device (none once released).
+    pub fn device_bytes(&self) -> u64 {
+        match self {
+            Grad::Device(t) => (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            Grad::Host(_) => 0,
+        }
+    }
+
+    /// Number of values.
+    pub fn elem_count(&self) -> usize {
+        match self {
+            Grad::Device(t) => t.elem_count(),
+            Grad::Host(v) => v.len(),
+        }
+    }
+}
+
 /// Optimizer state of one layer (one parameter tensor).
 #[derive(Debug)]
 pub struct LayerState {
@@ -130,11 +168,16 @@ impl Optimizer {
     /// Applies one update to layer `i` with learning rate `lr`: in place through the CPU
     /// kernels on the CPU, through [`Optimizer::step_generic`] on other devices (and
     /// inside [`crate::model::dispatch::with_generic_ops`]).
-    pub fn step(&mut self, i: usize, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
+    pub fn step(&mut self, i: usize, param: &Var, grad: &Grad, lr: f64) -> Result<()> {
         if let Some(host) = &mut self.host {
             return host::step(&self.settings, &mut host[i], param, grad, lr)
                 .with_context(|| format!("host optimizer step of layer {i}"));
         }
+        let Some(grad) = grad.device() else {
+            anyhow::bail!(
+                "layer {i}: a gradient released to the host needs offload.optimizer = \"host\""
+            );
+        };
         self.step_on(i, param, grad, lr, generic_path(param.as_tensor()))
     }
 
@@ -145,7 +188,7 @@ impl Optimizer {
         &mut self,
         i: usize,
         master: &mut [f32],
-        grad: &Tensor,
+        grad: &Grad,
         lr: f64,
     ) -> Result<()> {
         let Some(host) = &mut self.host else {

@@ -16,7 +16,7 @@ use crate::offload::backend::fold_live;
 use crate::offload::store::{CounterpartStore, LayerSpec};
 use crate::offload::OffloadConfig;
 use crate::offload::{fused_ema, EmaTask, HostSlice, HostSliceMut};
-use crate::optim::{OptimSettings, Optimizer};
+use crate::optim::{Grad, OptimSettings, Optimizer};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::json;
@@ -36,7 +36,7 @@ pub trait Branches {
     /// The network and optimizer of live branch `phase`, for its update.
     fn trainer(&mut self, phase: Phase) -> (&mut NetState, &mut Optimizer);
     /// Records the live bytes held at the end of an update with gradients `grads`.
-    fn observe(&mut self, grads: &[Option<Tensor>]);
+    fn observe(&mut self, grads: &[Option<Grad>]);
     /// The DPU fold of `branch`'s trained set into the other branch's frozen copy, with
     /// every layer's coefficient times `factor`.
     fn fold(&mut self, partition: &Partition, branch: Phase, factor: f64) -> Result<()>;
@@ -198,7 +198,7 @@ impl Branches for Resident {
         self.branch(phase)
     }
 
-    fn observe(&mut self, grads: &[Option<Tensor>]) {
+    fn observe(&mut self, grads: &[Option<Grad>]) {
         let weights = 2 * memory::weight_bytes(&self.pm);
         let opt = (self.opt_p.bytes() + self.opt_a.bytes()) as u64;
         self.meter.observe(weights, grads, opt);
@@ -494,7 +494,7 @@ impl Branches for Parked {
         (&mut self.live, opt)
     }
 
-    fn observe(&mut self, grads: &[Option<Tensor>]) {
+    fn observe(&mut self, grads: &[Option<Grad>]) {
         let staged = self.store.staged_bytes();
         let opt = (self.opt_p.bytes() + self.opt_a.bytes()) as u64 + staged;
         self.meter

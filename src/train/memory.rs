@@ -6,6 +6,7 @@ use super::step::{gradients, Batch, GradPlan};
 use crate::heap;
 use crate::metrics::MemoryReport;
 use crate::model::{Mode, NetState, Network};
+use crate::optim::Grad;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
@@ -18,12 +19,8 @@ pub struct LiveMeter {
 
 impl LiveMeter {
     /// Records one moment: live weight bytes, the step's gradients, live optimizer bytes.
-    pub fn observe(&mut self, weights: u64, grads: &[Option<candle_core::Tensor>], optimizer: u64) {
-        let g: u64 = grads
-            .iter()
-            .flatten()
-            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-            .sum();
+    pub fn observe(&mut self, weights: u64, grads: &[Option<Grad>], optimizer: u64) {
+        let g: u64 = grads.iter().flatten().map(Grad::device_bytes).sum();
         self.peak = self.peak.max(weights + g + optimizer);
     }
 }
@@ -103,8 +100,22 @@ pub fn report(
         staging: b * st,
         live_peak: wb * (w + g) + b * (o + st),
         phases: [sum(p), sum(a)],
+        phase_gradients: [wb * p.1, wb * a.1],
         ..MemoryReport::default()
     }
+}
+
+/// `r` for gradients released to host memory block by block ([`GradPlan::release`]):
+/// none stay on the device past their block's backward, and a block's, while it lasts,
+/// is part of the probed activations.
+pub fn released(mut r: MemoryReport) -> MemoryReport {
+    for k in 0..2 {
+        r.phases[k] -= r.phase_gradients[k];
+        r.phase_gradients[k] = 0;
+    }
+    r.live_peak -= r.gradients;
+    r.gradients = 0;
+    r
 }
 
 /// `r` with its activations: `acts[k]` of a half-step of phase P (k = 0) and A (k = 1)
@@ -148,6 +159,9 @@ pub fn before_stage1(cfg: &crate::config::Config, numel: u64, activations: u64) 
         (0, 0),
         cfg.offload.staging_bytes,
     );
+    if GradPlan::of(cfg).release {
+        r = released(r);
+    }
     r.activations = activations;
     r.device_peak = r.live_peak + activations;
     r
@@ -267,11 +281,7 @@ fn probe(
     };
     let (grads, peak) = heap::peak_during(|| -> Result<u64> {
         let (_, grads) = gradients(net, &mut scratch, trained, &batch, Mode::Train, plan)?;
-        Ok(grads
-            .iter()
-            .flatten()
-            .map(|g| (g.elem_count() * g.dtype().size_in_bytes()) as u64)
-            .sum())
+        Ok(grads.iter().flatten().map(Grad::device_bytes).sum())
     });
     Ok(peak.saturating_sub(grads?))
 }

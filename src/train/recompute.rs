@@ -10,24 +10,26 @@
 //! batch statistics of the same input; the recompute's running statistics are thrown
 //! away, so they move exactly once per forward.
 
-use super::step::{loss_and_stats, StepStats};
+use super::step::{loss_and_stats, released, StepStats};
 use crate::model::{Mode, NetState, Network};
+use crate::optim::Grad;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 /// [`super::step`]'s micro-batch forward and backward, block by block: the loss and
 /// stats of `x`, `y`, and the gradient of every layer of `trainable` (`None` for frozen
 /// layers, or when the loss is not finite). `view` holds the forward's weights (trained
-/// layers tracked, frozen ones detached).
+/// layers tracked, frozen ones detached). With `release` each block's gradients go to
+/// host memory as soon as its backward ends, so the device holds one block's at a time.
 pub fn block_gradients(
     net: &dyn Network,
     state: &mut NetState,
     view: &[Tensor],
     trainable: &[bool],
-    x: &Tensor,
-    y: &Tensor,
+    (x, y): (&Tensor, &Tensor),
     mode: Mode,
-) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+    release: bool,
+) -> Result<(StepStats, Vec<Option<Grad>>)> {
     let blocks = net.blocks();
     // The forward without a graph: each block's input, and its buffers as it found them.
     let frozen: Vec<Tensor> = view.iter().map(|t| t.detach()).collect();
@@ -71,7 +73,10 @@ pub fn block_gradients(
         let mut grads = target.backward()?;
         for i in b.params.clone() {
             if trainable[i] {
-                out[i] = grads.remove(state.params[i].as_tensor());
+                out[i] = grads
+                    .remove(state.params[i].as_tensor())
+                    .map(|g| released(g, release))
+                    .transpose()?;
             }
         }
         if let Some(v) = &tracked {

@@ -488,7 +488,7 @@ impl RunContext {
         step: usize,
         branch: &str,
         stats: &StepStats,
-        grads: &mut [Option<Tensor>],
+        grads: &mut [Option<crate::optim::Grad>],
     ) -> Result<bool> {
         let Some(what) = nonfinite(stats, grads, self.net.params())? else {
             if self.cfg.train.clip_grad_norm > 0.0 {
@@ -624,8 +624,14 @@ impl RunContext {
     pub fn record_training(&mut self, mem: &metrics::MemoryReport, secs: f64, steps_run: usize) {
         let per_step = |s: f64| 1e3 * s / steps_run.max(1) as f64;
         let x = &mut self.summary;
+        let released =
+            crate::train::step::GradPlan::of(&self.cfg).release && crate::dist::group().is_local();
+        let mem = match released {
+            true => crate::train::memory::released(*mem),
+            false => *mem,
+        };
         x.memory = Some(crate::train::memory::with_activations(
-            *mem,
+            mem,
             self.activations,
         ));
         x.train_seconds = Some(secs);

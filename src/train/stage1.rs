@@ -172,7 +172,10 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
         )?;
         let host = grads
             .iter()
-            .map(|g| crate::optim::host::grad_vec(g.as_ref().expect("all layers trainable")))
+            .map(|g| match g.as_ref().expect("all layers trainable") {
+                crate::optim::Grad::Device(t) => crate::optim::host::grad_vec(t),
+                crate::optim::Grad::Host(v) => Ok(v.to_vec()),
+            })
             .collect::<Result<Vec<_>>>()?;
         acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
         progress.update(b, &format!("loss {:.4}", st.loss));

@@ -4,7 +4,7 @@
 use crate::config::{Config, Precision, Recompute};
 use crate::dist;
 use crate::model::{layers, Mode, NetState, Network};
-use crate::optim::Optimizer;
+use crate::optim::{host, Grad, Optimizer};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
@@ -28,6 +28,11 @@ pub struct GradPlan {
     pub precision: Precision,
     /// What the forward keeps for the backward.
     pub recompute: Recompute,
+    /// Hand each block's gradients to host memory as soon as they are final (block-wise
+    /// recompute with the optimizer on the host: the device then holds one block's
+    /// gradients at a time). Whole batches of one process only: micro-batch sums and
+    /// the all-reduce run on the device.
+    pub release: bool,
 }
 
 impl GradPlan {
@@ -36,6 +41,7 @@ impl GradPlan {
         accumulate: 1,
         precision: Precision::F32,
         recompute: Recompute::None,
+        release: false,
     };
 
     /// The plan of a run's configuration.
@@ -44,6 +50,9 @@ impl GradPlan {
             accumulate: cfg.train.accumulate,
             precision: cfg.train.precision,
             recompute: cfg.train.recompute,
+            release: cfg.train.recompute == Recompute::Blocks
+                && cfg.offload.optimizer == crate::config::OptimizerPlacement::Host
+                && cfg.train.accumulate == 1,
         }
     }
 }
@@ -92,11 +101,15 @@ pub fn gradients(
     batch: &Batch,
     mode: Mode,
     plan: GradPlan,
-) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+) -> Result<(StepStats, Vec<Option<Grad>>)> {
     let group = dist::group();
     if group.is_local() {
         return local_gradients(net, state, trainable, &batch.x, &batch.y, mode, plan);
     }
+    let plan = GradPlan {
+        release: false,
+        ..plan
+    };
     let local = if batch.y.dim(0)? > 0 {
         local_gradients(net, state, trainable, &batch.x, &batch.y, mode, plan)?
     } else {
@@ -120,9 +133,9 @@ pub fn gradients(
 fn all_reduce(
     state: &NetState,
     trainable: &[bool],
-    (stats, grads): (StepStats, Vec<Option<Tensor>>),
+    (stats, grads): (StepStats, Vec<Option<Grad>>),
     n: usize,
-) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+) -> Result<(StepStats, Vec<Option<Grad>>)> {
     let group = dist::group();
     let finite = stats.loss.is_finite();
     let share = stats.n as f64 / n as f64;
@@ -134,7 +147,7 @@ fn all_reduce(
             continue;
         }
         let p = state.params[i].as_tensor();
-        parts.push(match g {
+        parts.push(match g.as_ref().and_then(Grad::device) {
             Some(g) if finite => (widen(g)? * share)?.flatten_all()?,
             _ => Tensor::zeros(p.elem_count(), DType::F32, p.device())?,
         });
@@ -171,7 +184,8 @@ fn all_reduce(
     if let Some(flat) = flat.as_ref().filter(|_| sums[2] == 0.0) {
         for (i, start) in spans {
             let p = state.params[i].as_tensor();
-            out[i] = Some(flat.narrow(0, start, p.elem_count())?.reshape(p.shape())?);
+            let g = flat.narrow(0, start, p.elem_count())?.reshape(p.shape())?;
+            out[i] = Some(Grad::Device(g));
         }
     }
     Ok((total, out))
@@ -216,7 +230,7 @@ fn local_gradients(
     y: &Tensor,
     mode: Mode,
     plan: GradPlan,
-) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+) -> Result<(StepStats, Vec<Option<Grad>>)> {
     let n = y.dim(0)?;
     let parts = plan.accumulate.clamp(1, n.max(1));
     // Weights and input are cast once per step, shared by the micro-batches.
@@ -226,14 +240,14 @@ fn local_gradients(
         Recompute::Blocks => super::recompute::block_gradients,
     };
     if parts == 1 {
-        return micro(net, state, &view, trainable, &x, y, mode);
+        return micro(net, state, &view, trainable, (&x, y), mode, plan.release);
     }
     let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
     let (mut loss, mut correct) = (0f64, 0usize);
     for k in 0..parts {
         let (a, b) = (k * n / parts, (k + 1) * n / parts);
         let (xk, yk) = (x.narrow(0, a, b - a)?, y.narrow(0, a, b - a)?);
-        let (s, grads) = micro(net, state, &view, trainable, &xk, &yk, mode)?;
+        let (s, grads) = micro(net, state, &view, trainable, (&xk, &yk), mode, false)?;
         correct += s.correct;
         if !s.loss.is_finite() {
             let stats = StepStats {
@@ -246,7 +260,7 @@ fn local_gradients(
         loss += f64::from(s.loss) * (b - a) as f64;
         let w = (b - a) as f64 / n as f64;
         for (acc, g) in sum.iter_mut().zip(grads) {
-            if let Some(g) = g {
+            if let Some(Grad::Device(g)) = g {
                 let g = (widen(&g)? * w)?;
                 *acc = Some(match acc.take() {
                     Some(t) => (t + g)?,
@@ -260,7 +274,19 @@ fn local_gradients(
         correct,
         n,
     };
-    Ok((stats, sum))
+    Ok((
+        stats,
+        sum.into_iter().map(|g| g.map(Grad::Device)).collect(),
+    ))
+}
+
+/// A layer's final gradient, on the device or (`release`) moved to host memory at once.
+pub fn released(g: Tensor, release: bool) -> Result<Grad> {
+    Ok(if release {
+        Grad::Host(host::grad_values(&g)?)
+    } else {
+        Grad::Device(g)
+    })
 }
 
 /// A gradient in f32 where f32 arithmetic follows on the device (micro-batch sums,
@@ -304,10 +330,10 @@ fn micro_gradients(
     state: &mut NetState,
     view: &[Tensor],
     trainable: &[bool],
-    x: &Tensor,
-    y: &Tensor,
+    (x, y): (&Tensor, &Tensor),
     mode: Mode,
-) -> Result<(StepStats, Vec<Option<Tensor>>)> {
+    release: bool,
+) -> Result<(StepStats, Vec<Option<Grad>>)> {
     let logits = net
         .forward(view, &mut state.buffers, x, mode)?
         .to_dtype(DType::F32)?;
@@ -323,14 +349,14 @@ fn micro_gradients(
         .params
         .iter()
         .zip(trainable)
-        .map(|(v, &t)| {
-            if t {
-                grads.as_mut().and_then(|g| g.remove(v.as_tensor()))
-            } else {
-                None
-            }
+        .map(|(v, &t)| match grads.as_mut().filter(|_| t) {
+            Some(g) => g
+                .remove(v.as_tensor())
+                .map(|g| released(g, release))
+                .transpose(),
+            None => Ok(None),
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok((stats, out))
 }
 
@@ -359,12 +385,16 @@ pub fn loss_and_stats(logits: &Tensor, y: &Tensor) -> Result<(Tensor, StepStats)
 /// `torch.nn.utils.clip_grad_norm_` (coefficient `max_norm / (norm + 1e-6)`, applied only
 /// when below 1; norm accumulated in f64). Returns the norm before clipping. The layers'
 /// squared norms are summed where the gradients are, in layer order, and read once.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm(grads: &mut [Option<Grad>], max_norm: f64) -> Result<f64> {
     let mut sq: Option<Tensor> = None;
     for g in grads.iter().flatten() {
-        let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+        let s = match g {
+            Grad::Device(g) => g.to_dtype(DType::F64)?.sqr()?.sum_all()?,
+            // Host values through the same CPU ops, for the same bits.
+            Grad::Host(v) => host_tensor(v)?.to_dtype(DType::F64)?.sqr()?.sum_all()?,
+        };
         sq = Some(match sq {
-            Some(acc) => (acc + s)?,
+            Some(acc) => (acc.to_device(s.device())? + s)?,
             None => s,
         });
     }
@@ -375,10 +405,21 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for g in grads.iter_mut().flatten() {
-            *g = (widen(g)? * coef)?;
+            match g {
+                Grad::Device(t) => *t = (widen(t)? * coef)?,
+                Grad::Host(v) => {
+                    let scaled = (host_tensor(v)? * coef)?.to_vec1::<f32>()?;
+                    v.copy_from_slice(&scaled);
+                }
+            }
         }
     }
     Ok(norm)
+}
+
+/// Host gradient values as a 1-D CPU tensor (a copy), for the ops the device path uses.
+fn host_tensor(v: &[f32]) -> Result<Tensor> {
+    Ok(Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?)
 }
 
 /// Applies the optimizer to every layer that has a gradient, with per-layer rates. With
@@ -387,7 +428,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
 pub fn apply(
     opt: &mut Optimizer,
     state: &mut NetState,
-    grads: &[Option<Tensor>],
+    grads: &[Option<Grad>],
     lrs: &[f64],
 ) -> Result<()> {
     for (i, g) in grads.iter().enumerate() {
@@ -408,7 +449,7 @@ pub fn apply(
 /// in one transfer; the exact element is looked up only when a sum is non-finite).
 pub fn nonfinite(
     stats: &StepStats,
-    grads: &[Option<Tensor>],
+    grads: &[Option<Grad>],
     specs: &[crate::model::TensorSpec],
 ) -> Result<Option<String>> {
     if !stats.loss.is_finite() {
@@ -417,23 +458,38 @@ pub fn nonfinite(
     let sums = grads
         .iter()
         .flatten()
+        .filter_map(Grad::device)
         .map(|g| g.sum_all()?.to_dtype(DType::F32))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    if sums.is_empty() {
-        return Ok(None);
+    let mut sums = match sums.is_empty() {
+        true => Vec::new(),
+        false => Tensor::stack(&sums, 0)?.to_vec1::<f32>()?,
     }
-    let mut sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?.into_iter();
+    .into_iter();
     for (g, spec) in grads.iter().zip(specs) {
         let name = &spec.name;
-        let Some(g) = g else { continue };
-        if sums.next().is_some_and(f32::is_finite) {
-            continue;
-        }
-        let v = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-            return Ok(Some(format!(
-                "the gradient of `{name}` is {x} at flat index {i}"
-            )));
+        let bad = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .find(|(_, x)| !x.is_finite())
+                .map(|(i, x)| format!("the gradient of `{name}` is {x} at flat index {i}"))
+        };
+        match g {
+            None => {}
+            Some(Grad::Host(v)) => {
+                if let Some(what) = bad(v) {
+                    return Ok(Some(what));
+                }
+            }
+            Some(Grad::Device(g)) => {
+                if sums.next().is_some_and(f32::is_finite) {
+                    continue;
+                }
+                let v = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                if let Some(what) = bad(&v) {
+                    return Ok(Some(what));
+                }
+            }
         }
     }
     Ok(None)
@@ -459,7 +515,8 @@ mod tests {
             n: 1,
         };
         // `a` overflows its sum but holds only finite values; `b` is frozen; `c` is bad.
-        let g = |v: [f32; 3]| Some(Tensor::new(&v, &d).unwrap());
+        let g = |v: [f32; 3]| Some(Grad::Device(Tensor::new(&v, &d).unwrap()));
+        let h = |v: [f32; 3]| Some(Grad::Host(crate::heap::HostVec::from_slice(&v)));
         let grads = [
             g([3e38, 3e38, 0.0]),
             None,
@@ -473,36 +530,45 @@ mod tests {
         );
         let fine = [g([1.0, 2.0, 3.0]), None, g([0.0; 3]), None];
         assert_eq!(nonfinite(&stats, &fine, &specs).unwrap(), None);
+        // Released to the host: the same answers.
+        let grads = [h([3e38, 3e38, 0.0]), None, h([0.0, 1.0, f32::NAN]), None];
+        let what = nonfinite(&stats, &grads, &specs).unwrap();
+        assert_eq!(
+            what.as_deref(),
+            Some("the gradient of `c` is NaN at flat index 2")
+        );
+        let fine = [h([1.0, 2.0, 3.0]), None, g([0.0; 3]), None];
+        assert_eq!(nonfinite(&stats, &fine, &specs).unwrap(), None);
+    }
+
+    /// The values of a gradient wherever it lives.
+    fn values(g: &Option<Grad>) -> Vec<f32> {
+        match g.as_ref().unwrap() {
+            Grad::Device(t) => t.to_vec1::<f32>().unwrap(),
+            Grad::Host(v) => v.to_vec(),
+        }
     }
 
     #[test]
     fn clip_grad_norm_as_torch() {
         let d = Device::Cpu;
         let mut g = vec![
-            Some(Tensor::new(&[3f32], &d).unwrap()),
+            Some(Grad::Device(Tensor::new(&[3f32], &d).unwrap())),
             None,
-            Some(Tensor::new(&[4f32], &d).unwrap()),
+            Some(Grad::Host(crate::heap::HostVec::from_slice(&[4f32]))),
         ];
         let n = clip_grad_norm(&mut g, 1.0).unwrap();
         assert_eq!(n, 5.0);
         let c = 1.0 / (5.0 + 1e-6);
-        let a = g[0].as_ref().unwrap().to_vec1::<f32>().unwrap()[0];
-        let b = g[2].as_ref().unwrap().to_vec1::<f32>().unwrap()[0];
+        let (a, b) = (values(&g[0])[0], values(&g[2])[0]);
         // f32 products of the f64 coefficient: within 1 ulp of 3c and 4c.
         assert!(
             (a as f64 - 3.0 * c).abs() < 1e-7 && (b as f64 - 4.0 * c).abs() < 1e-7,
             "{a} {b}"
         );
-        let before = g.clone();
+        let before: Vec<Vec<f32>> = [0, 2].iter().map(|&i| values(&g[i])).collect();
         clip_grad_norm(&mut g, 10.0).unwrap();
-        for (x, y) in g.iter().zip(&before) {
-            if let (Some(x), Some(y)) = (x, y) {
-                assert_eq!(
-                    x.to_vec1::<f32>().unwrap(),
-                    y.to_vec1::<f32>().unwrap(),
-                    "no clip below max_norm"
-                );
-            }
-        }
+        let after: Vec<Vec<f32>> = [0, 2].iter().map(|&i| values(&g[i])).collect();
+        assert_eq!(after, before, "no clip below max_norm");
     }
 }

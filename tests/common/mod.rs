@@ -185,3 +185,21 @@ pub fn only_checkpoint(dir: &Path, step: usize) -> tempfile::TempDir {
     }
     fresh
 }
+
+/// `ldt::train::step::gradients` with every gradient as a device tensor (the plans of
+/// these tests never release gradients to the host).
+pub fn gradients(
+    net: &dyn ldt::model::Network,
+    state: &mut ldt::model::NetState,
+    trainable: &[bool],
+    batch: &ldt::train::step::Batch,
+    mode: ldt::model::Mode,
+    plan: ldt::train::step::GradPlan,
+) -> anyhow::Result<(ldt::train::step::StepStats, Vec<Option<Tensor>>)> {
+    let (s, g) = ldt::train::step::gradients(net, state, trainable, batch, mode, plan)?;
+    let g = g
+        .into_iter()
+        .map(|g| g.map(|g| g.device().expect("a device gradient").clone()))
+        .collect();
+    Ok((s, g))
+}

@@ -236,7 +236,8 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// Activation memory: `none` keeps every activation of the forward for the backward;
     /// `blocks` keeps only each block's input and recomputes one block at a time during
-    /// the backward (same bits, about one more forward of compute).
+    /// the backward (same bits, about one more forward of compute); `auto` picks
+    /// `blocks` only when `none` does not fit `offload.device_bytes`.
     pub recompute: Recompute,
 }
 
@@ -248,6 +249,10 @@ pub enum Recompute {
     None,
     /// Each block's input; the backward recomputes one block at a time.
     Blocks,
+    /// `blocks` when the plan keeping every activation does not fit
+    /// `offload.device_bytes`, else `none`; chosen before stage 1, printed with the
+    /// reason.
+    Auto,
 }
 
 impl Default for TrainConfig {

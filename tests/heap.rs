@@ -73,6 +73,7 @@ every = 3
     recompute_keeps_a_block_of_activations();
     ldt_s_holds_no_more_than_erm_and_its_buffer();
     a_budget_too_small_stops_before_stage_1();
+    auto_recompute_follows_the_budget();
 }
 
 /// A short run of `arch` / `method` on the bundled data; `extra` overrides.
@@ -259,4 +260,37 @@ device_bytes = 1000000
         assert!(err.contains(want), "`{want}` missing from: {err}");
     }
     assert!(!dir.path().join("partition.json").exists(), "stage 1 ran");
+}
+
+/// `train.recompute = "auto"`: `none` without a budget or when its plan fits; `blocks`
+/// when only that fits (resnet18, erm, batch 32: about 229 MB planned keeping every
+/// activation, 163 MB keeping block inputs), and the run then stays within the budget.
+fn auto_recompute_follows_the_budget() {
+    let chosen = |budget: &str| {
+        let (_d, ctx) = short_run(
+            "resnet18",
+            "erm",
+            &[
+                "train.batch_size=32",
+                "train.recompute=\"auto\"",
+                &format!("offload.device_bytes={budget}"),
+            ],
+        );
+        let train = ctx
+            .summary
+            .measured_memory
+            .as_ref()
+            .unwrap()
+            .device("train");
+        (ctx.cfg.train.recompute, train.unwrap())
+    };
+    use ldt::config::Recompute;
+    assert_eq!(chosen("0").0, Recompute::None, "no budget");
+    assert_eq!(chosen("400000000").0, Recompute::None, "a budget none fits");
+    let (r, train) = chosen("200000000");
+    assert_eq!(r, Recompute::Blocks, "a budget only blocks fits");
+    assert!(
+        train <= 200_000_000,
+        "measured training peak {train} over the budget"
+    );
 }

@@ -172,11 +172,16 @@ pub fn before_stage1(cfg: &crate::config::Config, numel: u64, activations: u64) 
 pub fn over_budget(plan: &MemoryReport, budget: u64, batch_rows: usize) -> String {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let mut parts = [
-        (plan.live_weights, "weights", "a smaller model"),
+        (
+            plan.live_weights,
+            "weights",
+            "train.precision = \"bf16\" with offload.optimizer = \"host\" keeps 2 bytes per weight",
+        ),
         (
             plan.gradients,
             "gradients",
-            "ldt-s trains one set at a time",
+            "ldt-s trains one set at a time; train.recompute = \"blocks\" with \
+             offload.optimizer = \"host\" keeps one block's",
         ),
         (
             plan.optimizer,
@@ -186,7 +191,7 @@ pub fn over_budget(plan: &MemoryReport, budget: u64, batch_rows: usize) -> Strin
         (
             plan.activations,
             "activations",
-            "a smaller train.batch_size, or train.accumulate = 2, 4, ... micro-batches",
+            "train.recompute = \"blocks\", a smaller train.batch_size, or train.accumulate = 2, 4, ... micro-batches",
         ),
         (plan.staging, "staging", "a smaller offload.staging_bytes"),
     ];

@@ -11,6 +11,7 @@ pub mod erm;
 pub mod eval;
 pub mod ldt_s;
 pub mod memory;
+pub mod micro;
 pub mod recompute;
 pub mod report;
 pub mod run;

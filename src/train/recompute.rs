@@ -10,13 +10,13 @@
 //! batch statistics of the same input; the recompute's running statistics are thrown
 //! away, so they move exactly once per forward.
 
-use super::step::{loss_and_stats, released, StepStats};
+use super::micro::{loss_and_stats, released, StepStats};
 use crate::model::{Mode, NetState, Network};
 use crate::optim::Grad;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 
-/// [`super::step`]'s micro-batch forward and backward, block by block: the loss and
+/// [`super::micro::micro_gradients`], block by block: the loss and
 /// stats of `x`, `y`, and the gradient of every layer of `trainable` (`None` for frozen
 /// layers, or when the loss is not finite). `view` holds the forward's weights (trained
 /// layers tracked, frozen ones detached). With `release` each block's gradients go to

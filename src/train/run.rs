@@ -3,7 +3,7 @@
 //! orders, evaluation, summary).
 
 use crate::checkpoint::{self, Checkpoint, Interrupted, Signals, Writer};
-use crate::config::{Config, OnNonFinite, Resume};
+use crate::config::{Config, OnNonFinite, Recompute, Resume};
 use crate::data::dataset::Pool;
 use crate::data::loader::{self, BatchOrder};
 use crate::data::{Benchmark, Loader};
@@ -576,6 +576,9 @@ impl RunContext {
         let weights = crate::train::memory::weight_bytes(state);
         self.stages.baseline = crate::heap::live().saturating_sub(weights);
         let rows = self.micro_batch_rows();
+        if self.cfg.train.recompute == Recompute::Auto {
+            self.choose_recompute(state)?;
+        }
         let all = self.probe_activations(state, &vec![true; state.params.len()])?;
         self.activations = [all; 2];
         let cfg = &self.cfg;
@@ -587,6 +590,44 @@ impl RunContext {
                 bail!("{}", crate::train::memory::over_budget(&p, budget, rows));
             }
         }
+        Ok(())
+    }
+
+    /// Decides `train.recompute = "auto"`: `none` unless its plan exceeds
+    /// `offload.device_bytes`, then `blocks` (whose plan the budget check then holds to
+    /// the budget); prints the choice and the planned peaks behind it.
+    fn choose_recompute(&mut self, state: &NetState) -> Result<()> {
+        let (budget, numel) = (self.cfg.offload.device_bytes, self.net.numel() as u64);
+        let all = vec![true; state.params.len()];
+        let peak = |ctx: &mut Self, r: Recompute| -> Result<u64> {
+            ctx.cfg.train.recompute = r;
+            let acts = ctx.probe_activations(state, &all)?;
+            Ok(crate::train::memory::before_stage1(&ctx.cfg, numel, acts).device_peak)
+        };
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let none = peak(self, Recompute::None)?;
+        let why = if budget == 0 {
+            format!(
+                "none (no offload.device_bytes budget; planned peak {:.1} MiB)",
+                mib(none)
+            )
+        } else if none <= budget {
+            format!(
+                "none (planned peak {:.1} MiB fits offload.device_bytes = {:.1} MiB)",
+                mib(none),
+                mib(budget)
+            )
+        } else {
+            let blocks = peak(self, Recompute::Blocks)?;
+            format!(
+                "blocks (keeping every activation plans {:.1} MiB, over offload.device_bytes = \
+                 {:.1} MiB; keeping each block's input plans {:.1} MiB)",
+                mib(none),
+                mib(budget),
+                mib(blocks)
+            )
+        };
+        eprintln!("train.recompute = \"auto\": {why}");
         Ok(())
     }
 

@@ -1,23 +1,14 @@
 //! One optimizer step of a live network: forward, loss, backward over the trainable
 //! layers only (frozen layers are detached: no gradient is computed for them), update.
 
+use super::micro::micro_gradients;
+pub use super::micro::StepStats;
 use crate::config::{Config, Precision, Recompute};
 use crate::dist;
-use crate::model::{layers, Mode, NetState, Network};
-use crate::optim::{host, Grad, Optimizer};
+use crate::model::{Mode, NetState, Network};
+use crate::optim::{Grad, Optimizer};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-
-/// Loss and accuracy of one step's batch (before the update).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StepStats {
-    /// Mean cross-entropy.
-    pub loss: f32,
-    /// Correct predictions.
-    pub correct: usize,
-    /// Examples.
-    pub n: usize,
-}
 
 /// How a step's gradients are computed (`train.accumulate`, `train.precision`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,7 +227,9 @@ fn local_gradients(
     // Weights and input are cast once per step, shared by the micro-batches.
     let (view, x) = working_copies(state, trainable, x, plan.precision)?;
     let micro = match plan.recompute {
-        Recompute::None => micro_gradients,
+        // `auto` is decided before stage 1 (`RunContext::plan_memory`); undecided, it
+        // keeps every activation.
+        Recompute::None | Recompute::Auto => micro_gradients,
         Recompute::Blocks => super::recompute::block_gradients,
     };
     if parts == 1 {
@@ -280,15 +273,6 @@ fn local_gradients(
     ))
 }
 
-/// A layer's final gradient, on the device or (`release`) moved to host memory at once.
-pub fn released(g: Tensor, release: bool) -> Result<Grad> {
-    Ok(if release {
-        Grad::Host(host::grad_values(&g)?)
-    } else {
-        Grad::Device(g)
-    })
-}
-
 /// A gradient in f32 where f32 arithmetic follows on the device (micro-batch sums,
 /// the all-reduce, clipping). A bf16 gradient (of bf16 working weights) becomes exactly
 /// the f32 gradient the recorded cast of f32 weights delivers: candle's backward adds the
@@ -321,64 +305,6 @@ fn working_copies(
             x.to_dtype(DType::BF16)?,
         ),
     })
-}
-
-/// One forward and backward on a micro-batch with the working copies `view`; the logits
-/// are cast to f32 for the loss (a no-op in f32).
-fn micro_gradients(
-    net: &dyn Network,
-    state: &mut NetState,
-    view: &[Tensor],
-    trainable: &[bool],
-    (x, y): (&Tensor, &Tensor),
-    mode: Mode,
-    release: bool,
-) -> Result<(StepStats, Vec<Option<Grad>>)> {
-    let logits = net
-        .forward(view, &mut state.buffers, x, mode)?
-        .to_dtype(DType::F32)?;
-    let (loss, stats) = loss_and_stats(&logits, y)?;
-    let loss_v = stats.loss;
-    // A non-finite loss gives no gradients; the caller's guard decides what happens.
-    let mut grads = if trainable.iter().any(|&t| t) && loss_v.is_finite() {
-        Some(loss.backward()?)
-    } else {
-        None
-    };
-    let out = state
-        .params
-        .iter()
-        .zip(trainable)
-        .map(|(v, &t)| match grads.as_mut().filter(|_| t) {
-            Some(g) => g
-                .remove(v.as_tensor())
-                .map(|g| released(g, release))
-                .transpose(),
-            None => Ok(None),
-        })
-        .collect::<Result<_>>()?;
-    Ok((stats, out))
-}
-
-/// The mean cross-entropy of f32 `logits` against labels `y` (tracked where the logits
-/// are) and the batch's stats. The loss decides on the host whether to go on: one
-/// transfer brings both numbers.
-pub fn loss_and_stats(logits: &Tensor, y: &Tensor) -> Result<(Tensor, StepStats)> {
-    let loss = layers::cross_entropy(logits, y)?;
-    let correct = logits
-        .detach()
-        .argmax(candle_core::D::Minus1)?
-        .to_dtype(DType::I64)?
-        .eq(y)?
-        .to_dtype(DType::F32)?
-        .sum_all()?;
-    let host = Tensor::stack(&[&loss.detach(), &correct], 0)?.to_vec1::<f32>()?;
-    let stats = StepStats {
-        loss: host[0],
-        correct: host[1] as usize,
-        n: y.dim(0)?,
-    };
-    Ok((loss, stats))
 }
 
 /// Scales the gradients so that their global L2 norm is at most `max_norm`, as

@@ -63,6 +63,28 @@ impl HostLayer {
         })
     }
 
+    /// The state of a layer of `n` values about to take its next update with gradient
+    /// `g`: created at the first, its moments as `s` keeps them, the step counted.
+    fn begin<'a>(
+        st: &'a mut Option<HostLayer>,
+        s: &OptimSettings,
+        n: usize,
+        g: &Grad,
+    ) -> Result<&'a mut HostLayer> {
+        if g.elem_count() != n {
+            bail!("gradient of {} values for a layer of {n}", g.elem_count());
+        }
+        let st = st.get_or_insert_with(|| HostLayer {
+            step: 0,
+            master: None,
+            m: None,
+            v: None,
+        });
+        st.prepare(s, n);
+        st.step += 1;
+        Ok(st)
+    }
+
     /// Creates the moments `s` keeps (zeros) for a layer of `n` values, where missing.
     fn prepare(&mut self, s: &OptimSettings, n: usize) {
         let adam = s.name != crate::config::OptimName::Sgd;
@@ -106,21 +128,10 @@ pub fn step(
     g: &Grad,
     lr: f64,
 ) -> Result<()> {
-    let n = p.elem_count();
-    if g.elem_count() != n {
-        bail!("gradient of {} values for a layer of {n}", g.elem_count());
-    }
-    let st = st.get_or_insert_with(|| HostLayer {
-        step: 0,
-        master: None,
-        m: None,
-        v: None,
-    });
+    let st = HostLayer::begin(st, s, p.elem_count(), g)?;
     if st.master.is_none() {
         st.master = Some(HostVec::from_slice(&values(p.as_tensor())?));
     }
-    st.prepare(s, n);
-    st.step += 1;
     let step = st.step;
     let threads = candle_core::utils::get_num_threads();
     let live = p.as_tensor();
@@ -171,18 +182,7 @@ pub fn step_master(
     g: &Grad,
     lr: f64,
 ) -> Result<()> {
-    let n = master.len();
-    if g.elem_count() != n {
-        bail!("gradient of {} values for a layer of {n}", g.elem_count());
-    }
-    let st = st.get_or_insert_with(|| HostLayer {
-        step: 0,
-        master: None,
-        m: None,
-        v: None,
-    });
-    st.prepare(s, n);
-    st.step += 1;
+    let st = HostLayer::begin(st, s, master.len(), g)?;
     let widened;
     let g: &[f32] = match g {
         Grad::Host(g) => g,
@@ -208,37 +208,41 @@ pub fn step_master(
 /// `0 + widen(g)` (candle accumulates into zeros), which turns -0 into +0; the same bits
 /// come out here.
 pub fn grad_values(g: &Tensor) -> Result<HostVec> {
-    let g = g.flatten_all()?.to_device(&Device::Cpu)?;
-    Ok(match g.dtype() {
-        candle_core::DType::BF16 => {
-            let v = g.to_vec1::<half::bf16>()?;
-            let mut out = HostVec::zeroed(v.len());
-            widen_into(&v, &mut out);
-            out
-        }
-        _ => HostVec::from_slice(&g.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
-    })
+    let mut out = HostVec::zeroed(g.elem_count());
+    write_grad(g, &mut out)?;
+    Ok(out)
 }
 
 /// [`grad_values`] in an ordinary vector (stage 1's statistics read every layer's).
 pub fn grad_vec(g: &Tensor) -> Result<Vec<f32>> {
-    let g = g.flatten_all()?.to_device(&Device::Cpu)?;
-    Ok(match g.dtype() {
-        candle_core::DType::BF16 => {
-            let v = g.to_vec1::<half::bf16>()?;
-            let mut out = vec![0f32; v.len()];
-            widen_into(&v, &mut out);
-            out
-        }
-        _ => g.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
-    })
+    let mut out = vec![0f32; g.elem_count()];
+    write_grad(g, &mut out)?;
+    Ok(out)
 }
 
-/// `out = 0 + widen(v)`: the f32 gradient of a recorded bf16 cast.
-fn widen_into(v: &[half::bf16], out: &mut [f32]) {
-    for (o, x) in out.iter_mut().zip(v) {
-        *o = x.to_f32() + 0.0;
+/// Writes gradient `g`'s values into `out` as [`grad_values`] defines them, read from
+/// the tensor's host storage in one pass (bf16 widened as `0 + widen(x)`).
+fn write_grad(g: &Tensor, out: &mut [f32]) -> Result<()> {
+    use candle_core::{CpuStorage, DType, Storage};
+    let g = g.to_device(&Device::Cpu)?;
+    let g = match g.dtype() {
+        DType::F32 | DType::BF16 => g.contiguous()?,
+        _ => g.to_dtype(DType::F32)?.contiguous()?,
+    };
+    let (storage, layout) = g.storage_and_layout();
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        bail!("a contiguous gradient has no contiguous offsets");
+    };
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => out.copy_from_slice(&v[a..b]),
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            for (o, x) in out.iter_mut().zip(&v[a..b]) {
+                *o = x.to_f32() + 0.0;
+            }
+        }
+        _ => bail!("gradient of dtype {:?} on the host", g.dtype()),
     }
+    Ok(())
 }
 
 /// The fused update of `st`'s master weights and moments with host gradient `g`.

@@ -576,10 +576,10 @@ impl RunContext {
         let weights = crate::train::memory::weight_bytes(state);
         self.stages.baseline = crate::heap::live().saturating_sub(weights);
         let rows = self.micro_batch_rows();
-        if self.cfg.train.recompute == Recompute::Auto {
-            self.choose_recompute(state)?;
-        }
-        let all = self.probe_activations(state, &vec![true; state.params.len()])?;
+        let all = match self.cfg.train.recompute {
+            Recompute::Auto => self.choose_recompute(state)?,
+            _ => self.probe_activations(state, &vec![true; state.params.len()])?,
+        };
         self.activations = [all; 2];
         let cfg = &self.cfg;
         let budget = cfg.offload.device_bytes;
@@ -595,17 +595,20 @@ impl RunContext {
 
     /// Decides `train.recompute = "auto"`: `none` unless its plan exceeds
     /// `offload.device_bytes`, then `blocks` (whose plan the budget check then holds to
-    /// the budget); prints the choice and the planned peaks behind it.
-    fn choose_recompute(&mut self, state: &NetState) -> Result<()> {
+    /// the budget); prints the choice and the planned peaks behind it. Returns the
+    /// probed activations of the choice.
+    fn choose_recompute(&mut self, state: &NetState) -> Result<u64> {
         let (budget, numel) = (self.cfg.offload.device_bytes, self.net.numel() as u64);
         let all = vec![true; state.params.len()];
-        let peak = |ctx: &mut Self, r: Recompute| -> Result<u64> {
+        // (activations, planned peak) with recompute `r`, which stays set.
+        let peak = |ctx: &mut Self, r: Recompute| -> Result<(u64, u64)> {
             ctx.cfg.train.recompute = r;
             let acts = ctx.probe_activations(state, &all)?;
-            Ok(crate::train::memory::before_stage1(&ctx.cfg, numel, acts).device_peak)
+            let plan = crate::train::memory::before_stage1(&ctx.cfg, numel, acts);
+            Ok((acts, plan.device_peak))
         };
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-        let none = peak(self, Recompute::None)?;
+        let (mut acts, none) = peak(self, Recompute::None)?;
         let why = if budget == 0 {
             format!(
                 "none (no offload.device_bytes budget; planned peak {:.1} MiB)",
@@ -618,7 +621,8 @@ impl RunContext {
                 mib(budget)
             )
         } else {
-            let blocks = peak(self, Recompute::Blocks)?;
+            let blocks;
+            (acts, blocks) = peak(self, Recompute::Blocks)?;
             format!(
                 "blocks (keeping every activation plans {:.1} MiB, over offload.device_bytes = \
                  {:.1} MiB; keeping each block's input plans {:.1} MiB)",
@@ -628,7 +632,7 @@ impl RunContext {
             )
         };
         eprintln!("train.recompute = \"auto\": {why}");
-        Ok(())
+        Ok(acts)
     }
 
     /// Plans the activations again once the partition is known: those of phase P and

@@ -153,9 +153,28 @@ run() {
   [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -n 20 "$out/gpu-bench.log"; }
   # The memory table on the GPU (#15): erm and ldt-s, optimizer on the device and on the
   # host, resnet50 at 224x224 (random images), the driver's used memory per stage.
-  timeout 180 "$dir/bin/ldt" bench --memory --device cuda:0 --archs resnet50 \
-    --input 3x224x224 --batch 32 --steps 8 --bf16 --out "$out/bench-memory" >"$out/bench-memory.log" 2>&1 ||
+  timeout 200 "$dir/bin/ldt" bench --memory --device cuda:0 --archs resnet50 \
+    --input 3x224x224 --batch 32 --steps 8 --bf16 --recompute --stream \
+    --out "$out/bench-memory" >"$out/bench-memory.log" 2>&1 ||
     { status=1; tail -n 20 "$out/bench-memory.log"; }
+  # A device budget below the weights (#16): ldt-s on resnet50 (94 MB of f32 weights)
+  # with offload.device_bytes = 64 MiB picks recompute and streamed weights and must
+  # export the bytes of the same run without a budget.
+  budget=(--set 'model.arch="resnet50"' --set 'device="cuda:0"' --set train.steps=12
+    --set stage1.warmup_steps=4 --set stage1.stat_batches=4 --set eval.every=0
+    --set 'offload.optimizer="host"' --set ldt_s.p_steps=3 --set ldt_s.a_steps=3)
+  for b in 0 67108864; do
+    timeout 100 "$dir/bin/ldt" train configs/quickstart.toml "${budget[@]}" \
+      --set 'train.recompute="auto"' --set 'offload.params="auto"' \
+      --set offload.device_bytes=$b --out "$out/budget-$b" >"$out/budget-$b.log" 2>&1 ||
+      { status=1; tail -n 20 "$out/budget-$b.log"; }
+  done
+  grep -h '^memory:' "$out"/budget-*.log || true
+  if cmp "$out/budget-0/composite.safetensors" "$out/budget-67108864/composite.safetensors"; then
+    echo "budget below the weights: composite identical to the unbudgeted run"
+  else
+    status=1; echo "budget below the weights: composite DIFFERS"
+  fi
   set -e
   echo
   grep -hE '^test .* (ok|FAILED)$|test result' "$out/gpu-tests.log" "$out/nccl-tests.log" || true

@@ -3,7 +3,7 @@
 //! peak RSS against the number of statistics batches; and the host EMA throughput against a plain memcpy of the same bytes. Ratios come from
 //! runs made one after the other in the same process, on the same data.
 
-use crate::config::{Config, Method, Placement, Precision, Recompute};
+use crate::config::{Config, Method, ParamsPlacement, Placement, Precision, Recompute};
 use crate::offload::{fused_ema, EmaTask, HostSlice, HostSliceMut};
 use crate::train::{run_method, RunContext};
 use anyhow::Result;
@@ -370,6 +370,9 @@ pub struct MemoryBench {
     /// Also erm (device optimizer) and LDT-S (host optimizer; in bf16 too with `bf16`)
     /// with block-wise recompute.
     pub recompute: bool,
+    /// Also erm and LDT-S (in bf16 too with `bf16`) with block-wise recompute, the
+    /// optimizer on the host and streamed weights.
+    pub stream: bool,
 }
 
 /// `ldt bench --memory`: for each backbone of `b.archs` (batch `b.batch`, `b.steps`
@@ -432,30 +435,39 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
             Recompute::None,
             Recompute::Blocks,
         );
+        let (resident, stream) = (ParamsPlacement::Resident, ParamsPlacement::Stream);
         let mut rows = vec![
-            (Method::Erm, device, f32, none),
-            (Method::Erm, host, f32, none),
-            (Method::LdtS, device, f32, none),
-            (Method::LdtS, host, f32, none),
+            (Method::Erm, device, f32, none, resident),
+            (Method::Erm, host, f32, none, resident),
+            (Method::LdtS, device, f32, none, resident),
+            (Method::LdtS, host, f32, none, resident),
         ];
         if b.bf16 {
-            rows.push((Method::Erm, host, bf16, none));
-            rows.push((Method::LdtS, host, bf16, none));
+            rows.push((Method::Erm, host, bf16, none, resident));
+            rows.push((Method::LdtS, host, bf16, none, resident));
         }
         if b.recompute {
-            rows.push((Method::Erm, device, f32, blocks));
-            rows.push((Method::LdtS, host, f32, blocks));
+            rows.push((Method::Erm, device, f32, blocks, resident));
+            rows.push((Method::LdtS, host, f32, blocks, resident));
             if b.bf16 {
-                rows.push((Method::LdtS, host, bf16, blocks));
+                rows.push((Method::LdtS, host, bf16, blocks, resident));
             }
         }
-        for (method, placement, precision, recompute) in rows {
+        if b.stream {
+            rows.push((Method::Erm, host, f32, blocks, stream));
+            rows.push((Method::LdtS, host, f32, blocks, stream));
+            if b.bf16 {
+                rows.push((Method::LdtS, host, bf16, blocks, stream));
+            }
+        }
+        for (method, placement, precision, recompute, params) in rows {
             let mut cfg = variant(&base, method, Placement::Resident);
             cfg.offload.optimizer = placement;
             cfg.train.precision = precision;
             cfg.train.recompute = recompute;
+            cfg.offload.params = params;
             let label = format!(
-                "{}-{}-{placement:?}-{precision:?}-{recompute:?}",
+                "{}-{}-{placement:?}-{precision:?}-{recompute:?}-{params:?}",
                 arch,
                 method.name()
             )
@@ -480,6 +492,9 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
             if recompute == blocks {
                 at += ", recompute";
             }
+            if params == stream {
+                at += ", stream";
+            }
             writeln!(
                 out,
                 "| {arch} | {:.2}M | {name} | {at} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {ms:.1} | {:.2} |",
@@ -496,7 +511,7 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
     }
     writeln!(
         out,
-        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state and master weights) together; x erm: against erm in f32 with the optimizer on the device; bf16: bf16 working weights and gradients on the device, f32 masters on the host; recompute: train.recompute = \"blocks\")"
+        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state and master weights) together; x erm: against erm in f32 with the optimizer on the device; bf16: bf16 working weights and gradients on the device, f32 masters on the host; recompute: train.recompute = \"blocks\"; stream: offload.params = \"stream\", the weights in host memory, fetched a block at a time)"
     )?;
     Ok(out)
 }

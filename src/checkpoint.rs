@@ -155,13 +155,21 @@ impl Checkpoint {
 
     /// A network saved with [`Writer::net`].
     pub fn net(&self, prefix: &str, net: &dyn Network) -> Result<NetState> {
+        self.net_on(prefix, net, &self.device)
+    }
+
+    /// [`Checkpoint::net`] with its weights on `device` (the host, for a network whose
+    /// weights stream: they go straight to its host masters).
+    pub fn net_on(&self, prefix: &str, net: &dyn Network, device: &Device) -> Result<NetState> {
         let params = net
             .params()
             .iter()
             .map(|s| {
-                Ok(Var::from_tensor(
-                    &self.tensor(&format!("{prefix}/{}", s.name))?,
-                )?)
+                let name = format!("{prefix}/{}", s.name);
+                let t = self.tensors.get(&name).with_context(|| {
+                    format!("checkpoint {} lacks tensor `{name}`", self.dir.display())
+                })?;
+                Ok(Var::from_tensor(&t.to_device(device)?)?)
             })
             .collect::<Result<Vec<_>>>()?;
         let buffers = net
@@ -173,6 +181,7 @@ impl Checkpoint {
             params,
             buffers,
             masters: None,
+            stream: None,
         })
     }
 

@@ -573,6 +573,22 @@ pub enum OptimizerPlacement {
     Host,
 }
 
+/// Where the weights live between uses (`offload.params`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamsPlacement {
+    /// On the device, the whole network.
+    Resident,
+    /// In host memory as f32 masters; each block's working copies are fetched on a copy
+    /// stream just before the block runs (one block ahead) and dropped after it. Needs
+    /// `offload.optimizer = "host"` and block-wise recompute; same bits as `resident`.
+    Stream,
+    /// `stream` when the plan with resident weights does not fit
+    /// `offload.device_bytes`, else `resident`; chosen before stage 1, printed with the
+    /// reason.
+    Auto,
+}
+
 /// `[offload]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -592,6 +608,9 @@ pub struct OffloadSettings {
     /// `train.precision = "bf16"` the f32 master weights of the whole network live on the
     /// host too, and the device holds their bf16 roundings.
     pub optimizer: OptimizerPlacement,
+    /// Where the weights live between uses: `resident` on the device, `stream` in host
+    /// memory (fetched block by block), `auto` by `device_bytes`.
+    pub params: ParamsPlacement,
     /// The device memory the run may plan for, in bytes (0 = no limit): a run whose
     /// planned peak (weights, gradients, device optimizer state, staging, activations)
     /// exceeds it stops before stage 1, naming the largest consumers and the settings
@@ -608,6 +627,7 @@ impl Default for OffloadSettings {
             threads: 2,
             ema: EmaPlacement::Host,
             optimizer: OptimizerPlacement::Device,
+            params: ParamsPlacement::Resident,
             device_bytes: 0,
         }
     }
@@ -975,6 +995,12 @@ impl Config {
             && self.offload.optimizer == OptimizerPlacement::Host
     }
 
+    /// Whether the weights are streamed (`offload.params = "stream"`, or `auto` once
+    /// decided so).
+    pub fn streamed(&self) -> bool {
+        self.offload.params == ParamsPlacement::Stream
+    }
+
     /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare
     /// string), validates, and resolves relative paths against the working directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
@@ -1029,6 +1055,19 @@ impl Config {
             c.threads <= MAX_THREADS,
             "threads",
             &format!("must be at most {MAX_THREADS} (0 = all cores)"),
+        )?;
+        check(
+            c.offload.params == ParamsPlacement::Resident
+                || c.offload.optimizer == OptimizerPlacement::Host,
+            "offload.params",
+            "streamed weights are updated where they live: set offload.optimizer = \"host\" \
+             (or offload.params = \"resident\")",
+        )?;
+        check(
+            c.offload.params != ParamsPlacement::Stream || c.train.recompute != Recompute::None,
+            "offload.params",
+            "streamed weights are fetched block by block: set train.recompute = \"blocks\" \
+             (or \"auto\")",
         )?;
         let device = DeviceSpec::parse(&c.device);
         check(

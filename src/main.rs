@@ -126,6 +126,10 @@ enum Cmd {
         /// `--memory`: also rows with block-wise recompute (`train.recompute = "blocks"`).
         #[arg(long)]
         recompute: bool,
+        /// `--memory`: also erm and ldt-s with block-wise recompute and streamed weights
+        /// (`offload.params = "stream"`, the optimizer on the host).
+        #[arg(long)]
+        stream: bool,
     },
     /// Print version, device (with `--features cuda`: driver, PTX ISA, every GPU), threads
     /// and allocator.
@@ -255,7 +259,7 @@ fn eval(config: &Path, weights: &Path, set: &[String]) -> Result<()> {
     let state = ldt::model::io::load_state(net.as_ref(), weights, &device).context("--weights")?;
     let r = ldt::train::eval::evaluate(
         net.as_ref(),
-        &state.frozen_view(),
+        &ldt::model::Weights::of(state.frozen_view()),
         &state.buffers,
         &bench,
         cfg.eval.batch_size,
@@ -437,6 +441,7 @@ fn main() -> ExitCode {
             device,
             bf16,
             recompute,
+            stream,
         } => Ok((|| -> Result<()> {
             ldt::init_threads(threads);
             let t = if threads == 0 {
@@ -472,6 +477,7 @@ fn main() -> ExitCode {
                             threads: t,
                             bf16,
                             recompute,
+                            stream,
                         },
                     )?,
                     "memory.md",

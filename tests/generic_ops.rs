@@ -327,6 +327,7 @@ fn to_f64(state: &NetState) -> NetState {
             })
             .collect(),
         masters: None,
+        stream: None,
     }
 }
 

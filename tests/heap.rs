@@ -74,6 +74,8 @@ every = 3
     ldt_s_holds_no_more_than_erm_and_its_buffer();
     a_budget_too_small_stops_before_stage_1();
     auto_recompute_follows_the_budget();
+    streamed_weights_leave_the_device();
+    a_budget_below_the_weights_trains_the_same_bits();
 }
 
 /// A short run of `arch` / `method` on the bundled data; `extra` overrides.
@@ -293,4 +295,121 @@ fn auto_recompute_follows_the_budget() {
         train <= 200_000_000,
         "measured training peak {train} over the budget"
     );
+}
+
+/// `offload.params = "stream"` (resnet18, erm, batch 32, block-wise recompute, host
+/// optimizer): the weights leave the device but for the blocks being fetched and run,
+/// so the measured training peak falls by more than half the weight bytes, and the plan
+/// (no resident weights; the fetched blocks are in the probed activations) matches the
+/// measurement within 10%.
+fn streamed_weights_leave_the_device() {
+    let peak = |params: &str| {
+        let (_d, ctx) = short_run(
+            "resnet18",
+            "erm",
+            &[
+                "train.batch_size=32",
+                "train.recompute=\"blocks\"",
+                "offload.optimizer=\"host\"",
+                &format!("offload.params=\"{params}\""),
+            ],
+        );
+        let plan = ctx.summary.memory.expect("plan");
+        let m = ctx.summary.measured_memory.as_ref().unwrap();
+        (plan, m.device("train").unwrap(), m.device("eval").unwrap())
+    };
+    let (p0, resident, eval0) = peak("resident");
+    let (p1, streamed, eval1) = peak("stream");
+    let weights = p0.live_weights;
+    // What stays: in training the block running and the one being fetched (its
+    // gradients are released either way); in evaluation one block.
+    let net = build_net("resnet18");
+    let bytes: Vec<u64> = net
+        .blocks()
+        .iter()
+        .map(|b| {
+            4 * net.params()[b.params.clone()]
+                .iter()
+                .map(|s| s.numel() as u64)
+                .sum::<u64>()
+        })
+        .collect();
+    let window = bytes.windows(2).map(|w| w[0] + w[1]).max().unwrap();
+    let largest = *bytes.iter().max().unwrap();
+    eprintln!(
+        "resnet18 batch 32, host optimizer, recompute: training peak {resident} -> {streamed} \
+         (plan {}), evaluation {eval0} -> {eval1}, with {weights} bytes of weights, \
+         {window} in the largest two adjacent blocks, {largest} in the largest",
+        p1.device_peak
+    );
+    assert_eq!(p1.live_weights, 0, "no resident weights planned");
+    assert!(
+        (resident - streamed) as f64 >= 0.8 * (weights - window) as f64,
+        "streamed: {resident} -> {streamed} with {weights} bytes of weights, {window} fetched"
+    );
+    assert!(
+        (eval0 - eval1) as f64 >= 0.8 * (weights - largest) as f64,
+        "evaluation uploads a block at a time: {eval0} -> {eval1}"
+    );
+    let rel = p1.device_peak as f64 / streamed as f64 - 1.0;
+    assert!(
+        rel.abs() <= 0.10,
+        "streamed: plan {} vs measured {streamed} ({:+.1}%)",
+        p1.device_peak,
+        100.0 * rel
+    );
+}
+
+/// A device budget below the f32 weight bytes (a ViT of 8 blocks of width 256, 25 MB
+/// of weights; a budget of 85% of them): `auto` picks block-wise recompute and streamed
+/// weights, the measured peaks of setup, stage 1 and training stay within the budget
+/// (evaluation's batch of 256 is not planned), and LDT-S exports the bytes of the run
+/// without a budget (resident weights, every activation kept).
+fn a_budget_below_the_weights_trains_the_same_bits() {
+    const VIT: [&str; 4] = [
+        "model.width=256",
+        "model.depth=8",
+        "model.heads=4",
+        "offload.optimizer=\"host\"",
+    ];
+    let weights = {
+        let (_d, ctx) = short_run("vit", "erm", &[&VIT[..], &["train.steps=1"]].concat());
+        4 * ctx.net.numel() as u64
+    };
+    let budget = weights * 85 / 100;
+    let (free, _) = short_run("vit", "ldt-s", &VIT);
+    let limited = [
+        "train.recompute=\"auto\"".to_string(),
+        "offload.params=\"auto\"".to_string(),
+        format!("offload.device_bytes={budget}"),
+    ];
+    let limited: Vec<&str> = VIT
+        .iter()
+        .copied()
+        .chain(limited.iter().map(|s| s.as_str()))
+        .collect();
+    let (d, ctx) = short_run("vit", "ldt-s", &limited);
+    use ldt::config::{ParamsPlacement, Recompute};
+    assert_eq!(ctx.cfg.train.recompute, Recompute::Blocks);
+    assert_eq!(ctx.cfg.offload.params, ParamsPlacement::Stream);
+    let m = ctx.summary.measured_memory.as_ref().unwrap();
+    for stage in ["setup", "stage1", "train"] {
+        let peak = m.device(stage).unwrap();
+        eprintln!("vit: {weights} bytes of weights, budget {budget}: {stage} peak {peak}");
+        assert!(peak <= budget, "measured {stage} peak {peak} over {budget}");
+    }
+    for f in ["composite.safetensors", "pm.safetensors", "am.safetensors"] {
+        let a = std::fs::read(free.path().join(f)).unwrap();
+        let b = std::fs::read(d.path().join(f)).unwrap();
+        assert!(a == b, "{f} differs from the run without a budget");
+    }
+}
+
+/// `arch` as `short_run` builds it (the bundled data: 1x28x28, 10 classes).
+fn build_net(arch: &str) -> Box<dyn ldt::model::Network> {
+    let cfg = ldt::config::ModelConfig {
+        arch: arch.into(),
+        ..Default::default()
+    };
+    ldt::model::build(&cfg, [1, 28, 28], 10).unwrap()
 }

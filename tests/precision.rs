@@ -221,6 +221,7 @@ fn bf16_gradients(arch: &str, input: [usize; 3], mode: Mode, total_bound: f64) {
             .collect(),
         buffers: state.buffers.clone(),
         masters: None,
+        stream: None,
     };
     let (_, gr) = gradients(
         net,

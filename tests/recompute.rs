@@ -10,9 +10,14 @@
 //!   on the device or released to host memory: the loss, the correct count, every
 //!   gradient and the BatchNorm running statistics after the step are identical bit for
 //!   bit to `recompute = "none"`.
+//! - Streamed weights (`offload.params = "stream"`): the same gradients, losses and
+//!   statistics from a state whose working copies are fetched block by block from its
+//!   host masters (f32 against the resident f32 weights, bf16 against the resident bf16
+//!   working copies), for every case above.
 //! - Whole runs: erm, the dual branch (resident and swap) and LDT-S on cnn_bn, with
 //!   stage 1, DPU folds, evaluation and a bf16 / accumulate 3 case, export byte-identical
-//!   files. (`tests/heap.rs` measures the memory recompute saves.)
+//!   files; with streamed weights too (and a device budget below the weights' bytes
+//!   choosing them). (`tests/heap.rs` measures the memory recompute and streaming save.)
 
 mod common;
 use candle_core::{DType, Device, Tensor};
@@ -75,14 +80,35 @@ fn bits(t: &Tensor) -> Vec<u64> {
 /// A step's loss, correct count, gradient bits (per layer) and buffer bits afterwards.
 type Outcome = (f32, usize, Vec<Option<Vec<u64>>>, Vec<Vec<u64>>);
 
+/// Where a step's weights live.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Weights {
+    /// f32 on the device.
+    Resident,
+    /// bf16 working copies on the device, f32 masters on the host.
+    Masters,
+    /// f32 masters on the host, working copies (of the plan's precision) fetched.
+    Streamed,
+}
+
 /// One step's gradients of `trainable` with `plan`, from a fresh state (seeded), and
 /// the buffers after it.
-fn step(net: &dyn Network, trainable: &[bool], plan: GradPlan, masters: bool) -> Outcome {
+fn step(net: &dyn Network, trainable: &[bool], plan: GradPlan, weights: Weights) -> Outcome {
     let mut rng = Rng::new(3, 1);
     let mut state = NetState::init(net, &mut rng, &Device::Cpu).unwrap();
-    if masters {
-        state = state.with_host_masters().unwrap();
-    }
+    state = match weights {
+        Weights::Resident => state,
+        Weights::Masters => state.with_host_masters().unwrap(),
+        Weights::Streamed => {
+            let dtype = match plan.precision {
+                Precision::F32 => DType::F32,
+                Precision::Bf16 => DType::BF16,
+            };
+            let s = state.streamed(dtype, &Device::Cpu).unwrap();
+            assert!(s.params.is_empty(), "no resident working copy");
+            s
+        }
+    };
     let n = 12;
     let x: Vec<f32> = (0..n * 784).map(|_| rng.next_f64() as f32).collect();
     let x = Tensor::from_vec(x, (n, 1, 28, 28), &Device::Cpu).unwrap();
@@ -122,9 +148,9 @@ fn recomputed_gradients_are_the_whole_graphs_bits() {
         for (what, mask) in &masks {
             for accumulate in [1, 3] {
                 for (precision, masters) in [
-                    (Precision::F32, false),
-                    (Precision::Bf16, false),
-                    (Precision::Bf16, true),
+                    (Precision::F32, Weights::Resident),
+                    (Precision::Bf16, Weights::Resident),
+                    (Precision::Bf16, Weights::Masters),
                 ] {
                     let plan = |recompute, release| GradPlan {
                         accumulate,
@@ -133,19 +159,24 @@ fn recomputed_gradients_are_the_whole_graphs_bits() {
                         release,
                     };
                     let case = format!(
-                        "{arch}, {what}, accumulate {accumulate}, {precision:?}{}",
-                        if masters { " masters" } else { "" }
+                        "{arch}, {what}, accumulate {accumulate}, {precision:?} {masters:?}"
                     );
                     let whole = step(net.as_ref(), mask, plan(Recompute::None, false), masters);
                     // Recomputed, with each block's gradients kept on the device or
-                    // released to host memory as soon as they are final.
-                    for release in [false, true] {
-                        let case = format!("{case}, release {release}");
+                    // released to host memory as soon as they are final; and with the
+                    // working copies streamed from the masters (f32 weights, or the
+                    // bf16 working copies of the masters).
+                    let mut variants = vec![(false, masters), (true, masters)];
+                    if masters != Weights::Resident || precision == Precision::F32 {
+                        variants.extend([(false, Weights::Streamed), (true, Weights::Streamed)]);
+                    }
+                    for (release, weights) in variants {
+                        let case = format!("{case}, release {release}, blocks {weights:?}");
                         let blocks = step(
                             net.as_ref(),
                             mask,
                             plan(Recompute::Blocks, release),
-                            masters,
+                            weights,
                         );
                         assert_eq!(whole.0.to_bits(), blocks.0.to_bits(), "{case}: loss");
                         assert_eq!(whole.1, blocks.1, "{case}: correct");
@@ -197,7 +228,7 @@ fn exported(dir: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn recomputed_runs_export_the_same_bytes() {
-    let cases: [(&str, &[&str]); 7] = [
+    let cases: [(&str, &[&str]); 10] = [
         ("erm", &["train.method=\"erm\""]),
         ("ldt resident", &["train.method=\"ldt\""]),
         (
@@ -229,12 +260,46 @@ fn recomputed_runs_export_the_same_bytes() {
                 "train.clip_grad_norm=0.5",
             ],
         ),
+        // Streamed weights: every weight in host memory between uses.
+        (
+            "ldt-s stream",
+            &[
+                "train.method=\"ldt-s\"",
+                "offload.optimizer=\"host\"",
+                "offload.params=\"stream\"",
+            ],
+        ),
+        (
+            "ldt resident stream bf16 accumulate 3",
+            &[
+                "train.method=\"ldt\"",
+                "offload.optimizer=\"host\"",
+                "offload.params=\"stream\"",
+                "train.precision=\"bf16\"",
+                "train.accumulate=3",
+            ],
+        ),
+        (
+            "erm stream clip",
+            &[
+                "train.method=\"erm\"",
+                "offload.optimizer=\"host\"",
+                "offload.params=\"stream\"",
+                "train.clip_grad_norm=0.5",
+            ],
+        ),
     ];
     for (what, sets) in cases {
         let mut ov: Vec<&str> = sets.to_vec();
         let manifest = bundled_manifest();
         ov.push(&manifest);
-        let (a, _) = run(RUN, &ov);
+        // The reference: resident weights, every activation kept.
+        let reference: Vec<&str> = ov
+            .iter()
+            .filter(|o| !o.starts_with("offload.params"))
+            .copied()
+            .collect();
+        let (a, _) = run(RUN, &reference);
         ov.push("train.recompute=\"blocks\"");
         let (b, _) = run(RUN, &ov);
         let files = exported(a.path());

@@ -121,6 +121,7 @@ fn load(
         params: Vec::new(),
         buffers,
         masters: None,
+        stream: None,
     };
     for (i, (spec, t)) in net.params().iter().zip(params).enumerate() {
         let t = match (t, reset_head.as_deref_mut()) {
@@ -148,9 +149,10 @@ fn check_finite(path: &Path, kind: &str, name: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Named tensors of a network state (its f32 weights, then buffers), PyTorch names.
+/// Named tensors of a network state (its f32 weights, then buffers), PyTorch names;
+/// master weights are read as host tensors (nothing goes to the device).
 pub fn named_tensors(net: &dyn Network, state: &NetState) -> Result<Vec<(String, Tensor)>> {
-    Ok(named(net, &state.weights()?, &state.buffers))
+    Ok(named(net, &state.weight_refs().all()?, &state.buffers))
 }
 
 /// Parameters then buffers of `net`, each with its name, for saving (the tensors are

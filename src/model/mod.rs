@@ -20,6 +20,7 @@ use crate::heap::HostVec;
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use std::sync::Arc;
 
 /// How the forward treats BatchNorm and similar layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,14 +235,31 @@ pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box
 /// The values of one network: parameters (as `Var`s) and buffers.
 pub struct NetState {
     /// Parameters in `Network::params()` order: the weights, or with host masters their
-    /// bf16 working copies.
+    /// bf16 working copies; empty when the working copies are streamed.
     pub params: Vec<Var>,
     /// Buffers in `Network::buffers()` order.
     pub buffers: Vec<Tensor>,
-    /// With bf16 working weights ([`NetState::with_host_masters`]): each parameter's f32
-    /// master in host memory, of which `params[i]` is the bf16 rounding. Whatever writes
-    /// a weight writes its master and then [`NetState::refresh`]es the working copy.
-    pub masters: Option<Vec<HostVec>>,
+    /// With bf16 working weights ([`NetState::with_host_masters`]) or streamed weights
+    /// ([`NetState::streamed`]): each parameter's f32 master in host memory, of which
+    /// `params[i]` is the bf16 rounding (or from which a block's working copies are
+    /// fetched). Whatever writes a weight writes its master ([`NetState::masters_mut`])
+    /// and then [`NetState::refresh`]es the working copy. Shared with the weight fetches
+    /// in flight, which read it on a copy stream.
+    pub masters: Option<Arc<Vec<HostVec>>>,
+    /// Set when no working copy stays on the device between uses: a forward fetches
+    /// each block's from the masters ([`NetState::fetch`]).
+    pub stream: Option<Streamed>,
+}
+
+/// How a streamed network's working copies are made ([`NetState::streamed`]).
+#[derive(Clone, Debug)]
+pub struct Streamed {
+    /// Working dtype: f32 (the masters' values), or bf16 (their rounding).
+    pub dtype: DType,
+    /// Each parameter's shape.
+    pub shapes: Vec<Vec<usize>>,
+    /// Where the working copies go.
+    pub device: Device,
 }
 
 impl NetState {
@@ -269,6 +287,48 @@ impl NetState {
             params,
             buffers,
             masters: None,
+            stream: None,
+        })
+    }
+
+    /// [`NetState::init`] straight into the streamed layout ([`NetState::streamed`]): the
+    /// same values (the same draws from `rng`), each weight made in host memory and kept
+    /// there as its master, so no more than one weight's values exist outside the
+    /// masters at a time.
+    pub fn init_streamed(
+        net: &dyn Network,
+        rng: &mut Rng,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut masters = Vec::with_capacity(net.params().len());
+        for s in net.params() {
+            let n = s.numel();
+            let values = match s.init {
+                Init::Zeros => vec![0f32; n],
+                Init::Ones => vec![1f32; n],
+                Init::FanIn(fan_in) => {
+                    let b = 1.0 / (fan_in as f32).sqrt();
+                    rng.uniform_vec(n, -b, b)
+                }
+                Init::Normal(std) => normal_vec(rng, n, std),
+            };
+            masters.push(HostVec::from_slice(&values));
+        }
+        let buffers = net
+            .buffers()
+            .iter()
+            .map(|b| init_tensor(b.init, &b.shape, b.dtype, rng, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(NetState {
+            params: Vec::new(),
+            buffers,
+            masters: Some(Arc::new(masters)),
+            stream: Some(Streamed {
+                dtype,
+                shapes: net.params().iter().map(|s| s.shape.clone()).collect(),
+                device: device.clone(),
+            }),
         })
     }
 
@@ -288,7 +348,8 @@ impl NetState {
             masters: self
                 .masters
                 .as_ref()
-                .map(|m| m.iter().map(|x| HostVec::from_slice(x)).collect()),
+                .map(|m| Arc::new(m.iter().map(|x| HostVec::from_slice(x)).collect())),
+            stream: self.stream.clone(),
         })
     }
 
@@ -311,14 +372,92 @@ impl NetState {
         Ok(NetState {
             params,
             buffers: self.buffers,
-            masters: Some(masters),
+            masters: Some(Arc::new(masters)),
+            stream: None,
         })
     }
 
+    /// This state with every weight in host memory as an f32 master and no working copy
+    /// on the device between uses: each forward fetches a block's working copies
+    /// ([`NetState::fetch`]; `dtype` f32 or bf16) and drops them after the block (the
+    /// layout of ZeRO-Infinity's parameter offload). The working copies are the values
+    /// (or, in bf16, the rounding) the resident layouts use, so a step computes the same
+    /// bits.
+    /// The weights may be on any device (the host, to never hold them all on the run's
+    /// device); the buffers move to `device`, where the working copies will be made.
+    pub fn streamed(self, dtype: DType, device: &Device) -> Result<Self> {
+        if self.stream.is_some() {
+            return Ok(self);
+        }
+        let shapes = self.shapes();
+        let device = device.clone();
+        let masters = match self.masters {
+            Some(m) => m,
+            None => Arc::new(
+                self.params
+                    .iter()
+                    .map(|v| {
+                        let t = v.as_tensor().flatten_all()?.to_dtype(DType::F32)?;
+                        Ok(HostVec::from_slice(&t.to_vec1::<f32>()?))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        };
+        let buffers = self
+            .buffers
+            .iter()
+            .map(|b| b.to_device(&device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(NetState {
+            params: Vec::new(),
+            buffers,
+            masters: Some(masters),
+            stream: Some(Streamed {
+                dtype,
+                shapes,
+                device,
+            }),
+        })
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        match (&self.masters, &self.stream) {
+            (Some(m), Some(_)) => m.len(),
+            _ => self.params.len(),
+        }
+    }
+
+    /// Whether the network has no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each parameter's shape.
+    pub fn shapes(&self) -> Vec<Vec<usize>> {
+        match &self.stream {
+            Some(s) => s.shapes.clone(),
+            None => self.params.iter().map(|p| p.dims().to_vec()).collect(),
+        }
+    }
+
+    /// The masters for writing (`None` without). An error while a weight fetch still
+    /// reads them: every fetch is waited for before anything writes a weight.
+    pub fn masters_mut(&mut self) -> Result<Option<&mut Vec<HostVec>>> {
+        match &mut self.masters {
+            None => Ok(None),
+            Some(m) => match Arc::get_mut(m) {
+                Some(m) => Ok(Some(m)),
+                None => bail!("the master weights are written while a weight fetch reads them"),
+            },
+        }
+    }
+
     /// Writes parameter `i`'s working copy from its master (rounded to bf16 on the host,
-    /// then uploaded); a no-op without masters.
+    /// then uploaded); a no-op without masters or when streamed (the next fetch reads
+    /// the master).
     pub fn refresh(&self, i: usize) -> Result<()> {
-        let Some(m) = &self.masters else {
+        let (Some(m), None) = (&self.masters, &self.stream) else {
             return Ok(());
         };
         let p = &self.params[i];
@@ -330,30 +469,57 @@ impl NetState {
     /// Weight `i` in f32, detached, on the state's device: the parameter, or its master
     /// uploaded.
     pub fn weight(&self, i: usize) -> Result<Tensor> {
-        let p = &self.params[i];
-        Ok(match &self.masters {
-            Some(m) => Tensor::from_slice(&m[i], p.shape(), p.device())?,
-            None => p.as_tensor().detach(),
+        Ok(match (&self.masters, &self.stream) {
+            (Some(m), Some(s)) => Tensor::from_slice(&m[i], s.shapes[i].as_slice(), &s.device)?,
+            (Some(m), None) => {
+                let p = &self.params[i];
+                Tensor::from_slice(&m[i], p.shape(), p.device())?
+            }
+            (None, _) => self.params[i].as_tensor().detach(),
         })
     }
 
-    /// All weights in f32 ([`NetState::weight`]): what evaluation, export and
-    /// checkpoints read.
+    /// All weights in f32 ([`NetState::weight`]): what export and checkpoints read.
     pub fn weights(&self) -> Result<Vec<Tensor>> {
-        (0..self.params.len()).map(|i| self.weight(i)).collect()
+        (0..self.len()).map(|i| self.weight(i)).collect()
+    }
+
+    /// Each weight as evaluation reads it ([`Weights`]): resident tensors, or with
+    /// masters their host values, uploaded a block at a time.
+    pub fn weight_refs(&self) -> Weights<'_> {
+        Weights((0..self.len()).map(|i| self.weight_ref(i)).collect())
+    }
+
+    /// Weight `i` as evaluation reads it ([`NetState::weight_refs`]).
+    pub fn weight_ref(&self, i: usize) -> WeightRef<'_> {
+        match &self.masters {
+            Some(m) => WeightRef::Host {
+                values: &m[i],
+                shape: match &self.stream {
+                    Some(s) => s.shapes[i].clone(),
+                    None => self.params[i].dims().to_vec(),
+                },
+                device: match &self.stream {
+                    Some(s) => s.device.clone(),
+                    None => self.params[i].device().clone(),
+                },
+            },
+            None => WeightRef::Device(self.params[i].as_tensor().detach()),
+        }
     }
 
     /// Host bytes of the master weights (0 without).
     pub fn master_bytes(&self) -> u64 {
         self.masters
             .iter()
-            .flatten()
+            .flat_map(|m| m.iter())
             .map(|x| 4 * x.len() as u64)
             .sum()
     }
 
     /// The parameter tensors for a forward where `trainable[i]` selects which layers
-    /// record gradients; the others are detached (frozen, no gradient computed).
+    /// record gradients; the others are detached (frozen, no gradient computed). Empty
+    /// when streamed: a streamed forward fetches block by block ([`NetState::fetch`]).
     pub fn view(&self, trainable: &[bool]) -> Vec<Tensor> {
         self.params
             .iter()
@@ -371,6 +537,130 @@ impl NetState {
     /// All parameters detached (evaluation).
     pub fn frozen_view(&self) -> Vec<Tensor> {
         self.params.iter().map(|v| v.as_tensor().detach()).collect()
+    }
+
+    /// Working copies of parameters `range` of a streamed state, made from the masters
+    /// (`track[j]`: parameter `range.start + j` becomes a `Var` that records gradients);
+    /// what a weight fetch runs on its copy stream. Shares the masters with the caller
+    /// (`Arc`), so it can run on another thread.
+    pub fn fetcher(&self) -> Result<Fetcher> {
+        match (&self.masters, &self.stream) {
+            (Some(m), Some(s)) => Ok(Fetcher {
+                masters: m.clone(),
+                stream: s.clone(),
+            }),
+            _ => bail!("weights are fetched only from a streamed state"),
+        }
+    }
+}
+
+/// Makes a streamed state's working copies from its masters ([`NetState::fetcher`]).
+pub struct Fetcher {
+    masters: Arc<Vec<HostVec>>,
+    stream: Streamed,
+}
+
+impl Fetcher {
+    /// The working copies of parameters `range`, tracked where `track` says: f32 values,
+    /// or their bf16 rounding (`half::bf16::from_f32`, the rounding of candle's cast and
+    /// of the resident masters' [`NetState::refresh`]), uploaded to the device.
+    pub fn fetch(&self, range: std::ops::Range<usize>, track: &[bool]) -> Result<Vec<Tensor>> {
+        let s = &self.stream;
+        range
+            .zip(track)
+            .map(|(i, &t)| {
+                let (m, shape) = (&self.masters[i], s.shapes[i].as_slice());
+                // A tracked copy is made as a `Var` at once (no second copy).
+                Ok(match (s.dtype, t) {
+                    (DType::BF16, _) => {
+                        let bits: Vec<half::bf16> =
+                            m.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                        match t {
+                            true => Var::from_vec(bits, shape, &s.device)?.as_tensor().clone(),
+                            false => Tensor::from_vec(bits, shape, &s.device)?,
+                        }
+                    }
+                    (_, true) => Var::from_slice(m, shape, &s.device)?.as_tensor().clone(),
+                    (_, false) => Tensor::from_slice(m, shape, &s.device)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One weight as evaluation reads it.
+#[derive(Clone, Debug)]
+pub enum WeightRef<'a> {
+    /// A tensor on the device.
+    Device(Tensor),
+    /// f32 values in host memory (a master), uploaded when its block runs.
+    Host {
+        /// The values.
+        values: &'a [f32],
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Where it is uploaded to.
+        device: Device,
+    },
+}
+
+impl WeightRef<'_> {
+    /// The weight as an f32 tensor on its device.
+    pub fn tensor(&self) -> Result<Tensor> {
+        Ok(match self {
+            WeightRef::Device(t) => t.clone(),
+            WeightRef::Host {
+                values,
+                shape,
+                device,
+            } => Tensor::from_slice(values, shape.as_slice(), device)?,
+        })
+    }
+}
+
+/// A network's weights for evaluation, export and selection: on the device, or in host
+/// memory and uploaded one block at a time, so evaluating a streamed network holds one
+/// block's weights on the device.
+pub struct Weights<'a>(pub Vec<WeightRef<'a>>);
+
+impl Weights<'_> {
+    /// Resident tensors.
+    pub fn of(tensors: Vec<Tensor>) -> Weights<'static> {
+        Weights(tensors.into_iter().map(WeightRef::Device).collect())
+    }
+
+    /// Every weight as a tensor (export, fingerprints): resident ones where they are,
+    /// masters as host tensors (nothing goes to the device).
+    pub fn all(&self) -> Result<Vec<Tensor>> {
+        self.0
+            .iter()
+            .map(|w| match w {
+                WeightRef::Device(t) => Ok(t.clone()),
+                WeightRef::Host { values, shape, .. } => {
+                    Ok(Tensor::from_slice(values, shape.as_slice(), &Device::Cpu)?)
+                }
+            })
+            .collect()
+    }
+
+    /// The network's output in `mode` (buffers replaced in `Mode::Train`), block by
+    /// block: each block's weights are made just before it runs and dropped after.
+    pub fn forward(
+        &self,
+        net: &dyn Network,
+        buffers: &mut [Tensor],
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (k, b) in net.blocks().iter().enumerate() {
+            let p = self.0[b.params.clone()]
+                .iter()
+                .map(WeightRef::tensor)
+                .collect::<Result<Vec<_>>>()?;
+            h = net.forward_block(k, &p, &mut buffers[b.buffers.clone()], &h, mode)?;
+        }
+        Ok(h)
     }
 }
 

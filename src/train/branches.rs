@@ -11,6 +11,7 @@ use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::OptimizerPlacement;
 use crate::ldt::partition::{Partition, Phase};
 use crate::metrics::MemoryReport;
+use crate::model::Weights;
 use crate::model::{Mode, NetState, Network};
 use crate::offload::backend::fold_live;
 use crate::offload::store::{CounterpartStore, LayerSpec};
@@ -155,8 +156,8 @@ impl Resident {
         let net = ctx.net.as_ref();
         let n = net.params().len();
         Ok(Resident {
-            pm: ctx.working(ck.net("pm", net)?)?,
-            am: ctx.working(ck.net("am", net)?)?,
+            pm: ctx.restore_net(ck, "pm")?,
+            am: ctx.restore_net(ck, "am")?,
             opt_p: ck
                 .optimizer("opt_p", settings.clone(), n)?
                 .placed(placement)?,
@@ -214,7 +215,7 @@ impl Branches for Resident {
                 continue;
             }
             let w = l.coefficient * factor;
-            match (&src.masters, &mut dst.masters) {
+            match (&src.masters, dst.masters_mut()?) {
                 (Some(s), Some(d)) => {
                     fold_host(&mut d[i], &s[i], w);
                     dst.refresh(i)?;
@@ -230,10 +231,10 @@ impl Branches for Resident {
             Phase::P => &self.pm,
             Phase::A => &self.am,
         };
-        let params = (0..self.pm.params.len())
-            .map(|i| state(view.layer(partition, i)).weight(i))
-            .collect::<Result<Vec<_>>>()?;
-        f(&params, &state(view.buffers()).buffers)
+        let params = (0..self.pm.len())
+            .map(|i| state(view.layer(partition, i)).weight_ref(i))
+            .collect();
+        f(&Weights(params), &state(view.buffers()).buffers)
     }
 
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
@@ -258,7 +259,9 @@ impl Branches for Resident {
             0,
         );
         r.measured_live_peak = self.meter.peak;
-        r.host_optimizer = (self.opt_p.host_bytes() + self.opt_a.host_bytes()) as u64;
+        r.host_optimizer = (self.opt_p.host_bytes() + self.opt_a.host_bytes()) as u64
+            + self.pm.master_bytes()
+            + self.am.master_bytes();
         r
     }
 }
@@ -345,11 +348,11 @@ impl Parked {
         placement: OptimizerPlacement,
         per_branch_buffers: bool,
     ) -> Result<Self> {
-        let n = start.params.len();
-        for (i, p) in start.params.iter().enumerate() {
+        let n = start.len();
+        for i in 0..n {
             match &start.masters {
                 Some(m) => store.park_master(i, &m[i])?,
-                None => store.park_weights(i, p.as_tensor())?,
+                None => store.park_weights(i, start.params[i].as_tensor())?,
             }
         }
         let parked_buffers = if per_branch_buffers {
@@ -409,7 +412,7 @@ impl Parked {
                 *t = ck.tensor(&format!("parked_buffer/{i}"))?;
             }
         }
-        let n = self.live.params.len();
+        let n = self.live.len();
         let placement = self.opt_p.placement();
         self.opt_p = ck
             .optimizer("opt_p", self.settings.clone(), n)?
@@ -428,7 +431,7 @@ impl Parked {
     /// them back, so it leaves the working copies alone).
     fn swap_in(&mut self, layers: &[usize], buffers: bool, refresh: bool) -> Result<()> {
         for &i in layers {
-            match &mut self.live.masters {
+            match self.live.masters_mut()? {
                 Some(m) => self.store.swap_master(i, &mut m[i])?,
                 None => self
                     .store
@@ -454,14 +457,14 @@ impl Branches for Parked {
         if phase == self.phase {
             return Ok(());
         }
-        let all: Vec<usize> = (0..self.live.params.len()).collect();
+        let all: Vec<usize> = (0..self.live.len()).collect();
         self.swap_in(&all, true, true)?;
         let (out_opt, in_opt) = match self.phase {
             Phase::P => (&mut self.opt_p, &mut self.opt_a),
             Phase::A => (&mut self.opt_a, &mut self.opt_p),
         };
         self.store.finish_staging()?;
-        for i in 0..self.live.params.len() {
+        for i in 0..self.live.len() {
             if let Some(st) = out_opt.take_state(i) {
                 self.store.park_state(i, &st)?;
             } else if let Some(st) = self.store.unpark_state(i)? {
@@ -508,7 +511,7 @@ impl Branches for Parked {
             .enumerate()
             .filter(|(_, l)| l.set == branch.trains())
             .map(|(i, l)| (i, l.coefficient * factor));
-        if let Some(m) = &mut self.live.masters {
+        if let Some(m) = self.live.masters_mut()? {
             // Host masters: both copies are in host memory; the fold runs there.
             if branch == self.phase {
                 let jobs: Vec<(usize, &[f32], f64)> =
@@ -538,12 +541,12 @@ impl Branches for Parked {
     }
 
     fn visit(&mut self, view: View, partition: &Partition, f: &mut Visitor) -> Result<()> {
-        let parked: Vec<usize> = (0..self.live.params.len())
+        let parked: Vec<usize> = (0..self.live.len())
             .filter(|&i| view.layer(partition, i) != self.phase)
             .collect();
         let swap_buffers = self.parked_buffers.is_some() && view.buffers() != self.phase;
         self.swap_in(&parked, swap_buffers, false)?;
-        let seen = self.live.weights().and_then(|w| f(&w, &self.live.buffers));
+        let seen = f(&self.live.weight_refs(), &self.live.buffers);
         // A swap is its own inverse: the second one restores the live branch exactly.
         self.swap_in(&parked, swap_buffers, false)?;
         seen
@@ -613,10 +616,9 @@ pub fn open(
     let (branches, partition): (Box<dyn Branches>, Partition) = match resume {
         Some(ck) => {
             let partition = super::stage1::resume_partition(ctx, ck)?;
-            let net = ctx.net.as_ref();
             let mut b: Box<dyn Branches> = match store {
                 Some(store) => {
-                    let live = ctx.working(ck.net("live", net)?)?;
+                    let live = ctx.restore_net(ck, "live")?;
                     let mut b = Parked::new(live, store, settings, placement, per_branch_buffers)?;
                     b.restore(ck)?;
                     Box::new(b)

@@ -13,14 +13,14 @@ use crate::data::{HostBatch, Loader};
 use crate::ldt::partition::Phase;
 use crate::metrics::MemoryReport;
 use crate::metrics::{Progress, Record, TrainRecord};
-use crate::model::io;
+use crate::model::{io, Weights};
 use crate::optim::schedule;
 use anyhow::Result;
 use candle_core::Tensor;
 use std::time::Instant;
 
 /// What [`Stepper::visit`] calls with a network's weights and buffers, in model order.
-pub type Visitor<'a> = dyn FnMut(&[Tensor], &[Tensor]) -> Result<()> + 'a;
+pub type Visitor<'a> = dyn FnMut(&Weights<'_>, &[Tensor]) -> Result<()> + 'a;
 
 /// Per-layer learning rates at any step: `optim.lr_groups` and the schedule.
 pub struct Rates<'a> {
@@ -198,14 +198,14 @@ fn snapshot(ctx: &RunContext, m: &mut dyn Stepper, step: usize) -> Result<()> {
     let names = m.networks();
     if let [_] = names {
         return m.visit(0, &mut |params, buffers| {
-            let named = io::named(ctx.net.as_ref(), params, buffers);
+            let named = io::named(ctx.net.as_ref(), &params.all()?, buffers);
             io::save_tensors(&named, &ctx.dir.join(format!("step{step}.safetensors")))
         });
     }
     // The branches; the composite is made from them.
     for (k, name) in names.iter().enumerate().skip(1) {
         m.visit(k, &mut |params, buffers| {
-            let named = io::named(ctx.net.as_ref(), params, buffers);
+            let named = io::named(ctx.net.as_ref(), &params.all()?, buffers);
             let file = format!("step{step}_{name}.safetensors");
             io::save_tensors(&named, &ctx.dir.join(file))
         })?;
@@ -222,15 +222,19 @@ fn finish(ctx: &mut RunContext, m: &mut dyn Stepper) -> Result<()> {
     for (k, &name) in m.networks().iter().enumerate() {
         m.visit(k, &mut |params, buffers| {
             ctx.stages.enter("export");
-            let named = io::named(ctx.net.as_ref(), params, buffers);
-            let saved = io::save_tensors(&named, &ctx.dir.join(format!("{name}.safetensors")));
+            // The exported tensors go before the evaluation (for host masters they are
+            // copies).
+            let saved = params.all().and_then(|all| {
+                let named = io::named(ctx.net.as_ref(), &all, buffers);
+                io::save_tensors(&named, &ctx.dir.join(format!("{name}.safetensors")))
+            });
             ctx.stages.exit();
             saved?;
             ctx.stages.enter("eval");
             let r = ctx.evaluate(params, buffers)?;
             ctx.log_eval(steps, name, &r)?;
             ctx.consider(steps, name, params, buffers)?;
-            ctx.fingerprint(name, params, buffers, &mut prints)?;
+            ctx.fingerprint(name, &params.all()?, buffers, &mut prints)?;
             ctx.summary.eval.insert(name.into(), r);
             ctx.stages.exit();
             Ok(())

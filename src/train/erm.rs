@@ -34,7 +34,7 @@ impl Erm {
         let settings = OptimSettings::from(&cfg.optim);
         let (state, opt) = match resume {
             Some(ck) => {
-                let state = ctx.working(ck.net("model", ctx.net.as_ref())?)?;
+                let state = ctx.restore_net(ck, "model")?;
                 ctx.plan_memory(&state)?;
                 let opt = ck.optimizer("opt", settings, n)?;
                 (state, opt.placed(cfg.offload.optimizer)?)
@@ -111,7 +111,7 @@ impl Stepper for Erm {
     }
 
     fn visit(&mut self, _: usize, f: &mut Visitor) -> Result<()> {
-        f(&self.state.weights()?, &self.state.buffers)
+        f(&self.state.weight_refs(), &self.state.buffers)
     }
 
     fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {
@@ -127,9 +127,9 @@ impl Stepper for Erm {
     fn memory(&self) -> MemoryReport {
         let total = self
             .state
-            .params
+            .shapes()
             .iter()
-            .map(|v| v.elem_count() as u64)
+            .map(|s| s.iter().product::<usize>() as u64)
             .sum();
         let k = memory::device_state_tensors(&self.opt);
         let mut r = memory::report(

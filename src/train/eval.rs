@@ -3,14 +3,14 @@
 
 use crate::data::{Benchmark, Role};
 use crate::metrics::{DomainScore, EvalReport};
-use crate::model::{layers, Mode, Network};
+use crate::model::{layers, Mode, Network, Weights};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 /// Evaluates a network given its parameters and buffers (eval mode, nothing changes).
 pub fn evaluate(
     net: &dyn Network,
-    params: &[Tensor],
+    params: &Weights<'_>,
     buffers: &[Tensor],
     bench: &Benchmark,
     batch: usize,
@@ -33,7 +33,7 @@ pub fn evaluate(
             let hb = pool.gather(chunk, image_len)?;
             let (x, y) = hb.to_tensors(shape, device)?;
             let mut bufs = buffers.to_vec();
-            let logits = net.forward(params, &mut bufs, &x, Mode::Eval)?;
+            let logits = params.forward(net, &mut bufs, &x, Mode::Eval)?;
             let (c, l) = layers::correct_and_loss_sum(&logits, &y)?;
             correct += c;
             loss += l;

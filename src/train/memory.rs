@@ -28,10 +28,10 @@ impl LiveMeter {
 /// Bytes per weight (and gradient) element on the device: 2 for bf16 working weights
 /// with host masters, else 4.
 pub fn working_bytes(state: &NetState) -> u64 {
-    if state.masters.is_some() {
-        2
-    } else {
-        4
+    match &state.stream {
+        Some(s) => s.dtype.size_in_bytes() as u64,
+        None if state.masters.is_some() => 2,
+        None => 4,
     }
 }
 
@@ -118,6 +118,18 @@ pub fn released(mut r: MemoryReport) -> MemoryReport {
     r
 }
 
+/// `r` for streamed weights (`offload.params = "stream"`): no weight stays on the
+/// device between uses; the fetched blocks, while they last, are part of the probed
+/// activations.
+pub fn streamed(mut r: MemoryReport) -> MemoryReport {
+    for k in 0..2 {
+        r.phases[k] -= r.live_weights;
+    }
+    r.live_peak -= r.live_weights;
+    r.live_weights = 0;
+    r
+}
+
 /// `r` with its activations: `acts[k]` of a half-step of phase P (k = 0) and A (k = 1)
 /// (equal where every layer trains); the device peak is the larger phase's parameter
 /// state plus its activations.
@@ -161,6 +173,9 @@ pub fn before_stage1(cfg: &crate::config::Config, numel: u64, activations: u64) 
     );
     if GradPlan::of(cfg).release {
         r = released(r);
+    }
+    if cfg.streamed() {
+        r = streamed(r);
     }
     r.activations = activations;
     r.device_peak = r.live_peak + activations;
@@ -278,7 +293,8 @@ fn probe(
             .iter()
             .map(|t| t.copy())
             .collect::<candle_core::Result<_>>()?,
-        masters: None,
+        masters: state.stream.as_ref().and(state.masters.clone()),
+        stream: state.stream.clone(),
     };
     let plan = GradPlan {
         accumulate: 1,

@@ -38,6 +38,12 @@ pub fn micro_gradients(
     mode: Mode,
     release: bool,
 ) -> Result<(StepStats, Vec<Option<Grad>>)> {
+    if state.stream.is_some() {
+        anyhow::bail!(
+            "streamed weights (offload.params = \"stream\") are fetched block by block: \
+             set train.recompute = \"blocks\""
+        );
+    }
     let logits = net
         .forward(view, &mut state.buffers, x, mode)?
         .to_dtype(DType::F32)?;

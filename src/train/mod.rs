@@ -9,6 +9,7 @@ pub mod driver;
 pub mod dual;
 pub mod erm;
 pub mod eval;
+pub mod fetch;
 pub mod ldt_s;
 pub mod memory;
 pub mod micro;
@@ -26,6 +27,7 @@ use driver::Stepper;
 
 /// Runs the configured method in `ctx` and writes the summary.
 pub fn run_method(ctx: &mut RunContext) -> Result<()> {
+    ctx.decide_memory()?;
     let resume = ctx.take_resume()?;
     let done = resume.as_ref().map_or(0, |ck| ck.step);
     let r = resume.as_ref();

@@ -10,7 +10,7 @@ use crate::data::{Benchmark, Loader};
 use crate::metrics::{
     self, Best, DataParallel, EvalRecord, EvalReport, MetricsLog, Record, Summary,
 };
-use crate::model::{self, io, NetState, Network};
+use crate::model::{self, io, NetState, Network, Weights};
 use crate::rng::Rng;
 use crate::train::eval::evaluate;
 use crate::train::step::{nonfinite, Batch, StepStats};
@@ -222,7 +222,7 @@ impl RunContext {
     }
 
     /// Mean accuracy over the source domains' validation hold-outs (None without one).
-    pub fn validate(&self, params: &[Tensor], buffers: &[Tensor]) -> Result<Option<f64>> {
+    pub fn validate(&self, params: &Weights<'_>, buffers: &[Tensor]) -> Result<Option<f64>> {
         if self.val.is_empty() {
             return Ok(None);
         }
@@ -236,9 +236,8 @@ impl RunContext {
                     .gather(chunk, self.image_len())?
                     .to_tensors(shape, &self.device)?;
                 let mut b = buffers.to_vec();
-                let logits = self
-                    .net
-                    .forward(params, &mut b, &x, crate::model::Mode::Eval)?;
+                let logits =
+                    params.forward(self.net.as_ref(), &mut b, &x, crate::model::Mode::Eval)?;
                 correct += crate::model::layers::correct_and_loss_sum(&logits, &y)?.0;
             }
             accs.push(correct as f64 / idx.len() as f64);
@@ -254,7 +253,7 @@ impl RunContext {
         &mut self,
         step: usize,
         name: &str,
-        params: &[Tensor],
+        params: &Weights<'_>,
         buffers: &[Tensor],
     ) -> Result<()> {
         let Some(acc) = self.validate(params, buffers)? else {
@@ -266,7 +265,7 @@ impl RunContext {
             val_acc: acc,
         })?;
         if self.best.as_ref().is_none_or(|b| acc > b.0) {
-            let named = io::named(self.net.as_ref(), params, buffers);
+            let named = io::named(self.net.as_ref(), &params.all()?, buffers);
             io::save_tensors(&named, &self.dir.join("best.safetensors"))?;
             self.best = Some((acc, step, name.to_string()));
             self.summary.best = Some(Best {
@@ -384,12 +383,18 @@ impl RunContext {
             Some(p) if self.cfg.model.reset_head => io::load_state_reset_head(
                 self.net.as_ref(),
                 p,
-                &self.device,
+                &self.load_device(),
                 &mut Rng::new(self.cfg.seed, streams::INIT),
             )
             .context("config key `model.init`"),
-            Some(p) => io::load_state(self.net.as_ref(), p, &self.device)
+            Some(p) => io::load_state(self.net.as_ref(), p, &self.load_device())
                 .context("config key `model.init`"),
+            None if self.cfg.streamed() => NetState::init_streamed(
+                self.net.as_ref(),
+                &mut Rng::new(self.cfg.seed, streams::INIT),
+                &self.device,
+                self.working_dtype(),
+            ),
             None => NetState::init(
                 self.net.as_ref(),
                 &mut Rng::new(self.cfg.seed, streams::INIT),
@@ -399,13 +404,38 @@ impl RunContext {
         self.working(state)
     }
 
-    /// `state` in the layout this run trains: with bf16 working weights
+    /// `state` in the layout this run trains: with streamed weights
+    /// ([`crate::config::Config::streamed`]) or bf16 working weights
     /// ([`crate::config::Config::host_masters`]) its f32 weights move to host masters.
     pub fn working(&self, state: NetState) -> Result<NetState> {
-        if self.cfg.host_masters() {
+        if self.cfg.streamed() {
+            state.streamed(self.working_dtype(), &self.device)
+        } else if self.cfg.host_masters() {
             state.with_host_masters()
         } else {
             Ok(state)
+        }
+    }
+
+    /// Where weights read from a file go first: the run's device, or the host when they
+    /// stream (they become host masters; the device never holds them all).
+    fn load_device(&self) -> Device {
+        match self.cfg.streamed() {
+            true => Device::Cpu,
+            false => self.device.clone(),
+        }
+    }
+
+    /// Network `prefix` of checkpoint `ck` in the run's working layout.
+    pub fn restore_net(&self, ck: &Checkpoint, prefix: &str) -> Result<NetState> {
+        self.working(ck.net_on(prefix, self.net.as_ref(), &self.load_device())?)
+    }
+
+    /// The dtype of the working copies (`train.precision`).
+    fn working_dtype(&self) -> candle_core::DType {
+        match self.cfg.train.precision {
+            crate::config::Precision::Bf16 => candle_core::DType::BF16,
+            crate::config::Precision::F32 => candle_core::DType::F32,
         }
     }
 
@@ -550,7 +580,7 @@ impl RunContext {
     }
 
     /// Evaluates parameters and buffers on every domain.
-    pub fn evaluate(&self, params: &[Tensor], buffers: &[Tensor]) -> Result<EvalReport> {
+    pub fn evaluate(&self, params: &Weights<'_>, buffers: &[Tensor]) -> Result<EvalReport> {
         evaluate(
             self.net.as_ref(),
             params,
@@ -576,10 +606,7 @@ impl RunContext {
         let weights = crate::train::memory::weight_bytes(state);
         self.stages.baseline = crate::heap::live().saturating_sub(weights);
         let rows = self.micro_batch_rows();
-        let all = match self.cfg.train.recompute {
-            Recompute::Auto => self.choose_recompute(state)?,
-            _ => self.probe_activations(state, &vec![true; state.params.len()])?,
-        };
+        let all = self.probe_activations(state, &vec![true; state.len()])?;
         self.activations = [all; 2];
         let cfg = &self.cfg;
         let budget = cfg.offload.device_bytes;
@@ -593,46 +620,93 @@ impl RunContext {
         Ok(())
     }
 
-    /// Decides `train.recompute = "auto"`: `none` unless its plan exceeds
-    /// `offload.device_bytes`, then `blocks` (whose plan the budget check then holds to
-    /// the budget); prints the choice and the planned peaks behind it. Returns the
-    /// probed activations of the choice.
-    fn choose_recompute(&mut self, state: &NetState) -> Result<u64> {
+    /// Decides the `auto` memory settings (`train.recompute`, `offload.params`) before
+    /// any network is made in the run's layout: the first of keeping every activation
+    /// with resident weights, block-wise recompute, block-wise recompute with streamed
+    /// weights (each costs more time than the one before) that the configuration allows
+    /// and whose plan fits `offload.device_bytes` (the last allowed when none fits: the
+    /// budget check then names the consumers). Prints the choice and the planned peaks
+    /// behind it. The plans are probed on a seeded network of the run's architecture.
+    pub fn decide_memory(&mut self) -> Result<()> {
+        use crate::config::{OptimizerPlacement, ParamsPlacement as P};
+        let (r, p) = (self.cfg.train.recompute, self.cfg.offload.params);
+        if r != Recompute::Auto && p != P::Auto {
+            return Ok(());
+        }
+        let host = self.cfg.offload.optimizer == OptimizerPlacement::Host;
+        let options: Vec<(Recompute, P)> = [
+            (Recompute::None, P::Resident),
+            (Recompute::Blocks, P::Resident),
+            (Recompute::Blocks, P::Stream),
+        ]
+        .into_iter()
+        .filter(|&(rr, pp)| {
+            (r == Recompute::Auto || r == rr)
+                && (p == P::Auto || p == pp)
+                && (pp == P::Resident || host)
+        })
+        .collect();
         let (budget, numel) = (self.cfg.offload.device_bytes, self.net.numel() as u64);
-        let all = vec![true; state.params.len()];
-        // (activations, planned peak) with recompute `r`, which stays set.
-        let peak = |ctx: &mut Self, r: Recompute| -> Result<(u64, u64)> {
-            ctx.cfg.train.recompute = r;
-            let acts = ctx.probe_activations(state, &all)?;
-            let plan = crate::train::memory::before_stage1(&ctx.cfg, numel, acts);
-            Ok((acts, plan.device_peak))
+        let wb = if self.cfg.host_masters() { 2 } else { 4 };
+        // Resident weights alone over the budget: only streaming can fit, and the probe's
+        // network is made in host memory.
+        let below_weights = budget > 0 && budget < wb * numel;
+        let options: Vec<(Recompute, P)> = match below_weights {
+            true if options.iter().any(|o| o.1 == P::Stream) => {
+                options.into_iter().filter(|o| o.1 == P::Stream).collect()
+            }
+            _ => options,
         };
+        let mut rng = Rng::new(self.cfg.seed, streams::INIT);
+        let mut state = match options[0].1 {
+            P::Stream => NetState::init_streamed(
+                self.net.as_ref(),
+                &mut rng,
+                &self.device,
+                self.working_dtype(),
+            )?,
+            _ => NetState::init(self.net.as_ref(), &mut rng, &self.device)?,
+        };
+        if self.cfg.host_masters() {
+            state = state.with_host_masters()?;
+        }
+        let all = vec![true; state.len()];
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-        let (mut acts, none) = peak(self, Recompute::None)?;
-        let why = if budget == 0 {
-            format!(
-                "none (no offload.device_bytes budget; planned peak {:.1} MiB)",
-                mib(none)
-            )
-        } else if none <= budget {
-            format!(
-                "none (planned peak {:.1} MiB fits offload.device_bytes = {:.1} MiB)",
-                mib(none),
-                mib(budget)
-            )
-        } else {
-            let blocks;
-            (acts, blocks) = peak(self, Recompute::Blocks)?;
-            format!(
-                "blocks (keeping every activation plans {:.1} MiB, over offload.device_bytes = \
-                 {:.1} MiB; keeping each block's input plans {:.1} MiB)",
-                mib(none),
-                mib(budget),
-                mib(blocks)
-            )
+        let name = |rr: Recompute, pp: P| format!("{rr:?}+{pp:?}").to_lowercase();
+        let (mut tried, mut chosen) = (Vec::new(), *options.last().expect("one option"));
+        let mut probed: Option<(Recompute, u64)> = None;
+        for &(rr, pp) in &options {
+            self.cfg.train.recompute = rr;
+            self.cfg.offload.params = pp;
+            if pp == P::Stream && state.stream.is_none() {
+                // Streamed, the probe holds the fetched blocks too (the last option).
+                state = self.working(state)?;
+                probed = None;
+            }
+            let acts = match probed {
+                Some((at, acts)) if at == rr => acts,
+                _ => self.probe_activations(&state, &all)?,
+            };
+            probed = Some((rr, acts));
+            let peak = crate::train::memory::before_stage1(&self.cfg, numel, acts).device_peak;
+            tried.push(format!("{} plans {:.1} MiB", name(rr, pp), mib(peak)));
+            if budget == 0 || peak <= budget {
+                chosen = (rr, pp);
+                break;
+            }
+        }
+        (self.cfg.train.recompute, self.cfg.offload.params) = chosen;
+        let budget = match budget {
+            0 => "no offload.device_bytes budget".to_string(),
+            b => format!("offload.device_bytes = {:.1} MiB", mib(b)),
         };
-        eprintln!("train.recompute = \"auto\": {why}");
-        Ok(acts)
+        eprintln!(
+            "memory: train.recompute = \"{}\", offload.params = \"{}\" ({budget}; {})",
+            format!("{:?}", chosen.0).to_lowercase(),
+            format!("{:?}", chosen.1).to_lowercase(),
+            tried.join(", ")
+        );
+        Ok(())
     }
 
     /// Plans the activations again once the partition is known: those of phase P and
@@ -671,10 +745,13 @@ impl RunContext {
         let x = &mut self.summary;
         let released =
             crate::train::step::GradPlan::of(&self.cfg).release && crate::dist::group().is_local();
-        let mem = match released {
+        let mut mem = match released {
             true => crate::train::memory::released(*mem),
             false => *mem,
         };
+        if self.cfg.streamed() {
+            mem = crate::train::memory::streamed(mem);
+        }
         x.memory = Some(crate::train::memory::with_activations(
             mem,
             self.activations,

@@ -170,13 +170,23 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
             Mode::Stats,
             GradPlan::of(&ctx.cfg),
         )?;
-        let host = grads
+        // Device gradients are read to the host; released ones are read where they are.
+        let read = grads
             .iter()
             .map(|g| match g.as_ref().expect("all layers trainable") {
-                crate::optim::Grad::Device(t) => crate::optim::host::grad_vec(t),
-                crate::optim::Grad::Host(v) => Ok(v.to_vec()),
+                crate::optim::Grad::Device(t) => crate::optim::host::grad_vec(t).map(Some),
+                crate::optim::Grad::Host(_) => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
+        let host: Vec<&[f32]> = grads
+            .iter()
+            .zip(&read)
+            .map(|(g, r)| match (g, r) {
+                (_, Some(v)) => Ok(&v[..]),
+                (Some(crate::optim::Grad::Host(v)), None) => Ok(&v[..]),
+                _ => Err(anyhow::anyhow!("stage 1: a layer without a gradient")),
+            })
+            .collect::<Result<_>>()?;
         acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
         progress.update(b, &format!("loss {:.4}", st.loss));
         ctx.metrics.write(&Record::Stats {

@@ -111,7 +111,7 @@ pub fn gradients(
         };
         (none, vec![None; trainable.len()])
     };
-    let out = dist::timed(|| all_reduce(state, trainable, local, batch.total))?;
+    let out = dist::timed(|| all_reduce(net, batch.x.device(), trainable, local, batch.total))?;
     if mode == Mode::Train && !state.buffers.is_empty() {
         dist::timed(|| broadcast_buffers(&mut state.buffers))?;
     }
@@ -122,7 +122,8 @@ pub fn gradients(
 /// counts across ranks. A rank without gradients (empty shard, non-finite loss)
 /// contributes zeros so that every rank makes the same calls.
 fn all_reduce(
-    state: &NetState,
+    net: &dyn Network,
+    device: &candle_core::Device,
     trainable: &[bool],
     (stats, grads): (StepStats, Vec<Option<Grad>>),
     n: usize,
@@ -137,13 +138,13 @@ fn all_reduce(
         if !t {
             continue;
         }
-        let p = state.params[i].as_tensor();
+        let numel = net.params()[i].numel();
         parts.push(match g.as_ref().and_then(Grad::device) {
             Some(g) if finite => (widen(g)? * share)?.flatten_all()?,
-            _ => Tensor::zeros(p.elem_count(), DType::F32, p.device())?,
+            _ => Tensor::zeros(numel, DType::F32, device)?,
         });
         spans.push((i, len));
-        len += p.elem_count();
+        len += numel;
     }
     let local_loss = if finite && stats.n > 0 {
         f64::from(stats.loss) * stats.n as f64
@@ -174,8 +175,10 @@ fn all_reduce(
     let mut out = vec![None; trainable.len()];
     if let Some(flat) = flat.as_ref().filter(|_| sums[2] == 0.0) {
         for (i, start) in spans {
-            let p = state.params[i].as_tensor();
-            let g = flat.narrow(0, start, p.elem_count())?.reshape(p.shape())?;
+            let shape = net.params()[i].shape.as_slice();
+            let g = flat
+                .narrow(0, start, net.params()[i].numel())?
+                .reshape(shape)?;
             out[i] = Some(Grad::Device(g));
         }
     }
@@ -359,7 +362,7 @@ pub fn apply(
 ) -> Result<()> {
     for (i, g) in grads.iter().enumerate() {
         let Some(g) = g else { continue };
-        match &mut state.masters {
+        match state.masters_mut()? {
             Some(m) => {
                 opt.step_master(i, &mut m[i], g, lrs[i])?;
                 state.refresh(i)?;

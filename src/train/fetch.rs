@@ -1,0 +1,182 @@
+//! Streamed weights (`offload.params = "stream"`): a block's working copies are made
+//! from the host masters on a copy stream of the offload engine just before the block
+//! runs, and dropped after it, so the device holds the weights of the block running and
+//! of the one being fetched (double buffering) instead of the network's.
+//!
+//! Ordering, the two waits of a fetch:
+//! - a block's compute waits for its fetch ([`Window::take`] waits the fetch's fence;
+//!   the tensors exist only once it completed);
+//! - a write of a master waits for every fetch reading it: a [`Window`] waits for its
+//!   fetches in flight when it is dropped (every walk ends, returns or fails, before
+//!   the step's update), and a fetch holds the masters through a shared reference, so a
+//!   write that came too early fails ([`crate::model::NetState::masters_mut`]) instead
+//!   of changing a fetch's input.
+
+use crate::model::{BlockSpec, Fetcher};
+use crate::offload::{CopyEngine, Fence};
+use anyhow::{anyhow, bail, Result};
+use candle_core::Tensor;
+use parking_lot::Mutex;
+use std::sync::{Arc, OnceLock};
+
+/// The copy stream weight fetches run on (one worker, started on first use).
+fn engine() -> &'static CopyEngine {
+    static ENGINE: OnceLock<CopyEngine> = OnceLock::new();
+    ENGINE.get_or_init(|| CopyEngine::new(1))
+}
+
+/// A block's working copies once its fetch completed.
+type Landing = Arc<Mutex<Option<Vec<Tensor>>>>;
+
+/// The fetches of one walk over a streamed network's blocks.
+pub struct Window<'a> {
+    fetcher: Arc<Fetcher>,
+    blocks: &'a [BlockSpec],
+    /// Fetches started and not taken: `(block, tracked, fence, landing)`.
+    in_flight: Vec<(usize, bool, Fence, Landing)>,
+    /// Which layers a tracked fetch makes `Var`s of.
+    trainable: &'a [bool],
+}
+
+impl<'a> Window<'a> {
+    /// A window over `blocks` fetching with `fetcher`; tracked fetches make `Var`s of
+    /// the layers of `trainable`.
+    pub fn new(fetcher: Fetcher, blocks: &'a [BlockSpec], trainable: &'a [bool]) -> Self {
+        Window {
+            fetcher: Arc::new(fetcher),
+            blocks,
+            in_flight: Vec::new(),
+            trainable,
+        }
+    }
+
+    /// Starts fetching block `k` (`tracked`: its trained layers record gradients) on the
+    /// copy stream; a no-op past the last block or when that fetch is in flight.
+    pub fn start(&mut self, k: usize, tracked: bool) {
+        if k >= self.blocks.len() || self.in_flight.iter().any(|f| f.0 == k && f.1 == tracked) {
+            return;
+        }
+        let range = self.blocks[k].params.clone();
+        let track: Vec<bool> = self.trainable[range.clone()]
+            .iter()
+            .map(|&t| t && tracked)
+            .collect();
+        let landing: Landing = Arc::default();
+        let (fetcher, out) = (self.fetcher.clone(), landing.clone());
+        let fence = engine().submit(0, move || {
+            let w = fetcher.fetch(range, &track).map_err(|e| format!("{e:#}"))?;
+            *out.lock() = Some(w);
+            Ok(())
+        });
+        self.in_flight.push((k, tracked, fence, landing));
+    }
+
+    /// Block `k`'s working copies: waits for its fetch (started now if it was not).
+    pub fn take(&mut self, k: usize, tracked: bool) -> Result<Vec<Tensor>> {
+        self.start(k, tracked);
+        let at = self
+            .in_flight
+            .iter()
+            .position(|f| f.0 == k && f.1 == tracked)
+            .ok_or_else(|| anyhow!("block {k} was never fetched"))?;
+        let (_, _, fence, landing) = self.in_flight.remove(at);
+        fence
+            .wait()
+            .map_err(|e| anyhow!("fetching the weights of block {k}: {e}"))?;
+        let w = landing.lock().take();
+        match w {
+            Some(w) => Ok(w),
+            None => bail!("the fetch of block {k} completed without its weights"),
+        }
+    }
+}
+
+impl Drop for Window<'_> {
+    fn drop(&mut self) {
+        // No fetch outlives its walk: the masters are written only after this.
+        for (_, _, fence, _) in self.in_flight.drain(..) {
+            let _ = fence.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{mlp::Mlp, NetState, Network};
+    use candle_core::{DType, Device};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A streamed two-block mlp.
+    fn streamed() -> (Mlp, NetState) {
+        let net = Mlp::new([1, 2, 2], &[3], 2).unwrap();
+        let mut rng = crate::rng::Rng::new(1, 2);
+        let state = NetState::init(&net, &mut rng, &Device::Cpu).unwrap();
+        (net, state.streamed(DType::F32, &Device::Cpu).unwrap())
+    }
+
+    /// Holds the copy stream until the returned sender is used (or dropped).
+    fn hold_the_copy_stream() -> mpsc::Sender<()> {
+        let (tx, rx) = mpsc::channel::<()>();
+        engine().submit(0, move || {
+            let _ = rx.recv();
+            Ok(())
+        });
+        tx
+    }
+
+    /// The first wait: a block's weights exist only once its fetch completed, so a
+    /// compute that did not wait would find none; `take` waits and gets the masters.
+    #[test]
+    fn a_block_waits_for_its_fetch() {
+        let (net, state) = streamed();
+        let all = vec![true; state.len()];
+        let mut w = Window::new(state.fetcher().unwrap(), net.blocks(), &all);
+        let gate = hold_the_copy_stream();
+        w.start(1, true);
+        std::thread::sleep(Duration::from_millis(20));
+        let (_, _, fence, landing) = &w.in_flight[0];
+        assert!(!fence.is_done() && landing.lock().is_none(), "nothing yet");
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            gate.send(()).unwrap();
+        });
+        let got = w.take(1, true).unwrap();
+        opener.join().unwrap();
+        let range = net.blocks()[1].params.clone();
+        for (t, i) in got.iter().zip(range) {
+            let m = &state.masters.as_ref().unwrap()[i];
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(&v[..], &m[..], "block 1 holds the masters");
+            assert!(t.is_variable(), "a tracked fetch records gradients");
+        }
+    }
+
+    /// The second wait: a master is written only after every fetch reading it. A walk
+    /// that ends waits for its fetches in flight; a write before that fails instead of
+    /// changing what a fetch reads.
+    #[test]
+    fn masters_are_written_after_the_fetches() {
+        let (net, mut state) = streamed();
+        let all = vec![true; state.len()];
+        let gate = hold_the_copy_stream();
+        let mut w = Window::new(state.fetcher().unwrap(), net.blocks(), &all);
+        w.start(0, false);
+        let err = match state.masters_mut() {
+            Ok(_) => panic!("the masters were writable during a fetch"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("while a weight fetch reads them"), "{err}");
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            gate.send(()).unwrap();
+        });
+        drop(w);
+        opener.join().unwrap();
+        assert!(
+            state.masters_mut().unwrap().is_some(),
+            "writable after the walk"
+        );
+    }
+}

@@ -303,17 +303,7 @@ impl NetState {
     ) -> Result<Self> {
         let mut masters = Vec::with_capacity(net.params().len());
         for s in net.params() {
-            let n = s.numel();
-            let values = match s.init {
-                Init::Zeros => vec![0f32; n],
-                Init::Ones => vec![1f32; n],
-                Init::FanIn(fan_in) => {
-                    let b = 1.0 / (fan_in as f32).sqrt();
-                    rng.uniform_vec(n, -b, b)
-                }
-                Init::Normal(std) => normal_vec(rng, n, std),
-            };
-            masters.push(HostVec::from_slice(&values));
+            masters.push(HostVec::from_slice(&init_values(s.init, s.numel(), rng)));
         }
         let buffers = net
             .buffers()
@@ -671,17 +661,28 @@ fn init_tensor(
     rng: &mut Rng,
     device: &Device,
 ) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let t = match init {
+    Ok(match init {
         Init::Zeros => Tensor::zeros(shape, dtype, device)?,
         Init::Ones => Tensor::ones(shape, dtype, device)?,
+        _ => Tensor::from_vec(
+            init_values(init, shape.iter().product(), rng),
+            shape,
+            device,
+        )?,
+    })
+}
+
+/// `n` f32 values of `init`, drawn from `rng` where it is random.
+fn init_values(init: Init, n: usize, rng: &mut Rng) -> Vec<f32> {
+    match init {
+        Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
         Init::FanIn(fan_in) => {
             let b = 1.0 / (fan_in as f32).sqrt();
-            Tensor::from_vec(rng.uniform_vec(n, -b, b), shape, device)?
+            rng.uniform_vec(n, -b, b)
         }
-        Init::Normal(s) => Tensor::from_vec(normal_vec(rng, n, s), shape, device)?,
-    };
-    Ok(t)
+        Init::Normal(s) => normal_vec(rng, n, s),
+    }
 }
 
 /// `n` values `N(0, std^2)` (Box-Muller on the project's generator), as f32.

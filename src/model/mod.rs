@@ -278,14 +278,9 @@ impl NetState {
                 )?)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let buffers = net
-            .buffers()
-            .iter()
-            .map(|b| init_tensor(b.init, &b.shape, b.dtype, rng, device))
-            .collect::<Result<Vec<_>>>()?;
         Ok(NetState {
             params,
-            buffers,
+            buffers: init_buffers(net, rng, device)?,
             masters: None,
             stream: None,
         })
@@ -305,14 +300,9 @@ impl NetState {
         for s in net.params() {
             masters.push(HostVec::from_slice(&init_values(s.init, s.numel(), rng)));
         }
-        let buffers = net
-            .buffers()
-            .iter()
-            .map(|b| init_tensor(b.init, &b.shape, b.dtype, rng, device))
-            .collect::<Result<Vec<_>>>()?;
         Ok(NetState {
             params: Vec::new(),
-            buffers,
+            buffers: init_buffers(net, rng, device)?,
             masters: Some(Arc::new(masters)),
             stream: Some(Streamed {
                 dtype,
@@ -670,6 +660,14 @@ fn init_tensor(
             device,
         )?,
     })
+}
+
+/// The initial buffers of `net` on `device` (after the parameters' draws from `rng`).
+fn init_buffers(net: &dyn Network, rng: &mut Rng, device: &Device) -> Result<Vec<Tensor>> {
+    net.buffers()
+        .iter()
+        .map(|b| init_tensor(b.init, &b.shape, b.dtype, rng, device))
+        .collect()
 }
 
 /// `n` f32 values of `init`, drawn from `rng` where it is random.

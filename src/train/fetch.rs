@@ -172,11 +172,13 @@ mod tests {
             std::thread::sleep(Duration::from_millis(30));
             gate.send(()).unwrap();
         });
+        // The gate is still closed when `drop` starts: only a drop that waits for the
+        // fetch finds the masters free after it.
         drop(w);
-        opener.join().unwrap();
         assert!(
             state.masters_mut().unwrap().is_some(),
             "writable after the walk"
         );
+        opener.join().unwrap();
     }
 }

@@ -674,20 +674,15 @@ impl RunContext {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let name = |rr: Recompute, pp: P| format!("{rr:?}+{pp:?}").to_lowercase();
         let (mut tried, mut chosen) = (Vec::new(), *options.last().expect("one option"));
-        let mut probed: Option<(Recompute, u64)> = None;
         for &(rr, pp) in &options {
             self.cfg.train.recompute = rr;
             self.cfg.offload.params = pp;
             if pp == P::Stream && state.stream.is_none() {
                 // Streamed, the probe holds the fetched blocks too (the last option).
                 state = self.working(state)?;
-                probed = None;
             }
-            let acts = match probed {
-                Some((at, acts)) if at == rr => acts,
-                _ => self.probe_activations(&state, &all)?,
-            };
-            probed = Some((rr, acts));
+            // Each option differs from the one before in what a step holds: probe each.
+            let acts = self.probe_activations(&state, &all)?;
             let peak = crate::train::memory::before_stage1(&self.cfg, numel, acts).device_peak;
             tried.push(format!("{} plans {:.1} MiB", name(rr, pp), mib(peak)));
             if budget == 0 || peak <= budget {

@@ -367,8 +367,8 @@ pub struct MemoryBench {
     /// Also erm and LDT-S in bf16 with the optimizer on the host (bf16 working weights,
     /// f32 masters on the host).
     pub bf16: bool,
-    /// Also erm (device optimizer) and LDT-S (host optimizer; in bf16 too with `bf16`)
-    /// with block-wise recompute.
+    /// Also erm and LDT-S with the device optimizer (updating block by block) and
+    /// LDT-S with the host optimizer (in bf16 too with `bf16`), with block-wise recompute.
     pub recompute: bool,
     /// Also erm and LDT-S (in bf16 too with `bf16`) with block-wise recompute, the
     /// optimizer on the host and streamed weights.
@@ -448,6 +448,7 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
         }
         if b.recompute {
             rows.push((Method::Erm, device, f32, blocks, resident));
+            rows.push((Method::LdtS, device, f32, blocks, resident));
             rows.push((Method::LdtS, host, f32, blocks, resident));
             if b.bf16 {
                 rows.push((Method::LdtS, host, bf16, blocks, resident));

@@ -152,10 +152,11 @@ fn plan_matches_the_measurement() {
 
 /// `train.recompute = "blocks"` on resnet18 (erm, batch 32): the probed activations
 /// fall below half, the measured training peak falls, and the plan still matches the
-/// measurement within 10%; with the host optimizer the gradients leave the device block
-/// by block.
+/// measurement within 10%; the gradients leave the device block by block — applied by
+/// the device optimizer as each block's backward ends, or released to the host
+/// optimizer — instead of all being held until the update (clipping needs them all).
 fn recompute_keeps_a_block_of_activations() {
-    let peak = |r: &str, optimizer: &str| {
+    let peak = |r: &str, optimizer: &str, clip: &str| {
         let (_d, ctx) = short_run(
             "resnet18",
             "erm",
@@ -163,6 +164,7 @@ fn recompute_keeps_a_block_of_activations() {
                 "train.batch_size=32",
                 &format!("train.recompute=\"{r}\""),
                 &format!("offload.optimizer=\"{optimizer}\""),
+                &format!("train.clip_grad_norm={clip}"),
             ],
         );
         let plan = ctx.summary.memory.expect("plan");
@@ -174,21 +176,27 @@ fn recompute_keeps_a_block_of_activations() {
             .unwrap();
         (plan, train)
     };
-    let (p0, none) = peak("none", "device");
-    let (p1, blocks) = peak("blocks", "device");
-    let (p2, released) = peak("blocks", "host");
+    let (p0, none) = peak("none", "device", "0");
+    // A clip that never scales (the norm stays below it): the same updates, but every
+    // gradient is held until the update.
+    let (pk, kept) = peak("blocks", "device", "1e9");
+    let (p1, blocks) = peak("blocks", "device", "0");
+    let (p2, released) = peak("blocks", "host", "0");
     eprintln!(
-        "resnet18 batch 32: activations {} -> {}, training peak {none} -> {blocks} (plan {})",
-        p0.activations, p1.activations, p1.device_peak
+        "resnet18 batch 32: activations {} -> {}, training peak {none} -> {kept} with every \
+         gradient held (plan {}), {blocks} updated by block (plan {}), {released} with the \
+         host optimizer (plan {})",
+        p0.activations, pk.activations, pk.device_peak, p1.device_peak, p2.device_peak
     );
+    // (Updated by block, a block's gradients are counted in its activations.)
     assert!(
-        2 * p1.activations < p0.activations,
+        2 * pk.activations < p0.activations,
         "activations {} -> {}",
         p0.activations,
-        p1.activations
+        pk.activations
     );
-    assert!(blocks < none, "training peak {none} -> {blocks}");
-    for (p, m) in [(p1, blocks), (p2, released)] {
+    assert!(kept < none, "training peak {none} -> {kept}");
+    for (p, m) in [(pk, kept), (p1, blocks), (p2, released)] {
         let rel = p.device_peak as f64 / m as f64 - 1.0;
         assert!(
             rel.abs() <= 0.10,
@@ -196,17 +204,22 @@ fn recompute_keeps_a_block_of_activations() {
             p.device_peak
         );
     }
-    // With the optimizer on the host each block's gradients leave the device when its
-    // backward ends: the gradients and the optimizer state (f32 each, the weights' size)
-    // are off the device but for one block's (measured: 1.39x the weight bytes less).
-    eprintln!(
-        "and with the host optimizer {released} (plan {})",
-        p2.device_peak
-    );
+    // Updated by block, the device holds one block's gradients at a time instead of
+    // all of them at the bottom of the backward; its own peak moves to the top block's
+    // backward (that block's gradients, with candle's zeros-and-sum, next to the rest).
+    // Measured 19.0 MB less (0.74 of the gradients outside the largest block, layer4.1's
+    // 18.9 MB); asserted: at least half of those.
     let weights = p1.live_weights;
+    let largest = 4 * 2 * 512 * 512 * 9;
     assert!(
-        released as f64 + 1.2 * weights as f64 <= blocks as f64,
-        "released gradients: {blocks} -> {released} with {weights} bytes of weights"
+        (kept as f64 - blocks as f64) >= 0.5 * (weights - largest) as f64,
+        "update by block: {kept} -> {blocks} with {weights} bytes of weights"
+    );
+    // With the optimizer on the host its state (the default Adam's v, beta1 = 0: the
+    // weights' size) is off the device too (measured: 1.0x the weights less).
+    assert!(
+        released as f64 + 0.8 * weights as f64 <= blocks as f64,
+        "host optimizer: {blocks} -> {released} with {weights} bytes of weights"
     );
 }
 
@@ -362,9 +375,10 @@ fn streamed_weights_leave_the_device() {
 
 /// A device budget below the f32 weight bytes (a ViT of 8 blocks of width 256, 25 MB
 /// of weights; a budget of 85% of them): `auto` picks block-wise recompute and streamed
-/// weights, the measured peaks of setup, stage 1 and training stay within the budget
-/// (evaluation's batch of 256 is not planned), and LDT-S exports the bytes of the run
-/// without a budget (resident weights, every activation kept).
+/// weights, the measured peaks of setup, stage 1, training and evaluation (in batches
+/// lowered to fit) stay within the budget, and LDT-S exports the bytes of the run
+/// without a budget (resident weights, every activation kept) and scores every network
+/// the same.
 fn a_budget_below_the_weights_trains_the_same_bits() {
     const VIT: [&str; 4] = [
         "model.width=256",
@@ -377,7 +391,7 @@ fn a_budget_below_the_weights_trains_the_same_bits() {
         4 * ctx.net.numel() as u64
     };
     let budget = weights * 85 / 100;
-    let (free, _) = short_run("vit", "ldt-s", &VIT);
+    let (free, free_ctx) = short_run("vit", "ldt-s", &VIT);
     let limited = [
         "train.recompute=\"auto\"".to_string(),
         "offload.params=\"auto\"".to_string(),
@@ -393,7 +407,9 @@ fn a_budget_below_the_weights_trains_the_same_bits() {
     assert_eq!(ctx.cfg.train.recompute, Recompute::Blocks);
     assert_eq!(ctx.cfg.offload.params, ParamsPlacement::Stream);
     let m = ctx.summary.measured_memory.as_ref().unwrap();
-    for stage in ["setup", "stage1", "train"] {
+    // Evaluation too: its batch is lowered to fit (eval.batch_size = 256 needs about
+    // three times the budget here).
+    for stage in ["setup", "stage1", "train", "eval"] {
         let peak = m.device(stage).unwrap();
         eprintln!("vit: {weights} bytes of weights, budget {budget}: {stage} peak {peak}");
         assert!(peak <= budget, "measured {stage} peak {peak} over {budget}");
@@ -402,6 +418,23 @@ fn a_budget_below_the_weights_trains_the_same_bits() {
         let a = std::fs::read(free.path().join(f)).unwrap();
         let b = std::fs::read(d.path().join(f)).unwrap();
         assert!(a == b, "{f} differs from the run without a budget");
+    }
+    // Scored in smaller batches, every network's accuracy on every domain is the same
+    // here; the mean losses agree to f32 rounding (the matrix kernels block by batch
+    // size, so a logit can differ in its last bits: measured 1.9e-9 relative).
+    let (a, b) = (&free_ctx.summary.eval, &ctx.summary.eval);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, ra) in a {
+        for (x, y) in ra.domains.iter().zip(&b[name].domains) {
+            assert_eq!((x.acc, x.n), (y.acc, y.n), "{name} on {}", x.name);
+            assert!(
+                (x.loss - y.loss).abs() <= 1e-6 * x.loss.abs(),
+                "{name} on {}: loss {} vs {}",
+                x.name,
+                x.loss,
+                y.loss
+            );
+        }
     }
 }
 

@@ -7,16 +7,18 @@
 //!   (all; the first half; every third layer, scattered like LDT's unstable set; the head
 //!   only), whole batches and 3 micro-batches, f32 and bf16 (f32 weights cast in the
 //!   forward, and bf16 working weights with host masters), each block's gradients kept
-//!   on the device or released to host memory: the loss, the correct count, every
-//!   gradient and the BatchNorm running statistics after the step are identical bit for
-//!   bit to `recompute = "none"`.
+//!   on the device, released to host memory, or handed to the block's update (each layer
+//!   once, one call per block with a trained layer, none returned): the loss, the
+//!   correct count, every gradient and the BatchNorm running statistics after the step
+//!   are identical bit for bit to `recompute = "none"`.
 //! - Streamed weights (`offload.params = "stream"`): the same gradients, losses and
 //!   statistics from a state whose working copies are fetched block by block from its
 //!   host masters (f32 against the resident f32 weights, bf16 against the resident bf16
 //!   working copies), for every case above.
 //! - Whole runs: erm, the dual branch (resident and swap) and LDT-S on cnn_bn, with
-//!   stage 1, DPU folds, evaluation and a bf16 / accumulate 3 case, export byte-identical
-//!   files; with streamed weights too (and a device budget below the weights' bytes
+//!   stage 1, DPU folds, evaluation and bf16 / accumulate 3 cases, export byte-identical
+//!   files: with the device optimizer updating block by block (and, with clipping,
+//!   after the backward), with the host optimizer releasing gradients block by block; with streamed weights too (and a device budget below the weights' bytes
 //!   choosing them). (`tests/heap.rs` measures the memory recompute and streaming save.)
 
 mod common;
@@ -80,6 +82,17 @@ fn bits(t: &Tensor) -> Vec<u64> {
 /// A step's loss, correct count, gradient bits (per layer) and buffer bits afterwards.
 type Outcome = (f32, usize, Vec<Option<Vec<u64>>>, Vec<Vec<u64>>);
 
+/// Where a step's final gradients go.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Keep {
+    /// Kept on the device and returned.
+    Device,
+    /// Released to host memory block by block ([`GradPlan::release`]).
+    Release,
+    /// Handed to an update block by block ([`GradPlan::update_by_block`]).
+    Update,
+}
+
 /// Where a step's weights live.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Weights {
@@ -115,8 +128,46 @@ fn step(net: &dyn Network, trainable: &[bool], plan: GradPlan, weights: Weights)
     let y: Vec<i64> = (0..n).map(|_| rng.below(10) as i64).collect();
     let y = Tensor::from_vec(y, n, &Device::Cpu).unwrap();
     let batch = Batch::whole(x, y).unwrap();
-    let (s, g) =
-        ldt::train::step::gradients(net, &mut state, trainable, &batch, Mode::Train, plan).unwrap();
+    // With the block-wise update, the gradients handed to it (each once), and how many
+    // times it was called.
+    let mut handed: Vec<Option<Grad>> = vec![None; trainable.len()];
+    let mut calls = 0;
+    let mut update = |_: &mut NetState, finals: &[Option<Grad>]| -> anyhow::Result<()> {
+        calls += 1;
+        for (i, g) in finals.iter().enumerate() {
+            if let Some(g) = g {
+                assert!(handed[i].is_none(), "layer {i} handed to its update twice");
+                handed[i] = Some(g.clone());
+            }
+        }
+        Ok(())
+    };
+    let (s, g) = ldt::train::step::gradients_updating(
+        net,
+        &mut state,
+        trainable,
+        &batch,
+        Mode::Train,
+        plan,
+        Some(&mut update),
+    )
+    .unwrap();
+    let g = match plan.update_by_block {
+        true => {
+            assert!(g.iter().all(Option::is_none), "updated gradients returned");
+            let blocks = net
+                .blocks()
+                .iter()
+                .filter(|b| trainable[b.params.clone()].iter().any(|&t| t))
+                .count();
+            assert_eq!(calls, blocks, "one update per block with a trained layer");
+            handed
+        }
+        false => {
+            assert_eq!(calls, 0, "an update without update_by_block");
+            g
+        }
+    };
     // Every gradient as the f32 values the optimizer reads (a bf16 one widened).
     let grads = g
         .iter()
@@ -152,32 +203,42 @@ fn recomputed_gradients_are_the_whole_graphs_bits() {
                     (Precision::Bf16, Weights::Resident),
                     (Precision::Bf16, Weights::Masters),
                 ] {
-                    let plan = |recompute, release| GradPlan {
+                    let plan = |recompute, keep| GradPlan {
                         accumulate,
                         precision,
                         recompute,
-                        release,
+                        release: keep == Keep::Release,
+                        update_by_block: keep == Keep::Update,
                     };
                     let case = format!(
                         "{arch}, {what}, accumulate {accumulate}, {precision:?} {masters:?}"
                     );
-                    let whole = step(net.as_ref(), mask, plan(Recompute::None, false), masters);
-                    // Recomputed, with each block's gradients kept on the device or
-                    // released to host memory as soon as they are final; and with the
-                    // working copies streamed from the masters (f32 weights, or the
-                    // bf16 working copies of the masters).
-                    let mut variants = vec![(false, masters), (true, masters)];
-                    if masters != Weights::Resident || precision == Precision::F32 {
-                        variants.extend([(false, Weights::Streamed), (true, Weights::Streamed)]);
+                    let whole = step(
+                        net.as_ref(),
+                        mask,
+                        plan(Recompute::None, Keep::Device),
+                        masters,
+                    );
+                    // Recomputed, with each block's gradients kept on the device,
+                    // released to host memory as soon as they are final (micro-batch
+                    // sums there too), or handed to the block's update (resident device
+                    // weights: the device optimizer); and with the working copies
+                    // streamed from the masters (f32 weights, or the bf16 working copies
+                    // of the masters).
+                    let mut variants = vec![(Keep::Device, masters), (Keep::Release, masters)];
+                    if masters == Weights::Resident {
+                        variants.push((Keep::Update, masters));
                     }
-                    for (release, weights) in variants {
-                        let case = format!("{case}, release {release}, blocks {weights:?}");
-                        let blocks = step(
-                            net.as_ref(),
-                            mask,
-                            plan(Recompute::Blocks, release),
-                            weights,
-                        );
+                    if masters != Weights::Resident || precision == Precision::F32 {
+                        variants.extend([
+                            (Keep::Device, Weights::Streamed),
+                            (Keep::Release, Weights::Streamed),
+                        ]);
+                    }
+                    for (keep, weights) in variants {
+                        let case = format!("{case}, {keep:?}, blocks {weights:?}");
+                        let blocks =
+                            step(net.as_ref(), mask, plan(Recompute::Blocks, keep), weights);
                         assert_eq!(whole.0.to_bits(), blocks.0.to_bits(), "{case}: loss");
                         assert_eq!(whole.1, blocks.1, "{case}: correct");
                         for (i, (a, b)) in whole.2.iter().zip(&blocks.2).enumerate() {
@@ -228,14 +289,24 @@ fn exported(dir: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn recomputed_runs_export_the_same_bytes() {
-    let cases: [(&str, &[&str]); 10] = [
+    let cases: [(&str, &[&str]); 12] = [
         ("erm", &["train.method=\"erm\""]),
         ("ldt resident", &["train.method=\"ldt\""]),
         (
             "ldt swap",
             &["train.method=\"ldt\"", "ldt.placement=\"swap\""],
         ),
+        // The device optimizer updates each block as its backward ends (at the last
+        // micro-batch when accumulating); clipping needs every gradient first.
         ("ldt-s", &["train.method=\"ldt-s\""]),
+        (
+            "ldt-s accumulate 3",
+            &["train.method=\"ldt-s\"", "train.accumulate=3"],
+        ),
+        (
+            "erm clip",
+            &["train.method=\"erm\"", "train.clip_grad_norm=0.5"],
+        ),
         (
             "ldt-s bf16 accumulate 3 host masters",
             &[

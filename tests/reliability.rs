@@ -176,6 +176,17 @@ fn nonfinite_loss_stops_or_is_skipped() {
         "{err}"
     );
     assert!(err.contains("on_nonfinite"), "{err}");
+    // Block-wise recompute with the device optimizer updates block by block: it stops
+    // the same way.
+    let mut by_block = args.clone();
+    by_block.extend_from_slice(&["--set", "train.recompute=\"blocks\""]);
+    let r = ldt(&by_block, &[]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("step ") && err.contains("on_nonfinite"),
+        "{err}"
+    );
     args.extend_from_slice(&["--set", "train.on_nonfinite=\"skip\""]);
     let r = ldt(&args, &[]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));

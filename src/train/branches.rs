@@ -5,14 +5,15 @@
 
 use super::driver::Visitor;
 use super::memory::{self, LiveMeter};
-use super::step::{apply, gradients, Batch, GradPlan, StepStats};
+use super::step::{Batch, GradPlan, StepStats};
+use super::update;
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::OptimizerPlacement;
 use crate::ldt::partition::{Partition, Phase};
 use crate::metrics::MemoryReport;
 use crate::model::Weights;
-use crate::model::{Mode, NetState, Network};
+use crate::model::{NetState, Network};
 use crate::offload::backend::fold_live;
 use crate::offload::store::{CounterpartStore, LayerSpec};
 use crate::offload::OffloadConfig;
@@ -94,15 +95,23 @@ pub fn half_step(
     lrs: &[f64],
 ) -> Result<StepStats> {
     let mask = partition.mask(phase);
-    let plan = GradPlan::of(&ctx.cfg);
-    let state = b.state(phase);
-    let (stats, mut grads) = gradients(ctx.net.as_ref(), state, &mask, batch, Mode::Train, plan)?;
-    // A fold still reading the live trained set must finish before the update.
-    b.before_update()?;
-    if ctx.guard(step, phase.branch(), &stats, &mut grads)? {
-        let (state, opt) = b.trainer(phase);
-        apply(opt, state, &grads, lrs)?;
+    let at = update::At {
+        step,
+        branch: phase.branch(),
+    };
+    // A fold still reading the live trained set must finish before the update: before
+    // the backward where it updates block by block, else after it (the fold overlaps it).
+    let by_block = GradPlan::of(&ctx.cfg).update_by_block;
+    if by_block {
+        b.before_update()?;
     }
+    let (state, opt) = b.trainer(phase);
+    let (stats, mut grads) = update::gradients(ctx, state, opt, &mask, batch, lrs, at)?;
+    if !by_block {
+        b.before_update()?;
+    }
+    let (state, opt) = b.trainer(phase);
+    update::finish(ctx, state, opt, (&stats, &mut grads), lrs, at)?;
     b.observe(&grads);
     Ok(stats)
 }

@@ -234,7 +234,7 @@ fn finish(ctx: &mut RunContext, m: &mut dyn Stepper) -> Result<()> {
             let r = ctx.evaluate(params, buffers)?;
             ctx.log_eval(steps, name, &r)?;
             ctx.consider(steps, name, params, buffers)?;
-            ctx.fingerprint(name, &params.all()?, buffers, &mut prints)?;
+            ctx.fingerprint(name, params, buffers, &mut prints)?;
             ctx.summary.eval.insert(name.into(), r);
             ctx.stages.exit();
             Ok(())

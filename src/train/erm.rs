@@ -4,12 +4,12 @@
 use super::driver::{Feed, Outcome, Stepper, Visitor};
 use super::memory::{self, LiveMeter};
 use super::stage1::{fit_layers, Fit};
-use super::step::{apply, gradients, GradPlan};
+use super::update;
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::Method;
 use crate::metrics::MemoryReport;
-use crate::model::{Mode, NetState};
+use crate::model::NetState;
 use crate::optim::{OptimSettings, Optimizer};
 use anyhow::Result;
 
@@ -89,13 +89,13 @@ impl Stepper for Erm {
         };
         let hb = feed.next_batch()?;
         let batch = ctx.batch(&hb)?;
-        let plan = GradPlan::of(&ctx.cfg);
-        let net = ctx.net.as_ref();
-        let (stats, mut grads) = gradients(net, &mut self.state, mask, &batch, Mode::Train, plan)?;
         let lrs = feed.rates.at(step);
-        if ctx.guard(step, "model", &stats, &mut grads)? {
-            apply(&mut self.opt, &mut self.state, &grads, &lrs)?;
-        }
+        let at = update::At {
+            step,
+            branch: "model",
+        };
+        let (stats, grads) =
+            update::step(ctx, &mut self.state, &mut self.opt, mask, &batch, &lrs, at)?;
         let weights = memory::weight_bytes(&self.state);
         self.meter.observe(weights, &grads, self.opt.bytes() as u64);
         Ok(Outcome {

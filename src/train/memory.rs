@@ -105,9 +105,10 @@ pub fn report(
     }
 }
 
-/// `r` for gradients released to host memory block by block ([`GradPlan::release`]):
-/// none stay on the device past their block's backward, and a block's, while it lasts,
-/// is part of the probed activations.
+/// `r` for gradients that leave the device block by block, released to host memory
+/// ([`GradPlan::release`]) or applied ([`GradPlan::update_by_block`]): none stay past
+/// their block's backward, and a block's, while it lasts, is part of the probed
+/// activations.
 pub fn released(mut r: MemoryReport) -> MemoryReport {
     for k in 0..2 {
         r.phases[k] -= r.phase_gradients[k];
@@ -171,7 +172,7 @@ pub fn before_stage1(cfg: &crate::config::Config, numel: u64, activations: u64) 
         (0, 0),
         cfg.offload.staging_bytes,
     );
-    if GradPlan::of(cfg).release {
+    if !GradPlan::of(cfg).keeps_gradients() {
         r = released(r);
     }
     if cfg.streamed() {
@@ -195,8 +196,9 @@ pub fn over_budget(plan: &MemoryReport, budget: u64, batch_rows: usize) -> Strin
         (
             plan.gradients,
             "gradients",
-            "ldt-s trains one set at a time; train.recompute = \"blocks\" with \
-             offload.optimizer = \"host\" keeps one block's",
+            "ldt-s trains one set at a time; train.recompute = \"blocks\" keeps one \
+             block's (with the optimizer on the device: without train.clip_grad_norm and \
+             with train.on_nonfinite = \"stop\", which need all of them)",
         ),
         (
             plan.optimizer,
@@ -262,12 +264,111 @@ pub fn activations(
     device: &Device,
 ) -> Result<u64> {
     let probe = |rows| probe(net, state, trained, plan, rows, device);
-    if rows <= 8 {
-        return probe(rows);
+    growth(probe, rows, (4, 8)).map(|g| g.at(rows))
+}
+
+/// A probe's bytes as the rows grow: measured up to `hi` rows, beyond extrapolated from
+/// probes of `lo` and `hi` rows (the growth is linear from enough rows on; below, thread
+/// splits and workspaces add a fixed share).
+struct Growth {
+    /// Rows probed last (the asked rows up to `hi`, else `hi`), and the bytes there.
+    rows: usize,
+    bytes: u64,
+    /// Bytes per row beyond `rows` (0 when the asked rows were probed).
+    per_row: f64,
+}
+
+impl Growth {
+    /// The bytes at `rows` (at least those probed).
+    fn at(&self, rows: usize) -> u64 {
+        let extra = rows.saturating_sub(self.rows) as f64 * self.per_row;
+        (self.bytes as f64 + extra).round() as u64
     }
-    let (a4, a8) = (probe(4)?, probe(8)?);
-    let per_row = a8.saturating_sub(a4) as f64 / 4.0;
-    Ok((a8 as f64 + per_row * (rows - 8) as f64).round() as u64)
+}
+
+/// Probes `probe` for `rows` rows: directly up to `hi`, else at `lo` and `hi`.
+fn growth(
+    mut probe: impl FnMut(usize) -> Result<u64>,
+    rows: usize,
+    (lo, hi): (usize, usize),
+) -> Result<Growth> {
+    if rows <= hi {
+        let bytes = probe(rows)?;
+        return Ok(Growth {
+            rows,
+            bytes,
+            per_row: 0.0,
+        });
+    }
+    let (a, b) = (probe(lo)?, probe(hi)?);
+    Ok(Growth {
+        rows: hi,
+        bytes: b,
+        per_row: b.saturating_sub(a) as f64 / (hi - lo) as f64,
+    })
+}
+
+/// The evaluation batch whose plan fits `budget` bytes: the largest up to `wanted` rows
+/// for which the parameter state kept through evaluation (`kept`: the plan's weights,
+/// optimizer state and staging; gradients are gone) plus one evaluation batch fits, with
+/// that batch's bytes; `None` when not even one row fits. A batch is probed on the heap
+/// as evaluation runs it: the rows gathered and uploaded, the forward with `weights` in
+/// `Eval` mode (streamed weights uploaded block by block inside it), the loss. The full
+/// batch is taken on the extrapolation of probes at 16 and 32 rows when that leaves 10%
+/// of the budget (up to 32 rows: measured within 95% of it); a smaller one is measured,
+/// from the most the extrapolation fits in 95% of the budget down by a tenth until it
+/// fits there (5% left for what a probe does not see the same way twice: thread
+/// workspaces, allocator rounding).
+pub fn eval_batch(
+    net: &dyn Network,
+    (weights, buffers): (&crate::model::Weights<'_>, &[Tensor]),
+    (kept, budget): (u64, u64),
+    wanted: usize,
+    device: &Device,
+) -> Result<Option<(usize, u64)>> {
+    let shape = net.input_shape();
+    let probe = |rows: usize| -> Result<u64> {
+        let (r, peak) = heap::peak_during(|| -> Result<()> {
+            let hb = crate::data::HostBatch {
+                images: vec![0.0; rows * shape.iter().product::<usize>()],
+                labels: vec![0; rows],
+            };
+            let (x, y) = hb.to_tensors(shape, device)?;
+            let mut b = buffers.to_vec();
+            let logits = weights.forward(net, &mut b, &x, Mode::Eval)?;
+            crate::model::layers::correct_and_loss_sum(&logits, &y)?;
+            Ok(())
+        });
+        r?;
+        Ok(peak)
+    };
+    // An evaluation forward keeps nothing per row but a few layers' outputs, so the
+    // workspaces of small batches hide its growth: probed at 16 and 32 rows.
+    let (lo, hi) = (16, 32);
+    let g = growth(&probe, wanted, (lo, hi))?;
+    let fits = |bytes: u64, share: f64| (kept + bytes) as f64 <= share * budget as f64;
+    match wanted > hi {
+        true if fits(g.at(wanted), 0.9) => return Ok(Some((wanted, g.at(wanted)))),
+        false if fits(g.bytes, 0.95) => return Ok(Some((wanted, g.bytes))),
+        _ => {}
+    }
+    // The most the extrapolation fits, then measured.
+    let mut rows = match wanted > hi {
+        true => hi,
+        false => wanted - 1,
+    };
+    if wanted > hi && g.per_row > 0.0 {
+        let room = (0.95 * budget as f64 - (kept + g.bytes) as f64).max(0.0);
+        rows = rows.max((hi + (room / g.per_row).floor() as usize).min(wanted - 1));
+    }
+    while rows > 0 {
+        let bytes = probe(rows)?;
+        if fits(bytes, 0.95) {
+            return Ok(Some((rows, bytes)));
+        }
+        rows = (rows * 9 / 10).min(rows - 1);
+    }
+    Ok(None)
 }
 
 /// The heap's peak above the parameter state during one forward and backward of `rows`
@@ -296,8 +397,10 @@ fn probe(
         masters: state.stream.as_ref().and(state.masters.clone()),
         stream: state.stream.clone(),
     };
+    // Gradients that leave the device by block (released or applied) leave it here too.
     let plan = GradPlan {
         accumulate: 1,
+        release: !plan.keeps_gradients(),
         ..plan
     };
     let (grads, peak) = heap::peak_during(|| -> Result<u64> {

@@ -1,6 +1,8 @@
 //! One micro-batch's forward and backward through the whole graph, and what every way
-//! of computing a step's gradients shares: the loss and stats of the logits, and a
-//! final gradient kept on the device or released to host memory.
+//! of computing a step's gradients shares: the loss and stats of the logits, and
+//! [`Sums`], where each layer's gradient goes the moment it is final — summed over
+//! micro-batches, kept on the device or released to host memory, or handed to the
+//! layer's update.
 
 use crate::model::{layers, Mode, NetState, Network};
 use crate::optim::{host, Grad};
@@ -18,17 +20,106 @@ pub struct StepStats {
     pub n: usize,
 }
 
-/// A layer's final gradient, on the device or (`release`) moved to host memory at once.
-pub fn released(g: Tensor, release: bool) -> Result<Grad> {
-    Ok(if release {
-        Grad::Host(host::grad_values(&g)?)
-    } else {
-        Grad::Device(g)
-    })
+/// The update of layers whose final gradients have just been computed (`Some` in a
+/// vector over every layer): the block-wise update of
+/// [`crate::train::step::GradPlan::update_by_block`].
+pub type Update<'a> = &'a mut dyn FnMut(&mut NetState, &[Option<Grad>]) -> Result<()>;
+
+/// A step's gradients as the micro-batches deliver them, layer by layer: each weighted
+/// by its micro-batch's share and added to the layer's sum (in f32, in micro-batch
+/// order: the same arithmetic wherever the sum lives), kept on the device or, with
+/// `release`, in host memory, so the device holds only the gradients of the block whose
+/// backward is running. With an update, the last micro-batch's sums are not kept: each
+/// block's go to the update together once its backward has ended ([`Sums::flush`]).
+pub struct Sums<'a> {
+    grads: Vec<Option<Grad>>,
+    release: bool,
+    /// The running micro-batch's weight in the step's mean (`None`: the whole batch,
+    /// whose gradients are taken as they are), and whether it is the last.
+    weight: Option<f64>,
+    last: bool,
+    update: Option<Update<'a>>,
+    /// Final sums waiting for the update (those of the block whose backward ran).
+    finals: Vec<Option<Grad>>,
 }
 
-/// One forward and backward on a micro-batch with the working copies `view`; the logits
-/// are cast to f32 for the loss (a no-op in f32).
+impl<'a> Sums<'a> {
+    /// Empty sums over `layers` layers for a whole batch.
+    pub fn new(layers: usize, release: bool, update: Option<Update<'a>>) -> Self {
+        Sums {
+            grads: vec![None; layers],
+            release,
+            weight: None,
+            last: true,
+            update,
+            finals: vec![None; layers],
+        }
+    }
+
+    /// The next micro-batch adds its gradients times `weight`; `last`: it completes them.
+    pub fn micro_batch(&mut self, weight: f64, last: bool) {
+        self.weight = Some(weight);
+        self.last = last;
+    }
+
+    /// Adds layer `i`'s gradient `g` of the running micro-batch.
+    pub fn add(&mut self, i: usize, g: Tensor) -> Result<()> {
+        let g = match self.weight {
+            None => g,
+            Some(w) => (widen(&g)? * w)?,
+        };
+        let sum = match (self.grads[i].take(), self.release) {
+            (None, false) => Grad::Device(g),
+            (None, true) => Grad::Host(host::grad_values(&g)?),
+            (Some(Grad::Device(t)), _) => Grad::Device((t + g)?),
+            (Some(Grad::Host(mut v)), _) => {
+                // f32 additions as the device's `t + g`.
+                let g = host::grad_values(&g)?;
+                v.iter_mut().zip(g.iter()).for_each(|(a, b)| *a += b);
+                Grad::Host(v)
+            }
+        };
+        match self.update.is_some() && self.last {
+            true => self.finals[i] = Some(sum),
+            false => self.grads[i] = Some(sum),
+        }
+        Ok(())
+    }
+
+    /// Hands the final sums added since the last flush to the update (a no-op without
+    /// one): called when a block's backward has ended, and at the end of a backward.
+    pub fn flush(&mut self, state: &mut NetState) -> Result<()> {
+        let Some(update) = &mut self.update else {
+            return Ok(());
+        };
+        if self.finals.iter().any(Option::is_some) {
+            update(state, &self.finals)?;
+            self.finals.iter_mut().for_each(|g| *g = None);
+        }
+        Ok(())
+    }
+
+    /// The gradients not handed to an update (`None` for frozen layers).
+    pub fn into_grads(self) -> Vec<Option<Grad>> {
+        self.grads
+    }
+}
+
+/// A gradient in f32 where f32 arithmetic follows on the device (micro-batch sums,
+/// the all-reduce, clipping). A bf16 gradient (of bf16 working weights) becomes exactly
+/// the f32 gradient the recorded cast of f32 weights delivers: candle's backward adds the
+/// widened gradient to zeros.
+pub fn widen(g: &Tensor) -> Result<Tensor> {
+    if g.dtype() == DType::F32 {
+        return Ok(g.clone());
+    }
+    let w = g.to_dtype(DType::F32)?;
+    Ok(w.zeros_like()?.add(&w)?)
+}
+
+/// One forward and backward on a micro-batch with the working copies `view`, the
+/// gradients of `trainable` layers added to `sums` (none when the loss is not finite);
+/// the logits are cast to f32 for the loss (a no-op in f32).
 pub fn micro_gradients(
     net: &dyn Network,
     state: &mut NetState,
@@ -36,8 +127,8 @@ pub fn micro_gradients(
     trainable: &[bool],
     (x, y): (&Tensor, &Tensor),
     mode: Mode,
-    release: bool,
-) -> Result<(StepStats, Vec<Option<Grad>>)> {
+    sums: &mut Sums,
+) -> Result<StepStats> {
     if state.stream.is_some() {
         anyhow::bail!(
             "streamed weights (offload.params = \"stream\") are fetched block by block: \
@@ -50,24 +141,22 @@ pub fn micro_gradients(
     let (loss, stats) = loss_and_stats(&logits, y)?;
     let loss_v = stats.loss;
     // A non-finite loss gives no gradients; the caller's guard decides what happens.
-    let mut grads = if trainable.iter().any(|&t| t) && loss_v.is_finite() {
+    let grads = if trainable.iter().any(|&t| t) && loss_v.is_finite() {
         Some(loss.backward()?)
     } else {
         None
     };
-    let out = state
-        .params
-        .iter()
-        .zip(trainable)
-        .map(|(v, &t)| match grads.as_mut().filter(|_| t) {
-            Some(g) => g
-                .remove(v.as_tensor())
-                .map(|g| released(g, release))
-                .transpose(),
-            None => Ok(None),
-        })
-        .collect::<Result<_>>()?;
-    Ok((stats, out))
+    let Some(mut grads) = grads else {
+        return Ok(stats);
+    };
+    for (i, _) in trainable.iter().enumerate().filter(|(_, &t)| t) {
+        if let Some(g) = grads.remove(state.params[i].as_tensor()) {
+            sums.add(i, g)?;
+        }
+    }
+    drop(grads);
+    sums.flush(state)?;
+    Ok(stats)
 }
 
 /// The mean cross-entropy of f32 `logits` against labels `y` (tracked where the logits

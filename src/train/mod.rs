@@ -1,7 +1,8 @@
 //! Training: one driver loop ([`driver`]) over small steppers — [`erm`] (erm, lp-ft),
 //! [`dual`] (the dual branch, `ldt` and `deft`, over either branch storage of
 //! [`branches`]) and [`ldt_s`] (LDT-S: alternating phases, or repeat-batch) — after stage 1
-//! ([`stage1`]), all sharing one run context ([`run`]) and one gradient step ([`step`]).
+//! ([`stage1`]), all sharing one run context ([`run`]), one gradient step ([`step`]) and one
+//! optimizer step ([`update`]).
 
 pub mod branches;
 pub mod compare;
@@ -18,6 +19,7 @@ pub mod report;
 pub mod run;
 pub mod stage1;
 pub mod step;
+pub mod update;
 
 pub use run::RunContext;
 

@@ -11,9 +11,8 @@
 //! away, so they move exactly once per forward.
 
 use super::fetch::Window;
-use super::micro::{loss_and_stats, released, StepStats};
+use super::micro::{loss_and_stats, StepStats, Sums};
 use crate::model::{Mode, NetState, Network};
-use crate::optim::Grad;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 
@@ -50,15 +49,15 @@ impl Source<'_> {
     }
 }
 
-/// [`super::micro::micro_gradients`], block by block: the loss and
-/// stats of `x`, `y`, and the gradient of every layer of `trainable` (`None` for frozen
-/// layers, or when the loss is not finite). `view` holds the forward's weights (trained
-/// layers tracked, frozen ones detached), or is empty for a streamed state, whose
-/// blocks are fetched from its masters one ahead of the block running (the forward
-/// walks up while the block below runs; the backward walks down and fetches the next
-/// block once a block's backward is done, so the fetch and the backward's temporaries
-/// do not meet). With `release` each block's gradients go to host memory as soon as
-/// its backward ends, so the device holds one block's at a time.
+/// [`super::micro::micro_gradients`], block by block: the loss and stats of `x`, `y`,
+/// and the gradient of every layer of `trainable` added to `sums` (none when the loss
+/// is not finite) as soon as its block's backward ends — so that, released to host
+/// memory or handed to its update there, the device holds one block's gradients at a
+/// time. `view` holds the forward's weights (trained layers tracked, frozen ones
+/// detached), or is empty for a streamed state, whose blocks are fetched from its
+/// masters one ahead of the block running (the forward walks up while the block below
+/// runs; the backward walks down and fetches the next block once a block's backward is
+/// done, so the fetch and the backward's temporaries do not meet).
 pub fn block_gradients(
     net: &dyn Network,
     state: &mut NetState,
@@ -66,8 +65,8 @@ pub fn block_gradients(
     trainable: &[bool],
     (x, y): (&Tensor, &Tensor),
     mode: Mode,
-    release: bool,
-) -> Result<(StepStats, Vec<Option<Grad>>)> {
+    sums: &mut Sums,
+) -> Result<StepStats> {
     let blocks = net.blocks();
     let mut source = match state.stream {
         Some(_) => Source::Streamed(Window::new(state.fetcher()?, blocks, trainable)),
@@ -96,9 +95,8 @@ pub fn block_gradients(
     }
     let (loss, stats) = loss_and_stats(&h.to_dtype(DType::F32)?, y)?;
     drop((h, loss));
-    let mut out = vec![None; trainable.len()];
     let Some(lowest) = lowest.filter(|_| stats.loss.is_finite()) else {
-        return Ok((stats, out));
+        return Ok(stats);
     };
     let mut upstream: Option<Tensor> = None;
     for k in (lowest..blocks.len()).rev() {
@@ -133,10 +131,9 @@ pub fn block_gradients(
                     Source::Resident(_) => state.params[i].as_tensor(),
                     Source::Streamed(_) => wi,
                 };
-                out[i] = grads
-                    .remove(key)
-                    .map(|g| released(g, release))
-                    .transpose()?;
+                if let Some(g) = grads.remove(key) {
+                    sums.add(i, g)?;
+                }
             }
         }
         if let Some(v) = &tracked {
@@ -145,6 +142,10 @@ pub fn block_gradients(
                 .with_context(|| format!("recompute: block {k}'s input has no gradient"))?;
             upstream = Some(g.detach());
         }
+        // The block's gradients go to their update, if there is one, once its graph and
+        // weights are gone.
+        drop((grads, target, w));
+        sums.flush(state)?;
     }
-    Ok((stats, out))
+    Ok(stats)
 }

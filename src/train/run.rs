@@ -75,7 +75,18 @@ pub struct RunContext {
     /// Activation bytes of one training micro-batch in phases P and A
     /// ([`RunContext::plan_memory`], [`RunContext::refine_activations`]).
     activations: [u64; 2],
+    /// Rows of an evaluation batch: `eval.batch_size`, or fewer where
+    /// `offload.device_bytes` needs it ([`RunContext::plan_memory`]).
+    eval_batch: usize,
     started: Instant,
+}
+
+/// The error of a non-finite step of `branch` under `train.on_nonfinite = "stop"`.
+pub fn nonfinite_stop(step: usize, branch: &str, what: &str) -> String {
+    format!(
+        "step {step} ({branch}): {what}; lower the learning rate, check the data, or set \
+         train.on_nonfinite = \"skip\""
+    )
 }
 
 /// Compares `mine` with rank 0's values bit for bit on every rank of a data-parallel
@@ -194,6 +205,7 @@ impl RunContext {
         }
         let pool = bench.source_pool();
         let (train_indices, val) = hold_out(&bench, &cfg);
+        let eval_batch = cfg.eval.batch_size;
         Ok(RunContext {
             train_indices,
             val,
@@ -212,6 +224,7 @@ impl RunContext {
             summary: Summary::default(),
             stages,
             activations: [0; 2],
+            eval_batch,
             started: Instant::now(),
         })
     }
@@ -230,7 +243,7 @@ impl RunContext {
         let mut accs = Vec::new();
         for (_, idx) in &self.val {
             let mut correct = 0;
-            for chunk in idx.chunks(self.cfg.eval.batch_size) {
+            for chunk in idx.chunks(self.eval_batch) {
                 let (x, y) = self
                     .pool
                     .gather(chunk, self.image_len())?
@@ -306,18 +319,18 @@ impl RunContext {
 
     /// The fingerprint of final network `name` for [`RunContext::agree_replicas`]: a
     /// 64-bit FNV-1a hash of each weight and buffer, added to `into` (nothing in a
-    /// single-process run).
+    /// single-process run, where nothing is read: host masters are not copied for it).
     pub fn fingerprint(
         &self,
         name: &str,
-        params: &[Tensor],
+        params: &Weights<'_>,
         buffers: &[Tensor],
         into: &mut Fingerprints,
     ) -> Result<()> {
         if crate::dist::group().is_local() {
             return Ok(());
         }
-        for (k, t) in params.iter().chain(buffers).enumerate() {
+        for (k, t) in params.all()?.iter().chain(buffers).enumerate() {
             let h = fnv1a(t)?;
             into.hashes
                 .extend([(h >> 32) as f64, (h & 0xffff_ffff) as f64]);
@@ -527,9 +540,7 @@ impl RunContext {
             return Ok(true);
         };
         match self.cfg.train.on_nonfinite {
-            OnNonFinite::Stop => bail!(
-                "step {step} ({branch}): {what}; lower the learning rate, check the data, or set train.on_nonfinite = \"skip\""
-            ),
+            OnNonFinite::Stop => bail!(nonfinite_stop(step, branch, &what)),
             OnNonFinite::Skip => {
                 *self.summary.skipped_steps.get_or_insert(0) += 1;
                 self.metrics.write(&Record::Skip {
@@ -586,7 +597,7 @@ impl RunContext {
             params,
             buffers,
             &self.bench,
-            self.cfg.eval.batch_size,
+            self.eval_batch,
             &self.device,
         )
     }
@@ -616,6 +627,47 @@ impl RunContext {
             if p.device_peak > budget {
                 bail!("{}", crate::train::memory::over_budget(&p, budget, rows));
             }
+            self.plan_evaluation(state, p.live_peak - p.gradients)?;
+        }
+        Ok(())
+    }
+
+    /// With `offload.device_bytes`, evaluates in batches whose plan fits it: the
+    /// parameter state kept through evaluation (`kept` bytes) plus one evaluation
+    /// forward of `eval.batch_size` rows, or of the largest batch that fits, said when
+    /// lowered. An example's logits depend on its batch only in their last bits (the
+    /// matrix kernels block by batch size): accuracies are the same but for exact ties,
+    /// losses agree to f32 rounding.
+    fn plan_evaluation(&mut self, state: &NetState, kept: u64) -> Result<()> {
+        let budget = self.cfg.offload.device_bytes;
+        let wanted = self.cfg.eval.batch_size;
+        let weights = state.weight_refs();
+        let fit = crate::train::memory::eval_batch(
+            self.net.as_ref(),
+            (&weights, &state.buffers),
+            (kept, budget),
+            wanted,
+            &self.device,
+        )
+        .context("measuring the activations of an evaluation batch")?;
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        match fit {
+            Some((rows, _)) if rows == wanted => {}
+            Some((rows, bytes)) => {
+                println!(
+                    "memory: evaluation in batches of {rows} (eval.batch_size = {wanted} does not \
+                     fit offload.device_bytes = {:.1} MiB; {rows} plans {:.1} MiB)",
+                    mib(budget),
+                    mib(kept + bytes)
+                );
+                self.eval_batch = rows;
+            }
+            None => bail!(
+                "offload.device_bytes = {:.1} MiB: evaluation does not fit even one example \
+                 beside the {:.1} MiB kept through it; raise offload.device_bytes",
+                mib(budget),
+                mib(kept)
+            ),
         }
         Ok(())
     }
@@ -738,8 +790,7 @@ impl RunContext {
     pub fn record_training(&mut self, mem: &metrics::MemoryReport, secs: f64, steps_run: usize) {
         let per_step = |s: f64| 1e3 * s / steps_run.max(1) as f64;
         let x = &mut self.summary;
-        let released =
-            crate::train::step::GradPlan::of(&self.cfg).release && crate::dist::group().is_local();
+        let released = !crate::train::step::GradPlan::of(&self.cfg).keeps_gradients();
         let mut mem = match released {
             true => crate::train::memory::released(*mem),
             false => *mem,

@@ -4,7 +4,7 @@
 
 use super::driver::Meter;
 use super::run::streams;
-use super::step::{apply, gradients, GradPlan};
+use super::step::{gradients, GradPlan};
 use super::RunContext;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Criterion, Method, WarmupLayers};
@@ -68,17 +68,11 @@ pub fn fit_layers(
     for step in 1..=steps {
         let hb = loader.next_batch()?;
         let batch = ctx.batch(&hb)?;
-        let (stats, mut grads) = gradients(
-            ctx.net.as_ref(),
-            state,
-            mask,
-            &batch,
-            Mode::Train,
-            GradPlan::of(&ctx.cfg),
-        )?;
-        if ctx.guard(step, stage, &stats, &mut grads)? {
-            apply(&mut opt, state, &grads, &lrs)?;
-        }
+        let at = super::update::At {
+            step,
+            branch: stage,
+        };
+        let (stats, _) = super::update::step(ctx, state, &mut opt, mask, &batch, &lrs, at)?;
         meter.add(&stats);
         ctx.metrics.write(&Record::Train(TrainRecord {
             stage: stage.to_string(),

@@ -1,8 +1,8 @@
 //! One optimizer step of a live network: forward, loss, backward over the trainable
 //! layers only (frozen layers are detached: no gradient is computed for them), update.
 
-use super::micro::micro_gradients;
-pub use super::micro::StepStats;
+use super::micro::{micro_gradients, Sums};
+pub use super::micro::{widen, StepStats, Update};
 use crate::config::{Config, Precision, Recompute};
 use crate::dist;
 use crate::model::{Mode, NetState, Network};
@@ -21,9 +21,17 @@ pub struct GradPlan {
     pub recompute: Recompute,
     /// Hand each block's gradients to host memory as soon as they are final (block-wise
     /// recompute with the optimizer on the host: the device then holds one block's
-    /// gradients at a time). Whole batches of one process only: micro-batch sums and
-    /// the all-reduce run on the device.
+    /// gradients at a time; micro-batch sums are kept there too). One process only: the
+    /// all-reduce runs on the device.
     pub release: bool,
+    /// Update each layer as soon as its final gradient exists, inside the backward
+    /// (block-wise recompute with the optimizer on the device: the device then holds
+    /// one block's gradients at a time, as with `release`), where nothing needs all of
+    /// a step's gradients first: no clipping (`train.clip_grad_norm = 0`), a
+    /// non-finite gradient stops the run (`train.on_nonfinite = "stop"`), one process.
+    /// The updates are those of the whole step, bit for bit: each layer's depends only
+    /// on its own gradient, and the blocks below never read the weights above.
+    pub update_by_block: bool,
 }
 
 impl GradPlan {
@@ -33,18 +41,32 @@ impl GradPlan {
         precision: Precision::F32,
         recompute: Recompute::None,
         release: false,
+        update_by_block: false,
     };
 
     /// The plan of a run's configuration.
     pub fn of(cfg: &Config) -> GradPlan {
+        use crate::config::{OnNonFinite, OptimizerPlacement};
+        let blocks = cfg.train.recompute == Recompute::Blocks;
+        let host = cfg.offload.optimizer == OptimizerPlacement::Host;
+        let local = dist::group().is_local();
         GradPlan {
             accumulate: cfg.train.accumulate,
             precision: cfg.train.precision,
             recompute: cfg.train.recompute,
-            release: cfg.train.recompute == Recompute::Blocks
-                && cfg.offload.optimizer == crate::config::OptimizerPlacement::Host
-                && cfg.train.accumulate == 1,
+            release: blocks && host && local,
+            update_by_block: blocks
+                && !host
+                && local
+                && cfg.train.clip_grad_norm == 0.0
+                && cfg.train.on_nonfinite == OnNonFinite::Stop,
         }
+    }
+
+    /// Whether the gradients of a step stay on the device until its update: neither
+    /// released nor updated by block.
+    pub fn keeps_gradients(&self) -> bool {
+        !self.release && !self.update_by_block
     }
 }
 
@@ -93,16 +115,52 @@ pub fn gradients(
     mode: Mode,
     plan: GradPlan,
 ) -> Result<(StepStats, Vec<Option<Grad>>)> {
+    let plan = GradPlan {
+        update_by_block: false,
+        ..plan
+    };
+    gradients_updating(net, state, trainable, batch, mode, plan, None)
+}
+
+/// [`gradients`] where, with `plan.update_by_block`, each layer's final gradient goes
+/// to `update` as soon as it exists instead of being returned (`None` in its place).
+pub fn gradients_updating(
+    net: &dyn Network,
+    state: &mut NetState,
+    trainable: &[bool],
+    batch: &Batch,
+    mode: Mode,
+    plan: GradPlan,
+    update: Option<Update<'_>>,
+) -> Result<(StepStats, Vec<Option<Grad>>)> {
     let group = dist::group();
+    let update = update.filter(|_| plan.update_by_block);
     if group.is_local() {
-        return local_gradients(net, state, trainable, &batch.x, &batch.y, mode, plan);
+        return local_gradients(
+            net,
+            state,
+            trainable,
+            (&batch.x, &batch.y),
+            mode,
+            plan,
+            update,
+        );
     }
     let plan = GradPlan {
         release: false,
+        update_by_block: false,
         ..plan
     };
     let local = if batch.y.dim(0)? > 0 {
-        local_gradients(net, state, trainable, &batch.x, &batch.y, mode, plan)?
+        local_gradients(
+            net,
+            state,
+            trainable,
+            (&batch.x, &batch.y),
+            mode,
+            plan,
+            None,
+        )?
     } else {
         let none = StepStats {
             loss: 0.0,
@@ -220,10 +278,10 @@ fn local_gradients(
     net: &dyn Network,
     state: &mut NetState,
     trainable: &[bool],
-    x: &Tensor,
-    y: &Tensor,
+    (x, y): (&Tensor, &Tensor),
     mode: Mode,
     plan: GradPlan,
+    update: Option<Update<'_>>,
 ) -> Result<(StepStats, Vec<Option<Grad>>)> {
     let n = y.dim(0)?;
     let parts = plan.accumulate.clamp(1, n.max(1));
@@ -235,15 +293,17 @@ fn local_gradients(
         Recompute::None | Recompute::Auto => micro_gradients,
         Recompute::Blocks => super::recompute::block_gradients,
     };
+    let mut sums = Sums::new(trainable.len(), plan.release, update);
     if parts == 1 {
-        return micro(net, state, &view, trainable, (&x, y), mode, plan.release);
+        let stats = micro(net, state, &view, trainable, (&x, y), mode, &mut sums)?;
+        return Ok((stats, sums.into_grads()));
     }
-    let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
     let (mut loss, mut correct) = (0f64, 0usize);
     for k in 0..parts {
         let (a, b) = (k * n / parts, (k + 1) * n / parts);
         let (xk, yk) = (x.narrow(0, a, b - a)?, y.narrow(0, a, b - a)?);
-        let (s, grads) = micro(net, state, &view, trainable, (&xk, &yk), mode, false)?;
+        sums.micro_batch((b - a) as f64 / n as f64, k + 1 == parts);
+        let s = micro(net, state, &view, trainable, (&xk, &yk), mode, &mut sums)?;
         correct += s.correct;
         if !s.loss.is_finite() {
             let stats = StepStats {
@@ -254,38 +314,13 @@ fn local_gradients(
             return Ok((stats, vec![None; trainable.len()]));
         }
         loss += f64::from(s.loss) * (b - a) as f64;
-        let w = (b - a) as f64 / n as f64;
-        for (acc, g) in sum.iter_mut().zip(grads) {
-            if let Some(Grad::Device(g)) = g {
-                let g = (widen(&g)? * w)?;
-                *acc = Some(match acc.take() {
-                    Some(t) => (t + g)?,
-                    None => g,
-                });
-            }
-        }
     }
     let stats = StepStats {
         loss: (loss / n as f64) as f32,
         correct,
         n,
     };
-    Ok((
-        stats,
-        sum.into_iter().map(|g| g.map(Grad::Device)).collect(),
-    ))
-}
-
-/// A gradient in f32 where f32 arithmetic follows on the device (micro-batch sums,
-/// the all-reduce, clipping). A bf16 gradient (of bf16 working weights) becomes exactly
-/// the f32 gradient the recorded cast of f32 weights delivers: candle's backward adds the
-/// widened gradient to zeros.
-pub fn widen(g: &Tensor) -> Result<Tensor> {
-    if g.dtype() == DType::F32 {
-        return Ok(g.clone());
-    }
-    let w = g.to_dtype(DType::F32)?;
-    Ok(w.zeros_like()?.add(&w)?)
+    Ok((stats, sums.into_grads()))
 }
 
 /// The forward's weights (`state.view`: frozen layers detached) and input in the working
@@ -361,16 +396,28 @@ pub fn apply(
     lrs: &[f64],
 ) -> Result<()> {
     for (i, g) in grads.iter().enumerate() {
-        let Some(g) = g else { continue };
-        match state.masters_mut()? {
-            Some(m) => {
-                opt.step_master(i, &mut m[i], g, lrs[i])?;
-                state.refresh(i)?;
-            }
-            None => opt.step(i, &state.params[i], g, lrs[i])?,
+        if let Some(g) = g {
+            apply_layer(opt, state, i, g, lrs[i])?;
         }
     }
     Ok(())
+}
+
+/// [`apply`] for layer `i` alone.
+pub fn apply_layer(
+    opt: &mut Optimizer,
+    state: &mut NetState,
+    i: usize,
+    g: &Grad,
+    lr: f64,
+) -> Result<()> {
+    match state.masters_mut()? {
+        Some(m) => {
+            opt.step_master(i, &mut m[i], g, lr)?;
+            state.refresh(i)
+        }
+        None => opt.step(i, &state.params[i], g, lr),
+    }
 }
 
 /// Where a step went non-finite, if it did: the loss, or the first layer whose gradient

@@ -220,9 +220,20 @@ pub fn grad_vec(g: &Tensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Writes gradient `g`'s values into `out` as [`grad_values`] defines them, read from
-/// the tensor's host storage in one pass (bf16 widened as `0 + widen(x)`).
+/// Adds gradient `g`'s values, as [`grad_values`] defines them, to `sum` in f32 (a
+/// micro-batch's gradient into the step's sum on the host, without a copy between).
+pub fn add_grad(g: &Tensor, sum: &mut [f32]) -> Result<()> {
+    combine_grad(g, sum, |o, x| *o += x)
+}
+
+/// Writes gradient `g`'s values into `out` as [`grad_values`] defines them.
 fn write_grad(g: &Tensor, out: &mut [f32]) -> Result<()> {
+    combine_grad(g, out, |o, x| *o = x)
+}
+
+/// Combines gradient `g`'s values as [`grad_values`] defines them into `out` with `f`,
+/// read from the tensor's host storage in one pass (bf16 widened as `0 + widen(x)`).
+fn combine_grad(g: &Tensor, out: &mut [f32], f: impl Fn(&mut f32, f32)) -> Result<()> {
     use candle_core::{CpuStorage, DType, Storage};
     let g = g.to_device(&Device::Cpu)?;
     let g = match g.dtype() {
@@ -234,11 +245,16 @@ fn write_grad(g: &Tensor, out: &mut [f32]) -> Result<()> {
         bail!("a contiguous gradient has no contiguous offsets");
     };
     match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => out.copy_from_slice(&v[a..b]),
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            for (o, x) in out.iter_mut().zip(&v[a..b]) {
-                *o = x.to_f32() + 0.0;
-            }
+        Storage::Cpu(CpuStorage::F32(v)) if v[a..b].len() == out.len() => {
+            out.iter_mut().zip(&v[a..b]).for_each(|(o, &x)| f(o, x));
+        }
+        Storage::Cpu(CpuStorage::BF16(v)) if v[a..b].len() == out.len() => {
+            out.iter_mut()
+                .zip(&v[a..b])
+                .for_each(|(o, x)| f(o, x.to_f32() + 0.0));
+        }
+        Storage::Cpu(CpuStorage::F32(_) | CpuStorage::BF16(_)) => {
+            bail!("a gradient of {} values for {} slots", b - a, out.len())
         }
         _ => bail!("gradient of dtype {:?} on the host", g.dtype()),
     }

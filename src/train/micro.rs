@@ -74,8 +74,7 @@ impl<'a> Sums<'a> {
             (Some(Grad::Device(t)), _) => Grad::Device((t + g)?),
             (Some(Grad::Host(mut v)), _) => {
                 // f32 additions as the device's `t + g`.
-                let g = host::grad_values(&g)?;
-                v.iter_mut().zip(g.iter()).for_each(|(a, b)| *a += b);
+                host::add_grad(&g, &mut v)?;
                 Grad::Host(v)
             }
         };

@@ -66,7 +66,7 @@ fn apply_checked(
 }
 
 /// The rest of the step after [`gradients`]: the guard (with clipping) and the update
-/// of every layer whose gradient was returned. Returns whether the step was applied.
+/// of every layer whose gradient was returned (none where the guard skips the step).
 pub fn finish(
     ctx: &mut RunContext,
     state: &mut NetState,
@@ -74,12 +74,11 @@ pub fn finish(
     (stats, grads): (&StepStats, &mut [Option<Grad>]),
     lrs: &[f64],
     at: At<'_>,
-) -> Result<bool> {
-    if !ctx.guard(at.step, at.branch, stats, grads)? {
-        return Ok(false);
+) -> Result<()> {
+    match ctx.guard(at.step, at.branch, stats, grads)? {
+        true => apply(opt, state, grads, lrs),
+        false => Ok(()),
     }
-    apply(opt, state, grads, lrs)?;
-    Ok(true)
 }
 
 /// A whole optimizer step: [`gradients`], then [`finish`].

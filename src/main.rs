@@ -1,5 +1,5 @@
 //! The `ldt` command line. Exit codes: 0 success, 1 the run failed, 2 bad command line
-//! or configuration, 3 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (requeue
+//! or configuration, 3 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (requeue
 //! with --resume), 4 a second signal exited at once.
 
 use anyhow::{Context, Result};
@@ -81,6 +81,12 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Check a run directory's checkpoints and exported weights against their recorded
+    /// checksums (exit 1 if anything is damaged).
+    VerifyCheckpoint {
+        /// Run directory (the --out of `ldt train`).
+        dir: PathBuf,
+    },
     /// Redraw partition.svg / partition.png of a run directory.
     Plot {
         /// Run directory.
@@ -155,6 +161,32 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// `ldt verify-checkpoint`: one line per checkpoint and file; an error if any is damaged.
+fn verify_checkpoint(dir: &Path) -> Result<()> {
+    let verdicts = ldt::checkpoint::verify_run(dir)?;
+    let mut damaged = 0;
+    for v in &verdicts {
+        match &v.result {
+            Ok(what) => println!("ok       {}: {what}", v.path.display()),
+            Err(e) => {
+                damaged += 1;
+                println!("DAMAGED  {}: {e:#}", v.path.display());
+            }
+        }
+    }
+    match (verdicts.len(), damaged) {
+        (0, _) => anyhow::bail!(
+            "{} holds no checkpoint and no safetensors file",
+            dir.display()
+        ),
+        (n, 0) => {
+            println!("{n} checked, all intact");
+            Ok(())
+        }
+        (n, d) => anyhow::bail!("{d} of {n} damaged in {}", dir.display()),
+    }
 }
 
 /// A configuration or command-line problem (exit code 2).
@@ -276,7 +308,7 @@ fn stats(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
     let dir =
         out.unwrap_or_else(|| PathBuf::from(format!("{}-stats", default_out(config).display())));
     let mut ctx = RunContext::open(cfg, &dir)?;
-    let mut state = ctx.initial_state()?;
+    let mut state = ctx.start_state(ctx.stage1_resume.as_ref())?;
     let p = ldt::train::stage1::run(&mut ctx, &mut state)?;
     println!(
         "{:<40} {:>10} {:>12} {:>9} {:>10}",
@@ -493,6 +525,7 @@ fn main() -> ExitCode {
             info();
             Ok(Ok(()))
         }
+        Cmd::VerifyCheckpoint { dir } => Ok(verify_checkpoint(&dir)),
         Cmd::VerifyModel {
             arch,
             set,

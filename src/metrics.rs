@@ -60,8 +60,11 @@ pub enum Record {
     },
     /// The run continued from a checkpoint.
     Resume {
-        /// The checkpoint's step.
+        /// The checkpoint's training step (0 for a stage-1 checkpoint).
         step: usize,
+        /// Stage-1 steps done, for a stage-1 checkpoint.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stage1: Option<usize>,
     },
 }
 
@@ -662,7 +665,15 @@ mod tests {
             branch: "pm".into(),
             reason: "the loss is NaN".into(),
         };
-        for r in [&train, &eval, &skip, &Record::Resume { step: 4 }] {
+        for r in [
+            &train,
+            &eval,
+            &skip,
+            &Record::Resume {
+                step: 4,
+                stage1: None,
+            },
+        ] {
             log.write(r).unwrap();
         }
         drop(log);

@@ -491,7 +491,7 @@ fn write_raw(path: &Path, tensors: &[RawTensor]) {
             )
         })
         .collect();
-    safetensors::serialize_to_file(views, &None, path).unwrap();
+    safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
 /// A schedule file with tensor `train_batches` = `rows` (i64 [S, B]).

@@ -1,8 +1,10 @@
 //! Bounded, seeded mutation fuzzing of the two text parsers a user feeds directly: the
 //! run configuration (`Config::from_toml`, with `--set` overrides) and the benchmark
-//! manifest (`Manifest::load`). It runs on stable in every `cargo test`; the coverage-guided
-//! libFuzzer targets in `fuzz/` (nightly, `cargo fuzz run config|manifest`) search the
-//! same properties much longer.
+//! manifest (`Manifest::load`), and of the readers of what a run wrote: a checkpoint
+//! (`meta.json` and the safetensors header and tensors of `state.safetensors`) and a
+//! weights file. It runs on stable in every `cargo test`; the coverage-guided libFuzzer
+//! targets in `fuzz/` (nightly, `cargo fuzz run config|manifest|checkpoint|weights`)
+//! search the same properties much longer.
 //!
 //! Inputs: the shipped configs and the bundled manifest, mutated by byte flips,
 //! truncations, deleted / duplicated / swapped lines (key deletions and repeats),
@@ -11,7 +13,10 @@
 //! - every error names where it comes from (the config file or the `--set` it was given;
 //!   the manifest's path);
 //! - a configuration that validates reloads from its own `to_toml` (what each run
-//!   directory stores), and a manifest that loads keeps `Manifest::load`'s promises.
+//!   directory stores), and a manifest that loads keeps `Manifest::load`'s promises;
+//! - a damaged checkpoint or weights file is never read as something else: it either
+//!   loads with every tensor and field bit-identical to what was written (a change that
+//!   alters nothing, e.g. whitespace), or fails with an error naming it.
 
 #[path = "common/testkit.rs"]
 mod testkit;
@@ -332,6 +337,146 @@ fn manifest_parser_survives_mutations() {
         valid > 50 && valid < cases - 500,
         "{valid} of {cases} valid"
     );
+}
+
+/// Random damage to a bit: a flipped bit, a truncation, a zeroed span or a header byte.
+fn damage(r: &mut Rng, b: &[u8]) -> Vec<u8> {
+    let mut v = b.to_vec();
+    let n = v.len();
+    match r.below(4) {
+        0 => {
+            let i = r.below(n);
+            v[i] ^= 1 << r.below(8);
+        }
+        1 => v.truncate(r.below(n)),
+        2 => {
+            let i = r.below(n);
+            let e = (i + 1 + r.below(64)).min(n);
+            v[i..e].fill(0);
+        }
+        // Inside the 8-byte length or the JSON header, where the shapes and offsets are.
+        _ => {
+            let header = 8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            let i = r.below(header.min(n));
+            v[i] = pick(r, &["0", "9", "{", "\"", ",", " ", "]"]).as_bytes()[0];
+        }
+    }
+    v
+}
+
+/// Checkpoints and weights files with random damage: the readers never panic, never
+/// return values other than those written, and name the file or checkpoint they refuse.
+#[test]
+fn damaged_checkpoints_and_weights_are_never_trusted() {
+    use candle_core::{DType, Device, Tensor};
+    use ldt::checkpoint::{self, Writer};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let mut w = Writer::default();
+    let a = Tensor::arange(0f32, 24.0, &Device::Cpu)
+        .unwrap()
+        .reshape((4, 6))
+        .unwrap();
+    let b = (Tensor::arange(0f32, 5.0, &Device::Cpu).unwrap() * 0.1)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let c = Tensor::new(&[7i64, -3], &Device::Cpu).unwrap();
+    w.tensor("live/a", &a);
+    w.tensor("opt/0/m", &b);
+    w.tensor("counters", &c);
+    w.meta("batches", serde_json::json!(96));
+    w.meta("lr", serde_json::json!(0.1 + 0.2));
+    let mut common = serde_json::Map::new();
+    common.insert("method".into(), serde_json::json!("ldt-s"));
+    let ck_dir = checkpoint::save(run, checkpoint::Kind::Train, 5, common, w, 2).unwrap();
+    let (state_path, meta_path) = (ck_dir.join("state.safetensors"), ck_dir.join("meta.json"));
+    let (state, meta) = (
+        std::fs::read(&state_path).unwrap(),
+        std::fs::read_to_string(&meta_path).unwrap(),
+    );
+    let good = checkpoint::latest(run, &Device::Cpu).unwrap().unwrap();
+    let bits = |t: &Tensor| -> Vec<u8> {
+        let v = t
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    };
+    let same = |ck: &checkpoint::Checkpoint| {
+        ck.meta == good.meta
+            && ck.tensors.len() == good.tensors.len()
+            && good.tensors.iter().all(|(k, t)| {
+                ck.tensors.get(k).is_some_and(|u| {
+                    u.dtype() == t.dtype() && u.dims() == t.dims() && bits(u) == bits(t)
+                })
+            })
+    };
+    let mut r = Rng::new(20_261_206, 3);
+    let (mut cases, mut refused) = (0, 0);
+    for _ in 0..1500 {
+        let on_state = r.below(2) == 0;
+        let (s, m) = match on_state {
+            true => (damage(&mut r, &state), meta.clone()),
+            false => (state.clone(), mutate(&mut r, &meta)),
+        };
+        std::fs::write(&state_path, &s).unwrap();
+        std::fs::write(&meta_path, &m).unwrap();
+        let res = catch_unwind(AssertUnwindSafe(|| checkpoint::latest(run, &Device::Cpu)))
+            .unwrap_or_else(|_| panic!("checkpoint::latest panicked (state damaged: {on_state})"));
+        cases += 1;
+        match res {
+            Ok(Some(ck)) => assert!(
+                same(&ck),
+                "a damaged checkpoint was read as other values (state damaged: {on_state}):\n{m}"
+            ),
+            Ok(None) => panic!("the checkpoint vanished"),
+            Err(e) => {
+                refused += 1;
+                let msg = format!("{e:#}");
+                assert!(
+                    msg.contains("step-5"),
+                    "an error that does not name the checkpoint: {msg}"
+                );
+            }
+        }
+    }
+    eprintln!("checkpoint: {cases} damaged copies, {refused} refused, the rest read identical");
+    assert!(refused > cases * 3 / 4, "{refused} of {cases} refused");
+
+    // A weights file, as `model.init` and `ldt eval` read it.
+    let wpath = run.join("w.safetensors");
+    ldt::model::io::save_tensors(&[("x".into(), a.clone()), ("y".into(), b.clone())], &wpath)
+        .unwrap();
+    let wbytes = std::fs::read(&wpath).unwrap();
+    let (mut refused, mut cases) = (0, 0);
+    for _ in 0..1500 {
+        std::fs::write(&wpath, damage(&mut r, &wbytes)).unwrap();
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            ldt::model::io::read_safetensors(&wpath, &Device::Cpu)
+        }))
+        .unwrap_or_else(|_| panic!("read_safetensors panicked"));
+        cases += 1;
+        match res {
+            Ok(map) => assert!(
+                map.len() == 2 && bits(&map["x"]) == bits(&a) && bits(&map["y"]) == bits(&b),
+                "a damaged weights file was read as other values"
+            ),
+            Err(e) => {
+                refused += 1;
+                let msg = format!("{e:#}");
+                assert!(
+                    msg.contains("w.safetensors"),
+                    "an error that does not name the file: {msg}"
+                );
+            }
+        }
+    }
+    eprintln!("weights: {cases} damaged copies, {refused} refused, the rest read identical");
+    assert!(refused > cases * 3 / 4, "{refused} of {cases} refused");
 }
 
 /// Inputs the fuzzers found or that sit on an edge, kept as fixed cases.

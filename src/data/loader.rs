@@ -274,5 +274,5 @@ pub fn read_ragged(path: &Path, indices_key: &str, sizes_key: &str) -> Result<Ve
 pub fn schedule_has(path: &Path, key: &str) -> Result<bool> {
     let m = open_schedule(path)?;
     let st = parse(path, &m)?;
-    Ok(st.names().iter().any(|n| *n == key))
+    Ok(st.names().contains(&key))
 }

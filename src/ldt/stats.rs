@@ -123,6 +123,53 @@ impl LayerAccumulator {
         self.batches
     }
 
+    /// The running state, to checkpoint it: `[batches, entries, mean, m2]` and the
+    /// per-element means and squared deviations (empty without `cross`).
+    pub fn parts(&self) -> ([f64; 4], &[f64], &[f64]) {
+        let scalars = [self.batches as f64, self.entries as f64, self.mean, self.m2];
+        (scalars, &self.elem_mean, &self.elem_m2)
+    }
+
+    /// An accumulator continuing from [`LayerAccumulator::parts`] of a layer of `numel`
+    /// elements.
+    ///
+    /// # Errors
+    /// Parts that do not fit the layer or `cross` (counts not whole, entries not
+    /// `batches * numel`, per-element parts of another length).
+    pub fn restore(
+        numel: usize,
+        cross: bool,
+        scalars: &[f64],
+        elem_mean: Vec<f64>,
+        elem_m2: Vec<f64>,
+    ) -> anyhow::Result<Self> {
+        let [batches, entries, mean, m2] = scalars else {
+            anyhow::bail!("{} scalars, expected 4", scalars.len());
+        };
+        let whole = |x: f64| x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(53);
+        let elems = if cross { numel } else { 0 };
+        if !whole(*batches)
+            || !whole(*entries)
+            || *entries != batches * numel as f64
+            || elem_mean.len() != elems
+            || elem_m2.len() != elems
+        {
+            anyhow::bail!(
+                "the saved statistics do not fit a layer of {numel} elements (batches {batches}, entries {entries}, {} per-element moments; cross variance {cross})",
+                elem_mean.len()
+            );
+        }
+        Ok(LayerAccumulator {
+            numel,
+            batches: *batches as u64,
+            entries: *entries as u64,
+            mean: *mean,
+            m2: *m2,
+            elem_mean,
+            elem_m2,
+        })
+    }
+
     /// The statistics; needs at least two batches (checked by the caller).
     pub fn finish(&self) -> LayerStats {
         let var = if self.entries > 1 {

@@ -1,24 +1,40 @@
 //! Weights in and out through safetensors with PyTorch names, checked against the
-//! network's specs; files are written atomically (temporary file, fsync, rename).
+//! network's specs; files are written atomically (temporary file, fsync, rename) with a
+//! checksum of every tensor, checked when they are read back ([`crate::integrity`]).
 
 use super::{init_tensor, NetState, Network};
+use crate::integrity::Checked;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Reads every tensor of a safetensors file (memory-mapped).
+/// Reads every tensor of a safetensors file, checking the checksums it records (files
+/// from other tools record none and are read as they are).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    Ok(read_checked(path, device)?.0)
+}
+
+/// [`read_safetensors`], and whether the file recorded checksums.
+pub fn read_checked(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Checked)> {
     if !path.exists() {
         bail!("weights file {} does not exist", path.display());
     }
-    candle_core::safetensors::load(path, device).with_context(|| {
-        format!(
-            "{} is not a readable safetensors file (truncated or corrupt?); re-export it with safetensors.torch.save_file",
-            path.display()
-        )
-    })
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (st, checked) = crate::integrity::check_file(path, &bytes)?;
+    let tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = view
+                .load(device)
+                .with_context(|| format!("{}: tensor `{name}` cannot be read", path.display()))?;
+            Ok((name, t))
+        })
+        .collect::<Result<_>>()?;
+    Ok((tensors, checked))
 }
 
 /// Loads `path` into a network state: every parameter and buffer must be present with
@@ -172,16 +188,32 @@ pub fn save_state(net: &dyn Network, state: &NetState, path: &Path) -> Result<()
 }
 
 /// Writes named tensors to `path` atomically: a temporary file in the same directory,
-/// fsync, then rename, so a reader never sees a half-written file.
+/// fsync, then rename, so a reader never sees a half-written file. The header metadata
+/// records each tensor's checksum.
 pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    use safetensors::View;
     let map: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
+    // One tensor's bytes at a time: the checksums cost no second copy of the file.
+    let sums = map.iter().map(|(name, t)| {
+        let dtype = format!("{:?}", View::dtype(t));
+        let sum = crate::integrity::tensor_checksum(name, &dtype, t.dims(), &View::data(t));
+        (name.clone(), sum)
+    });
+    let sums = crate::integrity::tensor_metadata(sums);
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    candle_core::safetensors::save(&map, &tmp)
+    // The writer persists a private (0600) temporary file in place of `tmp`: the file
+    // gets the permissions of one created here (the umask's), as any other output.
+    let perms = std::fs::File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .with_context(|| format!("cannot create {}", tmp.display()))?
+        .permissions();
+    safetensors::serialize_to_file(&map, Some(sums), &tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)
+    std::fs::set_permissions(&tmp, perms)
+        .and_then(|_| std::fs::File::open(&tmp))
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;

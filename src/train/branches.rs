@@ -641,7 +641,7 @@ pub fn open(
             (b, partition)
         }
         None => {
-            let mut start = ctx.initial_state()?;
+            let mut start = ctx.start_state(ctx.stage1_resume.as_ref())?;
             ctx.plan_memory(&start)?;
             let partition = super::stage1::run(ctx, &mut start)?;
             let masks = [partition.mask(Phase::P), partition.mask(Phase::A)];

@@ -40,11 +40,11 @@ impl Erm {
                 (state, opt.placed(cfg.offload.optimizer)?)
             }
             None => {
-                let mut state = ctx.initial_state()?;
+                let resume = ctx.stage1_resume.take();
+                let mut state = ctx.start_state(resume.as_ref())?;
                 ctx.plan_memory(&state)?;
                 if cfg.train.head_warmup_steps > 0 {
                     let order = ctx.train_order()?;
-                    let mut l = ctx.loader(order, cfg.train.head_warmup_steps)?;
                     let fit = Fit {
                         mask: &head,
                         steps: cfg.train.head_warmup_steps,
@@ -54,9 +54,10 @@ impl Erm {
                         },
                         lr: cfg.stage1.warmup_lr,
                         stage: "warmup",
+                        key: "train.head_warmup_steps",
                     };
                     ctx.stages.enter("stage1");
-                    fit_layers(ctx, &mut state, &mut l, fit)?;
+                    fit_layers(ctx, &mut state, order, fit, resume.as_ref())?;
                     ctx.stages.exit();
                 }
                 (

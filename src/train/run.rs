@@ -66,9 +66,13 @@ pub struct RunContext {
     best: Option<(f64, usize, String)>,
     /// Final and intermediate results that go into `summary.json`.
     pub summary: Summary,
-    /// The checkpoint to continue from (`checkpoint.resume = "auto"`), taken by the method.
+    /// The training checkpoint to continue from (`checkpoint.resume = "auto"`), taken by
+    /// the method.
     pub resume: Option<Checkpoint>,
-    /// Stop requests from SIGTERM / SIGUSR1 (installed by the CLI).
+    /// The stage-1 checkpoint to continue stage 1 from, when no training checkpoint is
+    /// intact; taken by stage 1 (its network by the method first).
+    pub stage1_resume: Option<Checkpoint>,
+    /// Stop requests from SIGTERM / SIGINT / SIGUSR1 (installed by the CLI).
     pub signals: Option<Signals>,
     /// Heap peaks by stage.
     pub stages: metrics::StagePeaks,
@@ -79,6 +83,9 @@ pub struct RunContext {
     /// `offload.device_bytes` needs it ([`RunContext::plan_memory`]).
     eval_batch: usize,
     started: Instant,
+    /// The lock on the directory this process writes ([`crate::lock`]); declared last so
+    /// it is released after everything else was dropped.
+    _lock: crate::lock::RunLock,
 }
 
 /// The error of a non-finite step of `branch` under `train.on_nonfinite = "stop"`.
@@ -173,6 +180,8 @@ impl RunContext {
                 dir.display()
             )
         })?;
+        // Before anything is written: one run per directory.
+        let lock = crate::lock::RunLock::acquire(dir)?;
         let probe = dir.join(".ldt-write-test");
         std::fs::write(&probe, b"ok").with_context(|| {
             format!(
@@ -200,9 +209,23 @@ impl RunContext {
         };
         let mut metrics = MetricsLog::create(&dir.join("metrics.jsonl"), resume.is_some())?;
         if let Some(ck) = &resume {
-            println!("resuming from {} (step {})", ck.dir.display(), ck.step);
-            metrics.write(&Record::Resume { step: ck.step })?;
+            let what = ck.kind.steps_name();
+            println!("resuming from {} ({what} {})", ck.dir.display(), ck.step);
+            metrics.write(&match ck.kind {
+                checkpoint::Kind::Train => Record::Resume {
+                    step: ck.step,
+                    stage1: None,
+                },
+                checkpoint::Kind::Stage1 => Record::Resume {
+                    step: 0,
+                    stage1: Some(ck.step),
+                },
+            })?;
         }
+        let (resume, stage1_resume) = match resume {
+            Some(ck) if ck.kind == checkpoint::Kind::Stage1 => (None, Some(ck)),
+            r => (r, None),
+        };
         let pool = bench.source_pool();
         let (train_indices, val) = hold_out(&bench, &cfg);
         let eval_batch = cfg.eval.batch_size;
@@ -211,11 +234,13 @@ impl RunContext {
             val,
             best: None,
             resume,
+            stage1_resume,
             signals: None,
             cfg,
             dir: dir.to_path_buf(),
             run_dir: run_dir.to_path_buf(),
             _scratch: scratch,
+            _lock: lock,
             device,
             bench,
             net,
@@ -388,6 +413,15 @@ impl RunContext {
         self.net.input_shape().iter().product()
     }
 
+    /// The network stage 1 starts from or continues: that of the stage-1 checkpoint
+    /// `resume`, else [`RunContext::initial_state`].
+    pub fn start_state(&self, resume: Option<&Checkpoint>) -> Result<NetState> {
+        match resume {
+            Some(ck) => self.restore_net(ck, "start"),
+            None => self.initial_state(),
+        }
+    }
+
     /// Starting weights: `model.init` if set (its head re-initialized, seeded, with
     /// `model.reset_head`), else seeded PyTorch-style init; in the run's working layout
     /// ([`RunContext::working`]).
@@ -489,9 +523,27 @@ impl RunContext {
         self.signals.as_ref().is_some_and(Signals::requested)
     }
 
-    /// Writes checkpoint `step` with the method's tensors; after a signal, returns the
-    /// [`Interrupted`] error that ends the run with the requeue exit code.
+    /// Whether a stage-1 checkpoint is due after its step `k` (warm-up steps, then
+    /// statistics batches, counted together): every `checkpoint.every` of them, or when
+    /// a signal asked to stop.
+    pub fn stage1_checkpoint_due(&self, k: usize) -> Result<bool> {
+        let every = self.cfg.checkpoint.every;
+        let stop = crate::dist::any(self.stop_requested())?;
+        Ok(stop || (every > 0 && k.is_multiple_of(every)))
+    }
+
+    /// Writes training checkpoint `step` with the method's tensors; after a signal,
+    /// returns the [`Interrupted`] error that ends the run with the requeue exit code.
     pub fn checkpoint(&mut self, step: usize, w: Writer) -> Result<()> {
+        self.save_checkpoint(checkpoint::Kind::Train, step, w)
+    }
+
+    /// [`RunContext::checkpoint`] of stage 1, after `k` of its steps.
+    pub fn checkpoint_stage1(&mut self, k: usize, w: Writer) -> Result<()> {
+        self.save_checkpoint(checkpoint::Kind::Stage1, k, w)
+    }
+
+    fn save_checkpoint(&mut self, kind: checkpoint::Kind, step: usize, w: Writer) -> Result<()> {
         let common = checkpoint::common_meta(
             self.cfg.train.method.name(),
             self.net.as_ref(),
@@ -503,13 +555,14 @@ impl RunContext {
         let dir = if group.rank() == 0 {
             checkpoint::save(
                 &self.run_dir,
+                kind,
                 step,
                 common,
                 w,
                 self.cfg.checkpoint.keep_last,
             )?
         } else {
-            checkpoint::step_dir(&self.run_dir, step)
+            checkpoint::dir_of(&self.run_dir, kind, step)
         };
         group.barrier()?;
         self.metrics.write(&Record::Checkpoint {
@@ -517,7 +570,7 @@ impl RunContext {
             dir: dir.display().to_string(),
         })?;
         if crate::dist::any(self.stop_requested())? {
-            return Err(Interrupted { step, dir }.into());
+            return Err(Interrupted { kind, step, dir }.into());
         }
         Ok(())
     }
@@ -556,6 +609,9 @@ impl RunContext {
 
     /// The resume checkpoint after checking that it belongs to this method and model.
     pub fn take_resume(&mut self) -> Result<Option<Checkpoint>> {
+        if let Some(ck) = &self.stage1_resume {
+            checkpoint::check_compatible(ck, self.cfg.train.method.name(), self.net.as_ref())?;
+        }
         match self.resume.take() {
             Some(ck) => {
                 checkpoint::check_compatible(&ck, self.cfg.train.method.name(), self.net.as_ref())?;

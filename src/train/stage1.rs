@@ -1,15 +1,20 @@
 //! Stage 1: warm-up on D1, the statistics pass on D2 (forward and backward with every
 //! layer trainable, no parameter or buffer change), and the partition — or, for a resumed
 //! run, the partition its checkpoint was trained with.
+//!
+//! Stage 1 is checkpointed like training (`checkpoint.every` counts its warm-up steps and
+//! statistics batches together; a signal checkpoints and stops): a `stage1-N` checkpoint
+//! holds the network (`start/`), and during the warm-up its optimizer (`warmup_opt/`),
+//! during the statistics pass the accumulators (`stats/`). A run resumed from one replays
+//! the data order from the seed and ends bit-identical to an uninterrupted run.
 
 use super::driver::Meter;
 use super::run::streams;
 use super::step::{gradients, GradPlan};
 use super::RunContext;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::{Criterion, Method, WarmupLayers};
 use crate::data::loader::{read_batches, read_ragged, BatchOrder};
-use crate::data::Loader;
 use crate::ldt::partition::{Partition, Ranking};
 use crate::ldt::stats::{LayerAccumulator, LayerStats};
 use crate::metrics::{PartitionSummary, Progress, Record, TrainRecord};
@@ -17,6 +22,7 @@ use crate::model::{Mode, NetState};
 use crate::optim::{OptimSettings, Optimizer};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 /// D1 (warm-up) and D2 (statistics): a seeded split of the source training examples.
@@ -31,6 +37,60 @@ fn split(ctx: &RunContext) -> (Vec<usize>, Vec<usize>) {
     )
 }
 
+/// Where a stage-1 checkpoint stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Point {
+    /// `k` warm-up steps done.
+    Warmup(usize),
+    /// The warm-up done and `b` statistics batches.
+    Stats(usize),
+}
+
+impl Point {
+    /// Of checkpoint `ck`.
+    fn of(ck: &Checkpoint) -> Result<Point> {
+        let done = ck.field("done")?.as_u64().unwrap_or(0) as usize;
+        match ck.field("phase")?.as_str() {
+            Some("warmup") => Ok(Point::Warmup(done)),
+            Some("stats") => Ok(Point::Stats(done)),
+            other => bail!(
+                "checkpoint {}: unknown stage-1 phase {other:?}",
+                ck.dir.display()
+            ),
+        }
+    }
+
+    /// Writes the position into a checkpoint.
+    fn write(self, w: &mut Writer) {
+        let (phase, done) = match self {
+            Point::Warmup(k) => ("warmup", k),
+            Point::Stats(b) => ("stats", b),
+        };
+        w.meta("phase", serde_json::json!(phase));
+        w.meta("done", serde_json::json!(done));
+    }
+}
+
+/// Steps of a stage-1 phase already done by checkpoint `ck` (`None`: none); an error
+/// naming `key` when the config asks for fewer than were done.
+fn done_of(ck: Option<&Checkpoint>, stats: bool, total: usize, key: &str) -> Result<usize> {
+    let Some(ck) = ck else { return Ok(0) };
+    let done = match (Point::of(ck)?, stats) {
+        (Point::Warmup(k), false) => k,
+        (Point::Warmup(_), true) => 0,
+        (Point::Stats(_), false) => total,
+        (Point::Stats(b), true) => b,
+    };
+    if done > total {
+        bail!(
+            "checkpoint {} is past {done} steps of stage 1's {}, the config asks for {total} (`{key}`); resume with the config it was written with",
+            ck.dir.display(),
+            if stats { "statistics pass" } else { "warm-up" }
+        );
+    }
+    Ok(done)
+}
+
 /// A warm-up: which layers, how long, with which optimizer and constant rate.
 pub struct Fit<'a> {
     /// Layers trained.
@@ -43,15 +103,20 @@ pub struct Fit<'a> {
     pub lr: f64,
     /// Stage name in logs.
     pub stage: &'a str,
+    /// The config key of `steps` (named when a checkpoint does not fit it).
+    pub key: &'a str,
 }
 
-/// Trains the layers of `fit.mask` with a fresh optimizer at a constant rate: the
-/// warm-ups (stage 1's on D1; erm's head-only `train.head_warmup_steps`).
+/// Trains the layers of `fit.mask` with a fresh optimizer at a constant rate on the
+/// batches of `order`: the warm-ups (stage 1's on D1; erm's head-only
+/// `train.head_warmup_steps`). Continues from the stage-1 checkpoint `resume` (`state`
+/// is already its network) and writes stage-1 checkpoints when due.
 pub fn fit_layers(
     ctx: &mut RunContext,
     state: &mut NetState,
-    loader: &mut Loader,
+    mut order: BatchOrder,
     fit: Fit<'_>,
+    resume: Option<&Checkpoint>,
 ) -> Result<()> {
     let Fit {
         mask,
@@ -59,13 +124,24 @@ pub fn fit_layers(
         settings,
         lr,
         stage,
+        key,
     } = fit;
     let n = ctx.net.params().len();
-    let mut opt = Optimizer::new(settings, n).placed(ctx.cfg.offload.optimizer)?;
+    let done = done_of(resume, false, steps, key)?;
+    if done == steps {
+        return Ok(());
+    }
+    let mut opt = match resume {
+        Some(ck) if done > 0 => ck.optimizer("warmup_opt", settings, n)?,
+        _ => Optimizer::new(settings, n),
+    }
+    .placed(ctx.cfg.offload.optimizer)?;
+    order.skip(done)?;
+    let mut loader = ctx.loader(order, steps - done)?;
     let lrs = vec![lr; n];
     let progress = Progress::new(stage, steps, ctx.cfg.train.log_every);
     let mut meter = Meter::default();
-    for step in 1..=steps {
+    for step in done + 1..=steps {
         let hb = loader.next_batch()?;
         let batch = ctx.batch(&hb)?;
         let at = super::update::At {
@@ -86,13 +162,25 @@ pub fn fit_layers(
             let (msg, _) = meter.take();
             progress.update(step, &msg);
         }
+        if ctx.stage1_checkpoint_due(step)? {
+            let mut w = Writer::default();
+            w.net("start", ctx.net.as_ref(), state)?;
+            w.optimizer("warmup_opt", &opt, ctx.net.as_ref())?;
+            Point::Warmup(step).write(&mut w);
+            ctx.checkpoint_stage1(step, w)?;
+        }
     }
     progress.finish();
     Ok(())
 }
 
-/// Warm-up: trains the head (or all layers) on D1 for `stage1.warmup_steps`.
-pub fn warmup(ctx: &mut RunContext, state: &mut NetState) -> Result<()> {
+/// Warm-up: trains the head (or all layers) on D1 for `stage1.warmup_steps`, from the
+/// stage-1 checkpoint `resume` if any.
+pub fn warmup(
+    ctx: &mut RunContext,
+    state: &mut NetState,
+    resume: Option<&Checkpoint>,
+) -> Result<()> {
     let c = ctx.cfg.stage1.clone();
     if c.warmup_steps == 0 {
         return Ok(());
@@ -110,7 +198,6 @@ pub fn warmup(ctx: &mut RunContext, state: &mut NetState) -> Result<()> {
         WarmupLayers::Head => (0..n).map(|i| ctx.net.is_head(i)).collect(),
         WarmupLayers::All => vec![true; n],
     };
-    let mut loader = ctx.loader(order, c.warmup_steps)?;
     let settings = OptimSettings {
         betas: c.warmup_betas,
         ..OptimSettings::from(&ctx.cfg.optim)
@@ -121,14 +208,20 @@ pub fn warmup(ctx: &mut RunContext, state: &mut NetState) -> Result<()> {
         settings,
         lr: c.warmup_lr,
         stage: "warmup",
+        key: "stage1.warmup_steps",
     };
-    fit_layers(ctx, state, &mut loader, fit)
+    fit_layers(ctx, state, order, fit, resume)
 }
 
-/// The statistics pass: per-layer streaming statistics of the gradients on D2.
-pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<LayerStats>> {
+/// The statistics pass: per-layer streaming statistics of the gradients on D2, from the
+/// stage-1 checkpoint `resume` if any.
+pub fn statistics(
+    ctx: &mut RunContext,
+    state: &mut NetState,
+    resume: Option<&Checkpoint>,
+) -> Result<Vec<LayerStats>> {
     let c = ctx.cfg.stage1.clone();
-    let order = match &ctx.cfg.data.schedule {
+    let mut order = match &ctx.cfg.data.schedule {
         Some(p) => {
             let b = read_ragged(p, "var_indices", "var_batch_sizes")?;
             if b.len() < c.stat_batches {
@@ -142,18 +235,39 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
             Rng::new(ctx.cfg.seed, streams::STATS),
         ),
     };
-    let mut loader = ctx.loader(order, c.stat_batches)?;
+    let done = done_of(resume, true, c.stat_batches, "stage1.stat_batches")?;
     let n = ctx.net.params().len();
     let cross = c.cross_variance || c.criterion == Criterion::VarCross;
-    let mut acc: Vec<LayerAccumulator> = ctx
-        .net
-        .params()
-        .iter()
-        .map(|s| LayerAccumulator::new(s.numel(), cross))
-        .collect();
+    let mut acc: Vec<LayerAccumulator> = match resume {
+        Some(ck) if done > 0 => (0..n)
+            .map(|i| {
+                let t = |part: &str| -> Result<Vec<f64>> {
+                    Ok(ck.tensor(&format!("stats/{i}/{part}"))?.to_vec1::<f64>()?)
+                };
+                LayerAccumulator::restore(
+                    ctx.net.params()[i].numel(),
+                    cross,
+                    &t("scalars")?,
+                    t("elem_mean")?,
+                    t("elem_m2")?,
+                )
+                .with_context(|| {
+                    format!("checkpoint {}: statistics of layer {i}", ck.dir.display())
+                })
+            })
+            .collect::<Result<_>>()?,
+        _ => ctx
+            .net
+            .params()
+            .iter()
+            .map(|s| LayerAccumulator::new(s.numel(), cross))
+            .collect(),
+    };
+    order.skip(done)?;
+    let mut loader = ctx.loader(order, c.stat_batches - done)?;
     let all = vec![true; n];
     let progress = Progress::new("stats", c.stat_batches, ctx.cfg.train.log_every);
-    for b in 1..=c.stat_batches {
+    for b in done + 1..=c.stat_batches {
         let hb = loader.next_batch()?;
         let batch = ctx.batch(&hb)?;
         let (st, grads) = gradients(
@@ -187,6 +301,22 @@ pub fn statistics(ctx: &mut RunContext, state: &mut NetState) -> Result<Vec<Laye
             step: b,
             loss: st.loss,
         })?;
+        if ctx.stage1_checkpoint_due(c.warmup_steps + b)? {
+            let mut w = Writer::default();
+            w.net("start", ctx.net.as_ref(), state)?;
+            for (i, a) in acc.iter().enumerate() {
+                let (scalars, mean, m2) = a.parts();
+                let dev = &candle_core::Device::Cpu;
+                w.tensor(
+                    format!("stats/{i}/scalars"),
+                    &Tensor::new(&scalars[..], dev)?,
+                );
+                w.tensor(format!("stats/{i}/elem_mean"), &Tensor::new(mean, dev)?);
+                w.tensor(format!("stats/{i}/elem_m2"), &Tensor::new(m2, dev)?);
+            }
+            Point::Stats(b).write(&mut w);
+            ctx.checkpoint_stage1(c.warmup_steps + b, w)?;
+        }
     }
     progress.finish();
     Ok(acc.iter().map(|a| a.finish()).collect())
@@ -205,7 +335,8 @@ pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
 fn choose_partition(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
     let c = ctx.cfg.stage1.clone();
     let ldt = ctx.cfg.ldt.clone();
-    warmup(ctx, state)?;
+    let resume = ctx.stage1_resume.take();
+    warmup(ctx, state, resume.as_ref())?;
     let net = ctx.net.as_ref();
     let partition = if let Some(p) = &c.partition {
         Partition::load(p, net)?
@@ -225,7 +356,7 @@ fn choose_partition(ctx: &mut RunContext, state: &mut NetState) -> Result<Partit
         };
         Partition::by_score(net, &src, &ldt)?
     } else {
-        let stats = statistics(ctx, state)?;
+        let stats = statistics(ctx, state, resume.as_ref())?;
         let scores: Vec<f64> = stats
             .iter()
             .map(|s| match c.criterion {

@@ -405,6 +405,19 @@ fn complete_steps(root: &Path, kind: Kind) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// Removes every checkpoint of the run in `run` (a fresh run into a directory holding an
+/// earlier run's: a later resume must not continue that run's history). Returns the
+/// directories removed.
+pub fn clear(run: &Path) -> Result<Vec<PathBuf>> {
+    let mut gone = Vec::new();
+    for (kind, step) in resume_order(run)? {
+        let d = dir_of(run, kind, step);
+        std::fs::remove_dir_all(&d).with_context(|| format!("cannot remove {}", d.display()))?;
+        gone.push(d);
+    }
+    Ok(gone)
+}
+
 /// Every complete checkpoint of the run in `run`, the one to resume from first: training
 /// checkpoints newest first, then stage 1's newest first.
 fn resume_order(run: &Path) -> Result<Vec<(Kind, usize)>> {

@@ -693,7 +693,8 @@ pub enum OnNonFinite {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Resume {
-    /// Start fresh (an existing run directory's checkpoints are left alone).
+    /// Start fresh: checkpoints of an earlier run in the directory are removed, with a
+    /// warning, so that a later resume never continues that run's history.
     Never,
     /// Continue from the newest complete checkpoint of the run directory, if any.
     Auto,

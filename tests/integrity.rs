@@ -437,3 +437,40 @@ fn stage1_resumes_bit_exactly() {
     );
     assert!(stage1_dirs(&cut).is_empty(), "{:?}", stage1_dirs(&cut));
 }
+
+/// A fresh run (no `--resume`) into a directory holding an earlier run's checkpoints
+/// removes them with a warning, so that a later `--resume` continues this run, not the
+/// earlier one: its resume ends where this run's own uninterrupted twin ends.
+#[test]
+fn a_fresh_run_removes_an_earlier_runs_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let dir = tmp.path().join("run");
+    ok(train(&cfg, &dir, false));
+    assert!(dir.join("checkpoints/step-12").exists());
+    let other = write_config(tmp.path(), "");
+    let t = std::fs::read_to_string(&other)
+        .unwrap()
+        .replace("seed = 7", "seed = 8");
+    let other = tmp.path().join("other.toml");
+    std::fs::write(&other, t).unwrap();
+    let o = ok(train(&other, &dir, false));
+    let t = text(&o);
+    assert!(
+        t.contains("held 3 checkpoint(s) of an earlier run") && t.contains("step-12"),
+        "{t}"
+    );
+    // This run's own checkpoints only: resuming changes nothing it exported.
+    let before: Vec<Vec<u8>> = OUTPUTS
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    std::fs::remove_dir_all(dir.join("checkpoints/step-12")).unwrap();
+    ok(train(&other, &dir, true));
+    for (f, b) in OUTPUTS.iter().zip(before) {
+        assert!(
+            std::fs::read(dir.join(f)).unwrap() == b,
+            "{f} changed on resume"
+        );
+    }
+}

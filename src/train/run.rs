@@ -205,7 +205,20 @@ impl RunContext {
         )?;
         let resume = match cfg.checkpoint.resume {
             Resume::Auto => checkpoint::latest(run_dir, &device)?,
-            Resume::Never => None,
+            Resume::Never => {
+                if crate::dist::is_main() {
+                    let gone = checkpoint::clear(run_dir)?;
+                    if let Some(newest) = gone.first() {
+                        eprintln!(
+                            "warning: {} held {} checkpoint(s) of an earlier run (newest {}); starting fresh removed them (pass --resume to continue a run instead)",
+                            run_dir.display(),
+                            gone.len(),
+                            newest.display()
+                        );
+                    }
+                }
+                None
+            }
         };
         let mut metrics = MetricsLog::create(&dir.join("metrics.jsonl"), resume.is_some())?;
         if let Some(ck) = &resume {

@@ -1,13 +1,19 @@
 //! Chaos: for every method and placement, a run is killed with SIGKILL at seeded random
-//! moments — during setup, stage 1, training steps, checkpoint writes, evaluations and
-//! exports alike, since the moments are drawn over the whole run's wall time — and
-//! resumed with `--resume` each time, until it completes; every exported file and
-//! `partition.json` must then equal the uninterrupted run's bit for bit.
+//! moments and resumed with `--resume` each time, until it completes; every exported
+//! file and `partition.json` must then equal the uninterrupted run's bit for bit.
+//!
+//! A moment is drawn in two steps: a kind of moment, uniformly among those the
+//! uninterrupted run has — `setup` (before the first record), `stage1` (a warm-up step
+//! or statistics batch), `train` (a training step), `eval` (an evaluation), `checkpoint`
+//! (right after a checkpoint record: the next step or the write that follows),
+//! `export` (after the last step's checkpoint: exports and the final evaluation) — then
+//! one of its records; the run is killed 0-20 ms after it logs that record (`setup`: 0-1 s
+//! after the start). A run that resumes past its moment completes unkilled and is
+//! compared too; the next kill starts a fresh directory.
 //!
 //! `LDT_CHAOS=K` sets the kills per configuration (default 2, the short form every
-//! `cargo test` runs); `LDT_CHAOS_SEED` the seed. Each kill's moment is reported by the
-//! last record the run had logged (`stage1`, `train`, `eval`, `checkpoint`, `setup`),
-//! and a summary line gives the kills survived, configurations and time.
+//! `cargo test` runs); `LDT_CHAOS_SEED` the seed. A summary line gives the kills
+//! survived by kind of moment, the configurations and the time.
 
 mod common;
 use common::*;
@@ -39,7 +45,7 @@ ema_every = 3
 p_steps = 4
 a_steps = 3
 [eval]
-every = 8
+every = 12
 batch_size = 512
 branches = true
 [snapshots]
@@ -85,24 +91,46 @@ fn command(cfg: &Path, sets: &[String], out: &Path) -> Command {
     c
 }
 
-/// What the run was doing when killed: its last logged record.
-fn moment(out: &Path) -> &'static str {
+/// A record as the moments name it: `(kind of moment, kind, stage, step)`.
+type Mark = (&'static str, String, String, u64);
+
+/// The records of `metrics.jsonl` from line `from` on, as [`Mark`]s.
+fn marks(out: &Path, from: usize) -> Vec<Mark> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    let Some(last) = text
+    let v: Vec<serde_json::Value> = text
         .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-    else {
-        return "setup";
-    };
-    match (last["kind"].as_str(), last["stage"].as_str()) {
-        (Some("stats"), _) | (Some("train"), Some("warmup")) => "stage1",
-        (Some("train"), _) => "train",
-        (Some("eval"), _) => "eval",
-        (Some("checkpoint"), _) => "checkpoint",
-        (Some("resume"), _) => "setup",
-        _ => "other",
-    }
+        .skip(from)
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let last_step = v
+        .iter()
+        .filter(|r| r["kind"] == "checkpoint")
+        .filter_map(|r| r["step"].as_u64())
+        .max();
+    v.iter()
+        .map(|r| {
+            let (kind, stage) = (
+                r["kind"].as_str().unwrap_or("").to_string(),
+                r["stage"].as_str().unwrap_or("").to_string(),
+            );
+            let step = r["step"].as_u64().unwrap_or(0);
+            let moment = match (kind.as_str(), stage.as_str()) {
+                ("stats", _) | ("train", "warmup") => "stage1",
+                ("train", _) => "train",
+                ("eval", _) => "eval",
+                ("checkpoint", _) if Some(step) == last_step => "export",
+                ("checkpoint", _) => "checkpoint",
+                _ => "other",
+            };
+            (moment, kind, stage, step)
+        })
+        .collect()
+}
+
+fn lines(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
 }
 
 /// Exported tensors and the partition of a finished run.
@@ -118,6 +146,30 @@ fn outputs(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// Every output of `cut` equals `full`'s bit for bit.
+fn same_outputs(name: &str, full: &Path, cut: &Path) {
+    let (a, b) = (outputs(full), outputs(cut));
+    assert_eq!(
+        a.iter().map(|p| p.file_name()).collect::<Vec<_>>(),
+        b.iter().map(|p| p.file_name()).collect::<Vec<_>>(),
+        "{name}: other files"
+    );
+    for (x, y) in a.iter().zip(&b) {
+        let same = match x.extension().is_some_and(|e| e == "safetensors") {
+            true => identical(x, y),
+            false => std::fs::read(x).unwrap() == std::fs::read(y).unwrap(),
+        };
+        assert!(same, "{name}: {} differs", x.display());
+    }
+}
+
+fn finish(name: &str, child: &mut std::process::Child) {
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).ok();
+    assert!(st.success(), "{name}: a resumed run failed: {err}");
 }
 
 #[test]
@@ -141,6 +193,7 @@ fn every_method_survives_random_kills() {
     .unwrap();
     let mut r = Rng::new(seed, 0);
     let mut at: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut completed = 0;
     for (name, sets) in CONFIGS {
         let spill = tmp.path().join(format!("{name}.spill"));
         let sets: Vec<String> = sets
@@ -148,64 +201,71 @@ fn every_method_survives_random_kills() {
             .map(|s| s.replace("SPILL", &spill.display().to_string()))
             .collect();
         let full = tmp.path().join(format!("{name}-full"));
-        let t = Instant::now();
         let o = command(&cfg, &sets, &full).output().unwrap();
         assert!(
             o.status.success(),
             "{name}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let whole = t.elapsed();
-        let cut = tmp.path().join(format!("{name}-cut"));
-        let mut done = 0;
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            assert!(
-                attempts < kills + 100,
-                "{name}: no completion after {attempts} runs"
-            );
-            let mut child = command(&cfg, &sets, &cut).spawn().unwrap();
-            if done == kills {
-                let st = child.wait().unwrap();
-                let mut err = String::new();
-                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).ok();
-                assert!(st.success(), "{name}: the final resume failed: {err}");
-                break;
+        let records = marks(&full, 0);
+        let mut kinds: Vec<&str> = records
+            .iter()
+            .map(|m| m.0)
+            .filter(|k| *k != "other")
+            .collect();
+        kinds.push("setup");
+        kinds.sort_unstable();
+        kinds.dedup();
+        let (mut done, mut cycle, mut runs) = (0, 0, 0);
+        while done < kills {
+            cycle += 1;
+            let cut = tmp.path().join(format!("{name}-cut{cycle}"));
+            loop {
+                runs += 1;
+                assert!(
+                    runs < 20 * kills + 50,
+                    "{name}: {runs} runs for {done} kills"
+                );
+                let kind = kinds[r.below(kinds.len())];
+                let of_kind: Vec<&Mark> = records.iter().filter(|m| m.0 == kind).collect();
+                let target = (!of_kind.is_empty()).then(|| of_kind[r.below(of_kind.len())].clone());
+                let from = lines(&cut);
+                let mut child = command(&cfg, &sets, &cut).spawn().unwrap();
+                let t = Instant::now();
+                let setup_delay = Duration::from_millis(r.below(1000) as u64);
+                let reached = || match &target {
+                    // The record itself (its kind of moment can read otherwise among
+                    // fewer records).
+                    Some(m) => marks(&cut, from)
+                        .iter()
+                        .any(|n| n.1 == m.1 && n.2 == m.2 && n.3 == m.3),
+                    None => t.elapsed() >= setup_delay,
+                };
+                while !reached() && child.try_wait().unwrap().is_none() {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                std::thread::sleep(Duration::from_millis(r.below(21) as u64));
+                if child.try_wait().unwrap().is_some() {
+                    // Resumed past its moment, or done: this directory's run is complete.
+                    finish(name, &mut child);
+                    break;
+                }
+                child.kill().unwrap();
+                child.wait().unwrap();
+                done += 1;
+                *at.entry(kind).or_default() += 1;
+                if done == kills {
+                    finish(name, &mut command(&cfg, &sets, &cut).spawn().unwrap());
+                    break;
+                }
             }
-            let delay = whole.mul_f64(r.next_f64() * 1.1);
-            let t = Instant::now();
-            while t.elapsed() < delay && child.try_wait().unwrap().is_none() {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if let Some(st) = child.try_wait().unwrap() {
-                // It finished first: this attempt killed nothing; start over on this run
-                // (a resume of a finished run redoes only the exports).
-                assert!(st.success(), "{name}: a resumed run failed");
-                continue;
-            }
-            child.kill().unwrap();
-            child.wait().unwrap();
-            done += 1;
-            *at.entry(moment(&cut)).or_default() += 1;
+            same_outputs(name, &full, &cut);
+            completed += 1;
         }
-        let (a, b) = (outputs(&full), outputs(&cut));
-        assert_eq!(
-            a.iter().map(|p| p.file_name()).collect::<Vec<_>>(),
-            b.iter().map(|p| p.file_name()).collect::<Vec<_>>(),
-            "{name}: other files"
-        );
-        for (x, y) in a.iter().zip(&b) {
-            let same = match x.extension().is_some_and(|e| e == "safetensors") {
-                true => identical(x, y),
-                false => std::fs::read(x).unwrap() == std::fs::read(y).unwrap(),
-            };
-            assert!(same, "{name}: {} differs after {kills} kills", x.display());
-        }
-        eprintln!("{name}: {kills} kills survived, outputs identical");
+        eprintln!("{name}: {done} kills survived in {cycle} run directories, outputs identical");
     }
     eprintln!(
-        "chaos: {} kills survived over {} configurations in {:.0} s (seed {seed}); last record before each kill: {at:?}",
+        "chaos: {} kills survived over {} configurations ({completed} interrupted runs completed, outputs identical) in {:.0} s (seed {seed}); kills by moment: {at:?}",
         kills * CONFIGS.len(),
         CONFIGS.len(),
         started.elapsed().as_secs_f64()

@@ -474,3 +474,50 @@ fn a_fresh_run_removes_an_earlier_runs_checkpoints() {
         );
     }
 }
+
+/// LDT-S with its counterpart tier in a file, killed before its first checkpoint: the
+/// file the killed run left is removed by the restart (named in `DIR/.ldt-spill`, held by
+/// no live process) and the run ends as the uninterrupted one; a file a live run holds
+/// is never removed.
+#[test]
+fn a_killed_runs_spill_file_is_reclaimed_a_live_ones_is_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spill = tmp.path().join("spill.bin");
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            "[offload]\nhost_bytes = 4096\npath = \"{}\"",
+            spill.display()
+        ),
+    );
+    let t = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("stat_batches = 4", "stat_batches = 200")
+        .replace("every = 4", "every = 0");
+    std::fs::write(&cfg, t).unwrap();
+    let full = tmp.path().join("full");
+    ok(train(&cfg, &full, false));
+    assert!(!spill.exists(), "a finished run removes its file");
+    let cut = tmp.path().join("cut");
+    let mut child = spawn(&cfg, &cut);
+    wait_until(&mut child, "statistics batch 5", || {
+        last_of(&cut, "stats", None) >= 5
+    });
+    // A second run with the same file while the first lives: refused, file untouched.
+    let other = tmp.path().join("other");
+    let o = train(&cfg, &other, true).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(spill.exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(spill.exists(), "the killed run left its file");
+    let o = ok(train(&cfg, &cut, true));
+    assert!(
+        text(&o).contains("removed the stale counterpart file"),
+        "{}",
+        text(&o)
+    );
+    for f in OUTPUTS {
+        assert!(identical(&full.join(f), &cut.join(f)), "{f} differs");
+    }
+}

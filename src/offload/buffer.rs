@@ -122,9 +122,36 @@ fn new_arena(
 }
 
 /// The file tier: a mapping of a file this buffer created, removed when the buffer goes.
+/// The file is `flock`ed while in use, so that [`remove_stale_spill`] can tell a file a
+/// killed run left from one a live run maps.
 struct SpillFile {
     map: Option<MmapMut>,
     path: PathBuf,
+    _file: Option<std::fs::File>,
+}
+
+/// Removes the counterpart file at `path` if no live process holds it (a run killed
+/// while using it left it behind); `Ok(false)` when there is none.
+///
+/// # Errors
+/// A live process holds the file (another run uses that `offload.path`), or it cannot
+/// be removed.
+pub fn remove_stale_spill(path: &std::path::Path) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: flock on a descriptor owned here.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is in use by a running process (another run with this offload.path)",
+            path.display()
+        )));
+    }
+    fs::remove_file(path)?;
+    Ok(true)
 }
 
 impl SpillFile {
@@ -144,13 +171,29 @@ impl SpillFile {
             .open(&path)
             .map_err(|e| err(&path, e))?;
         // From here on `spill` owns the path, so any early return removes the file.
-        let mut spill = SpillFile { map: None, path };
+        let mut spill = SpillFile {
+            map: None,
+            path,
+            _file: None,
+        };
+        // Held until the buffer goes (or the process ends): the file is in use.
+        // SAFETY: flock on the descriptor just opened.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            return Err(err(&spill.path, std::io::Error::last_os_error()));
+        }
         file.set_len(bytes).map_err(|e| err(&spill.path, e))?;
         // SAFETY: the file was just created by us with `create_new` and is private to this
         // buffer; nothing else in the process maps or truncates it, and modification by
         // another process is outside the contract of `offload.path`.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| err(&spill.path, e))?;
         spill.map = Some(map);
+        spill._file = Some(file);
         Ok(spill)
     }
 }

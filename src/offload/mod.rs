@@ -35,8 +35,8 @@ pub mod stream;
 use std::path::PathBuf;
 
 pub use buffer::{
-    CounterpartBuffer, HostAlloc, HostMemory, SharedCounterpartBuffer, SlotReadGuard, SlotSpec,
-    SlotWriteGuard,
+    remove_stale_spill, CounterpartBuffer, HostAlloc, HostMemory, SharedCounterpartBuffer,
+    SlotReadGuard, SlotSpec, SlotWriteGuard,
 };
 pub use ema::{fused_ema, EmaTask};
 pub use engine::{CopyEngine, Fence, StagingArea, StagingLease};

@@ -22,6 +22,7 @@ use crate::optim::{Grad, OptimSettings, Optimizer};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::json;
+use std::path::Path;
 
 /// The storage of PM and AM: their weights, buffers and optimizers.
 pub trait Branches {
@@ -303,24 +304,32 @@ pub fn offload_config(ctx: &RunContext) -> OffloadConfig {
 }
 
 /// Allocates the counterpart store of `ctx`'s network (before any training, so that a
-/// budget that cannot hold it fails first). A resumed run removes the spill file a
-/// killed run left behind: every slot comes back from the checkpoint.
+/// budget that cannot hold it fails first). A spill file an earlier instance of this
+/// run left behind (killed: resumed from a checkpoint, or named in the run directory's
+/// `.ldt-spill`) is removed when no live process holds it; every slot it held comes
+/// back from the checkpoint or is made anew.
 pub fn allocate_store(ctx: &RunContext, resuming: Option<&Checkpoint>) -> Result<CounterpartStore> {
     let offload = offload_config(ctx);
-    if let (Some(ck), Some(path)) = (resuming, &offload.file_path) {
-        if path.exists() {
-            println!(
-                "removing the stale counterpart file {} of the run resumed from {}",
-                path.display(),
-                ck.dir.display()
-            );
-            std::fs::remove_file(path).with_context(|| {
+    if let Some(path) = &offload.file_path {
+        let marker = ctx.dir.join(".ldt-spill");
+        let ours = std::fs::read_to_string(&marker).is_ok_and(|m| Path::new(m.trim()) == path);
+        if (ours || resuming.is_some()) && path.exists() {
+            let removed = crate::offload::remove_stale_spill(path).with_context(|| {
                 format!(
                     "cannot remove the stale counterpart file {}",
                     path.display()
                 )
             })?;
+            if removed {
+                println!(
+                    "removed the stale counterpart file {} an interrupted instance of this run left",
+                    path.display()
+                );
+            }
         }
+        // Before the file exists: a kill from here on leaves a file this directory names.
+        std::fs::write(&marker, format!("{}\n", path.display()))
+            .with_context(|| format!("cannot write {}", marker.display()))?;
     }
     let settings = OptimSettings::from(&ctx.cfg.optim);
     // Optimizer state parks here unless it lives on the host anyway.

@@ -521,3 +521,33 @@ fn a_killed_runs_spill_file_is_reclaimed_a_live_ones_is_not() {
         assert!(identical(&full.join(f), &cut.join(f)), "{f} differs");
     }
 }
+
+/// `ldt compare` locks its directory too: a second comparison into it stops at once.
+#[test]
+fn a_comparison_into_a_directory_in_use_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let dir = tmp.path().join("cmp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let held = ldt::lock::RunLock::acquire(&dir).unwrap();
+    let o = ldt(&[
+        "compare",
+        cfg.to_str().unwrap(),
+        "--methods",
+        "erm",
+        "--seeds",
+        "0",
+    ])
+    .arg("--out")
+    .arg(&dir)
+    .output()
+    .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("in use by pid {}", std::process::id())),
+        "{t}"
+    );
+    assert!(!dir.join("erm-s0").exists(), "nothing was run");
+    drop(held);
+}

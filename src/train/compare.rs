@@ -153,7 +153,8 @@ struct RunResult {
 }
 
 /// Runs every `(variant, seed)` in `DIR/<variant>-s<seed>`, writes `compare.md`,
-/// `compare.csv` and `compare_runs.csv`, and returns the markdown. `at` lists the
+/// `compare.csv` and `compare_runs.csv`, and returns the markdown; `DIR` is locked for
+/// the comparison ([`crate::lock`]). `at` lists the
 /// evaluation steps of the by-step table (empty: the last step only).
 pub fn compare(
     base: &Config,
@@ -163,6 +164,11 @@ pub fn compare(
     dir: &Path,
 ) -> Result<String> {
     check_steps(base, at)?;
+    // The tables are this comparison's: a second one into `dir` stops here.
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let _lock = crate::dist::is_main()
+        .then(|| crate::lock::RunLock::acquire(dir))
+        .transpose()?;
     let at: Vec<usize> = if at.is_empty() {
         vec![base.train.steps]
     } else {

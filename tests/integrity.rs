@@ -401,6 +401,18 @@ fn stage1_resumes_bit_exactly() {
         stage1_dirs(&cut)
     );
     assert_eq!(last_step(&cut), 0, "no training step before stage 1 ends");
+    // A config without that warm-up cannot continue it.
+    let o = train(&cfg, &cut, true)
+        .arg("--set")
+        .arg("stage1.warmup_steps=0")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("config asks for 0 (`stage1.warmup_steps`)"),
+        "{t}"
+    );
 
     let mut child = train(&cfg, &cut, true)
         .stdout(Stdio::null())

@@ -59,6 +59,8 @@ impl Erm {
                     ctx.stages.enter("stage1");
                     fit_layers(ctx, &mut state, order, fit, resume.as_ref())?;
                     ctx.stages.exit();
+                } else {
+                    super::stage1::no_warmup(resume.as_ref(), "train.head_warmup_steps")?;
                 }
                 (
                     state,

@@ -91,6 +91,12 @@ fn done_of(ck: Option<&Checkpoint>, stats: bool, total: usize, key: &str) -> Res
     Ok(done)
 }
 
+/// For a run configured without a warm-up (`key` = 0): an error when the stage-1
+/// checkpoint `resume` was written during one (its network is a warm-up's middle).
+pub fn no_warmup(resume: Option<&Checkpoint>, key: &str) -> Result<()> {
+    done_of(resume, false, 0, key).map(|_| ())
+}
+
 /// A warm-up: which layers, how long, with which optimizer and constant rate.
 pub struct Fit<'a> {
     /// Layers trained.
@@ -183,7 +189,7 @@ pub fn warmup(
 ) -> Result<()> {
     let c = ctx.cfg.stage1.clone();
     if c.warmup_steps == 0 {
-        return Ok(());
+        return no_warmup(resume, "stage1.warmup_steps");
     }
     let order = match &ctx.cfg.data.schedule {
         Some(p) => BatchOrder::fixed(read_batches(p, "warmup_batches")?),

@@ -60,18 +60,6 @@ fn spawn(cfg: &Path, sets: &[String], out: &Path, resume: bool) -> Child {
         .unwrap()
 }
 
-/// Highest training step logged so far.
-fn last_step(out: &Path) -> usize {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "train" && v["stage"] == "train")
-        .filter_map(|v| v["step"].as_u64())
-        .max()
-        .unwrap_or(0) as usize
-}
-
 /// Waits until the run logged step `k` (or ended), then returns.
 fn wait_for_step(child: &mut Child, out: &Path, k: usize) {
     let t = Instant::now();

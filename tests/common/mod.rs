@@ -203,3 +203,21 @@ pub fn gradients(
         .collect();
     Ok((s, g))
 }
+
+/// Highest `step` of the records of `kind` (and `stage`, when given) in a run
+/// directory's `metrics.jsonl` so far (0 when none).
+pub fn last_of(out: &Path, kind: &str, stage: Option<&str>) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == kind && stage.is_none_or(|s| v["stage"] == s))
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap_or(0) as usize
+}
+
+/// Highest training step logged so far.
+pub fn last_step(out: &Path) -> usize {
+    last_of(out, "train", Some("train"))
+}

@@ -3,9 +3,12 @@
 //!
 //! - Blocks: every backbone's blocks are contiguous ranges that cover its parameters and
 //!   buffers once, in order.
+//! - Segments: each block's segments cover its parameters and buffers once, in order
+//!   (resnet: one per convolution unit and one per projection shortcut).
 //! - Gradients: on mlp, cnn_bn, resnet18 and vit, for every layer set a method trains
 //!   (all; the first half; every third layer, scattered like LDT's unstable set; the head
-//!   only), whole batches and 3 micro-batches, f32 and bf16 (f32 weights cast in the
+//!   only), and on resnet50 (Bottleneck units) for every third layer and for the layers
+//!   from a block's last unit up (a walk that starts mid-block), whole batches and 3 micro-batches, f32 and bf16 (f32 weights cast in the
 //!   forward, and bf16 working weights with host masters), each block's gradients kept
 //!   on the device, released to host memory, or handed to the block's update (each layer
 //!   once, one call per block with a trained layer, none returned): the loss, the
@@ -62,6 +65,32 @@ fn blocks_cover_every_parameter_and_buffer_once() {
             assert!(!blk.params.is_empty(), "{arch}: a block without parameters");
             (p, b) = (blk.params.end, blk.buffers.end);
         }
+        // A block's segments cover its parameters and buffers once, in order; resnet's
+        // residual blocks have one per convolution unit.
+        let mut units = 0;
+        for (k, blk) in blocks.iter().enumerate() {
+            let (mut p, mut b) = (0, 0);
+            let segments = net.segments(k);
+            for s in &segments {
+                assert_eq!(
+                    (s.params.start, s.buffers.start),
+                    (p, b),
+                    "{arch}: block {k}"
+                );
+                (p, b) = (s.params.end, s.buffers.end);
+            }
+            assert_eq!(p, blk.params.len(), "{arch}: block {k}'s parameters");
+            assert_eq!(b, blk.buffers.len(), "{arch}: block {k}'s buffers");
+            units += segments.len();
+        }
+        let expected = match arch {
+            // stem, head, 8 BasicBlocks of 2 units, 3 of them with a shortcut unit
+            "resnet18" => 2 + 8 * 2 + 3,
+            // stem, head, 16 Bottlenecks of 3 units, 4 of them with a shortcut unit
+            "resnet50" => 2 + 16 * 3 + 4,
+            _ => count,
+        };
+        assert_eq!(units, expected, "{arch}: segments");
         assert_eq!(p, net.params().len(), "{arch}: every parameter");
         assert_eq!(b, net.buffers().len(), "{arch}: every buffer");
     }
@@ -187,15 +216,30 @@ fn step(net: &dyn Network, trainable: &[bool], plan: GradPlan, weights: Weights)
 
 #[test]
 fn recomputed_gradients_are_the_whole_graphs_bits() {
-    for arch in ["mlp", "cnn_bn", "resnet18", "vit"] {
+    for arch in ["mlp", "cnn_bn", "resnet18", "resnet50", "vit"] {
         let net = build(arch);
         let n = net.params().len();
-        let masks: [(&str, Vec<bool>); 4] = [
+        let mut masks: Vec<(&str, Vec<bool>)> = vec![
+            ("every third", (0..n).map(|i| i % 3 == 1).collect()),
             ("all", vec![true; n]),
             ("first half", (0..n).map(|i| i < n / 2).collect()),
-            ("every third", (0..n).map(|i| i % 3 == 1).collect()),
             ("head", (0..n).map(|i| net.is_head(i)).collect()),
         ];
+        if arch == "resnet50" {
+            // Its segments are resnet18's kinds; two sets keep the test short: the
+            // scattered one, and one whose lowest trained layer is a block's last unit
+            // (the segments below it are not recomputed, its inputs not tracked).
+            let unit = net
+                .params()
+                .iter()
+                .position(|p| p.name == "layer2.1.conv3.weight")
+                .unwrap();
+            masks.truncate(1);
+            masks.push((
+                "from layer2.1.conv3 up",
+                (0..n).map(|i| i >= unit).collect(),
+            ));
+        }
         for (what, mask) in &masks {
             for accumulate in [1, 3] {
                 for (precision, masters) in [

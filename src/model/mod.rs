@@ -92,6 +92,37 @@ pub struct BlockSpec {
     pub buffers: std::ops::Range<usize>,
 }
 
+/// A piece of a block that block-wise recompute keeps the input of and recomputes on
+/// its own ([`Network::segments`]): its parameter and buffer ranges within the block's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// The segment's parameter indices, relative to its block's first.
+    pub params: std::ops::Range<usize>,
+    /// The segment's buffer indices, relative to its block's first.
+    pub buffers: std::ops::Range<usize>,
+}
+
+/// Block `k`'s output from its input `x` as its segments in order: the forward of a
+/// network whose blocks are made of segments ([`Network::forward_segment`]).
+pub fn fold_segments(
+    net: &dyn Network,
+    k: usize,
+    params: &[Tensor],
+    buffers: &mut [Tensor],
+    x: &Tensor,
+    mode: Mode,
+) -> Result<Tensor> {
+    let mut carried = vec![x.clone()];
+    for (j, s) in net.segments(k).into_iter().enumerate() {
+        let (p, b) = (&params[s.params], &mut buffers[s.buffers]);
+        carried = net.forward_segment(k, j, p, b, &carried, mode)?;
+    }
+    match <[Tensor; 1]>::try_from(carried) {
+        Ok([y]) => Ok(y),
+        Err(c) => bail!("block {k} ends with {} carried tensors, not one", c.len()),
+    }
+}
+
 /// The blocks of `params` / `buffers` grouped by `key` of each name: consecutive names
 /// with one key form a block, and each buffer joins the block of its key (a buffer whose
 /// key names no block, or out of order, is an error naming it).
@@ -157,6 +188,40 @@ pub trait Network: Send + Sync {
         x: &Tensor,
         mode: Mode,
     ) -> Result<Tensor>;
+
+    /// Block `k`'s segments in order (by default the whole block as one): block-wise
+    /// recompute keeps each segment's carried tensors and recomputes one segment at a
+    /// time, so a backward holds one segment's activations instead of the block's
+    /// (resnet: a residual block's convolution units and its shortcut).
+    fn segments(&self, k: usize) -> Vec<Segment> {
+        let b = &self.blocks()[k];
+        vec![Segment {
+            params: 0..b.params.len(),
+            buffers: 0..b.buffers.len(),
+        }]
+    }
+
+    /// Segment `j` of block `k`: the tensors carried out of it from those carried into
+    /// it (a block's input is `[x]`, its output `[y]`); `params` and `buffers` are the
+    /// segment's ranges, buffers replaced in `Mode::Train`. A block's segments in order
+    /// compute [`Network::forward_block`] op for op (the same bits).
+    fn forward_segment(
+        &self,
+        k: usize,
+        j: usize,
+        params: &[Tensor],
+        buffers: &mut [Tensor],
+        carried: &[Tensor],
+        mode: Mode,
+    ) -> Result<Vec<Tensor>> {
+        match (j, carried) {
+            (0, [x]) => Ok(vec![self.forward_block(k, params, buffers, x, mode)?]),
+            _ => bail!(
+                "block {k} has one segment, not segment {j} of {} tensors",
+                carried.len()
+            ),
+        }
+    }
 
     /// Logits `[N, classes]` from `x` `[N, C, H, W]`: the blocks in order. `params`
     /// follow `params()`; `buffers` follow `buffers()` and are replaced in `Mode::Train`.

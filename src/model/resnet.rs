@@ -8,7 +8,9 @@
 //! `conv3` 1x1 -> `bn3`. The shortcut is the input, or `downsample.0` (1x1/s conv) ->
 //! `downsample.1` (BatchNorm) when the stride or the width changes; add, then ReLU.
 
-use super::{group_blocks, layers, BlockSpec, BufferSpec, Init, Mode, Network, TensorSpec};
+use super::{
+    group_blocks, layers, BlockSpec, BufferSpec, Init, Mode, Network, Segment, TensorSpec,
+};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -226,6 +228,44 @@ impl Network for ResNet {
         x: &Tensor,
         mode: Mode,
     ) -> Result<Tensor> {
+        super::fold_segments(self, k, p, b, x, mode)
+    }
+
+    /// The stem and the head are one segment each. A residual block is one segment per
+    /// convolution unit (conv -> BatchNorm, ReLU but on the last), carrying the block's
+    /// input beside; the last unit adds the shortcut and applies the ReLU, or with
+    /// `downsample` the shortcut's own unit does (its BatchNorm is as large as the last
+    /// unit's, so apart they do not meet in one backward).
+    fn segments(&self, k: usize) -> Vec<Segment> {
+        let units = match self.residual.get(k.wrapping_sub(1)) {
+            Some(blk) => usize::from(self.bottleneck) + 2 + usize::from(blk.downsample),
+            None => {
+                let b = &self.blocks[k];
+                return vec![Segment {
+                    params: 0..b.params.len(),
+                    buffers: 0..b.buffers.len(),
+                }];
+            }
+        };
+        // A unit is one convolution (1 parameter) and one BatchNorm (2 parameters and
+        // 3 buffers).
+        (0..units)
+            .map(|u| Segment {
+                params: 3 * u..3 * u + 3,
+                buffers: 3 * u..3 * u + 3,
+            })
+            .collect()
+    }
+
+    fn forward_segment(
+        &self,
+        k: usize,
+        j: usize,
+        p: &[Tensor],
+        b: &mut [Tensor],
+        carried: &[Tensor],
+        mode: Mode,
+    ) -> Result<Vec<Tensor>> {
         let mut cur = Cursor {
             params: p,
             buffers: b,
@@ -233,36 +273,49 @@ impl Network for ResNet {
             b: 0,
             mode,
         };
-        if k == 0 {
-            let h = cur.conv(x, 2, 3)?;
-            let h = cur.bn(&h)?;
-            let h = layers::relu(&h)?;
-            return layers::max_pool2d(&h, 3, 2, 1);
-        }
-        let Some(blk) = self.residual.get(k - 1) else {
+        let Some(blk) = k.checked_sub(1).and_then(|r| self.residual.get(r)) else {
+            let [x] = carried else {
+                bail!("resnet: block {k} takes one tensor");
+            };
+            if k == 0 {
+                let h = cur.conv(x, 2, 3)?;
+                let h = cur.bn(&h)?;
+                let h = layers::relu(&h)?;
+                return Ok(vec![layers::max_pool2d(&h, 3, 2, 1)?]);
+            }
             let pooled = x.mean((2, 3))?;
-            return layers::linear(&pooled, &p[0], Some(&p[1]));
+            return Ok(vec![layers::linear(&pooled, &p[0], Some(&p[1]))?]);
         };
-        let h = x;
-        let out = if self.bottleneck {
-            let y = cur.conv(h, 1, 0)?;
-            let y = layers::relu(&cur.bn(&y)?)?;
-            let y = cur.conv(&y, blk.stride, 1)?;
-            let y = layers::relu(&cur.bn(&y)?)?;
-            let y = cur.conv(&y, 1, 0)?;
-            cur.bn(&y)?
-        } else {
-            let y = cur.conv(h, blk.stride, 1)?;
-            let y = layers::relu(&cur.bn(&y)?)?;
-            let y = cur.conv(&y, 1, 1)?;
-            cur.bn(&y)?
+        // The main path's units: (stride, padding) of each convolution.
+        let main: &[(usize, usize)] = match self.bottleneck {
+            true => &[(1, 0), (blk.stride, 1), (1, 0)],
+            false => &[(blk.stride, 1), (1, 1)],
         };
-        let shortcut = if blk.downsample {
-            let s = cur.conv(h, blk.stride, 0)?;
-            cur.bn(&s)?
-        } else {
-            h.clone()
-        };
-        layers::relu(&(out + shortcut)?)
+        let last = main.len() - 1;
+        match (j, carried) {
+            // The shortcut's unit: the block's output.
+            (j, [a, x]) if j == main.len() && blk.downsample => {
+                let s = cur.conv(x, blk.stride, 0)?;
+                let s = cur.bn(&s)?;
+                Ok(vec![layers::relu(&(a + s)?)?])
+            }
+            (0, [x]) | (_, [x, _]) if j <= last => {
+                let (stride, pad) = main[j];
+                let y = cur.conv(x, stride, pad)?;
+                let y = cur.bn(&y)?;
+                let input = carried.last().expect("the block's input is carried");
+                if j < last {
+                    Ok(vec![layers::relu(&y)?, input.clone()])
+                } else if blk.downsample {
+                    Ok(vec![y, input.clone()])
+                } else {
+                    Ok(vec![layers::relu(&(y + input)?)?])
+                }
+            }
+            _ => bail!(
+                "resnet: block {k} has no segment {j} of {} tensors",
+                carried.len()
+            ),
+        }
     }
 }

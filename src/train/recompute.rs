@@ -12,8 +12,8 @@
 
 use super::fetch::Window;
 use super::micro::{loss_and_stats, StepStats, Sums};
-use crate::model::{Mode, NetState, Network};
-use anyhow::{Context, Result};
+use crate::model::{Mode, NetState, Network, Segment};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 /// Where a walk's block weights come from: the resident working copies, or fetches
@@ -58,6 +58,11 @@ impl Source<'_> {
 /// masters one ahead of the block running (the forward walks up while the block below
 /// runs; the backward walks down and fetches the next block once a block's backward is
 /// done, so the fetch and the backward's temporaries do not meet).
+///
+/// Within a block the walk goes by its segments ([`crate::model::Network::segments`]):
+/// the forward keeps each segment's carried tensors, and the backward recomputes and
+/// back-propagates one segment at a time, from the lowest segment with a trained layer
+/// up; below it nothing is kept.
 pub fn block_gradients(
     net: &dyn Network,
     state: &mut NetState,
@@ -68,18 +73,24 @@ pub fn block_gradients(
     sums: &mut Sums,
 ) -> Result<StepStats> {
     let blocks = net.blocks();
+    let segments: Vec<Vec<Segment>> = (0..blocks.len()).map(|k| net.segments(k)).collect();
     let mut source = match state.stream {
         Some(_) => Source::Streamed(Window::new(state.fetcher()?, blocks, trainable)),
         None => Source::Resident(view),
     };
-    // The lowest block with a trained layer: below it no gradient is needed.
-    let lowest = blocks
-        .iter()
-        .position(|b| trainable[b.params.clone()].iter().any(|&t| t));
-    // The forward without a graph: each block's input, and its buffers as it found them.
-    let mut inputs = Vec::with_capacity(blocks.len());
+    // The lowest segment `(block, segment)` with a trained layer: below it no gradient
+    // is needed.
+    let lowest = segments.iter().enumerate().find_map(|(k, segs)| {
+        let at = blocks[k].params.start;
+        segs.iter()
+            .position(|s| trainable[at + s.params.start..at + s.params.end].contains(&true))
+            .map(|j| (k, j))
+    });
+    // The forward without a graph: each segment's carried tensors from the lowest
+    // trained one up, and each block's buffers as it found them.
+    let mut inputs: Vec<Vec<Vec<Tensor>>> = Vec::with_capacity(blocks.len());
     let mut found = Vec::with_capacity(blocks.len());
-    let mut h = x.detach();
+    let mut carried = vec![x.detach()];
     for (k, b) in blocks.iter().enumerate() {
         match k + 1 < blocks.len() {
             true => source.prefetch(k + 1, false),
@@ -90,61 +101,111 @@ pub fn block_gradients(
         let w = source.block(k, b.params.clone(), false)?;
         let bufs = &mut state.buffers[b.buffers.clone()];
         found.push(bufs.to_vec());
-        let out = net.forward_block(k, &w, bufs, &h, mode)?;
-        inputs.push(std::mem::replace(&mut h, out));
+        let mut kept = Vec::with_capacity(segments[k].len());
+        for (j, s) in segments[k].iter().enumerate() {
+            let (p, bu) = (&w[s.params.clone()], &mut bufs[s.buffers.clone()]);
+            let out = net.forward_segment(k, j, p, bu, &carried, mode)?;
+            let input = std::mem::replace(&mut carried, out);
+            kept.push(if lowest.is_some_and(|l| (k, j) >= l) {
+                input
+            } else {
+                Vec::new()
+            });
+        }
+        inputs.push(kept);
     }
+    let [h] = <[Tensor; 1]>::try_from(carried).map_err(|c| {
+        anyhow!(
+            "the network's last block carries {} tensors out, not one",
+            c.len()
+        )
+    })?;
     let (loss, stats) = loss_and_stats(&h.to_dtype(DType::F32)?, y)?;
     drop((h, loss));
     let Some(lowest) = lowest.filter(|_| stats.loss.is_finite()) else {
         return Ok(stats);
     };
-    let mut upstream: Option<Tensor> = None;
-    for k in (lowest..blocks.len()).rev() {
+    let mut upstream: Option<Vec<Tensor>> = None;
+    for k in (lowest.0..blocks.len()).rev() {
         let b = &blocks[k];
         let w = source.block(k, b.params.clone(), true)?;
-        let input = inputs.pop().expect("one input per block");
-        // The block's input is tracked where the blocks below need its gradient.
-        let tracked = if k > lowest {
-            Some(Var::from_tensor(&input)?)
-        } else {
-            None
-        };
-        let xin = tracked.as_ref().map_or(&input, |v| v.as_tensor());
+        let mut kept = inputs.pop().expect("one entry per block");
         let mut bufs = std::mem::take(&mut found[k]);
-        let y_k = net.forward_block(k, &w, &mut bufs, xin, mode)?;
-        let target = match upstream.take() {
-            // The top block: the loss itself.
-            None => loss_and_stats(&y_k.to_dtype(DType::F32)?, y)?.0,
-            Some(g) => (y_k * g)?.sum_all()?,
-        };
-        let mut grads = target.backward()?;
-        // The block below is fetched once this backward's temporaries are gone (they
-        // are several times its gradients), overlapping the hand-over of its gradients.
-        if k > lowest {
-            source.prefetch(k - 1, true);
-        }
-        for (i, wi) in b.params.clone().zip(&w) {
-            if trainable[i] {
-                // Resident: the parameter itself (in bf16 without masters `w` holds its
-                // recorded cast, whose backward delivers the f32 gradient).
-                let key = match &source {
-                    Source::Resident(_) => state.params[i].as_tensor(),
-                    Source::Streamed(_) => wi,
-                };
-                if let Some(g) = grads.remove(key) {
-                    sums.add(i, g)?;
+        let first = if k == lowest.0 { lowest.1 } else { 0 };
+        for j in (first..segments[k].len()).rev() {
+            let s = &segments[k][j];
+            let input = kept.pop().expect("one entry per segment");
+            // The carried tensors are tracked where the segments below need their
+            // gradients.
+            let tracked: Option<Vec<Var>> = if (k, j) > lowest {
+                Some(
+                    input
+                        .iter()
+                        .map(Var::from_tensor)
+                        .collect::<Result<_, _>>()?,
+                )
+            } else {
+                None
+            };
+            let xin: Vec<Tensor> = match &tracked {
+                Some(vars) => vars.iter().map(|v| v.as_tensor().clone()).collect(),
+                None => input,
+            };
+            let (p, bu) = (&w[s.params.clone()], &mut bufs[s.buffers.clone()]);
+            let out = net.forward_segment(k, j, p, bu, &xin, mode)?;
+            drop(xin);
+            let target = match upstream.take() {
+                // The top segment: the loss itself.
+                None => {
+                    let [logits] = &out[..] else {
+                        bail!("the network's last block carries {} tensors out", out.len());
+                    };
+                    loss_and_stats(&logits.to_dtype(DType::F32)?, y)?.0
+                }
+                // Each carried tensor's gradient enters as `sum(out * g)`.
+                Some(g) => {
+                    let mut terms = out.iter().zip(&g).map(|(o, g)| (o * g)?.sum_all());
+                    let first = terms.next().context("a segment carries nothing out")??;
+                    terms.try_fold(first, |t, u| t + u?)?
+                }
+            };
+            drop(out);
+            let mut grads = target.backward()?;
+            // The block below is fetched once this backward's temporaries are gone
+            // (they are several times its gradients), overlapping the hand-over of its
+            // gradients.
+            if j == first && k > lowest.0 {
+                source.prefetch(k - 1, true);
+            }
+            let at = b.params.start;
+            for (i, wi) in (at + s.params.start..at + s.params.end).zip(p) {
+                if trainable[i] {
+                    // Resident: the parameter itself (in bf16 without masters `w` holds
+                    // its recorded cast, whose backward delivers the f32 gradient).
+                    let key = match &source {
+                        Source::Resident(_) => state.params[i].as_tensor(),
+                        Source::Streamed(_) => wi,
+                    };
+                    if let Some(g) = grads.remove(key) {
+                        sums.add(i, g)?;
+                    }
                 }
             }
-        }
-        if let Some(v) = &tracked {
-            let g = grads
-                .remove(v.as_tensor())
-                .with_context(|| format!("recompute: block {k}'s input has no gradient"))?;
-            upstream = Some(g.detach());
+            if let Some(vars) = &tracked {
+                let mut g = Vec::with_capacity(vars.len());
+                for (c, v) in vars.iter().enumerate() {
+                    let gc = grads.remove(v.as_tensor()).with_context(|| {
+                        format!("recompute: block {k} segment {j}'s input {c} has no gradient")
+                    })?;
+                    g.push(gc.detach());
+                }
+                upstream = Some(g);
+            }
+            drop((grads, target));
         }
         // The block's gradients go to their update, if there is one, once its graph and
         // weights are gone.
-        drop((grads, target, w));
+        drop(w);
         sums.flush(state)?;
     }
     Ok(stats)

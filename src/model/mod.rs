@@ -606,30 +606,14 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// The working copies of parameters `range`, tracked where `track` says: f32 values,
-    /// or their bf16 rounding (`half::bf16::from_f32`, the rounding of candle's cast and
-    /// of the resident masters' [`NetState::refresh`]), uploaded to the device.
-    pub fn fetch(&self, range: std::ops::Range<usize>, track: &[bool]) -> Result<Vec<Tensor>> {
-        let s = &self.stream;
-        range
-            .zip(track)
-            .map(|(i, &t)| {
-                let (m, shape) = (&self.masters[i], s.shapes[i].as_slice());
-                // A tracked copy is made as a `Var` at once (no second copy).
-                Ok(match (s.dtype, t) {
-                    (DType::BF16, _) => {
-                        let bits: Vec<half::bf16> =
-                            m.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                        match t {
-                            true => Var::from_vec(bits, shape, &s.device)?.as_tensor().clone(),
-                            false => Tensor::from_vec(bits, shape, &s.device)?,
-                        }
-                    }
-                    (_, true) => Var::from_slice(m, shape, &s.device)?.as_tensor().clone(),
-                    (_, false) => Tensor::from_slice(m, shape, &s.device)?,
-                })
-            })
-            .collect()
+    /// Parameter `i`'s master values and shape: what its working copy is made from.
+    pub fn master(&self, i: usize) -> (&[f32], &[usize]) {
+        (&self.masters[i], &self.stream.shapes[i])
+    }
+
+    /// The working copies' dtype (f32, or bf16: the masters' rounding) and device.
+    pub fn target(&self) -> (DType, &Device) {
+        (self.stream.dtype, &self.stream.device)
     }
 }
 

@@ -7,10 +7,11 @@
 
 use super::{
     fused_ema, CopyEngine, CounterpartBuffer, EmaTask, Fence, HostSlice, HostSliceMut,
-    OffloadConfig, OffloadError, SharedCounterpartBuffer, SlotSpec,
+    OffloadConfig, OffloadError, SharedCounterpartBuffer, SlotSpec, StorageDtype,
 };
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor, Var};
+use half::bf16;
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -67,6 +68,41 @@ pub trait Backend: Send + Sync {
         slot: usize,
         w: f64,
     ) -> Result<()>;
+    /// New live tensors holding host f32 values, one per [`Upload`], in `dtype` (F32, or
+    /// BF16: each value rounded as `half::bf16::from_f32`): a streamed block's working
+    /// copies made from its master weights. The values are read before this returns (a
+    /// device backend converts them into pinned staging and copies from there on its
+    /// H2D queue), so they may change at once; the compute queue waits for the copies,
+    /// so the tensors may be used at once.
+    fn upload(&self, uploads: &[Upload<'_>], dtype: StorageDtype) -> Result<Vec<Tensor>>;
+}
+
+/// One tensor of [`Backend::upload`].
+pub struct Upload<'a> {
+    /// The values (f32).
+    pub values: &'a [f32],
+    /// The tensor's shape.
+    pub shape: &'a [usize],
+    /// Whether the tensor records gradients (made a `Var`).
+    pub track: bool,
+}
+
+/// The host values of `u` as a CPU tensor in `dtype` (a `Var` where it tracks): the
+/// CPU backend's upload, and the rounding every backend's upload makes.
+pub fn host_upload(u: &Upload<'_>, dtype: StorageDtype) -> Result<Tensor> {
+    let dev = &Device::Cpu;
+    Ok(match (dtype, u.track) {
+        (StorageDtype::F32, false) => Tensor::from_slice(u.values, u.shape, dev)?,
+        (StorageDtype::F32, true) => Var::from_slice(u.values, u.shape, dev)?.into_inner(),
+        (StorageDtype::BF16, track) => {
+            let bits: Vec<bf16> = u.values.iter().map(|&x| bf16::from_f32(x)).collect();
+            match track {
+                true => Var::from_vec(bits, u.shape, dev)?.into_inner(),
+                false => Tensor::from_vec(bits, u.shape, dev)?,
+            }
+        }
+        (StorageDtype::F16, _) => bail!("weights are uploaded in f32 or bf16, not f16"),
+    })
 }
 
 /// Host backend: copies are memcpy/swap, folds run on the copy engine's worker thread
@@ -197,6 +233,10 @@ impl Backend for CpuBackend {
         let mut g = buf.write(slot);
         let dst = f32_mut(g.slice_mut())?;
         with_slice(t, |src| dst.copy_from_slice(src))
+    }
+
+    fn upload(&self, uploads: &[Upload<'_>], dtype: StorageDtype) -> Result<Vec<Tensor>> {
+        uploads.iter().map(|u| host_upload(u, dtype)).collect()
     }
 
     fn fold_into_slots(

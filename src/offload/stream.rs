@@ -18,7 +18,7 @@
 //! - slot accesses are ordered per slot by [`SlotOrder`]; the two halves of the device
 //!   staging area are reused only after the work that used them last.
 
-use super::backend::Backend;
+use super::backend::{Backend, Upload};
 use super::launch::{pack, EmaLaunch, EmaSpan, CHUNK_ELEMS};
 use super::order::{plan_fills, Dep, Piece, Queue, SlotOrder, MIN_HALF_BYTES};
 use super::{
@@ -80,7 +80,7 @@ pub trait DeviceApi: Send + Sync + 'static {
 /// What must stay alive until a piece of queued work completed.
 struct Keep {
     _tensors: Vec<Tensor>,
-    _buf: SharedCounterpartBuffer,
+    _buf: Option<SharedCounterpartBuffer>,
 }
 
 /// Ordering state shared by the calls.
@@ -101,6 +101,17 @@ struct HostStage<E> {
     busy: Option<Dep<E>>,
 }
 
+/// Two pinned host regions weight uploads are converted into ([`Backend::upload`]):
+/// one block is staged while the other's copy may still be reading, and a region is
+/// written only after its last copy completed.
+struct UploadStage<E> {
+    regions: [Option<Box<dyn HostMemory>>; 2],
+    /// The H2D copy that last read each region.
+    busy: [Option<E>; 2],
+    /// The region the next upload takes.
+    next: usize,
+}
+
 /// The [`Backend`] of a device with queues (see the module documentation).
 pub struct StreamBackend<D: DeviceApi> {
     dev: Arc<D>,
@@ -109,8 +120,12 @@ pub struct StreamBackend<D: DeviceApi> {
     half: usize,
     state: Mutex<State<D::Event>>,
     host_stage: Mutex<HostStage<D::Event>>,
+    uploads: Mutex<UploadStage<D::Event>>,
     host: CopyEngine,
     threads: usize,
+    /// Test only: uploads skip the host's wait before reusing a staging region.
+    #[cfg(test)]
+    skip_upload_wait: bool,
 }
 
 /// A slot's host memory: address, bytes, dtype, elements.
@@ -175,8 +190,15 @@ impl<D: DeviceApi> StreamBackend<D> {
                 mem: None,
                 busy: None,
             }),
+            uploads: Mutex::new(UploadStage {
+                regions: [None, None],
+                busy: [None, None],
+                next: 0,
+            }),
             host: CopyEngine::new(1),
             threads: offload.threads.max(1),
+            #[cfg(test)]
+            skip_upload_wait: false,
         })
     }
 
@@ -548,7 +570,7 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
                 done,
                 Keep {
                     _tensors: vec![t.clone()],
-                    _buf: buf.clone(),
+                    _buf: Some(buf.clone()),
                 },
             ));
         }
@@ -576,7 +598,7 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
             e,
             Keep {
                 _tensors: vec![t.clone()],
-                _buf: buf.clone(),
+                _buf: Some(buf.clone()),
             },
         ));
         Ok(t)
@@ -615,7 +637,7 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
             e,
             Keep {
                 _tensors: vec![t.clone()],
-                _buf: buf.clone(),
+                _buf: Some(buf.clone()),
             },
         ));
         Ok(())
@@ -650,7 +672,7 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
                         e,
                         Keep {
                             _tensors: tensors,
-                            _buf: (**buf).clone(),
+                            _buf: Some((**buf).clone()),
                         },
                     ));
                     return Ok(fence.unwrap_or_else(|| self.host.record(0)));
@@ -677,7 +699,7 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
                 e.clone(),
                 Keep {
                     _tensors: tensors,
-                    _buf: (**buf).clone(),
+                    _buf: Some((**buf).clone()),
                 },
             ));
             Ok(self.fence_for(e))
@@ -718,7 +740,7 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
                 e.clone(),
                 Keep {
                     _tensors: tensors.clone(),
-                    _buf: (**buf).clone(),
+                    _buf: Some((**buf).clone()),
                 },
             ));
             out.lock().extend(tensors);
@@ -726,6 +748,92 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
         };
         let fence = submit().unwrap_or_else(|e| self.failed(e));
         (fence, out)
+    }
+
+    fn upload(&self, uploads: &[Upload<'_>], dtype: StorageDtype) -> Result<Vec<Tensor>> {
+        let size = dtype.size_of();
+        // Each tensor's bytes start on a 64-byte boundary of the region.
+        let spans: Vec<(usize, usize)> = uploads
+            .iter()
+            .scan(0usize, |at, u| {
+                let span = (*at, u.values.len() * size);
+                *at += span.1.div_ceil(64) * 64;
+                Some(span)
+            })
+            .collect();
+        let total = spans.last().map_or(0, |&(o, n)| o + n);
+        let mut up = self.uploads.lock();
+        let r = up.next % 2;
+        up.next += 1;
+        // The region's last copy must have read it before the host writes it again.
+        if let Some(e) = up.busy[r].take() {
+            #[cfg(test)]
+            let skip = self.skip_upload_wait;
+            #[cfg(not(test))]
+            let skip = false;
+            if !skip {
+                self.dev.synchronize(&e)?;
+            }
+        }
+        if up.regions[r].as_ref().is_none_or(|m| m.len() < total) {
+            up.regions[r] = None;
+            up.regions[r] = Some(
+                self.dev
+                    .host_alloc(total.max(1))
+                    .map_err(|e| anyhow::anyhow!("pinned staging for weight uploads: {e}"))?,
+            );
+        }
+        let base = up.regions[r].as_ref().expect("allocated above").ptr();
+        let mut tensors = Vec::with_capacity(uploads.len());
+        for (u, &(at, bytes)) in uploads.iter().zip(&spans) {
+            // SAFETY: the region holds `total` bytes, 64-byte aligned, and no copy reads
+            // it (waited above); `at + bytes <= total`.
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(at), bytes) };
+            match dtype {
+                StorageDtype::F32 => {
+                    for (d, v) in dst.chunks_exact_mut(4).zip(u.values) {
+                        d.copy_from_slice(&v.to_ne_bytes());
+                    }
+                }
+                StorageDtype::BF16 => {
+                    for (d, v) in dst.chunks_exact_mut(2).zip(u.values) {
+                        d.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_ne_bytes());
+                    }
+                }
+                StorageDtype::F16 => bail!("weights are uploaded in f32 or bf16, not f16"),
+            }
+            let t = self.dev.empty(u.shape, dtype)?;
+            tensors.push(match u.track {
+                true => candle_core::Var::from_tensor(&t)?.into_inner(),
+                false => t,
+            });
+        }
+        // The copies write tensors allocated (and, for a `Var`, filled) in compute order.
+        self.after_compute(Queue::H2D)?;
+        for (t, &(at, bytes)) in tensors.iter().zip(&spans) {
+            let (addr, dt, n) = self.dev.tensor_address(t)?;
+            if dt != dtype || n * size != bytes {
+                bail!("an upload's tensor holds {n} {dt:?} values, not {bytes} bytes of {dtype:?}");
+            }
+            self.dev.copy(
+                Queue::H2D,
+                Loc::Device(addr),
+                Loc::Host(base.wrapping_add(at)),
+                bytes,
+            )?;
+        }
+        let e = self.dev.record(Queue::H2D)?;
+        // The tensors are used on the compute queue after their copies.
+        self.dev.wait(Queue::Compute, &e)?;
+        up.busy[r] = Some(e.clone());
+        self.state.lock().inflight.push((
+            e,
+            Keep {
+                _tensors: tensors.clone(),
+                _buf: None,
+            },
+        ));
+        Ok(tensors)
     }
 
     fn fold_into_live(
@@ -838,7 +946,7 @@ impl<D: DeviceApi> Backend for StreamBackend<D> {
             e,
             Keep {
                 _tensors: vec![dst.clone()],
-                _buf: buf.clone(),
+                _buf: Some(buf.clone()),
             },
         ));
         Ok(())

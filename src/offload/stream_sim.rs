@@ -294,7 +294,7 @@ fn program(backend: &dyn Backend, exec: &dyn Exec, seed: u64, steps: usize) -> V
     let n = SIZES.len();
     for _ in 0..steps {
         let i = rng.below(n);
-        match rng.below(8) {
+        match rng.below(9) {
             0 => {
                 // An optimizer step changes every live tensor.
                 for f in pending.drain(..) {
@@ -358,6 +358,25 @@ fn program(backend: &dyn Backend, exec: &dyn Exec, seed: u64, steps: usize) -> V
                 let k = 2 * i + rng.below(2);
                 read.push(backend.read_host(&buf, k, &[SIZES[i]]).unwrap());
             }
+            7 => {
+                // A streamed block's working copy: host values uploaded (and changed
+                // at once, as the host optimizer may write a master), read by compute
+                // into a live tensor (after the folds reading it).
+                for f in pending.drain(..) {
+                    f.wait().unwrap();
+                }
+                let t = upload_then_change(backend, &mut rng, i, StorageDtype::F32);
+                let l = live[i].clone();
+                exec.compute(Box::new(move || {
+                    with_slice_mut(&l, |v| {
+                        with_slice(&t, |s| {
+                            v.iter_mut().zip(s).for_each(|(x, y)| *x = 0.25 * *x + *y)
+                        })
+                        .unwrap()
+                    })
+                    .unwrap()
+                }));
+            }
             _ => {
                 let slots = (0..n).map(|j| (2 * j + 1, vec![SIZES[j]])).collect();
                 staged.push(backend.prefetch(&buf, slots));
@@ -378,6 +397,26 @@ fn program(backend: &dyn Backend, exec: &dyn Exec, seed: u64, steps: usize) -> V
     }
     exec.finish();
     out.iter().map(bits).collect()
+}
+
+/// Uploads fresh values of layer `i`'s size in `dtype` and changes the source right
+/// after; the tensor must hold the values as they were.
+fn upload_then_change(
+    backend: &dyn Backend,
+    rng: &mut Rng,
+    i: usize,
+    dtype: StorageDtype,
+) -> Tensor {
+    let mut host = rng.values(SIZES[i]);
+    let shape = [SIZES[i]];
+    let up = Upload {
+        values: &host,
+        shape: &shape,
+        track: false,
+    };
+    let t = backend.upload(&[up], dtype).unwrap().pop().unwrap();
+    host.iter_mut().for_each(|x| *x = -*x);
+    t
 }
 
 fn stream(seed: u64, ema: EmaPlacement, ignore_waits: bool) -> StreamBackend<Sim> {
@@ -528,6 +567,60 @@ fn mismatched_tensors_are_errors() {
         .unwrap_err();
     assert!(e.contains("the source 5"), "{e}");
     assert!(b.fold_into_live(&t, &buf, 0, 0.5).is_err());
+}
+
+/// Weight uploads (streamed weights): three blocks through the two staging regions,
+/// each read by compute queued right after it, its source changed at once. The
+/// uploads' bits are the CPU backend's (f32, and bf16 rounded as it rounds); dropping
+/// the compute queue's wait for a copy, or the host's wait before it reuses a staging
+/// region (the third upload), gives other numbers.
+#[test]
+fn uploads_wait_for_their_copies_and_their_staging() {
+    let run = |b: &dyn Backend, exec: &dyn Exec, seed: u64, dtype: StorageDtype| {
+        let mut rng = Rng(seed);
+        let sums = Arc::new(Mutex::new(Vec::new()));
+        let mut uploaded = Vec::new();
+        for k in 0..3 {
+            let i = [4, 2, 4][k];
+            let t = upload_then_change(b, &mut rng, i, dtype);
+            let (sums, u) = (sums.clone(), t.clone());
+            // What compute reads at the time it runs.
+            exec.compute(Box::new(move || {
+                let v = u.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                sums.lock()
+                    .push(v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>());
+            }));
+            uploaded.push(t);
+        }
+        exec.finish();
+        let mut out = sums.lock().clone();
+        for t in uploaded {
+            let v = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            out.push(v.iter().map(|x| x.to_bits()).collect());
+        }
+        out
+    };
+    for dtype in [StorageDtype::F32, StorageDtype::BF16] {
+        let reference = run(&CpuBackend::new(1), &Now, 7, dtype);
+        for seed in 1..=8u64 {
+            let b = stream(seed, EmaPlacement::Host, false);
+            assert!(run(&b, &b, 7, dtype) == reference, "{dtype:?}, seed {seed}");
+        }
+        let caught = (1..=8u64).any(|seed| {
+            let b = stream(seed, EmaPlacement::Host, true);
+            run(&b, &b, 7, dtype) != reference
+        });
+        assert!(
+            caught,
+            "{dtype:?}: no run noticed compute not waiting for a copy"
+        );
+        let mut b = stream(1, EmaPlacement::Host, false);
+        b.skip_upload_wait = true;
+        assert!(
+            run(&b, &b, 7, dtype) != reference,
+            "{dtype:?}: reusing a staging region too early went unnoticed"
+        );
+    }
 }
 
 #[test]

@@ -3,6 +3,11 @@
 //! runs, and dropped after it, so the device holds the weights of the block running and
 //! of the one being fetched (double buffering) instead of the network's.
 //!
+//! A fetch is the device's [`Backend::upload`] run on that stream: on the CPU the
+//! copies themselves; on a GPU a conversion into pinned staging and an asynchronous
+//! copy on the H2D queue that the compute queue waits for (its waits are checked on the
+//! simulated device, `offload/stream_sim.rs`).
+//!
 //! Ordering, the two waits of a fetch:
 //! - a block's compute waits for its fetch ([`Window::take`] waits the fetch's fence;
 //!   the tensors exist only once it completed);
@@ -12,11 +17,15 @@
 //!   write that came too early fails ([`crate::model::NetState::masters_mut`]) instead
 //!   of changing a fetch's input.
 
+use crate::config::EmaPlacement;
 use crate::model::{BlockSpec, Fetcher};
-use crate::offload::{CopyEngine, Fence};
+use crate::offload::backend::{Backend, CpuBackend, Upload};
+use crate::offload::order::MIN_HALF_BYTES;
+use crate::offload::{CopyEngine, Fence, OffloadConfig, StorageDtype};
 use anyhow::{anyhow, bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 /// The copy stream weight fetches run on (one worker, started on first use).
@@ -25,12 +34,67 @@ fn engine() -> &'static CopyEngine {
     ENGINE.get_or_init(|| CopyEngine::new(1))
 }
 
+/// The backend that uploads working copies to `device`, one per device for the
+/// process (its pinned staging is reused by every walk).
+fn uploader(device: &Device) -> Result<Arc<dyn Backend>> {
+    static UPLOADERS: OnceLock<Mutex<HashMap<DeviceLocation, Arc<dyn Backend>>>> = OnceLock::new();
+    let mut map = UPLOADERS.get_or_init(Default::default).lock();
+    if let Some(b) = map.get(&device.location()) {
+        return Ok(b.clone());
+    }
+    let b: Arc<dyn Backend> = match device {
+        Device::Cpu => Arc::new(CpuBackend::new(1)),
+        // Uploads use no device staging: the smallest area a backend takes.
+        _ => Arc::from(crate::offload::store::backend_for(
+            device,
+            &OffloadConfig {
+                host_budget_bytes: 0,
+                file_path: None,
+                staging_bytes: 2 * MIN_HALF_BYTES as u64,
+                threads: 1,
+            },
+            EmaPlacement::Host,
+        )?),
+    };
+    map.insert(device.location(), b.clone());
+    Ok(b)
+}
+
+/// Block parameters `range`'s working copies from `fetcher`'s masters, tracked where
+/// `track` says, uploaded by `backend`.
+fn fetch(
+    backend: &dyn Backend,
+    fetcher: &Fetcher,
+    range: std::ops::Range<usize>,
+    track: &[bool],
+) -> Result<Vec<Tensor>> {
+    let uploads: Vec<Upload<'_>> = range
+        .zip(track)
+        .map(|(i, &track)| {
+            let (values, shape) = fetcher.master(i);
+            Upload {
+                values,
+                shape,
+                track,
+            }
+        })
+        .collect();
+    let dtype = match fetcher.target().0 {
+        DType::F32 => StorageDtype::F32,
+        DType::BF16 => StorageDtype::BF16,
+        other => bail!("streamed working copies are f32 or bf16, not {other:?}"),
+    };
+    backend.upload(&uploads, dtype)
+}
+
 /// A block's working copies once its fetch completed.
 type Landing = Arc<Mutex<Option<Vec<Tensor>>>>;
 
 /// The fetches of one walk over a streamed network's blocks.
 pub struct Window<'a> {
     fetcher: Arc<Fetcher>,
+    /// The device's uploads.
+    backend: Arc<dyn Backend>,
     blocks: &'a [BlockSpec],
     /// Fetches started and not taken: `(block, tracked, fence, landing)`.
     in_flight: Vec<(usize, bool, Fence, Landing)>,
@@ -41,13 +105,17 @@ pub struct Window<'a> {
 impl<'a> Window<'a> {
     /// A window over `blocks` fetching with `fetcher`; tracked fetches make `Var`s of
     /// the layers of `trainable`.
-    pub fn new(fetcher: Fetcher, blocks: &'a [BlockSpec], trainable: &'a [bool]) -> Self {
-        Window {
+    ///
+    /// # Errors
+    /// When the device's upload backend cannot start.
+    pub fn new(fetcher: Fetcher, blocks: &'a [BlockSpec], trainable: &'a [bool]) -> Result<Self> {
+        Ok(Window {
+            backend: uploader(fetcher.target().1)?,
             fetcher: Arc::new(fetcher),
             blocks,
             in_flight: Vec::new(),
             trainable,
-        }
+        })
     }
 
     /// Starts fetching block `k` (`tracked`: its trained layers record gradients) on the
@@ -63,8 +131,9 @@ impl<'a> Window<'a> {
             .collect();
         let landing: Landing = Arc::default();
         let (fetcher, out) = (self.fetcher.clone(), landing.clone());
+        let backend = self.backend.clone();
         let fence = engine().submit(0, move || {
-            let w = fetcher.fetch(range, &track).map_err(|e| format!("{e:#}"))?;
+            let w = fetch(&*backend, &fetcher, range, &track).map_err(|e| format!("{e:#}"))?;
             *out.lock() = Some(w);
             Ok(())
         });
@@ -132,7 +201,7 @@ mod tests {
     fn a_block_waits_for_its_fetch() {
         let (net, state) = streamed();
         let all = vec![true; state.len()];
-        let mut w = Window::new(state.fetcher().unwrap(), net.blocks(), &all);
+        let mut w = Window::new(state.fetcher().unwrap(), net.blocks(), &all).unwrap();
         let gate = hold_the_copy_stream();
         w.start(1, true);
         std::thread::sleep(Duration::from_millis(20));
@@ -161,7 +230,7 @@ mod tests {
         let (net, mut state) = streamed();
         let all = vec![true; state.len()];
         let gate = hold_the_copy_stream();
-        let mut w = Window::new(state.fetcher().unwrap(), net.blocks(), &all);
+        let mut w = Window::new(state.fetcher().unwrap(), net.blocks(), &all).unwrap();
         w.start(0, false);
         let err = match state.masters_mut() {
             Ok(_) => panic!("the masters were writable during a fetch"),

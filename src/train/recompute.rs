@@ -75,7 +75,7 @@ pub fn block_gradients(
     let blocks = net.blocks();
     let segments: Vec<Vec<Segment>> = (0..blocks.len()).map(|k| net.segments(k)).collect();
     let mut source = match state.stream {
-        Some(_) => Source::Streamed(Window::new(state.fetcher()?, blocks, trainable)),
+        Some(_) => Source::Streamed(Window::new(state.fetcher()?, blocks, trainable)?),
         None => Source::Resident(view),
     };
     // The lowest segment `(block, segment)` with a trained layer: below it no gradient

@@ -4,7 +4,8 @@
 //! - Blocks: every backbone's blocks are contiguous ranges that cover its parameters and
 //!   buffers once, in order.
 //! - Segments: each block's segments cover its parameters and buffers once, in order
-//!   (resnet: one per convolution unit and one per projection shortcut).
+//!   (resnet: one per convolution unit and one per projection shortcut; ViT: the
+//!   attention and the MLP half of each transformer block).
 //! - Gradients: on mlp, cnn_bn, resnet18 and vit, for every layer set a method trains
 //!   (all; the first half; every third layer, scattered like LDT's unstable set; the head
 //!   only), and on resnet50 (Bottleneck units) for every third layer and for the layers
@@ -88,6 +89,8 @@ fn blocks_cover_every_parameter_and_buffer_once() {
             "resnet18" => 2 + 8 * 2 + 3,
             // stem, head, 16 Bottlenecks of 3 units, 4 of them with a shortcut unit
             "resnet50" => 2 + 16 * 3 + 4,
+            // embedding, head, 2 transformer blocks of an attention and an MLP half
+            "vit" => 2 + 2 * 2,
             _ => count,
         };
         assert_eq!(units, expected, "{arch}: segments");

@@ -672,8 +672,9 @@ impl Weights<'_> {
             .collect()
     }
 
-    /// The network's output in `mode` (buffers replaced in `Mode::Train`), block by
-    /// block: each block's weights are made just before it runs and dropped after.
+    /// The network's output in `mode` (buffers replaced in `Mode::Train`), segment by
+    /// segment ([`Network::segments`]): each segment's weights are made just before it
+    /// runs and dropped after.
     pub fn forward(
         &self,
         net: &dyn Network,
@@ -681,15 +682,21 @@ impl Weights<'_> {
         x: &Tensor,
         mode: Mode,
     ) -> Result<Tensor> {
-        let mut h = x.clone();
+        let mut carried = vec![x.clone()];
         for (k, b) in net.blocks().iter().enumerate() {
-            let p = self.0[b.params.clone()]
-                .iter()
-                .map(WeightRef::tensor)
-                .collect::<Result<Vec<_>>>()?;
-            h = net.forward_block(k, &p, &mut buffers[b.buffers.clone()], &h, mode)?;
+            let (weights, bufs) = (&self.0[b.params.clone()], &mut buffers[b.buffers.clone()]);
+            for (j, s) in net.segments(k).into_iter().enumerate() {
+                let p = weights[s.params]
+                    .iter()
+                    .map(WeightRef::tensor)
+                    .collect::<Result<Vec<_>>>()?;
+                carried = net.forward_segment(k, j, &p, &mut bufs[s.buffers], &carried, mode)?;
+            }
         }
-        Ok(h)
+        match <[Tensor; 1]>::try_from(carried) {
+            Ok([y]) => Ok(y),
+            Err(c) => bail!("the network's last block carries {} tensors out", c.len()),
+        }
     }
 }
 

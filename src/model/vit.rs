@@ -3,7 +3,9 @@
 //! `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv, attn.proj,
 //! norm2, mlp.fc1, mlp.fc2}`, `norm`, `head` (the head).
 
-use super::{group_blocks, layers, BlockSpec, BufferSpec, Init, Mode, Network, TensorSpec};
+use super::{
+    group_blocks, layers, BlockSpec, BufferSpec, Init, Mode, Network, Segment, TensorSpec,
+};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -169,9 +171,9 @@ impl Network for Vit {
         &self,
         k: usize,
         p: &[Tensor],
-        _b: &mut [Tensor],
+        b: &mut [Tensor],
         x: &Tensor,
-        _mode: Mode,
+        mode: Mode,
     ) -> Result<Tensor> {
         if k == 0 {
             let (n, d) = (x.dim(0)?, self.shape.width);
@@ -185,20 +187,67 @@ impl Network for Vit {
             let cls = layers::layer_norm(&cls, &p[0], &p[1], LN_EPS)?;
             return layers::linear_rows(&cls, &p[2], Some(&p[3]));
         }
-        let q = p;
-        let h = x;
-        let a = layers::layer_norm(h, &q[0], &q[1], LN_EPS)?;
-        let a = layers::multi_head_attention(
-            &a,
-            &q[2],
-            Some(&q[3]),
-            &q[4],
-            Some(&q[5]),
-            self.shape.heads,
-        )?;
-        let h = (h + a)?;
-        let m = layers::layer_norm(&h, &q[6], &q[7], LN_EPS)?;
-        let m = layers::gelu_erf(&layers::linear_rows(&m, &q[8], Some(&q[9]))?)?;
-        Ok((&h + layers::linear_rows(&m, &q[10], Some(&q[11]))?)?)
+        super::fold_segments(self, k, p, b, x, mode)
+    }
+
+    /// A transformer block is two segments: the attention half (`norm1`, `attn`, the
+    /// residual add) and the MLP half (`norm2`, `mlp`, the residual add), so a
+    /// recomputed backward holds one half's activations; the embedding and the head are
+    /// one segment each.
+    fn segments(&self, k: usize) -> Vec<Segment> {
+        let n = self.blocks[k].params.len();
+        match k >= 1 && k <= self.shape.depth {
+            true => vec![
+                Segment {
+                    params: 0..6,
+                    buffers: 0..0,
+                },
+                Segment {
+                    params: 6..n,
+                    buffers: 0..0,
+                },
+            ],
+            false => vec![Segment {
+                params: 0..n,
+                buffers: 0..0,
+            }],
+        }
+    }
+
+    fn forward_segment(
+        &self,
+        k: usize,
+        j: usize,
+        q: &[Tensor],
+        b: &mut [Tensor],
+        carried: &[Tensor],
+        mode: Mode,
+    ) -> Result<Vec<Tensor>> {
+        let [h] = carried else {
+            bail!("vit: block {k} carries one tensor");
+        };
+        if k == 0 || k > self.shape.depth {
+            return Ok(vec![self.forward_block(k, q, b, h, mode)?]);
+        }
+        Ok(vec![match j {
+            0 => {
+                let a = layers::layer_norm(h, &q[0], &q[1], LN_EPS)?;
+                let a = layers::multi_head_attention(
+                    &a,
+                    &q[2],
+                    Some(&q[3]),
+                    &q[4],
+                    Some(&q[5]),
+                    self.shape.heads,
+                )?;
+                (h + a)?
+            }
+            1 => {
+                let m = layers::layer_norm(h, &q[0], &q[1], LN_EPS)?;
+                let m = layers::gelu_erf(&layers::linear_rows(&m, &q[2], Some(&q[3]))?)?;
+                (h + layers::linear_rows(&m, &q[4], Some(&q[5]))?)?
+            }
+            _ => bail!("vit: block {k} has no segment {j}"),
+        }])
     }
 }

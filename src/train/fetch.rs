@@ -1,7 +1,8 @@
-//! Streamed weights (`offload.params = "stream"`): a block's working copies are made
-//! from the host masters on a copy stream of the offload engine just before the block
-//! runs, and dropped after it, so the device holds the weights of the block running and
-//! of the one being fetched (double buffering) instead of the network's.
+//! Streamed weights (`offload.params = "stream"`): a unit's working copies (a block's,
+//! or with recompute a segment's) are made from the host masters on a copy stream of
+//! the offload engine just before the unit runs, and dropped after it, so the device
+//! holds the weights of the unit running and of the one being fetched (double
+//! buffering) instead of the network's.
 //!
 //! A fetch is the device's [`Backend::upload`] run on that stream: on the CPU the
 //! copies themselves; on a GPU a conversion into pinned staging and an asynchronous
@@ -9,7 +10,7 @@
 //! simulated device, `offload/stream_sim.rs`).
 //!
 //! Ordering, the two waits of a fetch:
-//! - a block's compute waits for its fetch ([`Window::take`] waits the fetch's fence;
+//! - a unit's compute waits for its fetch ([`Window::take`] waits the fetch's fence;
 //!   the tensors exist only once it completed);
 //! - a write of a master waits for every fetch reading it: a [`Window`] waits for its
 //!   fetches in flight when it is dropped (every walk ends, returns or fails, before
@@ -18,7 +19,7 @@
 //!   of changing a fetch's input.
 
 use crate::config::EmaPlacement;
-use crate::model::{BlockSpec, Fetcher};
+use crate::model::Fetcher;
 use crate::offload::backend::{Backend, CpuBackend, Upload};
 use crate::offload::order::MIN_HALF_BYTES;
 use crate::offload::{CopyEngine, Fence, OffloadConfig, StorageDtype};
@@ -26,6 +27,7 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, DeviceLocation, Tensor};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 /// The copy stream weight fetches run on (one worker, started on first use).
@@ -87,44 +89,46 @@ fn fetch(
     backend.upload(&uploads, dtype)
 }
 
-/// A block's working copies once its fetch completed.
+/// A unit's working copies once its fetch completed.
 type Landing = Arc<Mutex<Option<Vec<Tensor>>>>;
 
-/// The fetches of one walk over a streamed network's blocks.
-pub struct Window<'a> {
+/// The fetches of one walk over a streamed network's units (blocks, or their
+/// segments), each a range of parameters.
+pub struct Window {
     fetcher: Arc<Fetcher>,
     /// The device's uploads.
     backend: Arc<dyn Backend>,
-    blocks: &'a [BlockSpec],
-    /// Fetches started and not taken: `(block, tracked, fence, landing)`.
+    /// Each unit's parameters.
+    units: Vec<Range<usize>>,
+    /// Fetches started and not taken: `(unit, tracked, fence, landing)`.
     in_flight: Vec<(usize, bool, Fence, Landing)>,
     /// Which layers a tracked fetch makes `Var`s of.
-    trainable: &'a [bool],
+    trainable: Vec<bool>,
 }
 
-impl<'a> Window<'a> {
-    /// A window over `blocks` fetching with `fetcher`; tracked fetches make `Var`s of
-    /// the layers of `trainable`.
+impl Window {
+    /// A window over `units` (each a range of parameters) fetching with `fetcher`;
+    /// tracked fetches make `Var`s of the layers of `trainable`.
     ///
     /// # Errors
     /// When the device's upload backend cannot start.
-    pub fn new(fetcher: Fetcher, blocks: &'a [BlockSpec], trainable: &'a [bool]) -> Result<Self> {
+    pub fn new(fetcher: Fetcher, units: Vec<Range<usize>>, trainable: &[bool]) -> Result<Self> {
         Ok(Window {
             backend: uploader(fetcher.target().1)?,
             fetcher: Arc::new(fetcher),
-            blocks,
+            units,
             in_flight: Vec::new(),
-            trainable,
+            trainable: trainable.to_vec(),
         })
     }
 
-    /// Starts fetching block `k` (`tracked`: its trained layers record gradients) on the
-    /// copy stream; a no-op past the last block or when that fetch is in flight.
+    /// Starts fetching unit `k` (`tracked`: its trained layers record gradients) on the
+    /// copy stream; a no-op past the last unit or when that fetch is in flight.
     pub fn start(&mut self, k: usize, tracked: bool) {
-        if k >= self.blocks.len() || self.in_flight.iter().any(|f| f.0 == k && f.1 == tracked) {
+        if k >= self.units.len() || self.in_flight.iter().any(|f| f.0 == k && f.1 == tracked) {
             return;
         }
-        let range = self.blocks[k].params.clone();
+        let range = self.units[k].clone();
         let track: Vec<bool> = self.trainable[range.clone()]
             .iter()
             .map(|&t| t && tracked)
@@ -140,27 +144,27 @@ impl<'a> Window<'a> {
         self.in_flight.push((k, tracked, fence, landing));
     }
 
-    /// Block `k`'s working copies: waits for its fetch (started now if it was not).
+    /// Unit `k`'s working copies: waits for its fetch (started now if it was not).
     pub fn take(&mut self, k: usize, tracked: bool) -> Result<Vec<Tensor>> {
         self.start(k, tracked);
         let at = self
             .in_flight
             .iter()
             .position(|f| f.0 == k && f.1 == tracked)
-            .ok_or_else(|| anyhow!("block {k} was never fetched"))?;
+            .ok_or_else(|| anyhow!("unit {k} was never fetched"))?;
         let (_, _, fence, landing) = self.in_flight.remove(at);
         fence
             .wait()
-            .map_err(|e| anyhow!("fetching the weights of block {k}: {e}"))?;
+            .map_err(|e| anyhow!("fetching the weights of unit {k}: {e}"))?;
         let w = landing.lock().take();
         match w {
             Some(w) => Ok(w),
-            None => bail!("the fetch of block {k} completed without its weights"),
+            None => bail!("the fetch of unit {k} completed without its weights"),
         }
     }
 }
 
-impl Drop for Window<'_> {
+impl Drop for Window {
     fn drop(&mut self) {
         // No fetch outlives its walk: the masters are written only after this.
         for (_, _, fence, _) in self.in_flight.drain(..) {
@@ -201,7 +205,8 @@ mod tests {
     fn a_block_waits_for_its_fetch() {
         let (net, state) = streamed();
         let all = vec![true; state.len()];
-        let mut w = Window::new(state.fetcher().unwrap(), net.blocks(), &all).unwrap();
+        let units = net.blocks().iter().map(|b| b.params.clone()).collect();
+        let mut w = Window::new(state.fetcher().unwrap(), units, &all).unwrap();
         let gate = hold_the_copy_stream();
         w.start(1, true);
         std::thread::sleep(Duration::from_millis(20));
@@ -230,7 +235,8 @@ mod tests {
         let (net, mut state) = streamed();
         let all = vec![true; state.len()];
         let gate = hold_the_copy_stream();
-        let mut w = Window::new(state.fetcher().unwrap(), net.blocks(), &all).unwrap();
+        let units = net.blocks().iter().map(|b| b.params.clone()).collect();
+        let mut w = Window::new(state.fetcher().unwrap(), units, &all).unwrap();
         w.start(0, false);
         let err = match state.masters_mut() {
             Ok(_) => panic!("the masters were writable during a fetch"),

@@ -102,6 +102,16 @@ pub struct Segment {
     pub buffers: std::ops::Range<usize>,
 }
 
+impl Segment {
+    /// The whole of block `b` as one segment.
+    pub fn whole(b: &BlockSpec) -> Self {
+        Segment {
+            params: 0..b.params.len(),
+            buffers: 0..b.buffers.len(),
+        }
+    }
+}
+
 /// Block `k`'s output from its input `x` as its segments in order: the forward of a
 /// network whose blocks are made of segments ([`Network::forward_segment`]).
 pub fn fold_segments(
@@ -194,11 +204,7 @@ pub trait Network: Send + Sync {
     /// time, so a backward holds one segment's activations instead of the block's
     /// (resnet: a residual block's convolution units and its shortcut).
     fn segments(&self, k: usize) -> Vec<Segment> {
-        let b = &self.blocks()[k];
-        vec![Segment {
-            params: 0..b.params.len(),
-            buffers: 0..b.buffers.len(),
-        }]
+        vec![Segment::whole(&self.blocks()[k])]
     }
 
     /// Segment `j` of block `k`: the tensors carried out of it from those carried into

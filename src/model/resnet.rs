@@ -239,13 +239,7 @@ impl Network for ResNet {
     fn segments(&self, k: usize) -> Vec<Segment> {
         let units = match self.residual.get(k.wrapping_sub(1)) {
             Some(blk) => usize::from(self.bottleneck) + 2 + usize::from(blk.downsample),
-            None => {
-                let b = &self.blocks[k];
-                return vec![Segment {
-                    params: 0..b.params.len(),
-                    buffers: 0..b.buffers.len(),
-                }];
-            }
+            None => return vec![Segment::whole(&self.blocks[k])],
         };
         // A unit is one convolution (1 parameter) and one BatchNorm (2 parameters and
         // 3 buffers).

@@ -195,23 +195,15 @@ impl Network for Vit {
     /// recomputed backward holds one half's activations; the embedding and the head are
     /// one segment each.
     fn segments(&self, k: usize) -> Vec<Segment> {
-        let n = self.blocks[k].params.len();
-        match k >= 1 && k <= self.shape.depth {
-            true => vec![
-                Segment {
-                    params: 0..6,
-                    buffers: 0..0,
-                },
-                Segment {
-                    params: 6..n,
-                    buffers: 0..0,
-                },
-            ],
-            false => vec![Segment {
-                params: 0..n,
-                buffers: 0..0,
-            }],
+        let whole = Segment::whole(&self.blocks[k]);
+        if k == 0 || k > self.shape.depth {
+            return vec![whole];
         }
+        let half = |params| Segment {
+            params,
+            buffers: 0..0,
+        };
+        vec![half(0..6), half(6..whole.params.end)]
     }
 
     fn forward_segment(

@@ -335,16 +335,7 @@ fn program(backend: &dyn Backend, exec: &dyn Exec, seed: u64, steps: usize) -> V
                     f.wait().unwrap();
                 }
                 let t = backend.load(&buf, 2 * i, &[SIZES[i]]).unwrap();
-                let l = live[i].clone();
-                exec.compute(Box::new(move || {
-                    with_slice_mut(&l, |v| {
-                        with_slice(&t, |s| {
-                            v.iter_mut().zip(s).for_each(|(x, y)| *x = 0.5 * *x + *y)
-                        })
-                        .unwrap()
-                    })
-                    .unwrap()
-                }));
+                mix_into(exec, &live[i], t, 0.5);
             }
             5 => {
                 for f in pending.drain(..).chain(staged.iter().map(|s| s.0.clone())) {
@@ -366,16 +357,7 @@ fn program(backend: &dyn Backend, exec: &dyn Exec, seed: u64, steps: usize) -> V
                     f.wait().unwrap();
                 }
                 let t = upload_then_change(backend, &mut rng, i, StorageDtype::F32);
-                let l = live[i].clone();
-                exec.compute(Box::new(move || {
-                    with_slice_mut(&l, |v| {
-                        with_slice(&t, |s| {
-                            v.iter_mut().zip(s).for_each(|(x, y)| *x = 0.25 * *x + *y)
-                        })
-                        .unwrap()
-                    })
-                    .unwrap()
-                }));
+                mix_into(exec, &live[i], t, 0.25);
             }
             _ => {
                 let slots = (0..n).map(|j| (2 * j + 1, vec![SIZES[j]])).collect();
@@ -397,6 +379,20 @@ fn program(backend: &dyn Backend, exec: &dyn Exec, seed: u64, steps: usize) -> V
     }
     exec.finish();
     out.iter().map(bits).collect()
+}
+
+/// Queues `live = k * live + t` as compute work.
+fn mix_into(exec: &dyn Exec, live: &Tensor, t: Tensor, k: f32) {
+    let l = live.clone();
+    exec.compute(Box::new(move || {
+        with_slice_mut(&l, |v| {
+            with_slice(&t, |s| {
+                v.iter_mut().zip(s).for_each(|(x, y)| *x = k * *x + *y)
+            })
+            .unwrap()
+        })
+        .unwrap()
+    }));
 }
 
 /// Uploads fresh values of layer `i`'s size in `dtype` and changes the source right

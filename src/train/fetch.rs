@@ -20,7 +20,7 @@
 
 use crate::config::EmaPlacement;
 use crate::model::Fetcher;
-use crate::offload::backend::{Backend, CpuBackend, Upload};
+use crate::offload::backend::{Backend, Upload};
 use crate::offload::order::MIN_HALF_BYTES;
 use crate::offload::{CopyEngine, Fence, OffloadConfig, StorageDtype};
 use anyhow::{anyhow, bail, Result};
@@ -44,20 +44,19 @@ fn uploader(device: &Device) -> Result<Arc<dyn Backend>> {
     if let Some(b) = map.get(&device.location()) {
         return Ok(b.clone());
     }
-    let b: Arc<dyn Backend> = match device {
-        Device::Cpu => Arc::new(CpuBackend::new(1)),
-        // Uploads use no device staging: the smallest area a backend takes.
-        _ => Arc::from(crate::offload::store::backend_for(
-            device,
-            &OffloadConfig {
-                host_budget_bytes: 0,
-                file_path: None,
-                staging_bytes: 2 * MIN_HALF_BYTES as u64,
-                threads: 1,
-            },
-            EmaPlacement::Host,
-        )?),
+    // Uploads use no device staging: the smallest area a backend takes (on the CPU the
+    // plain `CpuBackend`).
+    let offload = OffloadConfig {
+        host_budget_bytes: 0,
+        file_path: None,
+        staging_bytes: 2 * MIN_HALF_BYTES as u64,
+        threads: 1,
     };
+    let b: Arc<dyn Backend> = Arc::from(crate::offload::store::backend_for(
+        device,
+        &offload,
+        EmaPlacement::Host,
+    )?);
     map.insert(device.location(), b.clone());
     Ok(b)
 }

@@ -383,7 +383,9 @@ pub struct MemoryBench {
 /// optimizer), and the step time, each as a ratio to erm with the device optimizer (in
 /// f32), measured one run after the other in this process. With `b.bf16`, erm and LDT-S
 /// in bf16 with the host optimizer follow; with `b.recompute`, rows with block-wise
-/// recompute.
+/// recompute; with `b.stream`, rows with streamed weights (every weight with the host
+/// optimizer; the frozen set with the device optimizer: LDT-S, and the dual branch with
+/// its resident-weights row beside it).
 ///
 /// [`MeasuredMemory::device`]: crate::metrics::MeasuredMemory::device
 pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
@@ -460,6 +462,12 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
             if b.bf16 {
                 rows.push((Method::LdtS, host, bf16, blocks, stream));
             }
+            // The optimizer on the device: the frozen set streams, the trained set stays
+            // (LDT-S, and the dual branch with both networks resident, where each
+            // network's frozen set is most of a network).
+            rows.push((Method::LdtS, device, f32, blocks, stream));
+            rows.push((Method::Ldt, device, f32, blocks, resident));
+            rows.push((Method::Ldt, device, f32, blocks, stream));
         }
         for (method, placement, precision, recompute, params) in rows {
             let mut cfg = variant(&base, method, Placement::Resident);
@@ -484,6 +492,7 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
             let e = *erm.get_or_insert((train, process, ms));
             let name = match method {
                 Method::LdtS => format!("ldt-s {phase}/{phase}"),
+                Method::Ldt => "ldt (dual, resident)".to_string(),
                 m => m.name().to_string(),
             };
             let mut at = format!("{placement:?}").to_lowercase();
@@ -512,7 +521,7 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
     }
     writeln!(
         out,
-        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state and master weights) together; x erm: against erm in f32 with the optimizer on the device; bf16: bf16 working weights and gradients on the device, f32 masters on the host; recompute: train.recompute = \"blocks\"; stream: offload.params = \"stream\", the weights in host memory, fetched a block at a time)"
+        "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state and master weights) together; x erm: against erm in f32 with the optimizer on the device; bf16: bf16 working weights and gradients on the device, f32 masters on the host; recompute: train.recompute = \"blocks\"; stream: offload.params = \"stream\", the weights in host memory, fetched a segment at a time: every weight with the host optimizer, the frozen set with the device optimizer)"
     )?;
     Ok(out)
 }

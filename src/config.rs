@@ -579,9 +579,12 @@ pub enum OptimizerPlacement {
 pub enum ParamsPlacement {
     /// On the device, the whole network.
     Resident,
-    /// In host memory as f32 masters; each block's working copies are fetched on a copy
-    /// stream just before the block runs (one block ahead) and dropped after it. Needs
-    /// `offload.optimizer = "host"` and block-wise recompute; same bits as `resident`.
+    /// In host memory as f32 masters; each segment's working copies are fetched on a
+    /// copy stream just before the segment runs (one ahead) and dropped after it. With
+    /// `offload.optimizer = "host"` every layer streams; with `"device"` the trained
+    /// set stays on the device, where the optimizer updates it, and the frozen set
+    /// streams (at an LDT-S phase switch the sets trade places). Needs block-wise
+    /// recompute; same bits as `resident`.
     Stream,
     /// `stream` when the plan with resident weights does not fit
     /// `offload.device_bytes`, else `resident`; chosen before stage 1, printed with the
@@ -609,7 +612,8 @@ pub struct OffloadSettings {
     /// host too, and the device holds their bf16 roundings.
     pub optimizer: OptimizerPlacement,
     /// Where the weights live between uses: `resident` on the device, `stream` in host
-    /// memory (fetched block by block), `auto` by `device_bytes`.
+    /// memory (fetched segment by segment; with the optimizer on the device, the frozen
+    /// set only), `auto` by `device_bytes`.
     pub params: ParamsPlacement,
     /// The device memory the run may plan for, in bytes (0 = no limit): a run whose
     /// planned peak (weights, gradients, device optimizer state, staging, activations)
@@ -1056,13 +1060,6 @@ impl Config {
             c.threads <= MAX_THREADS,
             "threads",
             &format!("must be at most {MAX_THREADS} (0 = all cores)"),
-        )?;
-        check(
-            c.offload.params == ParamsPlacement::Resident
-                || c.offload.optimizer == OptimizerPlacement::Host,
-            "offload.params",
-            "streamed weights are updated where they live: set offload.optimizer = \"host\" \
-             (or offload.params = \"resident\")",
         )?;
         check(
             c.offload.params != ParamsPlacement::Stream || c.train.recompute != Recompute::None,

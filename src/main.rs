@@ -133,7 +133,8 @@ enum Cmd {
         #[arg(long)]
         recompute: bool,
         /// `--memory`: also erm and ldt-s with block-wise recompute and streamed weights
-        /// (`offload.params = "stream"`, the optimizer on the host).
+        /// (`offload.params = "stream"`: with the optimizer on the host every layer, with
+        /// it on the device the frozen set).
         #[arg(long)]
         stream: bool,
     },

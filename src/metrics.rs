@@ -252,13 +252,32 @@ pub struct MemoryReport {
     /// "host"`).
     #[serde(default)]
     pub host_optimizer: u64,
-    /// Parameter-state bytes of a P and of an A half-step (equal for one network), to
-    /// add each phase's activations to.
+    /// Parameter state of a P and of an A half-step (equal for one network), to add
+    /// each phase's activations to; the fields above are those of the larger.
     #[serde(skip)]
-    pub phases: [u64; 2],
-    /// The gradient bytes within `phases`.
-    #[serde(skip)]
-    pub phase_gradients: [u64; 2],
+    pub phases: [PhaseBytes; 2],
+}
+
+/// One phase's parameter state on the device, in bytes ([`MemoryReport::phases`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseBytes {
+    /// Weights kept on the device between uses.
+    pub weights: u64,
+    /// Of those, the trained sets' (what stays with the frozen set streamed).
+    pub trained: u64,
+    /// Gradients.
+    pub gradients: u64,
+    /// Optimizer state.
+    pub optimizer: u64,
+    /// Optimizer state of the next phase, staged.
+    pub staging: u64,
+}
+
+impl PhaseBytes {
+    /// Everything the phase holds.
+    pub fn total(&self) -> u64 {
+        self.weights + self.gradients + self.optimizer + self.staging
+    }
 }
 
 /// Heap peaks of a run by stage, measured by the counting allocator ([`crate::heap`]):

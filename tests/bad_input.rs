@@ -612,13 +612,9 @@ const SET_ERRORS: &[(&[&str], &[&str])] = &[
         &["data.prefetch=100000000000"],
         &["`data.prefetch`", "1024"],
     ),
-    // Streamed weights are updated on the host and fetched block by block.
+    // Streamed weights are fetched segment by segment, which needs the recompute walk.
     (
-        &["offload.params=\"stream\"", "train.recompute=\"blocks\""],
-        &["`offload.params`", "offload.optimizer = \"host\""],
-    ),
-    (
-        &["offload.params=\"stream\"", "offload.optimizer=\"host\""],
+        &["offload.params=\"stream\""],
         &["`offload.params`", "train.recompute = \"blocks\""],
     ),
 ];

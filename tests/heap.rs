@@ -75,6 +75,7 @@ every = 3
     a_budget_too_small_stops_before_stage_1();
     auto_recompute_follows_the_budget();
     streamed_weights_leave_the_device();
+    the_frozen_set_streams_with_the_device_optimizer();
     a_budget_below_the_weights_trains_the_same_bits();
 }
 
@@ -371,6 +372,73 @@ fn streamed_weights_leave_the_device() {
         p1.device_peak,
         100.0 * rel
     );
+}
+
+/// `offload.params = "stream"` with the optimizer on the device (resnet18, the dual
+/// branch with both networks resident, batch 32, block-wise recompute): each network
+/// keeps its trained set on the device, where the optimizer updates it, and streams its
+/// frozen set, so the two networks hold one network's weights between them instead of
+/// two: the measured training peak falls by at least 80% of one network's weights less
+/// the fetch window, the plan keeps exactly one network's weights (the trained sets of
+/// both) and matches the measurement within 10%. With `offload.params = "auto"` and a
+/// budget between the two plans, the run streams and stays within it.
+fn the_frozen_set_streams_with_the_device_optimizer() {
+    let peak = |params: &str, budget: u64| {
+        let (_d, ctx) = short_run(
+            "resnet18",
+            "ldt",
+            &[
+                "train.batch_size=32",
+                "train.recompute=\"blocks\"",
+                &format!("offload.params=\"{params}\""),
+                &format!("offload.device_bytes={budget}"),
+            ],
+        );
+        let plan = ctx.summary.memory.expect("plan");
+        let m = ctx.summary.measured_memory.as_ref().unwrap();
+        (plan, m.device("train").unwrap(), ctx.cfg.offload.params)
+    };
+    let (p0, resident, _) = peak("resident", 0);
+    let (p1, streamed, _) = peak("stream", 0);
+    let one = 4 * build_net("resnet18").numel() as u64;
+    let net = build_net("resnet18");
+    let bytes: Vec<u64> = net
+        .blocks()
+        .iter()
+        .map(|b| {
+            4 * net.params()[b.params.clone()]
+                .iter()
+                .map(|s| s.numel() as u64)
+                .sum::<u64>()
+        })
+        .collect();
+    let window = bytes.windows(2).map(|w| w[0] + w[1]).max().unwrap();
+    eprintln!(
+        "resnet18 batch 32, ldt resident, device optimizer, recompute: training peak \
+         {resident} -> {streamed} (plan {} -> {}), {one} bytes of weights per network",
+        p0.device_peak, p1.device_peak
+    );
+    assert_eq!(p0.live_weights, 2 * one, "two resident networks planned");
+    assert_eq!(p1.live_weights, one, "the trained sets of both planned");
+    assert!(
+        (resident - streamed) as f64 >= 0.8 * (one - window) as f64,
+        "frozen sets streamed: {resident} -> {streamed} with {one} bytes per network"
+    );
+    let rel = p1.device_peak as f64 / streamed as f64 - 1.0;
+    assert!(
+        rel.abs() <= 0.10,
+        "frozen sets streamed: plan {} vs measured {streamed} ({:+.1}%)",
+        p1.device_peak,
+        100.0 * rel
+    );
+    let budget = (p0.device_peak + p1.device_peak) / 2;
+    let (_, within, chosen) = peak("auto", budget);
+    assert_eq!(
+        chosen,
+        ldt::config::ParamsPlacement::Stream,
+        "auto under {budget}"
+    );
+    assert!(within <= budget, "auto: measured {within} over {budget}");
 }
 
 /// A device budget below the f32 weight bytes: a ViT of 8 blocks of width 256 (25 MB

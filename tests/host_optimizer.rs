@@ -197,8 +197,10 @@ fn a_checkpoint_resumes_only_with_its_buffer_layout() {
 }
 
 /// Streamed weights (`offload.params = "stream"`, block-wise recompute) write the bits
-/// of resident weights with the optimizer on the device: ldt-s in f32 and the dual
-/// branch (swap) in bf16, 50 steps with stage 1, folds, evaluation and selection; the
+/// of resident weights with the optimizer on the device: every layer streamed with the
+/// host optimizer (ldt-s in f32, the dual branch swapped in bf16), the frozen set
+/// streamed with the device optimizer (ldt-s, the sets trading places at every phase
+/// switch), 50 steps with stage 1, folds, evaluation and selection; the
 /// streamed run resumed from its step-24 checkpoint (its weights read back into host
 /// masters) ends bit-identical; and a run starting from a weights file (`model.init`,
 /// read into host masters) equals the resident run from the same file.
@@ -209,8 +211,9 @@ fn streamed_weights_write_the_resident_bits() {
         "offload.params=\"stream\"",
         "train.recompute=\"blocks\"",
     ];
-    let cases: [(&str, &[&str]); 2] = [
-        ("ldt-s adam", &["train.method=\"ldt-s\""]),
+    let frozen = ["offload.params=\"stream\"", "train.recompute=\"blocks\""];
+    let cases: [(&str, &[&str], &[&str]); 3] = [
+        ("ldt-s adam", &["train.method=\"ldt-s\""], &stream),
         (
             "ldt swap adamw bf16",
             &[
@@ -220,9 +223,15 @@ fn streamed_weights_write_the_resident_bits() {
                 "optim.weight_decay=0.05",
                 "train.precision=\"bf16\"",
             ],
+            &stream,
+        ),
+        (
+            "ldt-s adam, frozen set streamed",
+            &["train.method=\"ldt-s\""],
+            &frozen,
         ),
     ];
-    for (what, sets) in cases {
+    for (what, sets, stream) in cases {
         let mut ov: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         ov.push(bundled_manifest());
         ov.push("data.val_fraction=0.1".into());

@@ -22,8 +22,10 @@
 //! - Whole runs: erm, the dual branch (resident and swap) and LDT-S on cnn_bn, with
 //!   stage 1, DPU folds, evaluation and bf16 / accumulate 3 cases, export byte-identical
 //!   files: with the device optimizer updating block by block (and, with clipping,
-//!   after the backward), with the host optimizer releasing gradients block by block; with streamed weights too (and a device budget below the weights' bytes
-//!   choosing them). (`tests/heap.rs` measures the memory recompute and streaming save.)
+//!   after the backward), with the host optimizer releasing gradients block by block;
+//!   with streamed weights too — every layer with the host optimizer, the frozen set
+//!   with the device optimizer (LDT-S bf16 / accumulate 3, the dual branch resident and
+//!   swapped, lp-ft) — and a device budget below the weights' bytes choosing them. (`tests/heap.rs` measures the memory recompute and streaming save.)
 
 mod common;
 use candle_core::{DType, Device, Tensor};
@@ -336,7 +338,7 @@ fn exported(dir: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn recomputed_runs_export_the_same_bytes() {
-    let cases: [(&str, &[&str]); 12] = [
+    let cases: [(&str, &[&str]); 17] = [
         ("erm", &["train.method=\"erm\""]),
         ("ldt resident", &["train.method=\"ldt\""]),
         (
@@ -405,6 +407,40 @@ fn recomputed_runs_export_the_same_bytes() {
                 "offload.params=\"stream\"",
                 "train.clip_grad_norm=0.5",
             ],
+        ),
+        // Streamed weights with the optimizer on the device: the trained set stays on
+        // the device, the frozen set streams; the sets trade places at LDT-S phase
+        // switches, between the dual branch's networks and at lp-ft's switch to full
+        // fine-tuning, and DPU folds meet every pairing of device and host copies.
+        (
+            "ldt-s stream device",
+            &["train.method=\"ldt-s\"", "offload.params=\"stream\""],
+        ),
+        (
+            "ldt-s stream device bf16 accumulate 3",
+            &[
+                "train.method=\"ldt-s\"",
+                "offload.params=\"stream\"",
+                "train.precision=\"bf16\"",
+                "train.accumulate=3",
+            ],
+        ),
+        (
+            "ldt resident stream device",
+            &["train.method=\"ldt\"", "offload.params=\"stream\""],
+        ),
+        (
+            "ldt swap stream device clip",
+            &[
+                "train.method=\"ldt\"",
+                "ldt.placement=\"swap\"",
+                "offload.params=\"stream\"",
+                "train.clip_grad_norm=0.5",
+            ],
+        ),
+        (
+            "lp-ft stream device",
+            &["train.method=\"lp-ft\"", "offload.params=\"stream\""],
         ),
     ];
     for (what, sets) in cases {

@@ -317,12 +317,14 @@ pub struct NetState {
     /// and then [`NetState::refresh`]es the working copy. Shared with the weight fetches
     /// in flight, which read it on a copy stream.
     pub masters: Option<Arc<Vec<HostVec>>>,
-    /// Set when no working copy stays on the device between uses: a forward fetches
-    /// each block's from the masters ([`NetState::fetch`]).
+    /// Set when weights stay in host memory between uses: a forward fetches a
+    /// segment's working copies from the masters ([`NetState::fetcher`]), but for the
+    /// layers [`NetState::place`] keeps on the device.
     pub stream: Option<Streamed>,
 }
 
-/// How a streamed network's working copies are made ([`NetState::streamed`]).
+/// How a streamed network's working copies are made ([`NetState::streamed`]), and
+/// which layers stay on the device.
 #[derive(Clone, Debug)]
 pub struct Streamed {
     /// Working dtype: f32 (the masters' values), or bf16 (their rounding).
@@ -331,6 +333,18 @@ pub struct Streamed {
     pub shapes: Vec<Vec<usize>>,
     /// Where the working copies go.
     pub device: Device,
+    /// Per layer, its f32 weight kept on the device ([`NetState::place`]: the trained
+    /// set, with the optimizer on the device), whose master is then empty; `None` for
+    /// a layer streamed from its master.
+    pub resident: Vec<Option<Var>>,
+}
+
+/// Where a layer's value lives: what an update or a fold writes ([`NetState::held`]).
+pub enum Held<'a> {
+    /// A tensor on the device.
+    Device(&'a Var),
+    /// Its f32 master in host memory (a working copy, if any, is refreshed from it).
+    Master,
 }
 
 impl NetState {
@@ -379,6 +393,7 @@ impl NetState {
                 dtype,
                 shapes: net.params().iter().map(|s| s.shape.clone()).collect(),
                 device: device.clone(),
+                resident: vec![None; net.params().len()],
             }),
         })
     }
@@ -400,7 +415,20 @@ impl NetState {
                 .masters
                 .as_ref()
                 .map(|m| Arc::new(m.iter().map(|x| HostVec::from_slice(x)).collect())),
-            stream: self.stream.clone(),
+            stream: match &self.stream {
+                Some(s) => Some(Streamed {
+                    resident: s
+                        .resident
+                        .iter()
+                        .map(|v| match v {
+                            Some(v) => Ok(Some(Var::from_tensor(&v.as_tensor().copy()?)?)),
+                            None => Ok(None),
+                        })
+                        .collect::<Result<_>>()?,
+                    ..s.clone()
+                }),
+                None => None,
+            },
         })
     }
 
@@ -441,6 +469,7 @@ impl NetState {
             return Ok(self);
         }
         let shapes = self.shapes();
+        let n = shapes.len();
         let device = device.clone();
         let masters = match self.masters {
             Some(m) => m,
@@ -467,6 +496,7 @@ impl NetState {
                 dtype,
                 shapes,
                 device,
+                resident: vec![None; n],
             }),
         })
     }
@@ -520,6 +550,9 @@ impl NetState {
     /// Weight `i` in f32, detached, on the state's device: the parameter, or its master
     /// uploaded.
     pub fn weight(&self, i: usize) -> Result<Tensor> {
+        if let Held::Device(v) = self.held(i) {
+            return Ok(v.as_tensor().detach());
+        }
         Ok(match (&self.masters, &self.stream) {
             (Some(m), Some(s)) => Tensor::from_slice(&m[i], s.shapes[i].as_slice(), &s.device)?,
             (Some(m), None) => {
@@ -543,6 +576,9 @@ impl NetState {
 
     /// Weight `i` as evaluation reads it ([`NetState::weight_refs`]).
     pub fn weight_ref(&self, i: usize) -> WeightRef<'_> {
+        if let (Held::Device(v), Some(_)) = (self.held(i), &self.stream) {
+            return WeightRef::Device(v.as_tensor().detach());
+        }
         match &self.masters {
             Some(m) => WeightRef::Host {
                 values: &m[i],
@@ -590,6 +626,86 @@ impl NetState {
         self.params.iter().map(|v| v.as_tensor().detach()).collect()
     }
 
+    /// Where layer `i`'s value lives: on the device (a resident layout without masters,
+    /// or a streamed layer [`NetState::place`] keeps there), or in its master.
+    pub fn held(&self, i: usize) -> Held<'_> {
+        match (&self.stream, &self.masters) {
+            (Some(s), _) => match &s.resident[i] {
+                Some(v) => Held::Device(v),
+                None => Held::Master,
+            },
+            (None, Some(_)) => Held::Master,
+            (None, None) => Held::Device(&self.params[i]),
+        }
+    }
+
+    /// Layer `i`'s tensor on the device between uses, the one a forward tracks (its
+    /// gradient's key): the parameter, or a streamed state's resident layer; `None`
+    /// for a streamed layer (its working copy is fetched).
+    pub fn var(&self, i: usize) -> Option<&Var> {
+        match &self.stream {
+            Some(s) => s.resident[i].as_ref(),
+            None => self.params.get(i),
+        }
+    }
+
+    /// Keeps the layers of `resident` on the device and streams the others, in a
+    /// streamed state (a no-op otherwise): the trained set stays where the device
+    /// optimizer updates it, the frozen set waits in host memory. A layer coming to
+    /// the device becomes an f32 `Var` made from its master, whose host copy is freed;
+    /// a layer leaving is read back into its master (first, so the device never holds
+    /// both sets). Values move, never change: what follows computes the same bits
+    /// wherever a layer waited. An error while a weight fetch reads the masters.
+    pub fn place(&mut self, resident: &[bool]) -> Result<()> {
+        let (Some(s), Some(m)) = (&mut self.stream, &mut self.masters) else {
+            return Ok(());
+        };
+        let moves = |s: &Streamed, keep: bool| -> Vec<usize> {
+            (0..s.resident.len())
+                .filter(|&i| s.resident[i].is_some() != resident[i] && resident[i] == keep)
+                .collect()
+        };
+        let (leave, come) = (moves(s, false), moves(s, true));
+        if leave.is_empty() && come.is_empty() {
+            return Ok(());
+        }
+        let Some(m) = Arc::get_mut(m) else {
+            bail!("weights are moved between device and host while a weight fetch reads them");
+        };
+        for i in leave {
+            if let Some(v) = s.resident[i].take() {
+                m[i] = HostVec::from_slice(&v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        for i in come {
+            let t = Tensor::from_slice(&m[i], s.shapes[i].as_slice(), &s.device)?;
+            s.resident[i] = Some(Var::from_tensor(&t)?);
+            m[i] = HostVec::zeroed(0);
+        }
+        Ok(())
+    }
+
+    /// A streamed state's resident layers as a forward uses them (`trainable`: tracked,
+    /// else detached), in its working dtype (bf16: the recorded cast, whose backward
+    /// delivers the f32 gradient); `None` for the streamed ones.
+    pub fn resident_view(&self, trainable: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let Some(s) = &self.stream else {
+            bail!("resident layers are kept apart only in a streamed state");
+        };
+        s.resident
+            .iter()
+            .zip(trainable)
+            .map(|(v, &t)| {
+                let Some(v) = v else { return Ok(None) };
+                let w = match t {
+                    true => v.as_tensor().clone(),
+                    false => v.as_tensor().detach(),
+                };
+                Ok(Some(w.to_dtype(s.dtype)?))
+            })
+            .collect()
+    }
+
     /// Working copies of parameters `range` of a streamed state, made from the masters
     /// (`track[j]`: parameter `range.start + j` becomes a `Var` that records gradients);
     /// what a weight fetch runs on its copy stream. Shares the masters with the caller
@@ -598,7 +714,10 @@ impl NetState {
         match (&self.masters, &self.stream) {
             (Some(m), Some(s)) => Ok(Fetcher {
                 masters: m.clone(),
-                stream: s.clone(),
+                stream: Streamed {
+                    resident: Vec::new(),
+                    ..s.clone()
+                },
             }),
             _ => bail!("weights are fetched only from a streamed state"),
         }

@@ -193,7 +193,8 @@ impl Optimizer {
     ) -> Result<()> {
         let Some(host) = &mut self.host else {
             anyhow::bail!(
-                "layer {i}: bf16 working weights with host masters need offload.optimizer = \"host\""
+                "layer {i}: its weight is a host master (bf16 working weights, or streamed), \
+                 which only offload.optimizer = \"host\" updates"
             );
         };
         host::step_master(&self.settings, &mut host[i], master, grad, lr)

@@ -13,7 +13,7 @@ use crate::config::OptimizerPlacement;
 use crate::ldt::partition::{Partition, Phase};
 use crate::metrics::MemoryReport;
 use crate::model::Weights;
-use crate::model::{NetState, Network};
+use crate::model::{Held, NetState, Network};
 use crate::offload::backend::fold_live;
 use crate::offload::store::{CounterpartStore, LayerSpec};
 use crate::offload::OffloadConfig;
@@ -130,6 +130,37 @@ fn fold_host(dst: &mut [f32], src: &[f32], w: f64) {
     );
 }
 
+/// The DPU fold of layer `i`, `dst = w*dst + (1-w)*src`, wherever each copy lives
+/// ([`NetState::held`]): on the device ([`fold_live`]) or in a host master
+/// ([`fold_host`], then the working copy refreshed); a copy held elsewhere than the
+/// destination is brought to it first. Both folds compute the same bits.
+fn fold_layer(dst: &mut NetState, src: &NetState, i: usize, w: f64) -> Result<()> {
+    let on_device = |s: &NetState| match s.held(i) {
+        Held::Device(v) => Some(v.as_tensor().clone()),
+        Held::Master => None,
+    };
+    let from = on_device(src);
+    if let Some(d) = on_device(dst) {
+        let s = match from {
+            Some(s) => s,
+            None => src.weight(i)?,
+        };
+        return fold_live(&d, &s, w);
+    }
+    let values = match from {
+        Some(s) => s.flatten_all()?.to_vec1::<f32>()?,
+        None => match &src.masters {
+            Some(m) => m[i].to_vec(),
+            None => bail!("layer {i} of the fold's source has no value"),
+        },
+    };
+    let Some(m) = dst.masters_mut()? else {
+        bail!("layer {i} of the fold's destination has no value");
+    };
+    fold_host(&mut m[i], &values, w);
+    dst.refresh(i)
+}
+
 /// Both branches live: PM and AM each a network with its own optimizer.
 pub struct Resident {
     pm: NetState,
@@ -210,7 +241,7 @@ impl Branches for Resident {
     }
 
     fn observe(&mut self, grads: &[Option<Grad>]) {
-        let weights = 2 * memory::weight_bytes(&self.pm);
+        let weights = memory::weight_bytes(&self.pm) + memory::weight_bytes(&self.am);
         let opt = (self.opt_p.bytes() + self.opt_a.bytes()) as u64;
         self.meter.observe(weights, grads, opt);
     }
@@ -224,14 +255,7 @@ impl Branches for Resident {
             if l.set != branch.trains() {
                 continue;
             }
-            let w = l.coefficient * factor;
-            match (&src.masters, dst.masters_mut()?) {
-                (Some(s), Some(d)) => {
-                    fold_host(&mut d[i], &s[i], w);
-                    dst.refresh(i)?;
-                }
-                _ => fold_live(dst.params[i].as_tensor(), src.params[i].as_tensor(), w)?,
-            }
+            fold_layer(dst, src, i, l.coefficient * factor)?;
         }
         Ok(())
     }
@@ -262,7 +286,10 @@ impl Branches for Resident {
     fn memory(&self, partition: &Partition) -> MemoryReport {
         let k = memory::device_state_tensors(&self.opt_p);
         let mut r = memory::report(
-            (memory::Layout::Resident, memory::working_bytes(&self.pm)),
+            (
+                memory::Layout::Resident,
+                memory::working_bytes(&self.pm, self.opt_p.placement()),
+            ),
             partition.set_numel(),
             k,
             (0, 0),
@@ -368,9 +395,10 @@ impl Parked {
     ) -> Result<Self> {
         let n = start.len();
         for i in 0..n {
-            match &start.masters {
-                Some(m) => store.park_master(i, &m[i])?,
-                None => store.park_weights(i, start.params[i].as_tensor())?,
+            match (start.held(i), &start.masters) {
+                (Held::Device(v), _) => store.park_weights(i, v.as_tensor())?,
+                (Held::Master, Some(m)) => store.park_master(i, &m[i])?,
+                (Held::Master, None) => bail!("layer {i} of the start has no value"),
             }
         }
         let parked_buffers = if per_branch_buffers {
@@ -449,11 +477,13 @@ impl Parked {
     /// them back, so it leaves the working copies alone).
     fn swap_in(&mut self, layers: &[usize], buffers: bool, refresh: bool) -> Result<()> {
         for &i in layers {
+            if let Held::Device(v) = self.live.held(i) {
+                self.store.swap_weights(i, v.as_tensor())?;
+                continue;
+            }
             match self.live.masters_mut()? {
                 Some(m) => self.store.swap_master(i, &mut m[i])?,
-                None => self
-                    .store
-                    .swap_weights(i, self.live.params[i].as_tensor())?,
+                None => bail!("layer {i} of the live network has no value"),
             }
         }
         if refresh {
@@ -523,38 +553,43 @@ impl Branches for Parked {
     }
 
     fn fold(&mut self, partition: &Partition, branch: Phase, factor: f64) -> Result<()> {
-        let layers = partition
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.set == branch.trains())
-            .map(|(i, l)| (i, l.coefficient * factor));
-        if let Some(m) = self.live.masters_mut()? {
-            // Host masters: both copies are in host memory; the fold runs there.
-            if branch == self.phase {
-                let jobs: Vec<(usize, &[f32], f64)> =
-                    layers.map(|(i, w)| (i, &m[i][..], w)).collect();
-                return Ok(self.store.fold_masters_into_parked(&jobs)?);
+        // Each live layer where it lives: on the device, or a host master (the fold runs
+        // there: with host masters, or streamed from them).
+        let (mut device, mut host) = (Vec::new(), Vec::new());
+        for (i, l) in partition.layers.iter().enumerate() {
+            if l.set != branch.trains() {
+                continue;
             }
-            let mut folded = Vec::new();
-            for (i, w) in layers {
-                self.store.fold_parked_into_master(i, &mut m[i], w)?;
-                folded.push(i);
+            let w = l.coefficient * factor;
+            match self.live.held(i) {
+                Held::Device(v) => device.push((i, v.as_tensor().clone(), w)),
+                Held::Master => host.push((i, w)),
             }
-            return folded.into_iter().try_for_each(|i| self.live.refresh(i));
         }
-        let mut jobs = Vec::new();
-        for (i, w) in layers {
-            let live = self.live.params[i].as_tensor();
+        if !host.is_empty() {
+            let Some(m) = self.live.masters_mut()? else {
+                bail!("the live network's layers held in masters have none");
+            };
             if branch == self.phase {
                 // Source live, destination (the other branch's frozen copy) parked.
-                jobs.push((i, live.clone(), w));
+                let jobs: Vec<(usize, &[f32], f64)> =
+                    host.iter().map(|&(i, w)| (i, &m[i][..], w)).collect();
+                self.store.fold_masters_into_parked(&jobs)?;
             } else {
                 // Source parked, destination (the live branch's frozen copy) live.
-                self.store.fold_from_parked(i, live, w)?;
+                for &(i, w) in &host {
+                    self.store.fold_parked_into_master(i, &mut m[i], w)?;
+                }
+                host.iter().try_for_each(|&(i, _)| self.live.refresh(i))?;
             }
         }
-        self.store.fold_into_parked(jobs);
+        if branch == self.phase {
+            self.store.fold_into_parked(device);
+        } else {
+            for (i, live, w) in device {
+                self.store.fold_from_parked(i, &live, w)?;
+            }
+        }
         Ok(())
     }
 
@@ -600,7 +635,10 @@ impl Branches for Parked {
     fn memory(&self, partition: &Partition) -> MemoryReport {
         let k = memory::device_state_tensors(&self.opt_p);
         let mut r = memory::report(
-            (memory::Layout::Single, memory::working_bytes(&self.live)),
+            (
+                memory::Layout::Single,
+                memory::working_bytes(&self.live, self.opt_p.placement()),
+            ),
             partition.set_numel(),
             k,
             self.store.tiers(),

@@ -136,7 +136,10 @@ impl Stepper for Erm {
             .sum();
         let k = memory::device_state_tensors(&self.opt);
         let mut r = memory::report(
-            (memory::Layout::Full, memory::working_bytes(&self.state)),
+            (
+                memory::Layout::Full,
+                memory::working_bytes(&self.state, self.opt.placement()),
+            ),
             (total, 0),
             k,
             (0, 0),

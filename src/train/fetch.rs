@@ -2,7 +2,9 @@
 //! or with recompute a segment's) are made from the host masters on a copy stream of
 //! the offload engine just before the unit runs, and dropped after it, so the device
 //! holds the weights of the unit running and of the one being fetched (double
-//! buffering) instead of the network's.
+//! buffering) instead of the network's. Layers kept on the device
+//! ([`crate::model::NetState::place`]: the trained set, with the optimizer there) are
+//! not fetched: the window hands out their resident tensors.
 //!
 //! A fetch is the device's [`Backend::upload`] run on that stream: on the CPU the
 //! copies themselves; on a GPU a conversion into pinned staging and an asynchronous
@@ -61,17 +63,18 @@ fn uploader(device: &Device) -> Result<Arc<dyn Backend>> {
     Ok(b)
 }
 
-/// Block parameters `range`'s working copies from `fetcher`'s masters, tracked where
+/// Working copies of parameters `layers` from `fetcher`'s masters, tracked where
 /// `track` says, uploaded by `backend`.
 fn fetch(
     backend: &dyn Backend,
     fetcher: &Fetcher,
-    range: std::ops::Range<usize>,
+    layers: &[usize],
     track: &[bool],
 ) -> Result<Vec<Tensor>> {
-    let uploads: Vec<Upload<'_>> = range
+    let uploads: Vec<Upload<'_>> = layers
+        .iter()
         .zip(track)
-        .map(|(i, &track)| {
+        .map(|(&i, &track)| {
             let (values, shape) = fetcher.master(i);
             Upload {
                 values,
@@ -103,21 +106,32 @@ pub struct Window {
     in_flight: Vec<(usize, bool, Fence, Landing)>,
     /// Which layers a tracked fetch makes `Var`s of.
     trainable: Vec<bool>,
+    /// Per layer, its tensor kept on the device (tracked where `trainable`), which no
+    /// fetch makes.
+    resident: Vec<Option<Tensor>>,
 }
 
 impl Window {
     /// A window over `units` (each a range of parameters) fetching with `fetcher`;
-    /// tracked fetches make `Var`s of the layers of `trainable`.
+    /// tracked fetches make `Var`s of the layers of `trainable`. The layers with a
+    /// `resident` tensor (as the forward uses it: tracked where trainable) are not
+    /// fetched.
     ///
     /// # Errors
     /// When the device's upload backend cannot start.
-    pub fn new(fetcher: Fetcher, units: Vec<Range<usize>>, trainable: &[bool]) -> Result<Self> {
+    pub fn new(
+        fetcher: Fetcher,
+        units: Vec<Range<usize>>,
+        trainable: &[bool],
+        resident: Vec<Option<Tensor>>,
+    ) -> Result<Self> {
         Ok(Window {
             backend: uploader(fetcher.target().1)?,
             fetcher: Arc::new(fetcher),
             units,
             in_flight: Vec::new(),
             trainable: trainable.to_vec(),
+            resident,
         })
     }
 
@@ -127,23 +141,27 @@ impl Window {
         if k >= self.units.len() || self.in_flight.iter().any(|f| f.0 == k && f.1 == tracked) {
             return;
         }
-        let range = self.units[k].clone();
-        let track: Vec<bool> = self.trainable[range.clone()]
+        let layers: Vec<usize> = self.units[k]
+            .clone()
+            .filter(|&i| self.resident[i].is_none())
+            .collect();
+        let track: Vec<bool> = layers
             .iter()
-            .map(|&t| t && tracked)
+            .map(|&i| self.trainable[i] && tracked)
             .collect();
         let landing: Landing = Arc::default();
         let (fetcher, out) = (self.fetcher.clone(), landing.clone());
         let backend = self.backend.clone();
         let fence = engine().submit(0, move || {
-            let w = fetch(&*backend, &fetcher, range, &track).map_err(|e| format!("{e:#}"))?;
+            let w = fetch(&*backend, &fetcher, &layers, &track).map_err(|e| format!("{e:#}"))?;
             *out.lock() = Some(w);
             Ok(())
         });
         self.in_flight.push((k, tracked, fence, landing));
     }
 
-    /// Unit `k`'s working copies: waits for its fetch (started now if it was not).
+    /// Unit `k`'s working copies, its resident layers' tensors among them (detached
+    /// unless `tracked`): waits for its fetch (started now if it was not).
     pub fn take(&mut self, k: usize, tracked: bool) -> Result<Vec<Tensor>> {
         self.start(k, tracked);
         let at = self
@@ -155,11 +173,20 @@ impl Window {
         fence
             .wait()
             .map_err(|e| anyhow!("fetching the weights of unit {k}: {e}"))?;
-        let w = landing.lock().take();
-        match w {
-            Some(w) => Ok(w),
-            None => bail!("the fetch of unit {k} completed without its weights"),
-        }
+        let Some(fetched) = landing.lock().take() else {
+            bail!("the fetch of unit {k} completed without its weights");
+        };
+        let mut fetched = fetched.into_iter();
+        self.units[k]
+            .clone()
+            .map(|i| match &self.resident[i] {
+                Some(t) if tracked => Ok(t.clone()),
+                Some(t) => Ok(t.detach()),
+                None => fetched
+                    .next()
+                    .ok_or_else(|| anyhow!("the fetch of unit {k} is short of layer {i}")),
+            })
+            .collect()
     }
 }
 
@@ -205,7 +232,8 @@ mod tests {
         let (net, state) = streamed();
         let all = vec![true; state.len()];
         let units = net.blocks().iter().map(|b| b.params.clone()).collect();
-        let mut w = Window::new(state.fetcher().unwrap(), units, &all).unwrap();
+        let mut w =
+            Window::new(state.fetcher().unwrap(), units, &all, vec![None; all.len()]).unwrap();
         let gate = hold_the_copy_stream();
         w.start(1, true);
         std::thread::sleep(Duration::from_millis(20));
@@ -226,6 +254,71 @@ mod tests {
         }
     }
 
+    /// Placing layers on the device moves their values exactly (the master freed), the
+    /// window hands out the resident tensors themselves (tracked or detached) and fetches
+    /// only the others, and streaming a layer back restores its master bit for bit.
+    #[test]
+    fn resident_layers_are_not_fetched() {
+        let (net, mut state) = streamed();
+        let before: Vec<Vec<f32>> = state
+            .masters
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.to_vec())
+            .collect();
+        let n = state.len();
+        let trained: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
+        state.place(&trained).unwrap();
+        for (i, want) in before.iter().enumerate() {
+            let m = &state.masters.as_ref().unwrap()[i];
+            match state.var(i) {
+                Some(v) => {
+                    assert!(
+                        trained[i] && m.is_empty(),
+                        "layer {i}: on the device, no master"
+                    );
+                    let got = v
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    assert_eq!(&got, want, "layer {i}: moved exactly");
+                }
+                None => assert!(!trained[i] && m[..] == want[..], "layer {i} streams"),
+            }
+        }
+        let units: Vec<_> = net.blocks().iter().map(|b| b.params.clone()).collect();
+        let resident = state.resident_view(&trained).unwrap();
+        let mut w =
+            Window::new(state.fetcher().unwrap(), units.clone(), &trained, resident).unwrap();
+        for (k, range) in units.iter().enumerate() {
+            for tracked in [true, false] {
+                let got = w.take(k, tracked).unwrap();
+                assert_eq!(got.len(), range.len());
+                for (t, i) in got.iter().zip(range.clone()) {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(v, before[i], "unit {k} layer {i}");
+                    if let (Some(var), true) = (state.var(i), tracked) {
+                        assert_eq!(t.id(), var.as_tensor().id(), "layer {i}: the tensor itself");
+                    }
+                    assert_eq!(t.is_variable(), tracked && trained[i], "layer {i} tracked");
+                }
+            }
+        }
+        drop(w);
+        state.place(&vec![false; n]).unwrap();
+        for (i, want) in before.iter().enumerate() {
+            assert!(state.var(i).is_none());
+            assert_eq!(
+                state.masters.as_ref().unwrap()[i][..],
+                want[..],
+                "layer {i}"
+            );
+        }
+    }
+
     /// The second wait: a master is written only after every fetch reading it. A walk
     /// that ends waits for its fetches in flight; a write before that fails instead of
     /// changing what a fetch reads.
@@ -235,7 +328,8 @@ mod tests {
         let all = vec![true; state.len()];
         let gate = hold_the_copy_stream();
         let units = net.blocks().iter().map(|b| b.params.clone()).collect();
-        let mut w = Window::new(state.fetcher().unwrap(), units, &all).unwrap();
+        let mut w =
+            Window::new(state.fetcher().unwrap(), units, &all, vec![None; all.len()]).unwrap();
         w.start(0, false);
         let err = match state.masters_mut() {
             Ok(_) => panic!("the masters were writable during a fetch"),

@@ -3,8 +3,9 @@
 //! trained set), optimizer state (1 or 2 tensors per trained element), counterparts.
 
 use super::step::{gradients, Batch, GradPlan};
+use crate::config::OptimizerPlacement;
 use crate::heap;
-use crate::metrics::MemoryReport;
+use crate::metrics::{MemoryReport, PhaseBytes};
 use crate::model::{Mode, NetState, Network};
 use crate::optim::Grad;
 use anyhow::Result;
@@ -25,21 +26,30 @@ impl LiveMeter {
     }
 }
 
-/// Bytes per weight (and gradient) element on the device: 2 for bf16 working weights
-/// with host masters, else 4.
-pub fn working_bytes(state: &NetState) -> u64 {
-    match &state.stream {
-        Some(s) => s.dtype.size_in_bytes() as u64,
-        None if state.masters.is_some() => 2,
-        None => 4,
+/// Bytes per weight (and gradient) element on the device for `state` updated by an
+/// optimizer at `placement`: 2 for bf16 working weights with host masters (resident,
+/// or streamed with the host optimizer), else 4 (f32 weights; with the device
+/// optimizer a streamed state's trained set stays on the device in f32).
+pub fn working_bytes(state: &NetState, placement: OptimizerPlacement) -> u64 {
+    match (&state.stream, placement) {
+        (Some(s), OptimizerPlacement::Host) => s.dtype.size_in_bytes() as u64,
+        (Some(_), OptimizerPlacement::Device) => 4,
+        (None, _) if state.masters.is_some() => 2,
+        (None, _) => 4,
     }
 }
 
-/// Bytes of a network's parameters.
+/// Bytes of a network's parameters on the device between uses (a streamed state's:
+/// its resident layers').
 pub fn weight_bytes(state: &crate::model::NetState) -> u64 {
+    let resident = state
+        .stream
+        .iter()
+        .flat_map(|s| s.resident.iter().flatten());
     state
         .params
         .iter()
+        .chain(resident)
         .map(|v| (v.as_tensor().elem_count() * v.as_tensor().dtype().size_in_bytes()) as u64)
         .sum()
 }
@@ -70,39 +80,50 @@ pub fn report(
     let b = 4u64;
     let total = stable + unstable;
     let k = state_per_elem;
-    // The parameter state of a P and of an A half-step: weights, gradients, optimizer
-    // state, staged state.
+    // The parameter state of a P and of an A half-step, in elements: weights, the
+    // trained sets' weights, gradients, optimizer state, staged state.
     let (p, a) = match layout {
         Layout::Full => {
-            let all = (total, total, k * total, 0);
+            let all = (total, total, total, k * total, 0);
             (all, all)
         }
         Layout::Resident => (
-            (2 * total, stable, k * total, 0),
-            (2 * total, unstable, k * total, 0),
+            (2 * total, total, stable, k * total, 0),
+            (2 * total, total, unstable, k * total, 0),
         ),
         Layout::Single => {
             let phase = |x: u64, y: u64| {
                 let staged = if b * k * y <= staging_cap { k * y } else { 0 };
-                (total, x, k * x, staged)
+                (total, x, x, k * x, staged)
             };
             (phase(stable, unstable), phase(unstable, stable))
         }
     };
-    let sum = |t: (u64, u64, u64, u64)| wb * (t.0 + t.1) + b * (t.2 + t.3);
-    let (w, g, o, st) = if sum(p) >= sum(a) { p } else { a };
-    MemoryReport {
-        live_weights: wb * w,
-        gradients: wb * g,
-        optimizer: b * o,
+    let bytes = |t: (u64, u64, u64, u64, u64)| PhaseBytes {
+        weights: wb * t.0,
+        trained: wb * t.1,
+        gradients: wb * t.2,
+        optimizer: b * t.3,
+        staging: b * t.4,
+    };
+    settle(MemoryReport {
         counterparts_ram: counterparts.0,
         counterparts_file: counterparts.1,
-        staging: b * st,
-        live_peak: wb * (w + g) + b * (o + st),
-        phases: [sum(p), sum(a)],
-        phase_gradients: [wb * p.1, wb * a.1],
+        phases: [bytes(p), bytes(a)],
         ..MemoryReport::default()
-    }
+    })
+}
+
+/// `r` with its parameter-state fields those of its larger phase.
+fn settle(mut r: MemoryReport) -> MemoryReport {
+    let [p, a] = r.phases;
+    let peak = if p.total() >= a.total() { p } else { a };
+    r.live_weights = peak.weights;
+    r.gradients = peak.gradients;
+    r.optimizer = peak.optimizer;
+    r.staging = peak.staging;
+    r.live_peak = peak.total();
+    r
 }
 
 /// `r` for gradients that leave the device block by block, released to host memory
@@ -110,24 +131,33 @@ pub fn report(
 /// their block's backward, and a block's, while it lasts, is part of the probed
 /// activations.
 pub fn released(mut r: MemoryReport) -> MemoryReport {
-    for k in 0..2 {
-        r.phases[k] -= r.phase_gradients[k];
-        r.phase_gradients[k] = 0;
+    for p in &mut r.phases {
+        p.gradients = 0;
     }
-    r.live_peak -= r.gradients;
-    r.gradients = 0;
-    r
+    settle(r)
 }
 
 /// `r` for streamed weights (`offload.params = "stream"`): no weight stays on the
-/// device between uses; the fetched blocks, while they last, are part of the probed
-/// activations.
-pub fn streamed(mut r: MemoryReport) -> MemoryReport {
-    for k in 0..2 {
-        r.phases[k] -= r.live_weights;
+/// device between uses but, with `trained_kept` (the optimizer on the device), the
+/// trained sets' ([`crate::model::NetState::place`]); the fetched segments, while they
+/// last, are part of the probed activations.
+pub fn streamed(mut r: MemoryReport, trained_kept: bool) -> MemoryReport {
+    for p in &mut r.phases {
+        p.weights = if trained_kept { p.trained } else { 0 };
     }
-    r.live_peak -= r.live_weights;
-    r.live_weights = 0;
+    settle(r)
+}
+
+/// `r` as the configuration keeps it: gradients released by block where they are, the
+/// weights streamed where they are.
+pub fn as_configured(mut r: MemoryReport, cfg: &crate::config::Config) -> MemoryReport {
+    if !GradPlan::of(cfg).keeps_gradients() {
+        r = released(r);
+    }
+    if cfg.streamed() {
+        let device = cfg.offload.optimizer == crate::config::OptimizerPlacement::Device;
+        r = streamed(r, device);
+    }
     r
 }
 
@@ -136,7 +166,7 @@ pub fn streamed(mut r: MemoryReport) -> MemoryReport {
 /// state plus its activations.
 pub fn with_activations(mut r: MemoryReport, acts: [u64; 2]) -> MemoryReport {
     let (k, peak) = (0..2)
-        .map(|k| (k, r.phases[k] + acts[k]))
+        .map(|k| (k, r.phases[k].total() + acts[k]))
         .max_by_key(|&(_, b)| b)
         .expect("two phases");
     r.activations = acts[k];
@@ -165,19 +195,14 @@ pub fn before_stage1(cfg: &crate::config::Config, numel: u64, activations: u64) 
         crate::config::OptimizerPlacement::Host => 0,
     };
     let wb = if cfg.host_masters() { 2 } else { 4 };
-    let mut r = report(
+    let r = report(
         (layout_of(cfg), wb),
         (numel, 0),
         k,
         (0, 0),
         cfg.offload.staging_bytes,
     );
-    if !GradPlan::of(cfg).keeps_gradients() {
-        r = released(r);
-    }
-    if cfg.streamed() {
-        r = streamed(r);
-    }
+    let mut r = as_configured(r, cfg);
     r.activations = activations;
     r.device_peak = r.live_peak + activations;
     r
@@ -191,7 +216,9 @@ pub fn over_budget(plan: &MemoryReport, budget: u64, batch_rows: usize) -> Strin
         (
             plan.live_weights,
             "weights",
-            "train.precision = \"bf16\" with offload.optimizer = \"host\" keeps 2 bytes per weight",
+            "offload.params = \"stream\" with train.recompute = \"blocks\" keeps the trained \
+             set only (with offload.optimizer = \"host\", a segment's weights); \
+             train.precision = \"bf16\" with offload.optimizer = \"host\" keeps 2 bytes per weight",
         ),
         (
             plan.gradients,

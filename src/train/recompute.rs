@@ -97,7 +97,8 @@ pub fn block_gradients(
     let mut source = match state.stream {
         Some(_) => {
             let ranges = units.iter().map(|u| u.params.clone()).collect();
-            Source::Streamed(Window::new(state.fetcher()?, ranges, trainable)?)
+            let resident = state.resident_view(trainable)?;
+            Source::Streamed(Window::new(state.fetcher()?, ranges, trainable, resident)?)
         }
         None => Source::Resident(view),
     };
@@ -188,12 +189,10 @@ pub fn block_gradients(
         }
         for (i, wi) in unit.params.clone().zip(&w) {
             if trainable[i] {
-                // Resident: the parameter itself (in bf16 without masters `w` holds its
-                // recorded cast, whose backward delivers the f32 gradient).
-                let key = match &source {
-                    Source::Resident(_) => state.params[i].as_tensor(),
-                    Source::Streamed(_) => wi,
-                };
+                // A layer on the device: the tensor itself (in bf16 without masters `w`
+                // holds its recorded cast, whose backward delivers the f32 gradient); a
+                // fetched one: its working copy.
+                let key = state.var(i).map_or(wi, |v| v.as_tensor());
                 if let Some(g) = grads.remove(key) {
                     sums.add(i, g)?;
                 }

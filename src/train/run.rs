@@ -749,23 +749,18 @@ impl RunContext {
     /// budget check then names the consumers). Prints the choice and the planned peaks
     /// behind it. The plans are probed on a seeded network of the run's architecture.
     pub fn decide_memory(&mut self) -> Result<()> {
-        use crate::config::{OptimizerPlacement, ParamsPlacement as P};
+        use crate::config::ParamsPlacement as P;
         let (r, p) = (self.cfg.train.recompute, self.cfg.offload.params);
         if r != Recompute::Auto && p != P::Auto {
             return Ok(());
         }
-        let host = self.cfg.offload.optimizer == OptimizerPlacement::Host;
         let options: Vec<(Recompute, P)> = [
             (Recompute::None, P::Resident),
             (Recompute::Blocks, P::Resident),
             (Recompute::Blocks, P::Stream),
         ]
         .into_iter()
-        .filter(|&(rr, pp)| {
-            (r == Recompute::Auto || r == rr)
-                && (p == P::Auto || p == pp)
-                && (pp == P::Resident || host)
-        })
+        .filter(|&(rr, pp)| (r == Recompute::Auto || r == rr) && (p == P::Auto || p == pp))
         .collect();
         let (budget, numel) = (self.cfg.offload.device_bytes, self.net.numel() as u64);
         let wb = if self.cfg.host_masters() { 2 } else { 4 };
@@ -859,14 +854,7 @@ impl RunContext {
     pub fn record_training(&mut self, mem: &metrics::MemoryReport, secs: f64, steps_run: usize) {
         let per_step = |s: f64| 1e3 * s / steps_run.max(1) as f64;
         let x = &mut self.summary;
-        let released = !crate::train::step::GradPlan::of(&self.cfg).keeps_gradients();
-        let mut mem = match released {
-            true => crate::train::memory::released(*mem),
-            false => *mem,
-        };
-        if self.cfg.streamed() {
-            mem = crate::train::memory::streamed(mem);
-        }
+        let mem = crate::train::memory::as_configured(*mem, &self.cfg);
         x.memory = Some(crate::train::memory::with_activations(
             mem,
             self.activations,

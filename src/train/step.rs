@@ -7,7 +7,7 @@ use crate::config::{Config, Precision, Recompute};
 use crate::dist;
 use crate::model::{Mode, NetState, Network};
 use crate::optim::{Grad, Optimizer};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 /// How a step's gradients are computed (`train.accumulate`, `train.precision`).
@@ -411,12 +411,15 @@ pub fn apply_layer(
     g: &Grad,
     lr: f64,
 ) -> Result<()> {
+    if let crate::model::Held::Device(v) = state.held(i) {
+        return opt.step(i, v, g, lr);
+    }
     match state.masters_mut()? {
         Some(m) => {
             opt.step_master(i, &mut m[i], g, lr)?;
             state.refresh(i)
         }
-        None => opt.step(i, &state.params[i], g, lr),
+        None => bail!("layer {i} has neither a device tensor nor a master"),
     }
 }
 

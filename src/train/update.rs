@@ -7,6 +7,7 @@
 
 use super::step::{apply, gradients_updating, nonfinite, Batch, GradPlan, StepStats};
 use super::RunContext;
+use crate::config::OptimizerPlacement;
 use crate::model::{Mode, NetState, TensorSpec};
 use crate::optim::{Grad, Optimizer};
 use anyhow::{bail, Result};
@@ -22,7 +23,9 @@ pub struct At<'a> {
 
 /// The gradients of `trainable` on `batch`; with the plan's block-wise update, each
 /// block's layers already updated by `opt` with rates `lrs` (their gradients not
-/// returned). Without it `opt` is not touched: [`finish`] applies the update.
+/// returned). Without it `opt` is not touched: [`finish`] applies the update. Streamed
+/// weights with the optimizer on the device: the trained layers are kept on the device
+/// first, where it updates them, and the frozen ones streamed ([`NetState::place`]).
 pub fn gradients(
     ctx: &RunContext,
     state: &mut NetState,
@@ -32,6 +35,9 @@ pub fn gradients(
     lrs: &[f64],
     at: At<'_>,
 ) -> Result<(StepStats, Vec<Option<Grad>>)> {
+    if opt.placement() == OptimizerPlacement::Device {
+        state.place(trainable)?;
+    }
     let plan = GradPlan::of(&ctx.cfg);
     let net = ctx.net.as_ref();
     let specs = net.params();

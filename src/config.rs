@@ -131,7 +131,9 @@ pub struct ModelConfig {
     /// Architecture: `mlp`, `cnn`, `cnn_bn`, `resnet18`, `resnet34`, `resnet50`,
     /// `resnet101`, `vit`.
     pub arch: String,
-    /// Safetensors file with PyTorch names to start from (otherwise PyTorch-style random init).
+    /// Weights to start from, with PyTorch names: safetensors, or a PyTorch checkpoint
+    /// (`.pth`/`.pt`/`.bin`, read without running anything from it); otherwise
+    /// PyTorch-style random init.
     pub init: Option<PathBuf>,
     /// Hidden widths of `mlp`.
     pub hidden: Vec<usize>,

@@ -19,11 +19,39 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
 
 /// [`read_safetensors`], and whether the file recorded checksums.
 pub fn read_checked(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Checked)> {
+    safetensors_of(path, &read_bytes(path)?, device)
+}
+
+/// The bytes of weights file `path`.
+fn read_bytes(path: &Path) -> Result<Vec<u8>> {
     if !path.exists() {
         bail!("weights file {} does not exist", path.display());
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (st, checked) = crate::integrity::check_file(path, &bytes)?;
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Every tensor of a weights file, told apart by its first bytes: safetensors (checked
+/// as [`read_safetensors`] does) or a PyTorch checkpoint (`.pth`/`.pt`/`.bin`, read by
+/// [`super::pth`] without running anything from it), with notes on how it was read.
+pub fn read_weights(
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, Vec<String>)> {
+    let bytes = read_bytes(path)?;
+    if super::pth::is_torch_zip(&bytes) || bytes.first() == Some(&0x80) {
+        let (tensors, notes) = super::pth::read(path, &bytes, device)?;
+        return Ok((tensors.into_iter().collect(), notes));
+    }
+    Ok((safetensors_of(path, &bytes, device)?.0, Vec::new()))
+}
+
+/// The tensors of the safetensors file `path` (its bytes `bytes`).
+fn safetensors_of(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, Checked)> {
+    let (st, checked) = crate::integrity::check_file(path, bytes)?;
     let tensors = st
         .tensors()
         .into_iter()
@@ -37,9 +65,13 @@ pub fn read_checked(path: &Path, device: &Device) -> Result<(HashMap<String, Ten
     Ok((tensors, checked))
 }
 
-/// Loads `path` into a network state: every parameter and buffer must be present with
-/// the right shape; missing, unexpected and mis-shaped keys are listed together.
-/// Floating dtypes are converted to f32; values must be finite.
+/// Loads `path` (safetensors, or a PyTorch checkpoint: [`read_weights`]) into a network
+/// state: every parameter and buffer must be present with the right shape; missing,
+/// unexpected and mis-shaped keys are listed together, with what they suggest (a head
+/// for another class count, another architecture's keys). A prefix that a wrapper puts
+/// before every key (`module.`, `model.`, `_orig_mod.`) is stripped, and a BatchNorm
+/// without `num_batches_tracked` reads it as 0, as PyTorch does; each is said. Floating
+/// dtypes are converted to f32; values must be finite.
 pub fn load_state(net: &dyn Network, path: &Path, device: &Device) -> Result<NetState> {
     load(net, path, device, None)
 }
@@ -63,7 +95,11 @@ fn load(
     device: &Device,
     mut reset_head: Option<&mut Rng>,
 ) -> Result<NetState> {
-    let mut map = read_safetensors(path, device)?;
+    let (mut map, mut notes) = read_weights(path, device)?;
+    adapt(net, &mut map, &mut notes)?;
+    for n in &notes {
+        eprintln!("weights file {}: {n}", path.display());
+    }
     if reset_head.is_some() {
         for (i, s) in net.params().iter().enumerate() {
             if net.is_head(i) {
@@ -116,10 +152,39 @@ fn load(
         .collect();
     let mut unexpected: Vec<_> = map.keys().cloned().collect();
     unexpected.sort();
+    let file_keys: Vec<String> = net
+        .params()
+        .iter()
+        .map(|s| &s.name)
+        .chain(net.buffers().iter().map(|s| &s.name))
+        .filter(|n| {
+            !problems
+                .iter()
+                .any(|p| p.starts_with(&format!("missing `{n}`")))
+        })
+        .cloned()
+        .chain(unexpected.iter().cloned())
+        .collect();
     for k in unexpected {
         problems.push(format!("unexpected `{k}`"));
     }
     if !problems.is_empty() {
+        let head_misfit = net.params().iter().enumerate().any(|(i, s)| {
+            net.is_head(i)
+                && problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("`{}` has shape", s.name)))
+        });
+        if head_misfit {
+            problems.push(
+                "the head's shape differs: a checkpoint for another number of classes? set \
+                 model.reset_head = true to start a new head from it"
+                    .to_string(),
+            );
+        }
+        if let Some(hint) = other_architecture(net, &file_keys) {
+            problems.push(hint);
+        }
         bail!(
             "weights file {} does not fit model `{}`:\n  {}",
             path.display(),
@@ -151,6 +216,106 @@ fn load(
         state.params.push(Var::from_tensor(&t)?);
     }
     Ok(state)
+}
+
+/// The prefixes a wrapper puts before every key: `torch.nn.DataParallel` /
+/// `DistributedDataParallel` (`module.`), a Lightning-style module (`model.`),
+/// `torch.compile` (`_orig_mod.`).
+const WRAPPER_PREFIXES: [&str; 3] = ["module.", "model.", "_orig_mod."];
+
+/// Adapts a file's keys to `net` where PyTorch itself would read them: strips a
+/// wrapper's prefix from every key when no key fits as it is (repeatedly: `module.model.`),
+/// and gives a BatchNorm whose running statistics are there but whose
+/// `num_batches_tracked` is not a count of 0 (PyTorch's `_load_from_state_dict` for
+/// such state dicts). Each adaptation adds a note.
+fn adapt(
+    net: &dyn Network,
+    map: &mut HashMap<String, Tensor>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let names: std::collections::HashSet<&str> = net
+        .params()
+        .iter()
+        .map(|s| s.name.as_str())
+        .chain(net.buffers().iter().map(|s| s.name.as_str()))
+        .collect();
+    while !map.is_empty() && !map.keys().any(|k| names.contains(k.as_str())) {
+        let Some(prefix) = WRAPPER_PREFIXES
+            .iter()
+            .find(|p| map.keys().all(|k| k.starts_with(*p)))
+        else {
+            break;
+        };
+        *map = std::mem::take(map)
+            .into_iter()
+            .map(|(k, v)| (k[prefix.len()..].to_string(), v))
+            .collect();
+        notes.push(format!("stripped the prefix `{prefix}` from every key"));
+    }
+    let mut zeroed = 0;
+    for b in net.buffers() {
+        let Some(layer) = b.name.strip_suffix("num_batches_tracked") else {
+            continue;
+        };
+        if !map.contains_key(&b.name) && map.contains_key(&format!("{layer}running_mean")) {
+            let device = map
+                .values()
+                .next()
+                .map_or(Device::Cpu, |t| t.device().clone());
+            map.insert(
+                b.name.clone(),
+                Tensor::zeros(b.shape.as_slice(), b.dtype, &device)?,
+            );
+            zeroed += 1;
+        }
+    }
+    if zeroed > 0 {
+        notes.push(format!(
+            "{zeroed} BatchNorm layer(s) without `num_batches_tracked`: read as 0, as PyTorch does"
+        ));
+    }
+    Ok(())
+}
+
+/// A hint when `keys` fit another architecture much better than `net`'s: the one whose
+/// parameter and buffer names hold at least 90% of them, where `net`'s hold less.
+fn other_architecture(net: &dyn Network, keys: &[String]) -> Option<String> {
+    if keys.is_empty() {
+        return None;
+    }
+    let share = |n: &dyn Network| {
+        let names: std::collections::HashSet<&str> = n
+            .params()
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(n.buffers().iter().map(|s| s.name.as_str()))
+            .collect();
+        keys.iter().filter(|k| names.contains(k.as_str())).count() as f64 / keys.len() as f64
+    };
+    let own = share(net);
+    let [c, h, w] = net.input_shape();
+    let best = crate::config::ARCHS
+        .iter()
+        .filter(|&&a| a != net.arch())
+        .filter_map(|&a| {
+            let cfg = crate::config::ModelConfig {
+                arch: a.to_string(),
+                ..Default::default()
+            };
+            let other = super::build(&cfg, [c, h, w], 10).ok()?;
+            Some((a, share(other.as_ref())))
+        })
+        .max_by(|x, y| x.1.total_cmp(&y.1))?;
+    (best.1 >= 0.9 && best.1 > own).then(|| {
+        format!(
+            "the keys look like a `{}` ({:.0}% of them are its names, {:.0}% this model's): \
+             model.arch = \"{}\"?",
+            best.0,
+            100.0 * best.1,
+            100.0 * own,
+            best.0
+        )
+    })
 }
 
 /// An error naming the file, the tensor and the index of its first NaN or Inf.

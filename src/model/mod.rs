@@ -12,6 +12,7 @@ pub mod io;
 pub mod layers;
 mod matmul;
 pub mod mlp;
+pub mod pth;
 pub mod resnet;
 pub mod vit;
 

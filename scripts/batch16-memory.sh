@@ -23,9 +23,9 @@ stream=(--set 'train.method="ldt-s"' --set 'offload.optimizer="host"'
 for arch in resnet50 vit-b16; do
   sets=()
   for kv in ${model[$arch]}; do sets+=(--set "$kv"); done
-  target/release/ldt train configs/quickstart.toml "${common[@]}" "${sets[@]}" \
+  target/release/ldt train configs/quickstart.toml --overwrite "${common[@]}" "${sets[@]}" \
     --set 'train.method="erm"' --out "$out/$arch-erm" >"$out/$arch-erm.log" 2>&1
-  target/release/ldt train configs/quickstart.toml "${common[@]}" "${sets[@]}" \
+  target/release/ldt train configs/quickstart.toml --overwrite "${common[@]}" "${sets[@]}" \
     "${stream[@]}" --out "$out/$arch-stream" >"$out/$arch-stream.log" 2>&1
   for k in erm stream; do
     python3 - "$out/$arch-$k/summary.json" "$arch $k" <<'PY'

@@ -21,8 +21,8 @@ if [ -z "${LDT:-}" ]; then
 fi
 export RAYON_NUM_THREADS="$THREADS"
 set -x
-"$LDT" train configs/fmnist-pretrain.toml --set threads="$THREADS" --out "$OUT/fmnist-pretrain"
-"$LDT" compare configs/fmnist-transfer.toml \
+"$LDT" train configs/fmnist-pretrain.toml --overwrite --set threads="$THREADS" --out "$OUT/fmnist-pretrain"
+"$LDT" compare configs/fmnist-transfer.toml --overwrite \
   --methods erm,lp-ft,deft,ldt,ldt+ratio,ldt-s --seeds 0,1,2 --at 500,1000,3000 \
   --set threads="$THREADS" --set "model.init=\"$OUT/fmnist-pretrain/model.safetensors\"" \
   --out "$OUT/fmnist-compare"

@@ -167,7 +167,7 @@ run() {
     --set stage1.stat_batches=4 --set eval.every=0 --set 'offload.optimizer="host"'
     --set ldt_s.p_steps=3 --set ldt_s.a_steps=3)
   for b in 0 268435456; do
-    timeout 100 "$dir/bin/ldt" train configs/quickstart.toml "${budget[@]}" \
+    timeout 100 "$dir/bin/ldt" train configs/quickstart.toml --overwrite "${budget[@]}" \
       --set 'train.recompute="auto"' --set 'offload.params="auto"' \
       --set offload.device_bytes=$b --out "$out/budget-$b" >"$out/budget-$b.log" 2>&1 ||
       { status=1; tail -n 20 "$out/budget-$b.log"; }

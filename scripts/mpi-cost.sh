@@ -21,10 +21,10 @@ for model in cnn mlp; do
   for n in 1 "$ranks"; do
     dir=$out/$model-$n
     if [ "$n" = 1 ]; then
-      "$bin" train configs/quickstart.toml --out "$dir" "${common[@]}" "${arch[@]}" >/dev/null
+      "$bin" train configs/quickstart.toml --overwrite --out "$dir" "${common[@]}" "${arch[@]}" >/dev/null
     else
       mpirun --allow-run-as-root --oversubscribe -np "$n" \
-        "$bin" train configs/quickstart.toml --out "$dir" "${common[@]}" "${arch[@]}" >/dev/null
+        "$bin" train configs/quickstart.toml --overwrite --out "$dir" "${common[@]}" "${arch[@]}" >/dev/null
     fi
     python3 -c 'import json, sys
 s = json.load(open(sys.argv[1]))

@@ -15,6 +15,8 @@ fn variant(base: &Config, method: Method, placement: Placement) -> Config {
     let mut c = base.clone();
     c.train.method = method;
     c.ldt.placement = placement;
+    // A benchmark's run directories are its own scratch: a rerun replaces them.
+    c.checkpoint.overwrite = true;
     c
 }
 

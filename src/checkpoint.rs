@@ -405,17 +405,12 @@ fn complete_steps(root: &Path, kind: Kind) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// Removes every checkpoint of the run in `run` (a fresh run into a directory holding an
-/// earlier run's: a later resume must not continue that run's history). Returns the
-/// directories removed.
-pub fn clear(run: &Path) -> Result<Vec<PathBuf>> {
-    let mut gone = Vec::new();
-    for (kind, step) in resume_order(run)? {
-        let d = dir_of(run, kind, step);
-        std::fs::remove_dir_all(&d).with_context(|| format!("cannot remove {}", d.display()))?;
-        gone.push(d);
-    }
-    Ok(gone)
+/// The directories of every complete checkpoint of the run in `run`.
+pub fn complete_dirs(run: &Path) -> Result<Vec<PathBuf>> {
+    Ok(resume_order(run)?
+        .into_iter()
+        .map(|(kind, step)| dir_of(run, kind, step))
+        .collect())
 }
 
 /// Every complete checkpoint of the run in `run`, the one to resume from first: training

@@ -716,6 +716,10 @@ pub struct CheckpointConfig {
     pub keep_last: usize,
     /// `never` or `auto` (`ldt train --resume` sets `auto`).
     pub resume: Resume,
+    /// A new run into a directory holding another run's outputs (exports, metrics,
+    /// summary, partition, checkpoints) removes them first (`ldt train --overwrite`);
+    /// without it such a run is refused, so that outputs of two runs never mix.
+    pub overwrite: bool,
 }
 
 impl Default for CheckpointConfig {
@@ -724,6 +728,7 @@ impl Default for CheckpointConfig {
             every: 0,
             keep_last: 2,
             resume: Resume::Never,
+            overwrite: false,
         }
     }
 }

@@ -35,17 +35,24 @@ enum Cmd {
         /// (same as --set checkpoint.resume="auto").
         #[arg(long)]
         resume: bool,
+        /// Replace another run's outputs in the run directory (same as
+        /// --set checkpoint.overwrite=true); without it such a directory is refused.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Evaluate a weights file on every domain of the config's benchmark.
     Eval {
         /// TOML config naming the model and the data.
         config: PathBuf,
-        /// Safetensors weights with PyTorch names.
+        /// Weights with PyTorch names: safetensors, or a PyTorch checkpoint (.pth).
         #[arg(long)]
         weights: PathBuf,
         /// Override a config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Print the report as JSON alone (for scripts) instead of one line per domain.
+        #[arg(long)]
+        json: bool,
     },
     /// Stage 1 alone: warm-up, statistics, partition report (partition.json, .svg, .png).
     Stats {
@@ -80,6 +87,10 @@ enum Cmd {
         /// Directory for the runs and the table (default: runs/<config name>-compare).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace the runs an earlier comparison left in that directory (same as
+        /// --set checkpoint.overwrite=true).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Check a run directory's checkpoints and exported weights against their recorded
     /// checksums (exit 1 if anything is damaged).
@@ -279,7 +290,7 @@ fn parse_shape(s: &str) -> Result<[usize; 3]> {
     }
 }
 
-fn eval(config: &Path, weights: &Path, set: &[String]) -> Result<()> {
+fn eval(config: &Path, weights: &Path, set: &[String], json: bool) -> Result<()> {
     let cfg = load(config, set).map_err(|e| e.0)?;
     ldt::init_threads(cfg.threads);
     let device = ldt::device(&cfg)?;
@@ -298,8 +309,10 @@ fn eval(config: &Path, weights: &Path, set: &[String]) -> Result<()> {
         cfg.eval.batch_size,
         &device,
     )?;
-    println!("{}", r.line());
-    println!("{}", serde_json::to_string_pretty(&r)?);
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&r)?),
+        false => println!("{}", r.line()),
+    }
     Ok(())
 }
 
@@ -427,9 +440,13 @@ fn main() -> ExitCode {
             mut set,
             out,
             resume,
+            overwrite,
         } => {
             if resume {
                 set.push("checkpoint.resume=\"auto\"".into());
+            }
+            if overwrite {
+                set.push("checkpoint.overwrite=true".into());
             }
             match load(&config, &set) {
                 Err(e) => Err(e),
@@ -440,9 +457,10 @@ fn main() -> ExitCode {
             config,
             weights,
             set,
+            json,
         } => match load(&config, &set) {
             Err(e) => Err(e),
-            Ok(_) => Ok(eval(&config, &weights, &set)),
+            Ok(_) => Ok(eval(&config, &weights, &set, json)),
         },
         Cmd::Stats { config, set, out } => match load(&config, &set) {
             Err(e) => Err(e),
@@ -453,10 +471,16 @@ fn main() -> ExitCode {
             methods,
             seeds,
             at,
-            set,
+            mut set,
             out,
-        } => match load(&config, &set)
-            .and_then(|c| ldt::train::compare::check_steps(&c, &at).map_err(UsageError))
+            overwrite,
+        } => match {
+            if overwrite {
+                set.push("checkpoint.overwrite=true".into());
+            }
+            load(&config, &set)
+        }
+        .and_then(|c| ldt::train::compare::check_steps(&c, &at).map_err(UsageError))
         {
             Err(e) => Err(e),
             Ok(()) => Ok(compare(&config, &methods, &seeds, &at, &set, out)),

@@ -474,6 +474,12 @@ pub struct DataParallel {
 /// where they do not apply (erm has no partition; a single process no data-parallel).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
+    /// The `ldt` version that wrote it.
+    #[serde(default)]
+    pub version: String,
+    /// The run's `seed`.
+    #[serde(default)]
+    pub seed: u64,
     /// `train.method`.
     pub method: String,
     /// `model.arch`.

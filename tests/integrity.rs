@@ -425,28 +425,67 @@ fn stage1_resumes_bit_exactly() {
     assert!(stage1_dirs(&cut).is_empty(), "{:?}", stage1_dirs(&cut));
 }
 
-/// A fresh run (no `--resume`) into a directory holding an earlier run's checkpoints
-/// removes them with a warning, before it writes anything: a run that writes no
-/// checkpoint of its own leaves none of the earlier run's for a later `--resume`.
+/// A new run (no `--resume`) into a directory holding an earlier run's outputs is
+/// refused before it writes anything, naming them and the ways on (`--resume`,
+/// `--overwrite`, another `--out`): outputs of two runs never mix. With `--overwrite`
+/// every earlier output goes first — the checkpoints (a later `--resume` must not
+/// continue that run's history), its exports and its partition report — but the
+/// weights the new run starts from. `--resume` with nothing to resume says so.
 #[test]
-fn a_fresh_run_removes_an_earlier_runs_checkpoints() {
+fn a_new_run_never_mixes_with_an_earlier_runs_outputs() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_config(tmp.path(), "");
     let dir = tmp.path().join("run");
-    ok(train(&cfg, &dir, false));
+    let o = ok(train(&cfg, &dir, true));
+    assert!(text(&o).contains("nothing to resume"), "{}", text(&o));
     assert!(dir.join("checkpoints/step-12").exists());
+    let listing = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&dir);
+    let summary = std::fs::read(dir.join("summary.json")).unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&summary).unwrap();
+    assert_eq!(s["seed"], 7, "summary.json records the seed");
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"), "and the version");
     let t = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("seed = 7", "seed = 8")
         .replace("every = 4", "every = 0");
     let other = tmp.path().join("other.toml");
-    std::fs::write(&other, t).unwrap();
-    let o = ok(train(&other, &dir, false));
-    let t = text(&o);
+    std::fs::write(&other, t.clone()).unwrap();
+    let o = train(&other, &dir, false).output().unwrap();
+    let e = text(&o);
+    assert!(!o.status.success(), "a second run was let in: {e}");
     assert!(
-        t.contains("held 3 checkpoint(s) of an earlier run") && t.contains("step-12"),
-        "{t}"
+        e.contains("holds another run's outputs")
+            && e.contains("--overwrite")
+            && e.contains("--resume"),
+        "{e}"
     );
+    assert_eq!(
+        listing(&dir),
+        before,
+        "the refused run changed the directory"
+    );
+    assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), summary);
+    // Starting from the earlier run's export, in its directory, with --overwrite.
+    let init = dir.join(before.iter().find(|f| f.ends_with(".safetensors")).unwrap());
+    let t = format!("{t}\n").replace(
+        "[model]\n",
+        &format!("[model]\ninit = {:?}\n", init.display().to_string()),
+    );
+    std::fs::write(&other, t).unwrap();
+    let mut c = train(&other, &dir, false);
+    c.arg("--overwrite");
+    let o = ok(c);
+    assert!(text(&o).contains("--overwrite: removed"), "{}", text(&o));
+    assert!(init.exists(), "the run's own starting weights were removed");
     let left: Vec<_> = std::fs::read_dir(dir.join("checkpoints"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
@@ -454,6 +493,7 @@ fn a_fresh_run_removes_an_earlier_runs_checkpoints() {
         left.is_empty(),
         "the earlier run's checkpoints remain: {left:?}"
     );
+    assert_ne!(std::fs::read(dir.join("summary.json")).unwrap(), summary);
 }
 
 /// LDT-S with its counterpart tier in a file, killed before its first checkpoint: the

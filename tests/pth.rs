@@ -11,7 +11,8 @@
 //!   naming the global, and nothing ran; the legacy format and TorchScript archives:
 //!   refused saying what they are and what to do; a truncated file: an error, no panic.
 //! - A head for another class count suggests `model.reset_head`; another architecture's
-//!   keys name it; a run starts from wrapped.pth end to end.
+//!   keys name it; a run starts from wrapped.pth end to end; `ldt eval` reads one and
+//!   prints JSON alone with `--json`.
 
 mod common;
 use candle_core::{DType, Device, Tensor};
@@ -170,4 +171,34 @@ batch_size = 8
     );
     let (dir, _) = run(toml, &[&bundled_manifest(), &init]);
     assert!(dir.path().join("model.safetensors").exists());
+}
+
+/// `ldt eval --weights X.pth --json` prints the report as JSON alone (one line per run
+/// without `--json`).
+#[test]
+fn eval_reads_a_torch_checkpoint_and_prints_json() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ldt"))
+        .current_dir(root())
+        .args(["eval", "configs/quickstart.toml", "--weights"])
+        .arg(fixture("plain.pth"))
+        .args([
+            "--set",
+            "model.arch=\"cnn_bn\"",
+            "--set",
+            "model.channels=[4, 8]",
+            "--set",
+            "model.fc_hidden=16",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).expect("stdout is JSON alone");
+    assert!(v["target_acc"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["domains"].as_array().unwrap().len(), 6, "{v}");
 }

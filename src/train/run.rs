@@ -190,7 +190,6 @@ impl RunContext {
             )
         })?;
         std::fs::remove_file(&probe).ok();
-        std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
         let device = crate::device(&cfg)?;
         if crate::offload::device_memory(&device).is_some() {
             let d = device.clone();
@@ -205,21 +204,18 @@ impl RunContext {
         )?;
         let resume = match cfg.checkpoint.resume {
             Resume::Auto => checkpoint::latest(run_dir, &device)?,
-            Resume::Never => {
-                if crate::dist::is_main() {
-                    let gone = checkpoint::clear(run_dir)?;
-                    if let Some(newest) = gone.first() {
-                        eprintln!(
-                            "warning: {} held {} checkpoint(s) of an earlier run (newest {}); starting fresh removed them (pass --resume to continue a run instead)",
-                            run_dir.display(),
-                            gone.len(),
-                            newest.display()
-                        );
-                    }
-                }
-                None
-            }
+            Resume::Never => None,
         };
+        if resume.is_none() && crate::dist::is_main() {
+            if cfg.checkpoint.resume == Resume::Auto {
+                println!(
+                    "nothing to resume in {} (no complete checkpoint): starting a new run",
+                    run_dir.display()
+                );
+            }
+            make_room(run_dir, &cfg)?;
+        }
+        std::fs::write(dir.join("config.toml"), cfg.to_toml())?;
         let mut metrics = MetricsLog::create(&dir.join("metrics.jsonl"), resume.is_some())?;
         if let Some(ck) = &resume {
             let what = ck.kind.steps_name();
@@ -880,6 +876,8 @@ impl RunContext {
 
     /// Writes `summary.json`.
     pub fn write_summary(&mut self) -> Result<()> {
+        self.summary.version = env!("CARGO_PKG_VERSION").to_string();
+        self.summary.seed = self.cfg.seed;
         self.summary.method = self.cfg.train.method.name().to_string();
         self.summary.arch = self.net.arch().to_string();
         self.summary.parameters = self.net.numel();
@@ -888,6 +886,98 @@ impl RunContext {
         self.summary.measured_memory = Some(self.stages.report());
         self.summary.write(&self.dir.join("summary.json"))
     }
+}
+
+/// The outputs an earlier run left in `dir` (exports, metrics, summary, partition
+/// report, checkpoints; not the spill marker, through which the counterpart store
+/// reclaims a killed run's file), or none when it holds no run's: a directory
+/// counts as a run's once it holds an export, a summary, a partition, a metrics record
+/// or a complete checkpoint (a run that stopped at its configuration left only its
+/// `config.toml`, which a new run replaces).
+fn earlier_outputs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    let mut counts = false;
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        let is = match name.as_str() {
+            "summary.json" | "partition.json" => true,
+            "metrics.jsonl" => std::fs::metadata(&p).is_ok_and(|m| m.len() > 0),
+            "checkpoints" => !checkpoint::complete_dirs(dir)?.is_empty(),
+            n => n.ends_with(".safetensors"),
+        };
+        let belongs = is
+            || matches!(
+                name.as_str(),
+                "config.toml" | "metrics.jsonl" | "partition.svg" | "partition.png" | "checkpoints"
+            );
+        counts |= is;
+        if belongs {
+            found.push(p);
+        }
+    }
+    found.sort();
+    Ok(if counts { found } else { Vec::new() })
+}
+
+/// Before a new run writes into `dir`: refuses when it holds another run's outputs
+/// ([`earlier_outputs`]) unless `checkpoint.overwrite`, which removes them (but a file
+/// the configuration reads, such as `model.init`), saying what went. With `--resume`
+/// and nothing to resume they are this run's, left before its first checkpoint (a
+/// requeued job killed early): they are removed the same way and the run starts over.
+fn make_room(dir: &Path, cfg: &Config) -> Result<()> {
+    let earlier = earlier_outputs(dir)?;
+    if earlier.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = earlier
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string()
+        })
+        .collect();
+    let resumed = cfg.checkpoint.resume == crate::config::Resume::Auto;
+    if !cfg.checkpoint.overwrite && !resumed {
+        bail!(
+            "the run directory {} holds another run's outputs ({}): pass --resume to continue \
+             it, --overwrite (checkpoint.overwrite = true) to replace it, or choose another --out",
+            dir.display(),
+            names.join(", ")
+        );
+    }
+    let inputs: Vec<PathBuf> = [cfg.model.init.as_ref(), cfg.data.schedule.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    let mut removed = Vec::new();
+    for (p, name) in earlier.iter().zip(names) {
+        if p.canonicalize().is_ok_and(|c| inputs.contains(&c)) {
+            continue;
+        }
+        let gone = match p.is_dir() {
+            true => std::fs::remove_dir_all(p),
+            false => std::fs::remove_file(p),
+        };
+        gone.with_context(|| format!("--overwrite: cannot remove {}", p.display()))?;
+        removed.push(name);
+    }
+    let why = match cfg.checkpoint.overwrite {
+        true => "--overwrite",
+        false => "--resume without a checkpoint",
+    };
+    eprintln!(
+        "{why}: removed the earlier run's outputs from {}: {}",
+        dir.display(),
+        removed.join(", ")
+    );
+    Ok(())
 }
 
 /// Splits each source domain's train examples (global pool indices) into training and

@@ -182,6 +182,21 @@ fn compare_reports_steps_paired_differences_and_branches() {
     let raw = std::fs::read_to_string(d.path().join("cmp/compare_runs.csv")).unwrap();
     assert!(raw.contains("ldt+ratio,1,4,am,"), "{raw}");
     assert!(raw.contains("erm,0,2,model,"), "{raw}");
+    assert!(
+        raw.starts_with("method,seed,step,network,source_acc_pct,target_acc_pct\n"),
+        "{raw}"
+    );
+    let row = raw.lines().nth(1).unwrap();
+    let pct: f64 = row.split(',').nth(5).unwrap().parse().unwrap();
+    assert!(
+        (1.0..=100.0).contains(&pct),
+        "percent, not a fraction: {row}"
+    );
+    let csv = std::fs::read_to_string(d.path().join("cmp/compare.csv")).unwrap();
+    assert!(
+        csv.starts_with("method,source_acc_pct_mean,source_acc_pct_std,"),
+        "{csv}"
+    );
     // Steps that are not evaluated and unknown variants are usage errors (exit 2).
     let out = ldt(d.path(), &["compare", "run.toml", "--at", "3"]);
     fails(&out, 2, &["--at 3", "eval.every"]);

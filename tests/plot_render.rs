@@ -372,3 +372,34 @@ fn example_files_are_written() {
     std::fs::write(dir.join("plot_example.png"), render_png(&fig)).expect("write PNG");
     std::fs::write(dir.join("plot_example.svg"), render_svg(&fig)).expect("write SVG");
 }
+
+/// A run without a partition (erm) draws its curves (`curves.svg` / `.png`) at its end,
+/// and `ldt plot` redraws them; a directory that is no run is an error naming it.
+#[test]
+fn an_erm_run_draws_its_curves() {
+    #[path = "common/mod.rs"]
+    mod common;
+    let toml = r#"
+seed = 1
+threads = 1
+[model]
+arch = "mlp"
+[train]
+method = "erm"
+steps = 4
+batch_size = 8
+log_every = 1
+"#;
+    let (dir, _) = common::run(toml, &[&common::bundled_manifest()]);
+    let svg = std::fs::read_to_string(dir.path().join("curves.svg")).expect("curves.svg");
+    assert_well_formed(&svg);
+    assert!(svg.contains("training loss"), "the loss panel");
+    std::fs::remove_file(dir.path().join("curves.png")).unwrap();
+    ldt::train::report::draw(dir.path()).unwrap();
+    assert!(dir.path().join("curves.png").exists(), "redrawn");
+    let none = tempfile::tempdir().unwrap();
+    let e = ldt::train::report::draw(none.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a run directory"), "{e}");
+}

@@ -202,3 +202,28 @@ fn eval_reads_a_torch_checkpoint_and_prints_json() {
     assert!(v["target_acc"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["domains"].as_array().unwrap().len(), 6, "{v}");
 }
+
+/// A safetensors file is told from a PyTorch one by more than its first byte: one whose
+/// header length starts with 0x80 (the pickle protocol opcode) is read as safetensors.
+#[test]
+fn a_safetensors_header_of_any_length_is_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let t = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+    let mut found = false;
+    for n in 1..300 {
+        let name = "x".repeat(n);
+        let map = std::collections::HashMap::from([(name.clone(), t.clone())]);
+        candle_core::safetensors::save(&map, &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        if bytes[0] != 0x80 {
+            continue;
+        }
+        found = true;
+        let (got, notes) = io::read_weights(&path, &Device::Cpu).expect("read as safetensors");
+        assert!(notes.is_empty());
+        assert_eq!(got[&name].to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+        break;
+    }
+    assert!(found, "no name length gave a header starting with 0x80");
+}

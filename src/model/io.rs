@@ -38,7 +38,7 @@ pub fn read_weights(
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, Vec<String>)> {
     let bytes = read_bytes(path)?;
-    if super::pth::is_torch_zip(&bytes) || bytes.first() == Some(&0x80) {
+    if super::pth::is_torch_zip(&bytes) || super::pth::is_torch_legacy(&bytes) {
         let (tensors, notes) = super::pth::read(path, &bytes, device)?;
         return Ok((tensors.into_iter().collect(), notes));
     }

@@ -520,13 +520,22 @@ pub fn is_torch_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(b"PK\x03\x04")
 }
 
+/// Whether `bytes` start like the legacy format of `torch.save` (before 1.6): its magic
+/// number `0x1950a86a20f9469cfc6c` pickled with protocol 2. (A first byte of 0x80 alone
+/// says nothing: a safetensors file starts with its header's length.)
+pub fn is_torch_legacy(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[
+        0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
+    ])
+}
+
 /// Reads the tensors of the PyTorch checkpoint `path` (its bytes `bytes`) onto
 /// `device`, with a note when its state_dict sat inside a larger dict. Integer
 /// tensors become i64, bool ones u8; floating tensors keep their dtype.
 pub fn read(path: &Path, bytes: &[u8], device: &Device) -> Result<(Named<Tensor>, Vec<String>)> {
     let name = path.display();
     if !is_torch_zip(bytes) {
-        if bytes.first() == Some(&0x80) {
+        if is_torch_legacy(bytes) {
             bail!(
                 "weights file {name}: a PyTorch file in the legacy format (torch.save before \
                  1.6, or _use_new_zipfile_serialization=False), which is not read; load it in \

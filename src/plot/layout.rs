@@ -483,8 +483,10 @@ impl Names {
 }
 
 /// Joins `parts` with dots in at most `max` characters: every component
-/// but numbers and the last is cut to its initials (`self_attn` to `sa`),
-/// and what is still too long is cut to end in `..`.
+/// but numbers and the last is cut to its initials, each keeping the digits it
+/// ends in (`self_attn` to `sa`, `layer3` to `l3`, `conv1` to `c1`: torchvision's
+/// stages and convolutions stay apart), and what is still too long is cut to end
+/// in `..`.
 fn abbreviate(parts: &[&str], max: usize) -> String {
     let last = parts.len().saturating_sub(1);
     let short: Vec<String> = parts
@@ -494,7 +496,14 @@ fn abbreviate(parts: &[&str], max: usize) -> String {
             if i == last || p.chars().all(|c| c.is_ascii_digit()) {
                 p.to_string()
             } else {
-                p.split('_').filter_map(|w| w.chars().next()).collect()
+                p.split('_')
+                    .filter_map(|w| {
+                        let first = w.chars().next()?;
+                        let digits =
+                            w.len() - w.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+                        Some(format!("{first}{}", &w[w.len() - digits..]))
+                    })
+                    .collect()
             }
         })
         .collect();
@@ -906,6 +915,27 @@ mod tests {
         assert_eq!(
             short.labels,
             ["0.sa.q_proj", "0.m.down_proj", "11.post_attention_.."]
+        );
+        // torchvision's resnet: stages and convolutions keep their numbers.
+        let resnet = [
+            "layer1.0.conv1.weight",
+            "layer2.0.conv1.weight",
+            "layer2.0.conv2.weight",
+            "layer3.1.bn2.weight",
+            "layer4.0.downsample.0.weight",
+            "conv1.weight",
+        ];
+        let short = Names::new(&resnet, 10);
+        assert_eq!(
+            short.labels,
+            [
+                "l1.0.conv1",
+                "l2.0.conv1",
+                "l2.0.conv2",
+                "l3.1.bn2",
+                "l4.0.d.0",
+                "conv1"
+            ]
         );
         let one = Names::new(&["lm_head.weight"], 30);
         assert_eq!(

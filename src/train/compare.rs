@@ -10,7 +10,8 @@
 //!   a composite that trails comes from.
 //!
 //! Every evaluation of every run (step, network, source and target accuracy) is also
-//! written to `compare_runs.csv`.
+//! written to `compare_runs.csv`. Both CSV files hold accuracies in percent, as the
+//! tables do, and say so in their column names (`_pct`).
 
 use super::{run_method, RunContext};
 use crate::config::{Config, DpuWarmup, Method};
@@ -176,7 +177,7 @@ pub fn compare(
     };
     let mut cols: Vec<String> = vec!["source".into(), "target".into()];
     let mut runs: Vec<(Variant, Vec<RunResult>)> = Vec::new();
-    let mut raw = String::from("method,seed,step,network,source_acc,target_acc\n");
+    let mut raw = String::from("method,seed,step,network,source_acc_pct,target_acc_pct\n");
     for v in variants {
         let mut per_seed = Vec::new();
         for &seed in seeds {
@@ -202,7 +203,13 @@ pub fn compare(
             // This rank's own metrics (rank 0: the run directory; others: their scratch).
             let evals = read_evals(&ctx.dir)?;
             for ((step, net), (s, t)) in &evals {
-                writeln!(raw, "{},{seed},{step},{net},{s:.6},{t:.6}", v.name())?;
+                writeln!(
+                    raw,
+                    "{},{seed},{step},{net},{:.4},{:.4}",
+                    v.name(),
+                    100.0 * s,
+                    100.0 * t
+                )?;
             }
             per_seed.push(RunResult { last, evals, lag });
         }
@@ -263,18 +270,19 @@ fn final_table(
     Ok(md)
 }
 
-/// `compare.csv`: the final evaluation, mean and std per column.
+/// `compare.csv`: the final evaluation, mean and std per column, in percent as the
+/// markdown tables (the unit in every column's name).
 fn final_csv(runs: &[(Variant, Vec<RunResult>)], cols: &[String]) -> Result<String> {
     let mut csv = String::from("method");
     for c in cols {
-        write!(csv, ",{c}_mean,{c}_std")?;
+        write!(csv, ",{c}_acc_pct_mean,{c}_acc_pct_std")?;
     }
     csv.push('\n');
     for (v, r) in runs {
         csv.push_str(&v.name());
         for c in 0..cols.len() {
             let (m, s) = stat(&final_col(r, c));
-            write!(csv, ",{m:.6},{s:.6}")?;
+            write!(csv, ",{:.4},{:.4}", 100.0 * m, 100.0 * s)?;
         }
         csv.push('\n');
     }

@@ -39,8 +39,6 @@ pub fn run_method(ctx: &mut RunContext) -> Result<()> {
         Method::LdtS => Box::new(ldt_s::LdtS::start(ctx, r)?),
     };
     driver::drive(ctx, stepper.as_mut(), done)?;
-    if ctx.dir.join("partition.json").exists() {
-        report::draw(&ctx.dir)?;
-    }
+    report::draw(&ctx.dir)?;
     ctx.write_summary()
 }

@@ -912,7 +912,13 @@ fn earlier_outputs(dir: &Path) -> Result<Vec<PathBuf>> {
         let belongs = is
             || matches!(
                 name.as_str(),
-                "config.toml" | "metrics.jsonl" | "partition.svg" | "partition.png" | "checkpoints"
+                "config.toml"
+                    | "metrics.jsonl"
+                    | "partition.svg"
+                    | "partition.png"
+                    | "curves.svg"
+                    | "curves.png"
+                    | "checkpoints"
             );
         counts |= is;
         if belongs {

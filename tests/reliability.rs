@@ -176,6 +176,8 @@ fn nonfinite_loss_stops_or_is_skipped() {
         "{err}"
     );
     assert!(err.contains("on_nonfinite"), "{err}");
+    // The runs below replace the stopped run's outputs in the same directory.
+    args.push("--overwrite");
     // Block-wise recompute with the device optimizer updates block by block: it stops
     // the same way.
     let mut by_block = args.clone();

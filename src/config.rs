@@ -71,6 +71,8 @@ pub struct Config {
     pub model: ModelConfig,
     /// Data.
     pub data: DataConfig,
+    /// Augmentation of the training batches.
+    pub augment: AugmentConfig,
     /// Training loop.
     pub train: TrainConfig,
     /// Optimizer of the training stage.
@@ -99,6 +101,7 @@ impl Default for Config {
             threads: 0,
             model: ModelConfig::default(),
             data: DataConfig::default(),
+            augment: AugmentConfig::default(),
             train: TrainConfig::default(),
             optim: OptimConfig::default(),
             stage1: Stage1Config::default(),
@@ -181,8 +184,42 @@ impl Default for ModelConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
+    /// Where the examples come from: `manifest` (a `dg-benchmark/v1` manifest of
+    /// safetensors or IDX splits) or `image-folder` (`root/<domain>/<class>/*.png|jpg`).
+    pub format: DataFormat,
     /// The benchmark's `manifest.json` (format `dg-benchmark/v1`).
     pub manifest: PathBuf,
+    /// `image-folder`: the directory of domains, `root/<domain>/<class>/<image>` or
+    /// `root/<domain>/{train,test}/<class>/<image>`.
+    pub root: Option<PathBuf>,
+    /// Domains trained on (by name); empty = the manifest's `source` roles. Required
+    /// for `image-folder`.
+    pub sources: Vec<String>,
+    /// Held-out domains (by name); empty = every domain not in `sources` (or the
+    /// manifest's `target` roles when `sources` is empty too).
+    pub targets: Vec<String>,
+    /// The model's input `[H, W]`: images are resized (aspect kept) and center-cropped
+    /// to it; unset = the stored size (manifest data). Required for `image-folder`.
+    pub image_size: Option<[usize; 2]>,
+    /// `image-folder`: channels of the model's input, 3 (RGB: grayscale replicated,
+    /// alpha dropped) or 1 (luma, as PIL's `convert("L")`).
+    pub channels: usize,
+    /// `image-folder`: share of each class of a domain held out as its test split when
+    /// the domain has no `train`/`test` folders (seeded by `data.split_seed`).
+    pub test_fraction: f64,
+    /// `image-folder`: seed of the train/test split (apart from `seed`, so that runs
+    /// with different seeds are scored on the same test images).
+    pub split_seed: u64,
+    /// `image-folder`: `error` on an image that cannot be read, or `skip` it (every
+    /// image is then decoded once when the data opens, and the skipped ones counted).
+    pub on_bad_image: OnBadImage,
+    /// Per-channel mean subtracted from the [0, 1] pixels, or `"imagenet"`; unset = none.
+    pub mean: Option<Normalization>,
+    /// Per-channel standard deviation the pixels are divided by, or `"imagenet"`.
+    pub std: Option<Normalization>,
+    /// Threads that gather (decode, augment) batches ahead of the step; 0 = one for
+    /// stored data, up to 4 (the cores) for image folders.
+    pub workers: usize,
     /// Optional batch schedule (safetensors of i64 index tensors into the concatenated
     /// source train splits); when set, batches come from it instead of the shuffler.
     pub schedule: Option<PathBuf>,
@@ -198,12 +235,163 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
+            format: DataFormat::Manifest,
             manifest: PathBuf::from("data/rotmnist5k/manifest.json"),
+            root: None,
+            sources: Vec::new(),
+            targets: Vec::new(),
+            image_size: None,
+            channels: 3,
+            test_fraction: 0.2,
+            split_seed: 0,
+            on_bad_image: OnBadImage::Error,
+            mean: None,
+            std: None,
+            workers: 0,
             schedule: None,
             schedule_key: "train_batches".into(),
             prefetch: 2,
             val_fraction: 0.0,
         }
+    }
+}
+
+/// `data.format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// A `dg-benchmark/v1` manifest (`data.manifest`).
+    Manifest,
+    /// Class folders per domain under `data.root`.
+    ImageFolder,
+}
+
+/// `data.on_bad_image`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadImage {
+    /// Stop with an error naming the file.
+    Error,
+    /// Leave the file out (counted and the first ones named).
+    Skip,
+}
+
+/// `data.mean` / `data.std`: per-channel values or a named preset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Normalization {
+    /// A preset by name: `imagenet` (torchvision's ImageNet statistics).
+    Preset(String),
+    /// One value per channel (or one for all).
+    Values(Vec<f64>),
+}
+
+/// ImageNet's per-channel mean (RGB), torchvision's values.
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+/// ImageNet's per-channel standard deviation (RGB), torchvision's values.
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+impl Normalization {
+    /// The per-channel values for `channels` channels; `key` names the field in errors.
+    pub fn values(&self, key: &str, channels: usize, std: bool) -> Result<Vec<f64>> {
+        let v = match self {
+            Normalization::Preset(p) if p == "imagenet" => {
+                let v = if std { IMAGENET_STD } else { IMAGENET_MEAN };
+                if channels != 3 {
+                    bail!(
+                        "config key `{key}`: the `imagenet` preset is for 3 (RGB) channels, \
+                         the input has {channels}; give the values, e.g. [0.5]"
+                    );
+                }
+                v.to_vec()
+            }
+            Normalization::Preset(p) => bail!(
+                "config key `{key}`: unknown preset `{p}`; use \"imagenet\" or a list of \
+                 per-channel values"
+            ),
+            Normalization::Values(v) if v.len() == 1 => vec![v[0]; channels],
+            Normalization::Values(v) if v.len() == channels => v.clone(),
+            Normalization::Values(v) => bail!(
+                "config key `{key}`: {} values for an input of {channels} channels; give one \
+                 per channel (or one for all)",
+                v.len()
+            ),
+        };
+        if let Some(x) = v.iter().find(|x| !x.is_finite() || (std && **x <= 0.0)) {
+            bail!(
+                "config key `{key}`: {x} is not {}",
+                if std {
+                    "a positive number"
+                } else {
+                    "a finite number"
+                }
+            );
+        }
+        Ok(v)
+    }
+}
+
+/// `[augment]`: random transforms of the training batches (never of evaluation),
+/// drawn per (seed, stage, batch, example) so that a resumed run repeats them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Mirror left-right with probability 1/2.
+    pub hflip: bool,
+    /// `[min_scale, max_scale]`: crop a random region of that share of the image's
+    /// area (aspect ratio in [3/4, 4/3]) and resize it to the input size
+    /// (torchvision's `RandomResizedCrop`); unset = resize and center-crop.
+    pub random_resized_crop: Option<[f64; 2]>,
+    /// Brightness, contrast and saturation factors drawn from `[1 - j, 1 + j]` (one
+    /// value for all three, or `[b, c, s]`; torchvision's `ColorJitter` without hue,
+    /// applied in that fixed order); unset = none.
+    pub color_jitter: Option<Jitter>,
+}
+
+/// `augment.color_jitter`: one strength or three.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Jitter {
+    /// The same strength for brightness, contrast and saturation.
+    All(f64),
+    /// `[brightness, contrast, saturation]`.
+    Each([f64; 3]),
+}
+
+impl Jitter {
+    /// `[brightness, contrast, saturation]` strengths.
+    pub fn strengths(&self) -> [f64; 3] {
+        match self {
+            Jitter::All(j) => [*j; 3],
+            Jitter::Each(j) => *j,
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// Whether any transform is on.
+    pub fn any(&self) -> bool {
+        self.hflip || self.random_resized_crop.is_some() || self.color_jitter.is_some()
+    }
+
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        if let Some([lo, hi]) = self.random_resized_crop {
+            check(
+                0.0 < lo && lo <= hi && hi <= 1.0,
+                "augment.random_resized_crop",
+                "must be [min_scale, max_scale] with 0 < min_scale <= max_scale <= 1, \
+                 e.g. [0.08, 1.0]",
+            )?;
+        }
+        if let Some(j) = &self.color_jitter {
+            check(
+                j.strengths().iter().all(|s| (0.0..=1.0).contains(s)),
+                "augment.color_jitter",
+                "strengths must be in [0, 1], e.g. 0.4 or [0.4, 0.4, 0.4]",
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -923,6 +1111,19 @@ impl EvalConfig {
 }
 
 impl DataConfig {
+    /// The loader threads `workers` asks for (0 = automatic: one for stored data,
+    /// which needs only copying; for image folders, which need decoding, one per core
+    /// up to 4).
+    pub fn loader_threads(&self) -> usize {
+        match (self.workers, self.format) {
+            (0, DataFormat::Manifest) => 1,
+            (0, DataFormat::ImageFolder) => std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(4),
+            (n, _) => n,
+        }
+    }
+
     /// This section's range checks.
     fn validate(&self) -> Result<()> {
         check(
@@ -939,6 +1140,89 @@ impl DataConfig {
             self.val_fraction == 0.0 || self.schedule.is_none(),
             "data.val_fraction",
             "cannot hold out examples when `data.schedule` fixes the batches; set it to 0",
+        )?;
+        check(
+            self.workers <= MAX_THREADS,
+            "data.workers",
+            &format!("must be at most {MAX_THREADS} (0 = automatic)"),
+        )?;
+        check(
+            self.image_size.is_none_or(|s| s[0] > 0 && s[1] > 0),
+            "data.image_size",
+            "must be [H, W] with positive sizes, e.g. [224, 224]",
+        )?;
+        check(
+            self.mean.is_some() == self.std.is_some(),
+            "data.mean",
+            "give `data.mean` and `data.std` together (e.g. both \"imagenet\")",
+        )?;
+        for (key, v, std) in [
+            ("data.mean", &self.mean, false),
+            ("data.std", &self.std, true),
+        ] {
+            if let Some(v) = v {
+                let channels = match self.format {
+                    DataFormat::ImageFolder => self.channels,
+                    // Checked against the stored channel count when the data opens.
+                    DataFormat::Manifest => match v {
+                        Normalization::Values(v) => v.len().max(1),
+                        Normalization::Preset(_) => 3,
+                    },
+                };
+                v.values(key, channels, std)?;
+            }
+        }
+        if self.format == DataFormat::ImageFolder {
+            check(
+                self.root.is_some(),
+                "data.root",
+                "`data.format = \"image-folder\"` needs the folder of domains, e.g. \
+                 root = \"images\" holding images/<domain>/<class>/*.jpg",
+            )?;
+            check(
+                !self.sources.is_empty(),
+                "data.sources",
+                "name the domains to train on (folders under `data.root`), e.g. \
+                 sources = [\"photo\"]",
+            )?;
+            check(
+                self.image_size.is_some(),
+                "data.image_size",
+                "image folders hold images of any size: give the model's input, e.g. \
+                 image_size = [224, 224]",
+            )?;
+            check(
+                self.channels == 1 || self.channels == 3,
+                "data.channels",
+                "must be 3 (RGB) or 1 (grayscale)",
+            )?;
+            check(
+                self.test_fraction > 0.0 && self.test_fraction < 1.0,
+                "data.test_fraction",
+                "must be in (0, 1)",
+            )?;
+            check(
+                self.schedule.is_none(),
+                "data.schedule",
+                "a batch schedule indexes a manifest's splits; it cannot be used with image folders",
+            )?;
+        } else {
+            check(
+                self.root.is_none(),
+                "data.root",
+                "is for `data.format = \"image-folder\"`; set that too, or remove `root`",
+            )?;
+        }
+        if let Some(d) = self.sources.iter().find(|d| self.targets.contains(d)) {
+            bail!(
+                "config keys `data.sources` and `data.targets` both name domain `{d}`; a \
+                 domain is either trained on or held out"
+            );
+        }
+        check(
+            self.targets.is_empty() || !self.sources.is_empty(),
+            "data.targets",
+            "give `data.sources` too (which domains are trained on)",
         )?;
         Ok(())
     }
@@ -1061,6 +1345,7 @@ impl Config {
         c.offload.validate()?;
         c.eval.validate()?;
         c.data.validate()?;
+        c.augment.validate()?;
         c.checkpoint.validate()?;
         c.model.validate()?;
         check(

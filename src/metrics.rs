@@ -484,6 +484,9 @@ pub struct Summary {
     pub method: String,
     /// `model.arch`.
     pub arch: String,
+    /// What the trained networks expect of their input (classes, size, normalization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<crate::data::prep::InputSpec>,
     /// Parameter elements.
     pub parameters: usize,
     /// Seconds since the run started.

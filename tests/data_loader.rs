@@ -102,7 +102,9 @@ fn schedule_batches_come_in_file_order() {
     assert_eq!(order.next_batch(), None);
     // And the loader thread delivers those examples, in that order.
     assert_eq!(ctx.pool.len(), lb.len());
-    let mut l = ctx.loader(ctx.train_order().unwrap(), 7).unwrap();
+    let mut l = ctx
+        .loader(ctx.train_order().unwrap(), "train", 0, 7)
+        .unwrap();
     for r in &rows {
         let b = l.next_batch().unwrap();
         let want_lb: Vec<i64> = r.iter().map(|&i| lb[i]).collect();
@@ -214,16 +216,13 @@ fn u8_and_f32_files_give_the_same_pixels() {
         vec![("images", images), ("labels", m["labels"].clone())],
     );
 
-    let a = Benchmark::open(&bundled_data().join("manifest.json"))
+    let a = Benchmark::from_manifest(&bundled_data().join("manifest.json"))
         .unwrap()
         .source_pool();
-    let b = Benchmark::open(&manifest).unwrap().source_pool();
+    let b = Benchmark::from_manifest(&manifest).unwrap().source_pool();
     assert_eq!(a.len(), b.len());
     let all: Vec<usize> = (0..a.len()).collect();
-    let (ha, hb) = (
-        a.gather(&all, IMAGE).unwrap(),
-        b.gather(&all, IMAGE).unwrap(),
-    );
+    let (ha, hb) = (a.gather(&all, None).unwrap(), b.gather(&all, None).unwrap());
     assert_eq!(ha.labels, hb.labels);
     let differ = ha
         .images
@@ -236,7 +235,9 @@ fn u8_and_f32_files_give_the_same_pixels() {
         "{differ} pixels differ between the u8 and the f32 file"
     );
     // The rot15 range really came from the f32 file, and it is not blank.
-    let start = Benchmark::open(&manifest).unwrap().domains[0].train.len();
+    let start = Benchmark::from_manifest(&manifest).unwrap().domains[0]
+        .train
+        .len();
     assert!(hb.images[start * IMAGE..(start + 1) * IMAGE]
         .iter()
         .any(|&v| v > 0.0));
@@ -271,10 +272,17 @@ fn a_schedule_shorter_than_the_run_fails_before_training() {
     write_schedule(&sched, "train_batches", &rows);
 
     // The loader refuses before producing anything.
-    let pool = Benchmark::open(&bundled_data().join("manifest.json"))
+    let pool = Benchmark::from_manifest(&bundled_data().join("manifest.json"))
         .unwrap()
         .source_pool();
-    let e = match Loader::spawn(pool, BatchOrder::fixed(rows.clone()), 5, IMAGE, 2) {
+    let plan = loader::Plan {
+        stage: None,
+        first: 0,
+        count: 5,
+        workers: 1,
+        depth: 2,
+    };
+    let e = match Loader::spawn(pool, BatchOrder::fixed(rows.clone()), plan) {
         Ok(_) => panic!("a 3-batch schedule cannot feed 5 steps"),
         Err(e) => format!("{e:#}"),
     };

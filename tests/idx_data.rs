@@ -269,7 +269,7 @@ fn fashion_mnist_package_reads_through_the_shipped_manifest() {
         return;
     }
     let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist/manifest.json");
-    let b = ldt::data::Benchmark::open(&m).unwrap();
+    let b = ldt::data::Benchmark::from_manifest(&m).unwrap();
     let d = &b.domains[0];
     assert_eq!((d.train.len(), d.test.len()), (60_000, 10_000));
     for (split, per_class) in [(&d.train, 6000), (&d.test, 1000)] {
@@ -281,8 +281,11 @@ fn fashion_mnist_package_reads_through_the_shipped_manifest() {
     }
     // The first training image (an ankle boot, label 9) has ink and blank borders.
     assert_eq!(d.train.label(0), 9);
-    let mut px = Vec::new();
-    d.train.push_image(0, &mut px);
+    let px = b
+        .pool(vec![d.train.clone()])
+        .gather(&[0], None)
+        .unwrap()
+        .images;
     assert_eq!(px.len(), 784);
     assert!(px.iter().any(|&v| v > 0.5) && px[0] == 0.0);
 }

@@ -1,9 +1,13 @@
-//! Memory-mapped splits. Images (`f32` or `u8` scaled by 1/255) stay in the mapped file
-//! (or, for a gzip IDX file, in its decompressed bytes) and are copied only into the
-//! batches that need them; labels are read once.
+//! Splits and the opened benchmark. Stored images (`f32` or `u8` scaled by 1/255) stay
+//! in the mapped file (or, for a gzip IDX file, in its decompressed bytes), image-folder
+//! examples stay files; either is read only into the batches that need it, through the
+//! run's [`Prep`] (size, augmentation, normalization). Labels are read once.
 
+use super::folder::{self, FileSplit};
 use super::idx::{FileBytes, Idx, IMAGES_MAGIC, LABELS_MAGIC};
 use super::manifest::{Manifest, Role, SplitEntry, SplitFormat};
+use super::prep::{Draw, Image, Prep};
+use crate::config::{Config, DataFormat};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
@@ -59,13 +63,26 @@ enum Pixels {
     U8,
 }
 
-/// One split: mapped images and checked labels.
+/// Where a split's pixels are.
+enum Store {
+    /// In a mapped (or decompressed) file: `image_len` values per example from `offset`.
+    Stored {
+        bytes: FileBytes,
+        offset: usize,
+        pixels: Pixels,
+        dims: [usize; 3],
+    },
+    /// One image file per example, decoded to `channels` when read.
+    Files {
+        files: Vec<PathBuf>,
+        channels: usize,
+    },
+}
+
+/// One split: its pixels (stored or files) and checked labels.
 pub struct Split {
     path: PathBuf,
-    bytes: FileBytes,
-    offset: usize,
-    pixels: Pixels,
-    image_len: usize,
+    store: Store,
     labels: Vec<i64>,
 }
 
@@ -130,7 +147,7 @@ impl Split {
             bail!("data file {p}: label {l} at index {i} is outside 0..{classes} (manifest `num_classes`)");
         }
         let offset = images.data().as_ptr() as usize - mmap.as_ptr() as usize;
-        let image_len = shape.iter().product();
+        let image_len: usize = shape.iter().product();
         if pixels == Pixels::F32 {
             let bad = images
                 .data()
@@ -145,10 +162,12 @@ impl Split {
         }
         Ok(Split {
             path: path.to_path_buf(),
-            bytes: FileBytes::Mapped(mmap),
-            offset,
-            pixels,
-            image_len,
+            store: Store::Stored {
+                bytes: FileBytes::Mapped(mmap),
+                offset,
+                pixels,
+                dims: shape,
+            },
             labels,
         })
     }
@@ -200,10 +219,12 @@ impl Split {
         let (bytes, offset) = im.into_parts();
         Ok(Split {
             path: images.to_path_buf(),
-            bytes,
-            offset,
-            pixels: Pixels::U8,
-            image_len: got.iter().product(),
+            store: Store::Stored {
+                bytes,
+                offset,
+                pixels: Pixels::U8,
+                dims: got,
+            },
             labels,
         })
     }
@@ -246,26 +267,79 @@ impl Split {
         self.labels[i]
     }
 
-    /// Appends example `i`'s pixels (as f32) to `out`.
-    pub fn push_image(&self, i: usize, out: &mut Vec<f32>) {
-        match self.pixels {
-            Pixels::F32 => {
-                let a = self.offset + i * self.image_len * 4;
-                let bytes = &self.bytes[a..a + self.image_len * 4];
-                out.extend(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+    /// A split of image files (`root` names it in messages), decoded to `channels`.
+    pub fn of_files(root: &Path, split: FileSplit, channels: usize) -> Split {
+        Split {
+            path: root.to_path_buf(),
+            store: Store::Files {
+                files: split.files,
+                channels,
+            },
+            labels: split.labels,
+        }
+    }
+
+    /// Appends example `i` prepared by `prep` (with `draw`'s augmentation, if any) to
+    /// `out`; an image file that cannot be decoded is an error naming it.
+    pub fn push_example(
+        &self,
+        i: usize,
+        prep: &Prep,
+        draw: Option<Draw>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        match &self.store {
+            Store::Stored {
+                bytes,
+                offset,
+                pixels,
+                dims,
+            } => {
+                let stored = |out: &mut Vec<f32>| {
+                    push_stored(&bytes[*offset..], *pixels, dims.iter().product(), i, out)
+                };
+                if prep.passes(*dims, draw) {
+                    stored(out);
+                } else {
+                    let mut px = Vec::with_capacity(dims.iter().product());
+                    stored(&mut px);
+                    let [c, h, w] = *dims;
+                    prep.apply(&Image { c, h, w, px: &px }, draw, out);
+                }
+            }
+            Store::Files { files, channels } => {
+                let (h, w, px) = folder::decode(&files[i], *channels)?;
+                prep.apply(
+                    &Image {
+                        c: *channels,
+                        h,
+                        w,
+                        px: &px,
+                    },
+                    draw,
+                    out,
                 );
             }
-            Pixels::U8 => {
-                let a = self.offset + i * self.image_len;
-                out.extend(
-                    self.bytes[a..a + self.image_len]
-                        .iter()
-                        .map(|&b| b as f32 / 255.0),
-                );
-            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends example `i` of stored pixels `bytes` (`image_len` values per example, from
+/// the first) to `out` as f32 (`u8` scaled by 1/255).
+fn push_stored(bytes: &[u8], pixels: Pixels, image_len: usize, i: usize, out: &mut Vec<f32>) {
+    match pixels {
+        Pixels::F32 => {
+            let a = i * image_len * 4;
+            out.extend(
+                bytes[a..a + image_len * 4]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
+            );
+        }
+        Pixels::U8 => {
+            let a = i * image_len;
+            out.extend(bytes[a..a + image_len].iter().map(|&b| b as f32 / 255.0));
         }
     }
 }
@@ -282,45 +356,170 @@ pub struct Domain {
     pub test: Arc<Split>,
 }
 
-/// The whole benchmark, opened.
+/// The whole benchmark, opened: domains with their roles, the classes, the model's
+/// input shape and how examples are prepared for it.
 pub struct Benchmark {
-    /// The manifest it came from.
-    pub manifest: Manifest,
-    /// Domains in manifest order.
+    /// The manifest or image folder it came from (for messages).
+    pub origin: PathBuf,
+    /// Class names (`"0"`, `"1"`, ... when the manifest names none).
+    pub classes: Vec<String>,
+    /// Domains: the manifest's order, or `data.sources` then the targets.
     pub domains: Vec<Domain>,
+    /// Size, augmentation and normalization of the model's input.
+    pub prep: Arc<Prep>,
+    /// Lines worth telling the user (skipped images, ignored files).
+    pub notes: Vec<String>,
+    /// Threads that gather batches (`data.workers`, resolved).
+    pub workers: usize,
 }
 
 impl Benchmark {
-    /// Opens every split named by the manifest at `path`.
-    pub fn open(path: &Path) -> Result<Benchmark> {
-        let manifest = Manifest::load(path)?;
+    /// Opens the data `cfg.data` names: a manifest's splits or an image folder, with
+    /// the roles `data.sources` / `data.targets` give (the manifest's otherwise).
+    pub fn open(cfg: &Config) -> Result<Benchmark> {
+        match cfg.data.format {
+            DataFormat::Manifest => Self::open_manifest(cfg),
+            DataFormat::ImageFolder => Self::open_folder(cfg),
+        }
+    }
+
+    /// The manifest at `path` as it stands: its roles, stored size, no normalization.
+    pub fn from_manifest(path: &Path) -> Result<Benchmark> {
+        let mut cfg = Config::default();
+        cfg.data.manifest = path.to_path_buf();
+        Self::open(&cfg)
+    }
+
+    /// The role of domain `name`: as `data.sources`/`data.targets` say (None = not
+    /// used), else the manifest's `role`.
+    fn role(cfg: &Config, name: &str, manifest: Role) -> Option<Role> {
+        let d = &cfg.data;
+        if d.sources.is_empty() {
+            return Some(manifest);
+        }
+        if d.sources.iter().any(|s| s == name) {
+            Some(Role::Source)
+        } else if d.targets.is_empty() || d.targets.iter().any(|t| t == name) {
+            Some(Role::Target)
+        } else {
+            None
+        }
+    }
+
+    fn open_manifest(cfg: &Config) -> Result<Benchmark> {
+        let manifest = Manifest::load(&cfg.data.manifest)?;
+        let mp = manifest.path.display();
+        for d in cfg.data.sources.iter().chain(&cfg.data.targets) {
+            if !manifest.domains.iter().any(|m| &m.name == d) {
+                let names: Vec<&str> = manifest.domains.iter().map(|m| m.name.as_str()).collect();
+                bail!(
+                    "config key `data.{}`: manifest {mp} has no domain `{d}` (its domains: {})",
+                    if cfg.data.sources.contains(d) {
+                        "sources"
+                    } else {
+                        "targets"
+                    },
+                    names.join(", ")
+                );
+            }
+        }
         let mut domains = Vec::new();
         for d in &manifest.domains {
+            let Some(role) = Self::role(cfg, &d.name, d.role) else {
+                continue;
+            };
             let open = |e: &SplitEntry| -> Result<Arc<Split>> {
                 let s =
                     Split::open_entry(e, &manifest.dir, manifest.image_shape, manifest.num_classes)
-                        .with_context(|| {
-                            format!(
-                                "domain `{}` of manifest {}",
-                                d.name,
-                                manifest.path.display()
-                            )
-                        })?;
+                        .with_context(|| format!("domain `{}` of manifest {mp}", d.name))?;
                 Ok(Arc::new(s))
             };
             domains.push(Domain {
                 name: d.name.clone(),
-                role: d.role,
+                role,
                 train: open(&d.splits.train)?,
                 test: open(&d.splits.test)?,
             });
         }
-        Ok(Benchmark { manifest, domains })
+        let stored = manifest.image_shape;
+        let shape = match cfg.data.image_size {
+            Some([h, w]) => [stored[0], h, w],
+            None => stored,
+        };
+        let classes = match &manifest.classes {
+            Some(c) => c.clone(),
+            None => (0..manifest.num_classes).map(|k| k.to_string()).collect(),
+        };
+        Ok(Benchmark {
+            origin: manifest.path.clone(),
+            classes,
+            domains,
+            prep: Arc::new(Prep::new(cfg, shape).with_context(|| format!("manifest {mp}"))?),
+            notes: Vec::new(),
+            workers: cfg.data.loader_threads(),
+        })
     }
 
-    /// The concatenated source training splits, in manifest order.
+    fn open_folder(cfg: &Config) -> Result<Benchmark> {
+        let f = folder::scan(&cfg.data)?;
+        let root = cfg.data.root.clone().unwrap_or_default();
+        let channels = cfg.data.channels;
+        let [h, w] = cfg
+            .data
+            .image_size
+            .context("config key `data.image_size` is not set")?;
+        let sources = cfg.data.sources.len();
+        let domains = f
+            .domains
+            .into_iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let dir = root.join(&d.name);
+                Domain {
+                    name: d.name,
+                    role: if k < sources {
+                        Role::Source
+                    } else {
+                        Role::Target
+                    },
+                    train: Arc::new(Split::of_files(&dir, d.train, channels)),
+                    test: Arc::new(Split::of_files(&dir, d.test, channels)),
+                }
+            })
+            .collect();
+        Ok(Benchmark {
+            origin: root,
+            classes: f.classes,
+            domains,
+            prep: Arc::new(Prep::new(cfg, [channels, h, w])?),
+            notes: f.notes,
+            workers: cfg.data.loader_threads(),
+        })
+    }
+
+    /// The model's input `[C, H, W]`.
+    pub fn shape(&self) -> [usize; 3] {
+        self.prep.shape()
+    }
+
+    /// What a network trained on this data expects of its input.
+    pub fn input_spec(&self) -> super::prep::InputSpec {
+        self.prep.spec(&self.classes)
+    }
+
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// A pool over `splits`, prepared as this benchmark's inputs.
+    pub fn pool(&self, splits: Vec<Arc<Split>>) -> Pool {
+        Pool::new(splits, self.prep.clone())
+    }
+
+    /// The concatenated source training splits, in domain order.
     pub fn source_pool(&self) -> Pool {
-        Pool::new(
+        self.pool(
             self.domains
                 .iter()
                 .filter(|d| d.role == Role::Source)
@@ -330,17 +529,19 @@ impl Benchmark {
     }
 }
 
-/// Several splits indexed as one (global index = position in the concatenation).
+/// Several splits indexed as one (global index = position in the concatenation),
+/// prepared by one [`Prep`].
 #[derive(Clone)]
 pub struct Pool {
     splits: Vec<Arc<Split>>,
     starts: Vec<usize>,
     len: usize,
+    prep: Arc<Prep>,
 }
 
 impl Pool {
     /// Concatenates `splits` in order.
-    pub fn new(splits: Vec<Arc<Split>>) -> Pool {
+    pub fn new(splits: Vec<Arc<Split>>, prep: Arc<Prep>) -> Pool {
         let mut starts = Vec::with_capacity(splits.len());
         let mut len = 0;
         for s in &splits {
@@ -351,6 +552,7 @@ impl Pool {
             splits,
             starts,
             len,
+            prep,
         }
     }
 
@@ -364,9 +566,15 @@ impl Pool {
         self.len == 0
     }
 
-    /// Copies the examples at `indices` into a host batch.
-    pub fn gather(&self, indices: &[usize], image_len: usize) -> Result<HostBatch> {
-        let mut images = Vec::with_capacity(indices.len() * image_len);
+    /// The model's input `[C, H, W]`.
+    pub fn shape(&self) -> [usize; 3] {
+        self.prep.shape()
+    }
+
+    /// The examples at `indices` as a host batch; `augment` = `(stage key, batch
+    /// position)` draws the training augmentation, `None` prepares them for evaluation.
+    pub fn gather(&self, indices: &[usize], augment: Option<(u64, u64)>) -> Result<HostBatch> {
+        let mut images = Vec::with_capacity(indices.len() * self.prep.len());
         let mut labels = Vec::with_capacity(indices.len());
         for &g in indices {
             if g >= self.len {
@@ -377,7 +585,12 @@ impl Pool {
             }
             let k = self.starts.partition_point(|&s| s <= g) - 1;
             let local = g - self.starts[k];
-            self.splits[k].push_image(local, &mut images);
+            let draw = augment.map(|(stage, batch)| Draw {
+                stage,
+                batch,
+                example: g as u64,
+            });
+            self.splits[k].push_example(local, &self.prep, draw, &mut images)?;
             labels.push(self.splits[k].label(local));
         }
         Ok(HostBatch { images, labels })
@@ -413,7 +626,8 @@ mod tests {
         let s = Split::open_idx(&im, &lb, 3, [1, 2, 2], 3).unwrap();
         assert_eq!((s.len(), s.label(0), s.label(2)), (3, 2, 1));
         let mut px = Vec::new();
-        s.push_image(2, &mut px);
+        let prep = Prep::new(&Config::default(), [1, 2, 2]).unwrap();
+        s.push_example(2, &prep, None, &mut px).unwrap();
         assert_eq!(px, vec![2.0 / 255.0; 4]);
     }
 

@@ -1,7 +1,8 @@
-//! Batch order (seeded shuffles or a fixed schedule) and a prefetch thread that gathers
-//! the next batch while the current step computes.
+//! Batch order (seeded shuffles or a fixed schedule) and prefetch threads that gather
+//! (decode, augment) the next batches while the current step computes.
 
 use super::dataset::{HostBatch, Pool};
+use super::prep::Draw;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use crossbeam::channel::{bounded, Receiver};
@@ -92,22 +93,35 @@ impl BatchOrder {
     }
 }
 
-/// Produces `count` batches on a background thread, `depth` ahead of the consumer.
+/// What a loader gathers: which stage's batches (its augmentation draws), from which
+/// batch position, how many, on how many threads, how far ahead.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The stage's name (`train`, `warmup`, `stats`, ...): keys its augmentation.
+    /// `None` gathers evaluation batches (no augmentation).
+    pub stage: Option<String>,
+    /// Position of the first batch in the stage's order (the batches skipped on resume).
+    pub first: usize,
+    /// Batches to produce.
+    pub count: usize,
+    /// Gathering threads; batch `k` is gathered by thread `k % workers`.
+    pub workers: usize,
+    /// Batches each thread prepares ahead of the consumer.
+    pub depth: usize,
+}
+
+/// Produces a plan's batches on background threads, in order, ahead of the consumer.
 pub struct Loader {
-    rx: Receiver<Result<HostBatch>>,
+    rx: Vec<Receiver<Result<HostBatch>>>,
+    next: usize,
     left: usize,
 }
 
 impl Loader {
-    /// Starts the prefetch thread. A fixed order with fewer than `count` batches is an
+    /// Starts the gathering threads. A fixed order with fewer than `count` batches is an
     /// error here, before any training.
-    pub fn spawn(
-        pool: Pool,
-        mut order: BatchOrder,
-        count: usize,
-        image_len: usize,
-        depth: usize,
-    ) -> Result<Loader> {
+    pub fn spawn(pool: Pool, order: BatchOrder, plan: Plan) -> Result<Loader> {
+        let count = plan.count;
         if let Some(r) = order.remaining() {
             if r < count {
                 bail!("the batch schedule holds {r} batches but the run needs {count}; lower the step count or use a longer schedule (`data.schedule`)");
@@ -115,7 +129,7 @@ impl Loader {
         }
         if let BatchOrder::Shuffle { indices, batch, .. } = &order {
             if count > 0 && indices.is_empty() {
-                bail!("no source training examples to draw batches from; check the manifest's source domains and `stage1.split_fraction`");
+                bail!("no source training examples to draw batches from; check the source domains (`data.sources` or the manifest's roles) and `stage1.split_fraction`");
             }
             // Larger batches would repeat examples within a batch (and a huge value
             // would exhaust memory in the loader thread instead of failing here).
@@ -145,22 +159,39 @@ impl Loader {
                 }
             }
         }
-        let (tx, rx) = bounded(depth.max(1));
-        std::thread::Builder::new()
-            .name("ldt-loader".into())
-            .spawn(move || {
-                for _ in 0..count {
-                    let b = match order.next_batch() {
-                        Some(ix) => pool.gather(&ix, image_len),
-                        None => Err(anyhow::anyhow!("the batch order ran out of examples")),
-                    };
-                    if tx.send(b).is_err() {
-                        return;
+        let workers = plan.workers.clamp(1, count.max(1));
+        let stage = plan.stage.as_deref().map(Draw::stage_key);
+        let mut rx = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, r) = bounded(plan.depth.max(1));
+            rx.push(r);
+            // Every thread replays the (cheap) order and gathers its own share.
+            let (mut order, pool) = (order.clone(), pool.clone());
+            let first = plan.first;
+            std::thread::Builder::new()
+                .name(format!("ldt-loader-{w}"))
+                .spawn(move || {
+                    for k in 0..count {
+                        let ix = order.next_batch();
+                        if k % workers != w {
+                            continue;
+                        }
+                        let b = match ix {
+                            Some(ix) => pool.gather(&ix, stage.map(|s| (s, (first + k) as u64))),
+                            None => Err(anyhow::anyhow!("the batch order ran out of examples")),
+                        };
+                        if tx.send(b).is_err() {
+                            return;
+                        }
                     }
-                }
-            })
-            .context("cannot start the loader thread")?;
-        Ok(Loader { rx, left: count })
+                })
+                .context("cannot start a loader thread")?;
+        }
+        Ok(Loader {
+            rx,
+            next: 0,
+            left: count,
+        })
     }
 
     /// The next batch (blocks only if the loader is behind).
@@ -169,7 +200,11 @@ impl Loader {
             bail!("loader: all planned batches were consumed");
         }
         self.left -= 1;
-        self.rx.recv().context("the loader thread stopped")?
+        let k = self.next;
+        self.next += 1;
+        self.rx[k % self.rx.len()]
+            .recv()
+            .context("a loader thread stopped")?
     }
 }
 

@@ -72,6 +72,9 @@ pub struct Manifest {
     pub name: String,
     /// Classes; labels lie in `0..num_classes`.
     pub num_classes: usize,
+    /// Optional class names (`num_classes` of them), recorded with the trained weights.
+    #[serde(default)]
+    pub classes: Option<Vec<String>>,
     /// `[C, H, W]`.
     pub image_shape: [usize; 3],
     /// Domains in order (the source train splits concatenate in this order).
@@ -111,6 +114,15 @@ impl Manifest {
         }
         if m.num_classes < 2 {
             bail!("manifest {p}: field `num_classes` must be at least 2");
+        }
+        if let Some(c) = &m.classes {
+            if c.len() != m.num_classes {
+                bail!(
+                    "manifest {p}: field `classes` names {} classes but `num_classes` is {}",
+                    c.len(),
+                    m.num_classes
+                );
+            }
         }
         if m.image_shape.contains(&0) {
             bail!(

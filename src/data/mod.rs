@@ -1,10 +1,13 @@
-//! Data: the benchmark manifest, memory-mapped splits (safetensors or IDX), and batch
-//! loaders.
+//! Data: the benchmark (a manifest of safetensors or IDX splits, or image folders), the
+//! preparation of each example for the model (size, augmentation, normalization), and
+//! batch loaders.
 
 pub mod dataset;
+pub mod folder;
 pub mod idx;
 pub mod loader;
 pub mod manifest;
+pub mod prep;
 
 pub use dataset::{Benchmark, HostBatch, Split};
 pub use loader::Loader;

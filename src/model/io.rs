@@ -8,7 +8,7 @@ use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Reads every tensor of a safetensors file, checking the checksums it records (files
@@ -356,6 +356,41 @@ pub fn save_state(net: &dyn Network, state: &NetState, path: &Path) -> Result<()
 /// fsync, then rename, so a reader never sees a half-written file. The header metadata
 /// records each tensor's checksum.
 pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    save_tensors_with(tensors, BTreeMap::new(), path)
+}
+
+/// The metadata of the safetensors file `path` (empty when it has none; PyTorch
+/// checkpoints have none).
+pub fn file_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open weights file {}", path.display()))?;
+    // SAFETY: read-only mapping; only the header is parsed.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map {}", path.display()))?;
+    if super::pth::is_torch_zip(&bytes) || super::pth::is_torch_legacy(&bytes) {
+        return Ok(BTreeMap::new());
+    }
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes[..]).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file ({e}); truncated or corrupt?",
+            path.display()
+        )
+    })?;
+    Ok(meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
+}
+
+/// [`save_tensors`] with `extra` metadata beside the checksums (e.g. the input spec of
+/// an exported network).
+pub fn save_tensors_with(
+    tensors: &[(String, Tensor)],
+    extra: BTreeMap<String, String>,
+    path: &Path,
+) -> Result<()> {
     use safetensors::View;
     let map: HashMap<String, Tensor> = tensors
         .iter()
@@ -367,7 +402,8 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
         let sum = crate::integrity::tensor_checksum(name, &dtype, t.dims(), &View::data(t));
         (name.clone(), sum)
     });
-    let sums = crate::integrity::tensor_metadata(sums);
+    let mut sums = crate::integrity::tensor_metadata(sums);
+    sums.extend(extra);
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     // The writer persists a private (0600) temporary file in place of `tmp`: the file
     // gets the permissions of one created here (the umask's), as any other output.

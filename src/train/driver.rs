@@ -199,15 +199,14 @@ fn snapshot(ctx: &RunContext, m: &mut dyn Stepper, step: usize) -> Result<()> {
     if let [_] = names {
         return m.visit(0, &mut |params, buffers| {
             let named = io::named(ctx.net.as_ref(), &params.all()?, buffers);
-            io::save_tensors(&named, &ctx.dir.join(format!("step{step}.safetensors")))
+            ctx.export(&named, &format!("step{step}.safetensors"))
         });
     }
     // The branches; the composite is made from them.
     for (k, name) in names.iter().enumerate().skip(1) {
         m.visit(k, &mut |params, buffers| {
             let named = io::named(ctx.net.as_ref(), &params.all()?, buffers);
-            let file = format!("step{step}_{name}.safetensors");
-            io::save_tensors(&named, &ctx.dir.join(file))
+            ctx.export(&named, &format!("step{step}_{name}.safetensors"))
         })?;
     }
     Ok(())
@@ -226,7 +225,7 @@ fn finish(ctx: &mut RunContext, m: &mut dyn Stepper) -> Result<()> {
             // copies).
             let saved = params.all().and_then(|all| {
                 let named = io::named(ctx.net.as_ref(), &all, buffers);
-                io::save_tensors(&named, &ctx.dir.join(format!("{name}.safetensors")))
+                ctx.export(&named, &format!("{name}.safetensors"))
             });
             ctx.stages.exit();
             saved?;

@@ -1,7 +1,8 @@
 //! Evaluation: accuracy and mean loss per domain (source domains on their test split,
 //! target domains on all their examples), with the source and target means.
 
-use crate::data::{Benchmark, Role};
+use crate::data::loader::{BatchOrder, Plan};
+use crate::data::{Benchmark, Loader, Role};
 use crate::metrics::{DomainScore, EvalReport};
 use crate::model::{layers, Mode, Network, Weights};
 use anyhow::Result;
@@ -17,7 +18,6 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<EvalReport> {
     let shape = net.input_shape();
-    let image_len: usize = shape.iter().product();
     let mut domains = Vec::new();
     for d in &bench.domains {
         // Target domains are never trained on: all their examples are scored (train and
@@ -26,11 +26,21 @@ pub fn evaluate(
             Role::Source => vec![d.test.clone()],
             Role::Target => vec![d.train.clone(), d.test.clone()],
         };
-        let pool = crate::data::dataset::Pool::new(splits);
+        let pool = bench.pool(splits);
         let (mut correct, mut loss) = (0usize, 0f64);
         let idx: Vec<usize> = (0..pool.len()).collect();
-        for chunk in idx.chunks(batch) {
-            let hb = pool.gather(chunk, image_len)?;
+        let chunks: Vec<Vec<usize>> = idx.chunks(batch).map(<[usize]>::to_vec).collect();
+        let plan = Plan {
+            stage: None,
+            first: 0,
+            count: chunks.len(),
+            workers: bench.workers,
+            depth: 2,
+        };
+        let n = pool.len();
+        let mut loader = Loader::spawn(pool, BatchOrder::fixed(chunks), plan)?;
+        for _ in 0..n.div_ceil(batch) {
+            let hb = loader.next_batch()?;
             let (x, y) = hb.to_tensors(shape, device)?;
             let mut bufs = buffers.to_vec();
             let logits = params.forward(net, &mut bufs, &x, Mode::Eval)?;
@@ -38,7 +48,6 @@ pub fn evaluate(
             correct += c;
             loss += l;
         }
-        let n = pool.len();
         domains.push(DomainScore {
             name: d.name.clone(),
             role: match d.role {

@@ -196,12 +196,13 @@ impl RunContext {
             stages.with_device(Box::new(move || crate::offload::device_memory(&d)));
         }
         crate::dist::connect(&device, run_dir)?;
-        let bench = Benchmark::open(&cfg.data.manifest)?;
-        let net = model::build(
-            &cfg.model,
-            bench.manifest.image_shape,
-            bench.manifest.num_classes,
-        )?;
+        let bench = Benchmark::open(&cfg)?;
+        if crate::dist::is_main() {
+            for n in &bench.notes {
+                println!("{n}");
+            }
+        }
+        let net = model::build(&cfg.model, bench.shape(), bench.num_classes())?;
         let resume = match cfg.checkpoint.resume {
             Resume::Auto => checkpoint::latest(run_dir, &device)?,
             Resume::Never => None,
@@ -238,6 +239,7 @@ impl RunContext {
         let pool = bench.source_pool();
         let (train_indices, val) = hold_out(&bench, &cfg);
         let eval_batch = cfg.eval.batch_size;
+        let input = bench.input_spec();
         Ok(RunContext {
             train_indices,
             val,
@@ -255,7 +257,10 @@ impl RunContext {
             net,
             metrics,
             pool,
-            summary: Summary::default(),
+            summary: Summary {
+                input: Some(input),
+                ..Summary::default()
+            },
             stages,
             activations: [0; 2],
             eval_batch,
@@ -280,7 +285,7 @@ impl RunContext {
             for chunk in idx.chunks(self.eval_batch) {
                 let (x, y) = self
                     .pool
-                    .gather(chunk, self.image_len())?
+                    .gather(chunk, None)?
                     .to_tensors(shape, &self.device)?;
                 let mut b = buffers.to_vec();
                 let logits =
@@ -313,7 +318,7 @@ impl RunContext {
         })?;
         if self.best.as_ref().is_none_or(|b| acc > b.0) {
             let named = io::named(self.net.as_ref(), &params.all()?, buffers);
-            io::save_tensors(&named, &self.dir.join("best.safetensors"))?;
+            self.export(&named, "best.safetensors")?;
             self.best = Some((acc, step, name.to_string()));
             self.summary.best = Some(Best {
                 step,
@@ -417,6 +422,13 @@ impl RunContext {
         Ok(())
     }
 
+    /// Writes an exported network `DIR/file` (atomically), with the input it expects
+    /// (classes, size, normalization) in the file's metadata.
+    pub fn export(&self, named: &[(String, Tensor)], file: &str) -> Result<()> {
+        let meta = self.bench.input_spec().metadata();
+        io::save_tensors_with(named, meta, &self.dir.join(file))
+    }
+
     /// Elements of one input image.
     pub fn image_len(&self) -> usize {
         self.net.input_shape().iter().product()
@@ -514,9 +526,7 @@ impl RunContext {
     /// The training loader resumed after `done` batches of the training order, for the
     /// remaining `count` (the order is replayed from the seed, nothing is gathered).
     pub fn train_loader(&self, done: usize, count: usize) -> Result<Loader> {
-        let mut order = self.train_order()?;
-        order.skip(done)?;
-        self.loader(order, count)
+        self.loader(self.train_order()?, "train", done, count)
     }
 
     /// Whether a checkpoint is due after `step`: every `checkpoint.every` steps, at the
@@ -630,15 +640,25 @@ impl RunContext {
         }
     }
 
-    /// A prefetching loader of `count` batches in `order`.
-    pub fn loader(&self, order: BatchOrder, count: usize) -> Result<Loader> {
-        Loader::spawn(
-            self.pool.clone(),
-            order,
+    /// A prefetching loader of stage `stage`'s batches in `order`: `count` of them
+    /// after the first `done` (skipped, not gathered), augmented as `[augment]` says
+    /// with draws keyed by the stage and the batch's position.
+    pub fn loader(
+        &self,
+        mut order: BatchOrder,
+        stage: &str,
+        done: usize,
+        count: usize,
+    ) -> Result<Loader> {
+        order.skip(done)?;
+        let plan = crate::data::loader::Plan {
+            stage: Some(stage.to_string()),
+            first: done,
             count,
-            self.image_len(),
-            self.cfg.data.prefetch,
-        )
+            workers: self.cfg.data.loader_threads(),
+            depth: self.cfg.data.prefetch,
+        };
+        Loader::spawn(self.pool.clone(), order, plan)
     }
 
     /// This process's rows of a training batch on the run's device: the whole batch, or

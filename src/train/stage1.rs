@@ -120,7 +120,7 @@ pub struct Fit<'a> {
 pub fn fit_layers(
     ctx: &mut RunContext,
     state: &mut NetState,
-    mut order: BatchOrder,
+    order: BatchOrder,
     fit: Fit<'_>,
     resume: Option<&Checkpoint>,
 ) -> Result<()> {
@@ -142,8 +142,7 @@ pub fn fit_layers(
         _ => Optimizer::new(settings, n),
     }
     .placed(ctx.cfg.offload.optimizer)?;
-    order.skip(done)?;
-    let mut loader = ctx.loader(order, steps - done)?;
+    let mut loader = ctx.loader(order, stage, done, steps - done)?;
     let lrs = vec![lr; n];
     let progress = Progress::new(stage, steps, ctx.cfg.train.log_every);
     let mut meter = Meter::default();
@@ -227,7 +226,7 @@ pub fn statistics(
     resume: Option<&Checkpoint>,
 ) -> Result<Vec<LayerStats>> {
     let c = ctx.cfg.stage1.clone();
-    let mut order = match &ctx.cfg.data.schedule {
+    let order = match &ctx.cfg.data.schedule {
         Some(p) => {
             let b = read_ragged(p, "var_indices", "var_batch_sizes")?;
             if b.len() < c.stat_batches {
@@ -269,8 +268,7 @@ pub fn statistics(
             .map(|s| LayerAccumulator::new(s.numel(), cross))
             .collect(),
     };
-    order.skip(done)?;
-    let mut loader = ctx.loader(order, c.stat_batches - done)?;
+    let mut loader = ctx.loader(order, "stats", done, c.stat_batches - done)?;
     let all = vec![true; n];
     let progress = Progress::new("stats", c.stat_batches, ctx.cfg.train.log_every);
     for b in done + 1..=c.stat_batches {

@@ -157,11 +157,13 @@ impl RunContext {
     /// ranks other than 0 of a data-parallel run, outputs go to a private scratch
     /// directory that is removed at the end (rank 0 alone writes the run directory);
     /// every rank resumes from the run directory's checkpoints.
-    pub fn open(cfg: Config, dir: &Path) -> Result<RunContext> {
+    pub fn open(mut cfg: Config, dir: &Path) -> Result<RunContext> {
         // The heap's `setup` window: data and model.
         let mut stages = crate::metrics::StagePeaks::new();
-        // Configs built in code (compare, tests, library users) get the same checks as files.
+        // Configs built in code (compare, tests, library users) get the same checks as
+        // files, and absolute paths (the saved `config.toml` works from any directory).
         cfg.validate()?;
+        cfg.absolute_paths()?;
         let run_dir = dir;
         let scratch = if crate::dist::is_main() {
             None

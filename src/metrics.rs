@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// One line of `metrics.jsonl`, tagged by `kind`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,9 +69,10 @@ pub enum Record {
     },
 }
 
-/// An optimizer step. Only what the method has is written: `loss`/`acc` for one network,
-/// `loss_pm`/`loss_am` for LDT's branches (null for the branch that did not step), `phase`
-/// where one network is live.
+/// An optimizer step. Only what the method has is written: `loss` for one network,
+/// `loss_pm`/`loss_am` for LDT's branches (null for the branch that did not step), `acc`
+/// where one network steps (erm, lp-ft, warm-ups, LDT-S), `phase` where one network is
+/// live; `lr` always.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainRecord {
     /// `train` or `warmup`.
@@ -80,7 +82,8 @@ pub struct TrainRecord {
     /// The one network's loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f32>,
-    /// The one network's accuracy on the batch.
+    /// The accuracy on the batch of the network that stepped (LDT-S: the live one; with
+    /// `ldt_s.repeat_batch`, phase A's half-step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acc: Option<f64>,
     /// The scheduled base learning rate.
@@ -538,9 +541,17 @@ impl Summary {
     }
 }
 
+/// The keys [`MetricsLog::write`] adds to every record: `time`, the wall clock (Unix
+/// seconds, to the millisecond), and `elapsed`, seconds since this process opened the
+/// log (a resumed run starts again at 0 after its `resume` record). Lines written before
+/// they existed read as well ([`read_records`] ignores them); they differ between runs
+/// that are otherwise the same, so a comparison of runs leaves them out.
+pub const STAMP_KEYS: [&str; 2] = ["time", "elapsed"];
+
 /// Appends JSON records to `DIR/metrics.jsonl`.
 pub struct MetricsLog {
     out: BufWriter<File>,
+    opened: Instant,
 }
 
 impl MetricsLog {
@@ -555,13 +566,29 @@ impl MetricsLog {
             .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(MetricsLog {
             out: BufWriter::new(f),
+            opened: Instant::now(),
         })
     }
 
-    /// Writes one record and flushes, so a killed run keeps every line it wrote. Keys
-    /// are sorted (the format every earlier `metrics.jsonl` has).
+    /// Seconds since the log was opened (the run's clock).
+    pub fn elapsed(&self) -> f64 {
+        self.opened.elapsed().as_secs_f64()
+    }
+
+    /// Writes one record with its [`STAMP_KEYS`] and flushes, so a killed run keeps
+    /// every line it wrote. Keys are sorted (the format every earlier `metrics.jsonl`
+    /// has).
     pub fn write(&mut self, record: &Record) -> Result<()> {
-        serde_json::to_writer(&mut self.out, &serde_json::to_value(record)?)?;
+        let mut line = serde_json::to_value(record)?;
+        let fields = line.as_object_mut().expect("a record is a JSON object");
+        let millis = |d: Duration| d.as_millis() as f64 / 1000.0;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let [time, elapsed] = STAMP_KEYS;
+        fields.insert(time.into(), millis(now).into());
+        fields.insert(elapsed.into(), millis(self.opened.elapsed()).into());
+        serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")?;
         self.out.flush()?;
         Ok(())
@@ -726,5 +753,68 @@ mod tests {
         .unwrap();
         let err = format!("{:#}", read_records(&p).unwrap_err());
         assert!(err.contains("metrics.jsonl line 5"), "{err}");
+    }
+
+    /// Compares each line [`MetricsLog`] writes with its record: the record's keys plus
+    /// `time` (the wall clock, between the clock before and after the write) and
+    /// `elapsed` (from 0, never decreasing); before, a line held the record alone. A log
+    /// appended (as by a resumed run) to lines of an older version, without stamps,
+    /// reads back as the same records.
+    #[test]
+    fn every_line_is_stamped_and_unstamped_lines_still_read() {
+        let now = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        let records = [
+            Record::Resume {
+                step: 2,
+                stage1: None,
+            },
+            Record::Train(TrainRecord {
+                stage: "train".into(),
+                step: 3,
+                loss: Some(0.5),
+                acc: Some(0.25),
+                lr: Some(0.1),
+                ..TrainRecord::default()
+            }),
+            Record::Checkpoint {
+                step: 3,
+                dir: "c".into(),
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        let old = Record::Stats { step: 1, loss: 2.0 };
+        std::fs::write(&p, format!("{}\n", line(&old))).unwrap();
+        let before = now();
+        let mut log = MetricsLog::create(&p, true).unwrap();
+        for r in &records {
+            log.write(r).unwrap();
+        }
+        let after = now();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], line(&old));
+        let mut last = 0.0;
+        for (l, r) in lines[1..].iter().zip(&records) {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            let [time, elapsed] = STAMP_KEYS.map(|k| o.remove(k).and_then(|x| x.as_f64()));
+            let (time, elapsed) = (time.expect(l), elapsed.expect(l));
+            assert!(
+                before - 1e-3 <= time && time <= after,
+                "{l}: {before}..{after}"
+            );
+            assert!(elapsed >= last && elapsed <= after - before + 1e-3, "{l}");
+            last = elapsed;
+            assert_eq!(v, serde_json::to_value(r).unwrap(), "{l}");
+        }
+        let back = read_records(&p).unwrap();
+        assert_eq!(back[0], old);
+        assert_eq!(back[1..], records);
     }
 }

@@ -78,7 +78,8 @@ pub struct Outcome {
     pub meter: Vec<StepStats>,
     /// The loss of the one network (erm, lp-ft).
     pub loss: Option<f32>,
-    /// Its accuracy.
+    /// The accuracy on the step's batch of the network that stepped: the one network
+    /// (erm, lp-ft), LDT-S's live one (with `ldt_s.repeat_batch`, phase A's half-step).
     pub acc: Option<f64>,
     /// PM's loss (NaN when PM did not step).
     pub loss_pm: Option<f32>,

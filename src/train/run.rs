@@ -17,7 +17,6 @@ use crate::train::step::{nonfinite, Batch, StepStats};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// Random streams of a run, so that each consumer is independent of the others.
 pub mod streams {
@@ -82,7 +81,6 @@ pub struct RunContext {
     /// Rows of an evaluation batch: `eval.batch_size`, or fewer where
     /// `offload.device_bytes` needs it ([`RunContext::plan_memory`]).
     eval_batch: usize,
-    started: Instant,
     /// The lock on the directory this process writes ([`crate::lock`]); declared last so
     /// it is released after everything else was dropped.
     _lock: crate::lock::RunLock,
@@ -261,7 +259,6 @@ impl RunContext {
             stages,
             activations: [0; 2],
             eval_batch,
-            started: Instant::now(),
         })
     }
 
@@ -873,7 +870,7 @@ impl RunContext {
 
     /// Seconds since the run started.
     pub fn elapsed(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
+        self.metrics.elapsed()
     }
 
     /// Writes `summary.json`.

@@ -160,7 +160,7 @@ pub fn fit_layers(
             stage: stage.to_string(),
             step,
             loss: Some(stats.loss),
-            acc: Some(stats.correct as f64 / stats.n as f64),
+            acc: Some(stats.acc()),
             lr: Some(lr),
             ..TrainRecord::default()
         }))?;

@@ -6,7 +6,7 @@
 use crate::config::Criterion;
 use crate::ldt::lag::LagReport;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -605,10 +605,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A progress display for `total` steps of stage `label`.
-    pub fn new(label: &str, total: usize, log_every: usize) -> Self {
+    /// A progress display for steps `done + 1 ..= total` of stage `label` (`done` > 0:
+    /// a resumed stage; the bar starts there).
+    pub fn new(label: &str, done: usize, total: usize, log_every: usize) -> Self {
         let bar = std::io::stdout().is_terminal().then(|| {
-            let b = ProgressBar::new(total as u64);
+            // On stdout, where the plain lines would go and `println` writes.
+            let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stdout())
+                .with_position(done as u64);
             b.set_style(
                 ProgressStyle::with_template(
                     "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
@@ -617,8 +620,16 @@ impl Progress {
                 .progress_chars("=> "),
             );
             b.set_prefix(label.to_string());
+            // Redrawn while a step, an evaluation or a checkpoint takes long, so a
+            // position whose draw was rate-limited away still shows.
+            b.enable_steady_tick(Duration::from_millis(250));
             b
         });
+        Self::with_bar(bar, label, total, log_every)
+    }
+
+    /// [`Progress::new`] on `bar` (`None`: plain lines).
+    fn with_bar(bar: Option<ProgressBar>, label: &str, total: usize, log_every: usize) -> Self {
         Progress {
             bar,
             label: label.to_string(),
@@ -627,18 +638,20 @@ impl Progress {
         }
     }
 
-    /// Reports step `step` (1-based) with a status message.
-    pub fn update(&self, step: usize, msg: &str) {
+    /// Reports step `step` (1-based); called after every step. The bar moves to it at
+    /// once; every `log_every` steps and at the last, `msg()` (a status message, made
+    /// only then) goes on the bar, or without a terminal into a plain line.
+    pub fn update(&self, step: usize, msg: impl FnOnce() -> String) {
+        let log = step.is_multiple_of(self.log_every) || step == self.total;
         match &self.bar {
             Some(b) => {
                 b.set_position(step as u64);
-                b.set_message(msg.to_string());
-            }
-            None => {
-                if step.is_multiple_of(self.log_every) || step == self.total {
-                    println!("{} {step}/{} {msg}", self.label, self.total);
+                if log {
+                    b.set_message(msg());
                 }
             }
+            None if log => println!("{} {step}/{} {}", self.label, self.total, msg()),
+            None => {}
         }
     }
 
@@ -650,10 +663,14 @@ impl Progress {
         }
     }
 
-    /// Removes the bar.
+    /// Stops the bar and leaves it on the terminal at the last step it reached, on a
+    /// line of its own.
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
-            b.finish_and_clear();
+            b.abandon();
+            if !b.is_hidden() {
+                println!();
+            }
         }
     }
 }
@@ -816,5 +833,34 @@ mod tests {
         let back = read_records(&p).unwrap();
         assert_eq!(back[0], old);
         assert_eq!(back[1..], records);
+    }
+
+    /// Compares the bar's position after each `update` with the step reported, the
+    /// status message with the last log step's (made only at those steps: 3, 6 and the
+    /// last, 7), and the position after `finish` with the last step.
+    #[test]
+    fn the_bar_is_at_every_step_and_the_message_at_log_steps() {
+        let bar = ProgressBar::hidden();
+        bar.set_length(7);
+        let p = Progress::with_bar(Some(bar.clone()), "erm", 7, 3);
+        let mut made = Vec::new();
+        for step in 1..=7 {
+            p.update(step, || {
+                made.push(step);
+                format!("m{step}")
+            });
+            assert_eq!(bar.position(), step as u64);
+            let want = match step {
+                1..=2 => "",
+                3..=5 => "m3",
+                6 => "m6",
+                _ => "m7",
+            };
+            assert_eq!(bar.message(), want, "step {step}");
+        }
+        assert_eq!(made, [3, 6, 7]);
+        p.finish();
+        assert!(bar.is_finished());
+        assert_eq!(bar.position(), 7);
     }
 }

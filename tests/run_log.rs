@@ -1,10 +1,12 @@
 //! What a run tells as it goes: every `metrics.jsonl` record carries its time, LDT-S
-//! train records carry `lr` and `acc`.
+//! train records carry `lr` and `acc`, and on a terminal the progress bar shows the step
+//! the log is at.
 
 mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const LDT_S: &str = "threads = 1
@@ -73,5 +75,78 @@ fn ldt_s_records_carry_lr_and_acc_and_every_record_its_time() {
                 "{r}"
             );
         }
+    }
+}
+
+/// `arg` quoted for `sh`.
+fn quoted(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+/// The step the bar shows in its first draw after `at` in a terminal's output.
+fn bar_step_after(out: &str, at: &str, total: usize) -> usize {
+    let from = out
+        .find(at)
+        .unwrap_or_else(|| panic!("no `{at}` in {out:?}"));
+    let rest = &out[from..];
+    let slash = rest
+        .find(&format!("/{total} "))
+        .unwrap_or_else(|| panic!("no bar after `{at}` in {rest:?}"));
+    let digits: String = rest[..slash]
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.chars().rev().collect::<String>().parse().unwrap()
+}
+
+/// Compares, on a terminal (`script` gives the run a pseudo-terminal), the step of the
+/// bar drawn right after each evaluation line `eval @N` with N, where progress lines are
+/// due only at the end (`train.log_every` above the steps). Before, the bar moved only
+/// at log steps, so it showed 0/6 beside `eval @2` and `eval @4`.
+#[test]
+fn the_bar_shows_the_step_of_the_log_lines() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no `script` (util-linux) to give the run a terminal");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        env!("CARGO_BIN_EXE_ldt").to_string(),
+        "train".into(),
+        root().join("configs/quickstart.toml").display().to_string(),
+        "--out".into(),
+        tmp.path().join("run").display().to_string(),
+    ];
+    let sets = [
+        "threads=1",
+        "model.arch=\"mlp\"",
+        "train.method=\"erm\"",
+        "train.steps=6",
+        "train.log_every=1000",
+        "eval.every=2",
+    ];
+    let mut cmd: Vec<String> = args.iter().map(|a| quoted(a)).collect();
+    for s in sets {
+        cmd.push("--set".into());
+        cmd.push(quoted(s));
+    }
+    let o = Command::new("script")
+        .args(["-qec", &cmd.join(" "), "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for n in [2, 4] {
+        assert_eq!(
+            bar_step_after(&out, &format!("eval @{n}:"), 6),
+            n,
+            "bar after eval @{n} in {out:?}"
+        );
     }
 }

@@ -145,7 +145,7 @@ pub fn fit_layers(
     order.skip(done)?;
     let mut loader = ctx.loader(order, steps - done)?;
     let lrs = vec![lr; n];
-    let progress = Progress::new(stage, steps, ctx.cfg.train.log_every);
+    let progress = Progress::new(stage, done, steps, ctx.cfg.train.log_every);
     let mut meter = Meter::default();
     for step in done + 1..=steps {
         let hb = loader.next_batch()?;
@@ -164,10 +164,7 @@ pub fn fit_layers(
             lr: Some(lr),
             ..TrainRecord::default()
         }))?;
-        if step % ctx.cfg.train.log_every == 0 || step == steps {
-            let (msg, _) = meter.take();
-            progress.update(step, &msg);
-        }
+        progress.update(step, || meter.take().0);
         if ctx.stage1_checkpoint_due(step)? {
             let mut w = Writer::default();
             w.net("start", ctx.net.as_ref(), state)?;
@@ -272,7 +269,7 @@ pub fn statistics(
     order.skip(done)?;
     let mut loader = ctx.loader(order, c.stat_batches - done)?;
     let all = vec![true; n];
-    let progress = Progress::new("stats", c.stat_batches, ctx.cfg.train.log_every);
+    let progress = Progress::new("stats", done, c.stat_batches, ctx.cfg.train.log_every);
     for b in done + 1..=c.stat_batches {
         let hb = loader.next_batch()?;
         let batch = ctx.batch(&hb)?;
@@ -302,7 +299,7 @@ pub fn statistics(
             })
             .collect::<Result<_>>()?;
         acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
-        progress.update(b, &format!("loss {:.4}", st.loss));
+        progress.update(b, || format!("loss {:.4}", st.loss));
         ctx.metrics.write(&Record::Stats {
             step: b,
             loss: st.loss,

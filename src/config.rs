@@ -3,6 +3,10 @@
 //! Every field has a default (see `configs/reference.toml`, which documents each one).
 //! Unknown keys, wrong types and out-of-range values are errors that name the key and
 //! what is allowed, so a typo never silently falls back to a default.
+//!
+//! Paths come out absolute: a relative path written in a config file resolves against
+//! that file's directory, one given with `--set` against the working directory (where
+//! the shell that typed it is), so a run's saved `config.toml` works from anywhere.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -1298,24 +1302,41 @@ impl Config {
     }
 
     /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare
-    /// string), validates, and resolves relative paths against the working directory.
+    /// string), validates, and makes every path absolute: a relative path written in the
+    /// file resolves against the file's directory, one given with `--set` (typed in a
+    /// shell) or left at its default against the working directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        Self::from_toml(&text, &path.display().to_string(), overrides)
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = std::fs::canonicalize(parent)
+            .with_context(|| format!("cannot resolve the directory of {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string(), overrides, Some(&dir))
     }
 
-    /// Parses TOML text (named `origin` in errors) with overrides, then validates.
+    /// Parses TOML text (named `origin` in errors) with overrides, validates, and makes
+    /// relative paths absolute against the working directory (there is no config file
+    /// to resolve them against).
     pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+        Self::parse(text, origin, overrides, None)
+    }
+
+    /// [`Config::from_toml`], resolving the relative paths that `text` itself sets (and
+    /// no `--set` replaces) against `dir`, the config file's directory, when given.
+    fn parse(text: &str, origin: &str, overrides: &[String], dir: Option<&Path>) -> Result<Config> {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
+        let written = table.clone();
         let _: Config =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("config {origin}: {e}"))?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
         let merged = toml::to_string(&table).context("re-serializing the config")?;
-        let cfg: Config = toml::from_str(&merged).map_err(|e| {
+        let mut cfg: Config = toml::from_str(&merged).map_err(|e| {
             // The merged text is not what the user wrote (its line numbers mean nothing
             // to them): name the first `--set` that breaks the config instead.
             let culprit = first_bad_override(text, overrides);
@@ -1330,7 +1351,52 @@ impl Config {
             }
         })?;
         cfg.validate().with_context(|| format!("config {origin}"))?;
+        let file = dir.map(|dir| ConfigFile {
+            name: origin,
+            dir,
+            written: &written,
+            overrides,
+        });
+        cfg.resolve_paths(file.as_ref())?;
         Ok(cfg)
+    }
+
+    /// Every path field by its key: path resolution walks this list, so a new path
+    /// field is one line here.
+    fn path_fields(&mut self) -> Vec<(&'static str, Option<&mut PathBuf>)> {
+        vec![
+            ("model.init", self.model.init.as_mut()),
+            ("data.manifest", Some(&mut self.data.manifest)),
+            ("data.schedule", self.data.schedule.as_mut()),
+            ("data.root", self.data.root.as_mut()),
+            ("stage1.partition", self.stage1.partition.as_mut()),
+            ("offload.path", self.offload.path.as_mut()),
+        ]
+    }
+
+    /// Makes every relative path absolute against the working directory (for configs
+    /// built in code; [`Config::load`] and [`Config::from_toml`] already did), so that
+    /// the `config.toml` a run writes works from any directory.
+    pub fn absolute_paths(&mut self) -> Result<()> {
+        self.resolve_paths(None)
+    }
+
+    /// Makes every relative path absolute: against `file`'s directory where that file
+    /// sets the key, else against the working directory.
+    fn resolve_paths(&mut self, file: Option<&ConfigFile>) -> Result<()> {
+        let cwd = std::env::current_dir()
+            .context("cannot read the working directory to resolve the config's paths")?;
+        for (key, path) in self.path_fields() {
+            let Some(path) = path else { continue };
+            if path.is_absolute() {
+                continue;
+            }
+            *path = match file.filter(|f| f.sets(key)) {
+                Some(f) => f.resolve(key, path, &cwd)?,
+                None => join_relative(&cwd, path),
+            };
+        }
+        Ok(())
     }
 
     /// Range checks that types alone cannot express: each section checks itself, then
@@ -1400,6 +1466,94 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a Config always serializes")
     }
+}
+
+/// A config file as its relative paths see it.
+struct ConfigFile<'a> {
+    /// Its name in errors.
+    name: &'a str,
+    /// Its directory, canonical.
+    dir: &'a Path,
+    /// Its table as written, before the overrides.
+    written: &'a toml::Table,
+    /// The `--set` overrides.
+    overrides: &'a [String],
+}
+
+impl ConfigFile<'_> {
+    /// Whether the file itself sets `key` (`a.b`) and no `--set` replaces it (or its
+    /// section).
+    fn sets(&self, key: &str) -> bool {
+        let replaced = self.overrides.iter().any(|o| {
+            let k = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
+            key == k
+                || key
+                    .strip_prefix(k)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        });
+        let mut parts = key.split('.').peekable();
+        let mut table = self.written;
+        while let Some(p) = parts.next() {
+            match (table.get(p), parts.peek()) {
+                (Some(_), None) => return !replaced,
+                (Some(toml::Value::Table(t)), Some(_)) => table = t,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// Relative `path` of `key` against the file's directory; an error when it does not
+    /// exist there but does against the working directory `cwd` (where such paths used
+    /// to resolve), naming the key, the file and the path to write instead.
+    fn resolve(&self, key: &str, path: &Path, cwd: &Path) -> Result<PathBuf> {
+        let here = join_relative(self.dir, path);
+        let there = join_relative(cwd, path);
+        if !here.exists() && there.exists() && here != there {
+            bail!(
+                "config {}: config key `{key}`: `{}` does not exist relative to the config                  file's directory {}, but does relative to the working directory; paths in                  a config file resolve against the file's directory: write it as `{}`                  (relative to the config file) or as an absolute path",
+                self.name,
+                path.display(),
+                self.dir.display(),
+                relative_path(&there, self.dir).display()
+            );
+        }
+        Ok(here)
+    }
+}
+
+/// `base` (absolute, without symlinks) joined with the relative `rel`, each leading
+/// `.` dropped and each leading `..` taken off `base` (what the OS does with them, since
+/// `base` holds no symlink).
+fn join_relative(base: &Path, rel: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = base.to_path_buf();
+    let mut rest = rel.components().peekable();
+    while let Some(c) = rest.peek() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if out.parent().is_some() => {
+                out.pop();
+            }
+            _ => break,
+        }
+        rest.next();
+    }
+    out.extend(rest);
+    out
+}
+
+/// `target` relative to the directory `base` (both absolute; `base` without symlinks).
+fn relative_path(target: &Path, base: &Path) -> PathBuf {
+    let t: Vec<_> = target.components().collect();
+    let b: Vec<_> = base.components().collect();
+    let common = t.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    out.extend(&t[common..]);
+    out
 }
 
 /// The first override that, applied after the ones before it, makes `text` fail to

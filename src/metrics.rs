@@ -6,12 +6,13 @@
 use crate::config::Criterion;
 use crate::ldt::lag::LagReport;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// One line of `metrics.jsonl`, tagged by `kind`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,9 +69,10 @@ pub enum Record {
     },
 }
 
-/// An optimizer step. Only what the method has is written: `loss`/`acc` for one network,
-/// `loss_pm`/`loss_am` for LDT's branches (null for the branch that did not step), `phase`
-/// where one network is live.
+/// An optimizer step. Only what the method has is written: `loss` for one network,
+/// `loss_pm`/`loss_am` for LDT's branches (null for the branch that did not step), `acc`
+/// where one network steps (erm, lp-ft, warm-ups, LDT-S), `phase` where one network is
+/// live; `lr` always.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainRecord {
     /// `train` or `warmup`.
@@ -80,7 +82,8 @@ pub struct TrainRecord {
     /// The one network's loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f32>,
-    /// The one network's accuracy on the batch.
+    /// The accuracy on the batch of the network that stepped (LDT-S: the live one; with
+    /// `ldt_s.repeat_batch`, phase A's half-step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acc: Option<f64>,
     /// The scheduled base learning rate.
@@ -541,9 +544,17 @@ impl Summary {
     }
 }
 
+/// The keys [`MetricsLog::write`] adds to every record: `time`, the wall clock (Unix
+/// seconds, to the millisecond), and `elapsed`, seconds since this process opened the
+/// log (a resumed run starts again at 0 after its `resume` record). Lines written before
+/// they existed read as well ([`read_records`] ignores them); they differ between runs
+/// that are otherwise the same, so a comparison of runs leaves them out.
+pub const STAMP_KEYS: [&str; 2] = ["time", "elapsed"];
+
 /// Appends JSON records to `DIR/metrics.jsonl`.
 pub struct MetricsLog {
     out: BufWriter<File>,
+    opened: Instant,
 }
 
 impl MetricsLog {
@@ -558,13 +569,29 @@ impl MetricsLog {
             .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(MetricsLog {
             out: BufWriter::new(f),
+            opened: Instant::now(),
         })
     }
 
-    /// Writes one record and flushes, so a killed run keeps every line it wrote. Keys
-    /// are sorted (the format every earlier `metrics.jsonl` has).
+    /// Seconds since the log was opened (the run's clock).
+    pub fn elapsed(&self) -> f64 {
+        self.opened.elapsed().as_secs_f64()
+    }
+
+    /// Writes one record with its [`STAMP_KEYS`] and flushes, so a killed run keeps
+    /// every line it wrote. Keys are sorted (the format every earlier `metrics.jsonl`
+    /// has).
     pub fn write(&mut self, record: &Record) -> Result<()> {
-        serde_json::to_writer(&mut self.out, &serde_json::to_value(record)?)?;
+        let mut line = serde_json::to_value(record)?;
+        let fields = line.as_object_mut().expect("a record is a JSON object");
+        let millis = |d: Duration| d.as_millis() as f64 / 1000.0;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let [time, elapsed] = STAMP_KEYS;
+        fields.insert(time.into(), millis(now).into());
+        fields.insert(elapsed.into(), millis(self.opened.elapsed()).into());
+        serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")?;
         self.out.flush()?;
         Ok(())
@@ -581,10 +608,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A progress display for `total` steps of stage `label`.
-    pub fn new(label: &str, total: usize, log_every: usize) -> Self {
+    /// A progress display for steps `done + 1 ..= total` of stage `label` (`done` > 0:
+    /// a resumed stage; the bar starts there).
+    pub fn new(label: &str, done: usize, total: usize, log_every: usize) -> Self {
         let bar = std::io::stdout().is_terminal().then(|| {
-            let b = ProgressBar::new(total as u64);
+            // On stdout, where the plain lines would go and `println` writes.
+            let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stdout())
+                .with_position(done as u64);
             b.set_style(
                 ProgressStyle::with_template(
                     "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
@@ -593,8 +623,16 @@ impl Progress {
                 .progress_chars("=> "),
             );
             b.set_prefix(label.to_string());
+            // Redrawn while a step, an evaluation or a checkpoint takes long, so a
+            // position whose draw was rate-limited away still shows.
+            b.enable_steady_tick(Duration::from_millis(250));
             b
         });
+        Self::with_bar(bar, label, total, log_every)
+    }
+
+    /// [`Progress::new`] on `bar` (`None`: plain lines).
+    fn with_bar(bar: Option<ProgressBar>, label: &str, total: usize, log_every: usize) -> Self {
         Progress {
             bar,
             label: label.to_string(),
@@ -603,18 +641,20 @@ impl Progress {
         }
     }
 
-    /// Reports step `step` (1-based) with a status message.
-    pub fn update(&self, step: usize, msg: &str) {
+    /// Reports step `step` (1-based); called after every step. The bar moves to it at
+    /// once; every `log_every` steps and at the last, `msg()` (a status message, made
+    /// only then) goes on the bar, or without a terminal into a plain line.
+    pub fn update(&self, step: usize, msg: impl FnOnce() -> String) {
+        let log = step.is_multiple_of(self.log_every) || step == self.total;
         match &self.bar {
             Some(b) => {
                 b.set_position(step as u64);
-                b.set_message(msg.to_string());
-            }
-            None => {
-                if step.is_multiple_of(self.log_every) || step == self.total {
-                    println!("{} {step}/{} {msg}", self.label, self.total);
+                if log {
+                    b.set_message(msg());
                 }
             }
+            None if log => println!("{} {step}/{} {}", self.label, self.total, msg()),
+            None => {}
         }
     }
 
@@ -626,10 +666,14 @@ impl Progress {
         }
     }
 
-    /// Removes the bar.
+    /// Stops the bar and leaves it on the terminal at the last step it reached, on a
+    /// line of its own.
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
-            b.finish_and_clear();
+            b.abandon();
+            if !b.is_hidden() {
+                println!();
+            }
         }
     }
 }
@@ -729,5 +773,97 @@ mod tests {
         .unwrap();
         let err = format!("{:#}", read_records(&p).unwrap_err());
         assert!(err.contains("metrics.jsonl line 5"), "{err}");
+    }
+
+    /// Compares each line [`MetricsLog`] writes with its record: the record's keys plus
+    /// `time` (the wall clock, between the clock before and after the write) and
+    /// `elapsed` (from 0, never decreasing); before, a line held the record alone. A log
+    /// appended (as by a resumed run) to lines of an older version, without stamps,
+    /// reads back as the same records.
+    #[test]
+    fn every_line_is_stamped_and_unstamped_lines_still_read() {
+        let now = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        let records = [
+            Record::Resume {
+                step: 2,
+                stage1: None,
+            },
+            Record::Train(TrainRecord {
+                stage: "train".into(),
+                step: 3,
+                loss: Some(0.5),
+                acc: Some(0.25),
+                lr: Some(0.1),
+                ..TrainRecord::default()
+            }),
+            Record::Checkpoint {
+                step: 3,
+                dir: "c".into(),
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        let old = Record::Stats { step: 1, loss: 2.0 };
+        std::fs::write(&p, format!("{}\n", line(&old))).unwrap();
+        let before = now();
+        let mut log = MetricsLog::create(&p, true).unwrap();
+        for r in &records {
+            log.write(r).unwrap();
+        }
+        let after = now();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], line(&old));
+        let mut last = 0.0;
+        for (l, r) in lines[1..].iter().zip(&records) {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            let [time, elapsed] = STAMP_KEYS.map(|k| o.remove(k).and_then(|x| x.as_f64()));
+            let (time, elapsed) = (time.expect(l), elapsed.expect(l));
+            assert!(
+                before - 1e-3 <= time && time <= after,
+                "{l}: {before}..{after}"
+            );
+            assert!(elapsed >= last && elapsed <= after - before + 1e-3, "{l}");
+            last = elapsed;
+            assert_eq!(v, serde_json::to_value(r).unwrap(), "{l}");
+        }
+        let back = read_records(&p).unwrap();
+        assert_eq!(back[0], old);
+        assert_eq!(back[1..], records);
+    }
+
+    /// Compares the bar's position after each `update` with the step reported, the
+    /// status message with the last log step's (made only at those steps: 3, 6 and the
+    /// last, 7), and the position after `finish` with the last step.
+    #[test]
+    fn the_bar_is_at_every_step_and_the_message_at_log_steps() {
+        let bar = ProgressBar::hidden();
+        bar.set_length(7);
+        let p = Progress::with_bar(Some(bar.clone()), "erm", 7, 3);
+        let mut made = Vec::new();
+        for step in 1..=7 {
+            p.update(step, || {
+                made.push(step);
+                format!("m{step}")
+            });
+            assert_eq!(bar.position(), step as u64);
+            let want = match step {
+                1..=2 => "",
+                3..=5 => "m3",
+                6 => "m6",
+                _ => "m7",
+            };
+            assert_eq!(bar.message(), want, "step {step}");
+        }
+        assert_eq!(made, [3, 6, 7]);
+        p.finish();
+        assert!(bar.is_finished());
+        assert_eq!(bar.position(), 7);
     }
 }

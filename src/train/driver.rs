@@ -78,7 +78,8 @@ pub struct Outcome {
     pub meter: Vec<StepStats>,
     /// The loss of the one network (erm, lp-ft).
     pub loss: Option<f32>,
-    /// Its accuracy.
+    /// The accuracy on the step's batch of the network that stepped: the one network
+    /// (erm, lp-ft), LDT-S's live one (with `ldt_s.repeat_batch`, phase A's half-step).
     pub acc: Option<f64>,
     /// PM's loss (NaN when PM did not step).
     pub loss_pm: Option<f32>,
@@ -250,7 +251,7 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let rates = Rates::new(&cfg, &names);
     let mut loader = ctx.train_loader(done, steps - done)?;
-    let progress = Progress::new(cfg.train.method.name(), steps, cfg.train.log_every);
+    let progress = Progress::new(cfg.train.method.name(), done, steps, cfg.train.log_every);
     let mut meter = Meter::default();
     let t0 = Instant::now();
     ctx.stages.enter("train");
@@ -266,9 +267,7 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
         }
         ctx.metrics
             .write(&record(step, rates.headline(step), &out))?;
-        if step.is_multiple_of(cfg.train.log_every) || step == steps {
-            progress.update(step, &meter.take().0);
-        }
+        progress.update(step, || meter.take().0);
         if cfg.snapshots.at_steps.contains(&step) {
             ctx.stages.enter("export");
             snapshot(ctx, m, step)?;

@@ -104,7 +104,7 @@ impl Stepper for Erm {
         Ok(Outcome {
             meter: vec![stats],
             loss: Some(stats.loss),
-            acc: Some(stats.correct as f64 / stats.n as f64),
+            acc: Some(stats.acc()),
             ..Outcome::default()
         })
     }

@@ -141,6 +141,7 @@ impl LdtS {
         };
         Ok(Outcome {
             meter: vec![s],
+            acc: Some(s.acc()),
             loss_pm: Some(loss_pm),
             loss_am: Some(loss_am),
             phase: Some(phase),
@@ -209,6 +210,7 @@ impl LdtS {
         }
         Ok(Outcome {
             meter,
+            acc: Some(sa.acc()),
             loss_pm: Some(loss_pm),
             loss_am: Some(sa.loss),
             phase: c.b.live(),

@@ -20,6 +20,13 @@ pub struct StepStats {
     pub n: usize,
 }
 
+impl StepStats {
+    /// Accuracy on the batch (a train record's `acc`).
+    pub fn acc(&self) -> f64 {
+        self.correct as f64 / self.n as f64
+    }
+}
+
 /// The update of layers whose final gradients have just been computed (`Some` in a
 /// vector over every layer): the block-wise update of
 /// [`crate::train::step::GradPlan::update_by_block`].

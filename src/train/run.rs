@@ -17,7 +17,6 @@ use crate::train::step::{nonfinite, Batch, StepStats};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// Random streams of a run, so that each consumer is independent of the others.
 pub mod streams {
@@ -82,7 +81,6 @@ pub struct RunContext {
     /// Rows of an evaluation batch: `eval.batch_size`, or fewer where
     /// `offload.device_bytes` needs it ([`RunContext::plan_memory`]).
     eval_batch: usize,
-    started: Instant,
     /// The lock on the directory this process writes ([`crate::lock`]); declared last so
     /// it is released after everything else was dropped.
     _lock: crate::lock::RunLock,
@@ -157,11 +155,13 @@ impl RunContext {
     /// ranks other than 0 of a data-parallel run, outputs go to a private scratch
     /// directory that is removed at the end (rank 0 alone writes the run directory);
     /// every rank resumes from the run directory's checkpoints.
-    pub fn open(cfg: Config, dir: &Path) -> Result<RunContext> {
+    pub fn open(mut cfg: Config, dir: &Path) -> Result<RunContext> {
         // The heap's `setup` window: data and model.
         let mut stages = crate::metrics::StagePeaks::new();
-        // Configs built in code (compare, tests, library users) get the same checks as files.
+        // Configs built in code (compare, tests, library users) get the same checks as
+        // files, and absolute paths (the saved `config.toml` works from any directory).
         cfg.validate()?;
+        cfg.absolute_paths()?;
         let run_dir = dir;
         let scratch = if crate::dist::is_main() {
             None
@@ -264,7 +264,6 @@ impl RunContext {
             stages,
             activations: [0; 2],
             eval_batch,
-            started: Instant::now(),
         })
     }
 
@@ -891,7 +890,7 @@ impl RunContext {
 
     /// Seconds since the run started.
     pub fn elapsed(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
+        self.metrics.elapsed()
     }
 
     /// Writes `summary.json`.

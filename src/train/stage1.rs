@@ -144,7 +144,7 @@ pub fn fit_layers(
     .placed(ctx.cfg.offload.optimizer)?;
     let mut loader = ctx.loader(order, stage, done, steps - done)?;
     let lrs = vec![lr; n];
-    let progress = Progress::new(stage, steps, ctx.cfg.train.log_every);
+    let progress = Progress::new(stage, done, steps, ctx.cfg.train.log_every);
     let mut meter = Meter::default();
     for step in done + 1..=steps {
         let hb = loader.next_batch()?;
@@ -159,14 +159,11 @@ pub fn fit_layers(
             stage: stage.to_string(),
             step,
             loss: Some(stats.loss),
-            acc: Some(stats.correct as f64 / stats.n as f64),
+            acc: Some(stats.acc()),
             lr: Some(lr),
             ..TrainRecord::default()
         }))?;
-        if step % ctx.cfg.train.log_every == 0 || step == steps {
-            let (msg, _) = meter.take();
-            progress.update(step, &msg);
-        }
+        progress.update(step, || meter.take().0);
         if ctx.stage1_checkpoint_due(step)? {
             let mut w = Writer::default();
             w.net("start", ctx.net.as_ref(), state)?;
@@ -270,7 +267,7 @@ pub fn statistics(
     };
     let mut loader = ctx.loader(order, "stats", done, c.stat_batches - done)?;
     let all = vec![true; n];
-    let progress = Progress::new("stats", c.stat_batches, ctx.cfg.train.log_every);
+    let progress = Progress::new("stats", done, c.stat_batches, ctx.cfg.train.log_every);
     for b in done + 1..=c.stat_batches {
         let hb = loader.next_batch()?;
         let batch = ctx.batch(&hb)?;
@@ -300,7 +297,7 @@ pub fn statistics(
             })
             .collect::<Result<_>>()?;
         acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
-        progress.update(b, &format!("loss {:.4}", st.loss));
+        progress.update(b, || format!("loss {:.4}", st.loss));
         ctx.metrics.write(&Record::Stats {
             step: b,
             loss: st.loss,

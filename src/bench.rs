@@ -286,16 +286,25 @@ pub fn run(dir: &Path, steps: usize, threads: usize) -> Result<String> {
 }
 
 /// The model of backbone name `arch`: an architecture of `model.arch` with its defaults,
-/// or `vit-b16` (ViT-B/16: width 768, depth 12, 12 heads, patch 16).
+/// or a ViT preset: `vit-b16` (ViT-B/16: width 768, depth 12, 12 heads, patch 16),
+/// `vit-tiny` and `vit-small` (DeiT-Tiny / -Small widths: 192 and 384, depth 12, 3 and
+/// 6 heads; patch 4, for 32x32 inputs).
 fn preset(m: &mut crate::config::ModelConfig, arch: &str) -> Result<()> {
-    if arch == "vit-b16" {
+    let vit = |m: &mut crate::config::ModelConfig, shape: (usize, usize, usize, usize)| {
         m.arch = "vit".into();
-        (m.patch, m.width, m.depth, m.heads) = (16, 768, 12, 12);
+        (m.patch, m.width, m.depth, m.heads) = shape;
+    };
+    if arch == "vit-b16" {
+        vit(m, (16, 768, 12, 12));
+    } else if arch == "vit-tiny" {
+        vit(m, (4, 192, 12, 3));
+    } else if arch == "vit-small" {
+        vit(m, (4, 384, 12, 6));
     } else if crate::config::ARCHS.contains(&arch) {
         m.arch = arch.into();
     } else {
         anyhow::bail!(
-            "--archs: unknown backbone `{arch}`; known: {}, vit-b16",
+            "--archs: unknown backbone `{arch}`; known: {}, vit-tiny, vit-small, vit-b16",
             crate::config::ARCHS.join(", ")
         );
     }
@@ -526,4 +535,104 @@ pub fn memory(dir: &Path, b: &MemoryBench) -> Result<String> {
         "\n(device: on a CPU the heap's peak over the stage minus the host baseline (data, logs), what a GPU would hold; on a GPU the driver's used memory above the run's start, sampled after every step; plan: weights + gradients + device optimizer state + staging + the probed activations; process: peak of heap + host arenas (counterpart buffer, host optimizer state and master weights) together; x erm: against erm in f32 with the optimizer on the device; bf16: bf16 working weights and gradients on the device, f32 masters on the host; recompute: train.recompute = \"blocks\"; stream: offload.params = \"stream\", the weights in host memory, fetched a segment at a time: every weight with the host optimizer, the frozen set with the device optimizer)"
     )?;
     Ok(out)
+}
+
+/// What `ldt bench --step` measures: the training step of each backbone and method on
+/// random images, for a comparison with another implementation of the same step
+/// (`scripts/torch-compare.py`).
+pub struct StepBench {
+    /// Backbones (`model.arch` names, or the presets `vit-tiny`, `vit-small`, `vit-b16`).
+    pub archs: Vec<String>,
+    /// Methods (`erm`, `ldt`: the dual branch with both networks resident, `ldt-s`).
+    pub methods: Vec<Method>,
+    /// Input `[C, H, W]`.
+    pub input: [usize; 3],
+    /// Examples per batch (at most 64: the random benchmark's source examples).
+    pub batch: usize,
+    /// Training steps per run (LDT-S: phases of a quarter each).
+    pub steps: usize,
+    /// CPU threads.
+    pub threads: usize,
+    /// `f32` or `bf16`.
+    pub precision: Precision,
+}
+
+/// One row of [`steps`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepRow {
+    /// The backbone as asked.
+    pub arch: String,
+    /// `train.method`.
+    pub method: String,
+    /// `f32` or `bf16`.
+    pub precision: String,
+    /// CPU threads.
+    pub threads: usize,
+    /// Examples per step.
+    pub batch: usize,
+    /// Parameter elements.
+    pub params: usize,
+    /// Milliseconds per training step (`summary.json`'s `ms_per_step`).
+    pub ms_per_step: f64,
+    /// The stable set's layers (LDT methods).
+    pub stable: Vec<String>,
+    /// LDT-S phase length in steps (both phases).
+    pub phase_steps: usize,
+    /// DPU exchanges every N steps.
+    pub ema_every: usize,
+}
+
+/// `ldt bench --step`: one short training run per backbone and method on random images
+/// of `b.input` (the authors' optimizer settings, no warm-up, two statistics batches),
+/// each row its `ms_per_step` with what another implementation needs to repeat the step:
+/// parameters, the stable set, the phase length and the exchange interval.
+pub fn steps(dir: &Path, b: &StepBench) -> Result<Vec<StepRow>> {
+    anyhow::ensure!(
+        (1..=64).contains(&b.batch),
+        "--batch {}: the random benchmark holds 64 source examples; use 1..=64",
+        b.batch
+    );
+    std::fs::create_dir_all(dir)?;
+    let manifest = synthetic_benchmark(dir, b.input)?;
+    let phase = (b.steps / 4).max(1);
+    let mut rows = Vec::new();
+    for arch in &b.archs {
+        for &method in &b.methods {
+            let mut c = Config {
+                threads: b.threads,
+                ..Default::default()
+            };
+            preset(&mut c.model, arch)?;
+            c.data.manifest = manifest.clone();
+            c.stage1.warmup_steps = 0;
+            c.stage1.stat_batches = 2;
+            c.train.steps = b.steps;
+            c.train.batch_size = b.batch;
+            c.train.precision = b.precision;
+            c.train.log_every = b.steps.max(1);
+            (c.ldt_s.p_steps, c.ldt_s.a_steps) = (phase, phase);
+            let c = variant(&c, method, Placement::Resident);
+            let name = format!("{arch}-{}-{:?}-t{}", method.name(), b.precision, b.threads);
+            let mut ctx = RunContext::open(c, &dir.join(name.to_lowercase()))?;
+            run_method(&mut ctx)?;
+            rows.push(StepRow {
+                arch: arch.clone(),
+                method: method.name().to_string(),
+                precision: format!("{:?}", b.precision).to_lowercase(),
+                threads: b.threads,
+                batch: b.batch,
+                params: ctx.net.numel(),
+                ms_per_step: ctx.summary.ms_per_step.unwrap_or(f64::NAN),
+                stable: ctx
+                    .summary
+                    .partition
+                    .as_ref()
+                    .map(|p| p.stable.clone())
+                    .unwrap_or_default(),
+                phase_steps: phase,
+                ema_every: ctx.cfg.ldt.ema_every,
+            });
+        }
+    }
+    Ok(rows)
 }

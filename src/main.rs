@@ -148,6 +148,15 @@ enum Cmd {
         /// it on the device the frozen set).
         #[arg(long)]
         stream: bool,
+        /// Instead: the training step of each backbone (`--archs`, also `vit-tiny`,
+        /// `vit-small`) and method (`--methods`) on random images of `--input`, as JSON
+        /// rows (ms/step, parameters, stable set): what `scripts/torch-compare.py` sets
+        /// beside PyTorch's step.
+        #[arg(long)]
+        step: bool,
+        /// `--step`: the methods (erm, ldt, ldt-s).
+        #[arg(long, value_delimiter = ',', default_value = "erm,ldt,ldt-s")]
+        methods: Vec<String>,
     },
     /// Print version, device (with `--features cuda`: driver, PTX ISA, every GPU), threads
     /// and allocator.
@@ -524,6 +533,8 @@ fn main() -> ExitCode {
             bf16,
             recompute,
             stream,
+            step,
+            methods,
         } => Ok((|| -> Result<()> {
             ldt::init_threads(threads);
             let t = if threads == 0 {
@@ -531,6 +542,29 @@ fn main() -> ExitCode {
             } else {
                 threads
             };
+            if step {
+                let b = ldt::bench::StepBench {
+                    archs,
+                    methods: methods
+                        .iter()
+                        .map(|m| ldt::config::Method::parse(m))
+                        .collect::<Result<_>>()
+                        .context("--methods")?,
+                    input: parse_shape(input.as_deref().unwrap_or("1x28x28"))?,
+                    batch,
+                    steps,
+                    threads: t,
+                    precision: match bf16 {
+                        true => ldt::config::Precision::Bf16,
+                        false => ldt::config::Precision::F32,
+                    },
+                };
+                let rows = ldt::bench::steps(&out, &b)?;
+                let json = serde_json::to_string_pretty(&rows)?;
+                std::fs::write(out.join("steps.json"), &json)?;
+                println!("{json}");
+                return Ok(());
+            }
             let (md, file) = if memory {
                 let input = input.as_deref().map(parse_shape).transpose()?;
                 let mut o = ldt::config::OptimConfig {

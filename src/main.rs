@@ -300,39 +300,22 @@ fn parse_shape(s: &str) -> Result<[usize; 3]> {
 }
 
 fn eval(config: &Path, weights: &Path, set: &[String], json: bool) -> Result<()> {
-    let mut cfg = load(config, set).map_err(|e| e.0)?;
+    let cfg = load(config, set).map_err(|e| e.0)?;
     ldt::init_threads(cfg.threads);
     let device = ldt::device(&cfg)?;
     // The input the weights were trained with (size, normalization) wins over the config's.
     let meta = ldt::model::io::file_metadata(weights).context("--weights")?;
     let w = weights.display().to_string();
-    let spec = ldt::data::prep::InputSpec::from_metadata(&meta, &w)?;
-    let said = |change: &str| eprintln!("{w} was trained with {change}: evaluating with it");
-    if let Some(change) = spec.as_ref().and_then(|s| s.apply_normalization(&mut cfg)) {
-        said(&change);
-    }
-    let mut bench = ldt::data::Benchmark::open(&cfg)?;
-    if let Some(spec) = &spec {
-        let [channels, rows, cols] = spec.shape;
-        anyhow::ensure!(
-            bench.shape()[0] == channels,
-            "{w} was trained on {channels}-channel inputs but the data gives {}; set \
-             data.channels = {channels}",
-            bench.shape()[0]
-        );
-        if bench.shape() != spec.shape {
-            cfg.data.image_size = Some([rows, cols]);
-            said(&format!("data.image_size = [{rows}, {cols}]"));
-            bench = ldt::data::Benchmark::open(&cfg)?;
+    let bench = match ldt::data::prep::InputSpec::from_metadata(&meta, &w)? {
+        Some(spec) => {
+            let (bench, changes) = ldt::data::Benchmark::open_as_recorded(&cfg, &spec, &w)?;
+            for change in changes {
+                eprintln!("{w} was trained with {change}: evaluating with it");
+            }
+            bench
         }
-        anyhow::ensure!(
-            spec.classes == bench.classes,
-            "{w} was trained on the classes [{}] but the data has [{}]; evaluate it on data \
-             with the same classes in the same order",
-            spec.classes.join(", "),
-            bench.classes.join(", ")
-        );
-    }
+        None => ldt::data::Benchmark::open(&cfg)?,
+    };
     let net = ldt::model::build(&cfg.model, bench.shape(), bench.num_classes())?;
     let state = ldt::model::io::load_state(net.as_ref(), weights, &device).context("--weights")?;
     let r = ldt::train::eval::evaluate(

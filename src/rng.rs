@@ -20,6 +20,14 @@ fn splitmix64(x: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A stable 64-bit key for a name (FNV-1a), the same on every platform and run: the
+/// stream of a generator that belongs to a named thing (a stage, a domain's class).
+pub fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 impl Rng {
     /// A generator for `seed`; distinct `stream` values give independent streams.
     pub fn new(seed: u64, stream: u64) -> Self {

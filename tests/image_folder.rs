@@ -44,6 +44,13 @@ const NAMES: [&str; 10] = [
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 ];
 
+/// The class names in label order: sorted, as torchvision's `ImageFolder` sorts them.
+fn sorted_names() -> Vec<String> {
+    let mut v: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
 /// Writes one image in the domain's style: `png` (grayscale), `jpeg` (RGB) or
 /// `rgba` (PNG with alpha). Returns its path.
 fn write(dir: &Path, i: usize, px: &[u8], style: &str) -> PathBuf {
@@ -197,8 +204,7 @@ fn folders_read_as_torchvision_image_folder() {
     let r = build(tmp.path());
     let cfg = config(&r, &["data.mean=[0.0]", "data.std=[1.0]"]);
     let b = Benchmark::open(&cfg).unwrap();
-    let mut sorted: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
-    sorted.sort();
+    let sorted = sorted_names();
     assert_eq!(b.classes, sorted, "classes in sorted order, as ImageFolder");
     let names: Vec<(&str, ldt::data::Role)> = b
         .domains
@@ -360,8 +366,7 @@ fn ldt_s_trains_on_image_folders_and_resumes_bit_exactly() {
     let spec = ldt::data::prep::InputSpec::from_metadata(&meta, "composite")
         .unwrap()
         .expect("recorded");
-    let mut sorted: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
-    sorted.sort();
+    let sorted = sorted_names();
     assert_eq!(spec.classes, sorted);
     assert_eq!(spec.shape, [1, 28, 28]);
     assert_eq!((spec.mean, spec.std), (Some(vec![0.5]), Some(vec![0.25])));
@@ -460,18 +465,6 @@ fn config_roles_override_the_manifest() {
     );
 }
 
-/// Highest training step in a run directory's `metrics.jsonl` so far.
-fn logged_step(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "train" && v["stage"] == "train")
-        .filter_map(|v| v["step"].as_u64())
-        .max()
-        .unwrap_or(0)
-}
-
 /// The binary killed (SIGKILL) in the middle of an augmented LDT-S run on image
 /// folders, then `--resume`d: its exports equal the uninterrupted run's bit for bit.
 #[test]
@@ -501,13 +494,13 @@ fn augmented_runs_resume_bit_exactly_after_a_kill() {
     let cut = tmp.path().join("cut");
     let mut child = spawn(&cut, false);
     let t = std::time::Instant::now();
-    while logged_step(&cut) < 40 && child.try_wait().unwrap().is_none() {
+    while last_step(&cut) < 40 && child.try_wait().unwrap().is_none() {
         assert!(t.elapsed().as_secs() < 120, "the run did not reach step 40");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let killed_at = logged_step(&cut);
+    let killed_at = last_step(&cut);
     assert!(killed_at < 160, "the run ended before the kill");
     assert!(spawn(&cut, true).wait().unwrap().success());
     for f in ["pm.safetensors", "am.safetensors", "composite.safetensors"] {

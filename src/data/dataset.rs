@@ -6,7 +6,7 @@
 use super::folder::{self, FileSplit};
 use super::idx::{FileBytes, Idx, IMAGES_MAGIC, LABELS_MAGIC};
 use super::manifest::{Manifest, Role, SplitEntry, SplitFormat};
-use super::prep::{Draw, Image, Prep};
+use super::prep::{Draw, Image, InputSpec, Prep};
 use crate::config::{Config, DataFormat};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -388,6 +388,42 @@ impl Benchmark {
         let mut cfg = Config::default();
         cfg.data.manifest = path.to_path_buf();
         Self::open(&cfg)
+    }
+
+    /// The data of `cfg` opened for a network that records its input (`spec`, read from
+    /// weights file `file`): the recorded normalization and size replace the config's,
+    /// each change returned as a line for the user; the channels and the classes must
+    /// be the recorded ones.
+    pub fn open_as_recorded(
+        cfg: &Config,
+        spec: &InputSpec,
+        file: &str,
+    ) -> Result<(Benchmark, Vec<String>)> {
+        let mut cfg = cfg.clone();
+        let mut changes: Vec<String> = spec.apply_normalization(&mut cfg).into_iter().collect();
+        let mut bench = Self::open(&cfg)?;
+        let [channels, rows, cols] = spec.shape;
+        if bench.shape()[0] != channels {
+            bail!(
+                "{file} was trained on {channels}-channel inputs but the data gives {}; set \
+                 data.channels = {channels}",
+                bench.shape()[0]
+            );
+        }
+        if bench.shape() != spec.shape {
+            cfg.data.image_size = Some([rows, cols]);
+            changes.push(format!("data.image_size = [{rows}, {cols}]"));
+            bench = Self::open(&cfg)?;
+        }
+        if spec.classes != bench.classes {
+            bail!(
+                "{file} was trained on the classes [{}] but the data has [{}]; evaluate it on \
+                 data with the same classes in the same order",
+                spec.classes.join(", "),
+                bench.classes.join(", ")
+            );
+        }
+        Ok((bench, changes))
     }
 
     /// The role of domain `name`: as `data.sources`/`data.targets` say (None = not

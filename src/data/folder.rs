@@ -268,7 +268,7 @@ fn split(domain: &str, found: Classes, fraction: f64, seed: u64) -> (FileSplit, 
     let (mut train, mut test) = (FileSplit::default(), FileSplit::default());
     for (k, (class, files)) in found.into_iter().enumerate() {
         let n = files.len();
-        let key = crate::data::prep::Draw::stage_key(&format!("{domain}/{class}"));
+        let key = crate::rng::name_key(&format!("{domain}/{class}"));
         let perm = Rng::new(seed, key).permutation(n);
         let n_test = match n {
             0 | 1 => 0,

@@ -2,7 +2,6 @@
 //! (decode, augment) the next batches while the current step computes.
 
 use super::dataset::{HostBatch, Pool};
-use super::prep::Draw;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use crossbeam::channel::{bounded, Receiver};
@@ -160,7 +159,7 @@ impl Loader {
             }
         }
         let workers = plan.workers.clamp(1, count.max(1));
-        let stage = plan.stage.as_deref().map(Draw::stage_key);
+        let stage = plan.stage.as_deref().map(crate::rng::name_key);
         let mut rx = Vec::with_capacity(workers);
         for w in 0..workers {
             let (tx, r) = bounded(plan.depth.max(1));

@@ -98,7 +98,7 @@ pub struct Image<'a> {
 /// position in that stage's order and the example's index in the source pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Draw {
-    /// The stage's key ([`Draw::stage_key`]).
+    /// The stage's key ([`crate::rng::name_key`] of its name).
     pub stage: u64,
     /// The batch's position in the stage's order (counted from the stage's start).
     pub batch: u64,
@@ -107,13 +107,6 @@ pub struct Draw {
 }
 
 impl Draw {
-    /// A stable key for a stage name (FNV-1a), the same on every platform and run.
-    pub fn stage_key(name: &str) -> u64 {
-        name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    }
-
     /// The generator of this example's draws.
     fn rng(&self, seed: u64) -> Rng {
         let mut k = self.stage;
@@ -508,7 +501,7 @@ mod tests {
             c.data.std = Some(Normalization::Preset("imagenet".into()));
         });
         let d = |example| Draw {
-            stage: Draw::stage_key("train"),
+            stage: crate::rng::name_key("train"),
             batch: 3,
             example,
         };

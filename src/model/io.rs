@@ -38,7 +38,7 @@ pub fn read_weights(
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, Vec<String>)> {
     let bytes = read_bytes(path)?;
-    if super::pth::is_torch_zip(&bytes) || super::pth::is_torch_legacy(&bytes) {
+    if super::pth::is_torch(&bytes) {
         let (tensors, notes) = super::pth::read(path, &bytes, device)?;
         return Ok((tensors.into_iter().collect(), notes));
     }
@@ -427,7 +427,7 @@ pub fn file_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     // SAFETY: read-only mapping; only the header is parsed.
     let bytes = unsafe { memmap2::Mmap::map(&file) }
         .with_context(|| format!("cannot map {}", path.display()))?;
-    if super::pth::is_torch_zip(&bytes) || super::pth::is_torch_legacy(&bytes) {
+    if super::pth::is_torch(&bytes) {
         return Ok(BTreeMap::new());
     }
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes[..]).map_err(|e| {

@@ -515,15 +515,20 @@ fn state_dict(top: Value) -> Result<(Named<TensorRef>, Option<String>)> {
     )
 }
 
+/// Whether `bytes` are a PyTorch checkpoint in either format (zip or legacy pickle).
+pub fn is_torch(bytes: &[u8]) -> bool {
+    is_torch_zip(bytes) || is_torch_legacy(bytes)
+}
+
 /// Whether `bytes` start like a zip archive (`torch.save` since PyTorch 1.6).
-pub fn is_torch_zip(bytes: &[u8]) -> bool {
+fn is_torch_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(b"PK\x03\x04")
 }
 
 /// Whether `bytes` start like the legacy format of `torch.save` (before 1.6): its magic
 /// number `0x1950a86a20f9469cfc6c` pickled with protocol 2. (A first byte of 0x80 alone
 /// says nothing: a safetensors file starts with its header's length.)
-pub fn is_torch_legacy(bytes: &[u8]) -> bool {
+fn is_torch_legacy(bytes: &[u8]) -> bool {
     bytes.starts_with(&[
         0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
     ])

@@ -18,24 +18,11 @@ import struct
 import sys
 import zlib
 
+from safetensors_raw import read_safetensors
+
 PER_CLASS = 16
 DOMAINS = ["rot30", "rot45", "rot75"]
 NAMES = ["0_zero", "1_one", "2_two", "3_three", "4_four", "5_five", "6_six", "7_seven", "8_eight", "9_nine"]
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    body = data[8 + n :]
-    out = {}
-    for name, h in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = h["data_offsets"]
-        out[name] = (h["dtype"], h["shape"], body[a:b])
-    return out
 
 
 def png(width, height, rows):

@@ -31,21 +31,15 @@ import sys
 
 import torch
 
+import safetensors_raw
+
 
 def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    body = data[8 + n :]
     dtypes = {"F32": torch.float32, "I64": torch.int64, "F64": torch.float64}
     out = collections.OrderedDict()
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        t = torch.frombuffer(bytearray(body[a:b]), dtype=dtypes[info["dtype"]])
-        out[name] = t.reshape(info["shape"]).clone()
+    for name, (dtype, shape, raw) in safetensors_raw.read_safetensors(path).items():
+        t = torch.frombuffer(bytearray(raw), dtype=dtypes[dtype])
+        out[name] = t.reshape(shape).clone()
     return out
 
 

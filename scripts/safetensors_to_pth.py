@@ -16,12 +16,12 @@ nothing of torch is needed to write or to read the file with `ldt`.
 
 import collections
 import io
-import json
 import pickle
-import struct
 import sys
 import types
 import zipfile
+
+from safetensors_raw import read_safetensors
 
 STORAGES = {"F32": "FloatStorage", "F64": "DoubleStorage", "I64": "LongStorage"}
 
@@ -71,31 +71,28 @@ class Pickler(pickle.Pickler):
 
 
 def main(src, dst):
-    with open(src, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    body = data[8 + n :]
+    tensors = read_safetensors(src)
     torch, utils = stand_ins()
     state = collections.OrderedDict()
     blobs = []
-    for key, (name, h) in enumerate(sorted((k, v) for k, v in header.items() if k != "__metadata__")):
-        kind = getattr(torch, STORAGES[h["dtype"]])
-        a, b = h["data_offsets"]
+    for key, (name, (dtype, shape, raw)) in enumerate(sorted(tensors.items())):
+        kind = getattr(torch, STORAGES[dtype])
         numel = 1
-        for d in h["shape"]:
+        for d in shape:
             numel *= d
         storage = Storage(kind, str(key), numel)
-        state[name] = Tensor(utils._rebuild_tensor_v2, storage, h["shape"])
-        blobs.append((str(key), body[a:b]))
+        state[name] = Tensor(utils._rebuild_tensor_v2, storage, shape)
+        blobs.append((str(key), raw))
     buf = io.BytesIO()
     Pickler(buf, protocol=2).dump(state)
+    # Entries dated 1980-01-01, so that the same tensors give the same bytes.
+    entry = lambda name: zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", buf.getvalue())
-        z.writestr("archive/byteorder", "little")
+        z.writestr(entry("archive/data.pkl"), buf.getvalue())
+        z.writestr(entry("archive/byteorder"), "little")
         for key, raw in blobs:
-            z.writestr(f"archive/data/{key}", raw)
-        z.writestr("archive/version", "3\n")
+            z.writestr(entry(f"archive/data/{key}"), raw)
+        z.writestr(entry("archive/version"), "3\n")
 
 
 if __name__ == "__main__":

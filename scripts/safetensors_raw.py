@@ -1,6 +1,6 @@
-"""A safetensors file read with the Python standard library: the scripts that make the
-bundled files and fixtures (`make_image_folder.py`, `safetensors_to_pth.py`,
-`make_pth_fixtures.py`) share it."""
+"""A safetensors file read and made with the Python standard library: the scripts that
+make the bundled files and fixtures (`make_image_folder.py`, `safetensors_to_pth.py`,
+`make_pth_fixtures.py`, `make_sr_benchmark.py`) share it."""
 
 import json
 import struct
@@ -21,3 +21,31 @@ def read_safetensors(path):
         a, b = h["data_offsets"]
         out[name] = (h["dtype"], h["shape"], body[a:b])
     return out
+
+
+ITEM_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def safetensors_bytes(tensors):
+    """The bytes of a safetensors file holding `tensors`, `{name: (dtype, shape, raw
+    little-endian bytes)}` (as `read_safetensors` returns them). Laid out as the
+    `safetensors` library lays them out, so the same tensors give the same bytes: the
+    tensors sorted by item size (largest first) then by name, stored back to back in that
+    order; the header compact JSON (no spaces) padded with spaces to a multiple of 8
+    bytes; no `__metadata__`."""
+    order = sorted(tensors, key=lambda k: (-ITEM_SIZE[tensors[k][0]], k))
+    header, body, offset = {}, [], 0
+    for name in order:
+        dtype, shape, raw = tensors[name]
+        count = 1
+        for d in shape:
+            count *= d
+        if len(raw) != count * ITEM_SIZE[dtype]:
+            raise ValueError(f"{name}: {len(raw)} bytes for {dtype} {list(shape)}")
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        body.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(body)

@@ -53,6 +53,70 @@ impl Method {
     }
 }
 
+/// What a run trains for (`task`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// Class labels: cross-entropy, accuracy.
+    Classification,
+    /// Low- to high-resolution images: a pixel loss, PSNR and SSIM.
+    SuperResolution,
+}
+
+impl Task {
+    /// The name used in configs and manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Classification => "classification",
+            Task::SuperResolution => "super-resolution",
+        }
+    }
+}
+
+/// Super-resolution's pixel loss (`sr.loss`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SrLoss {
+    /// Mean absolute error (BasicSR's `L1Loss`, EDSR's loss).
+    L1,
+    /// Mean of `sqrt(d^2 + eps)` (BasicSR's `CharbonnierLoss`).
+    Charbonnier,
+}
+
+/// `[sr]`: the loss and scoring of `task = "super-resolution"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SrConfig {
+    /// `l1` or `charbonnier`.
+    pub loss: SrLoss,
+    /// Charbonnier's `eps` (BasicSR's default 1e-12).
+    pub charbonnier_eps: f64,
+    /// Pixels cut from each side before PSNR and SSIM; unset = the scale (BasicSR's
+    /// `crop_border`, as SR papers report).
+    pub border: Option<usize>,
+}
+
+impl Default for SrConfig {
+    fn default() -> Self {
+        SrConfig {
+            loss: SrLoss::L1,
+            charbonnier_eps: 1e-12,
+            border: None,
+        }
+    }
+}
+
+impl SrConfig {
+    /// This section's range checks.
+    fn validate(&self) -> Result<()> {
+        check(
+            self.charbonnier_eps > 0.0 && self.charbonnier_eps.is_finite(),
+            "sr.charbonnier_eps",
+            "must be a positive number, e.g. 1e-12 (BasicSR) or 1e-6",
+        )
+    }
+}
+
 /// Upper bound of `threads` and `offload.threads`: far above any useful value, low
 /// enough that a typo (an extra zero or three) fails here instead of stalling the
 /// machine with a hundred thousand threads.
@@ -71,6 +135,9 @@ pub struct Config {
     pub device: String,
     /// CPU threads for compute; 0 = all cores.
     pub threads: usize,
+    /// What the run trains for; unset = the data's (a manifest's `task`, else
+    /// classification).
+    pub task: Option<Task>,
     /// Network.
     pub model: ModelConfig,
     /// Data.
@@ -91,6 +158,8 @@ pub struct Config {
     pub offload: OffloadSettings,
     /// Evaluation.
     pub eval: EvalConfig,
+    /// Super-resolution's loss and scoring.
+    pub sr: SrConfig,
     /// Weight snapshots at given steps.
     pub snapshots: SnapshotConfig,
     /// Checkpoints and resume.
@@ -103,6 +172,7 @@ impl Default for Config {
             seed: 0,
             device: "cpu".into(),
             threads: 0,
+            task: None,
             model: ModelConfig::default(),
             data: DataConfig::default(),
             augment: AugmentConfig::default(),
@@ -113,6 +183,7 @@ impl Default for Config {
             ldt_s: LdtSConfig::default(),
             offload: OffloadSettings::default(),
             eval: EvalConfig::default(),
+            sr: SrConfig::default(),
             snapshots: SnapshotConfig::default(),
             checkpoint: CheckpointConfig::default(),
         }
@@ -1410,6 +1481,7 @@ impl Config {
         c.ldt_s.validate()?;
         c.offload.validate()?;
         c.eval.validate()?;
+        c.sr.validate()?;
         c.data.validate()?;
         c.augment.validate()?;
         c.checkpoint.validate()?;

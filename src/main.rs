@@ -323,7 +323,10 @@ fn eval(config: &Path, weights: &Path, set: &[String], json: bool) -> Result<()>
         &ldt::model::Weights::of(state.frozen_view()),
         &state.buffers,
         &bench,
-        cfg.eval.batch_size,
+        (
+            cfg.eval.batch_size,
+            &ldt::task::Scoring::of(&cfg, bench.task, bench.scale),
+        ),
         &device,
     )?;
     match json {

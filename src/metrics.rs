@@ -115,6 +115,9 @@ pub struct EvalRecord {
     pub target_acc: f64,
     /// Per domain.
     pub domains: BTreeMap<String, DomainRecord>,
+    /// Super-resolution: the source and target means of image quality.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<[Option<ImageScore>; 2]>,
 }
 
 /// One domain of an [`EvalRecord`].
@@ -128,9 +131,23 @@ pub struct DomainRecord {
     pub loss: f64,
     /// `source` or `target`.
     pub role: String,
+    /// Super-resolution: the domain's image quality.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageScore>,
 }
 
 impl EvalRecord {
+    /// The headline source and target means ([`EvalReport::headline`]).
+    pub fn headline(&self) -> (f64, f64) {
+        match &self.image {
+            None => (self.source_acc, self.target_acc),
+            Some([s, t]) => {
+                let psnr = |x: &Option<ImageScore>| x.map_or(f64::NAN, |i| i.psnr);
+                (psnr(s), psnr(t))
+            }
+        }
+    }
+
     /// The record of report `r` of network `model` at `step`.
     pub fn of(step: usize, model: &str, r: &EvalReport) -> Self {
         EvalRecord {
@@ -138,6 +155,7 @@ impl EvalRecord {
             model: model.into(),
             source_acc: r.source_acc,
             target_acc: r.target_acc,
+            image: r.image,
             domains: r
                 .domains
                 .iter()
@@ -146,6 +164,7 @@ impl EvalRecord {
                         acc: d.acc,
                         loss: d.loss,
                         role: d.role.clone(),
+                        image: d.image,
                     };
                     (d.name.clone(), rec)
                 })
@@ -186,12 +205,36 @@ pub struct DomainScore {
     pub name: String,
     /// `source` or `target`.
     pub role: String,
-    /// Accuracy in [0, 1].
+    /// Accuracy in [0, 1] (NaN, written null, for super-resolution).
+    #[serde(deserialize_with = "null_as_nan")]
     pub acc: f64,
-    /// Mean cross-entropy.
+    /// Mean loss (cross-entropy; super-resolution's pixel loss).
     pub loss: f64,
     /// Examples scored.
     pub n: usize,
+    /// Super-resolution: the mean image quality.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageScore>,
+}
+
+impl DomainScore {
+    /// The task's headline score: accuracy, or the Y-channel PSNR (dB).
+    pub fn headline(&self) -> f64 {
+        self.image.map_or(self.acc, |i| i.psnr)
+    }
+}
+
+/// Mean image quality of super-resolved images against their targets, over a domain's
+/// images: each image quantized to u8 as saved, `border` pixels cut from each side
+/// (BasicSR's conventions, which super-resolution papers report).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageScore {
+    /// PSNR of the Y channel (BT.601), dB.
+    pub psnr: f64,
+    /// SSIM of the Y channel.
+    pub ssim: f64,
+    /// PSNR over the RGB channels, dB.
+    pub psnr_rgb: f64,
 }
 
 /// Scores of one network on all domains.
@@ -205,11 +248,30 @@ pub struct EvalReport {
     /// Mean accuracy over target domains (NaN when there are none).
     #[serde(deserialize_with = "null_as_nan")]
     pub target_acc: f64,
+    /// Super-resolution: the means of the source and of the target domains' image
+    /// quality (the accuracies are then NaN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<[Option<ImageScore>; 2]>,
 }
 
 impl EvalReport {
+    /// The task's headline scores (higher is better), source and target mean: accuracy,
+    /// or for super-resolution the Y-channel PSNR (NaN where a role has no domain).
+    pub fn headline(&self) -> (f64, f64) {
+        match &self.image {
+            None => (self.source_acc, self.target_acc),
+            Some([s, t]) => {
+                let psnr = |x: &Option<ImageScore>| x.map_or(f64::NAN, |i| i.psnr);
+                (psnr(s), psnr(t))
+            }
+        }
+    }
+
     /// One line: source mean, target mean (when there are target domains), each domain.
     pub fn line(&self) -> String {
+        if self.image.is_some() {
+            return self.image_line();
+        }
         let mut s = format!("source {:.4}", self.source_acc);
         if !self.target_acc.is_nan() {
             s.push_str(&format!("  target {:.4}", self.target_acc));
@@ -217,6 +279,23 @@ impl EvalReport {
         s.push_str(" |");
         for d in &self.domains {
             s.push_str(&format!(" {} {:.4}", d.name, d.acc));
+        }
+        s
+    }
+
+    /// [`EvalReport::line`] of super-resolution: PSNR (dB) / SSIM of the Y channel.
+    fn image_line(&self) -> String {
+        let q = |i: &ImageScore| format!("{:.2} dB / {:.4}", i.psnr, i.ssim);
+        let [src, tgt] = self.image.unwrap_or([None, None]);
+        let mut s = format!("source {}", src.as_ref().map_or("-".into(), q));
+        if let Some(t) = &tgt {
+            s.push_str(&format!("  target {}", q(t)));
+        }
+        s.push_str(" |");
+        for d in &self.domains {
+            if let Some(i) = &d.image {
+                s.push_str(&format!(" {} {}", d.name, q(i)));
+            }
         }
         s
     }
@@ -722,8 +801,10 @@ mod tests {
                     acc: 0.75,
                     loss: 0.25,
                     role: "source".into(),
+                    image: None,
                 },
             )]),
+            image: None,
         });
         assert_eq!(
             line(&eval),

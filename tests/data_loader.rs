@@ -112,7 +112,7 @@ fn schedule_batches_come_in_file_order() {
             .iter()
             .flat_map(|&i| px[i * IMAGE..(i + 1) * IMAGE].iter().map(|v| v.to_bits()))
             .collect();
-        assert_eq!(b.labels, want_lb);
+        assert_eq!(b.labels().unwrap(), &want_lb[..]);
         assert_eq!(
             b.images.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             want_px
@@ -223,7 +223,7 @@ fn u8_and_f32_files_give_the_same_pixels() {
     assert_eq!(a.len(), b.len());
     let all: Vec<usize> = (0..a.len()).collect();
     let (ha, hb) = (a.gather(&all, None).unwrap(), b.gather(&all, None).unwrap());
-    assert_eq!(ha.labels, hb.labels);
+    assert_eq!(ha.truth, hb.truth);
     let differ = ha
         .images
         .iter()

@@ -35,7 +35,7 @@ fn bundled(d: usize, test: bool, n: usize) -> Vec<(Vec<u8>, i64)> {
     hb.images
         .chunks(784)
         .map(|px| px.iter().map(|&v| (v * 255.0).round() as u8).collect())
-        .zip(hb.labels)
+        .zip(hb.labels().unwrap().to_vec())
         .collect()
 }
 
@@ -238,12 +238,16 @@ fn folders_read_as_torchvision_image_folder() {
     let mut matched = 0;
     for (px, l) in &want {
         let class = sorted.iter().position(|c| c == NAMES[*l as usize]).unwrap() as i64;
-        let hit = got.images.chunks(784).zip(&got.labels).any(|(g, &gl)| {
-            gl == class
-                && g.iter()
-                    .zip(px)
-                    .all(|(a, &b)| a.to_bits() == (b as f32 / 255.0).to_bits())
-        });
+        let hit = got
+            .images
+            .chunks(784)
+            .zip(got.labels().unwrap())
+            .any(|(g, &gl)| {
+                gl == class
+                    && g.iter()
+                        .zip(px)
+                        .all(|(a, &b)| a.to_bits() == (b as f32 / 255.0).to_bits())
+            });
         matched += hit as usize;
     }
     assert_eq!(
@@ -293,7 +297,7 @@ fn folders_read_as_torchvision_image_folder() {
             None,
         )
         .unwrap();
-    assert_eq!(all60.images.len(), all60.labels.len() * 784);
+    assert_eq!(all60.images.len(), all60.len() * 784);
 }
 
 /// Classes of the bundled examples missing among domain `d`'s first examples (each

@@ -254,6 +254,7 @@ fn recomputed_gradients_are_the_whole_graphs_bits() {
                 ] {
                     let plan = |recompute, keep| GradPlan {
                         accumulate,
+                        loss: ldt::task::Loss::CrossEntropy,
                         precision,
                         recompute,
                         release: keep == Keep::Release,

@@ -7,7 +7,7 @@ use super::folder::{self, FileSplit};
 use super::idx::{FileBytes, Idx, IMAGES_MAGIC, LABELS_MAGIC};
 use super::manifest::{Manifest, Role, SplitEntry, SplitFormat};
 use super::prep::{Draw, Image, InputSpec, Prep};
-use crate::config::{Config, DataFormat};
+use crate::config::{Config, DataFormat, Task};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
@@ -19,22 +19,78 @@ use std::sync::Arc;
 pub struct HostBatch {
     /// Pixels, `N*C*H*W` f32.
     pub images: Vec<f32>,
-    /// Labels, `N`.
-    pub labels: Vec<i64>,
+    /// What the outputs are scored against.
+    pub truth: Truth,
+}
+
+/// The ground truth of a batch's examples.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Truth {
+    /// Class labels, `N`.
+    Labels(Vec<i64>),
+    /// Target images, `N*C*H*W` f32 in [0, 1] (super-resolution's high-resolution
+    /// images), each of `shape` `[C, H, W]`.
+    Images {
+        /// The pixels.
+        pixels: Vec<f32>,
+        /// One image's `[C, H, W]`.
+        shape: [usize; 3],
+    },
+}
+
+impl Truth {
+    /// Examples it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            Truth::Labels(l) => l.len(),
+            Truth::Images { pixels, shape } => pixels.len() / shape.iter().product::<usize>(),
+        }
+    }
+
+    /// Whether it holds no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole truth as a tensor on `device` (see [`Truth::rows`]).
+    pub fn tensor(&self, device: &Device) -> Result<Tensor> {
+        self.rows(0, self.len(), device)
+    }
+
+    /// Rows `lo..hi` as a tensor on `device`: labels i64 `[n]`, images f32 `[n, C, H, W]`.
+    fn rows(&self, lo: usize, hi: usize, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            Truth::Labels(l) => Tensor::from_slice(&l[lo..hi], hi - lo, device)?,
+            Truth::Images { pixels, shape } => {
+                let per: usize = shape.iter().product();
+                let [c, h, w] = *shape;
+                Tensor::from_slice(&pixels[lo * per..hi * per], (hi - lo, c, h, w), device)?
+            }
+        })
+    }
 }
 
 impl HostBatch {
+    /// The class labels (None for a batch of target images).
+    pub fn labels(&self) -> Option<&[i64]> {
+        match &self.truth {
+            Truth::Labels(l) => Some(l),
+            Truth::Images { .. } => None,
+        }
+    }
+
     /// Examples in the batch.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.truth.len()
     }
 
     /// Whether the batch is empty.
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.truth.is_empty()
     }
 
-    /// The batch as `(images [N,C,H,W] f32, labels [N] i64)` on `device`.
+    /// The batch as `(images [N,C,H,W] f32, truth)` on `device` (truth: labels i64 `[N]`
+    /// or target images f32 `[N,C,H,W]`).
     pub fn to_tensors(&self, shape: [usize; 3], device: &Device) -> Result<(Tensor, Tensor)> {
         self.rows_to_tensors(0, self.len(), shape, device)
     }
@@ -51,8 +107,7 @@ impl HostBatch {
         let n = hi - lo;
         let pixels = &self.images[lo * per..hi * per];
         let x = Tensor::from_slice(pixels, (n, shape[0], shape[1], shape[2]), device)?;
-        let y = Tensor::from_slice(&self.labels[lo..hi], n, device)?;
-        Ok((x, y))
+        Ok((x, self.truth.rows(lo, hi, device)?))
     }
 }
 
@@ -79,11 +134,95 @@ enum Store {
     },
 }
 
-/// One split: its pixels (stored or files) and checked labels.
+/// One split: its pixels (stored or files) and checked ground truth.
 pub struct Split {
     path: PathBuf,
     store: Store,
-    labels: Vec<i64>,
+    truth: SplitTruth,
+}
+
+/// What a split's examples are scored against.
+enum SplitTruth {
+    /// Class labels, read once.
+    Labels(Vec<i64>),
+    /// Target images stored in the same file as the inputs (`Store::Stored`): `dims`
+    /// values per example from `offset`.
+    Images {
+        offset: usize,
+        pixels: Pixels,
+        dims: [usize; 3],
+        n: usize,
+    },
+}
+
+/// Maps a split file read-only and parses its safetensors header.
+fn map_split(path: &Path) -> Result<Mmap> {
+    let p = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open data file {p}"))?;
+    // SAFETY: the file is opened read-only and not modified while mapped.
+    unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map data file {p}"))
+}
+
+/// Parses the safetensors header of split file `path` mapped at `mmap`.
+fn parse_split<'a>(mmap: &'a Mmap, path: &Path) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(mmap).map_err(|e| {
+        anyhow::anyhow!(
+            "data file {} is not a valid safetensors file ({e}); truncated or corrupt?",
+            path.display()
+        )
+    })
+}
+
+/// The stored pixel tensor `name` of split file `path` (in `mmap`): `[n, C, H, W]` with
+/// `[C, H, W]` = `shape` (the manifest's `key`), f32 (finite) or u8. Returns its offset
+/// in the file and its element type.
+fn stored_pixels(
+    st: &SafeTensors<'_>,
+    mmap: &Mmap,
+    path: &Path,
+    (name, key): (&str, &str),
+    n: usize,
+    shape: [usize; 3],
+) -> Result<(usize, Pixels)> {
+    let p = path.display();
+    let t = st
+        .tensor(name)
+        .map_err(|_| anyhow::anyhow!("data file {p} has no tensor `{name}`"))?;
+    let want = [n, shape[0], shape[1], shape[2]];
+    let got = t.shape();
+    if got != want {
+        if got.len() == 4 && got[1..] == shape[..] {
+            bail!(
+                "data file {p}: tensor `{name}` holds {} examples but the manifest says `n` = \
+                 {n} for this split; fix `n` in the manifest",
+                got[0]
+            );
+        }
+        bail!(
+            "data file {p}: tensor `{name}` has shape {got:?}, the manifest says {want:?} \
+             (`n` = {n}, `{key}` = {shape:?})"
+        );
+    }
+    let pixels = match t.dtype() {
+        Dtype::F32 => Pixels::F32,
+        Dtype::U8 => Pixels::U8,
+        d => bail!("data file {p}: tensor `{name}` has dtype {d:?}; use f32 in [0,1] or u8"),
+    };
+    if pixels == Pixels::F32 {
+        let image_len: usize = shape.iter().product();
+        let bad = t
+            .data()
+            .chunks_exact(4)
+            .position(|b| !f32::from_le_bytes(b.try_into().expect("4 bytes")).is_finite());
+        if let Some(i) = bad {
+            bail!(
+                "data file {p}: tensor `{name}` holds a non-finite value (NaN or Inf) in \
+                 example {}",
+                i / image_len
+            );
+        }
+    }
+    Ok((t.data().as_ptr() as usize - mmap.as_ptr() as usize, pixels))
 }
 
 impl Split {
@@ -91,42 +230,13 @@ impl Split {
     /// `labels` i64 [N]; shapes as the manifest says, labels in range, pixels finite.
     pub fn open(path: &Path, expect_n: usize, shape: [usize; 3], classes: usize) -> Result<Split> {
         let p = path.display();
-        let file =
-            std::fs::File::open(path).with_context(|| format!("cannot open data file {p}"))?;
-        // SAFETY: the file is opened read-only and not modified while mapped.
-        let mmap =
-            unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map data file {p}"))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-            anyhow::anyhow!(
-                "data file {p} is not a valid safetensors file ({e}); truncated or corrupt?"
-            )
-        })?;
-        let images = st
-            .tensor("images")
-            .map_err(|_| anyhow::anyhow!("data file {p} has no tensor `images`"))?;
+        let mmap = map_split(path)?;
+        let st = parse_split(&mmap, path)?;
+        let (offset, pixels) =
+            stored_pixels(&st, &mmap, path, ("images", "image_shape"), expect_n, shape)?;
         let labels = st
             .tensor("labels")
             .map_err(|_| anyhow::anyhow!("data file {p} has no tensor `labels`"))?;
-        let want = [expect_n, shape[0], shape[1], shape[2]];
-        let got = images.shape();
-        if got != want {
-            if got.len() == 4 && got[1..] == shape[..] {
-                bail!(
-                    "data file {p}: tensor `images` holds {} examples but the manifest says \
-                     `n` = {expect_n} for this split; fix `n` in the manifest",
-                    got[0]
-                );
-            }
-            bail!(
-                "data file {p}: tensor `images` has shape {got:?}, the manifest says {want:?} \
-                 (`n` = {expect_n}, `image_shape` = {shape:?})"
-            );
-        }
-        let pixels = match images.dtype() {
-            Dtype::F32 => Pixels::F32,
-            Dtype::U8 => Pixels::U8,
-            d => bail!("data file {p}: tensor `images` has dtype {d:?}; use f32 in [0,1] or u8"),
-        };
         if labels.dtype() != Dtype::I64 || labels.shape() != [expect_n] {
             bail!(
                 "data file {p}: tensor `labels` is {:?} {:?}; expected i64 [{expect_n}]",
@@ -146,20 +256,6 @@ impl Split {
         {
             bail!("data file {p}: label {l} at index {i} is outside 0..{classes} (manifest `num_classes`)");
         }
-        let offset = images.data().as_ptr() as usize - mmap.as_ptr() as usize;
-        let image_len: usize = shape.iter().product();
-        if pixels == Pixels::F32 {
-            let bad = images
-                .data()
-                .chunks_exact(4)
-                .position(|b| !f32::from_le_bytes(b.try_into().expect("4 bytes")).is_finite());
-            if let Some(i) = bad {
-                bail!(
-                    "data file {p}: tensor `images` holds a non-finite value (NaN or Inf) in example {}",
-                    i / image_len
-                );
-            }
-        }
         Ok(Split {
             path: path.to_path_buf(),
             store: Store::Stored {
@@ -168,7 +264,38 @@ impl Split {
                 pixels,
                 dims: shape,
             },
-            labels,
+            truth: SplitTruth::Labels(labels),
+        })
+    }
+
+    /// Opens and checks a super-resolution split file: tensors `lr` `[N, C, H, W]` (the
+    /// inputs, `shape`) and `hr` `[N, C, sH, sW]` (the targets, `target`), f32 or u8.
+    pub fn open_pairs(
+        path: &Path,
+        expect_n: usize,
+        shape: [usize; 3],
+        target: [usize; 3],
+    ) -> Result<Split> {
+        let mmap = map_split(path)?;
+        let st = parse_split(&mmap, path)?;
+        let (offset, pixels) =
+            stored_pixels(&st, &mmap, path, ("lr", "image_shape"), expect_n, shape)?;
+        let (t_offset, t_pixels) =
+            stored_pixels(&st, &mmap, path, ("hr", "target_shape"), expect_n, target)?;
+        Ok(Split {
+            path: path.to_path_buf(),
+            store: Store::Stored {
+                bytes: FileBytes::Mapped(mmap),
+                offset,
+                pixels,
+                dims: shape,
+            },
+            truth: SplitTruth::Images {
+                offset: t_offset,
+                pixels: t_pixels,
+                dims: target,
+                n: expect_n,
+            },
         })
     }
 
@@ -225,36 +352,46 @@ impl Split {
                 pixels: Pixels::U8,
                 dims: got,
             },
-            labels,
+            truth: SplitTruth::Labels(labels),
         })
     }
 
-    /// Opens the split a manifest entry names (paths relative to the manifest's `dir`).
-    pub fn open_entry(
-        e: &SplitEntry,
-        dir: &Path,
-        shape: [usize; 3],
-        classes: usize,
-    ) -> Result<Split> {
-        match (e.format, &e.labels) {
-            (SplitFormat::Idx, Some(l)) => {
-                Split::open_idx(&dir.join(&e.file), &dir.join(l), e.n, shape, classes)
+    /// Opens the split a manifest entry names (paths relative to the manifest's `dir`),
+    /// as the manifest's task stores it.
+    pub fn open_entry(e: &SplitEntry, m: &Manifest) -> Result<Split> {
+        let (dir, shape) = (&m.dir, m.image_shape);
+        match (m.task, e.format, &e.labels, m.target_shape) {
+            (Task::SuperResolution, SplitFormat::Safetensors, _, Some(target)) => {
+                Split::open_pairs(&dir.join(&e.file), e.n, shape, target)
             }
-            (SplitFormat::Idx, None) => {
+            (Task::SuperResolution, ..) => bail!(
+                "split file {}: a super-resolution split is a safetensors file with tensors \
+                 `lr` and `hr` (format `idx` holds labels, not target images)",
+                e.file
+            ),
+            (_, SplitFormat::Idx, Some(l), _) => {
+                Split::open_idx(&dir.join(&e.file), &dir.join(l), e.n, shape, m.num_classes)
+            }
+            (_, SplitFormat::Idx, None, _) => {
                 bail!("split file {}: format `idx` needs a `labels` file", e.file)
             }
-            (SplitFormat::Safetensors, _) => Split::open(&dir.join(&e.file), e.n, shape, classes),
+            (_, SplitFormat::Safetensors, ..) => {
+                Split::open(&dir.join(&e.file), e.n, shape, m.num_classes)
+            }
         }
     }
 
     /// Number of examples.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        match &self.truth {
+            SplitTruth::Labels(l) => l.len(),
+            SplitTruth::Images { n, .. } => *n,
+        }
     }
 
     /// Whether the split is empty (never, once opened).
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.len() == 0
     }
 
     /// The file it was read from.
@@ -262,9 +399,36 @@ impl Split {
         &self.path
     }
 
-    /// Label of example `i`.
-    pub fn label(&self, i: usize) -> i64 {
-        self.labels[i]
+    /// Label of example `i` (None for a split of target images).
+    pub fn label(&self, i: usize) -> Option<i64> {
+        match &self.truth {
+            SplitTruth::Labels(l) => Some(l[i]),
+            SplitTruth::Images { .. } => None,
+        }
+    }
+
+    /// Appends the target image of example `i` (f32 in [0, 1]) to `out`, mirrored with
+    /// `flip` (the input's horizontal flip); nothing for a split of labels.
+    fn push_target(&self, i: usize, flip: bool, out: &mut Vec<f32>) {
+        let (
+            SplitTruth::Images {
+                offset,
+                pixels,
+                dims,
+                ..
+            },
+            Store::Stored { bytes, .. },
+        ) = (&self.truth, &self.store)
+        else {
+            return;
+        };
+        let start = out.len();
+        push_stored(&bytes[*offset..], *pixels, dims.iter().product(), i, out);
+        if flip {
+            for row in out[start..].chunks_exact_mut(dims[2]) {
+                row.reverse();
+            }
+        }
     }
 
     /// A split of image files (`root` names it in messages), decoded to `channels`.
@@ -275,7 +439,7 @@ impl Split {
                 files: split.files,
                 channels,
             },
-            labels: split.labels,
+            truth: SplitTruth::Labels(split.labels),
         }
     }
 
@@ -344,6 +508,43 @@ fn push_stored(bytes: &[u8], pixels: Pixels, image_len: usize, i: usize, out: &m
     }
 }
 
+/// Checks that `cfg` asks for the `task` the data (`origin`) is for, and, for
+/// super-resolution, no preparation that would change the input without its target
+/// (resizing, normalization, crops, color jitter; a horizontal flip mirrors both).
+fn check_task(cfg: &Config, task: Task, origin: &str) -> Result<()> {
+    if let Some(t) = cfg.task.filter(|&t| t != task) {
+        bail!(
+            "config key `task` is \"{}\" but {origin} holds {} data; set task = \"{}\" \
+             (or leave it unset: the data decides)",
+            t.name(),
+            task.name(),
+            task.name()
+        );
+    }
+    if task != Task::SuperResolution {
+        return Ok(());
+    }
+    let (d, a) = (&cfg.data, &cfg.augment);
+    let refused = [
+        ("data.image_size", d.image_size.is_some()),
+        ("data.mean", d.mean.is_some()),
+        ("data.std", d.std.is_some()),
+        (
+            "augment.random_resized_crop",
+            a.random_resized_crop.is_some(),
+        ),
+        ("augment.color_jitter", a.color_jitter.is_some()),
+    ];
+    if let Some((key, _)) = refused.iter().find(|(_, set)| *set) {
+        bail!(
+            "config key `{key}`: super-resolution ({origin}) trains on stored low/high-resolution \
+             pairs as they are (the network normalizes its own input); remove `{key}` \
+             (`augment.hflip` mirrors input and target together)"
+        );
+    }
+    Ok(())
+}
+
 /// A domain with its opened splits.
 pub struct Domain {
     /// Name from the manifest.
@@ -371,6 +572,10 @@ pub struct Benchmark {
     pub notes: Vec<String>,
     /// Threads that gather batches (`data.workers`, resolved).
     pub workers: usize,
+    /// What the data is for (the manifest's `task`; image folders hold classes).
+    pub task: Task,
+    /// Super-resolution: the upscaling factor from input to target.
+    pub scale: Option<usize>,
 }
 
 impl Benchmark {
@@ -465,9 +670,8 @@ impl Benchmark {
                 continue;
             };
             let open = |e: &SplitEntry| -> Result<Arc<Split>> {
-                let s =
-                    Split::open_entry(e, &manifest.dir, manifest.image_shape, manifest.num_classes)
-                        .with_context(|| format!("domain `{}` of manifest {mp}", d.name))?;
+                let s = Split::open_entry(e, &manifest)
+                    .with_context(|| format!("domain `{}` of manifest {mp}", d.name))?;
                 Ok(Arc::new(s))
             };
             domains.push(Domain {
@@ -486,6 +690,7 @@ impl Benchmark {
             Some(c) => c.clone(),
             None => (0..manifest.num_classes).map(|k| k.to_string()).collect(),
         };
+        check_task(cfg, manifest.task, &format!("manifest {mp}"))?;
         Ok(Benchmark {
             origin: manifest.path.clone(),
             classes,
@@ -493,6 +698,8 @@ impl Benchmark {
             prep: Arc::new(Prep::new(cfg, shape).with_context(|| format!("manifest {mp}"))?),
             notes: Vec::new(),
             workers: cfg.data.loader_threads(),
+            task: manifest.task,
+            scale: manifest.scale,
         })
     }
 
@@ -504,6 +711,11 @@ impl Benchmark {
             .data
             .image_size
             .context("config key `data.image_size` is not set")?;
+        check_task(
+            cfg,
+            Task::Classification,
+            &format!("image folder {}", root.display()),
+        )?;
         let sources = cfg.data.sources.len();
         let domains = f
             .domains
@@ -530,6 +742,8 @@ impl Benchmark {
             prep: Arc::new(Prep::new(cfg, [channels, h, w])?),
             notes: f.notes,
             workers: cfg.data.loader_threads(),
+            task: Task::Classification,
+            scale: None,
         })
     }
 
@@ -541,6 +755,12 @@ impl Benchmark {
     /// What a network trained on this data expects of its input.
     pub fn input_spec(&self) -> super::prep::InputSpec {
         self.prep.spec(&self.classes)
+    }
+
+    /// The target images' `[C, H, W]` of super-resolution data (None: class labels).
+    pub fn target_shape(&self) -> Option<[usize; 3]> {
+        let [c, h, w] = self.shape();
+        self.scale.map(|s| [c, h * s, w * s])
     }
 
     /// Number of classes.
@@ -612,6 +832,7 @@ impl Pool {
     pub fn gather(&self, indices: &[usize], augment: Option<(u64, u64)>) -> Result<HostBatch> {
         let mut images = Vec::with_capacity(indices.len() * self.prep.len());
         let mut labels = Vec::with_capacity(indices.len());
+        let mut targets = Vec::new();
         for &g in indices {
             if g >= self.len {
                 bail!(
@@ -626,10 +847,29 @@ impl Pool {
                 batch,
                 example: g as u64,
             });
-            self.splits[k].push_example(local, &self.prep, draw, &mut images)?;
-            labels.push(self.splits[k].label(local));
+            let split = &self.splits[k];
+            split.push_example(local, &self.prep, draw, &mut images)?;
+            match split.label(local) {
+                Some(l) => labels.push(l),
+                None => split.push_target(local, self.prep.flips(draw), &mut targets),
+            }
         }
-        Ok(HostBatch { images, labels })
+        let truth = match self.target_shape() {
+            Some(shape) => Truth::Images {
+                pixels: targets,
+                shape,
+            },
+            None => Truth::Labels(labels),
+        };
+        Ok(HostBatch { images, truth })
+    }
+
+    /// The target images' `[C, H, W]` of a super-resolution pool (None: labels).
+    pub fn target_shape(&self) -> Option<[usize; 3]> {
+        self.splits.first().and_then(|s| match &s.truth {
+            SplitTruth::Images { dims, .. } => Some(*dims),
+            SplitTruth::Labels(_) => None,
+        })
     }
 }
 
@@ -660,7 +900,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (im, lb) = write_pair(d.path(), 3, 2, 2, &[2, 0, 1]);
         let s = Split::open_idx(&im, &lb, 3, [1, 2, 2], 3).unwrap();
-        assert_eq!((s.len(), s.label(0), s.label(2)), (3, 2, 1));
+        assert_eq!((s.len(), s.label(0), s.label(2)), (3, Some(2), Some(1)));
         let mut px = Vec::new();
         let prep = Prep::new(&Config::default(), [1, 2, 2]).unwrap();
         s.push_example(2, &prep, None, &mut px).unwrap();

@@ -2,6 +2,7 @@
 //! splits stored as safetensors files next to it, or as IDX files (`"format": "idx"`,
 //! MNIST's format, e.g. the Fashion-MNIST files of Debian's `dataset-fashion-mnist`).
 
+use crate::config::Task;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -63,6 +64,10 @@ pub struct DomainEntry {
     pub splits: Splits,
 }
 
+fn classification() -> Task {
+    Task::Classification
+}
+
 /// A parsed and checked manifest.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Manifest {
@@ -70,13 +75,22 @@ pub struct Manifest {
     pub format: String,
     /// Benchmark name.
     pub name: String,
-    /// Classes; labels lie in `0..num_classes`.
+    /// What the benchmark is for; absent = classification.
+    #[serde(default = "classification")]
+    pub task: Task,
+    /// Classes; labels lie in `0..num_classes` (0 for super-resolution).
     pub num_classes: usize,
     /// Optional class names (`num_classes` of them), recorded with the trained weights.
     #[serde(default)]
     pub classes: Option<Vec<String>>,
-    /// `[C, H, W]`.
+    /// `[C, H, W]` of the inputs (super-resolution: the low-resolution images).
     pub image_shape: [usize; 3],
+    /// Super-resolution: the upscaling factor between `image_shape` and `target_shape`.
+    #[serde(default)]
+    pub scale: Option<usize>,
+    /// Super-resolution: `[C, H, W]` of the high-resolution targets.
+    #[serde(default)]
+    pub target_shape: Option<[usize; 3]>,
     /// Domains in order (the source train splits concatenate in this order).
     pub domains: Vec<DomainEntry>,
     /// Directory of the manifest (files are relative to it).
@@ -112,8 +126,12 @@ impl Manifest {
                 m.format
             );
         }
-        if m.num_classes < 2 {
-            bail!("manifest {p}: field `num_classes` must be at least 2");
+        match m.task {
+            Task::Classification if m.num_classes < 2 => {
+                bail!("manifest {p}: field `num_classes` must be at least 2")
+            }
+            Task::Classification => {}
+            Task::SuperResolution => m.check_super_resolution()?,
         }
         if let Some(c) = &m.classes {
             if c.len() != m.num_classes {
@@ -176,6 +194,30 @@ impl Manifest {
             bail!("manifest {p}: no domain has role `source`; training needs at least one");
         }
         Ok(m)
+    }
+
+    /// The fields of a super-resolution manifest: a scale of 2 to 8 and a target shape of
+    /// the input's channels and `scale` times its sides.
+    fn check_super_resolution(&self) -> Result<()> {
+        let p = self.path.display();
+        let Some(scale) = self.scale.filter(|s| (2..=8).contains(s)) else {
+            bail!(
+                "manifest {p}: a super-resolution manifest needs `scale` (2, 3 or 4; at most \
+                 8), found {:?}",
+                self.scale
+            );
+        };
+        let [c, h, w] = self.image_shape;
+        let want = [c, h * scale, w * scale];
+        if self.target_shape != Some(want) {
+            bail!(
+                "manifest {p}: `target_shape` is {:?}; with `image_shape` {:?} and `scale` \
+                 {scale} it must be {want:?}",
+                self.target_shape,
+                self.image_shape
+            );
+        }
+        Ok(())
     }
 
     /// Source domains in manifest order.

@@ -9,6 +9,6 @@ pub mod loader;
 pub mod manifest;
 pub mod prep;
 
-pub use dataset::{Benchmark, HostBatch, Split};
+pub use dataset::{Benchmark, HostBatch, Split, Truth};
 pub use loader::Loader;
 pub use manifest::{Manifest, Role, SplitFormat};

@@ -191,6 +191,19 @@ impl Prep {
         dims == self.shape && self.norm.is_none() && (draw.is_none() || !self.augment.any())
     }
 
+    /// Whether `draw` mirrors the input: the draw [`Prep::apply`] makes first when the
+    /// only augmentation is `hflip` (super-resolution mirrors its target with it; a
+    /// super-resolution benchmark refuses the other augmentations when it opens).
+    pub fn flips(&self, draw: Option<Draw>) -> bool {
+        let only_flip = self.augment.random_resized_crop.is_none()
+            && self.augment.color_jitter.is_none()
+            && self.augment.hflip;
+        match draw {
+            Some(d) if only_flip => d.rng(self.seed).next_f64() < 0.5,
+            _ => false,
+        }
+    }
+
     /// Appends the prepared input of `img` (channels as the input's) to `out`: with a
     /// `draw`, the configured augmentation; without one, resize and center-crop.
     pub fn apply(&self, img: &Image<'_>, draw: Option<Draw>, out: &mut Vec<f32>) {
@@ -214,7 +227,7 @@ impl Prep {
         if whole && (img.h, img.w) == (oh, ow) {
             out.extend_from_slice(img.px);
         } else {
-            resample(img, region, oh, ow, out);
+            resample(img, region, (oh, ow), Filter::Triangle, out);
         }
         let planes = &mut out[start..];
         if let Some(r) = &mut rng {
@@ -303,25 +316,63 @@ fn random_region(h: usize, w: usize, scale: [f64; 2], r: &mut Rng) -> Region {
 }
 
 /// Weights of one output position along an axis: the first input index and the
-/// normalized triangle-filter weights from there.
+/// normalized filter weights from there.
 struct Taps {
     first: usize,
     w: Vec<f32>,
 }
 
-/// Triangle (bilinear) filter taps mapping `[start, start + len)` of an axis of `n`
-/// inputs onto `out` outputs, widened by the downscale factor so that shrinking
-/// averages (antialiased, as PIL's bilinear resize).
-fn taps(n: usize, start: f64, len: f64, out: usize) -> Vec<Taps> {
+/// A resampling filter (PIL's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Filter {
+    /// Triangle: PIL's `BILINEAR`.
+    Triangle,
+    /// Keys' cubic with `a = -0.5`: PIL's `BICUBIC`.
+    Cubic,
+}
+
+impl Filter {
+    /// Half-width of the kernel at scale 1.
+    fn radius(self) -> f64 {
+        match self {
+            Filter::Triangle => 1.0,
+            Filter::Cubic => 2.0,
+        }
+    }
+
+    /// The kernel at `x` (scale 1).
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Filter::Triangle => (1.0 - x).max(0.0),
+            Filter::Cubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// `filter` taps mapping `[start, start + len)` of an axis of `n` inputs onto `out`
+/// outputs, widened by the downscale factor so that shrinking averages (antialiased, as
+/// PIL's resize).
+fn taps(n: usize, start: f64, len: f64, out: usize, filter: Filter) -> Vec<Taps> {
     let scale = len / out as f64;
-    let support = scale.max(1.0);
+    let stretch = scale.max(1.0);
+    let support = filter.radius() * stretch;
     (0..out)
         .map(|i| {
             let center = start + (i as f64 + 0.5) * scale;
             let lo = ((center - support).floor().max(0.0) as usize).min(n - 1);
             let hi = ((center + support).ceil() as usize).clamp(lo + 1, n);
             let mut w: Vec<f64> = (lo..hi)
-                .map(|k| (1.0 - ((k as f64 + 0.5 - center) / support).abs()).max(0.0))
+                .map(|k| filter.weight((k as f64 + 0.5 - center) / stretch))
                 .collect();
             let sum: f64 = w.iter().sum();
             if sum > 0.0 {
@@ -340,11 +391,33 @@ fn taps(n: usize, start: f64, len: f64, out: usize) -> Vec<Taps> {
         .collect()
 }
 
-/// Resamples `region` of every plane of `img` to `oh x ow` (rows, then columns) and
-/// appends the planes to `out`.
-fn resample(img: &Image<'_>, region: Region, oh: usize, ow: usize, out: &mut Vec<f32>) {
-    let rows = taps(img.h, region.y, region.h, oh);
-    let cols = taps(img.w, region.x, region.w, ow);
+/// Bicubic upsampling of the planes `px` (`[C, H, W]`, values in [0, 1]) by `scale`
+/// (PIL's `BICUBIC` resize): the baseline a super-resolution network is measured
+/// against.
+pub fn upscale_bicubic(px: &[f32], [c, h, w]: [usize; 3], scale: usize) -> Vec<f32> {
+    let img = Image { c, h, w, px };
+    let whole = Region {
+        y: 0.0,
+        x: 0.0,
+        h: h as f64,
+        w: w as f64,
+    };
+    let mut out = Vec::with_capacity(px.len() * scale * scale);
+    resample(&img, whole, (h * scale, w * scale), Filter::Cubic, &mut out);
+    out
+}
+
+/// Resamples `region` of every plane of `img` to `oh x ow` with `filter` (rows, then
+/// columns) and appends the planes to `out`.
+fn resample(
+    img: &Image<'_>,
+    region: Region,
+    (oh, ow): (usize, usize),
+    filter: Filter,
+    out: &mut Vec<f32>,
+) {
+    let rows = taps(img.h, region.y, region.h, oh, filter);
+    let cols = taps(img.w, region.x, region.w, ow, filter);
     let (r0, r1) = rows.iter().fold((img.h, 0), |(a, b), t| {
         (a.min(t.first), b.max(t.first + t.w.len()))
     });
@@ -437,7 +510,7 @@ mod tests {
             ),
         ] {
             let mut got = Vec::new();
-            resample(&img, region, oh, ow, &mut got);
+            resample(&img, region, (oh, ow), Filter::Triangle, &mut got);
             let axis = |n: usize, start: f64, len: f64, out: usize, i: usize| -> Vec<f64> {
                 let s = len / out as f64;
                 let sup = s.max(1.0);

@@ -187,6 +187,11 @@ pub trait Network: Send + Sync {
     fn input_shape(&self) -> [usize; 3];
     /// Number of classes.
     fn num_classes(&self) -> usize;
+    /// One example's output shape: `[classes]` for a classifier, `[C, H, W]` for a
+    /// network that outputs images.
+    fn output_shape(&self) -> Vec<usize> {
+        vec![self.num_classes()]
+    }
     /// The forward's blocks, in order.
     fn blocks(&self) -> &[BlockSpec];
     /// Block `k`'s output from its input `x`: `params` and `buffers` are the block's

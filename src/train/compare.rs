@@ -12,6 +12,9 @@
 //! Every evaluation of every run (step, network, source and target accuracy) is also
 //! written to `compare_runs.csv`. Both CSV files hold accuracies in percent, as the
 //! tables do, and say so in their column names (`_pct`).
+//!
+//! Super-resolution runs are scored by the Y-channel PSNR in dB in the same tables
+//! (columns `_psnr_db`), and a second final table gives the Y-channel SSIM.
 
 use super::{run_method, RunContext};
 use crate::config::{Config, DpuWarmup, Method};
@@ -122,10 +125,44 @@ fn stat(v: &[f64]) -> (f64, f64) {
     (mean, sd)
 }
 
-/// `mean ± std` of accuracies in percent.
-fn pct(v: &[f64]) -> String {
+/// How the tables show the task's headline score.
+#[derive(Clone, Copy, Debug)]
+struct Unit {
+    /// Factor from the stored score to the shown one.
+    factor: f64,
+    /// Decimals shown.
+    decimals: usize,
+    /// The score in words, for the notes under the tables.
+    words: &'static str,
+    /// The CSV columns' suffix.
+    csv: &'static str,
+    /// A difference's unit.
+    delta: &'static str,
+}
+
+/// Accuracy in percent.
+const ACCURACY: Unit = Unit {
+    decimals: 2,
+    factor: 100.0,
+    words: "accuracy in %",
+    csv: "acc_pct",
+    delta: "points",
+};
+
+/// Y-channel PSNR in dB.
+const PSNR: Unit = Unit {
+    decimals: 2,
+    factor: 1.0,
+    words: "Y-channel PSNR in dB",
+    csv: "psnr_db",
+    delta: "dB",
+};
+
+/// `mean ± std` of scores shown in `unit`.
+fn pct(unit: Unit, v: &[f64]) -> String {
     let (m, s) = stat(v);
-    format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
+    let d = unit.decimals;
+    format!("{:.d$} ± {:.d$}", unit.factor * m, unit.factor * s)
 }
 
 /// An evaluation record of `metrics.jsonl`: (step, network) -> (source, target accuracy).
@@ -137,7 +174,7 @@ fn read_evals(dir: &Path) -> Result<Evals> {
     Ok(records
         .into_iter()
         .filter_map(|r| match r {
-            Record::Eval(e) => Some(((e.step, e.model), (e.source_acc, e.target_acc))),
+            Record::Eval(e) => Some(((e.step, e.model.clone()), e.headline())),
             _ => None,
         })
         .collect())
@@ -145,8 +182,10 @@ fn read_evals(dir: &Path) -> Result<Evals> {
 
 /// What one run contributes to the tables.
 struct RunResult {
-    /// Final source, target and per-target-domain accuracy of the exported network.
+    /// Final source, target and per-target-domain headline score of the exported network.
     last: Vec<f64>,
+    /// The same columns' Y-channel SSIM (super-resolution; empty otherwise).
+    ssim: Vec<f64>,
     /// Every evaluation of the run.
     evals: Evals,
     /// `(set, min, max)` EMA half-lives in run steps (composite methods).
@@ -177,7 +216,8 @@ pub fn compare(
     };
     let mut cols: Vec<String> = vec!["source".into(), "target".into()];
     let mut runs: Vec<(Variant, Vec<RunResult>)> = Vec::new();
-    let mut raw = String::from("method,seed,step,network,source_acc_pct,target_acc_pct\n");
+    let mut unit = ACCURACY;
+    let mut raw = String::new();
     for v in variants {
         let mut per_seed = Vec::new();
         for &seed in seeds {
@@ -190,10 +230,22 @@ pub fn compare(
             if cols.len() == 2 {
                 cols.extend(targets.iter().map(|d| d.name.clone()));
             }
-            let last = [r.source_acc, r.target_acc]
+            if r.image.is_some() {
+                unit = PSNR;
+            }
+            let (src, tgt) = r.headline();
+            let last = [src, tgt]
                 .into_iter()
-                .chain(targets.iter().map(|d| d.acc))
+                .chain(targets.iter().map(|d| d.headline()))
                 .collect();
+            let ssim = match &r.image {
+                Some([s, t]) => [s, t]
+                    .into_iter()
+                    .map(|x| x.map_or(f64::NAN, |i| i.ssim))
+                    .chain(targets.iter().map(|d| d.image.map_or(f64::NAN, |i| i.ssim)))
+                    .collect(),
+                None => Vec::new(),
+            };
             let lag = ctx.summary.lag.as_ref().map_or(Vec::new(), |l| {
                 l.sets
                     .iter()
@@ -207,32 +259,65 @@ pub fn compare(
                     raw,
                     "{},{seed},{step},{net},{:.4},{:.4}",
                     v.name(),
-                    100.0 * s,
-                    100.0 * t
+                    unit.factor * s,
+                    unit.factor * t
                 )?;
             }
-            per_seed.push(RunResult { last, evals, lag });
+            per_seed.push(RunResult {
+                last,
+                ssim,
+                evals,
+                lag,
+            });
         }
         runs.push((*v, per_seed));
     }
-    let mut md = final_table(&runs, &cols, seeds)?;
+    let raw = format!(
+        "method,seed,step,network,source_{u},target_{u}\n{raw}",
+        u = unit.csv
+    );
+    let mut md = final_table(&runs, &cols, seeds, (unit, |r: &RunResult| &r.last))?;
+    if runs
+        .iter()
+        .any(|(_, r)| r.iter().any(|x| !x.ssim.is_empty()))
+    {
+        md.push('\n');
+        md.push_str(&final_table(
+            &runs,
+            &cols,
+            seeds,
+            (SSIM, |r: &RunResult| &r.ssim),
+        )?);
+    }
     md.push('\n');
-    md.push_str(&by_step_table(&runs, &at, seeds)?);
+    md.push_str(&by_step_table(&runs, &at, seeds, unit)?);
     if runs.iter().any(|(v, _)| exported(v.method) == "composite") {
         md.push('\n');
-        md.push_str(&branch_table(&runs, base.train.steps)?);
+        md.push_str(&branch_table(&runs, base.train.steps, unit)?);
     }
     if crate::dist::is_main() {
         std::fs::write(dir.join("compare.md"), &md)?;
-        std::fs::write(dir.join("compare.csv"), final_csv(&runs, &cols)?)?;
+        std::fs::write(dir.join("compare.csv"), final_csv(&runs, &cols, unit)?)?;
         std::fs::write(dir.join("compare_runs.csv"), raw)?;
     }
     Ok(md)
 }
 
+/// Y-channel SSIM (a fraction, shown as it is).
+const SSIM: Unit = Unit {
+    decimals: 4,
+    factor: 1.0,
+    words: "Y-channel SSIM",
+    csv: "ssim",
+    delta: "",
+};
+
+/// Which final scores of a run a table shows.
+type Column = fn(&RunResult) -> &Vec<f64>;
+
 /// Column `c` of the final evaluation over seeds.
-fn final_col(r: &[RunResult], c: usize) -> Vec<f64> {
-    r.iter().map(|x| x.last[c]).collect()
+fn final_col(r: &[RunResult], c: usize, col: Column) -> Vec<f64> {
+    r.iter().map(|x| col(x)[c]).collect()
 }
 
 /// The final evaluation: mean ± std per column, the best mean marked.
@@ -240,11 +325,12 @@ fn final_table(
     runs: &[(Variant, Vec<RunResult>)],
     cols: &[String],
     seeds: &[u64],
+    (unit, col): (Unit, Column),
 ) -> Result<String> {
     let best: Vec<f64> = (0..cols.len())
         .map(|c| {
             runs.iter()
-                .map(|(_, r)| stat(&final_col(r, c)).0)
+                .map(|(_, r)| stat(&final_col(r, c, col)).0)
                 .fold(f64::MIN, f64::max)
         })
         .collect();
@@ -256,33 +342,34 @@ fn final_table(
     for (v, r) in runs {
         write!(md, "| {} |", v.name())?;
         for (c, b) in best.iter().enumerate() {
-            let vals = final_col(r, c);
+            let vals = final_col(r, c, col);
             let mark = if stat(&vals).0 == *b { " **best**" } else { "" };
-            write!(md, " {}{mark} |", pct(&vals))?;
+            write!(md, " {}{mark} |", pct(unit, &vals))?;
         }
         md.push('\n');
     }
     writeln!(
         md,
-        "\naccuracy in %, mean ± std over seeds {seeds:?}, at the last step; exported \
-         network: model (erm, lp-ft) or composite (deft, ldt, ldt-s and their +timm/+ratio rows)"
+        "\n{}, mean ± std over seeds {seeds:?}, at the last step; exported \
+         network: model (erm, lp-ft) or composite (deft, ldt, ldt-s and their +timm/+ratio rows)",
+        unit.words
     )?;
     Ok(md)
 }
 
 /// `compare.csv`: the final evaluation, mean and std per column, in percent as the
 /// markdown tables (the unit in every column's name).
-fn final_csv(runs: &[(Variant, Vec<RunResult>)], cols: &[String]) -> Result<String> {
+fn final_csv(runs: &[(Variant, Vec<RunResult>)], cols: &[String], unit: Unit) -> Result<String> {
     let mut csv = String::from("method");
     for c in cols {
-        write!(csv, ",{c}_acc_pct_mean,{c}_acc_pct_std")?;
+        write!(csv, ",{c}_{u}_mean,{c}_{u}_std", u = unit.csv)?;
     }
     csv.push('\n');
     for (v, r) in runs {
         csv.push_str(&v.name());
         for c in 0..cols.len() {
-            let (m, s) = stat(&final_col(r, c));
-            write!(csv, ",{:.4},{:.4}", 100.0 * m, 100.0 * s)?;
+            let (m, s) = stat(&final_col(r, c, |x| &x.last));
+            write!(csv, ",{:.4},{:.4}", unit.factor * m, unit.factor * s)?;
         }
         csv.push('\n');
     }
@@ -306,6 +393,7 @@ fn by_step_table(
     runs: &[(Variant, Vec<RunResult>)],
     at: &[usize],
     seeds: &[u64],
+    unit: Unit,
 ) -> Result<String> {
     let erm = runs
         .iter()
@@ -325,7 +413,7 @@ fn by_step_table(
     for (v, r) in runs {
         write!(md, "| {} |", v.name())?;
         for &s in at {
-            write!(md, " {} |", pct(&target_at(r, s, exported(v.method))))?;
+            write!(md, " {} |", pct(unit, &target_at(r, s, exported(v.method))))?;
         }
         if let Some(e) = erm {
             for &s in at {
@@ -339,26 +427,31 @@ fn by_step_table(
                     .map(|(a, b)| a - b)
                     .collect();
                 let (m, sd) = stat(&d);
-                write!(md, " {:+.2} ± {:.2} |", 100.0 * m, 100.0 * sd)?;
+                write!(md, " {:+.2} ± {:.2} |", unit.factor * m, unit.factor * sd)?;
             }
         }
         md.push('\n');
     }
     writeln!(
         md,
-        "\ntarget accuracy in % of the exported network at each step, mean ± std over seeds \
+        "\ntarget {} of the exported network at each step, mean ± std over seeds \
          {seeds:?}{}",
+        unit.words,
         if erm.is_some() {
-            "; Δ erm: the per-seed difference to erm (same seed = same batches) in points, mean ± std"
+            format!(
+                "; Δ erm: the per-seed difference to erm (same seed = same batches) in {}, \
+                 mean ± std",
+                unit.delta
+            )
         } else {
-            ""
+            String::new()
         }
     )?;
     Ok(md)
 }
 
 /// The composite against its branches at the last step, and the EMA half-lives.
-fn branch_table(runs: &[(Variant, Vec<RunResult>)], last: usize) -> Result<String> {
+fn branch_table(runs: &[(Variant, Vec<RunResult>)], last: usize, unit: Unit) -> Result<String> {
     let mut md = String::from(
         "| method | composite | pm | am | composite − best branch | stable half-life | unstable half-life |\n\
          |---|---|---|---|---|---|---|\n",
@@ -378,11 +471,11 @@ fn branch_table(runs: &[(Variant, Vec<RunResult>)], last: usize) -> Result<Strin
             md,
             "| {} | {} | {} | {} | {:+.2} ± {:.2} |",
             v.name(),
-            pct(&c),
-            pct(&p),
-            pct(&a),
-            100.0 * gm,
-            100.0 * gs
+            pct(unit, &c),
+            pct(unit, &p),
+            pct(unit, &a),
+            unit.factor * gm,
+            unit.factor * gs
         )?;
         for set in ["stable", "unstable"] {
             let h: Vec<(f64, f64)> = r
@@ -401,10 +494,11 @@ fn branch_table(runs: &[(Variant, Vec<RunResult>)], last: usize) -> Result<Strin
     }
     writeln!(
         md,
-        "\ntarget accuracy in % at step {last} of the exported composite and of each branch \
+        "\ntarget {} at step {last} of the exported composite and of each branch \
          (PM trains the stable set, AM the unstable set), mean ± std over seeds; composite − \
-         best branch per seed, in points; half-lives of the DPU folds in steps (the range \
-         over layers and seeds; without the warm-up, which shortens early exchanges)"
+         best branch per seed, in {}; half-lives of the DPU folds in steps (the range \
+         over layers and seeds; without the warm-up, which shortens early exchanges)",
+        unit.words, unit.delta
     )?;
     Ok(md)
 }

@@ -214,7 +214,8 @@ fn snapshot(ctx: &RunContext, m: &mut dyn Stepper, step: usize) -> Result<()> {
 }
 
 /// After the last step, one network at a time: `NAME.safetensors`, the final
-/// evaluation (into `summary.json`), model selection and the fingerprint for the replica
+/// evaluation (into `summary.json`; super-resolution adds bicubic upsampling's as
+/// `bicubic`), model selection and the fingerprint for the replica
 /// check of a data-parallel run.
 fn finish(ctx: &mut RunContext, m: &mut dyn Stepper) -> Result<()> {
     let steps = ctx.cfg.train.steps;
@@ -239,6 +240,10 @@ fn finish(ctx: &mut RunContext, m: &mut dyn Stepper) -> Result<()> {
             ctx.stages.exit();
             Ok(())
         })?;
+    }
+    if ctx.bench.scale.is_some() {
+        let r = ctx.bicubic()?;
+        ctx.summary.eval.insert("bicubic".into(), r);
     }
     ctx.agree_replicas(&prints)
 }

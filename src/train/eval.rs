@@ -1,33 +1,78 @@
-//! Evaluation: accuracy and mean loss per domain (source domains on their test split,
-//! target domains on all their examples), with the source and target means.
+//! Evaluation per domain, with the source and target means: accuracy and mean loss for
+//! classification (source domains on their test split, target domains on all their
+//! examples); for super-resolution PSNR and SSIM on every domain's test split (its
+//! training images are never scored: a benchmark's test photographs are its own).
 
+use crate::config::Task;
 use crate::data::loader::{BatchOrder, Plan};
+use crate::data::prep::upscale_bicubic;
 use crate::data::{Benchmark, Loader, Role};
-use crate::metrics::{DomainScore, EvalReport};
-use crate::model::{layers, Mode, Network, Weights};
-use anyhow::Result;
+use crate::metrics::EvalReport;
+use crate::model::{Mode, Network, Weights};
+use crate::task::{self, Scoring, Tally};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
-/// Evaluates a network given its parameters and buffers (eval mode, nothing changes).
+/// Evaluates a network given its parameters and buffers (eval mode, nothing changes),
+/// scored as `scoring` says.
 pub fn evaluate(
     net: &dyn Network,
     params: &Weights<'_>,
     buffers: &[Tensor],
     bench: &Benchmark,
-    batch: usize,
+    (batch, scoring): (usize, &Scoring),
     device: &Device,
 ) -> Result<EvalReport> {
-    let shape = net.input_shape();
+    let mut forward = |x: &Tensor| {
+        let mut bufs = buffers.to_vec();
+        params.forward(net, &mut bufs, x, Mode::Eval)
+    };
+    score(bench, (batch, scoring), device, &mut forward)
+}
+
+/// The scores of bicubic upsampling (PIL's) on super-resolution data: the baseline in
+/// every table beside the networks'.
+pub fn bicubic(
+    bench: &Benchmark,
+    (batch, scoring): (usize, &Scoring),
+    device: &Device,
+) -> Result<EvalReport> {
+    let scale = bench
+        .scale
+        .context("bicubic upsampling is the baseline of super-resolution data only")?;
+    let shape = bench.shape();
+    let mut upscale = |x: &Tensor| -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let px = x.flatten_all()?.to_vec1::<f32>()?;
+        let per: usize = shape.iter().product();
+        let up: Vec<f32> = px
+            .chunks_exact(per)
+            .flat_map(|img| upscale_bicubic(img, shape, scale))
+            .collect();
+        let [c, h, w] = shape;
+        Ok(Tensor::from_vec(up, (n, c, h * scale, w * scale), device)?)
+    };
+    score(bench, (batch, scoring), device, &mut upscale)
+}
+
+/// Scores the outputs `predict` gives for each domain's evaluated examples.
+fn score(
+    bench: &Benchmark,
+    (batch, scoring): (usize, &Scoring),
+    device: &Device,
+    predict: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<EvalReport> {
+    let shape = bench.shape();
     let mut domains = Vec::new();
     for d in &bench.domains {
         // Target domains are never trained on: all their examples are scored (train and
-        // test splits, as DomainBed and the authors' script do); sources use their test split.
-        let splits = match d.role {
-            Role::Source => vec![d.test.clone()],
-            Role::Target => vec![d.train.clone(), d.test.clone()],
+        // test splits, as DomainBed and the authors' script do); sources use their test
+        // split, as does every super-resolution domain.
+        let splits = match (d.role, bench.task) {
+            (Role::Target, Task::Classification) => vec![d.train.clone(), d.test.clone()],
+            _ => vec![d.test.clone()],
         };
         let pool = bench.pool(splits);
-        let (mut correct, mut loss) = (0usize, 0f64);
         let idx: Vec<usize> = (0..pool.len()).collect();
         let chunks: Vec<Vec<usize>> = idx.chunks(batch).map(<[usize]>::to_vec).collect();
         let plan = Plan {
@@ -39,41 +84,17 @@ pub fn evaluate(
         };
         let n = pool.len();
         let mut loader = Loader::spawn(pool, BatchOrder::fixed(chunks), plan)?;
+        let mut tally = Tally::default();
         for _ in 0..n.div_ceil(batch) {
             let hb = loader.next_batch()?;
             let (x, y) = hb.to_tensors(shape, device)?;
-            let mut bufs = buffers.to_vec();
-            let logits = params.forward(net, &mut bufs, &x, Mode::Eval)?;
-            let (c, l) = layers::correct_and_loss_sum(&logits, &y)?;
-            correct += c;
-            loss += l;
+            tally.add(scoring, &predict(&x)?, &y)?;
         }
-        domains.push(DomainScore {
-            name: d.name.clone(),
-            role: match d.role {
-                Role::Source => "source".into(),
-                Role::Target => "target".into(),
-            },
-            acc: correct as f64 / n as f64,
-            loss: loss / n as f64,
-            n,
-        });
+        let role = match d.role {
+            Role::Source => "source",
+            Role::Target => "target",
+        };
+        domains.push(tally.score(scoring, &d.name, role));
     }
-    let mean = |role: &str| {
-        let v: Vec<f64> = domains
-            .iter()
-            .filter(|d| d.role == role)
-            .map(|d| d.acc)
-            .collect();
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v.iter().sum::<f64>() / v.len() as f64
-        }
-    };
-    Ok(EvalReport {
-        source_acc: mean("source"),
-        target_acc: mean("target"),
-        domains,
-    })
+    Ok(task::report(domains))
 }

@@ -356,6 +356,7 @@ pub fn eval_batch(
     (weights, buffers): (&crate::model::Weights<'_>, &[Tensor]),
     (kept, budget): (u64, u64),
     wanted: usize,
+    scoring: &crate::task::Scoring,
     device: &Device,
 ) -> Result<Option<(usize, u64)>> {
     let shape = net.input_shape();
@@ -363,12 +364,12 @@ pub fn eval_batch(
         let (r, peak) = heap::peak_during(|| -> Result<()> {
             let hb = crate::data::HostBatch {
                 images: vec![0.0; rows * shape.iter().product::<usize>()],
-                labels: vec![0; rows],
+                truth: zero_truth(net, rows),
             };
             let (x, y) = hb.to_tensors(shape, device)?;
             let mut b = buffers.to_vec();
-            let logits = weights.forward(net, &mut b, &x, Mode::Eval)?;
-            crate::model::layers::correct_and_loss_sum(&logits, &y)?;
+            let out = weights.forward(net, &mut b, &x, Mode::Eval)?;
+            crate::task::Tally::default().add(scoring, &out, &y)?;
             Ok(())
         });
         r?;
@@ -425,6 +426,18 @@ pub fn eval_batch(
     Ok(Some((floor, floor_bytes)))
 }
 
+/// The truth of `rows` zero examples for `net`'s outputs: labels 0 for a classifier,
+/// black target images for a network that outputs images.
+fn zero_truth(net: &dyn Network, rows: usize) -> crate::data::Truth {
+    match net.output_shape()[..] {
+        [c, h, w] => crate::data::Truth::Images {
+            pixels: vec![0.0; rows * c * h * w],
+            shape: [c, h, w],
+        },
+        _ => crate::data::Truth::Labels(vec![0; rows]),
+    }
+}
+
 /// The heap's peak above the parameter state during one forward and backward of `rows`
 /// zero examples.
 fn probe(
@@ -437,7 +450,7 @@ fn probe(
 ) -> Result<u64> {
     let [c, h, w] = net.input_shape();
     let x = Tensor::zeros((rows, c, h, w), DType::F32, device)?;
-    let y = Tensor::zeros(rows, DType::I64, device)?;
+    let y = zero_truth(net, rows).tensor(device)?;
     let batch = Batch::whole(x, y)?;
     // The weights are shared (a step's forward and backward leave them alone); the
     // buffers are copied so that the probe does not move BatchNorm's running statistics.

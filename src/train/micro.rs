@@ -4,8 +4,9 @@
 //! micro-batches, kept on the device or released to host memory, or handed to the
 //! layer's update.
 
-use crate::model::{layers, Mode, NetState, Network};
+use crate::model::{Mode, NetState, Network};
 use crate::optim::{host, Grad};
+use crate::task::Loss;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
@@ -131,7 +132,7 @@ pub fn micro_gradients(
     state: &mut NetState,
     view: &[Tensor],
     trainable: &[bool],
-    (x, y): (&Tensor, &Tensor),
+    (x, y, loss): (&Tensor, &Tensor, Loss),
     mode: Mode,
     sums: &mut Sums,
 ) -> Result<StepStats> {
@@ -144,7 +145,7 @@ pub fn micro_gradients(
     let logits = net
         .forward(view, &mut state.buffers, x, mode)?
         .to_dtype(DType::F32)?;
-    let (loss, stats) = loss_and_stats(&logits, y)?;
+    let (loss, stats) = loss_and_stats(loss, &logits, y)?;
     let loss_v = stats.loss;
     // A non-finite loss gives no gradients; the caller's guard decides what happens.
     let grads = if trainable.iter().any(|&t| t) && loss_v.is_finite() {
@@ -165,23 +166,26 @@ pub fn micro_gradients(
     Ok(stats)
 }
 
-/// The mean cross-entropy of f32 `logits` against labels `y` (tracked where the logits
-/// are) and the batch's stats. The loss decides on the host whether to go on: one
-/// transfer brings both numbers.
-pub fn loss_and_stats(logits: &Tensor, y: &Tensor) -> Result<(Tensor, StepStats)> {
-    let loss = layers::cross_entropy(logits, y)?;
-    let correct = logits
-        .detach()
-        .argmax(candle_core::D::Minus1)?
-        .to_dtype(DType::I64)?
-        .eq(y)?
-        .to_dtype(DType::F32)?
-        .sum_all()?;
-    let host = Tensor::stack(&[&loss.detach(), &correct], 0)?.to_vec1::<f32>()?;
+/// The mean `loss` of f32 outputs `out` against the truth `y` (tracked where the outputs
+/// are) and the batch's stats (the correct count for classification). The loss decides
+/// on the host whether to go on: one transfer brings both numbers.
+pub fn loss_and_stats(loss: Loss, out: &Tensor, y: &Tensor) -> Result<(Tensor, StepStats)> {
+    let value = loss.mean(out, y)?;
+    let correct = match loss.is_classification() {
+        true => out
+            .detach()
+            .argmax(candle_core::D::Minus1)?
+            .to_dtype(DType::I64)?
+            .eq(y)?
+            .to_dtype(DType::F32)?
+            .sum_all()?,
+        false => value.detach().zeros_like()?,
+    };
+    let host = Tensor::stack(&[&value.detach(), &correct], 0)?.to_vec1::<f32>()?;
     let stats = StepStats {
         loss: host[0],
         correct: host[1] as usize,
         n: y.dim(0)?,
     };
-    Ok((loss, stats))
+    Ok((value, stats))
 }

@@ -15,6 +15,7 @@
 use super::fetch::Window;
 use super::micro::{loss_and_stats, StepStats, Sums};
 use crate::model::{Mode, NetState, Network};
+use crate::task::Loss;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use std::ops::Range;
@@ -73,7 +74,7 @@ pub fn block_gradients(
     state: &mut NetState,
     view: &[Tensor],
     trainable: &[bool],
-    (x, y): (&Tensor, &Tensor),
+    (x, y, objective): (&Tensor, &Tensor, Loss),
     mode: Mode,
     sums: &mut Sums,
 ) -> Result<StepStats> {
@@ -137,7 +138,7 @@ pub fn block_gradients(
             c.len()
         )
     })?;
-    let (loss, stats) = loss_and_stats(&h.to_dtype(DType::F32)?, y)?;
+    let (loss, stats) = loss_and_stats(objective, &h.to_dtype(DType::F32)?, y)?;
     drop((h, loss));
     let Some(lowest) = lowest.filter(|_| stats.loss.is_finite()) else {
         return Ok(stats);
@@ -171,7 +172,7 @@ pub fn block_gradients(
                 let [logits] = &out[..] else {
                     bail!("the network's last block carries {} tensors out", out.len());
                 };
-                loss_and_stats(&logits.to_dtype(DType::F32)?, y)?.0
+                loss_and_stats(objective, &logits.to_dtype(DType::F32)?, y)?.0
             }
             // Each carried tensor's gradient enters as `sum(out * g)`.
             Some(g) => {

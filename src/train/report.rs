@@ -48,7 +48,8 @@ fn curves(metrics: &Path) -> Result<Vec<Panel>> {
             }
             Record::Eval(e) => {
                 let step = e.step as f64;
-                for (x, tag) in [(e.source_acc, "source"), (e.target_acc, "target")] {
+                let (src, tgt) = e.headline();
+                for (x, tag) in [(src, "source"), (tgt, "target")] {
                     if x.is_finite() {
                         let key = format!("{} {tag}", e.model);
                         acc.entry(key).or_default().push((step, x));

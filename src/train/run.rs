@@ -12,6 +12,7 @@ use crate::metrics::{
 };
 use crate::model::{self, io, NetState, Network, Weights};
 use crate::rng::Rng;
+use crate::task::{Scoring, Tally};
 use crate::train::eval::evaluate;
 use crate::train::step::{nonfinite, Batch, StepStats};
 use anyhow::{bail, Context, Result};
@@ -81,6 +82,8 @@ pub struct RunContext {
     /// Rows of an evaluation batch: `eval.batch_size`, or fewer where
     /// `offload.device_bytes` needs it ([`RunContext::plan_memory`]).
     eval_batch: usize,
+    /// How evaluations score the outputs (the task's loss; PSNR/SSIM's border).
+    scoring: Scoring,
     /// The lock on the directory this process writes ([`crate::lock`]); declared last so
     /// it is released after everything else was dropped.
     _lock: crate::lock::RunLock,
@@ -202,7 +205,10 @@ impl RunContext {
                 println!("{n}");
             }
         }
+        // The data decides what is unset about the task; the saved config says it.
+        cfg.task = Some(bench.task);
         let net = model::build(&cfg.model, bench.shape(), bench.num_classes())?;
+        check_output(net.as_ref(), &bench, &cfg)?;
         let resume = match cfg.checkpoint.resume {
             Resume::Auto => checkpoint::latest(run_dir, &device)?,
             Resume::Never => None,
@@ -239,6 +245,7 @@ impl RunContext {
         let pool = bench.source_pool();
         let (train_indices, val) = hold_out(&bench, &cfg);
         let eval_batch = cfg.eval.batch_size;
+        let scoring = Scoring::of(&cfg, bench.task, bench.scale);
         let input = bench.input_spec();
         Ok(RunContext {
             train_indices,
@@ -264,6 +271,7 @@ impl RunContext {
             stages,
             activations: [0; 2],
             eval_batch,
+            scoring,
         })
     }
 
@@ -272,28 +280,29 @@ impl RunContext {
         !self.val.is_empty()
     }
 
-    /// Mean accuracy over the source domains' validation hold-outs (None without one).
+    /// The mean over the source domains' validation hold-outs of the task's headline
+    /// score (accuracy; Y-channel PSNR for super-resolution), None without hold-outs.
     pub fn validate(&self, params: &Weights<'_>, buffers: &[Tensor]) -> Result<Option<f64>> {
         if self.val.is_empty() {
             return Ok(None);
         }
         let shape = self.net.input_shape();
-        let mut accs = Vec::new();
+        let mut domains = Vec::new();
         for (_, idx) in &self.val {
-            let mut correct = 0;
+            let mut tally = Tally::default();
             for chunk in idx.chunks(self.eval_batch) {
                 let (x, y) = self
                     .pool
                     .gather(chunk, None)?
                     .to_tensors(shape, &self.device)?;
                 let mut b = buffers.to_vec();
-                let logits =
+                let out =
                     params.forward(self.net.as_ref(), &mut b, &x, crate::model::Mode::Eval)?;
-                correct += crate::model::layers::correct_and_loss_sum(&logits, &y)?.0;
+                tally.add(&self.scoring, &out, &y)?;
             }
-            accs.push(correct as f64 / idx.len() as f64);
+            domains.push(tally.score(&self.scoring, "validation", "source"));
         }
-        Ok(Some(accs.iter().sum::<f64>() / accs.len() as f64))
+        Ok(Some(crate::task::report(domains).headline().0))
     }
 
     /// Model selection at an evaluation point, for one candidate network: scores it on
@@ -681,9 +690,14 @@ impl RunContext {
             params,
             buffers,
             &self.bench,
-            self.eval_batch,
+            (self.eval_batch, &self.scoring),
             &self.device,
         )
+    }
+
+    /// The scores of bicubic upsampling on the super-resolution data (the baseline).
+    pub fn bicubic(&self) -> Result<EvalReport> {
+        crate::train::eval::bicubic(&self.bench, (self.eval_batch, &self.scoring), &self.device)
     }
 
     /// Logs an evaluation record (`kind: eval`) for network `name` at `step`.
@@ -731,6 +745,7 @@ impl RunContext {
             (&weights, &state.buffers),
             (kept, budget),
             wanted,
+            &self.scoring,
             &self.device,
         )
         .context("measuring the activations of an evaluation batch")?;
@@ -1006,6 +1021,28 @@ fn make_room(dir: &Path, cfg: &Config) -> Result<()> {
 }
 
 /// Splits each source domain's train examples (global pool indices) into training and
+/// Checks that `net` outputs what `bench`'s task scores: class logits of the data's
+/// classes, or images of the data's target shape.
+fn check_output(net: &dyn Network, bench: &Benchmark, cfg: &Config) -> Result<()> {
+    let out = net.output_shape();
+    match bench.target_shape() {
+        Some(t) if out != t => bail!(
+            "config key `model.arch`: `{}` outputs {out:?} per example but the \
+             super-resolution data ({}) has targets {t:?}: use an upscaling network \
+             (`edsr`) with the data's scale",
+            cfg.model.arch,
+            bench.origin.display()
+        ),
+        None if out.len() != 1 => bail!(
+            "config key `model.arch`: `{}` outputs images {out:?}, not class logits; \
+             classification data ({}) needs a classifier",
+            cfg.model.arch,
+            bench.origin.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// validation by a seeded permutation per domain: the first `floor(n * val_fraction)`
 /// of the permutation are held out. Target domains are never touched.
 fn hold_out(bench: &Benchmark, cfg: &Config) -> (Vec<usize>, Vec<(String, Vec<usize>)>) {

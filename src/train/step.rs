@@ -7,12 +7,15 @@ use crate::config::{Config, Precision, Recompute};
 use crate::dist;
 use crate::model::{Mode, NetState, Network};
 use crate::optim::{Grad, Optimizer};
+use crate::task::Loss;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 /// How a step's gradients are computed (`train.accumulate`, `train.precision`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GradPlan {
+    /// The loss of the run's task.
+    pub loss: Loss,
     /// Micro-batches the batch is split into (at most one per example).
     pub accumulate: usize,
     /// Arithmetic of forward and backward.
@@ -37,6 +40,7 @@ pub struct GradPlan {
 impl GradPlan {
     /// Whole batches in f32: the plan of statistics-free tools and tests.
     pub const F32: GradPlan = GradPlan {
+        loss: Loss::CrossEntropy,
         accumulate: 1,
         precision: Precision::F32,
         recompute: Recompute::None,
@@ -51,6 +55,7 @@ impl GradPlan {
         let host = cfg.offload.optimizer == OptimizerPlacement::Host;
         let local = dist::group().is_local();
         GradPlan {
+            loss: Loss::of(cfg),
             accumulate: cfg.train.accumulate,
             precision: cfg.train.precision,
             recompute: cfg.train.recompute,
@@ -295,7 +300,15 @@ fn local_gradients(
     };
     let mut sums = Sums::new(trainable.len(), plan.release, update);
     if parts == 1 {
-        let stats = micro(net, state, &view, trainable, (&x, y), mode, &mut sums)?;
+        let stats = micro(
+            net,
+            state,
+            &view,
+            trainable,
+            (&x, y, plan.loss),
+            mode,
+            &mut sums,
+        )?;
         return Ok((stats, sums.into_grads()));
     }
     let (mut loss, mut correct) = (0f64, 0usize);
@@ -303,7 +316,15 @@ fn local_gradients(
         let (a, b) = (k * n / parts, (k + 1) * n / parts);
         let (xk, yk) = (x.narrow(0, a, b - a)?, y.narrow(0, a, b - a)?);
         sums.micro_batch((b - a) as f64 / n as f64, k + 1 == parts);
-        let s = micro(net, state, &view, trainable, (&xk, &yk), mode, &mut sums)?;
+        let s = micro(
+            net,
+            state,
+            &view,
+            trainable,
+            (&xk, &yk, plan.loss),
+            mode,
+            &mut sums,
+        )?;
         correct += s.correct;
         if !s.loss.is_finite() {
             let stats = StepStats {

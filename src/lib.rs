@@ -24,6 +24,7 @@ pub mod offload;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+pub mod task;
 pub mod train;
 pub mod verify;
 

@@ -217,44 +217,6 @@ fn ssim_plane(x: &[f64], y: &[f64], h: usize, w: usize, k: &[f64; WINDOW]) -> f6
     sum / (oh * ow) as f64
 }
 
-/// Per-image values of one measure over a test set (one domain), for the figures SR
-/// papers print: the plain mean over images (BasicSR's average; not a pooled MSE), and
-/// the population standard deviation. One infinite PSNR (an image reproduced exactly)
-/// makes the mean infinite, as in BasicSR.
-#[derive(Clone, Debug, Default)]
-pub struct Tally {
-    values: Vec<f64>,
-}
-
-impl Tally {
-    /// Adds the value of one image.
-    pub fn push(&mut self, v: f64) {
-        self.values.push(v);
-    }
-
-    /// How many images were added.
-    pub fn count(&self) -> usize {
-        self.values.len()
-    }
-
-    /// The mean over images; `None` before the first.
-    pub fn mean(&self) -> Option<f64> {
-        if self.values.is_empty() {
-            return None;
-        }
-        Some(self.values.iter().sum::<f64>() / self.values.len() as f64)
-    }
-
-    /// The population standard deviation over images (numpy's `std`, `ddof = 0`); `None`
-    /// before the first.
-    pub fn std(&self) -> Option<f64> {
-        let m = self.mean()?;
-        let var =
-            self.values.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / self.values.len() as f64;
-        Some(var.sqrt())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,19 +332,5 @@ mod tests {
     fn luma_spans_16_to_235() {
         assert!((luma(0, 0, 0) - 16.0).abs() < 1e-4);
         assert!((luma(255, 255, 255) - 235.0).abs() < 1e-4);
-    }
-
-    #[test]
-    fn tally_mean_and_std() {
-        let mut t = Tally::default();
-        assert_eq!((t.mean(), t.std(), t.count()), (None, None, 0));
-        for v in [30.0, 32.0, 34.0] {
-            t.push(v);
-        }
-        assert_eq!(t.count(), 3);
-        assert_eq!(t.mean(), Some(32.0));
-        assert!((t.std().unwrap() - (8.0f64 / 3.0).sqrt()).abs() < 1e-12);
-        t.push(f64::INFINITY);
-        assert_eq!(t.mean(), Some(f64::INFINITY));
     }
 }

@@ -116,6 +116,8 @@ pub trait Stepper {
 /// Running loss/accuracy and throughput for progress messages.
 #[derive(Default)]
 pub struct Meter {
+    /// Whether the task has an accuracy (classification).
+    classify: bool,
     loss: f64,
     correct: usize,
     n: usize,
@@ -125,6 +127,14 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// An empty meter; `classify`: the task has an accuracy to show.
+    pub fn new(classify: bool) -> Self {
+        Meter {
+            classify,
+            ..Meter::default()
+        }
+    }
+
     /// Adds one step.
     pub fn add(&mut self, s: &StepStats) {
         self.since.get_or_insert_with(Instant::now);
@@ -142,13 +152,15 @@ impl Meter {
             .map_or(0.0, |t| t.elapsed().as_secs_f64())
             .max(1e-9);
         let eps = self.examples as f64 / secs;
-        let msg = format!(
-            "loss {:.4} acc {:.3} {:.0} ex/s",
-            self.loss / self.steps.max(1) as f64,
-            self.correct as f64 / self.n.max(1) as f64,
-            eps
-        );
-        *self = Meter::default();
+        let loss = self.loss / self.steps.max(1) as f64;
+        let msg = match self.classify {
+            true => format!(
+                "loss {loss:.4} acc {:.3} {eps:.0} ex/s",
+                self.correct as f64 / self.n.max(1) as f64,
+            ),
+            false => format!("loss {loss:.4} {eps:.0} ex/s"),
+        };
+        *self = Meter::new(self.classify);
         (msg, eps)
     }
 }
@@ -257,7 +269,7 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
     let rates = Rates::new(&cfg, &names);
     let mut loader = ctx.train_loader(done, steps - done)?;
     let progress = Progress::new(cfg.train.method.name(), done, steps, cfg.train.log_every);
-    let mut meter = Meter::default();
+    let mut meter = Meter::new(ctx.classifies());
     let t0 = Instant::now();
     ctx.stages.enter("train");
     for step in done + 1..=steps {

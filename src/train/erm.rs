@@ -104,7 +104,7 @@ impl Stepper for Erm {
         Ok(Outcome {
             meter: vec![stats],
             loss: Some(stats.loss),
-            acc: Some(stats.acc()),
+            acc: ctx.classifies().then(|| stats.acc()),
             ..Outcome::default()
         })
     }

@@ -141,7 +141,7 @@ impl LdtS {
         };
         Ok(Outcome {
             meter: vec![s],
-            acc: Some(s.acc()),
+            acc: ctx.classifies().then(|| s.acc()),
             loss_pm: Some(loss_pm),
             loss_am: Some(loss_am),
             phase: Some(phase),
@@ -210,7 +210,7 @@ impl LdtS {
         }
         Ok(Outcome {
             meter,
-            acc: Some(sa.acc()),
+            acc: ctx.classifies().then(|| sa.acc()),
             loss_pm: Some(loss_pm),
             loss_am: Some(sa.loss),
             phase: c.b.live(),

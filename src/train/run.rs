@@ -695,6 +695,11 @@ impl RunContext {
         )
     }
 
+    /// Whether the task has an accuracy (classification; super-resolution has none).
+    pub fn classifies(&self) -> bool {
+        self.scoring.loss.is_classification()
+    }
+
     /// The scores of bicubic upsampling on the super-resolution data (the baseline).
     pub fn bicubic(&self) -> Result<EvalReport> {
         crate::train::eval::bicubic(&self.bench, (self.eval_batch, &self.scoring), &self.device)

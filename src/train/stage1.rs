@@ -145,7 +145,7 @@ pub fn fit_layers(
     let mut loader = ctx.loader(order, stage, done, steps - done)?;
     let lrs = vec![lr; n];
     let progress = Progress::new(stage, done, steps, ctx.cfg.train.log_every);
-    let mut meter = Meter::default();
+    let mut meter = Meter::new(ctx.classifies());
     for step in done + 1..=steps {
         let hb = loader.next_batch()?;
         let batch = ctx.batch(&hb)?;
@@ -159,7 +159,7 @@ pub fn fit_layers(
             stage: stage.to_string(),
             step,
             loss: Some(stats.loss),
-            acc: Some(stats.acc()),
+            acc: ctx.classifies().then(|| stats.acc()),
             lr: Some(lr),
             ..TrainRecord::default()
         }))?;

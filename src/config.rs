@@ -191,7 +191,7 @@ impl Default for Config {
 }
 
 /// Every `model.arch` a configuration may name (`crate::model::build` builds each).
-pub const ARCHS: [&str; 8] = [
+pub const ARCHS: [&str; 9] = [
     "mlp",
     "cnn",
     "cnn_bn",
@@ -200,14 +200,20 @@ pub const ARCHS: [&str; 8] = [
     "resnet50",
     "resnet101",
     "vit",
+    "edsr",
 ];
+
+/// The upscaling factors of `edsr` (`model.scale`): BasicSR's `Upsample` takes 2^n and
+/// 3; these are the factors EDSR was published and is benchmarked with.
+pub const EDSR_SCALES: [usize; 3] = [2, 3, 4];
 
 /// `[model]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Architecture: `mlp`, `cnn`, `cnn_bn`, `resnet18`, `resnet34`, `resnet50`,
-    /// `resnet101`, `vit`.
+    /// `resnet101`, `vit`, `edsr` (super-resolution: BasicSR's EDSR; with the defaults
+    /// of `scale`, `num_feat`, `num_block` and `res_scale` the EDSR baseline).
     pub arch: String,
     /// Weights to start from, with PyTorch names: safetensors, or a PyTorch checkpoint
     /// (`.pth`/`.pt`/`.bin`, read without running anything from it); otherwise
@@ -234,6 +240,16 @@ pub struct ModelConfig {
     pub heads: usize,
     /// `vit`: MLP hidden width as a multiple of `width` (timm: `int(width * mlp_ratio)`).
     pub mlp_ratio: f64,
+    /// `edsr`: upscaling factor, 2, 3 or 4; unset = the data's scale (a network is built
+    /// only once it is known).
+    pub scale: Option<usize>,
+    /// `edsr`: feature channels (BasicSR's `num_feat`; the baseline's 64).
+    pub num_feat: usize,
+    /// `edsr`: residual blocks of the body (BasicSR's `num_block`; the baseline's 16).
+    pub num_block: usize,
+    /// `edsr`: factor on each residual block's branch before its add (BasicSR's
+    /// `res_scale`; the baseline's 1, EDSR-L's 0.1).
+    pub res_scale: f64,
 }
 
 impl Default for ModelConfig {
@@ -251,6 +267,10 @@ impl Default for ModelConfig {
             depth: 3,
             heads: 3,
             mlp_ratio: 4.0,
+            scale: None,
+            num_feat: 64,
+            num_block: 16,
+            res_scale: 1.0,
         }
     }
 }
@@ -1346,6 +1366,20 @@ impl ModelConfig {
                 }
                 if m.fc_hidden == 0 {
                     bail!("config key `model.fc_hidden`: must be at least 1");
+                }
+            }
+            "edsr" => {
+                if let Some(s) = m.scale.filter(|s| !EDSR_SCALES.contains(s)) {
+                    bail!("config key `model.scale`: edsr upscales by 2, 3 or 4, not {s}");
+                }
+                if m.num_feat == 0 {
+                    bail!("config key `model.num_feat`: must be at least 1");
+                }
+                if !m.res_scale.is_finite() {
+                    bail!(
+                        "config key `model.res_scale`: must be a finite number, got {}",
+                        m.res_scale
+                    );
                 }
             }
             other if ARCHS.contains(&other) => {}

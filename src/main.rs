@@ -300,7 +300,7 @@ fn parse_shape(s: &str) -> Result<[usize; 3]> {
 }
 
 fn eval(config: &Path, weights: &Path, set: &[String], json: bool) -> Result<()> {
-    let cfg = load(config, set).map_err(|e| e.0)?;
+    let mut cfg = load(config, set).map_err(|e| e.0)?;
     ldt::init_threads(cfg.threads);
     let device = ldt::device(&cfg)?;
     // The input the weights were trained with (size, normalization) wins over the config's.
@@ -316,6 +316,7 @@ fn eval(config: &Path, weights: &Path, set: &[String], json: bool) -> Result<()>
         }
         None => ldt::data::Benchmark::open(&cfg)?,
     };
+    bench.settle(&mut cfg)?;
     let net = ldt::model::build(&cfg.model, bench.shape(), bench.num_classes())?;
     let state = ldt::model::io::load_state(net.as_ref(), weights, &device).context("--weights")?;
     let r = ldt::train::eval::evaluate(

@@ -5,7 +5,9 @@
 //!   buffers once, in order.
 //! - Segments: each block's segments cover its parameters and buffers once, in order
 //!   (resnet: one per convolution unit and one per projection shortcut; ViT: the
-//!   attention and the MLP half of each transformer block).
+//!   attention and the MLP half of each transformer block; edsr: one per residual block
+//!   of the body and one for its end — `tests/edsr.rs` checks their gradients, which
+//!   need the L1 loss).
 //! - Gradients: on mlp, cnn_bn, resnet18 and vit, for every layer set a method trains
 //!   (all; the first half; every third layer, scattered like LDT's unstable set; the head
 //!   only), and on resnet50 (Bottleneck units) for every third layer and for the layers
@@ -43,9 +45,17 @@ fn build(arch: &str) -> Box<dyn Network> {
         width: 32,
         depth: 2,
         heads: 2,
+        scale: Some(4),
+        num_feat: 8,
+        num_block: 3,
         ..ModelConfig::default()
     };
-    model::build(&cfg, [1, 28, 28], 10).unwrap()
+    let input = if arch == "edsr" {
+        [3, 8, 8]
+    } else {
+        [1, 28, 28]
+    };
+    model::build(&cfg, input, 10).unwrap()
 }
 
 #[test]
@@ -57,6 +67,7 @@ fn blocks_cover_every_parameter_and_buffer_once() {
         ("resnet18", 10),
         ("resnet50", 18),
         ("vit", 4),
+        ("edsr", 5),
     ] {
         let net = build(arch);
         let blocks = net.blocks();
@@ -93,6 +104,9 @@ fn blocks_cover_every_parameter_and_buffer_once() {
             "resnet50" => 2 + 16 * 3 + 4,
             // embedding, head, 2 transformer blocks of an attention and an MLP half
             "vit" => 2 + 2 * 2,
+            // conv_first, two upsampling stages, conv_last; the body: 3 residual blocks
+            // and conv_after_body with the global skip
+            "edsr" => 4 + 3 + 1,
             _ => count,
         };
         assert_eq!(units, expected, "{arch}: segments");

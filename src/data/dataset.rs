@@ -757,6 +757,23 @@ impl Benchmark {
         self.prep.spec(&self.classes)
     }
 
+    /// Settles what `cfg` leaves to the data: the task and, for super-resolution, the
+    /// network's upscaling factor (`model.scale`; one set to another scale than the
+    /// data's is an error naming it).
+    pub fn settle(&self, cfg: &mut Config) -> Result<()> {
+        cfg.task = Some(self.task);
+        match (self.scale, cfg.model.scale) {
+            (Some(s), Some(m)) if s != m => bail!(
+                "config key `model.scale` is {m} but {} holds x{s} pairs; set model.scale = \
+                 {s} (or leave it unset: the data decides)",
+                self.origin.display()
+            ),
+            (Some(s), None) => cfg.model.scale = Some(s),
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// The target images' `[C, H, W]` of super-resolution data (None: class labels).
     pub fn target_shape(&self) -> Option<[usize; 3]> {
         let [c, h, w] = self.shape();

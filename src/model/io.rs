@@ -298,8 +298,10 @@ fn other_architecture(net: &dyn Network, keys: &[String]) -> Option<String> {
         .iter()
         .filter(|&&a| a != net.arch())
         .filter_map(|&a| {
+            // An edsr is probed at 4x: its names hold those of 2x and 3x.
             let cfg = crate::config::ModelConfig {
                 arch: a.to_string(),
+                scale: Some(4),
                 ..Default::default()
             };
             let other = super::build(&cfg, [c, h, w], 10).ok()?;

@@ -68,6 +68,21 @@ impl HostKernel<1> for Relu {
     }
 }
 
+/// PyTorch's `PixelShuffle(r)`: `[N, C*r*r, H, W] -> [N, C, H*r, W*r]`, output
+/// `(c, y*r + i, x*r + j)` = input `(c*r*r + i*r + j, y, x)`. A reshape, a permute and a
+/// copy: exact data movement on any device, whose backward candle records (the inverse
+/// movement).
+pub fn pixel_shuffle(x: &Tensor, r: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if r == 0 || !c.is_multiple_of(r * r) {
+        anyhow::bail!("pixel_shuffle: {c} channels are not a multiple of {r}x{r}");
+    }
+    let c = c / (r * r);
+    Ok(x.reshape((n, c, r, r, h, w))?
+        .permute((0, 1, 4, 2, 5, 3))?
+        .reshape((n, c, h * r, w * r))?)
+}
+
 /// Max pooling with PyTorch semantics: `-inf` padding, the first maximum of a window
 /// takes the whole gradient. Any kernel, stride and padding.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {

@@ -8,6 +8,7 @@
 pub mod cnn;
 mod conv;
 pub mod dispatch;
+pub mod edsr;
 pub mod io;
 pub mod layers;
 mod matmul;
@@ -185,10 +186,10 @@ pub trait Network: Send + Sync {
     fn head_prefixes(&self) -> Vec<String>;
     /// Input shape `[C, H, W]`.
     fn input_shape(&self) -> [usize; 3];
-    /// Number of classes.
+    /// Number of classes (0 for a network that is not a classifier, such as `edsr`).
     fn num_classes(&self) -> usize;
-    /// One example's output shape: `[classes]` for a classifier, `[C, H, W]` for a
-    /// network that outputs images.
+    /// The shape of one example's output: `[classes]` for a classifier (the default),
+    /// `[3, s*H, s*W]` for an `edsr` of scale `s` on `[3, H, W]` inputs.
     fn output_shape(&self) -> Vec<usize> {
         vec![self.num_classes()]
     }
@@ -235,8 +236,9 @@ pub trait Network: Send + Sync {
         }
     }
 
-    /// Logits `[N, classes]` from `x` `[N, C, H, W]`: the blocks in order. `params`
-    /// follow `params()`; `buffers` follow `buffers()` and are replaced in `Mode::Train`.
+    /// The output `[N, ..output_shape()]` (a classifier's logits `[N, classes]`) from
+    /// `x` `[N, C, H, W]`: the blocks in order. `params` follow `params()`; `buffers`
+    /// follow `buffers()` and are replaced in `Mode::Train`.
     fn forward(
         &self,
         params: &[Tensor],
@@ -265,7 +267,8 @@ pub trait Network: Send + Sync {
 }
 
 /// Builds the network named by `cfg.arch` for the given input shape and class count
-/// (`model.num_classes`, when set, replaces the data's class count).
+/// (`model.num_classes`, when set, replaces the data's class count; `edsr`, not a
+/// classifier, takes none, and needs `model.scale`).
 pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box<dyn Network>> {
     let classes = match cfg.num_classes {
         Some(0) => bail!("config key `model.num_classes`: must be at least 1"),
@@ -291,6 +294,20 @@ pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box
         "resnet18" | "resnet34" | "resnet50" | "resnet101" => {
             Box::new(resnet::ResNet::new(&cfg.arch, input, classes)?)
         }
+        "edsr" => Box::new(edsr::Edsr::new(
+            input,
+            edsr::EdsrShape {
+                scale: cfg.scale.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "config key `model.scale`: unset, and edsr needs its upscaling \
+                         factor (2, 3 or 4) to be built; set it or take it from the data"
+                    )
+                })?,
+                num_feat: cfg.num_feat,
+                num_block: cfg.num_block,
+                res_scale: cfg.res_scale,
+            },
+        )?),
         "vit" => Box::new(vit::Vit::new(
             input,
             vit::VitShape {

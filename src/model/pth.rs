@@ -473,8 +473,21 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The named tensors of a state dict, and which dict of the file held it when it was
-/// not the top level (`state_dict`, `model`).
+/// The keys under which a checkpoint may hold its state dict, in the order they are
+/// tried: training checkpoints (`state_dict`, `model`, `model_state_dict`) and BasicSR's
+/// (`params`, `params_ema`). BasicSR saves a model trained with an EMA under both; its
+/// loader reads `params` unless told otherwise (`param_key_g`), and so does this one,
+/// taking `params_ema` when it is alone.
+const STATE_DICT_KEYS: [&str; 5] = [
+    "state_dict",
+    "model",
+    "model_state_dict",
+    "params",
+    "params_ema",
+];
+
+/// The named tensors of a state dict, and a note saying which dict of the file held it
+/// when it was not the top level ([`STATE_DICT_KEYS`]).
 fn state_dict(top: Value) -> Result<(Named<TensorRef>, Option<String>)> {
     let tensors = |d: &Rc<RefCell<Vec<(Value, Value)>>>| -> Option<Vec<(String, TensorRef)>> {
         d.borrow()
@@ -499,18 +512,25 @@ fn state_dict(top: Value) -> Result<(Named<TensorRef>, Option<String>)> {
             other => other.kind().to_string(),
         })
         .collect();
-    for want in ["state_dict", "model", "model_state_dict"] {
-        let inner = d.borrow().iter().find_map(|(k, v)| match (k, v) {
-            (Value::Str(k), Value::Dict(inner)) if k == want => Some(inner.clone()),
+    let inner = |want: &str| {
+        d.borrow().iter().find_map(|(k, v)| match (k, v) {
+            (Value::Str(k), Value::Dict(inner)) if k == want => tensors(inner),
             _ => None,
-        });
-        if let Some(t) = inner.as_ref().and_then(tensors) {
-            return Ok((t, Some(want.to_string())));
+        })
+    };
+    for want in STATE_DICT_KEYS {
+        if let Some(t) = inner(want) {
+            let mut note = format!("read the state_dict under `{want}`");
+            if want == "params" && inner("params_ema").is_some() {
+                note += " (BasicSR's default; the `params_ema` beside it was not read)";
+            }
+            return Ok((t, Some(note)));
         }
     }
     bail!(
         "holds a dict that is not a state_dict (a dict of tensors) and holds none under \
-         `state_dict` or `model`; its keys: {}",
+         {}; its keys: {}",
+        STATE_DICT_KEYS.map(|k| format!("`{k}`")).join(", "),
         keys.join(", ")
     )
 }
@@ -586,10 +606,7 @@ pub fn read(path: &Path, bytes: &[u8], device: &Device) -> Result<(Named<Tensor>
     };
     let top = unpickle(&entry(&pkl)?).with_context(|| format!("weights file {name}"))?;
     let (refs, inside) = state_dict(top).with_context(|| format!("weights file {name}"))?;
-    let mut notes = Vec::new();
-    if let Some(k) = inside {
-        notes.push(format!("read the state_dict under `{k}`"));
-    }
+    let notes: Vec<String> = inside.into_iter().collect();
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut out = Vec::with_capacity(refs.len());
     for (key, t) in refs {

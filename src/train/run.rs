@@ -206,7 +206,7 @@ impl RunContext {
             }
         }
         // The data decides what is unset about the task; the saved config says it.
-        cfg.task = Some(bench.task);
+        bench.settle(&mut cfg)?;
         let net = model::build(&cfg.model, bench.shape(), bench.num_classes())?;
         check_output(net.as_ref(), &bench, &cfg)?;
         let resume = match cfg.checkpoint.resume {

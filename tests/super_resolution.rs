@@ -226,3 +226,171 @@ fn a_broken_super_resolution_manifest_is_named() {
         "{e}"
     );
 }
+
+/// A tiny EDSR on the bundled cameras: stage 1 from scratch, DPU every 3 steps,
+/// checkpoints every 6 steps, evaluation every 6.
+const TINY: &str = r#"
+seed = 1
+threads = 1
+[model]
+arch = "edsr"
+num_feat = 4
+num_block = 1
+[augment]
+hflip = true
+[train]
+steps = 12
+batch_size = 8
+log_every = 1000
+[optim]
+lr = 1e-3
+[stage1]
+warmup_steps = 3
+warmup_layers = "all"
+stat_batches = 3
+[ldt]
+ema_every = 3
+[ldt_s]
+p_steps = 3
+a_steps = 3
+[eval]
+every = 6
+batch_size = 64
+[checkpoint]
+every = 6
+"#;
+
+/// Every method trains on image targets: the summary holds PSNR/SSIM per camera for each
+/// exported network and bicubic upsampling's beside them, the train records carry a
+/// finite pixel loss and no accuracy, and the saved config names the task and scale the
+/// data decided.
+#[test]
+fn every_method_trains_and_scores_super_resolution() {
+    let data = format!("data.manifest=\"{}\"", manifest().display());
+    for method in ["erm", "lp-ft", "deft", "ldt", "ldt-s"] {
+        let set = format!("train.method=\"{method}\"");
+        let (dir, ctx) = common::run(TINY, &[&data, &set, "train.lp_steps=4"]);
+        let exported = ldt::train::compare::exported(ldt::config::Method::parse(method).unwrap());
+        let r = &ctx.summary.eval[exported];
+        let b = &ctx.summary.eval["bicubic"];
+        assert_eq!(r.domains.len(), 5, "{method}");
+        for (d, base) in r.domains.iter().zip(&b.domains) {
+            let (i, j) = (d.image.unwrap(), base.image.unwrap());
+            assert!(
+                i.psnr.is_finite() && i.ssim > 0.0 && d.acc.is_nan(),
+                "{method} {d:?}"
+            );
+            assert!(j.psnr > 25.0, "bicubic {base:?}");
+        }
+        let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        let train: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["kind"] == "train")
+            .collect();
+        assert!(!train.is_empty());
+        for v in &train {
+            assert!(v.get("acc").is_none(), "{method}: {v}");
+        }
+        let saved = std::fs::read_to_string(dir.path().join("config.toml")).unwrap();
+        assert!(
+            saved.contains("task = \"super-resolution\"") && saved.contains("scale = 2"),
+            "{method}: {saved}"
+        );
+    }
+}
+
+/// LDT-S on image targets resumes bit for bit: the run resumed from its step-6
+/// checkpoint exports the composite of the whole run; and block-wise recompute
+/// computes the same steps (the same composite bits).
+#[test]
+fn ldt_s_resumes_and_recomputes_to_the_same_bits() {
+    let data = format!("data.manifest=\"{}\"", manifest().display());
+    let ov = [data.as_str(), "train.method=\"ldt-s\""];
+    let (whole, _) = common::run(TINY, &ov);
+    let fresh = common::only_checkpoint(whole.path(), 6);
+    let cfg = Config::from_toml(
+        TINY,
+        "test",
+        &[
+            data.clone(),
+            "train.method=\"ldt-s\"".into(),
+            "checkpoint.resume=\"auto\"".into(),
+        ],
+    )
+    .unwrap();
+    let mut ctx = ldt::train::RunContext::open(cfg, fresh.path()).unwrap();
+    ldt::train::run_method(&mut ctx).unwrap();
+    let name = "composite.safetensors";
+    assert!(
+        common::identical(&whole.path().join(name), &fresh.path().join(name)),
+        "resumed composite differs"
+    );
+    let (blocks, _) = common::run(TINY, &[ov[0], ov[1], "train.recompute=\"blocks\""]);
+    assert!(
+        common::identical(&whole.path().join(name), &blocks.path().join(name)),
+        "block-wise recompute changed the composite"
+    );
+}
+
+/// The memory settings keep the bits on image targets too: LDT-S with the optimizer on
+/// the host, with streamed weights (block-wise recompute), and dual-branch swap placement
+/// each export the plain run's composite bit for bit; bf16 runs and scores.
+#[test]
+fn memory_settings_keep_the_bits() {
+    let data = format!("data.manifest=\"{}\"", manifest().display());
+    let base = [data.as_str(), "train.method=\"ldt-s\""];
+    let (plain, _) = common::run(TINY, &base);
+    let name = "composite.safetensors";
+    for extra in [
+        vec!["offload.optimizer=\"host\""],
+        vec![
+            "offload.optimizer=\"host\"",
+            "offload.params=\"stream\"",
+            "train.recompute=\"blocks\"",
+        ],
+    ] {
+        let mut ov = base.to_vec();
+        ov.extend(&extra);
+        let (d, _) = common::run(TINY, &ov);
+        assert!(
+            common::identical(&plain.path().join(name), &d.path().join(name)),
+            "{extra:?} changed the composite"
+        );
+    }
+    let ldt = [data.as_str(), "train.method=\"ldt\""];
+    let (resident, _) = common::run(TINY, &ldt);
+    let (swap, _) = common::run(TINY, &[ldt[0], ldt[1], "ldt.placement=\"swap\""]);
+    assert!(common::identical(
+        &resident.path().join(name),
+        &swap.path().join(name)
+    ));
+    let (_, ctx) = common::run(TINY, &[base[0], base[1], "train.precision=\"bf16\""]);
+    let i = ctx.summary.eval["composite"].image.unwrap()[0].unwrap();
+    assert!(i.psnr.is_finite() && i.psnr > 10.0, "{i:?}");
+}
+
+/// `ldt compare` on image targets: the tables are in dB (PSNR-Y) with an SSIM table,
+/// the paired difference to erm in dB, the CSV columns named `_psnr_db`.
+#[test]
+fn compare_reports_psnr_and_ssim() {
+    let cfg = cfg(&[]);
+    let mut base = Config::from_toml(TINY, "test", &[]).unwrap();
+    base.data = cfg.data.clone();
+    let variants: Vec<_> = ["erm", "ldt-s"]
+        .iter()
+        .map(|v| ldt::train::compare::Variant::parse(v).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let md = ldt::train::compare::compare(&base, &variants, &[0, 1], &[], dir.path()).unwrap();
+    println!("{md}");
+    assert!(
+        md.contains("Y-channel PSNR in dB") && md.contains("Y-channel SSIM"),
+        "{md}"
+    );
+    assert!(md.contains("Δ erm") && md.contains("in dB"), "{md}");
+    let csv = std::fs::read_to_string(dir.path().join("compare.csv")).unwrap();
+    assert!(csv.starts_with("method,source_psnr_db_mean"), "{csv}");
+    let runs = std::fs::read_to_string(dir.path().join("compare_runs.csv")).unwrap();
+    assert!(runs.starts_with("method,seed,step,network,source_psnr_db,target_psnr_db\n"));
+}

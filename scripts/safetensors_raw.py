@@ -1,6 +1,7 @@
 """A safetensors file read and written with the Python standard library: the scripts
 that make the bundled files and fixtures (`make_image_folder.py`, `safetensors_to_pth.py`,
-`make_pth_fixtures.py`, `make_sr_benchmark.py`, `make_sr_fixtures.py`) share it."""
+`make_pth_fixtures.py`, `make_sr_benchmark.py`, `make_sr_fixtures.py`,
+`make_swinir_fixtures.py`) share it."""
 
 import json
 import struct

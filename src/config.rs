@@ -191,7 +191,7 @@ impl Default for Config {
 }
 
 /// Every `model.arch` a configuration may name (`crate::model::build` builds each).
-pub const ARCHS: [&str; 9] = [
+pub const ARCHS: [&str; 10] = [
     "mlp",
     "cnn",
     "cnn_bn",
@@ -201,11 +201,66 @@ pub const ARCHS: [&str; 9] = [
     "resnet101",
     "vit",
     "edsr",
+    "swinir",
 ];
 
 /// The upscaling factors of `edsr` (`model.scale`): BasicSR's `Upsample` takes 2^n and
 /// 3; these are the factors EDSR was published and is benchmarked with.
 pub const EDSR_SCALES: [usize; 3] = [2, 3, 4];
+
+/// The upscaling factors of `swinir` (`model.scale`): SwinIR-light's, the factors it
+/// was published and is benchmarked with (its one-step upsampler would take any).
+pub const SWINIR_SCALES: [usize; 3] = [2, 3, 4];
+
+/// `model.mlp_ratio` of `vit` when unset (timm's).
+pub const VIT_MLP_RATIO: f64 = 4.0;
+
+/// `model.mlp_ratio` of `swinir` when unset (SwinIR-light's).
+pub const SWINIR_MLP_RATIO: f64 = 2.0;
+
+/// The rules of `swinir`'s size settings (`model.embed_dim`, `depths`, `num_heads`,
+/// `window_size`, `mlp_ratio`), each error naming its key: positive sizes, one head
+/// count per residual group, each dividing the embedding width, a positive MLP width.
+pub fn check_swinir_shape(
+    embed_dim: usize,
+    depths: &[usize],
+    num_heads: &[usize],
+    window_size: usize,
+    mlp_ratio: f64,
+) -> Result<()> {
+    if embed_dim == 0 {
+        bail!("config key `model.embed_dim`: must be at least 1");
+    }
+    if depths.is_empty() || depths.contains(&0) {
+        bail!(
+            "config key `model.depths`: need at least one residual group, each of at least \
+             one block, got {depths:?}"
+        );
+    }
+    if num_heads.len() != depths.len() {
+        bail!(
+            "config key `model.num_heads`: one head count per entry of `model.depths` \
+             ({}), got {num_heads:?}",
+            depths.len()
+        );
+    }
+    if let Some(h) = num_heads
+        .iter()
+        .find(|&&h| h == 0 || !embed_dim.is_multiple_of(h))
+    {
+        bail!(
+            "config key `model.num_heads`: {h} heads do not divide `model.embed_dim` = \
+             {embed_dim}"
+        );
+    }
+    if window_size == 0 {
+        bail!("config key `model.window_size`: must be at least 1");
+    }
+    if !mlp_ratio.is_finite() || (embed_dim as f64 * mlp_ratio) as usize == 0 {
+        bail!("config key `model.mlp_ratio`: {mlp_ratio} gives an MLP width of 0");
+    }
+    Ok(())
+}
 
 /// `[model]`
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -213,7 +268,9 @@ pub const EDSR_SCALES: [usize; 3] = [2, 3, 4];
 pub struct ModelConfig {
     /// Architecture: `mlp`, `cnn`, `cnn_bn`, `resnet18`, `resnet34`, `resnet50`,
     /// `resnet101`, `vit`, `edsr` (super-resolution: BasicSR's EDSR; with the defaults
-    /// of `scale`, `num_feat`, `num_block` and `res_scale` the EDSR baseline).
+    /// of `scale`, `num_feat`, `num_block` and `res_scale` the EDSR baseline), `swinir`
+    /// (super-resolution: BasicSR's SwinIR, lightweight form; with the defaults of
+    /// `embed_dim`, `depths`, `num_heads`, `window_size` and `mlp_ratio` SwinIR-light).
     pub arch: String,
     /// Weights to start from, with PyTorch names: safetensors, or a PyTorch checkpoint
     /// (`.pth`/`.pt`/`.bin`, read without running anything from it); otherwise
@@ -238,10 +295,12 @@ pub struct ModelConfig {
     pub depth: usize,
     /// `vit`: attention heads (must divide `width`).
     pub heads: usize,
-    /// `vit`: MLP hidden width as a multiple of `width` (timm: `int(width * mlp_ratio)`).
-    pub mlp_ratio: f64,
-    /// `edsr`: upscaling factor, 2, 3 or 4; unset = the data's scale (a network is built
-    /// only once it is known).
+    /// `vit` and `swinir`: MLP hidden width as a multiple of the embedding width
+    /// (`int(width * mlp_ratio)`); unset = the architecture's own, 4 for `vit` (timm's)
+    /// and 2 for `swinir` (SwinIR-light's).
+    pub mlp_ratio: Option<f64>,
+    /// `edsr` and `swinir`: upscaling factor, 2, 3 or 4; unset = the data's scale (a
+    /// network is built only once it is known).
     pub scale: Option<usize>,
     /// `edsr`: feature channels (BasicSR's `num_feat`; the baseline's 64).
     pub num_feat: usize,
@@ -250,6 +309,19 @@ pub struct ModelConfig {
     /// `edsr`: factor on each residual block's branch before its add (BasicSR's
     /// `res_scale`; the baseline's 1, EDSR-L's 0.1).
     pub res_scale: f64,
+    /// `swinir`: embedding width (BasicSR's `embed_dim`; SwinIR-light's 60). Each
+    /// entry of `num_heads` divides it.
+    pub embed_dim: usize,
+    /// `swinir`: Swin transformer blocks of each residual group (RSTB), one entry per
+    /// group (BasicSR's `depths`).
+    pub depths: Vec<usize>,
+    /// `swinir`: attention heads of each residual group (BasicSR's `num_heads`, one
+    /// entry per entry of `depths`; `vit`'s one count is `heads`).
+    pub num_heads: Vec<usize>,
+    /// `swinir`: side of the attention windows; the input sides must be multiples of it
+    /// (of the smaller side when that is not larger: BasicSR then attends over windows
+    /// that large, without shift).
+    pub window_size: usize,
 }
 
 impl Default for ModelConfig {
@@ -266,11 +338,15 @@ impl Default for ModelConfig {
             width: 96,
             depth: 3,
             heads: 3,
-            mlp_ratio: 4.0,
+            mlp_ratio: None,
             scale: None,
             num_feat: 64,
             num_block: 16,
             res_scale: 1.0,
+            embed_dim: 60,
+            depths: vec![6, 6, 6, 6],
+            num_heads: vec![6, 6, 6, 6],
+            window_size: 8,
         }
     }
 }
@@ -1381,6 +1457,18 @@ impl ModelConfig {
                         m.res_scale
                     );
                 }
+            }
+            "swinir" => {
+                if let Some(s) = m.scale.filter(|s| !SWINIR_SCALES.contains(s)) {
+                    bail!("config key `model.scale`: swinir upscales by 2, 3 or 4, not {s}");
+                }
+                check_swinir_shape(
+                    m.embed_dim,
+                    &m.depths,
+                    &m.num_heads,
+                    m.window_size,
+                    m.mlp_ratio.unwrap_or(SWINIR_MLP_RATIO),
+                )?;
             }
             other if ARCHS.contains(&other) => {}
             other => bail!(

@@ -7,7 +7,8 @@
 //!   (resnet: one per convolution unit and one per projection shortcut; ViT: the
 //!   attention and the MLP half of each transformer block; edsr: one per residual block
 //!   of the body and one for its end — `tests/edsr.rs` checks their gradients, which
-//!   need the L1 loss).
+//!   need the L1 loss; swinir: the attention and the MLP half of each Swin block, each
+//!   group's convolution, the patch norm and the body's end — `tests/swinir.rs`).
 //! - Gradients: on mlp, cnn_bn, resnet18 and vit, for every layer set a method trains
 //!   (all; the first half; every third layer, scattered like LDT's unstable set; the head
 //!   only), and on resnet50 (Bottleneck units) for every third layer and for the layers
@@ -50,7 +51,7 @@ fn build(arch: &str) -> Box<dyn Network> {
         num_block: 3,
         ..ModelConfig::default()
     };
-    let input = if arch == "edsr" {
+    let input = if arch == "edsr" || arch == "swinir" {
         [3, 8, 8]
     } else {
         [1, 28, 28]
@@ -68,6 +69,7 @@ fn blocks_cover_every_parameter_and_buffer_once() {
         ("resnet50", 18),
         ("vit", 4),
         ("edsr", 5),
+        ("swinir", 3),
     ] {
         let net = build(arch);
         let blocks = net.blocks();
@@ -107,6 +109,9 @@ fn blocks_cover_every_parameter_and_buffer_once() {
             // conv_first, two upsampling stages, conv_last; the body: 3 residual blocks
             // and conv_after_body with the global skip
             "edsr" => 4 + 3 + 1,
+            // conv_first, upsample; the body: patch_embed.norm, 24 Swin blocks of an
+            // attention and an MLP half, 4 group convolutions, the end with the skip
+            "swinir" => 2 + 1 + 24 * 2 + 4 + 1,
             _ => count,
         };
         assert_eq!(units, expected, "{arch}: segments");

@@ -15,6 +15,7 @@ mod matmul;
 pub mod mlp;
 pub mod pth;
 pub mod resnet;
+pub mod swinir;
 pub mod vit;
 
 use crate::config::ModelConfig;
@@ -49,6 +50,9 @@ pub enum Init {
     /// (`s = sqrt(2 / fan_out)`) and timm's `trunc_normal_(std=s)` (cut at +-2, i.e. at
     /// 100 standard deviations for s = 0.02: no cut in practice).
     Normal(f32),
+    /// Values the network computes ([`Network::table`]): a buffer's, such as `swinir`'s
+    /// relative position indices and attention masks.
+    Table,
 }
 
 /// One named parameter tensor: an LDT "layer".
@@ -195,6 +199,15 @@ pub trait Network: Send + Sync {
     }
     /// The forward's blocks, in order.
     fn blocks(&self) -> &[BlockSpec];
+    /// The initial values of buffer `i` whose init is [`Init::Table`], in its dtype on
+    /// `device`. By default an error: only `swinir` has such buffers.
+    fn table(&self, i: usize, _device: &Device) -> Result<Tensor> {
+        bail!(
+            "{}: buffer `{}` has no computed values",
+            self.arch(),
+            self.buffers()[i].name
+        )
+    }
     /// Block `k`'s output from its input `x`: `params` and `buffers` are the block's
     /// ranges ([`BlockSpec`]); buffers are replaced in `Mode::Train`.
     fn forward_block(
@@ -267,8 +280,8 @@ pub trait Network: Send + Sync {
 }
 
 /// Builds the network named by `cfg.arch` for the given input shape and class count
-/// (`model.num_classes`, when set, replaces the data's class count; `edsr`, not a
-/// classifier, takes none, and needs `model.scale`).
+/// (`model.num_classes`, when set, replaces the data's class count; `edsr` and
+/// `swinir`, not classifiers, take none, and need `model.scale`).
 pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box<dyn Network>> {
     let classes = match cfg.num_classes {
         Some(0) => bail!("config key `model.num_classes`: must be at least 1"),
@@ -308,6 +321,22 @@ pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box
                 res_scale: cfg.res_scale,
             },
         )?),
+        "swinir" => Box::new(swinir::Swinir::new(
+            input,
+            swinir::SwinirShape {
+                scale: cfg.scale.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "config key `model.scale`: unset, and swinir needs its upscaling \
+                         factor (2, 3 or 4) to be built; set it or take it from the data"
+                    )
+                })?,
+                embed_dim: cfg.embed_dim,
+                depths: cfg.depths.clone(),
+                num_heads: cfg.num_heads.clone(),
+                window_size: cfg.window_size,
+                mlp_ratio: cfg.mlp_ratio.unwrap_or(crate::config::SWINIR_MLP_RATIO),
+            },
+        )?),
         "vit" => Box::new(vit::Vit::new(
             input,
             vit::VitShape {
@@ -315,7 +344,7 @@ pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Box
                 width: cfg.width,
                 depth: cfg.depth,
                 heads: cfg.heads,
-                mlp_ratio: cfg.mlp_ratio,
+                mlp_ratio: cfg.mlp_ratio.unwrap_or(crate::config::VIT_MLP_RATIO),
             },
             classes,
         )?),
@@ -406,7 +435,7 @@ impl NetState {
     ) -> Result<Self> {
         let mut masters = Vec::with_capacity(net.params().len());
         for s in net.params() {
-            masters.push(HostVec::from_slice(&init_values(s.init, s.numel(), rng)));
+            masters.push(HostVec::from_slice(&init_values(s.init, s.numel(), rng)?));
         }
         Ok(NetState {
             params: Vec::new(),
@@ -859,24 +888,31 @@ fn init_tensor(
         Init::Zeros => Tensor::zeros(shape, dtype, device)?,
         Init::Ones => Tensor::ones(shape, dtype, device)?,
         _ => Tensor::from_vec(
-            init_values(init, shape.iter().product(), rng),
+            init_values(init, shape.iter().product(), rng)?,
             shape,
             device,
         )?,
     })
 }
 
-/// The initial buffers of `net` on `device` (after the parameters' draws from `rng`).
+/// The initial buffers of `net` on `device` (after the parameters' draws from `rng`;
+/// [`Init::Table`] ones from [`Network::table`]).
 fn init_buffers(net: &dyn Network, rng: &mut Rng, device: &Device) -> Result<Vec<Tensor>> {
     net.buffers()
         .iter()
-        .map(|b| init_tensor(b.init, &b.shape, b.dtype, rng, device))
+        .enumerate()
+        .map(|(i, b)| match b.init {
+            Init::Table => net.table(i, device),
+            init => init_tensor(init, &b.shape, b.dtype, rng, device),
+        })
         .collect()
 }
 
-/// `n` f32 values of `init`, drawn from `rng` where it is random.
-fn init_values(init: Init, n: usize, rng: &mut Rng) -> Vec<f32> {
-    match init {
+/// `n` f32 values of `init`, drawn from `rng` where it is random; an error for
+/// [`Init::Table`] (a buffer's, computed by its network).
+fn init_values(init: Init, n: usize, rng: &mut Rng) -> Result<Vec<f32>> {
+    Ok(match init {
+        Init::Table => bail!("computed values are a buffer's, not a parameter's"),
         Init::Zeros => vec![0.0; n],
         Init::Ones => vec![1.0; n],
         Init::FanIn(fan_in) => {
@@ -884,7 +920,7 @@ fn init_values(init: Init, n: usize, rng: &mut Rng) -> Vec<f32> {
             rng.uniform_vec(n, -b, b)
         }
         Init::Normal(s) => normal_vec(rng, n, s),
-    }
+    })
 }
 
 /// `n` values `N(0, std^2)` (Box-Muller on the project's generator), as f32.

@@ -1034,7 +1034,7 @@ fn check_output(net: &dyn Network, bench: &Benchmark, cfg: &Config) -> Result<()
         Some(t) if out != t => bail!(
             "config key `model.arch`: `{}` outputs {out:?} per example but the \
              super-resolution data ({}) has targets {t:?}: use an upscaling network \
-             (`edsr`) with the data's scale",
+             (`edsr`, `swinir`) with the data's scale",
             cfg.model.arch,
             bench.origin.display()
         ),

@@ -442,6 +442,7 @@ fn verify_model(
 }
 
 fn main() -> ExitCode {
+    ldt::heap::keep_freed_pages();
     let cli = Cli::parse();
     // The process group of a data-parallel launch; dropped (MPI_Finalize) after the
     // command, before the exit code is returned.

@@ -304,10 +304,14 @@ pub fn batch_norm2d(
             *buf.count = (&*buf.count + 1.0)?;
         }
         let inv = (var + BN_EPS)?.sqrt()?.recip()?;
+        // Back to `[N, C, H, W]` in memory order, so that the scale and shift below (and
+        // their backward) take candle's contiguous broadcast path instead of indexing a
+        // transposed view: the same values, rounded the same (golden hashes unchanged).
         centered
             .broadcast_mul(&inv)?
             .reshape((c, n, h, wd))?
             .transpose(0, 1)?
+            .contiguous()?
     };
     let y = super::matmul::broadcast_mul(&y, &w.reshape((1, c, 1, 1))?)?;
     Ok(super::matmul::broadcast_add(&y, &b.reshape((1, c, 1, 1))?)?.to_dtype(dt)?)

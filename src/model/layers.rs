@@ -333,20 +333,6 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(picked.mean_all()?.neg()?)
 }
 
-/// Number of correct argmax predictions and the summed cross-entropy of a batch.
-pub fn correct_and_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(usize, f64)> {
-    let pred = logits.argmax(D::Minus1)?.to_dtype(DType::I64)?;
-    let correct = pred
-        .eq(labels)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as usize;
-    let lsm = log_softmax(logits)?;
-    let picked = lsm.gather(&labels.unsqueeze(1)?, 1)?;
-    let loss_sum = -(picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?);
-    Ok((correct, loss_sum))
-}
-
 // ------------------------------------------------------------------ transformer layers
 //
 // LayerNorm, GELU and softmax as custom ops: candle's fused versions record no backward,

@@ -35,7 +35,7 @@ use ldt::model::{self, io, Mode, Network};
 use ldt::rng::Rng;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use testkit::f64s;
+use testkit::{bits, f64s, l1, scaled, sr_fixture, uniform, within};
 
 fn dev() -> Device {
     Device::Cpu
@@ -64,15 +64,6 @@ fn edsr(
     model::build(&cfg, [3, hw[0], hw[1]], 0).unwrap()
 }
 
-/// A fixture's tensors and its `__metadata__`.
-fn read_fixture(name: &str) -> (HashMap<String, Tensor>, HashMap<String, String>) {
-    let path = fixture(name);
-    let bytes = std::fs::read(&path).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = meta.metadata().clone().expect("the fixture's settings");
-    (common::load(&path), meta)
-}
-
 /// The network a fixture was made with.
 fn fixture_net(t: &HashMap<String, Tensor>, meta: &HashMap<String, String>) -> Box<dyn Network> {
     let num = |k: &str| meta[k].parse::<f64>().unwrap();
@@ -86,34 +77,12 @@ fn fixture_net(t: &HashMap<String, Tensor>, meta: &HashMap<String, String>) -> B
     )
 }
 
-/// `max|a - ref| / max|ref|`.
-fn scaled(a: &Tensor, r: &Tensor) -> f64 {
-    let (a, r) = (f64s(a), f64s(r));
-    assert_eq!(a.len(), r.len());
-    let diff = a
-        .iter()
-        .zip(&r)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-    diff / r.iter().fold(0f64, |m, y| m.max(y.abs()))
-}
-
-/// Asserts `value <= bound`, naming what and the measured value.
-fn within(what: &str, value: f64, bound: f64) {
-    eprintln!("{what:<40} {value:>10.3e}  (bound {bound:.0e})");
-    assert!(value <= bound, "{what}: {value:e} > {bound:e}");
-}
-
-/// The mean L1 loss of `y` against `target` (PyTorch's `F.l1_loss`).
-fn l1(y: &Tensor, target: &Tensor) -> Tensor {
-    (y - target).unwrap().abs().unwrap().mean_all().unwrap()
-}
-
 // ------------------------------------------------------------------ (a) the fixtures
 
 /// Worst scaled deviations of a fixture: (output, loss abs, worst parameter gradient
 /// and its name, input gradient).
 fn deviations(name: &str) -> (f64, f64, (f64, String), f64) {
-    let (t, meta) = read_fixture(name);
+    let (t, meta) = sr_fixture(name);
     let net = fixture_net(&t, &meta);
     let params: Vec<Var> = net
         .params()
@@ -194,7 +163,7 @@ fn names_order_and_shapes_are_basicsrs() {
         "edsr_x3.safetensors",
         "edsr_x4.safetensors",
     ] {
-        let (t, meta) = read_fixture(name);
+        let (t, meta) = sr_fixture(name);
         let net = fixture_net(&t, &meta);
         let want: Vec<(String, Vec<usize>)> = meta["params"]
             .split(',')
@@ -314,13 +283,6 @@ const EPS: f64 = 1e-4;
 /// measured worst: 2.3e-9 (x2), 5.0e-8 (x3), 2.2e-8 (x4).
 const FD_TOL: f64 = 1e-6;
 
-/// f64 values uniform in [lo, hi).
-fn uniform(rng: &mut Rng, shape: &[usize], lo: f64, hi: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| lo + (hi - lo) * rng.next_f64()).collect();
-    Tensor::from_vec(v, shape, &dev()).unwrap()
-}
-
 /// Every element of every parameter and of the input of a tiny f64 EDSR: the autograd
 /// gradient of `sum((y - y0) * r)` (`y0` the output at the base point, a constant that
 /// keeps the sum's rounding at the size of the differences; `r` fixed random) against
@@ -401,10 +363,6 @@ fn fd_edsr_x4() {
 }
 
 // ----------------------------------------------------------- (d) segments, recompute
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    testkit::f32s(t).iter().map(|x| x.to_bits()).collect()
-}
 
 /// Per parameter, the gradient of the L1 loss walked segment by segment as block-wise
 /// recompute walks it (`src/train/recompute.rs`): a forward without a graph keeping each

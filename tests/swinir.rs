@@ -40,15 +40,10 @@ use ldt::config::{Config, ModelConfig};
 use ldt::model::{self, Mode, Network};
 use ldt::rng::Rng;
 use std::collections::HashMap;
-use std::path::PathBuf;
-use testkit::f64s;
+use testkit::{bits, f64s, l1, scaled, sr_fixture, uniform, within};
 
 fn dev() -> Device {
     Device::Cpu
-}
-
-fn fixture(name: &str) -> PathBuf {
-    common::root().join("tests/sr").join(name)
 }
 
 /// A `swinir` of `scale`, `embed_dim`, `depths`, `num_heads`, `window_size`,
@@ -75,15 +70,6 @@ fn swinir(
     model::build(&cfg, [3, hw[0], hw[1]], 0).unwrap()
 }
 
-/// A fixture's tensors and its `__metadata__`.
-fn read_fixture(name: &str) -> (HashMap<String, Tensor>, HashMap<String, String>) {
-    let path = fixture(name);
-    let bytes = std::fs::read(&path).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = meta.metadata().clone().expect("the fixture's settings");
-    (common::load(&path), meta)
-}
-
 /// The network a fixture was made with.
 fn fixture_net(t: &HashMap<String, Tensor>, meta: &HashMap<String, String>) -> Box<dyn Network> {
     let num = |k: &str| meta[k].parse::<f64>().unwrap();
@@ -100,28 +86,6 @@ fn fixture_net(t: &HashMap<String, Tensor>, meta: &HashMap<String, String>) -> B
     )
 }
 
-/// `max|a - ref| / max|ref|`.
-fn scaled(a: &Tensor, r: &Tensor) -> f64 {
-    let (a, r) = (f64s(a), f64s(r));
-    assert_eq!(a.len(), r.len());
-    let diff = a
-        .iter()
-        .zip(&r)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-    diff / r.iter().fold(0f64, |m, y| m.max(y.abs()))
-}
-
-/// Asserts `value <= bound`, naming what and the measured value.
-fn within(what: &str, value: f64, bound: f64) {
-    eprintln!("{what:<48} {value:>10.3e}  (bound {bound:.0e})");
-    assert!(value <= bound, "{what}: {value:e} > {bound:e}");
-}
-
-/// The mean L1 loss of `y` against `target` (PyTorch's `F.l1_loss`).
-fn l1(y: &Tensor, target: &Tensor) -> Tensor {
-    (y - target).unwrap().abs().unwrap().mean_all().unwrap()
-}
-
 /// The network's initial buffers (computed, as a fresh network's).
 fn fresh_buffers(net: &dyn Network) -> Vec<Tensor> {
     let mut rng = Rng::new(0, 0);
@@ -134,16 +98,12 @@ fn i64s(t: &Tensor) -> Vec<i64> {
     t.flatten_all().unwrap().to_vec1::<i64>().unwrap()
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    testkit::f32s(t).iter().map(|x| x.to_bits()).collect()
-}
-
 // ------------------------------------------------------------------ (a) the fixtures
 
 /// Worst scaled deviations of a fixture: (output, loss abs, worst parameter gradient
 /// and its name, input gradient).
 fn deviations(name: &str) -> (f64, f64, (f64, String), f64) {
-    let (t, meta) = read_fixture(name);
+    let (t, meta) = sr_fixture(name);
     let net = fixture_net(&t, &meta);
     // The buffers as stored by torch, which the computed ones equal.
     let mut buffers: Vec<Tensor> = net.buffers().iter().map(|s| t[&s.name].clone()).collect();
@@ -221,7 +181,7 @@ fn swinir_x3_matches_pytorch() {
 #[test]
 fn names_order_shapes_and_buffers_are_basicsrs() {
     for name in ["swinir_x2.safetensors", "swinir_x3.safetensors"] {
-        let (t, meta) = read_fixture(name);
+        let (t, meta) = sr_fixture(name);
         let net = fixture_net(&t, &meta);
         let want = |key: &str| -> Vec<(String, Vec<usize>, DType)> {
             meta[key]
@@ -274,7 +234,7 @@ fn names_order_shapes_and_buffers_are_basicsrs() {
 /// saved alone loads through `model.init`'s reader, every tensor as stored.
 #[test]
 fn a_basicsr_state_dict_loads_with_its_buffers() {
-    let (t, meta) = read_fixture("swinir_x3.safetensors");
+    let (t, meta) = sr_fixture("swinir_x3.safetensors");
     let net = fixture_net(&t, &meta);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("swinir.safetensors");
@@ -445,13 +405,6 @@ const EPS: f64 = 1e-5;
 /// Largest accepted error `|fd - ad| / max(|ad|, max_j |ad_j|)` (as tests/gradients.rs);
 /// measured worst: 1.2e-7 (conv_first.bias).
 const FD_TOL: f64 = 1e-6;
-
-/// f64 values uniform in [lo, hi).
-fn uniform(rng: &mut Rng, shape: &[usize], lo: f64, hi: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| lo + (hi - lo) * rng.next_f64()).collect();
-    Tensor::from_vec(v, shape, &dev()).unwrap()
-}
 
 /// Every element of every parameter and of the input of a tiny f64 SwinIR: the autograd
 /// gradient of `sum((y - y0) * r)` (`y0` the output at the base point, `r` fixed

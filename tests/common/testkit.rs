@@ -81,3 +81,49 @@ pub fn f32s(t: &Tensor) -> Vec<f32> {
         .to_vec1::<f32>()
         .unwrap()
 }
+
+/// `max|a - ref| / max|ref|`: the "scaled" deviation the PyTorch comparisons bound.
+pub fn scaled(a: &Tensor, r: &Tensor) -> f64 {
+    let (a, r) = (f64s(a), f64s(r));
+    assert_eq!(a.len(), r.len());
+    let diff = a
+        .iter()
+        .zip(&r)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    diff / r.iter().fold(0f64, |m, y| m.max(y.abs()))
+}
+
+/// Asserts `value <= bound`, printing what and the measured value.
+pub fn within(what: &str, value: f64, bound: f64) {
+    eprintln!("{what:<48} {value:>10.3e}  (bound {bound:.0e})");
+    assert!(value <= bound, "{what}: {value:e} > {bound:e}");
+}
+
+/// The mean L1 loss of `y` against `target` (PyTorch's `F.l1_loss`).
+pub fn l1(y: &Tensor, target: &Tensor) -> Tensor {
+    (y - target).unwrap().abs().unwrap().mean_all().unwrap()
+}
+
+/// The bits of an f32 tensor's values.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    f32s(t).iter().map(|x| x.to_bits()).collect()
+}
+
+/// An f64 CPU tensor of `shape`, uniform in `[lo, hi)` from `rng`.
+pub fn uniform(rng: &mut ldt::rng::Rng, shape: &[usize], lo: f64, hi: f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| lo + (hi - lo) * rng.next_f64()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A super-resolution fixture of `tests/sr/` (written by the torch scripts): its tensors
+/// and its `__metadata__` (the network's settings).
+pub fn sr_fixture(name: &str) -> (HashMap<String, Tensor>, HashMap<String, String>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sr")
+        .join(name);
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().expect("the fixture's settings");
+    (load(&path), meta)
+}

@@ -742,6 +742,71 @@ pub enum Criterion {
     Names,
 }
 
+impl Criterion {
+    /// The name in configs and reports (`var`, `var_over_mean`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Criterion::Var => "var",
+            Criterion::VarCross => "var_cross",
+            Criterion::Mean => "mean",
+            Criterion::VarOverMean => "var_over_mean",
+            Criterion::Random => "random",
+            Criterion::Names => "names",
+        }
+    }
+
+    /// Whether it ranks layers by statistics of their gradients (a statistics pass).
+    pub fn needs_statistics(self) -> bool {
+        !matches!(self, Criterion::Random | Criterion::Names)
+    }
+}
+
+/// The word `auto` of a stage-1 setting the search chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoWord {
+    /// `"auto"`.
+    Auto,
+}
+
+/// `stage1.unstable_ratio`: a fraction, or `"auto"` (the search picks one of
+/// `stage1.search_ratios` on the source validation hold-out).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "a fraction in [0, 1] or \"auto\"")]
+pub enum RatioChoice {
+    /// This fraction of layers goes to the unstable set.
+    Fixed(f64),
+    /// Chosen by the search.
+    Auto(AutoWord),
+}
+
+/// `stage1.criterion`: a criterion, or `"auto"` (the search picks one of
+/// `stage1.search_criteria` on the source validation hold-out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "one of \"var\", \"var_cross\", \"mean\", \"var_over_mean\", \"random\", \"names\" or \"auto\""
+)]
+pub enum CriterionChoice {
+    /// This criterion.
+    Fixed(Criterion),
+    /// Chosen by the search.
+    Auto(AutoWord),
+}
+
+/// The network a search probe is scored by (`stage1.probe_network`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeNetwork {
+    /// Each layer from the branch that trains it: where the composite is heading. A
+    /// probe is short beside the DPU's half-lives (thousands of steps with the
+    /// authors' coefficients), over which the composite itself barely leaves the
+    /// start, whatever the candidate.
+    Leading,
+    /// The kept composite itself (meaningful with a DPU warm-up or long probes).
+    Composite,
+}
+
 /// Which layers the stage-1 warm-up trains (`stage1.warmup_layers`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -770,14 +835,24 @@ pub struct Stage1Config {
     pub stat_batches: usize,
     /// Examples per statistics batch.
     pub stat_batch_size: usize,
-    /// `var`, `var_cross`, `mean`, `var_over_mean`, `random` or `names`.
-    pub criterion: Criterion,
+    /// `var`, `var_cross`, `mean`, `var_over_mean`, `random`, `names` or `auto`.
+    pub criterion: CriterionChoice,
     /// Also compute `var_cross` (per-element variance across batches) for the report when
     /// the criterion does not need it: it holds two f64 moments per parameter (4x the f32
     /// weights) through the statistics pass. Otherwise it is reported as NaN.
     pub cross_variance: bool,
-    /// Fraction of layers that go to the unstable set, in [0, 1].
-    pub unstable_ratio: f64,
+    /// Fraction of layers that go to the unstable set, in [0, 1], or `auto`.
+    pub unstable_ratio: RatioChoice,
+    /// The unstable ratios an `auto` ratio chooses from.
+    pub search_ratios: Vec<f64>,
+    /// The criteria an `auto` criterion chooses from.
+    pub search_criteria: Vec<Criterion>,
+    /// Optimizer steps of each search probe: the run's own first steps with one
+    /// candidate partition, then scored on the source validation hold-out.
+    pub probe_steps: usize,
+    /// What a probe is scored by: `leading` (each layer from the branch that trains
+    /// it) or `composite`.
+    pub probe_network: ProbeNetwork,
     /// `names` criterion: name prefixes of the stable set.
     pub stable_names: Vec<String>,
     /// `names` criterion: name prefixes of the unstable set (default: the model's head).
@@ -796,9 +871,13 @@ impl Default for Stage1Config {
             split_fraction: 0.5,
             stat_batches: 300,
             stat_batch_size: 4,
-            criterion: Criterion::Var,
+            criterion: CriterionChoice::Fixed(Criterion::Var),
             cross_variance: false,
-            unstable_ratio: 0.5,
+            unstable_ratio: RatioChoice::Fixed(0.5),
+            search_ratios: vec![0.3, 0.4, 0.5, 0.6, 0.7],
+            search_criteria: vec![Criterion::Var, Criterion::VarOverMean, Criterion::Mean],
+            probe_steps: 100,
+            probe_network: ProbeNetwork::Leading,
             stable_names: Vec::new(),
             unstable_names: Vec::new(),
             partition: None,
@@ -1201,12 +1280,89 @@ impl Stage1Config {
             "stage1.stat_batch_size",
             "must be at least 1",
         )?;
+        if let RatioChoice::Fixed(r) = self.unstable_ratio {
+            check(
+                (0.0..=1.0).contains(&r),
+                "stage1.unstable_ratio",
+                "must be in [0, 1] or \"auto\"",
+            )?;
+        }
         check(
-            (0.0..=1.0).contains(&self.unstable_ratio),
-            "stage1.unstable_ratio",
-            "must be in [0, 1]",
+            !self.search_ratios.is_empty(),
+            "stage1.search_ratios",
+            "must name at least one ratio",
         )?;
+        for (i, r) in self.search_ratios.iter().enumerate() {
+            check(
+                (0.0..=1.0).contains(r),
+                &format!("stage1.search_ratios[{i}]"),
+                "must be in [0, 1]",
+            )?;
+            check(
+                !self.search_ratios[..i].contains(r),
+                &format!("stage1.search_ratios[{i}]"),
+                &format!("{r} is listed twice"),
+            )?;
+        }
+        check(
+            !self.search_criteria.is_empty(),
+            "stage1.search_criteria",
+            "must name at least one criterion",
+        )?;
+        for (i, c) in self.search_criteria.iter().enumerate() {
+            let key = format!("stage1.search_criteria[{i}]");
+            check(
+                *c != Criterion::Names,
+                &key,
+                "`names` fixes the sets by name: there is nothing to search",
+            )?;
+            check(
+                !self.search_criteria[..i].contains(c),
+                &key,
+                &format!("`{}` is listed twice", c.name()),
+            )?;
+        }
+        check(
+            self.probe_steps >= 1,
+            "stage1.probe_steps",
+            "must be at least 1",
+        )?;
+        if self.searching() {
+            check(
+                self.partition.is_none(),
+                "stage1.partition",
+                "a partition file fixes the sets: remove it, or set fixed                  `stage1.unstable_ratio` and `stage1.criterion`",
+            )?;
+            check(
+                self.criterion != CriterionChoice::Fixed(Criterion::Names),
+                "stage1.unstable_ratio",
+                "`auto` ranks layers, but `stage1.criterion = \"names\"` fixes the sets by \
+                 name: set a ranking criterion (or \"auto\") or a fixed ratio",
+            )?;
+        }
         Ok(())
+    }
+
+    /// Whether stage 1 searches the unstable ratio or the criterion (`auto`).
+    pub fn searching(&self) -> bool {
+        matches!(self.unstable_ratio, RatioChoice::Auto(_))
+            || matches!(self.criterion, CriterionChoice::Auto(_))
+    }
+
+    /// The criteria stage 1 ranks by: the fixed one, or the search's candidates.
+    pub fn criteria(&self) -> Vec<Criterion> {
+        match self.criterion {
+            CriterionChoice::Fixed(c) => vec![c],
+            CriterionChoice::Auto(_) => self.search_criteria.clone(),
+        }
+    }
+
+    /// The unstable ratios stage 1 may use: the fixed one, or the search's candidates.
+    pub fn ratios(&self) -> Vec<f64> {
+        match self.unstable_ratio {
+            RatioChoice::Fixed(r) => vec![r],
+            RatioChoice::Auto(_) => self.search_ratios.clone(),
+        }
     }
 }
 
@@ -1642,6 +1798,45 @@ impl Config {
                 c.train.steps
             );
         }
+        if c.stage1.searching() {
+            let key = match c.stage1.unstable_ratio {
+                RatioChoice::Auto(_) => "stage1.unstable_ratio",
+                RatioChoice::Fixed(_) => "stage1.criterion",
+            };
+            check(
+                matches!(c.train.method, Method::Ldt | Method::LdtS),
+                key,
+                &format!(
+                    "`auto` chooses the partition of ldt and ldt-s; {} has none (set a fixed value)",
+                    c.train.method.name()
+                ),
+            )?;
+            check(
+                c.data.val_fraction > 0.0,
+                "data.val_fraction",
+                &format!(
+                    "`{key} = \"auto\"` scores its candidates on held-out source examples \
+                     (never on a target domain): set data.val_fraction, e.g. 0.1"
+                ),
+            )?;
+            let cycle = c.ldt_s.p_steps + c.ldt_s.a_steps;
+            check(
+                c.train.method != Method::LdtS || c.ldt_s.repeat_batch || c.stage1.probe_steps >= cycle,
+                "stage1.probe_steps",
+                &format!(
+                    "a probe shorter than one LDT-S cycle (ldt_s.p_steps + ldt_s.a_steps = {cycle}) \
+                     never trains the unstable set: make it at least {cycle}"
+                ),
+            )?;
+            check(
+                c.stage1.probe_steps <= c.train.steps,
+                "stage1.probe_steps",
+                &format!(
+                    "a probe is the run's first steps with one candidate: at most train.steps ({})",
+                    c.train.steps
+                ),
+            )?;
+        }
         check(
             !(c.train.method == Method::LdtS
                 && c.ldt_s.repeat_batch
@@ -1807,7 +2002,7 @@ mod tests {
         assert_eq!(c.optim.betas[1], 0.99f64.powf(0.8));
         assert_eq!(c.optim.lr, 1e-4);
         assert_eq!(c.ldt.ema_every, 10);
-        assert_eq!(c.stage1.unstable_ratio, 0.5);
+        assert_eq!(c.stage1.unstable_ratio, RatioChoice::Fixed(0.5));
         c.validate().unwrap();
     }
 

@@ -54,7 +54,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stage 1 alone: warm-up, statistics, partition report (partition.json, .svg, .png).
+    /// Stage 1 alone: warm-up, statistics, partition report (partition.json, .svg, .png);
+    /// with `auto` settings also the search (search.json), whose partition
+    /// `stage1.partition` can then reuse.
     Stats {
         /// TOML config.
         config: PathBuf,
@@ -70,7 +72,9 @@ enum Cmd {
         /// TOML config shared by every run.
         config: PathBuf,
         /// Comma-separated methods: erm, lp-ft, deft, ldt, ldt-s; deft, ldt and ldt-s may
-        /// carry a DPU warm-up, e.g. ldt+ratio (= ldt with ldt.dpu_warmup = "ratio"), ldt+timm.
+        /// carry a DPU warm-up, e.g. ldt+ratio (= ldt with ldt.dpu_warmup = "ratio"), ldt+timm;
+        /// ldt and ldt-s an unstable ratio, e.g. ldt-s@0.3 (= stage1.unstable_ratio = 0.3)
+        /// or ldt-s+auto (chosen by the search on source validation data).
         #[arg(long, value_delimiter = ',', default_value = "erm,lp-ft,deft,ldt", value_parser = parse_variant)]
         methods: Vec<Variant>,
         /// Comma-separated seeds.
@@ -343,8 +347,14 @@ fn stats(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<()> {
     let dir =
         out.unwrap_or_else(|| PathBuf::from(format!("{}-stats", default_out(config).display())));
     let mut ctx = RunContext::open(cfg, &dir)?;
-    let mut state = ctx.start_state(ctx.stage1_resume.as_ref())?;
-    let p = ldt::train::stage1::run(&mut ctx, &mut state)?;
+    // `auto` settings are chosen by probes of training: the search runs them.
+    let p = if ctx.cfg.stage1.searching() {
+        ctx.decide_memory()?;
+        ldt::train::search::run(&mut ctx)?.partition
+    } else {
+        let mut state = ctx.start_state(ctx.stage1_resume.as_ref())?;
+        ldt::train::stage1::run(&mut ctx, &mut state)?
+    };
     println!(
         "{:<40} {:>10} {:>12} {:>9} {:>10}",
         "layer", "numel", "score", "set", "w"

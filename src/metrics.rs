@@ -38,6 +38,16 @@ pub enum Record {
         /// Mean validation accuracy.
         val_acc: f64,
     },
+    /// A search probe (`auto`): one candidate partition's score on the source
+    /// validation hold-out after the run's first `stage1.probe_steps` steps with it.
+    Probe {
+        /// The candidate's criterion.
+        criterion: Criterion,
+        /// The candidate's unstable ratio.
+        unstable_ratio: f64,
+        /// The validation score (accuracy, or PSNR-Y in dB); null when not finite.
+        score: Option<f64>,
+    },
     /// The EMA half-lives of stage 2 and their warnings.
     Lag {
         /// The report.
@@ -580,6 +590,12 @@ pub struct Summary {
     /// The partition (LDT methods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<PartitionSummary>,
+    /// The search of `auto` stage-1 settings: every candidate's score and the choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<crate::ldt::search::SearchReport>,
+    /// Seconds of the search's probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_seconds: Option<f64>,
     /// The EMA half-lives (LDT methods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<LagReport>,

@@ -79,6 +79,7 @@ fn training_panels() -> Vec<Panel> {
         Panel {
             title: "loss".to_string(),
             y_label: "cross-entropy".to_string(),
+            x_label: "step".to_string(),
             curves: vec![
                 curve("train (LDT)", 200, |s| 0.4 + 2.0 * (-s / 2500.0).exp()),
                 curve("val (LDT)", 200, |s| 0.5 + 2.0 * (-s / 3000.0).exp()),
@@ -90,6 +91,7 @@ fn training_panels() -> Vec<Panel> {
         Panel {
             title: "accuracy".to_string(),
             y_label: "top-1 accuracy".to_string(),
+            x_label: "step".to_string(),
             curves: vec![
                 curve("train", 200, |s| 0.9 - 0.8 * (-s / 2500.0).exp()),
                 curve("val", 200, |s| 0.85 - 0.8 * (-s / 3000.0).exp()),
@@ -242,11 +244,13 @@ fn unusable_statistics_and_empty_inputs_do_not_panic() {
                 Panel {
                     title: String::new(),
                     y_label: String::new(),
+                    x_label: "step".to_string(),
                     curves: vec![],
                 },
                 Panel {
                     title: "all NaN <&>".to_string(),
                     y_label: "x".to_string(),
+                    x_label: "step".to_string(),
                     curves: vec![Curve {
                         label: "nan".to_string(),
                         points: vec![(f64::NAN, 1.0), (1.0, f64::NAN)],
@@ -255,6 +259,7 @@ fn unusable_statistics_and_empty_inputs_do_not_panic() {
                 Panel {
                     title: "one point".to_string(),
                     y_label: "y".to_string(),
+                    x_label: "step".to_string(),
                     curves: vec![Curve {
                         label: "single".to_string(),
                         points: vec![(5.0, 5.0)],
@@ -316,6 +321,7 @@ fn many_panels_wrap_into_rows() {
         .map(|i| Panel {
             title: format!("metric {i}"),
             y_label: "value".to_string(),
+            x_label: "step".to_string(),
             curves: vec![curve("run", 50, move |s| s * f64::from(i))],
         })
         .collect();
@@ -336,11 +342,13 @@ fn long_curves_are_thinned_and_crowded_legends_cut() {
             Panel {
                 title: "long".to_string(),
                 y_label: "value".to_string(),
+                x_label: "step".to_string(),
                 curves: vec![long],
             },
             Panel {
                 title: "many".to_string(),
                 y_label: "value".to_string(),
+                x_label: "step".to_string(),
                 curves: many,
             },
         ],

@@ -394,3 +394,38 @@ fn compare_reports_psnr_and_ssim() {
     let runs = std::fs::read_to_string(dir.path().join("compare_runs.csv")).unwrap();
     assert!(runs.starts_with("method,seed,step,network,source_psnr_db,target_psnr_db\n"));
 }
+
+/// The search of `auto` settings on image targets scores its probes by the Y-channel
+/// PSNR (dB) of the source validation hold-out: every score is a finite PSNR, the
+/// choice is the highest, and the run then trains with it (its partition's ratio).
+#[test]
+fn the_search_scores_probes_by_psnr() {
+    let data = format!("data.manifest=\"{}\"", manifest().display());
+    let (dir, ctx) = common::run(
+        TINY,
+        &[
+            &data,
+            "train.method=\"ldt-s\"",
+            "data.val_fraction=0.1",
+            "stage1.unstable_ratio=\"auto\"",
+            "stage1.search_ratios=[0.25, 0.5]",
+            "stage1.probe_steps=6",
+        ],
+    );
+    let r = ctx.summary.search.as_ref().expect("a search report");
+    assert_eq!(r.metric, "psnr_y_db");
+    assert_eq!(r.candidates.len(), 2);
+    for c in &r.candidates {
+        assert!(c.score > 10.0 && c.score < 60.0, "{c:?}");
+    }
+    let best = r
+        .candidates
+        .iter()
+        .map(|c| c.score)
+        .fold(f64::MIN, f64::max);
+    assert_eq!(r.choice().score, best);
+    let part: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("partition.json")).unwrap())
+            .unwrap();
+    assert_eq!(part["unstable_ratio"], r.choice().candidate.unstable_ratio);
+}

@@ -752,7 +752,8 @@ fn panel(b: &mut Builder, p: &Panel, at: (f64, f64), w: f64) {
         Anchor::Middle,
     );
     let step_y = f.y1 + 10.0 + line_height(LABEL) + 12.0;
-    b.text((centre_x, step_y), "step", LABEL, INK, Anchor::Middle);
+    let xlabel = fit(&p.x_label, f.x1 - f.x0, LABEL);
+    b.text((centre_x, step_y), &xlabel, LABEL, INK, Anchor::Middle);
     if finite.is_empty() {
         b.text((centre_x, mid), "no data", LABEL, MUTED, Anchor::Middle);
     }

@@ -40,23 +40,25 @@ pub struct PlotLayer {
     pub coefficient: f64,
 }
 
-/// One line of a chart: `(step, value)` pairs in drawing order. Non-finite
-/// points break the line.
+/// One line of a chart: `(x, value)` pairs in drawing order (x is usually the
+/// step). Non-finite points break the line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Curve {
     /// Legend text.
     pub label: String,
-    /// `(step, value)` pairs.
+    /// `(x, value)` pairs.
     pub points: Vec<(f64, f64)>,
 }
 
-/// A line chart of several curves against step.
+/// A line chart of several curves (usually against the step).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Panel {
     /// Heading above the chart, e.g. `loss`.
     pub title: String,
     /// Label of the vertical axis.
     pub y_label: String,
+    /// Label of the horizontal axis, e.g. `step`.
+    pub x_label: String,
     /// The curves, each with its own colour and legend entry.
     pub curves: Vec<Curve>,
 }

@@ -9,7 +9,7 @@ use super::step::{Batch, GradPlan, StepStats};
 use super::update;
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
-use crate::config::OptimizerPlacement;
+use crate::config::{OptimizerPlacement, ProbeNetwork};
 use crate::ldt::partition::{Partition, Phase};
 use crate::metrics::MemoryReport;
 use crate::model::Weights;
@@ -63,6 +63,19 @@ pub enum View {
     /// The kept network: stable layers from AM's copy, unstable layers and buffers from
     /// PM's.
     Composite,
+    /// Where the composite is heading: each layer from the branch that trains it
+    /// (stable layers and buffers from PM, unstable layers from AM); the composite
+    /// follows it at the DPU's half-lives.
+    Leading,
+}
+
+impl From<ProbeNetwork> for View {
+    fn from(n: ProbeNetwork) -> View {
+        match n {
+            ProbeNetwork::Leading => View::Leading,
+            ProbeNetwork::Composite => View::Composite,
+        }
+    }
 }
 
 impl View {
@@ -72,6 +85,8 @@ impl View {
             View::Branch(b) => b,
             View::Composite if partition.is_stable(i) => Phase::A,
             View::Composite => Phase::P,
+            View::Leading if partition.is_stable(i) => Phase::P,
+            View::Leading => Phase::A,
         }
     }
 
@@ -79,7 +94,7 @@ impl View {
     fn buffers(self) -> Phase {
         match self {
             View::Branch(b) => b,
-            View::Composite => Phase::P,
+            View::Composite | View::Leading => Phase::P,
         }
     }
 }
@@ -651,26 +666,64 @@ impl Branches for Parked {
     }
 }
 
-/// LDT's starting point: the partition and both branches — from stage 1 on the initial
-/// weights, or from the checkpoint `resume` — stored [`Parked`] (with `parked`; the
-/// store is allocated before stage 1, so that a budget that cannot hold it fails first)
-/// or [`Resident`]. Every rank of a data-parallel run checks it holds rank 0's partition.
+/// Where LDT's branches start.
+pub enum Opening<'a> {
+    /// From a training checkpoint.
+    Resume(&'a Checkpoint),
+    /// From stage 1, run now on the initial weights (or continued from the run's
+    /// stage-1 checkpoint).
+    Stage1,
+    /// From a network and a partition the search chose.
+    Chosen(Box<Choice>),
+}
+
+/// What the search opens a run (or one of its probes) with.
+pub struct Choice {
+    /// The network after stage 1's warm-up.
+    pub start: NetState,
+    /// The partition.
+    pub partition: Partition,
+    /// A search probe, which reports nothing.
+    pub probe: bool,
+}
+
+impl<'a> Opening<'a> {
+    /// The training checkpoint, when continuing from one.
+    pub fn checkpoint(&self) -> Option<&'a Checkpoint> {
+        match self {
+            Opening::Resume(ck) => Some(*ck),
+            _ => None,
+        }
+    }
+
+    /// Whether this opens a search probe (which reports nothing: no lag report, no
+    /// replica agreement).
+    pub fn is_probe(&self) -> bool {
+        matches!(self, Opening::Chosen(c) if c.probe)
+    }
+}
+
+/// LDT's starting point: the partition and both branches — from the checkpoint, stage 1
+/// or the search's choice ([`Opening`]) — stored [`Parked`] (with `parked`; the store is
+/// allocated before stage 1, so that a budget that cannot hold it fails first) or
+/// [`Resident`]. Every rank of a data-parallel run checks it holds rank 0's partition.
 pub fn open(
     ctx: &mut RunContext,
-    resume: Option<&Checkpoint>,
+    opening: Opening<'_>,
     parked: bool,
     per_branch_buffers: bool,
 ) -> Result<(Box<dyn Branches>, Partition)> {
     let settings = OptimSettings::from(&ctx.cfg.optim);
     let placement = ctx.cfg.offload.optimizer;
     let store = if parked {
-        Some(allocate_store(ctx, resume)?)
+        Some(allocate_store(ctx, opening.checkpoint())?)
     } else {
         None
     };
     let n = ctx.net.params().len();
-    let (branches, partition): (Box<dyn Branches>, Partition) = match resume {
-        Some(ck) => {
+    let probe = opening.is_probe();
+    let (branches, partition): (Box<dyn Branches>, Partition) = match opening {
+        Opening::Resume(ck) => {
             let partition = super::stage1::resume_partition(ctx, ck)?;
             let mut b: Box<dyn Branches> = match store {
                 Some(store) => {
@@ -687,10 +740,16 @@ pub fn open(
             ctx.refine_activations(b.state(live), &masks)?;
             (b, partition)
         }
-        None => {
-            let mut start = ctx.start_state(ctx.stage1_resume.as_ref())?;
-            ctx.plan_memory(&start)?;
-            let partition = super::stage1::run(ctx, &mut start)?;
+        opening => {
+            let (start, partition) = match opening {
+                Opening::Chosen(c) => (c.start, c.partition),
+                _ => {
+                    let mut start = ctx.start_state(ctx.stage1_resume.as_ref())?;
+                    ctx.plan_memory(&start)?;
+                    let partition = super::stage1::run(ctx, &mut start)?;
+                    (start, partition)
+                }
+            };
             let masks = [partition.mask(Phase::P), partition.mask(Phase::A)];
             ctx.refine_activations(&start, &masks)?;
             let b: Box<dyn Branches> = match store {
@@ -706,6 +765,9 @@ pub fn open(
             (b, partition)
         }
     };
+    if probe {
+        return Ok((branches, partition));
+    }
     ctx.agree_partition(&partition)?;
     Ok((branches, partition))
 }

@@ -13,11 +13,14 @@
 //! written to `compare_runs.csv`. Both CSV files hold accuracies in percent, as the
 //! tables do, and say so in their column names (`_pct`).
 //!
+//! Rows with `auto` settings (`ldt+auto`, `ldt-s+auto`) add a fourth table: the search's
+//! choice per seed and its time.
+//!
 //! Super-resolution runs are scored by the Y-channel PSNR in dB in the same tables
 //! (columns `_psnr_db`), and a second final table gives the Y-channel SSIM.
 
 use super::{run_method, RunContext};
-use crate::config::{Config, DpuWarmup, Method};
+use crate::config::{AutoWord, Config, DpuWarmup, Method, RatioChoice};
 use crate::metrics::Record;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -33,55 +36,102 @@ pub fn exported(method: Method) -> &'static str {
 }
 
 /// One row of a comparison: a method, optionally with a DPU warm-up
-/// (`ldt+ratio` = `ldt` with `ldt.dpu_warmup = "ratio"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// (`ldt+ratio` = `ldt` with `ldt.dpu_warmup = "ratio"`) and an unstable ratio
+/// (`ldt-s@0.3` fixes `stage1.unstable_ratio = 0.3`; `ldt-s+auto` lets the search
+/// choose it).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Variant {
     /// The training method.
     pub method: Method,
     /// `ldt.dpu_warmup` for this row; `None` keeps the config's.
     pub dpu_warmup: Option<DpuWarmup>,
+    /// `stage1.unstable_ratio` for this row; `None` keeps the config's.
+    pub unstable_ratio: Option<RatioChoice>,
 }
 
 impl Variant {
-    /// Parses `METHOD` or `METHOD+timm` / `METHOD+ratio` / `METHOD+none` (sets
-    /// `ldt.dpu_warmup`, for the methods that fold counterparts: deft, ldt, ldt-s).
+    /// Parses `METHOD`, then optionally `+timm` / `+ratio` / `+none` (sets
+    /// `ldt.dpu_warmup`, for the methods that fold counterparts: deft, ldt, ldt-s) and
+    /// `+auto` or `@R` (sets `stage1.unstable_ratio`, for ldt and ldt-s).
     pub fn parse(s: &str) -> Result<Variant> {
-        let (m, w) = match s.split_once('+') {
-            Some((m, w)) => (m, Some(w)),
+        let (head, fixed) = match s.split_once('@') {
+            Some((h, r)) => {
+                let r: f64 = r
+                    .parse()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .with_context(|| {
+                        format!("`{s}`: `@{r}` must be an unstable ratio in [0, 1], e.g. ldt-s@0.3")
+                    })?;
+                (h, Some(RatioChoice::Fixed(r)))
+            }
             None => (s, None),
         };
+        let mut parts = head.split('+');
+        let m = parts.next().unwrap_or_default();
         let method = Method::parse(m).with_context(|| {
             format!(
-                "`{s}`: a method may carry a DPU warm-up, e.g. ldt+ratio or ldt-s+timm \
-                 (deft, ldt, ldt-s)"
+                "`{s}`: a method may carry a DPU warm-up (+timm, +ratio, +none) and an \
+                 unstable ratio (+auto or @R), e.g. ldt+ratio or ldt-s@0.3"
             )
         })?;
-        let dpu_warmup = match w {
-            None => None,
-            Some("none") => Some(DpuWarmup::None),
-            Some("timm") => Some(DpuWarmup::Timm),
-            Some("ratio") => Some(DpuWarmup::Ratio),
-            Some(w) => bail!(
-                "`{s}`: unknown DPU warm-up `{w}`; allowed: +timm, +ratio, +none (`ldt.dpu_warmup`)"
-            ),
+        let mut v = Variant {
+            method,
+            dpu_warmup: None,
+            unstable_ratio: fixed,
         };
-        if dpu_warmup.is_some() && exported(method) == "model" {
+        for part in parts {
+            let w = match part {
+                "auto" => {
+                    if v.unstable_ratio.is_some() {
+                        bail!("`{s}`: the unstable ratio is given twice (+auto, @R)");
+                    }
+                    v.unstable_ratio = Some(RatioChoice::Auto(AutoWord::Auto));
+                    continue;
+                }
+                "none" => DpuWarmup::None,
+                "timm" => DpuWarmup::Timm,
+                "ratio" => DpuWarmup::Ratio,
+                w => bail!(
+                    "`{s}`: unknown `+{w}`; allowed: +timm, +ratio, +none (`ldt.dpu_warmup`) \
+                     and +auto (`stage1.unstable_ratio`)"
+                ),
+            };
+            if v.dpu_warmup.replace(w).is_some() {
+                bail!("`{s}`: the DPU warm-up is given twice");
+            }
+        }
+        if v.dpu_warmup.is_some() && exported(method) == "model" {
             bail!(
                 "`{s}`: {} has no DPU to warm up; +timm / +ratio / +none apply to deft, ldt, ldt-s",
                 method.name()
             );
         }
-        Ok(Variant { method, dpu_warmup })
+        if v.unstable_ratio.is_some() && !matches!(method, Method::Ldt | Method::LdtS) {
+            bail!(
+                "`{s}`: {} has no unstable ratio to set; +auto and @R apply to ldt and ldt-s",
+                method.name()
+            );
+        }
+        Ok(v)
     }
 
-    /// The row name, e.g. `ldt` or `ldt+ratio` (also the run directory's prefix).
+    /// The row name, e.g. `ldt`, `ldt+ratio`, `ldt-s+auto` or `ldt-s@0.3` (also the run
+    /// directory's prefix).
     pub fn name(&self) -> String {
+        let mut name = self.method.name().to_string();
         match self.dpu_warmup {
-            None => self.method.name().to_string(),
-            Some(DpuWarmup::None) => format!("{}+none", self.method.name()),
-            Some(DpuWarmup::Timm) => format!("{}+timm", self.method.name()),
-            Some(DpuWarmup::Ratio) => format!("{}+ratio", self.method.name()),
+            None => {}
+            Some(DpuWarmup::None) => name.push_str("+none"),
+            Some(DpuWarmup::Timm) => name.push_str("+timm"),
+            Some(DpuWarmup::Ratio) => name.push_str("+ratio"),
         }
+        match self.unstable_ratio {
+            None => {}
+            Some(RatioChoice::Auto(_)) => name.push_str("+auto"),
+            Some(RatioChoice::Fixed(r)) => write!(name, "@{r}").expect("writing to a String"),
+        }
+        name
     }
 
     /// The run configuration of this row for `seed`.
@@ -91,6 +141,9 @@ impl Variant {
         cfg.seed = seed;
         if let Some(w) = self.dpu_warmup {
             cfg.ldt.dpu_warmup = w;
+        }
+        if let Some(r) = self.unstable_ratio {
+            cfg.stage1.unstable_ratio = r;
         }
         cfg
     }
@@ -190,6 +243,10 @@ struct RunResult {
     evals: Evals,
     /// `(set, min, max)` EMA half-lives in run steps (composite methods).
     lag: Vec<(String, f64, f64)>,
+    /// The search's choice (`criterion @ ratio`) and its seconds (`auto` rows).
+    search: Option<(String, f64)>,
+    /// Seconds of the whole run.
+    seconds: f64,
 }
 
 /// Runs every `(variant, seed)` in `DIR/<variant>-s<seed>`, writes `compare.md`,
@@ -214,6 +271,12 @@ pub fn compare(
     } else {
         at.to_vec()
     };
+    // A row's settings that the config cannot have fail here, before any run.
+    for v in variants {
+        v.config(base, seeds.first().copied().unwrap_or(base.seed))
+            .validate()
+            .with_context(|| format!("row `{}`", v.name()))?;
+    }
     let mut cols: Vec<String> = vec!["source".into(), "target".into()];
     let mut runs: Vec<(Variant, Vec<RunResult>)> = Vec::new();
     let mut unit = ACCURACY;
@@ -263,11 +326,25 @@ pub fn compare(
                     unit.factor * t
                 )?;
             }
+            let search = ctx.summary.search.as_ref().map(|r| {
+                let pick = r.choice();
+                let seconds = ctx.summary.search_seconds.unwrap_or(f64::NAN);
+                (
+                    format!(
+                        "{} @ {}",
+                        pick.candidate.criterion.name(),
+                        pick.candidate.unstable_ratio
+                    ),
+                    seconds,
+                )
+            });
             per_seed.push(RunResult {
                 last,
                 ssim,
                 evals,
                 lag,
+                search,
+                seconds: ctx.elapsed(),
             });
         }
         runs.push((*v, per_seed));
@@ -294,6 +371,13 @@ pub fn compare(
     if runs.iter().any(|(v, _)| exported(v.method) == "composite") {
         md.push('\n');
         md.push_str(&branch_table(&runs, base.train.steps, unit)?);
+    }
+    if runs
+        .iter()
+        .any(|(_, r)| r.iter().any(|x| x.search.is_some()))
+    {
+        md.push('\n');
+        md.push_str(&search_table(&runs, seeds)?);
     }
     if crate::dist::is_main() {
         std::fs::write(dir.join("compare.md"), &md)?;
@@ -351,7 +435,7 @@ fn final_table(
     writeln!(
         md,
         "\n{}, mean ± std over seeds {seeds:?}, at the last step; exported \
-         network: model (erm, lp-ft) or composite (deft, ldt, ldt-s and their +timm/+ratio rows)",
+         network: model (erm, lp-ft) or composite (deft, ldt, ldt-s and their variants)",
         unit.words
     )?;
     Ok(md)
@@ -499,6 +583,44 @@ fn branch_table(runs: &[(Variant, Vec<RunResult>)], last: usize, unit: Unit) -> 
          best branch per seed, in {}; half-lives of the DPU folds in steps (the range \
          over layers and seeds; without the warm-up, which shortens early exchanges)",
         unit.words, unit.delta
+    )?;
+    Ok(md)
+}
+
+/// The search's choice per seed and its time, for the rows with `auto` settings.
+fn search_table(runs: &[(Variant, Vec<RunResult>)], seeds: &[u64]) -> Result<String> {
+    let mut md = String::from("| method |");
+    for s in seeds {
+        write!(md, " seed {s} |")?;
+    }
+    write!(
+        md,
+        " search seconds | of the run |\n|---|{}---|---|\n",
+        "---|".repeat(seeds.len())
+    )?;
+    for (v, r) in runs {
+        if r.iter().all(|x| x.search.is_none()) {
+            continue;
+        }
+        write!(md, "| {} |", v.name())?;
+        for x in r {
+            let pick = x.search.as_ref().map_or("—", |s| s.0.as_str());
+            write!(md, " {pick} |")?;
+        }
+        let secs: Vec<f64> = r
+            .iter()
+            .filter_map(|x| x.search.as_ref().map(|s| s.1))
+            .collect();
+        let runs: Vec<f64> = r.iter().map(|x| x.seconds).collect();
+        let (m, sd) = stat(&secs);
+        let share = secs.iter().sum::<f64>() / runs.iter().sum::<f64>();
+        writeln!(md, " {m:.0} ± {sd:.0} | {:.0}% |", 100.0 * share)?;
+    }
+    writeln!(
+        md,
+        "\nthe search's choice (criterion @ unstable ratio) per seed, scored on the source \
+         validation hold-out only; its seconds (the probes, not stage 1) and their share of \
+         the whole run's"
     )?;
     Ok(md)
 }

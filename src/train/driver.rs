@@ -8,7 +8,7 @@ use super::run::Fingerprints;
 use super::step::StepStats;
 use super::RunContext;
 use crate::checkpoint::Writer;
-use crate::config::Config;
+use crate::config::{Config, ProbeNetwork};
 use crate::data::{HostBatch, Loader};
 use crate::ldt::partition::Phase;
 use crate::metrics::MemoryReport;
@@ -64,7 +64,12 @@ pub struct Feed<'a, 'b> {
     pub rates: &'a Rates<'b>,
 }
 
-impl Feed<'_, '_> {
+impl<'a, 'b> Feed<'a, 'b> {
+    /// Batches from `loader`, rates from `rates`.
+    pub fn new(loader: &'a mut Loader, rates: &'a Rates<'b>) -> Self {
+        Feed { loader, rates }
+    }
+
     /// The next training batch, in the run's order.
     pub fn next_batch(&mut self) -> Result<HostBatch> {
         self.loader.next_batch()
@@ -100,6 +105,12 @@ pub trait Stepper {
     /// branch is swapped into the live network's memory and back, never copied whole,
     /// so looking at any network costs no more device memory than training.
     fn visit(&mut self, k: usize, f: &mut Visitor) -> Result<()>;
+    /// Calls `f` with the network a search probe is scored by (`stage1.probe_network`):
+    /// LDT's leading composite or its composite. Methods without a partition have none.
+    fn visit_probe(&mut self, network: ProbeNetwork, f: &mut Visitor) -> Result<()> {
+        let _ = (network, f);
+        anyhow::bail!("a method without a partition has no probe network")
+    }
     /// Whether a checkpoint now holds everything needed to continue (LDT-S with
     /// `repeat_batch`: not while replayed batches are pending).
     fn can_checkpoint(&self) -> bool {
@@ -273,10 +284,7 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
     let t0 = Instant::now();
     ctx.stages.enter("train");
     for step in done + 1..=steps {
-        let mut feed = Feed {
-            loader: &mut loader,
-            rates: &rates,
-        };
+        let mut feed = Feed::new(&mut loader, &rates);
         let out = m.step(ctx, step, &mut feed)?;
         ctx.stages.sample();
         for s in &out.meter {

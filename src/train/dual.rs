@@ -4,11 +4,11 @@
 //! algorithm over either storage (`ldt.placement`): both networks resident, or one live
 //! network swapping with the counterpart store (`swap`), bit for bit the same.
 
-use super::branches::{self, half_step, Branches, View};
+use super::branches::{self, half_step, Branches, Opening, View};
 use super::driver::{Feed, Outcome, Stepper, Visitor};
 use super::RunContext;
-use crate::checkpoint::{Checkpoint, Writer};
-use crate::config::Placement;
+use crate::checkpoint::Writer;
+use crate::config::{Placement, ProbeNetwork};
 use crate::ldt::dpu;
 use crate::ldt::partition::{Partition, Phase};
 use crate::metrics::MemoryReport;
@@ -21,11 +21,15 @@ pub struct Dual {
 }
 
 impl Dual {
-    /// Stage 1 (or the checkpoint) and the branches in `ldt.placement`.
-    pub fn start(ctx: &mut RunContext, resume: Option<&Checkpoint>) -> Result<Self> {
+    /// The branches in `ldt.placement`, opened from `opening` (stage 1, the search's
+    /// choice or a checkpoint).
+    pub fn start(ctx: &mut RunContext, opening: Opening<'_>) -> Result<Self> {
         let parked = ctx.cfg.ldt.placement == Placement::Swap;
-        let (b, partition) = branches::open(ctx, resume, parked, true)?;
-        ctx.report_lag(&partition, None)?;
+        let probe = opening.is_probe();
+        let (b, partition) = branches::open(ctx, opening, parked, true)?;
+        if !probe {
+            ctx.report_lag(&partition, None)?;
+        }
         Ok(Dual { b, partition })
     }
 }
@@ -84,6 +88,11 @@ impl Stepper for Dual {
 
     fn visit(&mut self, k: usize, f: &mut Visitor) -> Result<()> {
         self.b.visit(VIEWS[k], &self.partition, f)
+    }
+
+    fn visit_probe(&mut self, network: ProbeNetwork, f: &mut Visitor) -> Result<()> {
+        let v = network.into();
+        self.b.visit(v, &self.partition, f)
     }
 
     fn save(&mut self, ctx: &RunContext, w: &mut Writer) -> Result<()> {

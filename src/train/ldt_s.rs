@@ -4,11 +4,12 @@
 //! `ldt.ema_every` of its own steps. With `ldt_s.repeat_batch` phase A replays phase P's
 //! batches ([`Cycle::Replay`]; 1/1 phases compute the dual branch bit for bit).
 
-use super::branches::{self, half_step, Branches};
+use super::branches::{self, half_step, Branches, Opening};
 use super::driver::{Feed, Outcome, Stepper, Visitor};
 use super::dual::{NETWORKS, VIEWS};
 use super::RunContext;
-use crate::checkpoint::{Checkpoint, Writer};
+use crate::checkpoint::Writer;
+use crate::config::ProbeNetwork;
 use crate::data::HostBatch;
 use crate::ldt::dpu;
 use crate::ldt::partition::{Partition, Phase};
@@ -28,11 +29,15 @@ struct Core {
 impl Core {
     fn start(
         ctx: &mut RunContext,
-        resume: Option<&Checkpoint>,
+        opening: Opening<'_>,
         phases: Option<(usize, usize)>,
     ) -> Result<Core> {
-        let (b, partition) = branches::open(ctx, resume, true, false)?;
-        ctx.report_lag(&partition, phases)?;
+        let resume = opening.checkpoint();
+        let probe = opening.is_probe();
+        let (b, partition) = branches::open(ctx, opening, true, false)?;
+        if !probe {
+            ctx.report_lag(&partition, phases)?;
+        }
         let (mut n_p, mut n_a) = (0, 0);
         if let Some(ck) = resume {
             let count = |key: &str| -> Result<usize> {
@@ -81,8 +86,9 @@ pub struct LdtS {
 }
 
 impl LdtS {
-    /// Stage 1 (or the checkpoint) and the counterpart store.
-    pub fn start(ctx: &mut RunContext, resume: Option<&Checkpoint>) -> Result<Self> {
+    /// The counterpart store and the branches, opened from `opening` (stage 1, the
+    /// search's choice or a checkpoint).
+    pub fn start(ctx: &mut RunContext, opening: Opening<'_>) -> Result<Self> {
         let (p, a) = (ctx.cfg.ldt_s.p_steps, ctx.cfg.ldt_s.a_steps);
         // Config validation made p_steps equal a_steps for repeat_batch.
         let (cycle, phases) = if ctx.cfg.ldt_s.repeat_batch {
@@ -91,7 +97,7 @@ impl LdtS {
             (Cycle::Alternate(p, a), Some((p, a)))
         };
         Ok(LdtS {
-            core: Core::start(ctx, resume, phases)?,
+            core: Core::start(ctx, opening, phases)?,
             cycle,
         })
     }
@@ -233,6 +239,11 @@ impl Stepper for LdtS {
 
     fn visit(&mut self, k: usize, f: &mut Visitor) -> Result<()> {
         self.core.b.visit(VIEWS[k], &self.core.partition, f)
+    }
+
+    fn visit_probe(&mut self, network: ProbeNetwork, f: &mut Visitor) -> Result<()> {
+        let v = network.into();
+        self.core.b.visit(v, &self.core.partition, f)
     }
 
     fn can_checkpoint(&self) -> bool {

@@ -1,8 +1,9 @@
 //! Training: one driver loop ([`driver`]) over small steppers — [`erm`] (erm, lp-ft),
 //! [`dual`] (the dual branch, `ldt` and `deft`, over either branch storage of
-//! [`branches`]) and [`ldt_s`] (LDT-S: alternating phases, or repeat-batch) — after stage 1
-//! ([`stage1`]), all sharing one run context ([`run`]), one gradient step ([`step`]) and one
-//! optimizer step ([`update`]).
+//! [`branches`]) and [`ldt_s`] (LDT-S: alternating phases, or repeat-batch), opened by
+//! [`method`] — after stage 1 ([`stage1`]; with `auto` settings, the [`search`]), all
+//! sharing one run context ([`run`]), one gradient step ([`step`]) and one optimizer step
+//! ([`update`]).
 
 pub mod branches;
 pub mod compare;
@@ -13,31 +14,33 @@ pub mod eval;
 pub mod fetch;
 pub mod ldt_s;
 pub mod memory;
+pub mod method;
 pub mod micro;
 pub mod recompute;
 pub mod report;
 pub mod run;
+pub mod search;
 pub mod stage1;
 pub mod step;
 pub mod update;
 
 pub use run::RunContext;
 
-use crate::config::Method;
 use anyhow::Result;
-use driver::Stepper;
+use branches::Opening;
 
-/// Runs the configured method in `ctx` and writes the summary.
+/// Runs the configured method in `ctx` and writes the summary: from a checkpoint, or
+/// after stage 1 (with `auto` settings, after the search).
 pub fn run_method(ctx: &mut RunContext) -> Result<()> {
     ctx.decide_memory()?;
     let resume = ctx.take_resume()?;
     let done = resume.as_ref().map_or(0, |ck| ck.step);
-    let r = resume.as_ref();
-    let mut stepper: Box<dyn Stepper> = match ctx.cfg.train.method {
-        Method::Erm | Method::LpFt => Box::new(erm::Erm::start(ctx, r)?),
-        Method::Ldt | Method::Deft => Box::new(dual::Dual::start(ctx, r)?),
-        Method::LdtS => Box::new(ldt_s::LdtS::start(ctx, r)?),
+    let opening = match &resume {
+        Some(ck) => Opening::Resume(ck),
+        None if ctx.cfg.stage1.searching() => Opening::Chosen(Box::new(search::run(ctx)?)),
+        None => Opening::Stage1,
     };
+    let mut stepper = method::open(ctx, opening)?;
     driver::drive(ctx, stepper.as_mut(), done)?;
     report::draw(&ctx.dir)?;
     ctx.write_summary()

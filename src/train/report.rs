@@ -1,9 +1,11 @@
 //! Pictures of a run: `partition.svg` / `partition.png` with the layers' log-variance
-//! bars coloured by set, the DPU coefficients, and the loss / accuracy curves read back
-//! from `metrics.jsonl` (`curves.svg` / `.png`, the curves alone, for a run without a
-//! partition). `ldt plot DIR` redraws them.
+//! bars coloured by set, the DPU coefficients, the loss / accuracy curves read back
+//! from `metrics.jsonl` and, after a search of `auto` settings, its probe scores
+//! (`search.json`); `curves.svg` / `.png`, the curves alone, for a run without a
+//! partition. `ldt plot DIR` redraws them.
 
 use crate::ldt::partition::{Partition, Set};
+use crate::ldt::search::SearchReport;
 use crate::metrics::{read_records, Record};
 use crate::plot::{render_png, render_svg, Curve, Figure, LayerSet, Panel, PlotLayer};
 use anyhow::{Context, Result};
@@ -62,6 +64,7 @@ fn curves(metrics: &Path) -> Result<Vec<Panel>> {
     let panel = |title: &str, y: &str, m: BTreeMap<String, Vec<(f64, f64)>>| Panel {
         title: title.into(),
         y_label: y.into(),
+        x_label: "step".into(),
         curves: m
             .into_iter()
             .map(|(label, points)| Curve { label, points })
@@ -71,6 +74,42 @@ fn curves(metrics: &Path) -> Result<Vec<Panel>> {
         panel("training loss", "loss", loss),
         panel("evaluation", "accuracy", acc),
     ])
+}
+
+/// The search's probe scores from `DIR/search.json` (a run with `auto` settings): one
+/// curve per criterion over the unstable ratios, the choice in the title.
+fn search_panel(dir: &Path) -> Result<Option<Panel>> {
+    let p = dir.join("search.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let r: SearchReport = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a search report", p.display()))?;
+    let mut by: Vec<Curve> = Vec::new();
+    for c in &r.candidates {
+        let label = c.candidate.criterion.name();
+        let point = (c.candidate.unstable_ratio, c.score);
+        match by.iter_mut().find(|k| k.label == label) {
+            Some(k) => k.points.push(point),
+            None => by.push(Curve {
+                label: label.into(),
+                points: vec![point],
+            }),
+        }
+    }
+    let pick = r.choice();
+    Ok(Some(Panel {
+        title: format!(
+            "search: chose {} @ {}",
+            pick.candidate.criterion.name(),
+            pick.candidate.unstable_ratio
+        ),
+        y_label: format!("validation {}", r.metric),
+        x_label: "unstable ratio".into(),
+        curves: by,
+    }))
 }
 
 /// Draws the run in `dir`: `partition.svg` / `.png` (the partition and the curves) for
@@ -121,7 +160,10 @@ pub fn draw(dir: &Path) -> Result<()> {
                 coefficient: l.coefficient,
             })
             .collect(),
-        panels: curves(&metrics)?,
+        panels: curves(&metrics)?
+            .into_iter()
+            .chain(search_panel(dir)?)
+            .collect(),
     };
     std::fs::write(dir.join("partition.svg"), render_svg(&fig))?;
     std::fs::write(dir.join("partition.png"), render_png(&fig))?;

@@ -13,12 +13,12 @@ use super::run::streams;
 use super::step::{gradients, GradPlan};
 use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
-use crate::config::{Criterion, Method, WarmupLayers};
+use crate::config::{Criterion, CriterionChoice, LdtConfig, Method, RatioChoice, WarmupLayers};
 use crate::data::loader::{read_batches, read_ragged, BatchOrder};
 use crate::ldt::partition::{Partition, Ranking};
 use crate::ldt::stats::{LayerAccumulator, LayerStats};
 use crate::metrics::{PartitionSummary, Progress, Record, TrainRecord};
-use crate::model::{Mode, NetState};
+use crate::model::{Mode, NetState, Network};
 use crate::optim::{OptimSettings, Optimizer};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -216,11 +216,12 @@ pub fn warmup(
 }
 
 /// The statistics pass: per-layer streaming statistics of the gradients on D2, from the
-/// stage-1 checkpoint `resume` if any.
+/// stage-1 checkpoint `resume` if any; `cross`: a criterion needs `var_cross`.
 pub fn statistics(
     ctx: &mut RunContext,
     state: &mut NetState,
     resume: Option<&Checkpoint>,
+    cross: bool,
 ) -> Result<Vec<LayerStats>> {
     let c = ctx.cfg.stage1.clone();
     let order = match &ctx.cfg.data.schedule {
@@ -239,7 +240,7 @@ pub fn statistics(
     };
     let done = done_of(resume, true, c.stat_batches, "stage1.stat_batches")?;
     let n = ctx.net.params().len();
-    let cross = c.cross_variance || c.criterion == Criterion::VarCross;
+    let cross = c.cross_variance || cross;
     let mut acc: Vec<LayerAccumulator> = match resume {
         Some(ck) if done > 0 => (0..n)
             .map(|i| {
@@ -327,9 +328,102 @@ pub fn statistics(
 /// returns the partition, also written to `DIR/partition.json`.
 pub fn run(ctx: &mut RunContext, state: &mut NetState) -> Result<Partition> {
     ctx.stages.enter("stage1");
-    let p = choose_partition(ctx, state)?;
+    let p = choose_partition(ctx, state);
     ctx.stages.exit();
-    Ok(p)
+    p
+}
+
+/// Stage 1 for the search (`auto`): the warm-up and one statistics pass for every
+/// criterion of the search; the partitions are the search's to make.
+pub fn prepare(ctx: &mut RunContext, state: &mut NetState) -> Result<Evidence> {
+    ctx.stages.enter("stage1");
+    let resume = ctx.stage1_resume.take();
+    let criteria = ctx.cfg.stage1.criteria();
+    let evidence = warmup(ctx, state, resume.as_ref())
+        .and_then(|()| gather(ctx, state, resume.as_ref(), &criteria));
+    ctx.stages.exit();
+    evidence
+}
+
+/// What stage 1 ranks layers by: the per-layer statistics of the statistics pass (when
+/// a criterion needs them) and the seed of the `random` criterion. One pass serves
+/// every criterion and ratio the search tries.
+pub struct Evidence {
+    stats: Option<Vec<LayerStats>>,
+    stat_batches: usize,
+    seed: u64,
+}
+
+impl Evidence {
+    /// The partition of `net` by `criterion` (a ranking one, not `names`) with
+    /// `unstable_ratio` of the layers unstable.
+    pub fn partition(
+        &self,
+        net: &dyn Network,
+        criterion: Criterion,
+        unstable_ratio: f64,
+        ldt: &LdtConfig,
+    ) -> Result<Partition> {
+        let (scores, stats): (Vec<f64>, _) = match criterion {
+            Criterion::Names => bail!("stage 1: the `names` criterion does not rank layers"),
+            Criterion::Random => {
+                let mut r = Rng::new(self.seed, streams::CRITERION);
+                let n = net.params().len();
+                ((0..n).map(|_| r.next_f64()).collect(), None)
+            }
+            c => {
+                let stats = self.stats.as_deref().with_context(|| {
+                    format!(
+                        "stage 1: criterion `{}` without a statistics pass",
+                        c.name()
+                    )
+                })?;
+                (stats.iter().map(|s| score(c, s)).collect(), Some(stats))
+            }
+        };
+        let src = Ranking {
+            criterion,
+            unstable_ratio,
+            stats,
+            scores: &scores,
+            stat_batches: stats.map_or(0, |_| self.stat_batches),
+        };
+        Partition::by_score(net, &src, ldt)
+    }
+}
+
+/// The value criterion `c` sorts layer statistics `s` by.
+fn score(c: Criterion, s: &LayerStats) -> f64 {
+    match c {
+        // The authors sort the f32 value of torch.var.
+        Criterion::Var => s.var as f32 as f64,
+        Criterion::VarCross => s.var_cross,
+        Criterion::Mean => s.mean,
+        Criterion::VarOverMean => s.var_over_mean,
+        Criterion::Random | Criterion::Names => f64::NAN,
+    }
+}
+
+/// The evidence for `criteria`: the statistics pass (from the stage-1 checkpoint
+/// `resume` if any) when one of them needs it.
+fn gather(
+    ctx: &mut RunContext,
+    state: &mut NetState,
+    resume: Option<&Checkpoint>,
+    criteria: &[Criterion],
+) -> Result<Evidence> {
+    let stats = match criteria.iter().any(|c| c.needs_statistics()) {
+        true => {
+            let cross = criteria.contains(&Criterion::VarCross);
+            Some(statistics(ctx, state, resume, cross)?)
+        }
+        false => None,
+    };
+    Ok(Evidence {
+        stats,
+        stat_batches: ctx.cfg.stage1.stat_batches,
+        seed: ctx.cfg.seed,
+    })
 }
 
 /// Stage 1's work (see [`run`]).
@@ -338,56 +432,35 @@ fn choose_partition(ctx: &mut RunContext, state: &mut NetState) -> Result<Partit
     let ldt = ctx.cfg.ldt.clone();
     let resume = ctx.stage1_resume.take();
     warmup(ctx, state, resume.as_ref())?;
-    let net = ctx.net.as_ref();
+    let names = c.criterion == CriterionChoice::Fixed(Criterion::Names);
     let partition = if let Some(p) = &c.partition {
-        Partition::load(p, net)?
-    } else if c.criterion == Criterion::Names || ctx.cfg.train.method == Method::Deft {
+        Partition::load(p, ctx.net.as_ref())?
+    } else if names || ctx.cfg.train.method == Method::Deft {
         // DEFT's sets are the backbone (stable) and the head (unstable), whatever
         // `stage1.criterion` says.
-        Partition::by_names(net, &c.stable_names, &c.unstable_names, &ldt)?
-    } else if c.criterion == Criterion::Random {
-        let mut r = Rng::new(ctx.cfg.seed, streams::CRITERION);
-        let scores: Vec<f64> = (0..net.params().len()).map(|_| r.next_f64()).collect();
-        let src = Ranking {
-            criterion: c.criterion,
-            unstable_ratio: c.unstable_ratio,
-            stats: None,
-            scores: &scores,
-            stat_batches: 0,
-        };
-        Partition::by_score(net, &src, &ldt)?
+        Partition::by_names(ctx.net.as_ref(), &c.stable_names, &c.unstable_names, &ldt)?
     } else {
-        let stats = statistics(ctx, state, resume.as_ref())?;
-        let scores: Vec<f64> = stats
-            .iter()
-            .map(|s| match c.criterion {
-                // The authors sort the f32 value of torch.var.
-                Criterion::Var => s.var as f32 as f64,
-                Criterion::VarCross => s.var_cross,
-                Criterion::Mean => s.mean,
-                Criterion::VarOverMean => s.var_over_mean,
-                Criterion::Random | Criterion::Names => unreachable!("handled above"),
-            })
-            .collect();
-        Partition::by_score(
-            ctx.net.as_ref(),
-            &Ranking {
-                criterion: c.criterion,
-                unstable_ratio: c.unstable_ratio,
-                stats: Some(&stats),
-                scores: &scores,
-                stat_batches: c.stat_batches,
-            },
-            &ldt,
-        )?
+        let (CriterionChoice::Fixed(criterion), RatioChoice::Fixed(ratio)) =
+            (c.criterion, c.unstable_ratio)
+        else {
+            bail!("stage 1: an `auto` setting is the search's to choose (train::search)");
+        };
+        let evidence = gather(ctx, state, resume.as_ref(), &[criterion])?;
+        evidence.partition(ctx.net.as_ref(), criterion, ratio, &ldt)?
     };
+    settle(ctx, &partition)?;
+    Ok(partition)
+}
+
+/// Makes `partition` the run's: `DIR/partition.json` and `summary.json`.
+pub fn settle(ctx: &mut RunContext, partition: &Partition) -> Result<()> {
     partition.save(&ctx.dir.join("partition.json"))?;
     ctx.summary.partition = Some(PartitionSummary {
         criterion: partition.criterion,
         stable: partition.stable.clone(),
         unstable: partition.unstable.clone(),
     });
-    Ok(partition)
+    Ok(())
 }
 
 /// The partition a checkpoint was trained with; a different `stage1.partition` in the

@@ -362,3 +362,42 @@ fn compare_rows_with_fixed_and_auto_ratios() {
     );
     assert!(md.contains(&cell), "{cell} missing in:\n{md}");
 }
+
+/// A run with `auto` settings resumed from its step-10 checkpoint (in a directory that
+/// holds only the checkpoint) ends with the whole run's composite, bit for bit, and
+/// reports the same search and partition in `summary.json`.
+#[test]
+fn a_resumed_auto_run_keeps_its_choice_and_bits() {
+    let auto = ["stage1.unstable_ratio=\"auto\"", "checkpoint.every=10"];
+    let whole = run_with(&auto);
+    let fresh = only_checkpoint(whole.path(), 10);
+    let man = bundled_manifest();
+    let cfg = Config::from_toml(
+        TOML,
+        "t",
+        &[
+            man,
+            auto[0].into(),
+            auto[1].into(),
+            "checkpoint.resume=\"auto\"".into(),
+        ],
+    )
+    .unwrap();
+    let mut ctx = ldt::train::RunContext::open(cfg, fresh.path()).unwrap();
+    ldt::train::run_method(&mut ctx).unwrap();
+    assert!(
+        !fresh.path().join("search.json").exists(),
+        "the resumed run searched again"
+    );
+    assert!(same(
+        &whole.path().join("composite.safetensors"),
+        &fresh.path().join("composite.safetensors")
+    ));
+    let summary = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (summary(whole.path()), summary(fresh.path()));
+    assert_eq!(a["search"], b["search"]);
+    assert_eq!(a["partition"], b["partition"]);
+    assert!(b["search"]["candidates"].is_array());
+}

@@ -725,6 +725,7 @@ pub fn open(
     let (branches, partition): (Box<dyn Branches>, Partition) = match opening {
         Opening::Resume(ck) => {
             let partition = super::stage1::resume_partition(ctx, ck)?;
+            super::stage1::summarize(ctx, &partition);
             let mut b: Box<dyn Branches> = match store {
                 Some(store) => {
                     let live = ctx.restore_net(ck, "live")?;

@@ -36,7 +36,10 @@ pub fn run_method(ctx: &mut RunContext) -> Result<()> {
     let resume = ctx.take_resume()?;
     let done = resume.as_ref().map_or(0, |ck| ck.step);
     let opening = match &resume {
-        Some(ck) => Opening::Resume(ck),
+        Some(ck) => {
+            search::restore(ctx, ck)?;
+            Opening::Resume(ck)
+        }
         None if ctx.cfg.stage1.searching() => Opening::Chosen(Box::new(search::run(ctx)?)),
         None => Opening::Stage1,
     };

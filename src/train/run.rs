@@ -561,7 +561,15 @@ impl RunContext {
 
     /// Writes training checkpoint `step` with the method's tensors; after a signal,
     /// returns the [`Interrupted`] error that ends the run with the requeue exit code.
-    pub fn checkpoint(&mut self, step: usize, w: Writer) -> Result<()> {
+    pub fn checkpoint(&mut self, step: usize, mut w: Writer) -> Result<()> {
+        // A resumed run reports the search that chose its partition.
+        if let Some(s) = &self.summary.search {
+            w.meta("search", serde_json::to_value(s)?);
+            w.meta(
+                "search_seconds",
+                serde_json::json!(self.summary.search_seconds),
+            );
+        }
         self.save_checkpoint(checkpoint::Kind::Train, step, w)
     }
 

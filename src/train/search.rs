@@ -9,6 +9,7 @@
 use super::branches::{Choice, Opening};
 use super::driver::{Feed, Rates};
 use super::{method, stage1, RunContext};
+use crate::checkpoint::Checkpoint;
 use crate::ldt::partition::Partition;
 use crate::ldt::search::{candidates, choose, first_equal, ProbeResult, SearchReport};
 use crate::metrics::Record;
@@ -135,6 +136,19 @@ pub fn run(ctx: &mut RunContext) -> Result<Choice> {
         partition,
         probe: false,
     })
+}
+
+/// The search report of the run checkpoint `ck` continues (none without `auto`
+/// settings), into `summary.json`.
+pub fn restore(ctx: &mut RunContext, ck: &Checkpoint) -> Result<()> {
+    let Ok(v) = ck.field("search") else {
+        return Ok(());
+    };
+    let report: SearchReport = serde_json::from_value(v.clone())
+        .with_context(|| format!("checkpoint {}: unreadable search report", ck.dir.display()))?;
+    ctx.summary.search = Some(report);
+    ctx.summary.search_seconds = ck.field("search_seconds").ok().and_then(|v| v.as_f64());
+    Ok(())
 }
 
 /// One probe: the run's first `stage1.probe_steps` steps from `start` with `partition`

@@ -455,12 +455,18 @@ fn choose_partition(ctx: &mut RunContext, state: &mut NetState) -> Result<Partit
 /// Makes `partition` the run's: `DIR/partition.json` and `summary.json`.
 pub fn settle(ctx: &mut RunContext, partition: &Partition) -> Result<()> {
     partition.save(&ctx.dir.join("partition.json"))?;
+    summarize(ctx, partition);
+    Ok(())
+}
+
+/// Puts the sets of `partition` into `summary.json` (also for a resumed run, whose
+/// partition comes from its checkpoint).
+pub fn summarize(ctx: &mut RunContext, partition: &Partition) {
     ctx.summary.partition = Some(PartitionSummary {
         criterion: partition.criterion,
         stable: partition.stable.clone(),
         unstable: partition.unstable.clone(),
     });
-    Ok(())
 }
 
 /// The partition a checkpoint was trained with; a different `stage1.partition` in the

@@ -1,7 +1,7 @@
 //! Training: one driver loop ([`driver`]) over small steppers — [`erm`] (erm, lp-ft),
 //! [`dual`] (the dual branch, `ldt` and `deft`, over either branch storage of
 //! [`branches`]) and [`ldt_s`] (LDT-S: alternating phases, or repeat-batch) — after stage 1
-//! ([`stage1`]), all sharing one run context ([`run`]), one gradient step ([`step`]) and one
+//! ([`stage1`]; LDT's re-partitions during training: [`repartition`]), all sharing one run context ([`run`]), one gradient step ([`step`]) and one
 //! optimizer step ([`update`]).
 
 pub mod branches;
@@ -15,6 +15,7 @@ pub mod ldt_s;
 pub mod memory;
 pub mod micro;
 pub mod recompute;
+pub mod repartition;
 pub mod report;
 pub mod run;
 pub mod stage1;

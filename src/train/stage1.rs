@@ -347,6 +347,33 @@ fn accumulate(
     Ok(())
 }
 
+/// The statistics of the `k`-th re-partition (`stage1.repartition_every`, k = 1, 2, ...)
+/// of `state`: the statistics pass over `stage1.stat_batches` batches of D2 in that
+/// re-partition's own order ([`streams::repartition`]), so each sees fresh batches and
+/// a resumed run the same ones; without records or checkpoints (`cross`: also the
+/// per-element moments of `var_cross`).
+pub fn restatistics(
+    ctx: &mut RunContext,
+    state: &mut NetState,
+    cross: bool,
+    k: usize,
+) -> Result<Vec<LayerStats>> {
+    let c = &ctx.cfg.stage1;
+    let rng = Rng::new(ctx.cfg.seed, streams::repartition(k));
+    let order = BatchOrder::shuffle(split(ctx).1, c.stat_batch_size, rng);
+    let n = c.stat_batches;
+    let mut loader = ctx.loader(order, "repartition", 0, n)?;
+    let mut acc = accumulators(ctx, cross);
+    accumulate(
+        ctx,
+        state,
+        &mut acc,
+        (&mut loader, 1..=n),
+        |_, _, _, _, _| Ok(()),
+    )?;
+    Ok(acc.iter().map(|a| a.finish()).collect())
+}
+
 /// Each layer's score under `criterion` from its statistics (ascending = more stable).
 pub fn scores(criterion: Criterion, stats: &[LayerStats]) -> Result<Vec<f64>> {
     stats

@@ -859,6 +859,10 @@ pub struct Stage1Config {
     pub unstable_names: Vec<String>,
     /// A `partition.json` to use instead of running stage 1.
     pub partition: Option<PathBuf>,
+    /// Re-partition every N optimizer steps of training (0 = never): the statistics pass
+    /// again, on the composite and fresh D2 batches, and layers moved between the sets
+    /// with their optimizer state (`ldt` and `ldt-s`).
+    pub repartition_every: usize,
 }
 
 impl Default for Stage1Config {
@@ -881,6 +885,7 @@ impl Default for Stage1Config {
             stable_names: Vec::new(),
             unstable_names: Vec::new(),
             partition: None,
+            repartition_every: 0,
         }
     }
 }
@@ -1848,7 +1853,73 @@ impl Config {
                 c.ldt_s.p_steps, c.ldt_s.a_steps
             ),
         )?;
-        Ok(())
+        self.check_repartition()
+    }
+
+    /// `stage1.repartition_every` where a re-partition has a meaning: the scored sets of
+    /// `ldt` and `ldt-s` (not a partition file's or the `names` criterion's sets), D2
+    /// from the seeded split (not `data.schedule`), and for `ldt-s` at the end of a
+    /// cycle of phases, where no phase is half done.
+    fn check_repartition(&self) -> Result<()> {
+        let (c, n, key) = (
+            self,
+            self.stage1.repartition_every,
+            "stage1.repartition_every",
+        );
+        if n == 0 {
+            return Ok(());
+        }
+        let method = c.train.method;
+        check(
+            matches!(method, Method::Ldt | Method::LdtS),
+            key,
+            &format!(
+                "a re-partition moves layers between LDT's stable and unstable sets, which \
+                 only `ldt` and `ldt-s` have (`train.method` = \"{}\"); set it to 0",
+                method.name()
+            ),
+        )?;
+        check(
+            c.stage1.partition.is_none(),
+            key,
+            "the sets come from the file `stage1.partition`, which a re-partition would \
+             replace with computed ones; remove `stage1.partition` or set this to 0",
+        )?;
+        check(
+            c.stage1.criterion != CriterionChoice::Fixed(Criterion::Names),
+            key,
+            "the `names` criterion fixes the sets by name, so a re-partition cannot move a \
+             layer; choose a scored `stage1.criterion` or set this to 0",
+        )?;
+        check(
+            c.data.schedule.is_none(),
+            key,
+            "a re-partition draws fresh batches from the seeded statistics split D2, which \
+             `data.schedule` replaces by its own batches; remove `data.schedule` or set this to 0",
+        )?;
+        if method != Method::LdtS {
+            return Ok(());
+        }
+        let (p, a) = (c.ldt_s.p_steps, c.ldt_s.a_steps);
+        let (cycle, what) = match c.ldt_s.repeat_batch {
+            true => (
+                p,
+                format!("`ldt_s.p_steps` ({p}) with `ldt_s.repeat_batch`"),
+            ),
+            false => (
+                p + a,
+                format!("`ldt_s.p_steps` + `ldt_s.a_steps` ({p} + {a})"),
+            ),
+        };
+        check(
+            n.is_multiple_of(cycle),
+            key,
+            &format!(
+                "ldt-s re-partitions at the end of a cycle of phases, so {n} must be a \
+                 multiple of the cycle, {what}; e.g. {}",
+                cycle * n.div_ceil(cycle)
+            ),
+        )
     }
 
     /// The resolved configuration as TOML (written into every run directory).

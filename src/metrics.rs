@@ -69,6 +69,20 @@ pub enum Record {
         /// What was not finite.
         reason: String,
     },
+    /// A re-partition during training (`stage1.repartition_every`): the layers that
+    /// changed set and the sets it made (`partition.json` holds the last ones).
+    Repartition {
+        /// The optimizer step after which it ran.
+        step: usize,
+        /// Layers moved from the unstable to the stable set.
+        to_stable: Vec<String>,
+        /// Layers moved from the stable to the unstable set.
+        to_unstable: Vec<String>,
+        /// The stable set now, ascending by score.
+        stable: Vec<String>,
+        /// The unstable set now, ascending by score.
+        unstable: Vec<String>,
+    },
     /// The run continued from a checkpoint.
     Resume {
         /// The checkpoint's training step (0 for a stage-1 checkpoint).

@@ -647,6 +647,27 @@ impl NetState {
         }
     }
 
+    /// Exchanges layer `i` with `other`'s, wherever each lives (its tensor on the
+    /// device, its master and working copy), by moving them, never copying: a
+    /// re-partition hands a layer's two copies between the branches. Both states must
+    /// have the same layout.
+    pub fn swap_layer(&mut self, other: &mut NetState, i: usize) -> Result<()> {
+        let layout = |s: &NetState| (s.masters.is_some(), s.stream.is_some(), s.params.len());
+        if layout(self) != layout(other) {
+            bail!("layer {i} is exchanged between networks of different layouts");
+        }
+        if let (Some(a), Some(b)) = (&mut self.stream, &mut other.stream) {
+            std::mem::swap(&mut a.resident[i], &mut b.resident[i]);
+        }
+        if !self.params.is_empty() {
+            std::mem::swap(&mut self.params[i], &mut other.params[i]);
+        }
+        if let (Some(a), Some(b)) = (self.masters_mut()?, other.masters_mut()?) {
+            std::mem::swap(&mut a[i], &mut b[i]);
+        }
+        Ok(())
+    }
+
     /// Host bytes of the master weights (0 without).
     pub fn master_bytes(&self) -> u64 {
         self.masters

@@ -265,6 +265,15 @@ impl Optimizer {
         self.state[i] = s;
     }
 
+    /// Exchanges layer `i`'s state, on the device or the host, with `other`'s: a
+    /// re-partition hands a layer's moments to the branch that trains it now.
+    pub fn swap_layer(&mut self, other: &mut Optimizer, i: usize) {
+        std::mem::swap(&mut self.state[i], &mut other.state[i]);
+        if let (Some(a), Some(b)) = (&mut self.host, &mut other.host) {
+            std::mem::swap(&mut a[i], &mut b[i]);
+        }
+    }
+
     /// Bytes of all live device state tensors.
     pub fn bytes(&self) -> usize {
         self.state.iter().flatten().map(|s| s.bytes()).sum()

@@ -47,6 +47,17 @@ pub trait Branches {
     /// parked branch are swapped into the live network and back (bit for bit), never
     /// copied, so no second network is ever held on the device.
     fn visit(&mut self, view: View, partition: &Partition, f: &mut Visitor) -> Result<()>;
+    /// Calls `f` with the composite of `partition` as one live network, for work that
+    /// changes no weight or buffer (a re-partition's statistics): its layers of the other
+    /// branch are swapped into a live network and back, bit for bit, never copied.
+    fn with_composite(&mut self, partition: &Partition, f: &mut Lent) -> Result<()>;
+    /// Moves `layers` to the other set: for each, PM's and AM's copies trade places and
+    /// its optimizer state goes to the other branch's optimizer. The composite stays the
+    /// same bit for bit (its copy of a stable layer is AM's, of an unstable one PM's),
+    /// and the trained copy continues, with its moments, in the branch that trains the
+    /// layer now; the frozen copy becomes the EMA copy of the other branch. Its own
+    /// inverse.
+    fn move_layers(&mut self, layers: &[usize]) -> Result<()>;
     /// Adds both branches to checkpoint `w`.
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()>;
     /// Waits for work in flight.
@@ -54,6 +65,9 @@ pub trait Branches {
     /// The memory report of this storage for `partition`.
     fn memory(&self, partition: &Partition) -> MemoryReport;
 }
+
+/// What [`Branches::with_composite`] calls with the composite as a live network.
+pub type Lent<'a> = dyn FnMut(&mut NetState) -> Result<()> + 'a;
 
 /// A network made of the branches' layers.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -286,6 +300,28 @@ impl Branches for Resident {
         f(&Weights(params), &state(view.buffers()).buffers)
     }
 
+    fn with_composite(&mut self, partition: &Partition, f: &mut Lent) -> Result<()> {
+        // PM holds the composite's unstable layers and buffers; AM lends the stable ones.
+        let lent: Vec<usize> = (0..self.pm.len())
+            .filter(|&i| View::Composite.layer(partition, i) == Phase::A)
+            .collect();
+        let exchange =
+            |r: &mut Resident| lent.iter().try_for_each(|&i| r.pm.swap_layer(&mut r.am, i));
+        exchange(self)?;
+        let seen = f(&mut self.pm);
+        // An exchange is its own inverse.
+        exchange(self)?;
+        seen
+    }
+
+    fn move_layers(&mut self, layers: &[usize]) -> Result<()> {
+        for &i in layers {
+            self.pm.swap_layer(&mut self.am, i)?;
+            self.opt_p.swap_layer(&mut self.opt_a, i);
+        }
+        Ok(())
+    }
+
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {
         w.net("pm", net, &self.pm)?;
         w.net("am", net, &self.am)?;
@@ -509,6 +545,15 @@ impl Parked {
         }
         Ok(())
     }
+
+    /// The layers of `view` that are parked, and whether its buffers are.
+    fn parked_in(&self, view: View, partition: &Partition) -> (Vec<usize>, bool) {
+        let layers = (0..self.live.len())
+            .filter(|&i| view.layer(partition, i) != self.phase)
+            .collect();
+        let buffers = self.parked_buffers.is_some() && view.buffers() != self.phase;
+        (layers, buffers)
+    }
 }
 
 impl Branches for Parked {
@@ -609,15 +654,46 @@ impl Branches for Parked {
     }
 
     fn visit(&mut self, view: View, partition: &Partition, f: &mut Visitor) -> Result<()> {
-        let parked: Vec<usize> = (0..self.live.len())
-            .filter(|&i| view.layer(partition, i) != self.phase)
-            .collect();
-        let swap_buffers = self.parked_buffers.is_some() && view.buffers() != self.phase;
+        let (parked, swap_buffers) = self.parked_in(view, partition);
         self.swap_in(&parked, swap_buffers, false)?;
         let seen = f(&self.live.weight_refs(), &self.live.buffers);
         // A swap is its own inverse: the second one restores the live branch exactly.
         self.swap_in(&parked, swap_buffers, false)?;
         seen
+    }
+
+    fn with_composite(&mut self, partition: &Partition, f: &mut Lent) -> Result<()> {
+        let (parked, swap_buffers) = self.parked_in(View::Composite, partition);
+        // The working copies follow the masters: the forward reads them.
+        self.swap_in(&parked, swap_buffers, true)?;
+        let seen = f(&mut self.live);
+        self.swap_in(&parked, swap_buffers, true)?;
+        seen
+    }
+
+    fn move_layers(&mut self, layers: &[usize]) -> Result<()> {
+        self.swap_in(layers, false, true)?;
+        let (live, parked) = match self.phase {
+            Phase::P => (&mut self.opt_p, &mut self.opt_a),
+            Phase::A => (&mut self.opt_a, &mut self.opt_p),
+        };
+        if live.placement() == OptimizerPlacement::Host {
+            // Both optimizers keep their state on the host, whichever branch is live.
+            layers.iter().for_each(|&i| live.swap_layer(parked, i));
+            return Ok(());
+        }
+        // The parked branch's state waits in the store: a layer's state leaves the live
+        // optimizer for it, or comes from it. A staged load is taken first, so that no
+        // staged copy outlives a state that moved.
+        self.store.finish_staging()?;
+        for &i in layers {
+            if let Some(st) = live.take_state(i) {
+                self.store.park_state(i, &st)?;
+            } else if let Some(st) = self.store.unpark_state(i)? {
+                live.put_state(i, Some(st));
+            }
+        }
+        Ok(())
     }
 
     fn save(&mut self, w: &mut Writer, net: &dyn Network) -> Result<()> {

@@ -92,6 +92,8 @@ pub struct Outcome {
     pub loss_am: Option<f32>,
     /// The live branch after the step, where one network is live.
     pub phase: Option<Phase>,
+    /// A line to print after the step's progress (an event, e.g. a re-partition).
+    pub note: Option<String>,
 }
 
 /// One training method: its step, the networks it holds, its checkpoint state.
@@ -293,6 +295,9 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
         ctx.metrics
             .write(&record(step, rates.headline(step), &out))?;
         progress.update(step, || meter.take().0);
+        if let Some(note) = &out.note {
+            progress.println(note);
+        }
         if cfg.snapshots.at_steps.contains(&step) {
             ctx.stages.enter("export");
             snapshot(ctx, m, step)?;

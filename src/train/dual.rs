@@ -1,11 +1,13 @@
 //! The dual branch (`ldt`, `deft`): every step PM trains the stable set with the unstable
 //! set frozen and AM trains the unstable set with the stable set frozen, on the same
-//! batch; every `ldt.ema_every` steps the DPU folds `~A^S <- P^S` and `~P^U <- A^U`. One
+//! batch; every `ldt.ema_every` steps the DPU folds `~A^S <- P^S` and `~P^U <- A^U`
+//! (and every `stage1.repartition_every` steps the sets are ranked again). One
 //! algorithm over either storage (`ldt.placement`): both networks resident, or one live
 //! network swapping with the counterpart store (`swap`), bit for bit the same.
 
 use super::branches::{self, half_step, Branches, Opening, View};
 use super::driver::{Feed, Outcome, Stepper, Visitor};
+use super::repartition;
 use super::RunContext;
 use crate::checkpoint::Writer;
 use crate::config::{Placement, ProbeNetwork};
@@ -73,11 +75,13 @@ impl Stepper for Dual {
             self.b.fold(&self.partition, Phase::P, factor)?;
             self.b.fold(&self.partition, Phase::A, factor)?;
         }
+        let note = repartition::after_step(ctx, self.b.as_mut(), &mut self.partition, step)?;
         Ok(Outcome {
             meter,
             loss_pm: Some(loss[0]),
             loss_am: Some(loss[1]),
             phase: self.b.live(),
+            note,
             ..Outcome::default()
         })
     }

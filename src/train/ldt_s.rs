@@ -7,6 +7,7 @@
 use super::branches::{self, half_step, Branches, Opening};
 use super::driver::{Feed, Outcome, Stepper, Visitor};
 use super::dual::{NETWORKS, VIEWS};
+use super::repartition;
 use super::RunContext;
 use crate::checkpoint::Writer;
 use crate::config::ProbeNetwork;
@@ -227,10 +228,14 @@ impl LdtS {
 
 impl Stepper for LdtS {
     fn step(&mut self, ctx: &mut RunContext, step: usize, feed: &mut Feed) -> Result<Outcome> {
-        match &mut self.cycle {
+        let mut out = match &mut self.cycle {
             Cycle::Alternate(p, a) => Self::alternate(&mut self.core, (*p, *a), ctx, step, feed),
             Cycle::Replay(p, pending) => Self::replay(&mut self.core, *p, pending, ctx, step, feed),
-        }
+        }?;
+        // Config validation put re-partitions at the end of a cycle.
+        let c = &mut self.core;
+        out.note = repartition::after_step(ctx, c.b.as_mut(), &mut c.partition, step)?;
+        Ok(out)
     }
 
     fn networks(&self) -> &'static [&'static str] {

@@ -1,9 +1,9 @@
 //! Training: one driver loop ([`driver`]) over small steppers — [`erm`] (erm, lp-ft),
 //! [`dual`] (the dual branch, `ldt` and `deft`, over either branch storage of
 //! [`branches`]) and [`ldt_s`] (LDT-S: alternating phases, or repeat-batch), opened by
-//! [`method`] — after stage 1 ([`stage1`]; with `auto` settings, the [`search`]), all
-//! sharing one run context ([`run`]), one gradient step ([`step`]) and one optimizer step
-//! ([`update`]).
+//! [`method`] — after stage 1 ([`stage1`]; with `auto` settings, the [`search`]; LDT's
+//! re-partitions during training: [`repartition`]), all sharing one run context
+//! ([`run`]), one gradient step ([`step`]) and one optimizer step ([`update`]).
 
 pub mod branches;
 pub mod compare;
@@ -17,6 +17,7 @@ pub mod memory;
 pub mod method;
 pub mod micro;
 pub mod recompute;
+pub mod repartition;
 pub mod report;
 pub mod run;
 pub mod search;

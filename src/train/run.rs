@@ -33,8 +33,17 @@ pub mod streams {
     pub const STATS: u64 = 5;
     /// The `random` criterion.
     pub const CRITERION: u64 = 6;
+    /// The statistics batches of the re-partitions ([`repartition`]).
+    pub const REPARTITION: u64 = 7;
     /// Validation hold-out (plus the source domain's position).
     pub const VAL: u64 = 100;
+
+    /// The stream of the `k`-th re-partition's statistics batches (k = 1, 2, ...):
+    /// [`REPARTITION`] with `k` above the low 32 bits, apart from every other stream, so
+    /// each re-partition sees fresh batches and a resumed run draws the same ones.
+    pub fn repartition(k: usize) -> u64 {
+        REPARTITION | (k as u64) << 32
+    }
 }
 
 /// Everything a training method needs.

@@ -15,6 +15,7 @@ use super::RunContext;
 use crate::checkpoint::{Checkpoint, Writer};
 use crate::config::{Criterion, CriterionChoice, LdtConfig, Method, RatioChoice, WarmupLayers};
 use crate::data::loader::{read_batches, read_ragged, BatchOrder};
+use crate::data::Loader;
 use crate::ldt::partition::{Partition, Ranking};
 use crate::ldt::stats::{LayerAccumulator, LayerStats};
 use crate::metrics::{PartitionSummary, Progress, Record, TrainRecord};
@@ -24,6 +25,7 @@ use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
+use std::ops::RangeInclusive;
 
 /// D1 (warm-up) and D2 (statistics): a seeded split of the source training examples.
 fn split(ctx: &RunContext) -> (Vec<usize>, Vec<usize>) {
@@ -259,17 +261,58 @@ pub fn statistics(
                 })
             })
             .collect::<Result<_>>()?,
-        _ => ctx
-            .net
-            .params()
-            .iter()
-            .map(|s| LayerAccumulator::new(s.numel(), cross))
-            .collect(),
+        _ => accumulators(ctx, cross),
     };
     let mut loader = ctx.loader(order, "stats", done, c.stat_batches - done)?;
-    let all = vec![true; n];
     let progress = Progress::new("stats", done, c.stat_batches, ctx.cfg.train.log_every);
-    for b in done + 1..=c.stat_batches {
+    let batches = (&mut loader, done + 1..=c.stat_batches);
+    accumulate(ctx, state, &mut acc, batches, |ctx, state, acc, b, loss| {
+        progress.update(b, || format!("loss {loss:.4}"));
+        ctx.metrics.write(&Record::Stats { step: b, loss })?;
+        if ctx.stage1_checkpoint_due(c.warmup_steps + b)? {
+            let mut w = Writer::default();
+            w.net("start", ctx.net.as_ref(), state)?;
+            for (i, a) in acc.iter().enumerate() {
+                let (scalars, mean, m2) = a.parts();
+                let dev = &candle_core::Device::Cpu;
+                w.tensor(
+                    format!("stats/{i}/scalars"),
+                    &Tensor::new(&scalars[..], dev)?,
+                );
+                w.tensor(format!("stats/{i}/elem_mean"), &Tensor::new(mean, dev)?);
+                w.tensor(format!("stats/{i}/elem_m2"), &Tensor::new(m2, dev)?);
+            }
+            Point::Stats(b).write(&mut w);
+            ctx.checkpoint_stage1(c.warmup_steps + b, w)?;
+        }
+        Ok(())
+    })?;
+    progress.finish();
+    Ok(acc.iter().map(|a| a.finish()).collect())
+}
+
+/// Empty per-layer accumulators of the statistics pass (`cross`: with the per-element
+/// moments of `var_cross`).
+fn accumulators(ctx: &RunContext, cross: bool) -> Vec<LayerAccumulator> {
+    ctx.net
+        .params()
+        .iter()
+        .map(|s| LayerAccumulator::new(s.numel(), cross))
+        .collect()
+}
+
+/// The statistics pass's loop: adds batches `range` of `loader` to `acc` — forward and
+/// backward of `state` with every layer trainable, in [`Mode::Stats`] (no parameter or
+/// buffer change) — and calls `after(ctx, state, acc, b, loss)` after batch `b`.
+fn accumulate(
+    ctx: &mut RunContext,
+    state: &mut NetState,
+    acc: &mut [LayerAccumulator],
+    (loader, range): (&mut Loader, RangeInclusive<usize>),
+    mut after: impl FnMut(&mut RunContext, &NetState, &[LayerAccumulator], usize, f32) -> Result<()>,
+) -> Result<()> {
+    let all = vec![true; acc.len()];
+    for b in range {
         let hb = loader.next_batch()?;
         let batch = ctx.batch(&hb)?;
         let (st, grads) = gradients(
@@ -294,34 +337,59 @@ pub fn statistics(
             .map(|(g, r)| match (g, r) {
                 (_, Some(v)) => Ok(&v[..]),
                 (Some(crate::optim::Grad::Host(v)), None) => Ok(&v[..]),
-                _ => Err(anyhow::anyhow!("stage 1: a layer without a gradient")),
+                _ => Err(anyhow::anyhow!(
+                    "the statistics pass: a layer without a gradient"
+                )),
             })
             .collect::<Result<_>>()?;
         acc.par_iter_mut().zip(&host).for_each(|(a, g)| a.add(g));
-        progress.update(b, || format!("loss {:.4}", st.loss));
-        ctx.metrics.write(&Record::Stats {
-            step: b,
-            loss: st.loss,
-        })?;
-        if ctx.stage1_checkpoint_due(c.warmup_steps + b)? {
-            let mut w = Writer::default();
-            w.net("start", ctx.net.as_ref(), state)?;
-            for (i, a) in acc.iter().enumerate() {
-                let (scalars, mean, m2) = a.parts();
-                let dev = &candle_core::Device::Cpu;
-                w.tensor(
-                    format!("stats/{i}/scalars"),
-                    &Tensor::new(&scalars[..], dev)?,
-                );
-                w.tensor(format!("stats/{i}/elem_mean"), &Tensor::new(mean, dev)?);
-                w.tensor(format!("stats/{i}/elem_m2"), &Tensor::new(m2, dev)?);
-            }
-            Point::Stats(b).write(&mut w);
-            ctx.checkpoint_stage1(c.warmup_steps + b, w)?;
-        }
+        after(ctx, state, acc, b, st.loss)?;
     }
-    progress.finish();
+    Ok(())
+}
+
+/// The statistics of the `k`-th re-partition (`stage1.repartition_every`, k = 1, 2, ...)
+/// of `state`: the statistics pass over `stage1.stat_batches` batches of D2 in that
+/// re-partition's own order ([`streams::repartition`]), so each sees fresh batches and
+/// a resumed run the same ones; without records or checkpoints (`cross`: also the
+/// per-element moments of `var_cross`).
+pub fn restatistics(
+    ctx: &mut RunContext,
+    state: &mut NetState,
+    cross: bool,
+    k: usize,
+) -> Result<Vec<LayerStats>> {
+    let c = &ctx.cfg.stage1;
+    let rng = Rng::new(ctx.cfg.seed, streams::repartition(k));
+    let order = BatchOrder::shuffle(split(ctx).1, c.stat_batch_size, rng);
+    let n = c.stat_batches;
+    let mut loader = ctx.loader(order, "repartition", 0, n)?;
+    let mut acc = accumulators(ctx, cross);
+    accumulate(
+        ctx,
+        state,
+        &mut acc,
+        (&mut loader, 1..=n),
+        |_, _, _, _, _| Ok(()),
+    )?;
     Ok(acc.iter().map(|a| a.finish()).collect())
+}
+
+/// Each layer's score under `criterion` from its statistics (ascending = more stable).
+pub fn scores(criterion: Criterion, stats: &[LayerStats]) -> Result<Vec<f64>> {
+    stats
+        .iter()
+        .map(|s| match criterion {
+            // The authors sort the f32 value of torch.var.
+            Criterion::Var => Ok(s.var as f32 as f64),
+            Criterion::VarCross => Ok(s.var_cross),
+            Criterion::Mean => Ok(s.mean),
+            Criterion::VarOverMean => Ok(s.var_over_mean),
+            Criterion::Random | Criterion::Names => {
+                bail!("the `{criterion:?}` criterion does not score by statistics")
+            }
+        })
+        .collect()
 }
 
 /// Runs stage 1 on `state` (warm-up changes it; the statistics pass does not) and
@@ -355,6 +423,15 @@ pub struct Evidence {
 }
 
 impl Evidence {
+    /// The evidence of statistics `stats` gathered on `ctx`'s run (a re-partition's).
+    pub fn of(ctx: &RunContext, stats: Vec<LayerStats>) -> Evidence {
+        Evidence {
+            stats: Some(stats),
+            stat_batches: ctx.cfg.stage1.stat_batches,
+            seed: ctx.cfg.seed,
+        }
+    }
+
     /// The partition of `net` by `criterion` (a ranking one, not `names`) with
     /// `unstable_ratio` of the layers unstable.
     pub fn partition(
@@ -364,7 +441,7 @@ impl Evidence {
         unstable_ratio: f64,
         ldt: &LdtConfig,
     ) -> Result<Partition> {
-        let (scores, stats): (Vec<f64>, _) = match criterion {
+        let (values, stats): (Vec<f64>, _) = match criterion {
             Criterion::Names => bail!("stage 1: the `names` criterion does not rank layers"),
             Criterion::Random => {
                 let mut r = Rng::new(self.seed, streams::CRITERION);
@@ -378,29 +455,17 @@ impl Evidence {
                         c.name()
                     )
                 })?;
-                (stats.iter().map(|s| score(c, s)).collect(), Some(stats))
+                (scores(c, stats)?, Some(stats))
             }
         };
         let src = Ranking {
             criterion,
             unstable_ratio,
             stats,
-            scores: &scores,
+            scores: &values,
             stat_batches: stats.map_or(0, |_| self.stat_batches),
         };
         Partition::by_score(net, &src, ldt)
-    }
-}
-
-/// The value criterion `c` sorts layer statistics `s` by.
-fn score(c: Criterion, s: &LayerStats) -> f64 {
-    match c {
-        // The authors sort the f32 value of torch.var.
-        Criterion::Var => s.var as f32 as f64,
-        Criterion::VarCross => s.var_cross,
-        Criterion::Mean => s.mean,
-        Criterion::VarOverMean => s.var_over_mean,
-        Criterion::Random | Criterion::Names => f64::NAN,
     }
 }
 

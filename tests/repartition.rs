@@ -239,7 +239,7 @@ fn assert_same(what: &str, got: &Dump, want: &Dump) {
 /// trained 4 steps of the dual branch with DPU folds, so that every branch, frozen copy
 /// and moment differs from its start.
 fn trained(ctx: &mut RunContext, parked: bool) -> (Box<dyn Branches>, Partition) {
-    let (mut b, partition) = branches::open(ctx, None, parked, true).unwrap();
+    let (mut b, partition) = branches::open(ctx, branches::Opening::Stage1, parked, true).unwrap();
     let cfg = ctx.cfg.clone();
     let names: Vec<String> = ctx.net.params().iter().map(|s| s.name.clone()).collect();
     let rates = Rates::new(&cfg, &names);

@@ -1,7 +1,7 @@
 //! The search of `auto` stage-1 settings (`stage1.unstable_ratio`, `stage1.criterion`):
 //! - a run with `auto` equals the run with the chosen settings fixed, from the same
 //!   start, bit for bit (every exported network and `partition.json`), for LDT-S and the
-//!   dual branch in both placements;
+//!   dual branch in both placements, and with re-partitions (which probes never do);
 //! - one warm-up and one statistics pass serve every candidate (records counted), and
 //!   candidates with equal partitions are probed once;
 //! - the choice never reads a target domain: with the target labels and images
@@ -114,6 +114,17 @@ fn auto_equals_fixed(extra: &[&str]) {
 #[test]
 fn auto_equals_the_chosen_settings_fixed_ldt_s() {
     auto_equals_fixed(&[]);
+}
+
+/// With re-partitions every 10 steps (the probes' length): the probes never
+/// re-partition (the auto run writes the fixed run's one `repartition` record) and the
+/// runs agree bit for bit.
+#[test]
+fn auto_equals_the_chosen_settings_fixed_with_repartitions() {
+    let every = "stage1.repartition_every=10";
+    auto_equals_fixed(&[every]);
+    let auto = run_with(&["stage1.unstable_ratio=\"auto\"", every]);
+    assert_eq!(records(auto.path(), "repartition").len(), 1);
 }
 
 #[test]

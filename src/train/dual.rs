@@ -20,6 +20,8 @@ use anyhow::Result;
 pub struct Dual {
     b: Box<dyn Branches>,
     partition: Partition,
+    /// A search probe: it never re-partitions (nothing of a probe is recorded).
+    probe: bool,
 }
 
 impl Dual {
@@ -32,7 +34,11 @@ impl Dual {
         if !probe {
             ctx.report_lag(&partition, None)?;
         }
-        Ok(Dual { b, partition })
+        Ok(Dual {
+            b,
+            partition,
+            probe,
+        })
     }
 }
 
@@ -75,7 +81,10 @@ impl Stepper for Dual {
             self.b.fold(&self.partition, Phase::P, factor)?;
             self.b.fold(&self.partition, Phase::A, factor)?;
         }
-        let note = repartition::after_step(ctx, self.b.as_mut(), &mut self.partition, step)?;
+        let note = match self.probe {
+            true => None,
+            false => repartition::after_step(ctx, self.b.as_mut(), &mut self.partition, step)?,
+        };
         Ok(Outcome {
             meter,
             loss_pm: Some(loss[0]),

@@ -25,6 +25,8 @@ struct Core {
     partition: Partition,
     n_p: usize,
     n_a: usize,
+    /// A search probe: it never re-partitions (nothing of a probe is recorded).
+    probe: bool,
 }
 
 impl Core {
@@ -58,6 +60,7 @@ impl Core {
             partition,
             n_p,
             n_a,
+            probe,
         })
     }
 
@@ -234,7 +237,9 @@ impl Stepper for LdtS {
         }?;
         // Config validation put re-partitions at the end of a cycle.
         let c = &mut self.core;
-        out.note = repartition::after_step(ctx, c.b.as_mut(), &mut c.partition, step)?;
+        if !c.probe {
+            out.note = repartition::after_step(ctx, c.b.as_mut(), &mut c.partition, step)?;
+        }
         Ok(out)
     }
 

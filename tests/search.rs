@@ -11,7 +11,7 @@
 //! - `ldt compare` rows `+auto` / `@R`, and the search on super-resolution.
 
 mod common;
-use candle_core::{DType, Device, Tensor};
+
 use common::*;
 use ldt::config::Config;
 use ldt::ldt::search::SearchReport;
@@ -194,45 +194,12 @@ fn one_statistics_pass_serves_every_candidate() {
     );
 }
 
-/// A copy of the bundled data whose target domains (rot60, rot75) have, with
-/// `poison`, every label shifted by 3 and every image inverted.
-fn copy_data(to: &Path, poison: bool) {
-    let from = root().join("data/rotmnist5k");
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(&from).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let dst = to.join(&name);
-        let target = name.starts_with("rot60") || name.starts_with("rot75");
-        if poison && target && name.ends_with(".safetensors") {
-            let mut t = candle_core::safetensors::load(e.path(), &Device::Cpu).unwrap();
-            let labels = t["labels"].to_vec1::<i64>().unwrap();
-            let shifted: Vec<i64> = labels.iter().map(|l| (l + 3) % 10).collect();
-            t.insert(
-                "labels".into(),
-                Tensor::new(shifted.as_slice(), &Device::Cpu).unwrap(),
-            );
-            let images = t["images"].clone();
-            let inverted = images
-                .to_dtype(DType::F32)
-                .unwrap()
-                .affine(-1.0, 255.0)
-                .unwrap()
-                .to_dtype(images.dtype())
-                .unwrap();
-            t.insert("images".into(), inverted);
-            candle_core::safetensors::save(&t, &dst).unwrap();
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-        }
-    }
-}
-
 #[test]
 fn the_choice_never_reads_a_target_domain() {
     let data = tempfile::tempdir().unwrap();
     let (clean, poisoned) = (data.path().join("clean"), data.path().join("poisoned"));
-    copy_data(&clean, false);
-    copy_data(&poisoned, true);
+    copy_rotmnist(&clean, false);
+    copy_rotmnist(&poisoned, true);
     let go = |d: &Path| {
         let man = format!("data.manifest=\"{}\"", d.join("manifest.json").display());
         run(

@@ -1,11 +1,11 @@
 //! Model selection by training-domain validation: the hold-out is disjoint from the
 //! training examples and drawn from source domains only, and the choice never reads a
-//! target domain: with the target labels poisoned, the selected step, network,
+//! target domain: with the target labels (and images) poisoned, the selected step, network,
 //! validation accuracy and best.safetensors are bit-identical while the reported
 //! target accuracy changes.
 
 mod common;
-use candle_core::{Device, Tensor};
+
 use common::*;
 use ldt::config::Config;
 use ldt::train::RunContext;
@@ -29,28 +29,6 @@ every = 10
 [data]
 val_fraction = 0.2
 "#;
-
-fn copy_data(to: &Path, poison: bool) {
-    let from = root().join("data/rotmnist5k");
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(&from).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let dst = to.join(&name);
-        let target = name.starts_with("rot60") || name.starts_with("rot75");
-        if poison && target && name.ends_with(".safetensors") {
-            let mut t = candle_core::safetensors::load(e.path(), &Device::Cpu).unwrap();
-            let labels = t["labels"].to_vec1::<i64>().unwrap();
-            let shifted: Vec<i64> = labels.iter().map(|l| (l + 3) % 10).collect();
-            t.insert(
-                "labels".into(),
-                Tensor::new(shifted.as_slice(), &Device::Cpu).unwrap(),
-            );
-            candle_core::safetensors::save(&t, &dst).unwrap();
-        } else {
-            std::fs::copy(e.path(), &dst).unwrap();
-        }
-    }
-}
 
 fn run_on(data: &Path) -> (tempfile::TempDir, RunContext) {
     let man = format!("data.manifest=\"{}\"", data.join("manifest.json").display());
@@ -87,8 +65,8 @@ fn hold_out_is_disjoint_and_from_sources_only() {
 fn selection_never_reads_a_target_domain() {
     let tmp = tempfile::tempdir().unwrap();
     let (clean, poisoned) = (tmp.path().join("clean"), tmp.path().join("poisoned"));
-    copy_data(&clean, false);
-    copy_data(&poisoned, true);
+    copy_rotmnist(&clean, false);
+    copy_rotmnist(&poisoned, true);
     let (d1, c1) = run_on(&clean);
     let (d2, c2) = run_on(&poisoned);
     let b1 = c1.summary.best.as_ref().expect("a best network");

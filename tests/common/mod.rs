@@ -221,3 +221,37 @@ pub fn last_of(out: &Path, kind: &str, stage: Option<&str>) -> usize {
 pub fn last_step(out: &Path) -> usize {
     last_of(out, "train", Some("train"))
 }
+
+/// A copy of the bundled RotatedMNIST-5k in `to`; with `poison`, its target domains
+/// (rot60, rot75) have every label shifted by 3 and every image inverted: what never
+/// reads a target domain gives the same bits on both copies.
+pub fn copy_rotmnist(to: &Path, poison: bool) {
+    let from = root().join("data/rotmnist5k");
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(&from).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let dst = to.join(&name);
+        let target = name.starts_with("rot60") || name.starts_with("rot75");
+        if poison && target && name.ends_with(".safetensors") {
+            let mut t = candle_core::safetensors::load(e.path(), &Device::Cpu).unwrap();
+            let labels = t["labels"].to_vec1::<i64>().unwrap();
+            let shifted: Vec<i64> = labels.iter().map(|l| (l + 3) % 10).collect();
+            t.insert(
+                "labels".into(),
+                Tensor::new(shifted.as_slice(), &Device::Cpu).unwrap(),
+            );
+            let images = t["images"].clone();
+            let inverted = images
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .affine(-1.0, 255.0)
+                .unwrap()
+                .to_dtype(images.dtype())
+                .unwrap();
+            t.insert("images".into(), inverted);
+            candle_core::safetensors::save(&t, &dst).unwrap();
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}

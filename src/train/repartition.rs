@@ -10,7 +10,7 @@ use super::stage1;
 use super::RunContext;
 use crate::config::Criterion;
 use crate::ldt::partition::{Partition, Set};
-use crate::metrics::{PartitionSummary, Record};
+use crate::metrics::Record;
 use anyhow::{bail, Result};
 
 /// Which re-partition, if any, is due after optimizer step `step`: `Some(k)` for the
@@ -63,12 +63,7 @@ pub fn after_step(
         stable: new.stable.clone(),
         unstable: new.unstable.clone(),
     })?;
-    new.save(&ctx.dir.join("partition.json"))?;
-    ctx.summary.partition = Some(PartitionSummary {
-        criterion: new.criterion,
-        stable: new.stable.clone(),
-        unstable: new.unstable.clone(),
-    });
+    stage1::settle(ctx, &new)?;
     *partition = new;
     Ok(Some(note))
 }

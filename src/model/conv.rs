@@ -1,14 +1,20 @@
 //! Convolution as im2col + one GEMM, forward and backward.
 //!
 //! candle 0.11's CPU conv2d backward goes through a naive transposed convolution that
-//! dominated step time (~5x the forward). Here the patch extraction is a custom op whose
-//! backward is the matching col2im scatter, and both the forward and the two backward
-//! products are single large matrix multiplications (gemm) that candle differentiates.
+//! dominated step time (~5x the forward). Here the convolution is one recorded op: the
+//! patch extraction, one large matrix multiplication (candle's gemm) forward, and
+//! backward the two products and the matching col2im scatter, with no gradient
+//! materialized for the intermediates.
 
 use super::dispatch::{flat_values, generic_path, Float, HostKernel, HostOp};
 use anyhow::Result;
-use candle_core::{Shape, Tensor, WithDType};
+use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, BackpropOp};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug)]
@@ -138,6 +144,12 @@ impl HostKernel<1> for Im2col {
 }
 
 /// 2-D convolution (groups 1, dilation 1), weight `[O, C, kh, kw]`, optional bias `[O]`.
+///
+/// On the CPU it is one recorded op ([`Conv`]): candle's backward would otherwise zero
+/// and accumulate a gradient for every intermediate (the patch matrix, nine times the
+/// input for a 3x3 kernel; the GEMM's rows; their transpose), which cost more than the
+/// products themselves. The arithmetic is unchanged: the same im2col, the same GEMM
+/// calls on the same layouts, the same col2im.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -149,20 +161,220 @@ pub fn conv2d(
         return conv2d_generic(x, w, b, stride, pad);
     }
     let (n, c, h, wd) = x.dims4()?;
-    let (o, _, kh, kw) = w.dims4()?;
-    let g = Geometry::new(c, h, wd, (kh, kw), stride, pad);
-    let cols = x.contiguous()?.apply_op1(HostOp(Im2col {
-        k: (kh, kw),
-        stride,
-        pad,
-    }))?;
-    let mut y = super::matmul::matmul(&cols, &w.reshape((o, c * kh * kw))?.t()?)?;
-    if let Some(b) = b {
-        y = super::matmul::broadcast_add(&y, b)?;
+    let (o, wc, kh, kw) = w.dims4()?;
+    if wc != c || stride == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
+        anyhow::bail!(
+            "conv2d: weight {:?}, stride {stride}, padding {pad} do not fit input {:?}",
+            w.dims(),
+            x.dims()
+        );
     }
-    Ok(y.reshape((n, g.oh, g.ow, o))?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
+    let op = Conv {
+        g: Geometry::new(c, h, wd, (kh, kw), stride, pad),
+        n,
+        o,
+        keep_cols: w.track_op(),
+        cols: OnceLock::new(),
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    Ok(match b {
+        Some(b) => x.apply_op3(&w, b, op)?,
+        None => x.apply_op2(&w, op)?,
+    })
+}
+
+/// One convolution as a recorded op: `x [N,C,H,W]`, `w [O,C,kh,kw]`, optional `b [O]`.
+/// Forward: patches (`Im2col`), `rows = patches @ w^T` (candle's GEMM), `+ b`, rows
+/// `[N, OH*OW, O]` to `[N, O, OH*OW]`. Backward: each tracked input's gradient by the
+/// products candle's own backward of that chain computes.
+struct Conv {
+    g: Geometry,
+    n: usize,
+    o: usize,
+    /// Whether the weight is tracked: only its gradient reads the patches.
+    keep_cols: bool,
+    /// The patch matrix `[N*OH*OW, C*kh*kw]`, kept from the forward for the weight's
+    /// gradient (only when `keep_cols`).
+    cols: OnceLock<Tensor>,
+}
+
+impl Conv {
+    fn im2col(&self) -> HostOp<Im2col> {
+        HostOp(Im2col {
+            k: self.g.k,
+            stride: self.g.stride,
+            pad: self.g.pad,
+        })
+    }
+
+    /// `(rows, row length, output pixels per image)`.
+    fn dims(&self) -> (usize, usize, usize) {
+        let p = self.g.oh * self.g.ow;
+        (self.n * p, self.g.row_len(), p)
+    }
+
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, rl, p) = self.dims();
+        if !w.1.is_contiguous() {
+            candle_core::bail!("ldt-conv2d expects a contiguous weight")
+        }
+        let (cols, _) = self.im2col().cpu_fwd(x.0, x.1)?;
+        let cols_l = Layout::contiguous((m, rl));
+        // `w.reshape((O, C*kh*kw)).t()`, as a layout over the weight's storage.
+        let wt_l =
+            Layout::contiguous_with_offset((self.o, rl), w.1.start_offset()).transpose(0, 1)?;
+        let mut rows = cols.matmul(w.0, (1, m, self.o, rl), &cols_l, &wt_l)?;
+        let rows_l = Layout::contiguous((m, self.o));
+        if let Some((bs, bl)) = b {
+            rows = rows.binary_impl::<Add>(bs, &rows_l, &bl.broadcast_as((m, self.o))?)?;
+        }
+        if self.keep_cols {
+            let cols = Tensor::from_storage(Storage::Cpu(cols), (m, rl), BackpropOp::none(), false);
+            // Set once: candle runs an op's forward once.
+            let _ = self.cols.set(cols);
+        }
+        let (y, _) = HostOp(SwapLast2).cpu_fwd(&rows, &Layout::contiguous((self.n, p, self.o)))?;
+        Ok((y, Shape::from((self.n, self.o, self.g.oh, self.g.ow))))
+    }
+
+    /// The gradients of the tracked inputs among `x`, `w`, `b`.
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, rl, p) = self.dims();
+        // The rows' gradient `[N*OH*OW, O]`.
+        let gy = grad
+            .contiguous()?
+            .reshape((self.n, self.o, p))?
+            .apply_op1_no_bwd(&HostOp(SwapLast2))?
+            .reshape((m, self.o))?;
+        let gx = if x.track_op() {
+            let gcols = gy.matmul(&w.reshape((self.o, rl))?)?;
+            self.im2col().bwd(x, &gcols, &gcols)?
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            let Some(cols) = self.cols.get() else {
+                candle_core::bail!("ldt-conv2d: the weight became tracked after the forward")
+            };
+            Some(cols.t()?.matmul(&gy)?.t()?.reshape(w.shape())?)
+        } else {
+            None
+        };
+        let gb = match b {
+            Some(b) if b.track_op() => Some(gy.sum_keepdim(0)?.squeeze(0)?),
+            _ => None,
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+impl CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "ldt-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, _) = self.backward(x, w, None, grad)?;
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "ldt-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, w, Some(b), grad)
+    }
+}
+
+/// `[A, B, C] -> [A, C, B]`: the convolution's GEMM rows (pixel-major) to channels-first
+/// and, backward, its gradient back. A copy: no arithmetic.
+struct SwapLast2;
+
+impl HostKernel<1> for SwapLast2 {
+    const NAME: &'static str = "ldt-swap-last2";
+
+    fn shape(&self, x: &Shape) -> candle_core::Result<Shape> {
+        let (a, b, c) = x.dims3()?;
+        Ok(Shape::from((a, c, b)))
+    }
+
+    fn fwd<T: Float>(&self, [x]: [&[T]; 1], shape: &Shape) -> candle_core::Result<Vec<T>> {
+        let (_, b, c) = shape.dims3()?;
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(b * c)
+            .zip(x.par_chunks(b * c))
+            .for_each(|(o, x)| {
+                // Tiles of 16 x 16 keep both sides in cache.
+                for i0 in (0..b).step_by(16) {
+                    for j0 in (0..c).step_by(16) {
+                        for i in i0..(i0 + 16).min(b) {
+                            for j in j0..(j0 + 16).min(c) {
+                                o[j * b + i] = x[i * c + j];
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(out)
+    }
+
+    fn bwd<T: Float>(
+        &self,
+        [_]: [&Tensor; 1],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Tensor; 1]> {
+        Ok([grad.contiguous()?.apply_op1_no_bwd(&HostOp(SwapLast2))?])
+    }
 }
 
 /// [`conv2d`] as candle's `Tensor::conv2d` (which records its backward), on any device,

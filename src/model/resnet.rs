@@ -168,7 +168,7 @@ impl Cursor<'_> {
     fn conv(&mut self, x: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
         let w = &self.params[self.p];
         self.p += 1;
-        conv_no_bias(x, w, stride, padding)
+        layers::conv2d(x, w, None, stride, padding)
     }
 
     /// The next BatchNorm2d applied to `x` (its buffers updated in `Mode::Train`).
@@ -181,21 +181,6 @@ impl Cursor<'_> {
         self.b += 3;
         layers::batch_norm2d(x, w, b, layers::BnBuffers { mean, var, count }, self.mode)
     }
-}
-
-/// Bias-free convolution; 1x1 stride-1 convolutions skip the patch extraction (their
-/// im2col is a plain NCHW -> NHWC transpose, then one GEMM as in `layers::conv2d`).
-fn conv_no_bias(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let (o, c, kh, kw) = w.dims4()?;
-    if (kh, kw, stride, padding) != (1, 1, 1, 0) {
-        return layers::conv2d(x, w, None, stride, padding);
-    }
-    let (n, _, h, wd) = x.dims4()?;
-    let cols = x.permute((0, 2, 3, 1))?.reshape((n * h * wd, c))?;
-    let y = super::matmul::matmul(&cols, &w.reshape((o, c))?.t()?)?;
-    Ok(y.reshape((n, h, wd, o))?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
 }
 
 impl Network for ResNet {

@@ -279,8 +279,8 @@ device_bytes = 1000000
 }
 
 /// `train.recompute = "auto"`: `none` without a budget or when its plan fits; `blocks`
-/// when only that fits (resnet18, erm, batch 32: about 229 MB planned keeping every
-/// activation, 163 MB keeping block inputs), and the run then stays within the budget.
+/// when only that fits (resnet18, erm, batch 32: about 195 MB measured keeping every
+/// activation, 134 MB keeping block inputs), and the run then stays within the budget.
 fn auto_recompute_follows_the_budget() {
     let chosen = |budget: &str| {
         let (_d, ctx) = short_run(
@@ -303,10 +303,10 @@ fn auto_recompute_follows_the_budget() {
     use ldt::config::Recompute;
     assert_eq!(chosen("0").0, Recompute::None, "no budget");
     assert_eq!(chosen("400000000").0, Recompute::None, "a budget none fits");
-    let (r, train) = chosen("200000000");
+    let (r, train) = chosen("170000000");
     assert_eq!(r, Recompute::Blocks, "a budget only blocks fits");
     assert!(
-        train <= 200_000_000,
+        train <= 170_000_000,
         "measured training peak {train} over the budget"
     );
 }

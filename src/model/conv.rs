@@ -6,7 +6,7 @@
 //! backward the two products and the matching col2im scatter, with no gradient
 //! materialized for the intermediates.
 
-use super::dispatch::{flat_values, generic_path, Float, HostKernel, HostOp};
+use super::dispatch::{flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp};
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, BackpropOp};
@@ -136,10 +136,19 @@ impl HostKernel<1> for Im2col {
         [arg]: [&Tensor; 1],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; 1]> {
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
         let (g, n) = self.geometry(arg.shape())?;
-        let gx = g.col2im(&flat_values::<T::Sum>(grad)?, n);
-        Ok([Tensor::from_vec(gx, arg.shape(), arg.device())?.to_dtype(T::DTYPE)?])
+        // The patches' gradient is read in place when it is in `T::Sum` already (f32,
+        // f64): a copy would be as large as the patch matrix.
+        let grad = grad.contiguous()?;
+        let gx = if grad.dtype() == <T::Sum as WithDType>::DTYPE {
+            with_cpu_slice::<T::Sum, _>(&grad, |gc| g.col2im(gc, n))?
+        } else {
+            g.col2im(&flat_values::<T::Sum>(&grad)?, n)
+        };
+        Ok([Some(
+            Tensor::from_vec(gx, arg.shape(), arg.device())?.to_dtype(T::DTYPE)?,
+        )])
     }
 }
 
@@ -372,8 +381,10 @@ impl HostKernel<1> for SwapLast2 {
         [_]: [&Tensor; 1],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; 1]> {
-        Ok([grad.contiguous()?.apply_op1_no_bwd(&HostOp(SwapLast2))?])
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        Ok([Some(
+            grad.contiguous()?.apply_op1_no_bwd(&HostOp(SwapLast2))?,
+        )])
     }
 }
 

@@ -12,7 +12,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
 };
 use half::bf16;
 use std::cell::Cell;
@@ -50,18 +50,29 @@ pub(crate) trait Float: WithDType {
     /// The type a backward pass sums overlapping contributions in (max-pool windows,
     /// im2col patches) before rounding once: f32 for bf16, the type itself otherwise.
     type Sum: Float;
+    /// The square root as candle's `sqrt` rounds it.
+    fn sqrt(self) -> Self;
 }
 
 impl Float for f32 {
     type Sum = f32;
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
 }
 
 impl Float for f64 {
     type Sum = f64;
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
 }
 
 impl Float for bf16 {
     type Sum = f32;
+    fn sqrt(self) -> Self {
+        bf16::from_f32(self.to_f32().sqrt())
+    }
 }
 
 /// Work written once over the element type (the generic `f` of candle's `Map1`).
@@ -103,13 +114,14 @@ pub(crate) trait HostKernel<const N: usize>: Send + Sync + 'static {
     fn fwd<T: Float>(&self, xs: [&[T]; N], x: &Shape) -> candle_core::Result<Vec<T>>;
 
     /// The gradient of each input from the inputs, the result and the result's
-    /// gradient; `T` is the inputs' element type.
+    /// gradient (`None` for an input that needs none: an untracked one); `T` is the
+    /// inputs' element type.
     fn bwd<T: Float>(
         &self,
         args: [&Tensor; N],
         res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; N]>;
+    ) -> candle_core::Result<[Option<Tensor>; N]>;
 }
 
 /// A [`HostKernel`] as a candle custom op of 1, 2 or 3 inputs: the forward runs on CPU
@@ -143,7 +155,7 @@ impl<K> HostOp<K> {
         args: [&Tensor; N],
         res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; N]>
+    ) -> candle_core::Result<[Option<Tensor>; N]>
     where
         K: HostKernel<N>,
     {
@@ -185,9 +197,9 @@ struct Backward<'a, K, const N: usize> {
 }
 
 impl<K: HostKernel<N>, const N: usize> ForDType for Backward<'_, K, N> {
-    type Output = [Tensor; N];
+    type Output = [Option<Tensor>; N];
 
-    fn f<T: Float>(self) -> candle_core::Result<[Tensor; N]> {
+    fn f<T: Float>(self) -> candle_core::Result<[Option<Tensor>; N]> {
         self.kernel.bwd::<T>(self.args, self.res, self.grad)
     }
 }
@@ -208,7 +220,7 @@ impl<K: HostKernel<1>> CustomOp1 for HostOp<K> {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let [g] = self.backward([arg], res, grad)?;
-        Ok(Some(g))
+        Ok(g)
     }
 }
 
@@ -235,7 +247,7 @@ impl<K: HostKernel<2>> CustomOp2 for HostOp<K> {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let [g1, g2] = self.backward([a1, a2], res, grad)?;
-        Ok((Some(g1), Some(g2)))
+        Ok((g1, g2))
     }
 }
 
@@ -265,7 +277,7 @@ impl<K: HostKernel<3>> CustomOp3 for HostOp<K> {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [g1, g2, g3] = self.backward([a1, a2, a3], res, grad)?;
-        Ok((Some(g1), Some(g2), Some(g3)))
+        Ok((g1, g2, g3))
     }
 }
 
@@ -280,6 +292,39 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
         candle_core::bail!("{what} expects a contiguous input")
     };
     Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// The sum of squares of a CPU tensor's elements, each widened to f64, summed in
+/// element order from zero: the bits of `t.to_dtype(F64)?.sqr()?.sum_all()` (candle sums
+/// f64 in order) without that expression's two f64 copies of `t`, which made gradient
+/// clipping's peak three times the largest gradient.
+pub(crate) fn sum_of_squares(t: &Tensor) -> candle_core::Result<f64> {
+    struct Work<'a>(&'a Tensor);
+    impl ForDType for Work<'_> {
+        type Output = f64;
+        fn f<T: Float>(self) -> candle_core::Result<f64> {
+            with_cpu_slice::<T, _>(self.0, |v| {
+                v.iter().fold(0f64, |s, x| {
+                    let d = x.to_f64();
+                    s + d * d
+                })
+            })
+        }
+    }
+    for_dtype("sum_of_squares", t.dtype(), Work(&t.contiguous()?))
+}
+
+/// `f` on the elements of `t` (contiguous, on the CPU, of element type `T`) in place,
+/// without the copy [`flat_values`] makes: what a backward reads a large gradient as.
+pub(crate) fn with_cpu_slice<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(cs) => Ok(f(contiguous_slice::<T>(cs, l, "a host kernel's backward")?)),
+        _ => candle_core::bail!("a host kernel's backward expects a CPU tensor"),
+    }
 }
 
 /// Values of `t` (any layout, any dtype) as a flat vector of `T`: what the host kernels'

@@ -3,7 +3,7 @@
 //! candle-nn's fused norms and softmax record no backward and its max-pool backward needs
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
-use super::dispatch::{flat_values, generic_path, Float, HostKernel, HostOp};
+use super::dispatch::{flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp};
 use anyhow::Result;
 use candle_core::{DType, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
@@ -63,8 +63,19 @@ impl HostKernel<1> for Relu {
         [arg]: [&Tensor; 1],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; 1]> {
-        Ok([grad.mul(&arg.gt(0.0)?.to_dtype(arg.dtype())?)?])
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        // `grad * (x > 0)`, the mask as 1 or 0 in `T` (the arithmetic of the generic
+        // path), in one pass instead of candle's three.
+        let (z, one) = (T::zero(), T::one());
+        let gx = with_cpu_slice::<T, _>(&grad.contiguous()?, |g| {
+            with_cpu_slice::<T, _>(arg, |x| {
+                g.par_iter()
+                    .zip(x)
+                    .map(|(&g, &x)| g * if x > z { one } else { z })
+                    .collect::<Vec<T>>()
+            })
+        })??;
+        Ok([Some(Tensor::from_vec(gx, arg.shape(), arg.device())?)])
     }
 }
 
@@ -249,9 +260,9 @@ impl HostKernel<1> for MaxPool2d {
         [arg]: [&Tensor; 1],
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<[Tensor; 1]> {
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
         let gx = self.grad::<T::Sum>(&arg.to_dtype(T::Sum::DTYPE)?, grad_res)?;
-        Ok([gx.to_dtype(T::DTYPE)?])
+        Ok([Some(gx.to_dtype(T::DTYPE)?)])
     }
 }
 
@@ -285,36 +296,49 @@ pub fn batch_norm2d(
     let ct = compute_dtype(dt);
     let (x, w, b) = (&x.to_dtype(ct)?, &w.to_dtype(ct)?, &b.to_dtype(ct)?);
     let (n, c, h, wd) = x.dims4()?;
-    let y = if mode == super::Mode::Eval {
+    if mode == super::Mode::Eval {
         let mean = buf.mean.reshape((1, c, 1, 1))?;
         let inv = (buf.var.reshape((1, c, 1, 1))? + BN_EPS)?.sqrt()?.recip()?;
-        x.broadcast_sub(&mean)?.broadcast_mul(&inv)?
+        let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
+        let y = super::matmul::broadcast_mul(&y, &w.reshape((1, c, 1, 1))?)?;
+        return Ok(super::matmul::broadcast_add(&y, &b.reshape((1, c, 1, 1))?)?.to_dtype(dt)?);
+    }
+    let (y, mean, var) = if generic_path(x) {
+        batch_norm_generic(x, w, b)?
     } else {
-        let m = n * h * wd;
-        let xt = x.transpose(0, 1)?.reshape((c, m))?;
-        let mean = xt.mean_keepdim(1)?;
-        let centered = xt.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(1)?;
-        if mode == super::Mode::Train {
-            let mean_d = mean.detach().flatten_all()?;
-            let var_unbiased =
-                (var.detach().flatten_all()? * (m as f64 / (m as f64 - 1.0).max(1.0)))?;
-            *buf.mean = ((&*buf.mean * (1.0 - BN_MOMENTUM))? + (mean_d * BN_MOMENTUM)?)?;
-            *buf.var = ((&*buf.var * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?;
-            *buf.count = (&*buf.count + 1.0)?;
-        }
-        let inv = (var + BN_EPS)?.sqrt()?.recip()?;
-        // Back to `[N, C, H, W]` in memory order, so that the scale and shift below (and
-        // their backward) take candle's contiguous broadcast path instead of indexing a
-        // transposed view: the same values, rounded the same (golden hashes unchanged).
-        centered
-            .broadcast_mul(&inv)?
-            .reshape((c, n, h, wd))?
-            .transpose(0, 1)?
-            .contiguous()?
+        super::batch_norm::batch_norm_train(x, w, b)?
     };
+    if mode == super::Mode::Train {
+        let m = (n * h * wd) as f64;
+        let var_unbiased = (var * (m / (m - 1.0).max(1.0)))?;
+        *buf.mean = ((&*buf.mean * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
+        *buf.var = ((&*buf.var * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?;
+        *buf.count = (&*buf.count + 1.0)?;
+    }
+    Ok(y.to_dtype(dt)?)
+}
+
+/// BatchNorm2d with the batch's statistics from candle's differentiable ops, on any
+/// device: `(y, mean, biased var)`, the statistics `[C]` and untracked. Off the CPU;
+/// the CPU runs the same arithmetic as one op (`model::batch_norm`).
+fn batch_norm_generic(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, wd) = x.dims4()?;
+    let xt = x.transpose(0, 1)?.reshape((c, n * h * wd))?;
+    let mean = xt.mean_keepdim(1)?;
+    let centered = xt.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(1)?;
+    let inv = (&var + BN_EPS)?.sqrt()?.recip()?;
+    // Back to `[N, C, H, W]` in memory order, so that the scale and shift below (and
+    // their backward) take candle's contiguous broadcast path instead of indexing a
+    // transposed view.
+    let y = centered
+        .broadcast_mul(&inv)?
+        .reshape((c, n, h, wd))?
+        .transpose(0, 1)?
+        .contiguous()?;
     let y = super::matmul::broadcast_mul(&y, &w.reshape((1, c, 1, 1))?)?;
-    Ok(super::matmul::broadcast_add(&y, &b.reshape((1, c, 1, 1))?)?.to_dtype(dt)?)
+    let y = super::matmul::broadcast_add(&y, &b.reshape((1, c, 1, 1))?)?;
+    Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
 }
 
 /// Log-softmax over the last dimension; the max is detached (it only shifts the
@@ -487,9 +511,9 @@ impl HostKernel<3> for LayerNorm {
         [x, w, _b]: [&Tensor; 3],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; 3]> {
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let (gx, gw, gb) = self.grad::<T>(x, w, grad)?;
-        Ok([gx, gw, gb])
+        Ok([Some(gx), Some(gw), Some(gb)])
     }
 }
 
@@ -582,8 +606,8 @@ impl HostKernel<2> for AddBias {
         [_y, b]: [&Tensor; 2],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; 2]> {
-        Ok([grad.clone(), Self::bias_grad::<T>(b, grad)?])
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
+        Ok([Some(grad.clone()), Some(Self::bias_grad::<T>(b, grad)?)])
     }
 }
 
@@ -660,8 +684,8 @@ impl HostKernel<1> for GeluErf {
         [arg]: [&Tensor; 1],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; 1]> {
-        Ok([Self::grad::<T>(arg, grad)?])
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        Ok([Some(Self::grad::<T>(arg, grad)?)])
     }
 }
 
@@ -735,8 +759,8 @@ impl HostKernel<1> for SoftmaxLastDim {
         [_arg]: [&Tensor; 1],
         res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Tensor; 1]> {
-        Ok([Self::grad::<T>(res, grad)?])
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        Ok([Some(Self::grad::<T>(res, grad)?)])
     }
 }
 

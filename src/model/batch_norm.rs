@@ -1,0 +1,255 @@
+//! BatchNorm2d with batch statistics as one recorded op on the CPU, bit for bit the
+//! arithmetic of the candle graph it replaces.
+//!
+//! That graph (transpose to `[C, N*H*W]`, mean, centre, square, mean, `+ eps`, sqrt,
+//! reciprocal, scale, transpose back, `* w`, `+ b`) cost two dozen activation-sized
+//! tensors per layer in its backward: candle zero-fills and accumulates a gradient for
+//! every node, and reduces `[N, C, H, W]` over `(0, 2, 3)` one element at a time through
+//! an index division. Here the forward and backward are per-channel loops that round the
+//! same operations in the same order: the row sums through candle's own `vec_reduce_sum`
+//! (what its last-dimension reduction calls), the `(0, 2, 3)` sums in candle's element
+//! order, `mean` as `sum * (1/m)` in the element type, and each elementwise step as candle
+//! rounds it. A zero's sign may differ inside the backward (candle adds every gradient
+//! to a zero first); it cannot change a non-zero value, and candle's accumulation into
+//! the inputs' gradients makes it +0 again. Golden hashes are unchanged.
+
+use super::dispatch::{with_cpu_slice, Float, HostKernel, HostOp};
+use super::layers::BN_EPS;
+use anyhow::Result;
+use candle_core::{CpuStorage, Device, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+/// `(y, mean, var)`: BatchNorm2d of `x` `[N, C, H, W]` with the batch's statistics,
+/// scale `w` `[C]` and shift `b` `[C]`, in the element type of `x` (f32 or f64: the
+/// caller normalizes bf16 in f32). `mean` and the biased `var` are `[C]` and untracked,
+/// for the running buffers.
+pub(super) fn batch_norm_train(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let stats = Arc::new(OnceLock::new());
+    let op = BatchNorm {
+        keep: x.track_op() || w.track_op(),
+        saved: OnceLock::new(),
+        stats: stats.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, HostOp(op))?;
+    let Some([mean, var]) = stats.get().cloned() else {
+        anyhow::bail!("batch_norm: the forward did not record its statistics")
+    };
+    Ok((y, mean, var))
+}
+
+/// What the backward reads from the forward: the centred input `[C, N*H*W]` and, per
+/// channel, `sqrt(var + eps)` and its reciprocal (`[2C]`).
+struct Saved {
+    centered: CpuStorage,
+    sd_inv: CpuStorage,
+}
+
+/// The op. `keep`: whether the backward needs the centred input (the input or the
+/// scale is tracked; the shift's gradient needs only the output's).
+struct BatchNorm {
+    keep: bool,
+    saved: OnceLock<Saved>,
+    stats: Arc<OnceLock<[Tensor; 2]>>,
+}
+
+/// `(n, c, h*w)` of an `[N, C, H, W]` shape.
+fn dims(shape: &Shape) -> candle_core::Result<(usize, usize, usize)> {
+    let (n, c, h, w) = shape.dims4()?;
+    Ok((n, c, h * w))
+}
+
+/// candle's sum of a contiguous row (its last-dimension reduction), from zero.
+fn row_sum<T: WithDType>(row: &[T]) -> T {
+    let mut s = T::zero();
+    // SAFETY: `row` is a valid slice of `row.len()` elements and `s` a valid output.
+    unsafe { T::vec_reduce_sum(row.as_ptr(), &mut s, row.len()) };
+    s
+}
+
+/// `1/m` as candle's `mean` scales a sum: computed in f64, rounded to `T`.
+fn inv_count<T: WithDType>(m: usize) -> T {
+    T::from_f64(1f64 / m as f64)
+}
+
+impl HostKernel<3> for BatchNorm {
+    const NAME: &'static str = "ldt-batch-norm";
+
+    fn fwd<T: Float>(&self, [x, w, b]: [&[T]; 3], shape: &Shape) -> candle_core::Result<Vec<T>> {
+        let (n, c, hw) = dims(shape)?;
+        let m = n * hw;
+        let (scale, eps) = (inv_count::<T>(m), T::from_f64(BN_EPS));
+        let mut centered = vec![T::zero(); c * m];
+        // Per channel: (mean, var, sd, inv).
+        let mut per = vec![[T::zero(); 4]; c];
+        centered
+            .par_chunks_mut(m.max(1))
+            .zip(per.par_iter_mut())
+            .enumerate()
+            .for_each(|(ch, (row, st))| {
+                for i in 0..n {
+                    row[i * hw..(i + 1) * hw].copy_from_slice(&x[(i * c + ch) * hw..][..hw]);
+                }
+                let mean = row_sum(row) * scale + T::zero();
+                let mut sq = vec![T::zero(); m];
+                for (v, s) in row.iter_mut().zip(&mut sq) {
+                    *v -= mean;
+                    *s = *v * *v;
+                }
+                let var = row_sum(&sq) * scale + T::zero();
+                let sd = (var * T::one() + eps).sqrt();
+                *st = [mean, var, sd, T::one() / sd];
+            });
+        let mut y = vec![T::zero(); n * c * hw];
+        y.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(k, out)| {
+                let (i, ch) = (k / c, k % c);
+                let (row, inv) = (&centered[ch * m + i * hw..][..hw], per[ch][3]);
+                for (o, v) in out.iter_mut().zip(row) {
+                    *o = *v * inv * w[ch] + b[ch];
+                }
+            });
+        let column = |k: usize| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(per.iter().map(|p| p[k]).collect(), c, &Device::Cpu)
+        };
+        let _ = self.stats.set([column(0)?, column(1)?]);
+        if self.keep {
+            let sd_inv = per.iter().map(|p| p[2]).chain(per.iter().map(|p| p[3]));
+            let _ = self.saved.set(Saved {
+                centered: T::to_cpu_storage_owned(centered),
+                sd_inv: T::to_cpu_storage_owned(sd_inv.collect()),
+            });
+        }
+        Ok(y)
+    }
+
+    fn bwd<T: Float>(
+        &self,
+        [x, w, b]: [&Tensor; 3],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let (n, c, hw) = dims(x.shape())?;
+        let m = n * hw;
+        let grad = grad.contiguous()?;
+        let gb = if b.track_op() {
+            let sums = with_cpu_slice::<T, _>(&grad, |g| {
+                channel_sums(n, c, hw, |ch, i, q| g[(i * c + ch) * hw + q])
+            })??;
+            Some(Tensor::from_vec(sums, c, &Device::Cpu)?)
+        } else {
+            None
+        };
+        if !(x.track_op() || w.track_op()) {
+            return Ok([None, None, gb]);
+        }
+        let Some(saved) = self.saved.get() else {
+            candle_core::bail!("ldt-batch-norm: an input became tracked after the forward")
+        };
+        let centered = T::cpu_storage_as_slice(&saved.centered)?;
+        let sd_inv = T::cpu_storage_as_slice(&saved.sd_inv)?;
+        let (sd, inv) = sd_inv.split_at(c);
+        let wv = with_cpu_slice::<T, _>(&w.contiguous()?, |w| w.to_vec())?;
+        with_cpu_slice::<T, _>(&grad, |g| -> candle_core::Result<_> {
+            let gy = |ch: usize, i: usize, q: usize| g[(i * c + ch) * hw + q];
+            let gw = if w.track_op() {
+                let sums = channel_sums(n, c, hw, |ch, i, q| {
+                    gy(ch, i, q) * (centered[ch * m + i * hw + q] * inv[ch])
+                })?;
+                Some(Tensor::from_vec(sums, c, &Device::Cpu)?)
+            } else {
+                None
+            };
+            let gx = if x.track_op() {
+                // Per channel the two scalars of the chain, then every element from them:
+                // the elementwise steps recomputed round the same.
+                let scalars = (0..c)
+                    .into_par_iter()
+                    .map(|ch| {
+                        let row = &centered[ch * m..(ch + 1) * m];
+                        let gt = |j: usize| gy(ch, j / hw, j % hw) * wv[ch];
+                        input_scalars(row, (sd[ch], inv[ch]), gt)
+                    })
+                    .collect::<Vec<_>>();
+                let two = T::from_f64(2.0);
+                let mut gx = vec![T::zero(); n * c * hw];
+                gx.par_chunks_mut(hw.max(1))
+                    .enumerate()
+                    .for_each(|(k, out)| {
+                        let (i, ch) = (k / c, k % c);
+                        let (g_s2, g_s1) = scalars[ch];
+                        let row = &centered[ch * m + i * hw..][..hw];
+                        for (q, (o, v)) in out.iter_mut().zip(row).enumerate() {
+                            let gc =
+                                gy(ch, i, q) * wv[ch] * inv[ch] + (*v * g_s2 * two + T::zero());
+                            *o = gc + g_s1;
+                        }
+                    });
+                Some(Tensor::from_vec(gx, x.shape(), &Device::Cpu)?)
+            } else {
+                None
+            };
+            Ok([gx, gw, gb])
+        })?
+    }
+}
+
+/// Per channel, the sum over `(N, H, W)` of `f(channel, image, pixel)`, from zero in
+/// memory order: candle's reduction of a contiguous `[N, C, H, W]` over `(0, 2, 3)`.
+fn channel_sums<T: WithDType + Send + Sync>(
+    n: usize,
+    c: usize,
+    hw: usize,
+    f: impl Fn(usize, usize, usize) -> T + Sync,
+) -> candle_core::Result<Vec<T>> {
+    Ok((0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut s = T::zero();
+            for i in 0..n {
+                for q in 0..hw {
+                    s += f(ch, i, q);
+                }
+            }
+            s
+        })
+        .collect())
+}
+
+/// One channel's `(d/d(sum of squares), d/d(sum))` from its centred input `[N*H*W]`
+/// (image-major), its `(sqrt(var + eps), 1/that)` and `gt(j)`, the gradient of its
+/// normalized value at row position `j` (the output's times the scale): candle's
+/// backward of the forward chain, step by step, in its rounding. The input's gradient
+/// at `j` is then `(gt(j) * inv + centred(j) * d_s2 * 2 + 0) + d_s1`.
+fn input_scalars<T: Float>(centered: &[T], (sd, inv): (T, T), gt: impl Fn(usize) -> T) -> (T, T) {
+    let m = centered.len();
+    let scale = inv_count::<T>(m);
+    let (two, half) = (T::from_f64(2.0), T::from_f64(0.5));
+    // d/d(inv): the sum of the normalized gradient times the centred input.
+    let mut scratch: Vec<T> = centered
+        .iter()
+        .enumerate()
+        .map(|(j, v)| gt(j) * *v)
+        .collect();
+    let g_inv = row_sum(&scratch);
+    // inv = 1/sd, sd = sqrt(ve), ve = var * 1 + eps, var = sum(sq) * (1/m).
+    let g_sd = T::zero() - g_inv / (sd * sd);
+    let g_ve = g_sd / sd * half + T::zero();
+    let g_var = g_ve * T::one() + T::zero();
+    let g_s2 = g_var * scale + T::zero();
+    // d/d(centred) through the scale and through the square; centred = x - mean and
+    // mean = sum(x) * (1/m) give d/d(sum) from its negated row sum.
+    for (j, (s, v)) in scratch.iter_mut().zip(centered).enumerate() {
+        let gc = gt(j) * inv + (*v * g_s2 * two + T::zero());
+        *s = T::zero() - gc;
+    }
+    let g_s1 = row_sum(&scratch) * scale + T::zero();
+    (g_s2, g_s1)
+}

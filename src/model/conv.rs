@@ -276,7 +276,13 @@ impl Conv {
             let Some(cols) = self.cols.get() else {
                 candle_core::bail!("ldt-conv2d: the weight became tracked after the forward")
             };
-            Some(cols.t()?.matmul(&gy)?.t()?.reshape(w.shape())?)
+            // `[C*kh*kw, O]` to the weight's `[O, C*kh*kw]`: candle's strided copy
+            // indexes element by element; this one goes by tiles.
+            let gwt = cols.t()?.matmul(&gy)?.reshape((1, rl, self.o))?;
+            Some(
+                gwt.apply_op1_no_bwd(&HostOp(SwapLast2))?
+                    .reshape(w.shape())?,
+            )
         } else {
             None
         };

@@ -180,25 +180,28 @@ impl MaxPool2d {
     }
 
     /// Index (within one `H*W` plane) of the first maximum of output cell `(oy, ox)`
-    /// (a NaN wins at once, as in PyTorch). Generic over the float type (f32, f64).
+    /// (a NaN wins at once, as in PyTorch), the window read row by row. Generic over the
+    /// float type (f32, f64). The window is clipped to the plane once, not per element.
     fn argmax<T: WithDType>(&self, plane: &[T], h: usize, w: usize, oy: usize, ox: usize) -> usize {
-        let mut best: Option<T> = None;
+        let (y0, x0) = (oy * self.stride, ox * self.stride);
+        // Window rows and columns inside the plane (padding reads nothing).
+        let (ky_lo, kx_lo) = (
+            self.padding.saturating_sub(y0),
+            self.padding.saturating_sub(x0),
+        );
+        let ky_hi = self.kernel.min((h + self.padding).saturating_sub(y0));
+        let kx_hi = self.kernel.min((w + self.padding).saturating_sub(x0));
         let mut idx = usize::MAX;
-        for ky in 0..self.kernel {
-            let iy = (oy * self.stride + ky) as isize - self.padding as isize;
-            if iy < 0 || iy >= h as isize {
-                continue;
-            }
-            for kx in 0..self.kernel {
-                let ix = (ox * self.stride + kx) as isize - self.padding as isize;
-                if ix < 0 || ix >= w as isize {
-                    continue;
-                }
-                let i = iy as usize * w + ix as usize;
+        let mut best = T::zero();
+        for ky in ky_lo..ky_hi {
+            let row = (y0 + ky - self.padding) * w;
+            for kx in kx_lo..kx_hi {
+                let i = row + x0 + kx - self.padding;
                 let v = plane[i];
-                let nan = v.partial_cmp(&v).is_none();
-                if best.is_none_or(|b| v > b) || nan {
-                    best = Some(v);
+                #[allow(clippy::eq_op)] // NaN test in any `T`
+                let nan = v != v;
+                if idx == usize::MAX || v > best || nan {
+                    best = v;
                     idx = i;
                     if nan {
                         return idx;
@@ -209,23 +212,38 @@ impl MaxPool2d {
         idx
     }
 
-    /// The input gradient, summed in `T` over overlapping windows.
+    /// Planes per parallel task: about 4096 output cells, so that a small plane (a
+    /// 14x14 map) is not one task each.
+    fn planes_per_task(&self, oh: usize, ow: usize) -> usize {
+        (4096 / (oh * ow).max(1)).max(1)
+    }
+
+    /// The input gradient, summed in `T` over overlapping windows; `arg` and `grad_res`
+    /// in `T` already are read in place.
     fn grad<T: WithDType>(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Tensor> {
         let (_n, _c, h, w) = arg.dims4()?;
         let (oh, ow) = (self.out_dim(h), self.out_dim(w));
-        let x = flat_values::<T>(arg)?;
-        let g = flat_values::<T>(grad_res)?;
-        let mut gx = vec![T::zero(); x.len()];
-        gx.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w))
-            .zip(g.par_chunks(oh * ow))
-            .for_each(|((gp, plane), go)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        gp[self.argmax(plane, h, w, oy, ox)] += go[oy * ow + ox];
-                    }
-                }
-            });
+        let k = self.planes_per_task(oh, ow);
+        let (arg, grad_res) = (arg.contiguous()?, grad_res.contiguous()?);
+        let gx = with_cpu_slice::<T, _>(&arg, |x| {
+            with_cpu_slice::<T, _>(&grad_res, |g| {
+                let mut gx = vec![T::zero(); x.len()];
+                gx.par_chunks_mut(k * h * w)
+                    .zip(x.par_chunks(k * h * w))
+                    .zip(g.par_chunks(k * oh * ow))
+                    .for_each(|((gp, xp), gop)| {
+                        let planes = gp.chunks_mut(h * w).zip(xp.chunks(h * w));
+                        for ((gp, plane), go) in planes.zip(gop.chunks(oh * ow)) {
+                            for oy in 0..oh {
+                                for ox in 0..ow {
+                                    gp[self.argmax(plane, h, w, oy, ox)] += go[oy * ow + ox];
+                                }
+                            }
+                        }
+                    });
+                gx
+            })
+        })??;
         Tensor::from_vec(gx, arg.shape(), arg.device())
     }
 }
@@ -241,13 +259,16 @@ impl HostKernel<1> for MaxPool2d {
     fn fwd<T: Float>(&self, [x]: [&[T]; 1], shape: &Shape) -> candle_core::Result<Vec<T>> {
         let (n, c, h, w) = shape.dims4()?;
         let (oh, ow) = (self.out_dim(h), self.out_dim(w));
+        let k = self.planes_per_task(oh, ow);
         let mut out = vec![T::zero(); n * c * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        o[oy * ow + ox] = plane[self.argmax(plane, h, w, oy, ox)];
+        out.par_chunks_mut(k * oh * ow)
+            .zip(x.par_chunks(k * h * w))
+            .for_each(|(op, xp)| {
+                for (o, plane) in op.chunks_mut(oh * ow).zip(xp.chunks(h * w)) {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            o[oy * ow + ox] = plane[self.argmax(plane, h, w, oy, ox)];
+                        }
                     }
                 }
             });

@@ -49,20 +49,30 @@ impl Geometry {
         self.c * self.k.0 * self.k.1
     }
 
+    /// The kernel rows and columns of output pixel `(oy, ox)`'s window that fall inside
+    /// the image (padding contributes zeros): `(ky range, kx range)`.
+    #[inline]
+    fn window(&self, oy: usize, ox: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (y0, x0) = (oy * self.stride, ox * self.stride);
+        let ky = self.pad.saturating_sub(y0)..self.k.0.min((self.h + self.pad).saturating_sub(y0));
+        let kx = self.pad.saturating_sub(x0)..self.k.1.min((self.w + self.pad).saturating_sub(x0));
+        (ky, kx)
+    }
+
     /// Calls `f(col, pixel_index)` for every patch element of output pixel `(oy, ox)`
-    /// that lies inside the image (padding contributes zeros).
+    /// that lies inside the image, in column order (channel, kernel row, kernel column).
     #[inline]
     fn for_patch(&self, oy: usize, ox: usize, mut f: impl FnMut(usize, usize)) {
-        let mut col = 0;
+        let (kys, kxs) = self.window(oy, ox);
+        let (y0, x0) = (oy * self.stride, ox * self.stride);
         for ci in 0..self.c {
-            for ky in 0..self.k.0 {
-                let iy = (oy * self.stride + ky) as isize - self.pad as isize;
-                for kx in 0..self.k.1 {
-                    let ix = (ox * self.stride + kx) as isize - self.pad as isize;
-                    if iy >= 0 && (iy as usize) < self.h && ix >= 0 && (ix as usize) < self.w {
-                        f(col, (ci * self.h + iy as usize) * self.w + ix as usize);
-                    }
-                    col += 1;
+            for ky in kys.clone() {
+                let (col, pix) = (
+                    (ci * self.k.0 + ky) * self.k.1,
+                    (ci * self.h + y0 + ky - self.pad) * self.w,
+                );
+                for kx in kxs.clone() {
+                    f(col + kx, pix + x0 + kx - self.pad);
                 }
             }
         }
@@ -78,7 +88,19 @@ impl Geometry {
                 for oy in 0..self.oh {
                     for ox in 0..self.ow {
                         let row = &mut o[(oy * self.ow + ox) * rl..][..rl];
-                        self.for_patch(oy, ox, |col, p| row[col] = x[p]);
+                        let (kys, kxs) = self.window(oy, ox);
+                        let (y0, x0) = (oy * self.stride, ox * self.stride);
+                        // Each kernel row's columns inside the image are one run of
+                        // input pixels: copied as a slice.
+                        let (lo, hi) = (kxs.start, kxs.end);
+                        for ci in 0..self.c {
+                            for ky in kys.clone() {
+                                let col = (ci * self.k.0 + ky) * self.k.1;
+                                let pix = (ci * self.h + y0 + ky - self.pad) * self.w + x0;
+                                row[col + lo..col + hi]
+                                    .copy_from_slice(&x[pix + lo - self.pad..pix + hi - self.pad]);
+                            }
+                        }
                     }
                 }
             });

@@ -14,23 +14,24 @@
 //! the inputs' gradients makes it +0 again. Golden hashes are unchanged.
 
 use super::dispatch::{with_cpu_slice, Float, HostKernel, HostOp};
-use super::layers::BN_EPS;
 use anyhow::Result;
 use candle_core::{CpuStorage, Device, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
 /// `(y, mean, var)`: BatchNorm2d of `x` `[N, C, H, W]` with the batch's statistics,
-/// scale `w` `[C]` and shift `b` `[C]`, in the element type of `x` (f32 or f64: the
-/// caller normalizes bf16 in f32). `mean` and the biased `var` are `[C]` and untracked,
-/// for the running buffers.
+/// epsilon `eps`, scale `w` `[C]` and shift `b` `[C]`, in the element type of `x` (f32 or
+/// f64: the caller normalizes bf16 in f32). `mean` and the biased `var` are `[C]` and
+/// untracked, for the running buffers.
 pub(super) fn batch_norm_train(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
+    eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let stats = Arc::new(OnceLock::new());
     let op = BatchNorm {
+        eps,
         keep: x.track_op() || w.track_op(),
         saved: OnceLock::new(),
         stats: stats.clone(),
@@ -54,6 +55,7 @@ struct Saved {
 /// The op. `keep`: whether the backward needs the centred input (the input or the
 /// scale is tracked; the shift's gradient needs only the output's).
 struct BatchNorm {
+    eps: f64,
     keep: bool,
     saved: OnceLock<Saved>,
     stats: Arc<OnceLock<[Tensor; 2]>>,
@@ -84,7 +86,7 @@ impl HostKernel<3> for BatchNorm {
     fn fwd<T: Float>(&self, [x, w, b]: [&[T]; 3], shape: &Shape) -> candle_core::Result<Vec<T>> {
         let (n, c, hw) = dims(shape)?;
         let m = n * hw;
-        let (scale, eps) = (inv_count::<T>(m), T::from_f64(BN_EPS));
+        let (scale, eps) = (inv_count::<T>(m), T::from_f64(self.eps));
         let mut centered = vec![T::zero(); c * m];
         // Per channel: (mean, var, sd, inv).
         let mut per = vec![[T::zero(); 4]; c];

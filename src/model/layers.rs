@@ -327,7 +327,7 @@ pub fn batch_norm2d(
     let (y, mean, var) = if generic_path(x) {
         batch_norm_generic(x, w, b)?
     } else {
-        super::batch_norm::batch_norm_train(x, w, b)?
+        super::batch_norm::batch_norm_train(x, w, b, BN_EPS)?
     };
     if mode == super::Mode::Train {
         let m = (n * h * wd) as f64;

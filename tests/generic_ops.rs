@@ -112,6 +112,66 @@ fn relu_matches_exactly() {
     check("relu", r, 0.0, 0.0);
 }
 
+/// BatchNorm2d in `Mode::Train` (`model::batch_norm`, one op on the CPU that rounds
+/// candle's graph step by step) against that graph (the generic path): output, the
+/// gradients of the input, scale and shift, and the running mean, variance and count,
+/// all bit-identical. Also with a frozen scale and shift (the input's gradient alone),
+/// and with one pixel per channel and image (`m = 2`) and a large offset (cancellation).
+#[test]
+fn batch_norm_matches_exactly() {
+    let mut rng = Rng::new(3, 0);
+    let bn = |x: &Tensor, w: &Tensor, b: &Tensor| {
+        let c = x.dims()[1];
+        let mut mean = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+        let mut var = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
+        let mut count = Tensor::new(0i64, &Device::Cpu).unwrap();
+        let buffers = layers::BnBuffers {
+            mean: &mut mean,
+            var: &mut var,
+            count: &mut count,
+        };
+        let y = layers::batch_norm2d(x, w, b, buffers, Mode::Train).unwrap();
+        (y, [mean, var, count.to_dtype(DType::F32).unwrap()])
+    };
+    for (shape, offset) in [
+        ([4, 3, 5, 7], 0.0),
+        ([2, 8, 1, 1], 0.0),
+        ([3, 5, 6, 6], 100.0),
+        ([16, 4, 9, 9], 0.0),
+    ] {
+        let c = shape[1];
+        let x = (uniform(&mut rng, &shape, -2.0, 3.0) + offset).unwrap();
+        let w = uniform(&mut rng, &[c], 0.5, 1.5);
+        let b = uniform(&mut rng, &[c], -0.5, 0.5);
+        let host = |t: &[Tensor]| bn(&t[0], &t[1], &t[2]).0;
+        let generic = |t: &[Tensor]| dispatch::with_generic_ops(|| bn(&t[0], &t[1], &t[2]).0);
+        let r = compare(
+            &mut rng,
+            &[x.clone(), w.clone(), b.clone()],
+            &host,
+            &generic,
+        );
+        check(&format!("batch_norm2d {shape:?} + {offset}"), r, 0.0, 0.0);
+        let frozen = |t: &[Tensor]| bn(&t[0], &w, &b).0;
+        let frozen_generic = |t: &[Tensor]| dispatch::with_generic_ops(|| bn(&t[0], &w, &b).0);
+        let r = compare(&mut rng, std::slice::from_ref(&x), &frozen, &frozen_generic);
+        check(
+            &format!("batch_norm2d {shape:?}, frozen scale"),
+            r,
+            0.0,
+            0.0,
+        );
+        let (host_buffers, generic_buffers) = (
+            bn(&x, &w, &b).1,
+            dispatch::with_generic_ops(|| bn(&x, &w, &b).1),
+        );
+        for (h, g) in host_buffers.iter().zip(&generic_buffers) {
+            let bits = |t: &Tensor| values(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(h), bits(g), "running buffers of {shape:?}");
+        }
+    }
+}
+
 #[test]
 fn max_pool_matches_exactly() {
     let mut rng = Rng::new(2, 0);

@@ -218,13 +218,17 @@ impl MaxPool2d {
         (4096 / (oh * ow).max(1)).max(1)
     }
 
-    /// The input gradient, summed in `T` over overlapping windows; `arg` and `grad_res`
-    /// in `T` already are read in place.
+    /// The input gradient, summed in `T` over overlapping windows; `arg` is in `T`, and
+    /// `grad_res` (in the input's element type: bf16 for a bf16 input) is widened to `T`
+    /// unless it is in `T` already, then read in place.
     fn grad<T: WithDType>(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Tensor> {
         let (_n, _c, h, w) = arg.dims4()?;
         let (oh, ow) = (self.out_dim(h), self.out_dim(w));
         let k = self.planes_per_task(oh, ow);
-        let (arg, grad_res) = (arg.contiguous()?, grad_res.contiguous()?);
+        let (arg, grad_res) = (
+            arg.contiguous()?,
+            grad_res.to_dtype(T::DTYPE)?.contiguous()?,
+        );
         let gx = with_cpu_slice::<T, _>(&arg, |x| {
             with_cpu_slice::<T, _>(&grad_res, |g| {
                 let mut gx = vec![T::zero(); x.len()];

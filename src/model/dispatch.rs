@@ -303,15 +303,19 @@ pub(crate) fn sum_of_squares(t: &Tensor) -> candle_core::Result<f64> {
     impl ForDType for Work<'_> {
         type Output = f64;
         fn f<T: Float>(self) -> candle_core::Result<f64> {
-            with_cpu_slice::<T, _>(self.0, |v| {
-                v.iter().fold(0f64, |s, x| {
-                    let d = x.to_f64();
-                    s + d * d
-                })
-            })
+            with_cpu_slice::<T, _>(self.0, sum_of_squares_of)
         }
     }
     for_dtype("sum_of_squares", t.dtype(), Work(&t.contiguous()?))
+}
+
+/// The sum of squares of `v`, each element widened to f64, summed in order from zero:
+/// [`sum_of_squares`] on a slice (a host gradient's values).
+pub(crate) fn sum_of_squares_of<T: WithDType>(v: &[T]) -> f64 {
+    v.iter().fold(0f64, |s, x| {
+        let d = x.to_f64();
+        s + d * d
+    })
 }
 
 /// `f` on the elements of `t` (contiguous, on the CPU, of element type `T`) in place,

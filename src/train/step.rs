@@ -5,7 +5,7 @@ use super::micro::{micro_gradients, Sums};
 pub use super::micro::{widen, StepStats, Update};
 use crate::config::{Config, Precision, Recompute};
 use crate::dist;
-use crate::model::dispatch::{generic_path, sum_of_squares};
+use crate::model::dispatch::{generic_path, sum_of_squares, sum_of_squares_of};
 use crate::model::{Mode, NetState, Network};
 use crate::optim::{Grad, Optimizer};
 use crate::task::Loss;
@@ -378,10 +378,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Grad>], max_norm: f64) -> Result<f64> 
             Grad::Device(g) if generic_path(g) => g.to_dtype(DType::F64)?.sqr()?.sum_all()?,
             // On the host in one pass, the same bits as the ops above.
             Grad::Device(g) => Tensor::new(sum_of_squares(g)?, g.device())?,
-            Grad::Host(v) => Tensor::new(
-                v.iter().fold(0f64, |s, x| s + (*x as f64) * (*x as f64)),
-                &candle_core::Device::Cpu,
-            )?,
+            Grad::Host(v) => Tensor::new(sum_of_squares_of(v), &candle_core::Device::Cpu)?,
         };
         sq = Some(match sq {
             Some(acc) => (acc.to_device(s.device())? + s)?,

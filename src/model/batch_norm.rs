@@ -13,25 +13,35 @@
 //! to a zero first); it cannot change a non-zero value, and candle's accumulation into
 //! the inputs' gradients makes it +0 again. Golden hashes are unchanged.
 
-use super::dispatch::{with_cpu_slice, Float, HostKernel, HostOp};
+use super::dispatch::{narrowed, widened, with_cpu_slice, Float, HostKernel, HostOp};
 use anyhow::Result;
 use candle_core::{CpuStorage, Device, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+
+/// Elements per parallel task of the elementwise passes.
+const ELEMS_PER_TASK: usize = 4096;
 use std::sync::{Arc, OnceLock};
 
 /// `(y, mean, var)`: BatchNorm2d of `x` `[N, C, H, W]` with the batch's statistics,
-/// epsilon `eps`, scale `w` `[C]` and shift `b` `[C]`, in the element type of `x` (f32 or
-/// f64: the caller normalizes bf16 in f32). `mean` and the biased `var` are `[C]` and
-/// untracked, for the running buffers.
+/// epsilon `eps`, scale `w` `[C]` and shift `b` `[C]` (all of one element type), then
+/// with `relu` a ReLU. f32 and f64 compute in their own type; bf16 is normalized in f32
+/// (as cuDNN does) and rounded once on the way out, the ReLU applied to the rounding:
+/// the bits of widening the inputs, normalizing in f32 and narrowing, without the four
+/// casts and the ReLU as graph nodes of their own (each a zero-filled, accumulated
+/// gradient in candle's backward, and the ReLU's input an activation kept for it).
+/// `mean` and the biased `var` are `[C]` in the compute type, untracked, for the
+/// running buffers.
 pub(super) fn batch_norm_train(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let stats = Arc::new(OnceLock::new());
     let op = BatchNorm {
         eps,
+        relu,
         keep: x.track_op() || w.track_op(),
         saved: OnceLock::new(),
         stats: stats.clone(),
@@ -46,16 +56,18 @@ pub(super) fn batch_norm_train(
 }
 
 /// What the backward reads from the forward: the centred input `[C, N*H*W]` and, per
-/// channel, `sqrt(var + eps)` and its reciprocal (`[2C]`).
+/// channel, `sqrt(var + eps)` and its reciprocal (`[2C]`), in the compute type.
 struct Saved {
     centered: CpuStorage,
     sd_inv: CpuStorage,
 }
 
-/// The op. `keep`: whether the backward needs the centred input (the input or the
-/// scale is tracked; the shift's gradient needs only the output's).
+/// The op. `relu`: a ReLU follows. `keep`: whether the backward needs the centred
+/// input (the input or the scale is tracked; the shift's gradient needs only the
+/// output's).
 struct BatchNorm {
     eps: f64,
+    relu: bool,
     keep: bool,
     saved: OnceLock<Saved>,
     stats: Arc<OnceLock<[Tensor; 2]>>,
@@ -80,42 +92,64 @@ fn inv_count<T: WithDType>(m: usize) -> T {
     T::from_f64(1f64 / m as f64)
 }
 
+/// The centred input `[C, N*H*W]` of `x` `[N, C, H, W]` and, per channel, `(mean, var,
+/// sqrt(var + eps), 1/that)`, rounded as candle's graph rounds them.
+fn statistics<C: Float>(
+    x: &[C],
+    (n, c, hw): (usize, usize, usize),
+    eps: f64,
+) -> (Vec<C>, Vec<[C; 4]>) {
+    let m = n * hw;
+    let (scale, eps, zero) = (inv_count::<C>(m), C::from_f64(eps), C::zero());
+    let mut centered = vec![zero; c * m];
+    let mut per = vec![[zero; 4]; c];
+    centered
+        .par_chunks_mut(m.max(1))
+        .zip(per.par_iter_mut())
+        .enumerate()
+        .for_each(|(ch, (row, st))| {
+            for i in 0..n {
+                row[i * hw..(i + 1) * hw].copy_from_slice(&x[(i * c + ch) * hw..][..hw]);
+            }
+            let mean = row_sum(row) * scale + zero;
+            let mut sq = vec![zero; m];
+            for (v, s) in row.iter_mut().zip(&mut sq) {
+                *v -= mean;
+                *s = *v * *v;
+            }
+            let var = row_sum(&sq) * scale + zero;
+            let sd = (var * C::one() + eps).sqrt();
+            *st = [mean, var, sd, C::one() / sd];
+        });
+    (centered, per)
+}
+
 impl HostKernel<3> for BatchNorm {
     const NAME: &'static str = "ldt-batch-norm";
 
     fn fwd<T: Float>(&self, [x, w, b]: [&[T]; 3], shape: &Shape) -> candle_core::Result<Vec<T>> {
         let (n, c, hw) = dims(shape)?;
         let m = n * hw;
-        let (scale, eps) = (inv_count::<T>(m), T::from_f64(self.eps));
-        let mut centered = vec![T::zero(); c * m];
-        // Per channel: (mean, var, sd, inv).
-        let mut per = vec![[T::zero(); 4]; c];
-        centered
-            .par_chunks_mut(m.max(1))
-            .zip(per.par_iter_mut())
-            .enumerate()
-            .for_each(|(ch, (row, st))| {
-                for i in 0..n {
-                    row[i * hw..(i + 1) * hw].copy_from_slice(&x[(i * c + ch) * hw..][..hw]);
-                }
-                let mean = row_sum(row) * scale + T::zero();
-                let mut sq = vec![T::zero(); m];
-                for (v, s) in row.iter_mut().zip(&mut sq) {
-                    *v -= mean;
-                    *s = *v * *v;
-                }
-                let var = row_sum(&sq) * scale + T::zero();
-                let sd = (var * T::one() + eps).sqrt();
-                *st = [mean, var, sd, T::one() / sd];
-            });
-        let mut y = vec![T::zero(); n * c * hw];
+        let (x, w, b) = (widened(x), widened(w), widened(b));
+        let (w, b): (&[T::Sum], &[T::Sum]) = (&w, &b);
+        let (centered, per) = statistics(&x, (n, c, hw), self.eps);
+        let (zero, relu) = (T::zero(), self.relu);
+        let mut y = vec![zero; n * c * hw];
         y.par_chunks_mut(hw.max(1))
             .enumerate()
             .for_each(|(k, out)| {
                 let (i, ch) = (k / c, k % c);
-                let (row, inv) = (&centered[ch * m + i * hw..][..hw], per[ch][3]);
-                for (o, v) in out.iter_mut().zip(row) {
-                    *o = *v * inv * w[ch] + b[ch];
+                let row = &centered[ch * m + i * hw..][..hw];
+                let (inv, wc, bc) = (per[ch][3], w[ch], b[ch]);
+                let normalized = row.iter().map(|v| T::narrow(*v * inv * wc + bc));
+                for (o, v) in out.iter_mut().zip(normalized) {
+                    *o = v;
+                }
+                if relu {
+                    // As `layers::relu` computes it (a NaN becomes 0).
+                    for o in out.iter_mut() {
+                        *o = if *o > zero { *o } else { zero };
+                    }
                 }
             });
         let column = |k: usize| -> candle_core::Result<Tensor> {
@@ -125,29 +159,72 @@ impl HostKernel<3> for BatchNorm {
         if self.keep {
             let sd_inv = per.iter().map(|p| p[2]).chain(per.iter().map(|p| p[3]));
             let _ = self.saved.set(Saved {
-                centered: T::to_cpu_storage_owned(centered),
-                sd_inv: T::to_cpu_storage_owned(sd_inv.collect()),
+                centered: <T::Sum as WithDType>::to_cpu_storage_owned(centered),
+                sd_inv: <T::Sum as WithDType>::to_cpu_storage_owned(sd_inv.collect()),
             });
         }
         Ok(y)
     }
 
+    /// In the compute type `T::Sum`: the output's gradient is read as the replaced
+    /// graph delivers it (masked by the ReLU in `T` as `grad * (out > 0)`, then widened),
+    /// and each input's gradient is rounded to `T` (the casts' backward).
     fn bwd<T: Float>(
         &self,
         [x, w, b]: [&Tensor; 3],
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let (grad, res) = (grad.contiguous()?, res.contiguous()?);
+        let gy = with_cpu_slice::<T, _>(&grad, |g| {
+            with_cpu_slice::<T, _>(&res, |out| {
+                let (zero, one, relu) = (T::zero(), T::one(), self.relu);
+                let sum_zero = T::Sum::from_f64(0.0);
+                let mut gy = vec![sum_zero; g.len()];
+                let chunks = g.par_chunks(ELEMS_PER_TASK).zip(out.par_chunks(ELEMS_PER_TASK));
+                gy.par_chunks_mut(ELEMS_PER_TASK)
+                    .zip(chunks)
+                    .for_each(|(gy, (g, out))| {
+                        // Each added to zero, as candle accumulates a gradient (-0 to +0).
+                        if relu {
+                            let masked = g.iter().zip(out).map(|(&g, &o)| {
+                                sum_zero + (g * if o > zero { one } else { zero }).widen()
+                            });
+                            for (d, v) in gy.iter_mut().zip(masked) {
+                                *d = v;
+                            }
+                        } else {
+                            for (d, &g) in gy.iter_mut().zip(g) {
+                                *d = sum_zero + g.widen();
+                            }
+                        }
+                    });
+                gy
+            })
+        })??;
+        let [gx, gw, gb] = self.grads::<T::Sum>([x, w, b], &gy)?;
+        let to_t = |v: Option<Vec<T::Sum>>, like: &Tensor| {
+            v.map(|v| Tensor::from_vec(narrowed::<T>(v), like.shape(), &Device::Cpu))
+                .transpose()
+        };
+        Ok([to_t(gx, x)?, to_t(gw, w)?, to_t(gb, b)?])
+    }
+}
+
+impl BatchNorm {
+    /// The gradients of `x`, `w` and `b` (those tracked) in the compute type `C`, from
+    /// `gy`, the normalized output's gradient `[N, C, H, W]`.
+    fn grads<C: Float>(
+        &self,
+        [x, w, b]: [&Tensor; 3],
+        gy: &[C],
+    ) -> candle_core::Result<[Option<Vec<C>>; 3]> {
         let (n, c, hw) = dims(x.shape())?;
         let m = n * hw;
-        let grad = grad.contiguous()?;
-        let gb = if b.track_op() {
-            let sums = with_cpu_slice::<T, _>(&grad, |g| {
-                channel_sums(n, c, hw, |ch, i, q| g[(i * c + ch) * hw + q])
-            })??;
-            Some(Tensor::from_vec(sums, c, &Device::Cpu)?)
-        } else {
-            None
+        let gy = |ch: usize, i: usize, q: usize| gy[(i * c + ch) * hw + q];
+        let gb = match b.track_op() {
+            true => Some(channel_sums(n, c, hw, gy)?),
+            false => None,
         };
         if !(x.track_op() || w.track_op()) {
             return Ok([None, None, gb]);
@@ -155,51 +232,46 @@ impl HostKernel<3> for BatchNorm {
         let Some(saved) = self.saved.get() else {
             candle_core::bail!("ldt-batch-norm: an input became tracked after the forward")
         };
-        let centered = T::cpu_storage_as_slice(&saved.centered)?;
-        let sd_inv = T::cpu_storage_as_slice(&saved.sd_inv)?;
+        let centered = C::cpu_storage_as_slice(&saved.centered)?;
+        let sd_inv = C::cpu_storage_as_slice(&saved.sd_inv)?;
         let (sd, inv) = sd_inv.split_at(c);
-        let wv = with_cpu_slice::<T, _>(&w.contiguous()?, |w| w.to_vec())?;
-        with_cpu_slice::<T, _>(&grad, |g| -> candle_core::Result<_> {
-            let gy = |ch: usize, i: usize, q: usize| g[(i * c + ch) * hw + q];
-            let gw = if w.track_op() {
-                let sums = channel_sums(n, c, hw, |ch, i, q| {
-                    gy(ch, i, q) * (centered[ch * m + i * hw + q] * inv[ch])
-                })?;
-                Some(Tensor::from_vec(sums, c, &Device::Cpu)?)
-            } else {
-                None
-            };
-            let gx = if x.track_op() {
-                // Per channel the two scalars of the chain, then every element from them:
-                // the elementwise steps recomputed round the same.
-                let scalars = (0..c)
-                    .into_par_iter()
-                    .map(|ch| {
-                        let row = &centered[ch * m..(ch + 1) * m];
-                        let gt = |j: usize| gy(ch, j / hw, j % hw) * wv[ch];
-                        input_scalars(row, (sd[ch], inv[ch]), gt)
-                    })
-                    .collect::<Vec<_>>();
-                let two = T::from_f64(2.0);
-                let mut gx = vec![T::zero(); n * c * hw];
-                gx.par_chunks_mut(hw.max(1))
-                    .enumerate()
-                    .for_each(|(k, out)| {
-                        let (i, ch) = (k / c, k % c);
-                        let (g_s2, g_s1) = scalars[ch];
-                        let row = &centered[ch * m + i * hw..][..hw];
-                        for (q, (o, v)) in out.iter_mut().zip(row).enumerate() {
-                            let gc =
-                                gy(ch, i, q) * wv[ch] * inv[ch] + (*v * g_s2 * two + T::zero());
-                            *o = gc + g_s1;
-                        }
-                    });
-                Some(Tensor::from_vec(gx, x.shape(), &Device::Cpu)?)
-            } else {
-                None
-            };
-            Ok([gx, gw, gb])
-        })?
+        // The scale in the compute type, as the replaced graph widened it.
+        let wv: Vec<C> = w.to_dtype(C::DTYPE)?.flatten_all()?.to_vec1::<C>()?;
+        let gw = match w.track_op() {
+            true => Some(channel_sums(n, c, hw, |ch, i, q| {
+                gy(ch, i, q) * (centered[ch * m + i * hw + q] * inv[ch])
+            })?),
+            false => None,
+        };
+        let gx = if x.track_op() {
+            // Per channel the two scalars of the chain, then every element from them:
+            // the elementwise steps recomputed round the same.
+            let scalars = (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let row = &centered[ch * m..(ch + 1) * m];
+                    let gt = |j: usize| gy(ch, j / hw, j % hw) * wv[ch];
+                    input_scalars(row, (sd[ch], inv[ch]), gt)
+                })
+                .collect::<Vec<_>>();
+            let two = C::from_f64(2.0);
+            let mut gx = vec![C::zero(); n * c * hw];
+            gx.par_chunks_mut(hw.max(1))
+                .enumerate()
+                .for_each(|(k, out)| {
+                    let (i, ch) = (k / c, k % c);
+                    let (g_s2, g_s1) = scalars[ch];
+                    let row = &centered[ch * m + i * hw..][..hw];
+                    for (q, (o, v)) in out.iter_mut().zip(row).enumerate() {
+                        let gc = gy(ch, i, q) * wv[ch] * inv[ch] + (*v * g_s2 * two + C::zero());
+                        *o = gc + g_s1;
+                    }
+                });
+            Some(gx)
+        } else {
+            None
+        };
+        Ok([gx, gw, gb])
     }
 }
 

@@ -158,16 +158,11 @@ impl Network for Cnn {
             let [mean, var, count] = b else {
                 bail!("cnn_bn: BatchNorm buffers out of step with the specs");
             };
-            layers::batch_norm2d(
-                &h,
-                &p[1],
-                &p[2],
-                layers::BnBuffers { mean, var, count },
-                mode,
-            )?
+            let buf = layers::BnBuffers { mean, var, count };
+            layers::batch_norm2d_relu(&h, &p[1], &p[2], buf, mode)?
         } else {
-            layers::conv2d(x, &p[0], Some(&p[1]), 1, 1)?
+            layers::relu(&layers::conv2d(x, &p[0], Some(&p[1]), 1, 1)?)?
         };
-        layers::max_pool2d(&layers::relu(&h)?, 2, 2, 0)
+        layers::max_pool2d(&h, 2, 2, 0)
     }
 }

@@ -52,12 +52,23 @@ pub(crate) trait Float: WithDType {
     type Sum: Float;
     /// The square root as candle's `sqrt` rounds it.
     fn sqrt(self) -> Self;
+    /// This value in `Sum`, exactly (candle's `to_dtype` widening).
+    fn widen(self) -> Self::Sum;
+    /// A `Sum` value rounded to `Self` as candle's `to_dtype` rounds it (bf16: to
+    /// nearest, ties to even); the identity when `Sum` is `Self`.
+    fn narrow(s: Self::Sum) -> Self;
 }
 
 impl Float for f32 {
     type Sum = f32;
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    fn widen(self) -> f32 {
+        self
+    }
+    fn narrow(s: f32) -> Self {
+        s
     }
 }
 
@@ -66,6 +77,12 @@ impl Float for f64 {
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
+    fn widen(self) -> f64 {
+        self
+    }
+    fn narrow(s: f64) -> Self {
+        s
+    }
 }
 
 impl Float for bf16 {
@@ -73,6 +90,36 @@ impl Float for bf16 {
     fn sqrt(self) -> Self {
         bf16::from_f32(self.to_f32().sqrt())
     }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow(s: f32) -> Self {
+        bf16::from_f32(s)
+    }
+}
+
+/// `v` in `T::Sum`: borrowed when `T` is its own `Sum` (f32, f64), else widened into a
+/// new vector (bf16 to f32), so a kernel that computes in `T::Sum` reads f32 in place.
+pub(crate) fn widened<T: Float>(v: &[T]) -> std::borrow::Cow<'_, [T::Sum]> {
+    if T::DTYPE == <T::Sum as WithDType>::DTYPE {
+        // SAFETY: the three `Float` types have distinct dtypes, so equal dtypes mean
+        // `T::Sum` is `T`: the same elements, layout and length.
+        let same = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<T::Sum>(), v.len()) };
+        return std::borrow::Cow::Borrowed(same);
+    }
+    std::borrow::Cow::Owned(v.iter().map(|x| x.widen()).collect())
+}
+
+/// `v` rounded to `T` ([`Float::narrow`]); moved without a copy when `T` is its own
+/// `Sum`.
+pub(crate) fn narrowed<T: Float>(v: Vec<T::Sum>) -> Vec<T> {
+    if T::DTYPE == <T::Sum as WithDType>::DTYPE {
+        let mut v = std::mem::ManuallyDrop::new(v);
+        // SAFETY: as in `widened`, `T::Sum` is `T`; the allocation is handed over whole
+        // (pointer, length and capacity of the same element type).
+        return unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<T>(), v.len(), v.capacity()) };
+    }
+    v.into_iter().map(T::narrow).collect()
 }
 
 /// Work written once over the element type (the generic `f` of candle's `Map1`).

@@ -5,7 +5,8 @@
 
 use super::dispatch::{flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp};
 use anyhow::Result;
-use candle_core::{DType, Shape, Tensor, WithDType, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -76,6 +77,62 @@ impl HostKernel<1> for Relu {
             })
         })??;
         Ok([Some(Tensor::from_vec(gx, arg.shape(), arg.device())?)])
+    }
+}
+
+/// `relu(a + b)` for `a` and `b` of one shape and dtype (a residual block's end), with
+/// the bits of the two apart. On the CPU one op: the sum is not kept for the backward
+/// and costs no graph node (a zero-filled, accumulated gradient) of its own.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if generic_path(a) || a.shape() != b.shape() || a.dtype() != b.dtype() {
+        return relu(&(a + b)?);
+    }
+    Ok(a.contiguous()?
+        .apply_op2(&b.contiguous()?, HostOp(AddRelu))?)
+}
+
+struct AddRelu;
+
+impl HostKernel<2> for AddRelu {
+    const NAME: &'static str = "ldt-add-relu";
+
+    fn fwd<T: Float>(&self, [a, b]: [&[T]; 2], _: &Shape) -> candle_core::Result<Vec<T>> {
+        let z = T::zero();
+        let mut out = vec![z; a.len()];
+        out.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(
+                a.par_chunks(ELEMS_PER_TASK)
+                    .zip(b.par_chunks(ELEMS_PER_TASK)),
+            )
+            .for_each(|(o, (a, b))| {
+                for (o, (&a, &b)) in o.iter_mut().zip(a.iter().zip(b)) {
+                    let v = a + b;
+                    *o = if v > z { v } else { z };
+                }
+            });
+        Ok(out)
+    }
+
+    fn bwd<T: Float>(
+        &self,
+        [a, b]: [&Tensor; 2],
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
+        // The ReLU's `grad * (a + b > 0)` (the output is > 0 exactly where the sum is),
+        // which the sum passes to both of its inputs.
+        let (z, one) = (T::zero(), T::one());
+        let (grad, res) = (grad.contiguous()?, res.contiguous()?);
+        let gx = with_cpu_slice::<T, _>(&grad, |g| {
+            with_cpu_slice::<T, _>(&res, |y| {
+                g.par_iter()
+                    .zip(y)
+                    .map(|(&g, &y)| g * if y > z { one } else { z })
+                    .collect::<Vec<T>>()
+            })
+        })??;
+        let gx = Tensor::from_vec(gx, a.shape(), a.device())?;
+        Ok([a.track_op().then(|| gx.clone()), b.track_op().then_some(gx)])
     }
 }
 
@@ -315,32 +372,79 @@ pub fn batch_norm2d(
     buf: BnBuffers<'_>,
     mode: super::Mode,
 ) -> Result<Tensor> {
+    batch_norm2d_act(x, w, b, buf, mode, false)
+}
+
+/// [`batch_norm2d`] then [`relu`], with the bits of the two apart. On the CPU in
+/// `Train`/`Stats` one op: the ReLU's input (the normalized activation) is not kept
+/// for the backward, and neither it nor the bf16 casts around the normalization cost a
+/// graph node of their own.
+pub fn batch_norm2d_relu(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    buf: BnBuffers<'_>,
+    mode: super::Mode,
+) -> Result<Tensor> {
+    batch_norm2d_act(x, w, b, buf, mode, true)
+}
+
+/// [`batch_norm2d`], with `relu` followed by a ReLU.
+fn batch_norm2d_act(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    buf: BnBuffers<'_>,
+    mode: super::Mode,
+    relu: bool,
+) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
     // bf16 activations are normalized in f32 (as cuDNN does) and rounded once on the way
     // out; the running statistics stay f32.
     let dt = x.dtype();
     let ct = compute_dtype(dt);
-    let (x, w, b) = (&x.to_dtype(ct)?, &w.to_dtype(ct)?, &b.to_dtype(ct)?);
-    let (n, c, h, wd) = x.dims4()?;
-    if mode == super::Mode::Eval {
+    let (y, stats) = if mode == super::Mode::Eval {
+        let (x, w, b) = (&x.to_dtype(ct)?, &w.to_dtype(ct)?, &b.to_dtype(ct)?);
         let mean = buf.mean.reshape((1, c, 1, 1))?;
         let inv = (buf.var.reshape((1, c, 1, 1))? + BN_EPS)?.sqrt()?.recip()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
         let y = super::matmul::broadcast_mul(&y, &w.reshape((1, c, 1, 1))?)?;
-        return Ok(super::matmul::broadcast_add(&y, &b.reshape((1, c, 1, 1))?)?.to_dtype(dt)?);
-    }
-    let (y, mean, var) = if generic_path(x) {
-        batch_norm_generic(x, w, b)?
+        let y = super::matmul::broadcast_add(&y, &b.reshape((1, c, 1, 1))?)?;
+        (y.to_dtype(dt)?, None)
+    } else if generic_path(x) {
+        let (x, w, b) = (&x.to_dtype(ct)?, &w.to_dtype(ct)?, &b.to_dtype(ct)?);
+        let (y, mean, var) = batch_norm_generic(x, w, b)?;
+        (y.to_dtype(dt)?, Some((mean, var)))
     } else {
-        super::batch_norm::batch_norm_train(x, w, b, BN_EPS)?
+        // One op in `dt` itself (bf16 normalized in f32 inside), the ReLU fused.
+        let (w, b) = (&w.to_dtype(dt)?, &b.to_dtype(dt)?);
+        let (y, mean, var) = super::batch_norm::batch_norm_train(x, w, b, BN_EPS, relu)?;
+        return finish_batch_norm(y, (mean, var), buf, mode, n * h * wd);
     };
+    let y = if relu { self::relu(&y)? } else { y };
+    match stats {
+        Some(stats) => finish_batch_norm(y, stats, buf, mode, n * h * wd),
+        None => Ok(y),
+    }
+}
+
+/// Updates the running buffers from the batch statistics `(mean, biased var)` over `m`
+/// values per channel in `Train` (not in `Stats`), and returns `y`.
+fn finish_batch_norm(
+    y: Tensor,
+    (mean, var): (Tensor, Tensor),
+    buf: BnBuffers<'_>,
+    mode: super::Mode,
+    m: usize,
+) -> Result<Tensor> {
     if mode == super::Mode::Train {
-        let m = (n * h * wd) as f64;
+        let m = m as f64;
         let var_unbiased = (var * (m / (m - 1.0).max(1.0)))?;
         *buf.mean = ((&*buf.mean * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
         *buf.var = ((&*buf.var * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?;
         *buf.count = (&*buf.count + 1.0)?;
     }
-    Ok(y.to_dtype(dt)?)
+    Ok(y)
 }
 
 /// BatchNorm2d with the batch's statistics from candle's differentiable ops, on any
@@ -567,11 +671,22 @@ pub fn add_bias_generic(y: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Linear `y = x W^T + b` over the last dimension of any-rank `x` (leading dimensions
-/// flattened into rows), bias through [`add_bias`].
+/// flattened into rows), bias through [`add_bias`]. On the CPU one recorded op
+/// ([`LinearRows`]) with the bits of the chain of candle ops the generic path records.
 pub fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let last = dims.pop().unwrap_or(1);
     let rows: usize = dims.iter().product();
+    let out = w.dim(0)?;
+    let fits = w.dims() == [out, last] && b.is_none_or(|b| b.dims() == [out]);
+    if !generic_path(x) && fits && rows * last * out > 0 {
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let op = LinearRows { rows, last, out };
+        return Ok(match b {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,
+            None => x.apply_op2(&w, op)?,
+        });
+    }
     let y = super::matmul::matmul(&x.reshape((rows, last))?, &w.t()?)?;
     let y = match b {
         Some(b) => add_bias(&y, b)?,
@@ -633,6 +748,124 @@ impl HostKernel<2> for AddBias {
         grad: &Tensor,
     ) -> candle_core::Result<[Option<Tensor>; 2]> {
         Ok([Some(grad.clone()), Some(Self::bias_grad::<T>(b, grad)?)])
+    }
+}
+
+/// [`linear_rows`] on the CPU as one op of `x` (`rows x last` elements), `W` `[out,
+/// last]` and an optional bias. The chain it replaces (reshape, transpose, product, bias,
+/// reshape) is five graph nodes, each a zero-filled, accumulated gradient in candle's
+/// backward, and kept the product before the bias for the backward. Forward: candle's
+/// product kernel on the layouts of `x.reshape((rows, last)).matmul(W.t())`, then
+/// [`AddBias`]'s forward. Backward: the products candle's backward computes (`g W`,
+/// `(x^T g)^T`) and [`AddBias`]'s bias gradient, each only for a tracked input.
+struct LinearRows {
+    rows: usize,
+    last: usize,
+    out: usize,
+}
+
+impl LinearRows {
+    fn forward(
+        &self,
+        (sx, lx): (&CpuStorage, &Layout),
+        (sw, lw): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, last, out) = (self.rows, self.last, self.out);
+        let lx2 = Layout::contiguous_with_offset((rows, last), lx.start_offset());
+        let y = sx.matmul(sw, (1, rows, out, last), &lx2, &lw.transpose(0, 1)?)?;
+        let y = match bias {
+            Some((sb, lb)) => {
+                let ly = Layout::contiguous((rows, out));
+                HostOp(AddBias).cpu_fwd(&y, &ly, sb, lb)?.0
+            }
+            None => y,
+        };
+        let mut dims = lx.dims().to_vec();
+        if let Some(d) = dims.last_mut() {
+            *d = out;
+        }
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let g = grad.contiguous()?.reshape((self.rows, self.out))?;
+        let gx = match x.track_op() {
+            true => Some(g.matmul(w)?.reshape(x.shape())?),
+            false => None,
+        };
+        let gw = match w.track_op() {
+            true => Some(x.reshape((self.rows, self.last))?.t()?.matmul(&g)?.t()?),
+            false => None,
+        };
+        let gb = match b {
+            Some(b) if b.track_op() => HostOp(AddBias).bwd(&g, b, &g, &g)?.1,
+            _ => None,
+        };
+        Ok([gx, gw, gb])
+    }
+}
+
+impl CustomOp2 for LinearRows {
+    fn name(&self) -> &'static str {
+        "ldt-linear-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward((sx, lx), (sw, lw), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, _] = self.backward(x, w, None, grad)?;
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp3 for LinearRows {
+    fn name(&self) -> &'static str {
+        "ldt-linear-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward((sx, lx), (sw, lw), Some((sb, lb)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, gb] = self.backward(x, w, Some(b), grad)?;
+        Ok((gx, gw, gb))
     }
 }
 
@@ -872,6 +1105,9 @@ mod tests {
             HostOp(AddBias).bwd(&rows, &row, &rows, &rows),
             "ldt-add-bias",
         );
+
+        refused(add_relu(&img, &img), "ldt-add-relu");
+        refused(HostOp(AddRelu).bwd(&img, &img, &img, &img), "ldt-add-relu");
 
         refused(gelu_erf(&rows), "ldt-gelu-erf");
         refused(HostOp(GeluErf).bwd(&rows, &rows, &rows), "ldt-gelu-erf");

@@ -171,15 +171,20 @@ impl Cursor<'_> {
         layers::conv2d(x, w, None, stride, padding)
     }
 
-    /// The next BatchNorm2d applied to `x` (its buffers updated in `Mode::Train`).
-    fn bn(&mut self, x: &Tensor) -> Result<Tensor> {
+    /// The next BatchNorm2d applied to `x` (its buffers updated in `Mode::Train`), with
+    /// `relu` followed by a ReLU (one op: [`layers::batch_norm2d_relu`]).
+    fn bn(&mut self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (w, b) = (&self.params[self.p], &self.params[self.p + 1]);
         self.p += 2;
         let [mean, var, count] = &mut self.buffers[self.b..self.b + 3] else {
             bail!("resnet: BatchNorm buffers out of step with the specs");
         };
         self.b += 3;
-        layers::batch_norm2d(x, w, b, layers::BnBuffers { mean, var, count }, self.mode)
+        let buf = layers::BnBuffers { mean, var, count };
+        match relu {
+            true => layers::batch_norm2d_relu(x, w, b, buf, self.mode),
+            false => layers::batch_norm2d(x, w, b, buf, self.mode),
+        }
     }
 }
 
@@ -258,8 +263,7 @@ impl Network for ResNet {
             };
             if k == 0 {
                 let h = cur.conv(x, 2, 3)?;
-                let h = cur.bn(&h)?;
-                let h = layers::relu(&h)?;
+                let h = cur.bn(&h, true)?;
                 return Ok(vec![layers::max_pool2d(&h, 3, 2, 1)?]);
             }
             let pooled = x.mean((2, 3))?;
@@ -275,20 +279,18 @@ impl Network for ResNet {
             // The shortcut's unit: the block's output.
             (j, [a, x]) if j == main.len() && blk.downsample => {
                 let s = cur.conv(x, blk.stride, 0)?;
-                let s = cur.bn(&s)?;
-                Ok(vec![layers::relu(&(a + s)?)?])
+                let s = cur.bn(&s, false)?;
+                Ok(vec![layers::add_relu(a, &s)?])
             }
             (0, [x]) | (_, [x, _]) if j <= last => {
                 let (stride, pad) = main[j];
                 let y = cur.conv(x, stride, pad)?;
-                let y = cur.bn(&y)?;
+                let y = cur.bn(&y, j < last)?;
                 let input = carried.last().expect("the block's input is carried");
-                if j < last {
-                    Ok(vec![layers::relu(&y)?, input.clone()])
-                } else if blk.downsample {
+                if j < last || blk.downsample {
                     Ok(vec![y, input.clone()])
                 } else {
-                    Ok(vec![layers::relu(&(y + input)?)?])
+                    Ok(vec![layers::add_relu(&y, input)?])
                 }
             }
             _ => bail!(

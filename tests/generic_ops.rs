@@ -68,7 +68,10 @@ fn compare(rng: &mut Rng, inputs: &[Tensor], custom: Op, generic: Op) -> (f64, V
     };
     let (yc, vc) = run(custom);
     let (yg, vg) = run(generic);
-    let r = uniform(rng, yc.dims(), -1.0, 1.0);
+    // In the outputs' dtype (bf16 for the bf16 checks).
+    let r = uniform(rng, yc.dims(), -1.0, 1.0)
+        .to_dtype(yc.dtype())
+        .unwrap();
     let gc = (&yc * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let gg = (&yg * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let grads = vc
@@ -169,6 +172,138 @@ fn batch_norm_matches_exactly() {
             let bits = |t: &Tensor| values(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(h), bits(g), "running buffers of {shape:?}");
         }
+    }
+}
+
+/// The fused ops against the ops apart, bit for bit (deviation 0): BatchNorm2d + ReLU
+/// (`batch_norm2d_relu`) against `relu(batch_norm2d(..))` and against the generic path,
+/// and `add_relu(a, b)` against `relu(a + b)`; each in f32 and in bf16. In bf16 the
+/// reference is the chain the fused op replaces: the inputs widened to f32, normalized
+/// by the f32 op, rounded to bf16, then the ReLU, every cast a recorded node (and the
+/// bf16 sum candle's own add). The inputs are f32 Vars, cast to bf16 inside both sides,
+/// so the gradients compared have passed through the bf16 rounding.
+#[test]
+fn fused_relu_ops_match_exactly() {
+    let mut rng = Rng::new(5, 0);
+    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let bn = |x: &Tensor, w: &Tensor, b: &Tensor, relu: bool| {
+        let c = x.dims()[1];
+        let mut mean = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+        let mut var = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
+        let mut count = Tensor::new(0i64, &Device::Cpu).unwrap();
+        let buffers = layers::BnBuffers {
+            mean: &mut mean,
+            var: &mut var,
+            count: &mut count,
+        };
+        match relu {
+            true => layers::batch_norm2d_relu(x, w, b, buffers, Mode::Train).unwrap(),
+            false => layers::batch_norm2d(x, w, b, buffers, Mode::Train).unwrap(),
+        }
+    };
+    for shape in [[4, 3, 5, 7], [2, 8, 1, 1], [8, 4, 6, 6]] {
+        let c = shape[1];
+        let x = uniform(&mut rng, &shape, -2.0, 3.0);
+        let w = uniform(&mut rng, &[c], -1.5, 1.5);
+        let b = uniform(&mut rng, &[c], -0.5, 0.5);
+        let inputs = [x.clone(), w, b];
+        let fused = |t: &[Tensor]| bn(&t[0], &t[1], &t[2], true);
+        let apart = |t: &[Tensor]| layers::relu(&bn(&t[0], &t[1], &t[2], false)).unwrap();
+        let generic = |t: &[Tensor]| dispatch::with_generic_ops(|| fused(t));
+        let r = compare(&mut rng, &inputs, &fused, &apart);
+        check(&format!("batch_norm2d_relu {shape:?} f32"), r, 0.0, 0.0);
+        let r = compare(&mut rng, &inputs, &fused, &generic);
+        check(&format!("batch_norm2d_relu {shape:?} generic"), r, 0.0, 0.0);
+        let fused = |t: &[Tensor]| bn(&bf16(&t[0]), &bf16(&t[1]), &bf16(&t[2]), true);
+        let apart = |t: &[Tensor]| {
+            let [x, w, b] = [0, 1, 2].map(|i| f32(&bf16(&t[i])));
+            layers::relu(&bf16(&bn(&x, &w, &b, false))).unwrap()
+        };
+        let r = compare(&mut rng, &inputs, &fused, &apart);
+        check(&format!("batch_norm2d_relu {shape:?} bf16"), r, 0.0, 0.0);
+        // Without the ReLU, bf16 against the chain of casts.
+        let fused = |t: &[Tensor]| bn(&bf16(&t[0]), &bf16(&t[1]), &bf16(&t[2]), false);
+        let apart = |t: &[Tensor]| {
+            let [x, w, b] = [0, 1, 2].map(|i| f32(&bf16(&t[i])));
+            bf16(&bn(&x, &w, &b, false))
+        };
+        let r = compare(&mut rng, &inputs, &fused, &apart);
+        check(&format!("batch_norm2d {shape:?} bf16"), r, 0.0, 0.0);
+
+        let y = uniform(&mut rng, &shape, -1.0, 1.0);
+        let pair = [x, y];
+        for half in [false, true] {
+            let cast = |t: &Tensor| if half { bf16(t) } else { t.clone() };
+            let fused = |t: &[Tensor]| layers::add_relu(&cast(&t[0]), &cast(&t[1])).unwrap();
+            let apart = |t: &[Tensor]| layers::relu(&(cast(&t[0]) + cast(&t[1])).unwrap()).unwrap();
+            let generic = |t: &[Tensor]| dispatch::with_generic_ops(|| fused(t));
+            let r = compare(&mut rng, &pair, &fused, &apart);
+            check(&format!("add_relu {shape:?} bf16 {half}"), r, 0.0, 0.0);
+            let r = compare(&mut rng, &pair, &fused, &generic);
+            check(
+                &format!("add_relu {shape:?} bf16 {half}, generic"),
+                r,
+                0.0,
+                0.0,
+            );
+        }
+    }
+}
+
+/// `linear_rows` (one op on the CPU) against the chain it replaces, built from the
+/// public ops: reshape to rows, product with `W^T`, `add_bias` (the CPU bias op, f64
+/// bias gradient), reshape back. Forward and every gradient bit-identical (deviation 0),
+/// in f32 and in bf16 (f32 Vars cast inside both sides), with and without a bias, and
+/// with the weight frozen (the input's gradient alone).
+#[test]
+fn linear_rows_matches_exactly() {
+    let mut rng = Rng::new(6, 0);
+    let chain = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| {
+        let mut dims = x.dims().to_vec();
+        let last = dims.pop().unwrap();
+        let rows: usize = dims.iter().product();
+        let y = x
+            .reshape((rows, last))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap();
+        let y = match b {
+            Some(b) => layers::add_bias(&y, b).unwrap(),
+            None => y,
+        };
+        dims.push(w.dim(0).unwrap());
+        y.reshape(dims).unwrap()
+    };
+    for half in [false, true] {
+        let cast = |t: &Tensor| match half {
+            true => t.to_dtype(DType::BF16).unwrap(),
+            false => t.clone(),
+        };
+        let x = uniform(&mut rng, &[3, 5, 7], -1.0, 1.0);
+        let w = uniform(&mut rng, &[6, 7], -1.0, 1.0);
+        let b = uniform(&mut rng, &[6], -1.0, 1.0);
+        let inputs = [x.clone(), w.clone(), b];
+        let fused = |t: &[Tensor]| {
+            layers::linear_rows(&cast(&t[0]), &cast(&t[1]), Some(&cast(&t[2]))).unwrap()
+        };
+        let apart = |t: &[Tensor]| chain(&cast(&t[0]), &cast(&t[1]), Some(&cast(&t[2])));
+        let r = compare(&mut rng, &inputs, &fused, &apart);
+        check(&format!("linear_rows bf16 {half}"), r, 0.0, 0.0);
+        let pair = [x.clone(), w.clone()];
+        let fused = |t: &[Tensor]| layers::linear_rows(&cast(&t[0]), &cast(&t[1]), None).unwrap();
+        let apart = |t: &[Tensor]| chain(&cast(&t[0]), &cast(&t[1]), None);
+        let r = compare(&mut rng, &pair, &fused, &apart);
+        check(&format!("linear_rows, no bias, bf16 {half}"), r, 0.0, 0.0);
+        let fused = |t: &[Tensor]| layers::linear_rows(&cast(&t[0]), &cast(&w), None).unwrap();
+        let apart = |t: &[Tensor]| chain(&cast(&t[0]), &cast(&w), None);
+        let r = compare(&mut rng, std::slice::from_ref(&x), &fused, &apart);
+        check(
+            &format!("linear_rows, frozen weight, bf16 {half}"),
+            r,
+            0.0,
+            0.0,
+        );
     }
 }
 

@@ -181,7 +181,9 @@ impl HostKernel<3> for BatchNorm {
                 let (zero, one, relu) = (T::zero(), T::one(), self.relu);
                 let sum_zero = T::Sum::from_f64(0.0);
                 let mut gy = vec![sum_zero; g.len()];
-                let chunks = g.par_chunks(ELEMS_PER_TASK).zip(out.par_chunks(ELEMS_PER_TASK));
+                let chunks = g
+                    .par_chunks(ELEMS_PER_TASK)
+                    .zip(out.par_chunks(ELEMS_PER_TASK));
                 gy.par_chunks_mut(ELEMS_PER_TASK)
                     .zip(chunks)
                     .for_each(|(gy, (g, out))| {

@@ -157,13 +157,32 @@ pub fn micro_gradients(
         return Ok(stats);
     };
     for (i, _) in trainable.iter().enumerate().filter(|(_, &t)| t) {
-        if let Some(g) = grads.remove(state.params[i].as_tensor()) {
+        if let Some(g) = take_grad(&mut grads, Some(state.params[i].as_tensor()), &view[i])? {
             sums.add(i, g)?;
         }
     }
     drop(grads);
     sums.flush(state)?;
     Ok(stats)
+}
+
+/// Layer `i`'s gradient out of a backward's store, given its weight `param` (`None` for
+/// a fetched layer) and its working copy `w` in the forward. A working copy that is a
+/// variable of its own (a fetched copy; in bf16, the rounding of an f32 weight) has the
+/// gradient, widened to the weight's dtype; otherwise the weight has it (a recorded
+/// cast delivers it there).
+pub fn take_grad(
+    grads: &mut candle_core::backprop::GradStore,
+    param: Option<&Tensor>,
+    w: &Tensor,
+) -> Result<Option<Tensor>> {
+    if w.is_variable() {
+        return Ok(match (grads.remove(w), param) {
+            (Some(g), Some(p)) if g.dtype() != p.dtype() => Some(g.to_dtype(p.dtype())?),
+            (g, _) => g,
+        });
+    }
+    Ok(param.and_then(|p| grads.remove(p)))
 }
 
 /// The mean `loss` of f32 outputs `out` against the truth `y` (tracked where the outputs

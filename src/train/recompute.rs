@@ -13,7 +13,7 @@
 //! away, so they move exactly once per forward.
 
 use super::fetch::Window;
-use super::micro::{loss_and_stats, StepStats, Sums};
+use super::micro::{loss_and_stats, take_grad, StepStats, Sums};
 use crate::model::{Mode, NetState, Network};
 use crate::task::Loss;
 use anyhow::{anyhow, bail, Context, Result};
@@ -190,11 +190,11 @@ pub fn block_gradients(
         }
         for (i, wi) in unit.params.clone().zip(&w) {
             if trainable[i] {
-                // A layer on the device: the tensor itself (in bf16 without masters `w`
-                // holds its recorded cast, whose backward delivers the f32 gradient); a
-                // fetched one: its working copy.
-                let key = state.var(i).map_or(wi, |v| v.as_tensor());
-                if let Some(g) = grads.remove(key) {
+                // A layer on the device: the tensor itself, or in bf16 its working copy
+                // (a variable of its own, or a streamed state's recorded cast, whose
+                // backward delivers the f32 gradient); a fetched one: its working copy.
+                let param = state.var(i).map(|v| v.as_tensor());
+                if let Some(g) = take_grad(&mut grads, param, wi)? {
                     sums.add(i, g)?;
                 }
             }

@@ -346,9 +346,12 @@ fn local_gradients(
 }
 
 /// The forward's weights (`state.view`: frozen layers detached) and input in the working
-/// precision. In bf16 the casts of f32 weights are recorded, so each gradient arrives in
-/// the f32 of its weight; bf16 working weights (host masters) are used as they are and
-/// their gradients stay bf16 until the host widens them.
+/// precision. In bf16 a trained f32 weight's working copy is a variable of its own, its
+/// bf16 rounding: its gradient is widened to f32 once after the backward
+/// ([`super::micro::take_grad`]), the bits of recording the cast, without the cast's
+/// node (an f32 zero-filled, accumulated gradient of every weight). bf16 working
+/// weights (host masters) are used as they are and their gradients stay bf16 until the
+/// host widens them.
 fn working_copies(
     state: &NetState,
     trainable: &[bool],
@@ -360,8 +363,17 @@ fn working_copies(
         Precision::F32 => (view, x.clone()),
         Precision::Bf16 => (
             view.iter()
-                .map(|t| t.to_dtype(DType::BF16))
-                .collect::<candle_core::Result<Vec<_>>>()?,
+                .zip(trainable)
+                .map(|(t, &tracked)| -> Result<Tensor> {
+                    let w = t.to_dtype(DType::BF16)?;
+                    Ok(match tracked && t.dtype() != DType::BF16 {
+                        true => candle_core::Var::from_tensor(&w.detach())?
+                            .as_tensor()
+                            .clone(),
+                        false => w,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
             x.to_dtype(DType::BF16)?,
         ),
     })

@@ -115,6 +115,25 @@ fn relu_matches_exactly() {
     check("relu", r, 0.0, 0.0);
 }
 
+/// BatchNorm2d in `Mode::Train` (with `relu`, `batch_norm2d_relu`) on fresh running
+/// buffers (mean 0, variance 1, count 0): the output and the buffers after it.
+fn bn_train(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> (Tensor, [Tensor; 3]) {
+    let c = x.dims()[1];
+    let mut mean = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+    let mut var = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
+    let mut count = Tensor::new(0i64, &Device::Cpu).unwrap();
+    let buffers = layers::BnBuffers {
+        mean: &mut mean,
+        var: &mut var,
+        count: &mut count,
+    };
+    let y = match relu {
+        true => layers::batch_norm2d_relu(x, w, b, buffers, Mode::Train).unwrap(),
+        false => layers::batch_norm2d(x, w, b, buffers, Mode::Train).unwrap(),
+    };
+    (y, [mean, var, count.to_dtype(DType::F32).unwrap()])
+}
+
 /// BatchNorm2d in `Mode::Train` (`model::batch_norm`, one op on the CPU that rounds
 /// candle's graph step by step) against that graph (the generic path): output, the
 /// gradients of the input, scale and shift, and the running mean, variance and count,
@@ -123,19 +142,7 @@ fn relu_matches_exactly() {
 #[test]
 fn batch_norm_matches_exactly() {
     let mut rng = Rng::new(3, 0);
-    let bn = |x: &Tensor, w: &Tensor, b: &Tensor| {
-        let c = x.dims()[1];
-        let mut mean = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
-        let mut var = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
-        let mut count = Tensor::new(0i64, &Device::Cpu).unwrap();
-        let buffers = layers::BnBuffers {
-            mean: &mut mean,
-            var: &mut var,
-            count: &mut count,
-        };
-        let y = layers::batch_norm2d(x, w, b, buffers, Mode::Train).unwrap();
-        (y, [mean, var, count.to_dtype(DType::F32).unwrap()])
-    };
+    let bn = |x: &Tensor, w: &Tensor, b: &Tensor| bn_train(x, w, b, false);
     for (shape, offset) in [
         ([4, 3, 5, 7], 0.0),
         ([2, 8, 1, 1], 0.0),
@@ -187,21 +194,7 @@ fn fused_relu_ops_match_exactly() {
     let mut rng = Rng::new(5, 0);
     let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
     let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    let bn = |x: &Tensor, w: &Tensor, b: &Tensor, relu: bool| {
-        let c = x.dims()[1];
-        let mut mean = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
-        let mut var = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
-        let mut count = Tensor::new(0i64, &Device::Cpu).unwrap();
-        let buffers = layers::BnBuffers {
-            mean: &mut mean,
-            var: &mut var,
-            count: &mut count,
-        };
-        match relu {
-            true => layers::batch_norm2d_relu(x, w, b, buffers, Mode::Train).unwrap(),
-            false => layers::batch_norm2d(x, w, b, buffers, Mode::Train).unwrap(),
-        }
-    };
+    let bn = |x: &Tensor, w: &Tensor, b: &Tensor, relu: bool| bn_train(x, w, b, relu).0;
     for shape in [[4, 3, 5, 7], [2, 8, 1, 1], [8, 4, 6, 6]] {
         let c = shape[1];
         let x = uniform(&mut rng, &shape, -2.0, 3.0);

@@ -64,17 +64,8 @@ impl HostKernel<1> for Relu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<[Option<Tensor>; 1]> {
-        // `grad * (x > 0)`, the mask as 1 or 0 in `T` (the arithmetic of the generic
-        // path), in one pass instead of candle's three.
-        let (z, one) = (T::zero(), T::one());
-        let gx = with_cpu_slice::<T, _>(&grad.contiguous()?, |g| {
-            with_cpu_slice::<T, _>(arg, |x| {
-                g.par_iter()
-                    .zip(x)
-                    .map(|(&g, &x)| g * if x > z { one } else { z })
-                    .collect::<Vec<T>>()
-            })
-        })??;
+        // `grad * (x > 0)`, in one pass instead of candle's three.
+        let gx = relu_grad::<T>(grad, &arg.contiguous()?)?;
         Ok([Some(Tensor::from_vec(gx, arg.shape(), arg.device())?)])
     }
 }
@@ -120,19 +111,25 @@ impl HostKernel<2> for AddRelu {
     ) -> candle_core::Result<[Option<Tensor>; 2]> {
         // The ReLU's `grad * (a + b > 0)` (the output is > 0 exactly where the sum is),
         // which the sum passes to both of its inputs.
-        let (z, one) = (T::zero(), T::one());
-        let (grad, res) = (grad.contiguous()?, res.contiguous()?);
-        let gx = with_cpu_slice::<T, _>(&grad, |g| {
-            with_cpu_slice::<T, _>(&res, |y| {
-                g.par_iter()
-                    .zip(y)
-                    .map(|(&g, &y)| g * if y > z { one } else { z })
-                    .collect::<Vec<T>>()
-            })
-        })??;
+        let gx = relu_grad::<T>(grad, &res.contiguous()?)?;
         let gx = Tensor::from_vec(gx, a.shape(), a.device())?;
         Ok([a.track_op().then(|| gx.clone()), b.track_op().then_some(gx)])
     }
+}
+
+/// The ReLU's backward, `grad * (x > 0)` with the mask as 1 or 0 in `T` (the arithmetic
+/// of the generic path), `x` contiguous: for [`relu`] its input, for [`add_relu`] its
+/// output (positive exactly where the input is).
+fn relu_grad<T: Float>(grad: &Tensor, x: &Tensor) -> candle_core::Result<Vec<T>> {
+    let (z, one) = (T::zero(), T::one());
+    with_cpu_slice::<T, _>(&grad.contiguous()?, |g| {
+        with_cpu_slice::<T, _>(x, |x| {
+            g.par_iter()
+                .zip(x)
+                .map(|(&g, &x)| g * if x > z { one } else { z })
+                .collect::<Vec<T>>()
+        })
+    })?
 }
 
 /// PyTorch's `PixelShuffle(r)`: `[N, C*r*r, H, W] -> [N, C, H*r, W*r]`, output

@@ -317,6 +317,14 @@ fn every_parameter_gets_a_gradient(arch: &str, set: &[&str], input: [usize; 3]) 
             .as_ref()
             .unwrap_or_else(|| panic!("{arch}: `{}` got no gradient", spec.name));
         assert_eq!(g.dims(), &spec.shape[..], "{arch}: `{}`", spec.name);
+        // A gradient that still records ops holds its backward graph, and with it every
+        // activation that graph references, until the step ends (a custom op whose
+        // backward multiplies a tracked input into a variable's gradient).
+        assert!(
+            !g.track_op(),
+            "{arch}: `{}`'s gradient records ops (it keeps activations alive)",
+            spec.name
+        );
         let v = common::values(g);
         assert!(
             v.iter().all(|x| x.is_finite()),
@@ -339,6 +347,13 @@ fn every_parameter_gets_a_gradient(arch: &str, set: &[&str], input: [usize; 3]) 
         fewest.0,
         fewest.1
     );
+}
+
+#[test]
+fn every_parameter_of_the_small_networks_gets_a_gradient() {
+    for arch in ["mlp", "cnn", "cnn_bn"] {
+        every_parameter_gets_a_gradient(arch, &[], [1, 28, 28]);
+    }
 }
 
 #[test]

@@ -5,7 +5,8 @@
 
 use super::dispatch::{flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp};
 use anyhow::Result;
-use candle_core::{DType, Shape, Tensor, WithDType, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -667,11 +668,22 @@ pub fn add_bias_generic(y: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Linear `y = x W^T + b` over the last dimension of any-rank `x` (leading dimensions
-/// flattened into rows), bias through [`add_bias`].
+/// flattened into rows), bias through [`add_bias`]. On the CPU one recorded op
+/// ([`LinearRows`]) with the bits of the chain of candle ops the generic path records.
 pub fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let last = dims.pop().unwrap_or(1);
     let rows: usize = dims.iter().product();
+    let out = w.dim(0)?;
+    let fits = w.dims() == [out, last] && b.is_none_or(|b| b.dims() == [out]);
+    if !generic_path(x) && fits && rows * last * out > 0 {
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let op = LinearRows { rows, last, out };
+        return Ok(match b {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,
+            None => x.apply_op2(&w, op)?,
+        });
+    }
     let y = super::matmul::matmul(&x.reshape((rows, last))?, &w.t()?)?;
     let y = match b {
         Some(b) => add_bias(&y, b)?,
@@ -733,6 +745,133 @@ impl HostKernel<2> for AddBias {
         grad: &Tensor,
     ) -> candle_core::Result<[Option<Tensor>; 2]> {
         Ok([Some(grad.clone()), Some(Self::bias_grad::<T>(b, grad)?)])
+    }
+}
+
+/// [`linear_rows`] on the CPU as one op of `x` (`rows x last` elements), `W` `[out,
+/// last]` and an optional bias. The chain it replaces (reshape, transpose, product, bias,
+/// reshape) is five graph nodes, each a zero-filled, accumulated gradient in candle's
+/// backward, and kept the product before the bias for the backward. Forward: candle's
+/// product kernel on the layouts of `x.reshape((rows, last)).matmul(W.t())`, then
+/// [`AddBias`]'s forward. Backward: the products candle's backward computes (`g W`,
+/// `(x^T g)^T`) and [`AddBias`]'s bias gradient, each only for a tracked input.
+struct LinearRows {
+    rows: usize,
+    last: usize,
+    out: usize,
+}
+
+impl LinearRows {
+    fn forward(
+        &self,
+        (sx, lx): (&CpuStorage, &Layout),
+        (sw, lw): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, last, out) = (self.rows, self.last, self.out);
+        let lx2 = Layout::contiguous_with_offset((rows, last), lx.start_offset());
+        let y = sx.matmul(sw, (1, rows, out, last), &lx2, &lw.transpose(0, 1)?)?;
+        let y = match bias {
+            Some((sb, lb)) => {
+                let ly = Layout::contiguous((rows, out));
+                HostOp(AddBias).cpu_fwd(&y, &ly, sb, lb)?.0
+            }
+            None => y,
+        };
+        let mut dims = lx.dims().to_vec();
+        if let Some(d) = dims.last_mut() {
+            *d = out;
+        }
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
+        let g = grad.contiguous()?.reshape((self.rows, self.out))?;
+        // The products run on detached inputs: a product with a tracked `x` would record
+        // it, and `W`'s gradient (a variable's, which candle's backward never detaches)
+        // would keep every linear's input alive until the step ends.
+        let gx = match x.track_op() {
+            true => Some(g.matmul(&w.detach())?.reshape(x.shape())?),
+            false => None,
+        };
+        let gw = match w.track_op() {
+            true => Some(
+                x.detach()
+                    .reshape((self.rows, self.last))?
+                    .t()?
+                    .matmul(&g)?
+                    .t()?,
+            ),
+            false => None,
+        };
+        let gb = match b {
+            Some(b) if b.track_op() => HostOp(AddBias).bwd(&g, b, &g, &g)?.1,
+            _ => None,
+        };
+        Ok([gx, gw, gb])
+    }
+}
+
+impl CustomOp2 for LinearRows {
+    fn name(&self) -> &'static str {
+        "ldt-linear-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward((sx, lx), (sw, lw), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, _] = self.backward(x, w, None, grad)?;
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp3 for LinearRows {
+    fn name(&self) -> &'static str {
+        "ldt-linear-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward((sx, lx), (sw, lw), Some((sb, lb)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, gb] = self.backward(x, w, Some(b), grad)?;
+        Ok((gx, gw, gb))
     }
 }
 

@@ -549,7 +549,8 @@ fn fd_multi_head_attention() {
         uniform(&mut r, &[d], -0.3, 0.3),
     ];
     let f = |t: &[Tensor]| {
-        layers::multi_head_attention(&t[0], &t[1], Some(&t[2]), &t[3], Some(&t[4]), h).unwrap()
+        model::attention::multi_head_attention(&t[0], &t[1], Some(&t[2]), &t[3], Some(&t[4]), h)
+            .unwrap()
     };
     fd_check("multi_head_attention", &ins, None, &|t| project(&f(t), 4));
     // The forward against a per-head loop in f64 (the README's textbook attention).

@@ -300,6 +300,56 @@ fn linear_rows_matches_exactly() {
     }
 }
 
+/// The f32 bit patterns of `t`'s elements (bf16 widens exactly, signs of zeros kept).
+fn bits(t: &Tensor) -> Vec<u32> {
+    values(t).iter().map(|v| v.to_bits()).collect()
+}
+
+/// The attention between the linears (`self_attention_heads`, one op on the CPU)
+/// against the chain of candle ops it replaces (`heads_recorded`: split, scale, products,
+/// the CPU softmax, merge): the output and the input's gradient bit for bit, signs of
+/// zeros included, in f32, bf16 (cast inside both sides) and f64. The input has a
+/// head's values and a token's queries set to exact zeros and the output's weights have
+/// exact zeros, so zero gradients occur; two heads of width 4, 5 tokens, batch 2.
+#[test]
+fn attention_heads_match_exactly() {
+    use ldt::model::attention::{heads_recorded, self_attention_heads};
+    let mut rng = Rng::new(8, 0);
+    let (b, n, heads, d) = (2, 5, 2, 4);
+    let dim = heads * d;
+    let mut x = rng.uniform_vec(b * n * 3 * dim, -2.0, 2.0);
+    for t in 0..n {
+        for j in 0..d {
+            x[t * 3 * dim + 2 * dim + j] = 0.0; // batch 0, head 0's values
+        }
+    }
+    for j in 0..dim {
+        x[(n + 1) * 3 * dim + j] = 0.0; // batch 1, token 1's queries
+    }
+    let x = Tensor::from_vec(x, (b, n, 3 * dim), &Device::Cpu).unwrap();
+    let mut r = rng.uniform_vec(b * n * dim, -1.0, 1.0);
+    for v in r.iter_mut().step_by(3) {
+        *v = 0.0;
+    }
+    let r = Tensor::from_vec(r, (b, n, dim), &Device::Cpu).unwrap();
+    for dt in [DType::F32, DType::BF16, DType::F64] {
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let v = Var::from_tensor(&x).unwrap();
+            let y = f(&v.as_tensor().to_dtype(dt).unwrap());
+            let loss = (&y * &r.to_dtype(dt).unwrap()).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            (y, g.get(v.as_tensor()).unwrap().clone())
+        };
+        let (y1, g1) = run(&|t| self_attention_heads(t, heads).unwrap());
+        let (y2, g2) = run(&|t| heads_recorded(t, heads).unwrap());
+        assert_eq!(bits(&y1), bits(&y2), "{dt:?}: attention output");
+        assert_eq!(bits(&g1), bits(&g2), "{dt:?}: attention input gradient");
+        let zeros = values(&g1).iter().filter(|v| **v == 0.0).count();
+        assert!(zeros > 0, "{dt:?}: no zero gradient exercised");
+        println!("{dt:?}: output and gradient identical ({zeros} zero gradients)");
+    }
+}
+
 #[test]
 fn max_pool_matches_exactly() {
     let mut rng = Rng::new(2, 0);

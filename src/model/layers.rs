@@ -975,7 +975,8 @@ pub fn softmax_last_dim_generic(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dt)?)
 }
 
-struct SoftmaxLastDim;
+/// The softmax over the last dimension as a host kernel (f64 arithmetic per row).
+pub(crate) struct SoftmaxLastDim;
 
 impl SoftmaxLastDim {
     /// `y * (g - sum(g * y))` per row, from the result `y`.
@@ -1026,39 +1027,6 @@ impl HostKernel<1> for SoftmaxLastDim {
     ) -> candle_core::Result<[Option<Tensor>; 1]> {
         Ok([Some(Self::grad::<T>(res, grad)?)])
     }
-}
-
-/// Textbook scaled dot-product attention over `[B, heads, N, d]` tensors:
-/// `softmax((q / sqrt(d)) k^T) v` (q is scaled before the product, as timm's eager path).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let d = q.dim(D::Minus1)?;
-    let q = (q * (1.0 / (d as f64).sqrt()))?;
-    let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
-    let a = softmax_last_dim(&scores)?;
-    Ok(a.matmul(&v.contiguous()?)?)
-}
-
-/// timm's `Attention` on `x` `[B, N, D]`: `qkv` Linear `[3D, D]` (rows: q, k, v; inside
-/// each, head j owns rows `j*d..(j+1)*d`), [`attention`] per head, heads concatenated in
-/// order, then the `proj` Linear `[D, D]`.
-pub fn multi_head_attention(
-    x: &Tensor,
-    qkv_w: &Tensor,
-    qkv_b: Option<&Tensor>,
-    proj_w: &Tensor,
-    proj_b: Option<&Tensor>,
-    heads: usize,
-) -> Result<Tensor> {
-    let (b, n, dim) = x.dims3()?;
-    if heads == 0 || !dim.is_multiple_of(heads) {
-        anyhow::bail!("multi_head_attention: width {dim} is not divisible by {heads} heads");
-    }
-    let qkv = linear_rows(x, qkv_w, qkv_b)?
-        .reshape((b, n, 3, heads, dim / heads))?
-        .permute((2, 0, 3, 1, 4))?;
-    let o = attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?)?;
-    let o = o.transpose(1, 2)?.reshape((b, n, dim))?;
-    linear_rows(&o, proj_w, proj_b)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! parameters are trainable (candle `Var`s, gradients recorded) and which are frozen
 //! (detached tensors, no gradient computed) — the mechanism behind LDT's cross-freezing.
 
+pub mod attention;
 mod batch_norm;
 pub mod cnn;
 mod conv;

@@ -224,7 +224,7 @@ impl Network for Vit {
         Ok(vec![match j {
             0 => {
                 let a = layers::layer_norm(h, &q[0], &q[1], LN_EPS)?;
-                let a = layers::multi_head_attention(
+                let a = super::attention::multi_head_attention(
                     &a,
                     &q[2],
                     Some(&q[3]),

@@ -6,7 +6,8 @@
     /tmp/tv/bin/python scripts/torch-compare.py --archs cnn,resnet18 --threads 1,2
 
 For every backbone, method, thread count and precision it runs `ldt bench --step` (a
-short training run on random images; its `ms_per_step`) and the same step in PyTorch
+short training run on random images; its ms per step after the first, `summary.json`'s
+`warm_ms_per_step`) and the same step in PyTorch
 (same architecture, parameter count checked equal, same batch, the authors' Adam:
 lr 1e-4, betas (0, 0.99^0.8), eps 1e-8; bf16 = autocast of the forward with f32
 master weights, as `train.precision = "bf16"`), then prints ms/step, the ratio, and each

@@ -572,7 +572,9 @@ pub struct StepRow {
     pub batch: usize,
     /// Parameter elements.
     pub params: usize,
-    /// Milliseconds per training step (`summary.json`'s `ms_per_step`).
+    /// Milliseconds per training step after the first (`summary.json`'s
+    /// `warm_ms_per_step`; its `ms_per_step` for a one-step run): side-by-side
+    /// comparisons time warm steps on both sides.
     pub ms_per_step: f64,
     /// The stable set's layers (LDT methods).
     pub stable: Vec<String>,
@@ -622,7 +624,11 @@ pub fn steps(dir: &Path, b: &StepBench) -> Result<Vec<StepRow>> {
                 threads: b.threads,
                 batch: b.batch,
                 params: ctx.net.numel(),
-                ms_per_step: ctx.summary.ms_per_step.unwrap_or(f64::NAN),
+                ms_per_step: ctx
+                    .summary
+                    .warm_ms_per_step
+                    .or(ctx.summary.ms_per_step)
+                    .unwrap_or(f64::NAN),
                 stable: ctx
                     .summary
                     .partition

@@ -631,6 +631,11 @@ pub struct Summary {
     /// Milliseconds per training step of this process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ms_per_step: Option<f64>,
+    /// Milliseconds per training step after this process's first. The first step
+    /// touches the heap's pages for the first time and starts the threads, which a
+    /// short benchmark would otherwise count; absent for a one-step run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_ms_per_step: Option<f64>,
     /// Data-parallel engine, ranks and collective time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_parallel: Option<DataParallel>,

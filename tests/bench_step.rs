@@ -1,5 +1,5 @@
 //! `ldt bench --step`, the ldt half of `scripts/torch-compare.py`: one row per backbone
-//! and method with a positive ms/step, the network's parameter count, and for the LDT
+//! and method with a positive ms/step of the steps after the first, the network's parameter count, and for the LDT
 //! methods the stable set it found (what the PyTorch side needs to repeat the step),
 //! written to `OUT/steps.json`.
 
@@ -46,6 +46,24 @@ fn step_rows_say_what_the_comparison_needs() {
     let params = [109_386, 109_386, cnn_bn, cnn_bn];
     for (r, &p) in rows.iter().zip(&params) {
         assert!(r["ms_per_step"].as_f64().unwrap() > 0.0, "{r}");
+        // The row times the steps after the first (the first touches the heap's pages):
+        // summary.json's warm figure, over 7 of the 8 steps, inside the training time.
+        let run = format!(
+            "{}-{}-f32-t1",
+            r["arch"].as_str().unwrap(),
+            r["method"].as_str().unwrap()
+        );
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join(run).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r["ms_per_step"], summary["warm_ms_per_step"], "{r}");
+        let warm_ms = 7.0 * summary["warm_ms_per_step"].as_f64().unwrap();
+        let train_ms = 1e3 * summary["train_seconds"].as_f64().unwrap();
+        assert!(
+            warm_ms <= train_ms,
+            "{warm_ms} ms of warm steps, {train_ms} ms in all"
+        );
         assert_eq!(r["params"].as_u64().unwrap(), p as u64, "{r}");
         let stable = r["stable"].as_array().unwrap();
         match r["method"].as_str().unwrap() {

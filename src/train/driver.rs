@@ -284,6 +284,8 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
     let progress = Progress::new(cfg.train.method.name(), done, steps, cfg.train.log_every);
     let mut meter = Meter::new(ctx.classifies());
     let t0 = Instant::now();
+    // When the first step of this process ended: the warm steps are timed from there.
+    let mut warm_from = None;
     ctx.stages.enter("train");
     for step in done + 1..=steps {
         let mut feed = Feed::new(&mut loader, &rates);
@@ -316,12 +318,14 @@ pub fn drive(ctx: &mut RunContext, m: &mut dyn Stepper, done: usize) -> Result<(
             ctx.stages.exit();
             saved?;
         }
+        warm_from.get_or_insert_with(Instant::now);
     }
     progress.finish();
     m.finish()?;
     ctx.stages.exit();
     let train_secs = t0.elapsed().as_secs_f64();
+    let warm_secs = warm_from.map(|t| t.elapsed().as_secs_f64());
     finish(ctx, m)?;
-    ctx.record_training(&m.memory(), train_secs, steps - done);
+    ctx.record_training(&m.memory(), train_secs, warm_secs, steps - done);
     Ok(())
 }

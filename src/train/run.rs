@@ -902,8 +902,15 @@ impl RunContext {
     }
 
     /// Records the training stage's memory report, seconds and ms per step (over the
-    /// `steps_run` steps this process ran) in `summary.json`.
-    pub fn record_training(&mut self, mem: &metrics::MemoryReport, secs: f64, steps_run: usize) {
+    /// `steps_run` steps this process ran; `warm_secs`: the seconds after the first of
+    /// them, when there were more) in `summary.json`.
+    pub fn record_training(
+        &mut self,
+        mem: &metrics::MemoryReport,
+        secs: f64,
+        warm_secs: Option<f64>,
+        steps_run: usize,
+    ) {
         let per_step = |s: f64| 1e3 * s / steps_run.max(1) as f64;
         let x = &mut self.summary;
         let mem = crate::train::memory::as_configured(*mem, &self.cfg);
@@ -913,6 +920,10 @@ impl RunContext {
         ));
         x.train_seconds = Some(secs);
         x.ms_per_step = Some(per_step(secs));
+        x.warm_ms_per_step = match (warm_secs, steps_run) {
+            (Some(s), 2..) => Some(1e3 * s / (steps_run - 1) as f64),
+            _ => None,
+        };
         let group = crate::dist::group();
         if !group.is_local() {
             let c = crate::dist::collective_secs();

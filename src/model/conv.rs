@@ -6,13 +6,14 @@
 //! backward the two products and the matching col2im scatter, with no gradient
 //! materialized for the intermediates.
 
-use super::dispatch::{flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp};
+use super::dispatch::{
+    apply_weight_op, flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp,
+    WeightKernel,
+};
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, BackpropOp};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -208,10 +209,7 @@ pub fn conv2d(
         cols: OnceLock::new(),
     };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    Ok(match b {
-        Some(b) => x.apply_op3(&w, b, op)?,
-        None => x.apply_op2(&w, op)?,
-    })
+    Ok(apply_weight_op(&x, &w, b, op)?)
 }
 
 /// One convolution as a recorded op: `x [N,C,H,W]`, `w [O,C,kh,kw]`, optional `b [O]`.
@@ -243,6 +241,10 @@ impl Conv {
         let p = self.g.oh * self.g.ow;
         (self.n * p, self.g.row_len(), p)
     }
+}
+
+impl WeightKernel for Conv {
+    const NAME: &'static str = "ldt-conv2d";
 
     fn forward(
         &self,
@@ -280,7 +282,7 @@ impl Conv {
         w: &Tensor,
         b: Option<&Tensor>,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let (m, rl, p) = self.dims();
         // The rows' gradient `[N*OH*OW, O]`.
         let gy = grad
@@ -312,63 +314,7 @@ impl Conv {
             Some(b) if b.track_op() => Some(gy.sum_keepdim(0)?.squeeze(0)?),
             _ => None,
         };
-        Ok((gx, gw, gb))
-    }
-}
-
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        "ldt-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw, _) = self.backward(x, w, None, grad)?;
-        Ok((gx, gw))
-    }
-}
-
-impl CustomOp3 for Conv {
-    fn name(&self) -> &'static str {
-        "ldt-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, w, Some(b), grad)
+        Ok([gx, gw, gb])
     }
 }
 

@@ -328,6 +328,104 @@ impl<K: HostKernel<3>> CustomOp3 for HostOp<K> {
     }
 }
 
+/// An op of an input, a weight and an optional bias on CPU storages (the convolution,
+/// the linear over rows): one forward and one backward, which [`WeightOp`] serves as
+/// candle's two-input op (no bias) and three-input op.
+pub(crate) trait WeightKernel: Send + Sync + 'static {
+    /// The op's name, for candle and for errors.
+    const NAME: &'static str;
+
+    /// The output from the input `x`, the weight `w` and the bias `b`, if any.
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)>;
+
+    /// The gradients of `x`, `w` and `b` (`None` for an untracked or absent input).
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 3]>;
+}
+
+/// A [`WeightKernel`] as a candle custom op of 2 or 3 inputs.
+pub(crate) struct WeightOp<K>(pub K);
+
+/// Records `k` on `x`, `w` and `b`, if any.
+pub(crate) fn apply_weight_op<K: WeightKernel>(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    k: K,
+) -> candle_core::Result<Tensor> {
+    match b {
+        Some(b) => x.apply_op3(w, b, WeightOp(k)),
+        None => x.apply_op2(w, WeightOp(k)),
+    }
+}
+
+impl<K: WeightKernel> CustomOp2 for WeightOp<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.forward((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, _] = self.0.backward(x, w, None, grad)?;
+        Ok((gx, gw))
+    }
+}
+
+impl<K: WeightKernel> CustomOp3 for WeightOp<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.forward((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, gb] = self.0.backward(x, w, Some(b), grad)?;
+        Ok((gx, gw, gb))
+    }
+}
+
 /// The elements of a contiguous CPU storage as `T` (an error for another layout or
 /// element type, naming `what`): the inputs of the host kernels and the optimizer's.
 pub(crate) fn contiguous_slice<'a, T: WithDType>(

@@ -3,10 +3,13 @@
 //! candle-nn's fused norms and softmax record no backward and its max-pool backward needs
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
-use super::dispatch::{flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp};
+use super::dispatch::{
+    apply_weight_op, flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp,
+    WeightKernel,
+};
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 /// `y = x W^T + b` (PyTorch `Linear`, weight `[out, in]`).
@@ -678,11 +681,9 @@ pub fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     let fits = w.dims() == [out, last] && b.is_none_or(|b| b.dims() == [out]);
     if !generic_path(x) && fits && rows * last * out > 0 {
         let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let b = b.map(Tensor::contiguous).transpose()?;
         let op = LinearRows { rows, last, out };
-        return Ok(match b {
-            Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,
-            None => x.apply_op2(&w, op)?,
-        });
+        return Ok(apply_weight_op(&x, &w, b.as_ref(), op)?);
     }
     let y = super::matmul::matmul(&x.reshape((rows, last))?, &w.t()?)?;
     let y = match b {
@@ -761,7 +762,9 @@ struct LinearRows {
     out: usize,
 }
 
-impl LinearRows {
+impl WeightKernel for LinearRows {
+    const NAME: &'static str = "ldt-linear-rows";
+
     fn forward(
         &self,
         (sx, lx): (&CpuStorage, &Layout),
@@ -815,63 +818,6 @@ impl LinearRows {
             _ => None,
         };
         Ok([gx, gw, gb])
-    }
-}
-
-impl CustomOp2 for LinearRows {
-    fn name(&self) -> &'static str {
-        "ldt-linear-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sw: &CpuStorage,
-        lw: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward((sx, lx), (sw, lw), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let [gx, gw, _] = self.backward(x, w, None, grad)?;
-        Ok((gx, gw))
-    }
-}
-
-impl CustomOp3 for LinearRows {
-    fn name(&self) -> &'static str {
-        "ldt-linear-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sw: &CpuStorage,
-        lw: &Layout,
-        sb: &CpuStorage,
-        lb: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward((sx, lx), (sw, lw), Some((sb, lb)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [gx, gw, gb] = self.backward(x, w, Some(b), grad)?;
-        Ok((gx, gw, gb))
     }
 }
 

@@ -7,8 +7,7 @@
 //! materialized for the intermediates.
 
 use super::dispatch::{
-    apply_weight_op, flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp,
-    WeightKernel,
+    apply_weight_op, generic_path, read_values, Float, HostKernel, HostOp, WeightKernel,
 };
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
@@ -163,12 +162,7 @@ impl HostKernel<1> for Im2col {
         let (g, n) = self.geometry(arg.shape())?;
         // The patches' gradient is read in place when it is in `T::Sum` already (f32,
         // f64): a copy would be as large as the patch matrix.
-        let grad = grad.contiguous()?;
-        let gx = if grad.dtype() == <T::Sum as WithDType>::DTYPE {
-            with_cpu_slice::<T::Sum, _>(&grad, |gc| g.col2im(gc, n))?
-        } else {
-            g.col2im(&flat_values::<T::Sum>(&grad)?, n)
-        };
+        let gx = read_values::<T::Sum, _>(grad, |gc| g.col2im(gc, n))?;
         Ok([Some(
             Tensor::from_vec(gx, arg.shape(), arg.device())?.to_dtype(T::DTYPE)?,
         )])

@@ -476,6 +476,19 @@ pub(crate) fn with_cpu_slice<T: WithDType, R>(
     }
 }
 
+/// `f` on the elements of `t` as `T`: in place when `t` is a contiguous CPU tensor of
+/// element type `T` (the usual case in a backward pass: gradients and kept inputs),
+/// else on a copy ([`flat_values`]).
+pub(crate) fn read_values<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    if t.dtype() == T::DTYPE && t.is_contiguous() && t.device().is_cpu() {
+        return with_cpu_slice(t, f);
+    }
+    Ok(f(&flat_values::<T>(t)?))
+}
+
 /// Values of `t` (any layout, any dtype) as a flat vector of `T`: what the host kernels'
 /// backward passes read their tensors as.
 pub(crate) fn flat_values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {

@@ -4,8 +4,8 @@
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
 use super::dispatch::{
-    apply_weight_op, flat_values, generic_path, with_cpu_slice, Float, HostKernel, HostOp,
-    WeightKernel,
+    apply_weight_op, flat_values, generic_path, read_values, with_cpu_slice, Float, HostKernel,
+    HostOp, WeightKernel,
 };
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
@@ -567,48 +567,51 @@ impl LayerNorm {
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let d = w.elem_count().max(1);
-        let xs = flat_values::<T>(x)?;
         let ws: Vec<f64> = flat_values::<T>(w)?.iter().map(|v| v.to_f64()).collect();
-        let gs = flat_values::<T>(grad)?;
-        let mut gx = vec![T::zero(); xs.len()];
-        // Per-row work in parallel; each chunk of rows returns its partial dw and db.
-        let rows_per_task = (4096 / d).max(1);
-        let partial: Vec<(Vec<f64>, Vec<f64>)> = gx
-            .par_chunks_mut(d * rows_per_task)
-            .zip(
-                xs.par_chunks(d * rows_per_task)
-                    .zip(gs.par_chunks(d * rows_per_task)),
-            )
-            .map(|(o, (x, g))| {
+        let (gx, dw, db) = read_values::<T, _>(x, |xs| {
+            read_values::<T, _>(grad, |gs| {
+                let mut gx = vec![T::zero(); xs.len()];
+                // Per-row work in parallel; each chunk of rows returns its partial dw and db.
+                let rows_per_task = (4096 / d).max(1);
+                let partial: Vec<(Vec<f64>, Vec<f64>)> = gx
+                    .par_chunks_mut(d * rows_per_task)
+                    .zip(
+                        xs.par_chunks(d * rows_per_task)
+                            .zip(gs.par_chunks(d * rows_per_task)),
+                    )
+                    .map(|(o, (x, g))| {
+                        let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+                        let mut h = vec![0f64; d];
+                        let mut xhat = vec![0f64; d];
+                        for ((o, row), g) in o.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                            let (mean, rstd) = self.moments(row);
+                            for k in 0..d {
+                                let gk = g[k].to_f64();
+                                xhat[k] = (row[k].to_f64() - mean) * rstd;
+                                h[k] = gk * ws[k];
+                                dw[k] += gk * xhat[k];
+                                db[k] += gk;
+                            }
+                            let n = d as f64;
+                            let mh = h.iter().sum::<f64>() / n;
+                            let mhx = h.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+                            for k in 0..d {
+                                o[k] = T::from_f64(rstd * (h[k] - mh - xhat[k] * mhx));
+                            }
+                        }
+                        (dw, db)
+                    })
+                    .collect();
                 let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
-                let mut h = vec![0f64; d];
-                let mut xhat = vec![0f64; d];
-                for ((o, row), g) in o.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-                    let (mean, rstd) = self.moments(row);
+                for (pw, pb) in partial {
                     for k in 0..d {
-                        let gk = g[k].to_f64();
-                        xhat[k] = (row[k].to_f64() - mean) * rstd;
-                        h[k] = gk * ws[k];
-                        dw[k] += gk * xhat[k];
-                        db[k] += gk;
-                    }
-                    let n = d as f64;
-                    let mh = h.iter().sum::<f64>() / n;
-                    let mhx = h.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
-                    for k in 0..d {
-                        o[k] = T::from_f64(rstd * (h[k] - mh - xhat[k] * mhx));
+                        dw[k] += pw[k];
+                        db[k] += pb[k];
                     }
                 }
-                (dw, db)
+                (gx, dw, db)
             })
-            .collect();
-        let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
-        for (pw, pb) in partial {
-            for k in 0..d {
-                dw[k] += pw[k];
-                db[k] += pb[k];
-            }
-        }
+        })??;
         let to_t = |v: Vec<f64>| -> Vec<T> { v.into_iter().map(T::from_f64).collect() };
         Ok((
             Tensor::from_vec(gx, x.shape(), x.device())?,
@@ -700,21 +703,21 @@ impl AddBias {
     /// The bias gradient: row sums of `grad`, accumulated in f64.
     fn bias_grad<T: WithDType>(b: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let n = b.elem_count().max(1);
-        let g = flat_values::<T>(grad)?;
         let rows_per_task = (16384 / n).max(1);
         // Fixed chunks summed in order: the result does not depend on the thread count.
-        let partial: Vec<Vec<f64>> = g
-            .par_chunks(n * rows_per_task)
-            .map(|chunk| {
-                let mut acc = vec![0f64; n];
-                for row in chunk.chunks(n) {
-                    for (a, v) in acc.iter_mut().zip(row) {
-                        *a += v.to_f64();
+        let partial: Vec<Vec<f64>> = read_values::<T, _>(grad, |g| {
+            g.par_chunks(n * rows_per_task)
+                .map(|chunk| {
+                    let mut acc = vec![0f64; n];
+                    for row in chunk.chunks(n) {
+                        for (a, v) in acc.iter_mut().zip(row) {
+                            *a += v.to_f64();
+                        }
                     }
-                }
-                acc
-            })
-            .collect();
+                    acc
+                })
+                .collect()
+        })?;
         let mut sum = vec![0f64; n];
         for p in partial {
             for (s, v) in sum.iter_mut().zip(p) {
@@ -854,21 +857,24 @@ impl GeluErf {
     fn grad<T: WithDType>(arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         // 1 / sqrt(2 pi)
         const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-        let x = flat_values::<T>(arg)?;
-        let g = flat_values::<T>(grad)?;
-        let mut gx = vec![T::zero(); x.len()];
-        gx.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(
-                x.par_chunks(ELEMS_PER_TASK)
-                    .zip(g.par_chunks(ELEMS_PER_TASK)),
-            )
-            .for_each(|(o, (x, g))| {
-                for ((o, v), g) in o.iter_mut().zip(x).zip(g) {
-                    let v = v.to_f64();
-                    let d = Self::cdf(v) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
-                    *o = T::from_f64(g.to_f64() * d);
-                }
-            });
+        let gx = read_values::<T, _>(arg, |x| {
+            read_values::<T, _>(grad, |g| {
+                let mut gx = vec![T::zero(); x.len()];
+                gx.par_chunks_mut(ELEMS_PER_TASK)
+                    .zip(
+                        x.par_chunks(ELEMS_PER_TASK)
+                            .zip(g.par_chunks(ELEMS_PER_TASK)),
+                    )
+                    .for_each(|(o, (x, g))| {
+                        for ((o, v), g) in o.iter_mut().zip(x).zip(g) {
+                            let v = v.to_f64();
+                            let d = Self::cdf(v) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
+                            *o = T::from_f64(g.to_f64() * d);
+                        }
+                    });
+                gx
+            })
+        })??;
         Tensor::from_vec(gx, arg.shape(), arg.device())
     }
 }
@@ -928,17 +934,20 @@ impl SoftmaxLastDim {
     /// `y * (g - sum(g * y))` per row, from the result `y`.
     fn grad<T: WithDType>(res: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let d = res.dims().last().copied().unwrap_or(1).max(1);
-        let y = flat_values::<T>(res)?;
-        let g = flat_values::<T>(grad)?;
-        let mut gx = vec![T::zero(); y.len()];
-        gx.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(o, (y, g))| {
-                let dot: f64 = y.iter().zip(g).map(|(y, g)| y.to_f64() * g.to_f64()).sum();
-                for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
-                    *o = T::from_f64(y.to_f64() * (g.to_f64() - dot));
-                }
-            });
+        let gx = read_values::<T, _>(res, |y| {
+            read_values::<T, _>(grad, |g| {
+                let mut gx = vec![T::zero(); y.len()];
+                gx.par_chunks_mut(d)
+                    .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+                    .for_each(|(o, (y, g))| {
+                        let dot: f64 = y.iter().zip(g).map(|(y, g)| y.to_f64() * g.to_f64()).sum();
+                        for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+                            *o = T::from_f64(y.to_f64() * (g.to_f64() - dot));
+                        }
+                    });
+                gx
+            })
+        })??;
         Tensor::from_vec(gx, res.shape(), res.device())
     }
 }

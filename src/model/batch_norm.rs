@@ -13,13 +13,13 @@
 //! to a zero first); it cannot change a non-zero value, and candle's accumulation into
 //! the inputs' gradients makes it +0 again. Golden hashes are unchanged.
 
-use super::dispatch::{narrowed, widened, with_cpu_slice, Float, HostKernel, HostOp};
+use super::dispatch::{
+    narrowed, widened, with_cpu_slice, Float, HostKernel, HostOp, ELEMS_PER_TASK,
+};
 use anyhow::Result;
 use candle_core::{CpuStorage, Device, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-/// Elements per parallel task of the elementwise passes.
-const ELEMS_PER_TASK: usize = 4096;
 use std::sync::{Arc, OnceLock};
 
 /// `(y, mean, var)`: BatchNorm2d of `x` `[N, C, H, W]` with the batch's statistics,

@@ -45,6 +45,10 @@ pub(crate) fn generic_path(t: &Tensor) -> bool {
 
 // ---------------------------------------------------------------- which element type
 
+/// Elements per parallel task of the host kernels' element-wise passes: large enough to
+/// amortize rayon's dispatch, small enough to balance two or more threads.
+pub(crate) const ELEMS_PER_TASK: usize = 4096;
+
 /// The element types the host kernels compute in: f32, f64 and bf16.
 pub(crate) trait Float: WithDType {
     /// The type a backward pass sums overlapping contributions in (max-pool windows,

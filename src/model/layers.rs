@@ -5,7 +5,7 @@
 
 use super::dispatch::{
     apply_weight_op, flat_values, generic_path, read_values, with_cpu_slice, Float, HostKernel,
-    HostOp, WeightKernel,
+    HostOp, WeightKernel, ELEMS_PER_TASK,
 };
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
@@ -492,9 +492,6 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 // and compositions of elementwise ops cost several passes over the activations. Each
 // forward reduces in f64 and rounds once; each backward is the exact analytic gradient,
 // also reduced in f64. All accept f32, f64 and bf16 tensors.
-
-/// Elements per parallel task of the elementwise kernels.
-const ELEMS_PER_TASK: usize = 4096;
 
 /// Layer normalization over the last dimension (biased variance), then the affine
 /// `weight`/`bias` of that dimension: PyTorch `LayerNorm(dim, eps)`. timm's ViT uses

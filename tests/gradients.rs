@@ -516,6 +516,72 @@ fn max_pool_ties_go_to_the_first_maximum() {
     }
 }
 
+/// The 2x2 stride-2 max-pool (the `cnn`s' pooling, a path of its own) against the rule
+/// written out here in f64, window by window: the output is the window's first NaN in
+/// reading order, else its first maximum, and that element alone takes the output's
+/// gradient (`0 + g`), every other element `+0`. Inputs from {NaN, -1, -0, +0, 0.5, 1} put ties,
+/// NaNs and signed zeros in every window slot; a 7x9 plane leaves a row and a column no
+/// window reads. Compared exactly (bits of the gradient) in f32, bf16 and f64.
+#[test]
+fn max_pool_2x2_follows_the_first_maximum_rule() {
+    let (n, c, h, w) = (2, 3, 7, 9);
+    let (oh, ow) = (h / 2, w / 2);
+    let pool = [f64::NAN, -1.0, -0.0, 0.0, 0.5, 1.0];
+    let mut rng = Rng::new(17, 0);
+    let x: Vec<f64> = (0..n * c * h * w)
+        .map(|_| pool[(rng.next_f64() * pool.len() as f64) as usize % pool.len()])
+        .collect();
+    // Output gradients: signed zeros and small integers (exact in bf16).
+    let r: Vec<f64> = (0..n * c * oh * ow)
+        .map(|i| match i % 5 {
+            0 => -0.0,
+            k => k as f64 - 2.0,
+        })
+        .collect();
+    // The rule: (output, position of the element that takes the gradient) per cell.
+    let mut want_y = vec![0f64; r.len()];
+    let mut want_g = vec![0f64; x.len()];
+    for plane in 0..n * c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let at = |dy: usize, dx: usize| plane * h * w + (2 * oy + dy) * w + 2 * ox + dx;
+                let window = [at(0, 0), at(0, 1), at(1, 0), at(1, 1)];
+                let first_nan = window.iter().find(|&&i| x[i].is_nan());
+                let pick = *first_nan.unwrap_or(&window.into_iter().fold(window[0], |b, i| {
+                    if x[i] > x[b] {
+                        i
+                    } else {
+                        b
+                    }
+                }));
+                let cell = plane * oh * ow + oy * ow + ox;
+                want_y[cell] = x[pick];
+                want_g[pick] = 0.0 + r[cell];
+            }
+        }
+    }
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &dev())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let v = Var::from_tensor(&xt).unwrap();
+        let y = layers::max_pool2d(v.as_tensor(), 2, 2, 0).unwrap();
+        let rt = Tensor::from_vec(r.clone(), y.dims(), &dev())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let g = (&y * &rt).unwrap().sum_all().unwrap().backward().unwrap();
+        let (got_y, got_g) = (f64s(&y), f64s(g.get(v.as_tensor()).unwrap()));
+        for (i, (a, b)) in got_y.iter().zip(&want_y).enumerate() {
+            let same = (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits();
+            assert!(same, "{dtype:?}: output {i} is {a}, the rule gives {b}");
+        }
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got_g), bits(&want_g), "{dtype:?}: input gradient");
+    }
+}
+
 // ------------------------------------------------- (d) BatchNorm running statistics
 
 /// Per-channel batch mean and (biased, unbiased) variance in f64, for x [N,C,H,W].

@@ -14,7 +14,7 @@
 //! the inputs' gradients makes it +0 again. Golden hashes are unchanged.
 
 use super::dispatch::{
-    narrowed, widened, with_cpu_slice, Float, HostKernel, HostOp, ELEMS_PER_TASK,
+    channel_sums, narrowed, widened, with_cpu_slice, Float, HostKernel, HostOp, ELEMS_PER_TASK,
 };
 use anyhow::Result;
 use candle_core::{CpuStorage, Device, Shape, Tensor, WithDType};
@@ -225,7 +225,7 @@ impl BatchNorm {
         let m = n * hw;
         let gy = |ch: usize, i: usize, q: usize| gy[(i * c + ch) * hw + q];
         let gb = match b.track_op() {
-            true => Some(channel_sums(n, c, hw, gy)?),
+            true => Some(channel_sums(n, c, hw, gy)),
             false => None,
         };
         if !(x.track_op() || w.track_op()) {
@@ -242,7 +242,7 @@ impl BatchNorm {
         let gw = match w.track_op() {
             true => Some(channel_sums(n, c, hw, |ch, i, q| {
                 gy(ch, i, q) * (centered[ch * m + i * hw + q] * inv[ch])
-            })?),
+            })),
             false => None,
         };
         let gx = if x.track_op() {
@@ -275,28 +275,6 @@ impl BatchNorm {
         };
         Ok([gx, gw, gb])
     }
-}
-
-/// Per channel, the sum over `(N, H, W)` of `f(channel, image, pixel)`, from zero in
-/// memory order: candle's reduction of a contiguous `[N, C, H, W]` over `(0, 2, 3)`.
-fn channel_sums<T: WithDType + Send + Sync>(
-    n: usize,
-    c: usize,
-    hw: usize,
-    f: impl Fn(usize, usize, usize) -> T + Sync,
-) -> candle_core::Result<Vec<T>> {
-    Ok((0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let mut s = T::zero();
-            for i in 0..n {
-                for q in 0..hw {
-                    s += f(ch, i, q);
-                }
-            }
-            s
-        })
-        .collect())
 }
 
 /// One channel's `(d/d(sum of squares), d/d(sum))` from its centred input `[N*H*W]`

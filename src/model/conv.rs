@@ -7,13 +7,15 @@
 //! materialized for the intermediates.
 
 use super::dispatch::{
-    apply_weight_op, generic_path, read_values, Float, HostKernel, HostOp, WeightKernel,
+    apply_weight_op, channel_sums, generic_path, read_values, Float, HostKernel, HostOp,
+    WeightKernel,
 };
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, BackpropOp};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 /// Geometry of one convolution.
@@ -52,28 +54,26 @@ impl Geometry {
     /// The kernel rows and columns of output pixel `(oy, ox)`'s window that fall inside
     /// the image (padding contributes zeros): `(ky range, kx range)`.
     #[inline]
-    fn window(&self, oy: usize, ox: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    fn window(&self, oy: usize, ox: usize) -> (Range<usize>, Range<usize>) {
         let (y0, x0) = (oy * self.stride, ox * self.stride);
         let ky = self.pad.saturating_sub(y0)..self.k.0.min((self.h + self.pad).saturating_sub(y0));
         let kx = self.pad.saturating_sub(x0)..self.k.1.min((self.w + self.pad).saturating_sub(x0));
         (ky, kx)
     }
 
-    /// Calls `f(col, pixel_index)` for every patch element of output pixel `(oy, ox)`
-    /// that lies inside the image, in column order (channel, kernel row, kernel column).
+    /// Calls `f(columns, pixels)` for every kernel row of output pixel `(oy, ox)`'s
+    /// window, in column order (channel, kernel row): the patch columns whose pixels lie
+    /// inside the image and those pixels' indices in one `[C, H, W]` image, one run each.
     #[inline]
-    fn for_patch(&self, oy: usize, ox: usize, mut f: impl FnMut(usize, usize)) {
+    fn for_runs(&self, oy: usize, ox: usize, mut f: impl FnMut(Range<usize>, Range<usize>)) {
         let (kys, kxs) = self.window(oy, ox);
         let (y0, x0) = (oy * self.stride, ox * self.stride);
+        let (lo, hi) = (kxs.start, kxs.end);
         for ci in 0..self.c {
             for ky in kys.clone() {
-                let (col, pix) = (
-                    (ci * self.k.0 + ky) * self.k.1,
-                    (ci * self.h + y0 + ky - self.pad) * self.w,
-                );
-                for kx in kxs.clone() {
-                    f(col + kx, pix + x0 + kx - self.pad);
-                }
+                let col = (ci * self.k.0 + ky) * self.k.1;
+                let pix = (ci * self.h + y0 + ky - self.pad) * self.w + x0;
+                f(col + lo..col + hi, pix + lo - self.pad..pix + hi - self.pad);
             }
         }
     }
@@ -88,19 +88,9 @@ impl Geometry {
                 for oy in 0..self.oh {
                     for ox in 0..self.ow {
                         let row = &mut o[(oy * self.ow + ox) * rl..][..rl];
-                        let (kys, kxs) = self.window(oy, ox);
-                        let (y0, x0) = (oy * self.stride, ox * self.stride);
-                        // Each kernel row's columns inside the image are one run of
-                        // input pixels: copied as a slice.
-                        let (lo, hi) = (kxs.start, kxs.end);
-                        for ci in 0..self.c {
-                            for ky in kys.clone() {
-                                let col = (ci * self.k.0 + ky) * self.k.1;
-                                let pix = (ci * self.h + y0 + ky - self.pad) * self.w + x0;
-                                row[col + lo..col + hi]
-                                    .copy_from_slice(&x[pix + lo - self.pad..pix + hi - self.pad]);
-                            }
-                        }
+                        self.for_runs(oy, ox, |cols, pixels| {
+                            row[cols].copy_from_slice(&x[pixels]);
+                        });
                     }
                 }
             });
@@ -115,7 +105,12 @@ impl Geometry {
             for oy in 0..self.oh {
                 for ox in 0..self.ow {
                     let row = &g[(oy * self.ow + ox) * rl..][..rl];
-                    self.for_patch(oy, ox, |col, p| o[p] += row[col]);
+                    // Every pixel takes its patches' values in (oy, ox) order.
+                    self.for_runs(oy, ox, |cols, pixels| {
+                        for (d, v) in o[pixels].iter_mut().zip(&row[cols]) {
+                            *d += *v;
+                        }
+                    });
                 }
             }
         });
@@ -305,10 +300,49 @@ impl WeightKernel for Conv {
             None
         };
         let gb = match b {
-            Some(b) if b.track_op() => Some(gy.sum_keepdim(0)?.squeeze(0)?),
+            Some(b) if b.track_op() => Some(
+                grad.contiguous()?
+                    .reshape((self.n, self.o, p))?
+                    .apply_op1_no_bwd(&HostOp(ChannelSums))?,
+            ),
             _ => None,
         };
         Ok([gx, gw, gb])
+    }
+}
+
+/// `[N, C, P] -> [C]`, the sum over images and pixels: a convolution's bias gradient
+/// from the output's gradient, with the bits of candle's `sum_keepdim(0)` of the rows'
+/// gradient `[N*P, C]` (from zero, in row order, in the element type), read in the
+/// output's own layout. candle's reduction over a leading dimension computes a
+/// division and a remainder per element (8% of a `cnn` step).
+struct ChannelSums;
+
+impl HostKernel<1> for ChannelSums {
+    const NAME: &'static str = "ldt-channel-sums";
+
+    fn shape(&self, x: &Shape) -> candle_core::Result<Shape> {
+        Ok(Shape::from(x.dims3()?.1))
+    }
+
+    fn fwd<T: Float>(&self, [x]: [&[T]; 1], shape: &Shape) -> candle_core::Result<Vec<T>> {
+        let (n, c, p) = shape.dims3()?;
+        Ok(channel_sums(n, c, p, |ch, i, q| x[(i * c + ch) * p + q]))
+    }
+
+    /// Every element's gradient is its channel's.
+    fn bwd<T: Float>(
+        &self,
+        [x]: [&Tensor; 1],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        let (_, c, _) = x.dims3()?;
+        Ok([Some(
+            grad.reshape((1, c, 1))?
+                .broadcast_as(x.shape())?
+                .contiguous()?,
+        )])
     }
 }
 

@@ -15,6 +15,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
 };
 use half::bf16;
+use rayon::prelude::*;
 use std::cell::Cell;
 
 // ------------------------------------------------------------------------ which path
@@ -441,6 +442,29 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
         candle_core::bail!("{what} expects a contiguous input")
     };
     Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Per channel, the sum over `(N, H, W)` of `f(channel, image, pixel)`, from zero in
+/// memory order, in `T`: candle's reduction of a contiguous `[N, C, H, W]` over
+/// `(0, 2, 3)` (BatchNorm's statistics and gradients, a convolution's bias gradient).
+pub(crate) fn channel_sums<T: WithDType + Send + Sync>(
+    n: usize,
+    c: usize,
+    hw: usize,
+    f: impl Fn(usize, usize, usize) -> T + Sync,
+) -> Vec<T> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut s = T::zero();
+            for i in 0..n {
+                for q in 0..hw {
+                    s += f(ch, i, q);
+                }
+            }
+            s
+        })
+        .collect()
 }
 
 /// The sum of squares of a CPU tensor's elements, each widened to f64, summed in

@@ -190,7 +190,7 @@ impl HostKernel<3> for BatchNorm {
                         // Each added to zero, as candle accumulates a gradient (-0 to +0).
                         if relu {
                             let masked = g.iter().zip(out).map(|(&g, &o)| {
-                                sum_zero + (g * if o > zero { one } else { zero }).widen()
+                                sum_zero + (g * T::select(o > zero, one, zero)).widen()
                             });
                             for (d, v) in gy.iter_mut().zip(masked) {
                                 *d = v;
@@ -252,8 +252,8 @@ impl BatchNorm {
                 .into_par_iter()
                 .map(|ch| {
                     let row = &centered[ch * m..(ch + 1) * m];
-                    let gt = |j: usize| gy(ch, j / hw, j % hw) * wv[ch];
-                    input_scalars(row, (sd[ch], inv[ch]), gt)
+                    let gt = |i: usize, q: usize| gy(ch, i, q) * wv[ch];
+                    input_scalars(row, hw, (sd[ch], inv[ch]), gt)
                 })
                 .collect::<Vec<_>>();
             let two = C::from_f64(2.0);
@@ -278,20 +278,27 @@ impl BatchNorm {
 }
 
 /// One channel's `(d/d(sum of squares), d/d(sum))` from its centred input `[N*H*W]`
-/// (image-major), its `(sqrt(var + eps), 1/that)` and `gt(j)`, the gradient of its
-/// normalized value at row position `j` (the output's times the scale): candle's
-/// backward of the forward chain, step by step, in its rounding. The input's gradient
-/// at `j` is then `(gt(j) * inv + centred(j) * d_s2 * 2 + 0) + d_s1`.
-fn input_scalars<T: Float>(centered: &[T], (sd, inv): (T, T), gt: impl Fn(usize) -> T) -> (T, T) {
+/// (image-major, rows of `hw`), its `(sqrt(var + eps), 1/that)` and `gt(i, q)`, the
+/// gradient of its normalized value at image `i`, pixel `q` (the output's times the
+/// scale): candle's backward of the forward chain, step by step, in its rounding. The
+/// input's gradient at `(i, q)` is then `(gt(i, q) * inv + centred * d_s2 * 2 + 0) +
+/// d_s1`.
+fn input_scalars<T: Float>(
+    centered: &[T],
+    hw: usize,
+    (sd, inv): (T, T),
+    gt: impl Fn(usize, usize) -> T,
+) -> (T, T) {
     let m = centered.len();
     let scale = inv_count::<T>(m);
     let (two, half) = (T::from_f64(2.0), T::from_f64(0.5));
+    // Image by image: the pixel's position without a division per element.
+    let rows = || centered.chunks_exact(hw.max(1)).enumerate();
     // d/d(inv): the sum of the normalized gradient times the centred input.
-    let mut scratch: Vec<T> = centered
-        .iter()
-        .enumerate()
-        .map(|(j, v)| gt(j) * *v)
-        .collect();
+    let mut scratch = Vec::with_capacity(m);
+    for (i, row) in rows() {
+        scratch.extend(row.iter().enumerate().map(|(q, v)| gt(i, q) * *v));
+    }
     let g_inv = row_sum(&scratch);
     // inv = 1/sd, sd = sqrt(ve), ve = var * 1 + eps, var = sum(sq) * (1/m).
     let g_sd = T::zero() - g_inv / (sd * sd);
@@ -300,9 +307,11 @@ fn input_scalars<T: Float>(centered: &[T], (sd, inv): (T, T), gt: impl Fn(usize)
     let g_s2 = g_var * scale + T::zero();
     // d/d(centred) through the scale and through the square; centred = x - mean and
     // mean = sum(x) * (1/m) give d/d(sum) from its negated row sum.
-    for (j, (s, v)) in scratch.iter_mut().zip(centered).enumerate() {
-        let gc = gt(j) * inv + (*v * g_s2 * two + T::zero());
-        *s = T::zero() - gc;
+    for ((i, row), out) in rows().zip(scratch.chunks_exact_mut(hw.max(1))) {
+        for (q, (s, v)) in out.iter_mut().zip(row).enumerate() {
+            let gc = gt(i, q) * inv + (*v * g_s2 * two + T::zero());
+            *s = T::zero() - gc;
+        }
     }
     let g_s1 = row_sum(&scratch) * scale + T::zero();
     (g_s2, g_s1)

@@ -62,6 +62,10 @@ pub(crate) trait Float: WithDType {
     /// A `Sum` value rounded to `Self` as candle's `to_dtype` rounds it (bf16: to
     /// nearest, ties to even); the identity when `Sum` is `Self`.
     fn narrow(s: Self::Sum) -> Self;
+    /// `if take { a } else { b }` on the bit patterns. The baseline x86-64 build
+    /// compiles a select between floats in a loop it does not vectorize to a branch on
+    /// the data, which mispredicts on about half of a ReLU mask (7 ns an element).
+    fn select(take: bool, a: Self, b: Self) -> Self;
 }
 
 impl Float for f32 {
@@ -74,6 +78,10 @@ impl Float for f32 {
     }
     fn narrow(s: f32) -> Self {
         s
+    }
+    fn select(take: bool, a: Self, b: Self) -> Self {
+        let m = u32::from(take).wrapping_neg();
+        Self::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
     }
 }
 
@@ -88,6 +96,10 @@ impl Float for f64 {
     fn narrow(s: f64) -> Self {
         s
     }
+    fn select(take: bool, a: Self, b: Self) -> Self {
+        let m = u64::from(take).wrapping_neg();
+        Self::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
+    }
 }
 
 impl Float for bf16 {
@@ -100,6 +112,10 @@ impl Float for bf16 {
     }
     fn narrow(s: f32) -> Self {
         bf16::from_f32(s)
+    }
+    fn select(take: bool, a: Self, b: Self) -> Self {
+        let m = u16::from(take).wrapping_neg();
+        Self::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
     }
 }
 

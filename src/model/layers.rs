@@ -128,10 +128,18 @@ fn relu_grad<T: Float>(grad: &Tensor, x: &Tensor) -> candle_core::Result<Vec<T>>
     let (z, one) = (T::zero(), T::one());
     with_cpu_slice::<T, _>(&grad.contiguous()?, |g| {
         with_cpu_slice::<T, _>(x, |x| {
-            g.par_iter()
-                .zip(x)
-                .map(|(&g, &x)| g * if x > z { one } else { z })
-                .collect::<Vec<T>>()
+            let mut out = vec![z; g.len()];
+            out.par_chunks_mut(ELEMS_PER_TASK)
+                .zip(
+                    g.par_chunks(ELEMS_PER_TASK)
+                        .zip(x.par_chunks(ELEMS_PER_TASK)),
+                )
+                .for_each(|(o, (g, x))| {
+                    for (o, (&g, &x)) in o.iter_mut().zip(g.iter().zip(x)) {
+                        *o = g * T::select(x > z, one, z);
+                    }
+                });
+            out
         })
     })?
 }

@@ -289,13 +289,10 @@ impl WeightKernel for Conv {
             let Some(cols) = self.cols.get() else {
                 candle_core::bail!("ldt-conv2d: the weight became tracked after the forward")
             };
-            // `[C*kh*kw, O]` to the weight's `[O, C*kh*kw]`: candle's strided copy
-            // indexes element by element; this one goes by tiles.
-            let gwt = cols.t()?.matmul(&gy)?.reshape((1, rl, self.o))?;
-            Some(
-                gwt.apply_op1_no_bwd(&HostOp(SwapLast2))?
-                    .reshape(w.shape())?,
-            )
+            // `gy^T cols`, the weight's `[O, C*kh*kw]` directly: the products and the
+            // order of each sum over the rows of candle's `(cols^T gy)^T`, without
+            // transposing a weight-sized result (6% of a resnet18 step).
+            Some(gy.t()?.matmul(cols)?.reshape(w.shape())?)
         } else {
             None
         };

@@ -115,8 +115,12 @@ fn run_in(dir: &Path, overrides: &[String]) {
 }
 
 /// SHA-256 (hex, 16 digits) of candle CPU arithmetic that training relies on: matrix
-/// products of the shapes of a dense layer and of an im2col convolution, a long sum, and
-/// exp / ln / sqrt, on seeded inputs.
+/// products of the shapes of a dense layer and of an im2col convolution, products whose
+/// inner length runs to thousands (weight gradients: gemm sums those in blocks whose
+/// length depends on the CPU's caches and on the vector width of the kernel it picks at
+/// run time), a long sum, and exp / ln / sqrt, on seeded inputs. Without the long
+/// products, an AVX-512 gemm on one machine and an AVX2 gemm on another gave the same
+/// fingerprint and different golden bits.
 fn arithmetic_fingerprint() -> String {
     use candle_core::{Device, Tensor, D};
     let mut r = ldt::rng::Rng::new(11, 0);
@@ -127,10 +131,19 @@ fn arithmetic_fingerprint() -> String {
     };
     let dense = t(&[16, 784]).matmul(&t(&[784, 128])).unwrap();
     let conv = t(&[32, 27]).matmul(&t(&[27, 2048])).unwrap();
+    // The golden runs' weight gradients: fc1 (16 rows), conv2 and conv1 (16 images).
+    let fc_grad = t(&[64, 16]).matmul(&t(&[16, 1568])).unwrap();
+    let conv2_grad = t(&[32, 3136]).matmul(&t(&[3136, 144])).unwrap();
+    let conv1_grad = t(&[16, 12544]).matmul(&t(&[12544, 9])).unwrap();
+    let fc = t(&[16, 1568]).matmul(&t(&[1568, 64])).unwrap();
     let x = t(&[8, 4096]);
     let parts = [
         dense,
         conv,
+        fc_grad,
+        conv2_grad,
+        conv1_grad,
+        fc,
         x.sum_keepdim(D::Minus1).unwrap(),
         x.exp().unwrap(),
         x.abs().unwrap().affine(1.0, 1e-3).unwrap().log().unwrap(),

@@ -460,6 +460,24 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
+/// `f(a[i], b[i])` for every element of two equal-length slices, in parallel over
+/// [`ELEMS_PER_TASK`] chunks: the element-wise passes of the host kernels (a residual
+/// ReLU, the ReLU and GELU backward).
+pub(crate) fn zip_map<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); a.len()];
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(
+            a.par_chunks(ELEMS_PER_TASK)
+                .zip(b.par_chunks(ELEMS_PER_TASK)),
+        )
+        .for_each(|(o, (a, b))| {
+            for (o, (&a, &b)) in o.iter_mut().zip(a.iter().zip(b)) {
+                *o = f(a, b);
+            }
+        });
+    out
+}
+
 /// Per channel, the sum over `(N, H, W)` of `f(channel, image, pixel)`, from zero in
 /// memory order, in `T`: candle's reduction of a contiguous `[N, C, H, W]` over
 /// `(0, 2, 3)` (BatchNorm's statistics and gradients, a convolution's bias gradient).

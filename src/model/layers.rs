@@ -4,8 +4,8 @@
 //! kernel == stride and splits ties; these versions follow PyTorch's arithmetic instead.
 
 use super::dispatch::{
-    apply_weight_op, flat_values, generic_path, read_values, with_cpu_slice, Float, HostKernel,
-    HostOp, WeightKernel, ELEMS_PER_TASK,
+    apply_weight_op, flat_values, generic_path, read_values, with_cpu_slice, zip_map, Float,
+    HostKernel, HostOp, WeightKernel, ELEMS_PER_TASK,
 };
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
@@ -92,19 +92,14 @@ impl HostKernel<2> for AddRelu {
 
     fn fwd<T: Float>(&self, [a, b]: [&[T]; 2], _: &Shape) -> candle_core::Result<Vec<T>> {
         let z = T::zero();
-        let mut out = vec![z; a.len()];
-        out.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(
-                a.par_chunks(ELEMS_PER_TASK)
-                    .zip(b.par_chunks(ELEMS_PER_TASK)),
-            )
-            .for_each(|(o, (a, b))| {
-                for (o, (&a, &b)) in o.iter_mut().zip(a.iter().zip(b)) {
-                    let v = a + b;
-                    *o = if v > z { v } else { z };
-                }
-            });
-        Ok(out)
+        Ok(zip_map(a, b, |a, b| {
+            let v = a + b;
+            if v > z {
+                v
+            } else {
+                z
+            }
+        }))
     }
 
     fn bwd<T: Float>(
@@ -127,20 +122,7 @@ impl HostKernel<2> for AddRelu {
 fn relu_grad<T: Float>(grad: &Tensor, x: &Tensor) -> candle_core::Result<Vec<T>> {
     let (z, one) = (T::zero(), T::one());
     with_cpu_slice::<T, _>(&grad.contiguous()?, |g| {
-        with_cpu_slice::<T, _>(x, |x| {
-            let mut out = vec![z; g.len()];
-            out.par_chunks_mut(ELEMS_PER_TASK)
-                .zip(
-                    g.par_chunks(ELEMS_PER_TASK)
-                        .zip(x.par_chunks(ELEMS_PER_TASK)),
-                )
-                .for_each(|(o, (g, x))| {
-                    for (o, (&g, &x)) in o.iter_mut().zip(g.iter().zip(x)) {
-                        *o = g * T::select(x > z, one, z);
-                    }
-                });
-            out
-        })
+        with_cpu_slice::<T, _>(x, |x| zip_map(g, x, |g, x| g * T::select(x > z, one, z)))
     })?
 }
 
@@ -935,20 +917,11 @@ impl GeluErf {
         const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
         let gx = read_values::<T, _>(arg, |x| {
             read_values::<T, _>(grad, |g| {
-                let mut gx = vec![T::zero(); x.len()];
-                gx.par_chunks_mut(ELEMS_PER_TASK)
-                    .zip(
-                        x.par_chunks(ELEMS_PER_TASK)
-                            .zip(g.par_chunks(ELEMS_PER_TASK)),
-                    )
-                    .for_each(|(o, (x, g))| {
-                        for ((o, v), g) in o.iter_mut().zip(x).zip(g) {
-                            let v = v.to_f64();
-                            let d = Self::cdf(v) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
-                            *o = T::from_f64(g.to_f64() * d);
-                        }
-                    });
-                gx
+                zip_map(x, g, |v, g| {
+                    let v = v.to_f64();
+                    let d = Self::cdf(v) + v * INV_SQRT_2PI * (-0.5 * v * v).exp();
+                    T::from_f64(g.to_f64() * d)
+                })
             })
         })??;
         Tensor::from_vec(gx, arg.shape(), arg.device())

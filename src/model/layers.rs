@@ -215,6 +215,19 @@ pub fn max_pool2d_generic(
     Ok(best.expect("kernel >= 1"))
 }
 
+/// One plane's output `o` (row width `ow`) for 2x2 windows at stride 2 without padding,
+/// from the input `plane` (row width `w`): each window's [`window_max`].
+fn window_maxes<T: WithDType>(plane: &[T], o: &mut [T], w: usize, ow: usize) {
+    for (oy, o) in o.chunks_exact_mut(ow).enumerate() {
+        let top = &plane[2 * oy * w..][..2 * ow];
+        let bottom = &plane[(2 * oy + 1) * w..][..2 * ow];
+        let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+        for (o, (t, b)) in o.iter_mut().zip(pairs) {
+            *o = window_max([t[0], t[1], b[0], b[1]]);
+        }
+    }
+}
+
 /// One plane's input gradient `gp` (zeros) for 2x2 windows at stride 2 without
 /// padding, from the input `plane` (row width `w`) and the output's gradient `go` (row
 /// width `ow`): each window's first maximum ([`window_max`]) takes `0 + go`, as the
@@ -306,6 +319,12 @@ impl MaxPool2d {
         idx
     }
 
+    /// The 2x2 window at stride 2 without padding (the `cnn`s' pooling), which has a
+    /// path of its own ([`window_maxes`], [`window_grads`]).
+    fn is_2x2(&self) -> bool {
+        (self.kernel, self.stride, self.padding) == (2, 2, 0)
+    }
+
     /// Calls `f(cell, index)` for every output cell of one `H*W` plane (cells in row
     /// order) with the index of its window's first maximum ([`MaxPool2d::argmax`]).
     fn plane_argmax<T: WithDType>(
@@ -349,7 +368,7 @@ impl MaxPool2d {
                     .for_each(|((gp, xp), gop)| {
                         let planes = gp.chunks_mut(h * w).zip(xp.chunks(h * w));
                         for ((gp, plane), go) in planes.zip(gop.chunks(oh * ow)) {
-                            if (self.kernel, self.stride, self.padding) == (2, 2, 0) {
+                            if self.is_2x2() {
                                 window_grads(plane, gp, go, w, ow);
                             } else {
                                 self.plane_argmax(plane, h, w, |cell, i| gp[i] += go[cell]);
@@ -380,15 +399,8 @@ impl HostKernel<1> for MaxPool2d {
             .zip(x.par_chunks(k * h * w))
             .for_each(|(op, xp)| {
                 for (o, plane) in op.chunks_mut(oh * ow).zip(xp.chunks(h * w)) {
-                    if (self.kernel, self.stride, self.padding) == (2, 2, 0) {
-                        for (oy, o) in o.chunks_exact_mut(ow).enumerate() {
-                            let top = &plane[2 * oy * w..][..2 * ow];
-                            let bottom = &plane[(2 * oy + 1) * w..][..2 * ow];
-                            let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-                            for (o, (t, b)) in o.iter_mut().zip(pairs) {
-                                *o = window_max([t[0], t[1], b[0], b[1]]);
-                            }
-                        }
+                    if self.is_2x2() {
+                        window_maxes(plane, o, w, ow);
                     } else {
                         self.plane_argmax(plane, h, w, |cell, i| o[cell] = plane[i]);
                     }
